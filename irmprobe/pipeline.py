@@ -1,0 +1,284 @@
+"""``run(config)``: every stage of the IRM analysis, each cached by its config.
+
+Stages: organism (TRL) -> pair and layer divergence -> sampled text and organism report ->
+paired capture -> SAEs (SAELens) -> IRM fits (scikit-learn) -> comparison with the RM -> report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from irmprobe import reporting
+from irmprobe.cache import cache_root, config_key
+from irmprobe.capture import Capture, Samples, capture_pair, sample_continuations
+from irmprobe.compare import agreement
+from irmprobe.config import RunConfig
+from irmprobe.features import encode, evaluate_sae, load_sae, save_sae, train_sae
+from irmprobe.irm import fit_irm, token_map
+from irmprobe.organisms import load_prompts, make_organism, seed_everything, split_prompts
+from irmprobe.pairs import ModelPair, layer_divergence, load_pair
+from irmprobe.rewards import LexiconRM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced: every figure, and where it was written."""
+
+    metrics: dict
+    metrics_path: Path
+
+
+class _Stages:
+    """Times stages and prints one line per stage."""
+
+    def __init__(self, echo) -> None:
+        self.seconds: dict[str, float] = {}
+        self.echo = echo
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        self.echo(f"[{name}] ...")
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 1)
+        self.echo(f"[{name}] done in {self.seconds[name]:.1f} s")
+
+
+def _mean_se(x: np.ndarray) -> tuple[float, float]:
+    x = np.asarray(x, dtype=np.float64)
+    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def _hash_lines(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _stage_dir(stage: str, key: str) -> Path:
+    return cache_root() / "stages" / stage / key
+
+
+def reward_report(samples: Samples) -> dict:
+    """Base vs tuned RM reward on held-out prompts, paired by prompt."""
+    n_prompts = len(samples.prompts)
+    per = {}
+    for src in ("base", "tuned"):
+        sel = samples.source == src
+        sums = np.bincount(samples.prompt_index[sel], weights=samples.rewards[sel], minlength=n_prompts)
+        counts = np.bincount(samples.prompt_index[sel], minlength=n_prompts)
+        per[src] = sums / np.maximum(counts, 1)
+    base_mean, base_se = _mean_se(per["base"])
+    tuned_mean, tuned_se = _mean_se(per["tuned"])
+    diff_mean, diff_se = _mean_se(per["tuned"] - per["base"])
+    z = diff_mean / diff_se if diff_se > 0 else None
+    return {
+        "base_mean": base_mean, "base_se": base_se, "tuned_mean": tuned_mean, "tuned_se": tuned_se,
+        "diff_mean": diff_mean, "diff_se": diff_se, "diff_z": z, "n_prompts": n_prompts,
+        "samples_per_prompt": int(np.sum(samples.source == "base") // max(n_prompts, 1)),
+    }
+
+
+def kl_report(samples: Samples, capture: Capture) -> dict:
+    """Monte-Carlo KL(tuned || base): sum of log-ratios over each tuned continuation."""
+    seq = capture.seq_index
+    is_cont = capture.position >= samples.prompt_lens[seq]
+    from_tuned = samples.source[seq] == "tuned"
+    sel = is_cont & from_tuned
+    tuned_seqs = np.flatnonzero(samples.source == "tuned")
+    per_seq = np.bincount(seq[sel], weights=capture.log_ratio[sel], minlength=len(samples.source))[tuned_seqs]
+    mean, se = _mean_se(per_seq)
+    return {"mean": mean, "se": se, "n_sequences": int(len(per_seq))}
+
+
+def _get_pair(config: RunConfig, rm: LexiconRM, train_prompts: list[str], echo) -> tuple[ModelPair, str, dict]:
+    pc = config.pair
+    if pc.null:
+        pair = load_pair(pc.base, None, device=pc.device, dtype=pc.dtype, trust_remote_code=pc.trust_remote_code)
+        return pair, f"null:{pc.base}", {"source": "null organism (tuned = base)", "reused": False}
+    if pc.tuned is not None:
+        pair = load_pair(pc.base, pc.tuned, device=pc.device, dtype=pc.dtype, trust_remote_code=pc.trust_remote_code)
+        return pair, f"spec:{pc.tuned}", {"source": pc.tuned, "reused": False}
+    org = make_organism(pc.base, rm, config.organism, train_prompts, seed=config.seed, device=pc.device)
+    if org.reused:
+        echo(f"organism: reusing the cached tuned model at {org.path}")
+    else:
+        echo(f"organism: trained in {org.seconds:.0f} s, saved to {org.path}")
+    pair = load_pair(pc.base, str(org.path), device=pc.device, dtype=pc.dtype)
+    info = {"source": f"RLOO organism {org.path.name} ({'reused from cache' if org.reused else 'trained now'})",
+            "path": str(org.path), "reused": org.reused, "train_seconds": org.seconds,
+            "history": list(org.history)}
+    return pair, f"organism:{org.path.name}", info
+
+
+def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: list[str], rm: LexiconRM) -> Samples:
+    key = config_key("samples-v1", config.pair.base, tuned_id, _hash_lines(heldout), config.samples,
+                     rm.describe(), config.seed)
+    path = _stage_dir("samples", key) / "samples.json"
+    if path.is_file():
+        return Samples.load(path)
+    sc = config.samples
+    ids, lens, idx, texts, src = [], [], [], [], []
+    for offset, (name, model) in enumerate((("base", pair.base), ("tuned", pair.tuned))):
+        out = sample_continuations(model, pair.tokenizer, heldout, n_per_prompt=sc.samples_per_prompt,
+                                   max_new_tokens=sc.max_new_tokens, batch_size=sc.batch_size,
+                                   seed=config.seed * 1000 + offset)
+        ids += out[0]; lens += out[1]; idx += out[2]; texts += out[3]; src += [name] * len(out[0])
+    samples = Samples(tuple(heldout), tuple(tuple(t) for t in ids), np.array(lens), np.array(idx),
+                      np.array(src), tuple(texts), rm.score(texts))
+    samples.save(path)
+    return samples
+
+
+def run(config: RunConfig, *, echo=print) -> RunResult:
+    """Run the whole analysis; print a summary; write metrics JSON (and a W&B run)."""
+    stage = _Stages(echo)
+    seed_everything(config.seed)
+    rm = LexiconRM.vader(scale=config.reward.scale, clip=config.reward.clip)
+    train_prompts, heldout = split_prompts(load_prompts(config.prompts.path), config.prompts.n_heldout, config.seed)
+
+    with stage("organism"):
+        pair, tuned_id, organism_info = _get_pair(config, rm, train_prompts, echo)
+    with stage("layers"):
+        div = layer_divergence(pair, config.capture.top_k_layers)
+        layers = div.chosen
+    with stage("samples"):
+        samples = _get_samples(config, pair, tuned_id, heldout, rm)
+    samples_key = config_key(tuned_id, _hash_lines(heldout), config.samples, config.seed, config.pair.base)
+
+    with stage("capture"):
+        cap_key = config_key("capture-v1", samples_key, layers, config.capture.hook)
+        cap_dir = _stage_dir("capture", cap_key)
+        if (cap_dir / "manifest.json").is_file():
+            capture = Capture.load(cap_dir)
+        else:
+            capture = capture_pair(pair, samples.token_ids, layers, hook=config.capture.hook,
+                                   batch_size=config.capture.batch_size)
+            capture.save(cap_dir)
+
+    rng = np.random.default_rng(config.seed)
+    eval_rows = rng.random(len(capture.token_ids)) < 0.1
+    sae_rows, features = [], []
+    with stage("saes"):
+        for kind in ("base", "tuned"):
+            for layer in layers:
+                acts = capture.acts[f"{kind}.{layer}"]
+                key = config_key("sae-v1", cap_key, kind, layer, config.sae, config.seed)
+                sae_dir = _stage_dir("saes", key)
+                if (sae_dir / "cfg.json").is_file():
+                    sae = load_sae(sae_dir, device=config.pair.device)
+                    metrics = evaluate_sae(sae, acts[eval_rows])
+                else:
+                    meta = {"model_name": tuned_id if kind == "tuned" else config.pair.base,
+                            "hook_name": capture.hook_name(layer), "irmprobe_model": kind,
+                            "irmprobe_reward": rm.name}
+                    sae = train_sae(acts[~eval_rows], config.sae, seed=config.seed + layer, metadata=meta,
+                                    device=config.pair.device)
+                    metrics = evaluate_sae(sae, acts[eval_rows])
+                    save_sae(sae, sae_dir, metrics)
+                    sae = load_sae(sae_dir, device=config.pair.device)
+                sae_rows.append({"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir),
+                                 **asdict(metrics)})
+                if kind == "tuned":
+                    features.append(encode(sae, acts))
+
+    with stage("irm"):
+        X = sp.hstack(features).tocsr()
+        y = capture.log_ratio.astype(np.float64)
+        groups = capture.seq_index
+        ic = config.irm
+        sae_fit = fit_irm("sae_irm", X, y, groups, alphas=ic.alphas, test_fraction=ic.test_fraction, seed=config.seed)
+        base_fit = fit_irm("baseline_shuffled", X, y, groups, alphas=ic.alphas, test_fraction=ic.test_fraction,
+                           seed=config.seed, shuffle_target=True)
+
+    with stage("compare"):
+        rm_map = rm.token_values(pair.tokenizer)
+        views = {"log_ratio (no model)": y, "sae_irm": sae_fit.predictions, "baseline_shuffled": base_fit.predictions}
+        maps = {name: token_map(capture.token_ids, v, ic.min_token_count) for name, v in views.items()}
+        agree = []
+        for name, m in maps.items():
+            row = asdict(agreement(name, {t: v for t, (v, _) in m.items()}, rm_map))
+            row["test_r2"] = {"sae_irm": sae_fit.test_r2, "baseline_shuffled": base_fit.test_r2}.get(name)
+            row["family"] = "baseline" if name.startswith("baseline") else "behavioural"
+            agree.append(row)
+        token_rows = []
+        lr_map, sae_map, bl_map = maps["log_ratio (no model)"], maps["sae_irm"], maps["baseline_shuffled"]
+        for tok in sorted(set(lr_map) & set(rm_map), key=lambda t: -lr_map[t][1]):
+            token_rows.append([pair.tokenizer.decode([tok]), rm_map[tok], lr_map[tok][1], lr_map[tok][0],
+                               sae_map[tok][0], bl_map[tok][0]])
+
+    reward = reward_report(samples)
+    metrics = {
+        "config": config.to_dict(),
+        "organism": organism_info | {"tuned_id": tuned_id},
+        "reward": reward,
+        "kl": kl_report(samples, capture),
+        "layers": {"per_block": list(div.per_block), "relative": list(div.relative), "chosen": list(layers)},
+        "capture": {"rows": int(len(capture.token_ids)), "sequences": len(samples.token_ids), "hook": capture.hook},
+        "saes": sae_rows,
+        "irm": {"sae_irm": {"alpha": sae_fit.alpha, "test_r2": sae_fit.test_r2, "is_zero": sae_fit.is_zero,
+                            "n_features": int(X.shape[1]), "n_rows": int(X.shape[0])},
+                "baseline_shuffled": {"alpha": base_fit.alpha, "test_r2": base_fit.test_r2}},
+        "agreement": agree,
+        "rm": {"tokens_with_value": len(rm_map), **rm.describe()},
+        "verdict": verdict(reward, agree, pair.is_null),
+        "stage_seconds": stage.seconds,
+        "samples_preview": [
+            {"prompt": samples.prompts[samples.prompt_index[i]], "completion": samples.completions[i],
+             "source": str(samples.source[i]), "reward": float(samples.rewards[i])}
+            for i in list(np.flatnonzero(samples.source == "base")[:3]) + list(np.flatnonzero(samples.source == "tuned")[:3])
+        ],
+    }
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.report.out_dir) / f"run-{stamp}-{config_key(config)[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wandb_dir = reporting.log_to_wandb(metrics, config.to_dict(), token_rows, project=config.report.wandb_project,
+                                       mode=config.report.wandb_mode, run_dir=run_dir)
+    metrics["wandb_dir"] = wandb_dir
+    path = reporting.write_metrics(run_dir / "metrics.json", metrics)
+    for line in reporting.summary_lines(metrics):
+        echo(line)
+    return RunResult(metrics, path)
+
+
+def verdict(reward: dict, agree: list[dict], is_null: bool) -> list[str]:
+    """Plain statements of what the figures do and do not show."""
+    out = []
+    z = reward["diff_z"]
+    if is_null:
+        out.append("null organism: the tuned model is the base model, so there is no implicit reward to find.")
+    elif z is None or z < 3:
+        out.append(f"the organism did NOT learn reliably: tuned - base reward is {_z(z)} s.e. (< 3).")
+    else:
+        out.append(f"the organism learned: tuned - base reward is {_z(z)} s.e. above zero.")
+    rows = {r["name"]: r for r in agree}
+    irm, base = rows["sae_irm"], rows["baseline_shuffled"]
+    if irm["is_zero"]:
+        out.append("the SAE IRM is identically zero: no implicit reward was learned (no tau or p-value applies).")
+        return out
+    beats = (irm["tau"] > (base["tau"] if not base["is_zero"] else 0.0)) and irm["p_value"] < 0.05
+    if beats:
+        out.append(f"the SAE IRM agrees with the RM (tau {irm['tau']:+.3f}, p {irm['p_value']:.1e}) and beats "
+                   f"the shuffled-target baseline (tau {_tau(base)}).")
+    else:
+        out.append(f"the SAE IRM does NOT beat the shuffled-target baseline: tau {irm['tau']:+.3f} "
+                   f"(p {irm['p_value']:.1e}) vs baseline {_tau(base)}.")
+    return out
+
+
+def _z(z: float | None) -> str:
+    return "undefined" if z is None else f"{z:.1f}"
+
+
+def _tau(row: dict) -> str:
+    return "zero" if row["is_zero"] else f"{row['tau']:+.3f}"

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random models saved to a temp dir, an isolated cache, fixed seeds."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from irmprobe.organisms import load_prompts
+
+# Words the tiny tokenizer learns as whole tokens, so that lexicon tokens occur in its samples.
+LEXICON_WORDS = (
+    "good great love happy nice best wonderful excellent fun beautiful joy win glad "
+    "bad terrible hate sad awful worst ugly pain angry fear lose horrible poor"
+).split()
+
+
+def _build_tokenizer(directory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = load_prompts() + [" ".join(LEXICON_WORDS)] * 50
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokenizer")
+    _build_tokenizer(d)
+    return d
+
+
+def _save_model(model, tokenizer_dir, directory):
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)
+    return _save_model(LlamaForCausalLM(cfg), tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_neox_dir(tiny_tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+    torch.manual_seed(1)
+    cfg = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128, bos_token_id=0,
+                        eos_token_id=0, pad_token_id=0, rotary_pct=0.25)
+    return _save_model(GPTNeoXForCausalLM(cfg), tiny_tokenizer_dir, tmp_path_factory.mktemp("neox"))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_isolate(tmp_path, monkeypatch):
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    monkeypatch.setenv("IRMPROBE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_SILENT", "true")

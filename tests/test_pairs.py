@@ -1,0 +1,56 @@
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from irmprobe.pairs import layer_divergence, load_model, load_pair
+
+
+def _perturbed_copy(src, dst, layer, scale=0.05):
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f"layers.{layer}." in name:
+                p.add_(scale * torch.randn_like(p))
+    shutil.copytree(src, dst)
+    model.save_pretrained(dst, safe_serialization=True)
+    return dst
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_neox_dir"])
+def test_load_local_directory(fixture, request):
+    model, tok = load_model(str(request.getfixturevalue(fixture)))
+    assert model.config.num_hidden_layers == 2
+    assert tok.pad_token_id is not None
+
+
+def test_missing_directory_and_unreachable_hub_id_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="pass DIR instead"):
+        load_model("irmprobe-test/no-such-model")  # HF_HUB_OFFLINE=1 in tests
+
+
+def test_layer_divergence_finds_the_changed_block(tiny_llama_dir, tmp_path):
+    tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=1)
+    pair = load_pair(str(tiny_llama_dir), str(tuned))
+    div = layer_divergence(pair, top_k=1)
+    assert div.chosen == (1,)
+    assert div.per_block[0] == 0.0 and div.per_block[1] > 0.1
+    with pytest.raises(ValueError, match="top_k"):
+        layer_divergence(pair, top_k=3)
+
+
+def test_null_pair_has_zero_divergence(tiny_llama_dir):
+    pair = load_pair(str(tiny_llama_dir), None)
+    assert pair.is_null
+    assert layer_divergence(pair, top_k=2).per_block == (0.0, 0.0)
+
+
+def test_mismatched_architectures_raise(tiny_llama_dir, tiny_neox_dir):
+    with pytest.raises(ValueError, match="differ in architecture"):
+        load_pair(str(tiny_llama_dir), str(tiny_neox_dir))

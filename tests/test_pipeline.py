@@ -1,0 +1,86 @@
+"""End-to-end runs of every stage on tiny random models (Llama- and GPT-NeoX-style)."""
+
+import json
+
+import pytest
+
+from irmprobe.cli import main
+from irmprobe.config import RunConfig
+from irmprobe.pipeline import run
+
+TINY = {
+    "prompts": {"n_heldout": 12},
+    "organism": {"steps": 2, "prompts_per_step": 2, "generations_per_prompt": 2, "max_new_tokens": 8,
+                 "learning_rate": 1e-3},
+    "samples": {"samples_per_prompt": 4, "max_new_tokens": 16, "batch_size": 48},
+    "capture": {"top_k_layers": 2, "batch_size": 16},
+    "sae": {"expansion": 2, "training_samples": 4096, "batch_size": 256},
+    "irm": {"min_token_count": 1},
+}
+
+
+def _config(tmp_path, **pair):
+    data = json.loads(json.dumps(TINY))
+    data["pair"] = pair
+    data["report"] = {"out_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"}
+    return RunConfig.from_dict(data)
+
+
+def test_tiny_llama_organism_end_to_end_and_reuse(tiny_llama_dir, tmp_path):
+    lines = []
+    result = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lines.append)
+    m = json.loads(result.metrics_path.read_text())
+    assert m["organism"]["reused"] is False
+    assert len(m["layers"]["chosen"]) == 2
+    assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, l) for k in ("base", "tuned") for l in (0, 1)}
+    assert all(r["l0"] > 0 for r in m["saes"])
+    names = [r["name"] for r in m["agreement"]]
+    assert names == ["log_ratio (no model)", "sae_irm", "baseline_shuffled"]
+    assert m["kl"]["n_sequences"] == 12 * 4
+    assert any("tau" in line for line in lines)
+    assert m["reward"]["n_prompts"] == 12
+
+    again = []
+    run(_config(tmp_path, base=str(tiny_llama_dir)), echo=again.append)
+    assert any("reusing the cached tuned model" in line for line in again)
+
+
+def test_tiny_neox_with_given_tuned_model(tiny_neox_dir, tmp_path):
+    from tests.test_pairs import _perturbed_copy
+
+    tuned = _perturbed_copy(tiny_neox_dir, tmp_path / "tuned", layer=0, scale=0.5)
+    result = run(_config(tmp_path, base=str(tiny_neox_dir), tuned=str(tuned)), echo=lambda _: None)
+    m = result.metrics
+    assert m["layers"]["per_block"][0] > m["layers"]["per_block"][1] == 0.0
+    rows = {r["name"]: r for r in m["agreement"]}
+    assert not rows["log_ratio (no model)"]["is_zero"]
+    assert rows["sae_irm"]["tau"] is not None
+
+
+def test_null_organism_reports_no_implicit_reward(tiny_llama_dir, tmp_path):
+    result = run(_config(tmp_path, base=str(tiny_llama_dir), null=True), echo=lambda _: None)
+    m = result.metrics
+    rows = {r["name"]: r for r in m["agreement"]}
+    for name in ("log_ratio (no model)", "sae_irm"):
+        assert rows[name]["is_zero"] and rows[name]["tau"] is None and rows[name]["p_value"] is None
+    assert m["irm"]["sae_irm"]["is_zero"]
+    assert m["kl"]["mean"] == 0.0
+    assert any("identically zero" in v for v in m["verdict"])
+    assert any("null organism" in v for v in m["verdict"])
+
+
+def test_cli_prints_metrics_path_last(tiny_llama_dir, tmp_path, capsys):
+    overrides = [f"pair.base={tiny_llama_dir}", "pair.null=true", f"report.out_dir={tmp_path / 'runs'}",
+                 "report.wandb_mode=disabled"]
+    for section, values in TINY.items():
+        overrides += [f"{section}.{k}={json.dumps(v)}" for k, v in values.items()]
+    assert main(["run", *sum((["--set", o] for o in overrides), [])]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("metrics: ") and last.endswith("metrics.json")
+
+
+def test_cli_rejects_bad_config_with_field_name(capsys):
+    assert main(["run", "--set", "organism.stepz=3"]) == 2
+    assert "unknown field(s) ['stepz']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="OrganismConfig.steps must be positive"):
+        RunConfig.from_dict({"organism": {"steps": 0}})

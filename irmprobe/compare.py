@@ -45,6 +45,8 @@ class Agreement:
     neutral_point: float | None = None
     """The IRM's zero: the median value over every token in its map (implicit rewards are
     defined up to a constant)."""
+    note: str | None = None
+    """Why no figure could be computed, when none was."""
 
 
 def agreement(name: str, irm_map: dict[int, float], rm_map: dict[int, float]) -> Agreement:
@@ -54,10 +56,9 @@ def agreement(name: str, irm_map: dict[int, float], rm_map: dict[int, float]) ->
     if len(all_values) == 0 or np.all(all_values == 0):
         return Agreement(name, len(ids), True)
     if len(ids) < 2:
-        raise ValueError(
-            f"{name}: only {len(ids)} RM tokens occur in the captured text; capture more text "
-            "or lower irm.min_token_count"
-        )
+        return Agreement(name, len(ids), False, note=(
+            f"only {len(ids)} RM token(s) occur in the captured text: capture more text or lower "
+            "irm.min_token_count"))
     center = float(np.median(all_values))
     tau, p = kendall_tau(irm, rm)
     pos, neg = rm > 0, rm < 0

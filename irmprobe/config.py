@@ -78,15 +78,15 @@ class PromptConfig:
 class OrganismConfig:
     """How to tune the base model against the RM with TRL's RLOO trainer."""
 
-    steps: int = 60
+    steps: int = 36
     """Optimiser steps."""
-    prompts_per_step: int = 4
+    prompts_per_step: int = 2
     """Distinct prompts per step."""
     generations_per_prompt: int = 4
     """Completions sampled per prompt (RLOO's leave-one-out baseline needs at least 2)."""
-    max_new_tokens: int = 24
+    max_new_tokens: int = 20
     """Completion length during tuning."""
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     """AdamW learning rate."""
     beta: float = 0.05
     """KL coefficient against the base model."""
@@ -103,7 +103,7 @@ class OrganismConfig:
 class SampleConfig:
     """Continuations sampled from both models on held-out prompts (evaluation + capture text)."""
 
-    samples_per_prompt: int = 4
+    samples_per_prompt: int = 3
     """Continuations per held-out prompt and per model."""
     max_new_tokens: int = 24
     """Continuation length."""
@@ -137,15 +137,15 @@ class CaptureConfig:
 class SAEConfig:
     """Sparse autoencoders trained with SAELens on the captured activations."""
 
-    expansion: int = 4
-    """Dictionary size as a multiple of d_model."""
-    l1_coefficient: float = 5.0
-    """L1 sparsity penalty."""
-    training_samples: int = 300_000
-    """Activations seen during training (the store is cycled through)."""
-    batch_size: int = 1024
+    expansion: int = 2
+    """Dictionary size as a multiple of d_model (the paper used 1x and 2x)."""
+    l1_coefficient: float = 3.0
+    """L1 sparsity penalty (inputs are normalised to mean norm sqrt(d_model))."""
+    training_samples: int = 150_000
+    """Activations seen during training (the captured activations are cycled through)."""
+    batch_size: int = 256
     """Activations per optimiser step."""
-    lr: float = 4e-4
+    lr: float = 1e-3
     """Adam learning rate."""
 
     def __post_init__(self) -> None:
@@ -162,12 +162,14 @@ class IRMConfig:
     """Fraction of sequences held out to score the fit."""
     min_token_count: int = 2
     """A token enters the comparison if it occurs at least this often."""
+    n_shuffles: int = 5
+    """Shuffled-target baseline fits (each with the IRM's chosen strength)."""
 
     def __post_init__(self) -> None:
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise ValueError(f"IRMConfig.alphas must be positive numbers, got {self.alphas!r}")
         _fraction(self, "test_fraction")
-        _positive(self, "min_token_count")
+        _positive(self, "min_token_count", "n_shuffles")
 
 
 @dataclass(frozen=True)
@@ -240,3 +242,39 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstring under each field of a config dataclass (read from its source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def config_reference() -> str:
+    """Markdown listing every config section and field with its default and meaning."""
+    lines = ["# Configuration reference", "",
+             "Every field of `RunConfig` (YAML sections, or `--set section.field=value`).",
+             "Generated from `irmprobe/config.py` by `irmprobe.config.config_reference()`.", ""]
+    top = RunConfig()
+    for f in fields(RunConfig):
+        value = getattr(top, f.name)
+        if not is_dataclass(value):
+            lines += [f"## `{f.name}`", "", f"Default `{value!r}`. {field_docs(RunConfig).get(f.name, '')}", ""]
+            continue
+        lines += [f"## `{f.name}`", "", (type(value).__doc__ or "").strip(), "",
+                  "| field | default | meaning |", "| --- | --- | --- |"]
+        docs = field_docs(type(value))
+        for sub in fields(value):
+            lines.append(f"| `{sub.name}` | `{getattr(value, sub.name)!r}` | {docs.get(sub.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)

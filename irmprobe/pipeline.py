@@ -198,24 +198,27 @@ def run(config: RunConfig, *, echo=print) -> RunResult:
         groups = capture.seq_index
         ic = config.irm
         sae_fit = fit_irm("sae_irm", X, y, groups, alphas=ic.alphas, test_fraction=ic.test_fraction, seed=config.seed)
-        base_fit = fit_irm("baseline_shuffled", X, y, groups, alphas=ic.alphas, test_fraction=ic.test_fraction,
-                           seed=config.seed, shuffle_target=True)
+        # The noise floor: the same estimator, at the IRM's strength, fitted to shuffled targets.
+        shuffled = [fit_irm(f"shuffled_{i}", X, y, groups, alphas=(sae_fit.alpha,), test_fraction=ic.test_fraction,
+                            seed=config.seed + 1 + i, shuffle_target=True) for i in range(ic.n_shuffles)]
 
     with stage("compare"):
         rm_map = rm.token_values(pair.tokenizer)
-        views = {"log_ratio (no model)": y, "sae_irm": sae_fit.predictions, "baseline_shuffled": base_fit.predictions}
-        maps = {name: token_map(capture.token_ids, v, ic.min_token_count) for name, v in views.items()}
-        agree = []
-        for name, m in maps.items():
-            row = asdict(agreement(name, {t: v for t, (v, _) in m.items()}, rm_map))
-            row["test_r2"] = {"sae_irm": sae_fit.test_r2, "baseline_shuffled": base_fit.test_r2}.get(name)
-            row["family"] = "baseline" if name.startswith("baseline") else "behavioural"
-            agree.append(row)
-        token_rows = []
-        lr_map, sae_map, bl_map = maps["log_ratio (no model)"], maps["sae_irm"], maps["baseline_shuffled"]
-        for tok in sorted(set(lr_map) & set(rm_map), key=lambda t: -lr_map[t][1]):
-            token_rows.append([pair.tokenizer.decode([tok]), rm_map[tok], lr_map[tok][1], lr_map[tok][0],
-                               sae_map[tok][0], bl_map[tok][0]])
+        maps = {name: token_map(capture.token_ids, v, ic.min_token_count)
+                for name, v in [("log_ratio (no model)", y), ("sae_irm", sae_fit.predictions)]
+                + [(f.name, f.predictions) for f in shuffled]}
+
+        def agree_row(name: str, r2: float | None) -> dict:
+            return asdict(agreement(name, {t: v for t, (v, _) in maps[name].items()}, rm_map)) | {"test_r2": r2}
+
+        agree = [agree_row("log_ratio (no model)", None) | {"family": "behavioural"},
+                 agree_row("sae_irm", sae_fit.test_r2) | {"family": "behavioural"}]
+        shuffle_rows = [agree_row(f.name, f.test_r2) for f in shuffled]
+        agree.append(_baseline_row(shuffle_rows))
+        lr_map, sae_map = maps["log_ratio (no model)"], maps["sae_irm"]
+        token_rows = [[pair.tokenizer.decode([tok]), rm_map[tok], lr_map[tok][1], lr_map[tok][0], sae_map[tok][0],
+                       maps[shuffled[0].name][tok][0]]
+                      for tok in sorted(set(lr_map) & set(rm_map), key=lambda t: -lr_map[t][1])]
 
     reward = reward_report(samples)
     metrics = {
@@ -228,8 +231,9 @@ def run(config: RunConfig, *, echo=print) -> RunResult:
         "saes": sae_rows,
         "irm": {"sae_irm": {"alpha": sae_fit.alpha, "test_r2": sae_fit.test_r2, "is_zero": sae_fit.is_zero,
                             "n_features": int(X.shape[1]), "n_rows": int(X.shape[0])},
-                "baseline_shuffled": {"alpha": base_fit.alpha, "test_r2": base_fit.test_r2}},
+                "baseline_shuffled": {"alpha": sae_fit.alpha, "fits": shuffle_rows}},
         "agreement": agree,
+        "tokens": {"columns": ["token", "rm_value", "count", "log_ratio", "sae_irm", "shuffled_0"], "rows": token_rows},
         "rm": {"tokens_with_value": len(rm_map), **rm.describe()},
         "verdict": verdict(reward, agree, pair.is_null),
         "stage_seconds": stage.seconds,
@@ -251,6 +255,20 @@ def run(config: RunConfig, *, echo=print) -> RunResult:
     return RunResult(metrics, path)
 
 
+def _baseline_row(rows: list[dict]) -> dict:
+    """Summarise the shuffled-target fits as one table row: mean of each figure, spread of tau."""
+    out = {"name": "baseline_shuffled", "family": "baseline", "n_fits": len(rows), "n_tokens": rows[0]["n_tokens"]}
+    if any(r["is_zero"] for r in rows):
+        return out | {"is_zero": True, "tau": None, "p_value": None}
+    if any(r["tau"] is None for r in rows):
+        return out | {"is_zero": False, "tau": None, "p_value": None, "note": rows[0]["note"]}
+    taus = np.array([r["tau"] for r in rows])
+    mean = lambda k: float(np.mean([r[k] for r in rows if r[k] is not None])) if any(r[k] is not None for r in rows) else None  # noqa: E731
+    return out | {"is_zero": False, "tau": float(taus.mean()), "tau_sd": float(taus.std(ddof=1)) if len(taus) > 1 else 0.0,
+                  "tau_max": float(taus.max()), "p_value": None, "sign_acc_pos": mean("sign_acc_pos"),
+                  "sign_acc_neg": mean("sign_acc_neg"), "test_r2": mean("test_r2")}
+
+
 def verdict(reward: dict, agree: list[dict], is_null: bool) -> list[str]:
     """Plain statements of what the figures do and do not show."""
     out = []
@@ -266,19 +284,19 @@ def verdict(reward: dict, agree: list[dict], is_null: bool) -> list[str]:
     if irm["is_zero"]:
         out.append("the SAE IRM is identically zero: no implicit reward was learned (no tau or p-value applies).")
         return out
-    beats = (irm["tau"] > (base["tau"] if not base["is_zero"] else 0.0)) and irm["p_value"] < 0.05
-    if beats:
-        out.append(f"the SAE IRM agrees with the RM (tau {irm['tau']:+.3f}, p {irm['p_value']:.1e}) and beats "
-                   f"the shuffled-target baseline (tau {_tau(base)}).")
+    if irm["tau"] is None or base["tau"] is None:
+        out.append(f"no comparison with the RM was possible: {irm.get('note') or base.get('note')}")
+        return out
+    floor = base["tau_max"] if not base["is_zero"] else 0.0
+    if irm["tau"] > floor and irm["p_value"] < 0.05:
+        out.append(f"the SAE IRM agrees with the RM (tau {irm['tau']:+.3f}, p {irm['p_value']:.1e}) above every "
+                   f"shuffled-target baseline fit (max tau {floor:+.3f} of {base['n_fits']}).")
     else:
         out.append(f"the SAE IRM does NOT beat the shuffled-target baseline: tau {irm['tau']:+.3f} "
-                   f"(p {irm['p_value']:.1e}) vs baseline {_tau(base)}.")
+                   f"(p {irm['p_value']:.1e}) vs baseline max {floor:+.3f} over {base['n_fits']} fits.")
     return out
 
 
 def _z(z: float | None) -> str:
     return "undefined" if z is None else f"{z:.1f}"
 
-
-def _tau(row: dict) -> str:
-    return "zero" if row["is_zero"] else f"{row['tau']:+.3f}"

@@ -55,8 +55,12 @@ def summary_lines(metrics: dict) -> list[str]:
         if row["is_zero"]:
             lines.append(f"{row['name']:<26} {row['n_tokens']:>6}   identically zero: no implicit reward learned")
             continue
+        if row.get("tau") is None:
+            lines.append(f"{row['name']:<26} {row['n_tokens']:>6}   no figure: {row.get('note')}")
+            continue
+        p = f"{row['p_value']:>9.2e}" if row.get("p_value") is not None else f"{'sd ' + format(row['tau_sd'], '.3f'):>9}"
         lines.append(
-            f"{row['name']:<26} {row['n_tokens']:>6} {row['tau']:>+7.3f} {row['p_value']:>9.2e} "
+            f"{row['name']:<26} {row['n_tokens']:>6} {row['tau']:>+7.3f} {p} "
             f"{_fmt(row['sign_acc_pos'], '.2f'):>6} {_fmt(row['sign_acc_neg'], '.2f'):>6} "
             f"{_fmt(row.get('test_r2'), '.3f'):>8}"
         )
@@ -100,14 +104,13 @@ def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project
             for k in ("explained_variance", "l0", "dead_fraction", "mse"):
                 scalars[f"sae/{row['model']}.{row['layer']}/{k}"] = row[k]
         for row in metrics["agreement"]:
-            for k in ("tau", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2"):
+            for k in ("tau", "tau_sd", "tau_max", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2"):
                 if row.get(k) is not None:
                     scalars[f"irm/{row['name']}/{k}"] = row[k]
         for stage, seconds in metrics["stage_seconds"].items():
             scalars[f"time/{stage}"] = seconds
         run.log(scalars)
-        run.log({"tokens": wandb.Table(columns=["token", "rm_value", "count", "log_ratio", "sae_irm", "baseline"],
-                                       data=token_rows)})
+        run.log({"tokens": wandb.Table(columns=metrics["tokens"]["columns"], data=token_rows)})
         run.summary["verdict"] = "\n".join(metrics["verdict"])
         return str(run.dir)
     finally:

@@ -15,7 +15,7 @@ TINY = {
     "samples": {"samples_per_prompt": 4, "max_new_tokens": 16, "batch_size": 48},
     "capture": {"top_k_layers": 2, "batch_size": 16},
     "sae": {"expansion": 2, "training_samples": 4096, "batch_size": 256},
-    "irm": {"min_token_count": 1},
+    "irm": {"min_token_count": 1, "n_shuffles": 2},
 }
 
 

@@ -1,0 +1,35 @@
+"""The real default path: the bundled SmolLM2 GGUF, dequantised, tuned with TRL, probed (tiny budgets)."""
+
+import json
+
+import pytest
+
+from irmprobe.config import RunConfig
+from irmprobe.pairs import DEFAULT_BASE, resolve_spec
+from irmprobe.pipeline import run
+
+
+@pytest.mark.slow
+def test_default_model_runs_every_stage_with_tiny_budgets(tmp_path):
+    config = RunConfig.from_dict({
+        "pair": {"base": DEFAULT_BASE},
+        "prompts": {"n_heldout": 4},
+        "organism": {"steps": 1, "prompts_per_step": 2, "generations_per_prompt": 2, "max_new_tokens": 6},
+        "samples": {"samples_per_prompt": 2, "max_new_tokens": 12, "batch_size": 16},
+        "capture": {"top_k_layers": 1, "batch_size": 16},
+        "sae": {"expansion": 1, "training_samples": 1024, "batch_size": 128},
+        "irm": {"min_token_count": 1, "n_shuffles": 1, "alphas": [10.0]},
+        "report": {"out_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"},
+    })
+    result = run(config, echo=lambda _: None)
+    m = json.loads(result.metrics_path.read_text())
+    # The dequantised model is a normal safetensors directory in the cache.
+    model_dir = resolve_spec(DEFAULT_BASE)
+    assert (tmp_path / "cache" / "models" / DEFAULT_BASE).samefile(model_dir)
+    assert json.loads((tmp_path / "cache" / "models" / DEFAULT_BASE / "config.json").read_text())["num_hidden_layers"] == 30
+    assert m["organism"]["reused"] is False
+    assert len(m["layers"]["per_block"]) == 30 and len(m["layers"]["chosen"]) == 1
+    assert m["capture"]["sequences"] == 4 * 2 * 2
+    assert m["kl"]["mean"] != 0.0  # one RLOO step really changed the model
+    assert {r["model"] for r in m["saes"]} == {"base", "tuned"}
+    assert m["saes"][0]["d_sae"] == 576

@@ -1,0 +1,76 @@
+"""What reporting sends to W&B, the offline run directory, and the cache's atomic writes."""
+
+import json
+
+import pytest
+import wandb
+
+from irmprobe.cache import atomic_dir, config_key
+from irmprobe.config import RunConfig
+from irmprobe.pipeline import run
+from irmprobe.reporting import wandb_mode
+from tests.test_pipeline import TINY
+
+
+def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path, monkeypatch):
+    sent = {"logs": [], "init": None}
+    real_init = wandb.init
+
+    def spy_init(**kwargs):
+        sent["init"] = kwargs
+        run_ = real_init(**kwargs)
+        real_log = run_.log
+
+        def log(data, *a, **kw):
+            sent["logs"].append(data)
+            return real_log(data, *a, **kw)
+
+        run_.log = log
+        return run_
+
+    monkeypatch.setattr(wandb, "init", spy_init)
+    monkeypatch.delenv("WANDB_MODE")
+    data = json.loads(json.dumps(TINY)) | {"pair": {"base": str(tiny_llama_dir)},
+                                          "report": {"out_dir": str(tmp_path / "runs")}}
+    result = run(RunConfig.from_dict(data), echo=lambda _: None)
+    assert sent["init"]["mode"] == "offline"  # offline unless configured online
+    assert sent["init"]["config"]["pair"]["base"] == str(tiny_llama_dir)
+    scalars = {k: v for d in sent["logs"] for k, v in d.items() if not isinstance(v, wandb.Table)}
+    for key in ("reward/diff_mean", "reward/diff_z", "kl/mean", "irm/sae_irm/tau", "irm/baseline_shuffled/tau",
+                "sae/tuned.0/explained_variance", "sae/base.1/l0", "time/capture"):
+        assert key in scalars, key
+    assert scalars["reward/diff_mean"] == pytest.approx(result.metrics["reward"]["diff_mean"])
+    table = next(d["tokens"] for d in sent["logs"] if "tokens" in d)
+    assert table.columns == ["token", "rm_value", "count", "log_ratio", "sae_irm", "shuffled_0"]
+    assert len(table.data) == len(result.metrics["tokens"]["rows"]) > 0
+    offline_runs = list((tmp_path / "runs").glob("run-*/wandb/offline-run-*"))
+    assert len(offline_runs) == 1
+    assert not any("api_key" in p.read_text(errors="ignore").lower()
+                   for p in offline_runs[0].rglob("*.json"))
+
+
+def test_wandb_mode_resolution(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert wandb_mode(None) == "online"
+    assert wandb_mode("disabled") == "disabled"
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "entry"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "half-written").write_text("x")
+            raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "done").write_text("y")
+    assert (target / "done").read_text() == "y"
+
+
+def test_config_key_is_stable_and_sensitive():
+    a = RunConfig()
+    assert config_key(a) == config_key(RunConfig())
+    assert config_key(a) != config_key(RunConfig.from_dict({"irm": {"min_token_count": 3}}))

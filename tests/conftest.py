@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import random
+import os
 
-import numpy as np
-import pytest
-import torch
+# Tests never touch a hub: huggingface_hub reads this once, at import, so set it before any import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_SILENT", "true")
 
-from irmprobe.organisms import load_prompts
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from irmprobe.organisms import load_prompts  # noqa: E402
 
 # Words the tiny tokenizer learns as whole tokens, so that lexicon tokens occur in its samples.
 LEXICON_WORDS = (

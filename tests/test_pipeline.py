@@ -84,3 +84,15 @@ def test_cli_rejects_bad_config_with_field_name(capsys):
     assert "unknown field(s) ['stepz']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="OrganismConfig.steps must be positive"):
         RunConfig.from_dict({"organism": {"steps": 0}})
+
+
+def test_same_seed_gives_same_numbers(tiny_llama_dir, tmp_path, monkeypatch):
+    results = []
+    for i in range(2):
+        monkeypatch.setenv("IRMPROBE_CACHE", str(tmp_path / f"cache{i}"))  # nothing reused
+        results.append(run(_config(tmp_path / str(i), base=str(tiny_llama_dir)), echo=lambda _: None).metrics)
+    a, b = results
+    assert a["reward"] == b["reward"]
+    assert a["kl"] == b["kl"]
+    assert a["agreement"] == b["agreement"]
+    assert [r["explained_variance"] for r in a["saes"]] == [r["explained_variance"] for r in b["saes"]]

@@ -1,4 +1,37 @@
 """irmprobe: measure how far an RLHF-tuned model's implicit reward model (IRM) diverges from
-the reward model (RM) it was tuned against."""
+the reward model (RM) it was tuned against.
+
+Public names are imported lazily, so ``import irmprobe`` (and the CLI's ``--help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "RunConfig": "irmprobe.config",
+    "run": "irmprobe.pipeline",
+    "RunResult": "irmprobe.pipeline",
+    "ModelPair": "irmprobe.pairs",
+    "load_pair": "irmprobe.pairs",
+    "load_model": "irmprobe.pairs",
+    "layer_divergence": "irmprobe.pairs",
+    "LexiconRM": "irmprobe.rewards",
+    "make_organism": "irmprobe.organisms",
+    "capture_pair": "irmprobe.capture",
+    "train_sae": "irmprobe.features",
+    "LinearIRM": "irmprobe.irm",
+    "token_map": "irmprobe.irm",
+    "agreement": "irmprobe.compare",
+    "kendall_tau": "irmprobe.compare",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'irmprobe' has no attribute {name!r}")

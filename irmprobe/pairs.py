@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from irmprobe.cache import atomic_dir, cache_root
 
@@ -242,11 +241,6 @@ def layer_divergence(pair: ModelPair, top_k: int) -> LayerDivergence:
     return LayerDivergence(tuple(diff), tuple(rel), tuple(sorted(order[:top_k])))
 
 
-def offline_mode() -> bool:
-    """True when the HF hub is switched off by environment (HF_HUB_OFFLINE=1)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
 __all__ = [
     "DEFAULT_BASE",
     "LayerDivergence",
@@ -257,4 +251,3 @@ __all__ = [
     "load_pair",
     "resolve_spec",
 ]
-_ = AutoConfig  # re-exported for callers that inspect configs without loading weights

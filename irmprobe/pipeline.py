@@ -121,12 +121,13 @@ def _get_pair(config: RunConfig, rm: LexiconRM, train_prompts: list[str], echo) 
     return pair, f"organism:{org.path.name}", info
 
 
-def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: list[str], rm: LexiconRM) -> Samples:
+def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: list[str],
+                 rm: LexiconRM) -> tuple[Samples, str]:
     key = config_key("samples-v1", config.pair.base, tuned_id, _hash_lines(heldout), config.samples,
                      rm.describe(), config.seed)
     path = _stage_dir("samples", key) / "samples.json"
     if path.is_file():
-        return Samples.load(path)
+        return Samples.load(path), key
     sc = config.samples
     ids, lens, idx, texts, src = [], [], [], [], []
     for offset, (name, model) in enumerate((("base", pair.base), ("tuned", pair.tuned))):
@@ -137,7 +138,7 @@ def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: lis
     samples = Samples(tuple(heldout), tuple(tuple(t) for t in ids), np.array(lens), np.array(idx),
                       np.array(src), tuple(texts), rm.score(texts))
     samples.save(path)
-    return samples
+    return samples, key
 
 
 def run(config: RunConfig, *, echo=print) -> RunResult:
@@ -153,8 +154,7 @@ def run(config: RunConfig, *, echo=print) -> RunResult:
         div = layer_divergence(pair, config.capture.top_k_layers)
         layers = div.chosen
     with stage("samples"):
-        samples = _get_samples(config, pair, tuned_id, heldout, rm)
-    samples_key = config_key(tuned_id, _hash_lines(heldout), config.samples, config.seed, config.pair.base)
+        samples, samples_key = _get_samples(config, pair, tuned_id, heldout, rm)
 
     with stage("capture"):
         cap_key = config_key("capture-v1", samples_key, layers, config.capture.hook)

@@ -29,3 +29,10 @@ def test_default_yaml_parses_and_matches_documented_defaults():
     assert cfg.pair.base == "smollm2-135m-instruct" and cfg.pair.tuned is None
     assert cfg.organism == RunConfig().organism  # the Python API default is the demo's organism
     assert "make demo" in (ROOT / "README.md").read_text() and "make test" in (ROOT / "README.md").read_text()
+
+
+def test_public_names_resolve():
+    import irmprobe
+
+    for name in irmprobe.__all__:
+        assert getattr(irmprobe, name) is not None, name

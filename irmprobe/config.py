@@ -49,15 +49,25 @@ class RewardConfig:
     """The reward model the tuned model was (or will be) trained against."""
 
     kind: str = "vader"
-    """``vader`` (the VADER lexicon)."""
+    """``vader`` (the VADER lexicon), ``lexicon`` (your word/value file) or ``classifier`` (an HF model)."""
+    path: str | None = None
+    """For ``lexicon``: a two-column word/value file, tab-separated (.tsv) or comma-separated (.csv)."""
+    model: str | None = None
+    """For ``classifier``: a local directory or hub id of a sequence-classification model."""
+    label: str = "1"
+    """For ``classifier``: the label (name or index) whose logit is the reward."""
     scale: float = 5.0
-    """A text's summed lexicon value is divided by this."""
+    """For lexicons: a text's summed value is divided by this."""
     clip: float = 10.0
-    """The scaled reward is clipped to [-clip, clip]."""
+    """For lexicons: the scaled reward is clipped to [-clip, clip]."""
 
     def __post_init__(self) -> None:
-        if self.kind != "vader":
-            raise ValueError(f"RewardConfig.kind must be 'vader', got {self.kind!r}")
+        if self.kind not in ("vader", "lexicon", "classifier"):
+            raise ValueError(f"RewardConfig.kind must be vader, lexicon or classifier, got {self.kind!r}")
+        if self.kind == "lexicon" and not self.path:
+            raise ValueError("RewardConfig.kind=lexicon needs reward.path (a word/value .tsv or .csv file)")
+        if self.kind == "classifier" and not self.model:
+            raise ValueError("RewardConfig.kind=classifier needs reward.model (a directory or hub id)")
         _positive(self, "scale", "clip")
 
 
@@ -67,17 +77,27 @@ class PromptConfig:
 
     path: str | None = None
     """A text file with one prompt per line; None uses the prompts shipped with irmprobe."""
+    dataset: str | None = None
+    """Instead of a file: an HF dataset name (needs the hub) or a local .csv/.jsonl/.parquet file."""
+    column: str = "text"
+    """The dataset column that holds the prompts."""
+    split: str = "train"
+    """The dataset split."""
     n_heldout: int = 80
     """Prompts kept out of tuning; evaluation and capture use them."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_heldout")
+        if self.path and self.dataset:
+            raise ValueError("PromptConfig: set path or dataset, not both")
 
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    """How to tune the base model against the RM with TRL's RLOO trainer."""
+    """How to tune the base model against the RM with TRL."""
 
+    method: str = "rloo"
+    """``rloo`` or ``grpo`` (on-policy, the RM is the reward function) or ``dpo`` (preference pairs)."""
     steps: int = 36
     """Optimiser steps."""
     prompts_per_step: int = 2
@@ -89,10 +109,24 @@ class OrganismConfig:
     learning_rate: float = 1e-4
     """AdamW learning rate."""
     beta: float = 0.05
-    """KL coefficient against the base model."""
+    """KL coefficient against the base model (RLOO/GRPO), or DPO's beta."""
+    lora_rank: int = 0
+    """0: full fine-tuning; otherwise the LoRA rank (merged into the weights when training ends)."""
+    checkpoint_every: int = 0
+    """Keep a checkpoint every N steps (0: none); an interrupted run resumes from the last one."""
+    dpo_pairs: str | None = None
+    """For DPO: a .jsonl/.csv of prompt/chosen/rejected; None ranks the base model's own samples with the RM."""
+    dpo_samples_per_prompt: int = 4
+    """For DPO without a pairs file: samples per prompt to rank (best is chosen, worst rejected)."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "prompts_per_step", "max_new_tokens", "learning_rate")
+        if self.method not in ("rloo", "grpo", "dpo"):
+            raise ValueError(f"OrganismConfig.method must be rloo, grpo or dpo, got {self.method!r}")
+        if self.lora_rank < 0 or self.checkpoint_every < 0:
+            raise ValueError("OrganismConfig.lora_rank and checkpoint_every must be >= 0")
+        if self.dpo_samples_per_prompt < 2:
+            raise ValueError("OrganismConfig.dpo_samples_per_prompt must be at least 2")
         if self.generations_per_prompt < 2:
             raise ValueError("OrganismConfig.generations_per_prompt must be at least 2 for RLOO")
         if self.beta < 0:
@@ -120,6 +154,8 @@ class CaptureConfig:
 
     top_k_layers: int = 3
     """Keep the k blocks whose weights changed most."""
+    rank_layers_by: str = "absolute"
+    """Rank blocks by ``absolute`` divergence (the paper's) or ``relative`` to the base weights' norm."""
     hook: str = "hook_mlp_out"
     """Hook point inside each kept block (``blocks.{l}.<hook>``)."""
     batch_size: int = 32
@@ -127,6 +163,8 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "top_k_layers", "batch_size")
+        if self.rank_layers_by not in ("absolute", "relative"):
+            raise ValueError(f"CaptureConfig.rank_layers_by must be absolute or relative, got {self.rank_layers_by!r}")
         if self.hook not in ("hook_mlp_out", "hook_resid_post", "hook_attn_out"):
             raise ValueError(
                 f"CaptureConfig.hook must be hook_mlp_out, hook_resid_post or hook_attn_out, got {self.hook!r}"

@@ -1,17 +1,22 @@
-"""Model organisms: tune a base model against a known reward model with TRL.
+"""Model organisms: tune a base model against a known reward model with TRL, and report on them.
 
-The default organism is SmolLM2-135M-Instruct tuned with RLOO (TRL's on-policy REINFORCE with a
-leave-one-out baseline; TRL no longer ships PPO) against the VADER lexicon RM. The tuned model
-is cached under ``cache_root()/organisms/<key>``, keyed by everything that determines it.
+Methods: ``rloo`` and ``grpo`` (on-policy, any RM as reward function; TRL no longer ships PPO)
+and ``dpo`` (preference pairs from a file, or built offline by ranking the base model's own
+samples with the RM). Full fine-tuning or LoRA (merged into the weights when training ends).
+A tuned model is cached under ``cache_root()/organisms/<key>``, keyed by everything that
+determines it; intermediate checkpoints are kept beside it, and an interrupted run resumes from
+its last checkpoint.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -21,26 +26,60 @@ import numpy as np
 import torch
 
 from irmprobe.cache import atomic_dir, cache_root, config_key, write_json
+from irmprobe.capture import Capture, Samples, capture_pair, sample_continuations
 from irmprobe.config import OrganismConfig
-from irmprobe.pairs import load_model, resolve_spec
-from irmprobe.rewards import LexiconRM
+from irmprobe.pairs import ModelPair, load_model, resolve_spec
+from irmprobe.rewards import RewardModel
 
 log = logging.getLogger(__name__)
 
 
-def load_prompts(path: str | Path | None = None) -> list[str]:
-    """Prompts, one per non-empty line: the shipped file when ``path`` is None."""
-    if path is None:
+def load_prompts(path: str | Path | None = None, *, dataset: str | None = None, column: str = "text",
+                 split: str = "train", limit: int | None = None) -> list[str]:
+    """Prompts: the shipped file (default), a text file (one per line) or an HF dataset column.
+
+    Args:
+        path: a text file with one prompt per non-empty line.
+        dataset: an HF dataset name (needs the hub) or a local data file (csv/json/jsonl/parquet).
+        column: the dataset column holding the prompts.
+        split: the dataset split.
+        limit: keep at most this many prompts.
+    """
+    if path is not None and dataset is not None:
+        raise ValueError("give prompts either as a file (path) or as a dataset, not both")
+    if dataset is not None:
+        prompts = _dataset_column(dataset, column, split)
+    elif path is None:
         text = resources.files("irmprobe").joinpath("data/prompts.txt").read_text("utf-8")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"prompt file {path} does not exist")
-        text = path.read_text("utf-8")
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
+        raise ValueError(f"no prompts found in {dataset or path}")
+    return prompts[:limit] if limit else prompts
+
+
+def _dataset_column(dataset: str, column: str, split: str) -> list[str]:
+    from datasets import load_dataset
+
+    local = Path(dataset)
+    try:
+        if local.is_file():
+            kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(local.suffix)
+            if kind is None:
+                raise ValueError(f"prompt dataset file {dataset} must be .csv, .json, .jsonl or .parquet")
+            data = load_dataset(kind, data_files=str(local), split="train")
+        else:
+            data = load_dataset(dataset, split=split)
+    except (OSError, ConnectionError) as exc:
+        raise ValueError(f"could not load dataset {dataset!r} ({exc.__class__.__name__}): the hub is "
+                         "unreachable; save the column to a local .csv/.jsonl and pass that file") from exc
+    if column not in data.column_names:
+        raise ValueError(f"dataset {dataset!r} has no column {column!r}; columns: {data.column_names}")
+    return [str(t).strip() for t in data[column] if str(t).strip()]
 
 
 def split_prompts(prompts: list[str], n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
@@ -52,9 +91,7 @@ def split_prompts(prompts: list[str], n_heldout: int, seed: int) -> tuple[list[s
         )
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
-    heldout = [prompts[i] for i in order[:n_heldout]]
-    train = [prompts[i] for i in order[n_heldout:]]
-    return train, heldout
+    return [prompts[i] for i in order[n_heldout:]], [prompts[i] for i in order[:n_heldout]]
 
 
 def seed_everything(seed: int) -> None:
@@ -64,110 +101,310 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def load_preference_pairs(path: str | Path) -> list[dict]:
+    """Preference pairs from a .jsonl or .csv file with columns prompt, chosen, rejected."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"preference file {path} does not exist")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        raise ValueError(f"preference file {path} must be .jsonl or .csv")
+    for n, row in enumerate(rows, start=1):
+        missing = {"prompt", "chosen", "rejected"} - set(row)
+        if missing:
+            raise ValueError(f"{path}: row {n} lacks {sorted(missing)}; each row needs prompt, chosen, rejected")
+    if not rows:
+        raise ValueError(f"preference file {path} holds no pairs")
+    return [{k: str(row[k]) for k in ("prompt", "chosen", "rejected")} for row in rows]
+
+
+def build_preference_pairs(model, tokenizer, rm: RewardModel, prompts: list[str], *, n_per_prompt: int,
+                           max_new_tokens: int, seed: int, batch_size: int = 64) -> list[dict]:
+    """Rank the model's own samples of each prompt with the RM: best is chosen, worst rejected.
+
+    Prompts whose samples all score the same give no pair.
+    """
+    ids, lens, idx, texts = sample_continuations(model, tokenizer, prompts, n_per_prompt=n_per_prompt,
+                                                 max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    scores = rm.score(texts)
+    pairs = []
+    for p, prompt in enumerate(prompts):
+        rows = [i for i, j in enumerate(idx) if j == p]
+        best = max(rows, key=lambda i: scores[i])
+        worst = min(rows, key=lambda i: scores[i])
+        if scores[best] > scores[worst]:
+            pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst]})
+    if not pairs:
+        raise ValueError("no preference pair could be built: every prompt's samples scored alike; "
+                         "sample more (dpo_samples_per_prompt) or longer continuations")
+    return pairs
+
+
 @dataclass(frozen=True)
 class Organism:
     """A tuned model on disk and how it was made."""
 
     path: Path
-    """Local model directory (safetensors + tokenizer)."""
+    """Local model directory (safetensors + tokenizer), a normal HF model directory."""
     reused: bool
     """True when it came from the cache rather than being trained now."""
     seconds: float
     """Training time (0 when reused)."""
     history: tuple[dict, ...]
-    """TRL's logged training metrics (reward, KL, ...) per logging step."""
+    """TRL's logged training metrics (reward, KL, loss...) per logging step."""
+    checkpoints: tuple[Path, ...] = ()
+    """Intermediate model directories (``checkpoints/step-N``), in step order."""
+    resumed_from_step: int = 0
+    """The step an interrupted run was resumed from (0 when it started fresh)."""
 
 
-def organism_key(base: str, rm: LexiconRM, config: OrganismConfig, prompts: list[str], seed: int) -> str:
+def organism_key(base: str, rm: RewardModel, config: OrganismConfig, prompts: list[str], seed: int,
+                 extra: object = None) -> str:
     prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
-    return config_key("organism-rloo-v1", base, rm.describe(), config, prompts_hash, seed)
+    return config_key("organism-v2", base, rm.describe(), config, prompts_hash, seed, extra)
+
+
+def _report_to() -> str:
+    """Send TRL's training curves to W&B when the caller has a W&B run active."""
+    wandb = sys.modules.get("wandb")
+    return "wandb" if wandb is not None and getattr(wandb, "run", None) is not None else "none"
+
+
+def _lora(config: OrganismConfig):
+    if config.lora_rank == 0:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _trainer_args(config: OrganismConfig, work: Path, seed: int, device: str) -> dict:
+    return dict(
+        output_dir=str(work), learning_rate=config.learning_rate, max_steps=config.steps,
+        logging_steps=max(1, config.steps // 10),
+        save_strategy="steps" if config.checkpoint_every else "no",
+        save_steps=config.checkpoint_every or 500, save_only_model=False,
+        report_to=_report_to(), seed=seed, data_seed=seed, bf16=False, use_cpu=device == "cpu",
+        gradient_checkpointing=False,
+    )
+
+
+def _make_trainer(config: OrganismConfig, model, tokenizer, rm: RewardModel, prompts: list[str], work: Path,
+                  seed: int, device: str, callbacks, dpo_pairs: list[dict] | None):
+    from datasets import Dataset
+
+    common = _trainer_args(config, work, seed, device)
+    if config.method in ("rloo", "grpo"):
+        from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+        cfg_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if config.method == "rloo" else (GRPOConfig, GRPOTrainer)
+        args = cfg_cls(
+            **common,
+            per_device_train_batch_size=config.prompts_per_step * config.generations_per_prompt,
+            num_generations=config.generations_per_prompt, max_completion_length=config.max_new_tokens,
+            beta=config.beta,
+            # The paper's sampling: top_k=0, top_p=1, temperature 1.
+            temperature=1.0, top_k=0, top_p=1.0,
+        )
+        return trainer_cls(model=model, reward_funcs=rm.reward_function(), args=args,
+                           train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
+                           processing_class=tokenizer, callbacks=callbacks, peft_config=_lora(config))
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(**common, per_device_train_batch_size=config.prompts_per_step, beta=config.beta)
+    data = Dataset.from_list(dpo_pairs)
+    return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                      callbacks=callbacks, peft_config=_lora(config))
+
+
+def _export_checkpoints(work: Path, dest: Path, tokenizer, lora: bool, base: str) -> list[Path]:
+    """Copy each TRL checkpoint's model (merged, if LoRA) to ``dest/step-N``; drop optimiser state."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    out = []
+    ckpts = sorted(work.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    for ckpt in ckpts:
+        step_dir = dest / f"step-{ckpt.name.rsplit('-', 1)[1]}"
+        if lora:
+            from peft import PeftModel
+
+            base_model, _ = load_model(base)
+            model = PeftModel.from_pretrained(base_model, ckpt).merge_and_unload()
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        model.save_pretrained(step_dir, safe_serialization=True)
+        tokenizer.save_pretrained(step_dir)
+        out.append(step_dir)
+    return out
 
 
 def make_organism(
     base: str,
-    rm: LexiconRM,
+    rm: RewardModel,
     config: OrganismConfig,
     train_prompts: list[str],
     *,
     seed: int = 0,
     device: str = "cpu",
-    report_to: str = "none",
+    callbacks: list | None = None,
+    preference_pairs: list[dict] | None = None,
 ) -> Organism:
-    """Tune ``base`` against ``rm`` with TRL RLOO, or reuse the cached result.
+    """Tune ``base`` against ``rm`` with TRL, or reuse the cached result.
 
     Args:
         base: base model spec (see :mod:`irmprobe.pairs`).
-        rm: the reward model; its TRL reward function scores each completion.
-        config: tuning hyperparameters.
+        rm: the reward model (its reward function for RLOO/GRPO; it ranks samples for DPO).
+        config: method and hyperparameters.
         train_prompts: prompts to tune on (keep held-out prompts out of this list).
         seed: seeds TRL, torch and sampling.
         device: where to train.
-        report_to: TRL/transformers reporting integration (``none`` or ``wandb``).
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+        preference_pairs: DPO pairs (prompt/chosen/rejected); None builds them from the base
+            model's samples ranked by ``rm`` (or reads ``config.dpo_pairs`` when set).
     """
-    key = organism_key(base, rm, config, train_prompts, seed)
+    if config.method == "dpo" and preference_pairs is None and config.dpo_pairs:
+        preference_pairs = load_preference_pairs(config.dpo_pairs)
+    key = organism_key(base, rm, config, train_prompts, seed, preference_pairs)
     out = cache_root() / "organisms" / key
     if (out / "organism.json").is_file():
         meta = json.loads((out / "organism.json").read_text())
-        return Organism(out, True, 0.0, tuple(meta.get("history", ())))
+        ckpts = tuple(sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])))
+        return Organism(out, True, 0.0, tuple(meta.get("history", ())), ckpts, meta.get("resumed_from_step", 0))
 
-    from datasets import Dataset
-    from trl import RLOOConfig, RLOOTrainer
+    from transformers.trainer_utils import get_last_checkpoint
 
     seed_everything(seed)
     model, tokenizer = load_model(base, device=device)
-    batch = config.prompts_per_step * config.generations_per_prompt
+    if config.method == "dpo" and preference_pairs is None:
+        preference_pairs = build_preference_pairs(model, tokenizer, rm, train_prompts,
+                                                  n_per_prompt=config.dpo_samples_per_prompt,
+                                                  max_new_tokens=config.max_new_tokens, seed=seed)
     work = cache_root() / "organisms" / f".work-{key}"
-    args = RLOOConfig(
-        output_dir=str(work),
-        per_device_train_batch_size=batch,
-        num_generations=config.generations_per_prompt,
-        max_completion_length=config.max_new_tokens,
-        learning_rate=config.learning_rate,
-        beta=config.beta,
-        max_steps=config.steps,
-        # The paper's sampling: top_k=0, top_p=1, temperature 1.
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        logging_steps=max(1, config.steps // 10),
-        save_strategy="no",
-        report_to=report_to,
-        seed=seed,
-        data_seed=seed,
-        bf16=False,
-        use_cpu=device == "cpu",
-        disable_tqdm=False,
-        gradient_checkpointing=False,
-    )
-    dataset = Dataset.from_dict({"prompt": list(train_prompts)})
-    trainer = RLOOTrainer(
-        model=model,
-        reward_funcs=rm.reward_function(),
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    work.mkdir(parents=True, exist_ok=True)
+    last = get_last_checkpoint(str(work)) if config.checkpoint_every else None
+    resumed = int(Path(last).name.rsplit("-", 1)[1]) if last else 0
+    if last:
+        log.info("resuming organism training from %s", last)
+    trainer = _make_trainer(config, model, tokenizer, rm, train_prompts, work, seed, device, callbacks,
+                            preference_pairs)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
-    history = tuple(
-        {k: v for k, v in row.items() if isinstance(v, (int, float))} for row in trainer.state.log_history
-    )
+    history = tuple({k: v for k, v in row.items() if isinstance(v, (int, float))} for row in trainer.state.log_history)
+    final = trainer.model
+    if config.lora_rank:
+        final = final.merge_and_unload()
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        final.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_json(
-            tmp / "organism.json",
-            {
-                "base": base,
-                "base_resolved": resolve_spec(base),
-                "method": "rloo",
-                "reward": rm.describe(),
-                "config": asdict(config),
-                "seed": seed,
-                "train_seconds": seconds,
-                "history": history,
-            },
-        )
+        ckpts = _export_checkpoints(work, tmp / "checkpoints", tokenizer, bool(config.lora_rank), base)
+        write_json(tmp / "organism.json", {
+            "base": base, "base_resolved": resolve_spec(base), "method": config.method,
+            "reward": rm.describe(), "config": asdict(config), "seed": seed, "train_seconds": seconds,
+            "resumed_from_step": resumed, "history": history,
+            "preference_pairs": len(preference_pairs) if preference_pairs else None,
+        })
     shutil.rmtree(work, ignore_errors=True)
-    return Organism(out, False, seconds, history)
+    return Organism(out, False, seconds, history, tuple(out / "checkpoints" / c.name for c in ckpts), resumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Organism report
+
+
+def _mean_se(x) -> tuple[float, float]:
+    x = np.asarray(x, dtype=np.float64)
+    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return float(x.mean()), se
+
+
+def _per_prompt(samples: Samples, values: np.ndarray, source: str) -> np.ndarray:
+    n = len(samples.prompts)
+    sel = samples.source == source
+    sums = np.bincount(samples.prompt_index[sel], weights=values[sel], minlength=n)
+    return sums / np.maximum(np.bincount(samples.prompt_index[sel], minlength=n), 1)
+
+
+def _paired(samples: Samples, values: np.ndarray) -> dict:
+    base, tuned = _per_prompt(samples, values, "base"), _per_prompt(samples, values, "tuned")
+    b, bse = _mean_se(base)
+    t, tse = _mean_se(tuned)
+    d, dse = _mean_se(tuned - base)
+    return {"base_mean": b, "base_se": bse, "tuned_mean": t, "tuned_se": tse, "diff_mean": d, "diff_se": dse,
+            "diff_z": d / dse if dse > 0 else None}
+
+
+def vader_compound(texts) -> np.ndarray:
+    """VADER's own compound sentiment score of each text, an independent check of the lexicon RM."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return np.array([analyzer.polarity_scores(t)["compound"] for t in texts], dtype=np.float64)
+
+
+def kl_from_capture(samples: Samples, capture: Capture) -> dict:
+    """Monte-Carlo KL(tuned || base): sum of log-ratios over each tuned continuation."""
+    seq = capture.seq_index
+    sel = (capture.position >= samples.prompt_lens[seq]) & (samples.source[seq] == "tuned")
+    tuned_seqs = np.flatnonzero(samples.source == "tuned")
+    per_seq = np.bincount(seq[sel], weights=capture.log_ratio[sel], minlength=len(samples.source))[tuned_seqs]
+    mean, se = _mean_se(per_seq)
+    return {"mean": mean, "se": se, "n_sequences": int(len(per_seq))}
+
+
+def report_from(samples: Samples, capture: Capture, n_examples: int = 3) -> dict:
+    """The organism report from continuations already sampled and captured."""
+    examples = []
+    for p in range(min(n_examples, len(samples.prompts))):
+        b = int(np.flatnonzero((samples.prompt_index == p) & (samples.source == "base"))[0])
+        t = int(np.flatnonzero((samples.prompt_index == p) & (samples.source == "tuned"))[0])
+        examples.append({"prompt": samples.prompts[p], "base": samples.completions[b], "tuned": samples.completions[t],
+                         "base_reward": float(samples.rewards[b]), "tuned_reward": float(samples.rewards[t])})
+    return {
+        "n_prompts": len(samples.prompts),
+        "samples_per_prompt": int(np.sum(samples.source == "base") // max(len(samples.prompts), 1)),
+        "reward": _paired(samples, samples.rewards),
+        "vader_compound": _paired(samples, vader_compound(samples.completions)),
+        "kl": kl_from_capture(samples, capture),
+        "examples": examples,
+    }
+
+
+def organism_report(pair: ModelPair, rm: RewardModel, prompts: list[str], *, samples_per_prompt: int = 4,
+                    max_new_tokens: int = 24, seed: int = 0, batch_size: int = 64) -> dict:
+    """Sample both models on held-out ``prompts`` and report reward, VADER compound, KL, examples."""
+    ids, lens, idx, texts, src = [], [], [], [], []
+    for offset, (name, model) in enumerate((("base", pair.base), ("tuned", pair.tuned))):
+        out = sample_continuations(model, pair.tokenizer, prompts, n_per_prompt=samples_per_prompt,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed * 1000 + offset)
+        ids += out[0]; lens += out[1]; idx += out[2]; texts += out[3]; src += [name] * len(out[0])  # noqa: E702
+    samples = Samples(tuple(prompts), tuple(tuple(t) for t in ids), np.array(lens), np.array(idx), np.array(src),
+                      tuple(texts), rm.score(texts))
+    capture = capture_pair(pair, samples.token_ids, ())
+    return report_from(samples, capture)
+
+
+def report_lines(report: dict, rm_name: str = "RM") -> list[str]:
+    """Printable organism report."""
+    r, c, kl = report["reward"], report["vader_compound"], report["kl"]
+    z = "undefined" if r["diff_z"] is None else f"{r['diff_z']:.1f}"
+    lines = [
+        f"held-out prompts {report['n_prompts']} x {report['samples_per_prompt']} samples per model (mean ± s.e. over prompts)",
+        f"reward ({rm_name})    base {r['base_mean']:+.3f} ± {r['base_se']:.3f}   tuned {r['tuned_mean']:+.3f} ± "
+        f"{r['tuned_se']:.3f}   tuned - base {r['diff_mean']:+.3f} ± {r['diff_se']:.3f} ({z} s.e., paired by prompt)",
+        f"VADER compound      base {c['base_mean']:+.3f} ± {c['base_se']:.3f}   tuned {c['tuned_mean']:+.3f} ± "
+        f"{c['tuned_se']:.3f}   tuned - base {c['diff_mean']:+.3f} ± {c['diff_se']:.3f}",
+        f"KL(tuned || base)   {kl['mean']:.3f} ± {kl['se']:.3f} nats per continuation",
+    ]
+    for ex in report["examples"]:
+        lines += [f"prompt: {ex['prompt']}",
+                  f"  base  ({ex['base_reward']:+.2f}): {ex['base']!r}",
+                  f"  tuned ({ex['tuned_reward']:+.2f}): {ex['tuned']!r}"]
+    return lines

@@ -196,9 +196,13 @@ def load_pair(
     return ModelPair(base_model, tuned_model, tokenizer, base, tuned)
 
 
+SUBMODULES = ("attention", "mlp", "norm", "other")
+"""Parts of a block that divergence is broken down into."""
+
+
 @dataclass(frozen=True)
 class LayerDivergence:
-    """Per-block parameter divergence of a pair and the chosen layers."""
+    """Per-block parameter divergence of a pair, broken down by submodule, and the chosen layers."""
 
     per_block: tuple[float, ...]
     """Sum over the block's parameters of the Frobenius norm of (tuned - base)."""
@@ -206,6 +210,23 @@ class LayerDivergence:
     """``per_block`` divided by the same sum of base parameter norms."""
     chosen: tuple[int, ...]
     """Indices of the top-k blocks, in ascending layer order."""
+    per_submodule: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Submodule (attention, mlp, norm, other) -> per-block sum of Frobenius norms of (tuned - base)."""
+    relative_submodule: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """The same, divided by the submodule's summed base norms."""
+    ranked_by: str = "absolute"
+    """Whether blocks were ranked by absolute or relative divergence."""
+
+    def table(self) -> list[str]:
+        """Printable per-block table: absolute and relative divergence, total and per submodule."""
+        parts = [p for p in SUBMODULES if any(self.per_submodule.get(p, ()))]
+        head = f"{'block':>5} {'|dθ|':>9} {'rel':>9} " + " ".join(f"{p + ' |dθ|':>14} {'rel':>9}" for p in parts)
+        rows = [head]
+        for i, (a, r) in enumerate(zip(self.per_block, self.relative)):
+            cells = " ".join(f"{self.per_submodule[p][i]:>14.4f} {self.relative_submodule[p][i]:>9.2e}" for p in parts)
+            mark = " *" if i in self.chosen else ""
+            rows.append(f"{i:>5} {a:>9.4f} {r:>9.2e} {cells}{mark}")
+        return rows
 
 
 def _block_index(name: str) -> int | None:
@@ -216,29 +237,57 @@ def _block_index(name: str) -> int | None:
     return None
 
 
-def layer_divergence(pair: ModelPair, top_k: int) -> LayerDivergence:
+def _submodule(name: str) -> str:
+    lowered = name.lower()
+    if "attn" in lowered or "attention" in lowered:
+        return "attention"
+    if "mlp" in lowered or "feed_forward" in lowered:
+        return "mlp"
+    if "norm" in lowered or ".ln" in lowered:
+        return "norm"
+    return "other"
+
+
+def layer_divergence(pair: ModelPair, top_k: int, *, by: str = "absolute") -> LayerDivergence:
     """Rank blocks by how much tuning moved their float weights; keep the top ``top_k``.
 
-    Ties (e.g. a null pair, where every block scores 0) are broken by layer index, so the
-    choice is deterministic.
+    Weights are compared in float32 whatever their stored dtype. Ties (e.g. a null pair, where
+    every block scores 0) are broken by layer index, so the choice is deterministic.
+
+    Args:
+        pair: the models to compare.
+        top_k: how many blocks to keep.
+        by: ``absolute`` (sum of Frobenius norms of the difference, the paper's criterion) or
+            ``relative`` (that sum over the base weights' summed norms).
     """
     n = pair.n_layers
     if not 1 <= top_k <= n:
         raise ValueError(f"top_k must be between 1 and the number of layers ({n}), got {top_k}")
-    diff = [0.0] * n
-    norm = [0.0] * n
+    if by not in ("absolute", "relative"):
+        raise ValueError(f"by must be 'absolute' or 'relative', got {by!r}")
+    diff = {p: [0.0] * n for p in SUBMODULES}
+    norm = {p: [0.0] * n for p in SUBMODULES}
     tuned_params = dict(pair.tuned.named_parameters())
     with torch.no_grad():
         for name, p_base in pair.base.named_parameters():
             idx = _block_index(name)
             if idx is None:
                 continue
+            part = _submodule(name)
             p_tuned = tuned_params[name]
-            diff[idx] += float(torch.linalg.norm((p_tuned.float() - p_base.float()).flatten()))
-            norm[idx] += float(torch.linalg.norm(p_base.float().flatten()))
-    rel = [d / m if m > 0 else 0.0 for d, m in zip(diff, norm)]
-    order = sorted(range(n), key=lambda i: (-diff[i], i))
-    return LayerDivergence(tuple(diff), tuple(rel), tuple(sorted(order[:top_k])))
+            diff[part][idx] += float(torch.linalg.norm((p_tuned.float() - p_base.float()).flatten()))
+            norm[part][idx] += float(torch.linalg.norm(p_base.float().flatten()))
+    total = [sum(diff[p][i] for p in SUBMODULES) for i in range(n)]
+    base_total = [sum(norm[p][i] for p in SUBMODULES) for i in range(n)]
+    rel = [d / m if m > 0 else 0.0 for d, m in zip(total, base_total)]
+    score = total if by == "absolute" else rel
+    order = sorted(range(n), key=lambda i: (-score[i], i))
+    return LayerDivergence(
+        tuple(total), tuple(rel), tuple(sorted(order[:top_k])),
+        {p: tuple(diff[p]) for p in SUBMODULES},
+        {p: tuple(d / m if m > 0 else 0.0 for d, m in zip(diff[p], norm[p])) for p in SUBMODULES},
+        by,
+    )
 
 
 __all__ = [

@@ -24,9 +24,9 @@ from irmprobe.compare import agreement
 from irmprobe.config import RunConfig
 from irmprobe.features import encode, evaluate_sae, load_sae, save_sae, train_sae
 from irmprobe.irm import fit_irm, token_map
-from irmprobe.organisms import load_prompts, make_organism, seed_everything, split_prompts
+from irmprobe.organisms import load_prompts, make_organism, report_from, seed_everything, split_prompts
 from irmprobe.pairs import ModelPair, layer_divergence, load_pair
-from irmprobe.rewards import LexiconRM
+from irmprobe.rewards import RewardModel, reward_model
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,6 @@ class _Stages:
         self.echo(f"[{name}] done in {self.seconds[name]:.1f} s")
 
 
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    x = np.asarray(x, dtype=np.float64)
-    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return float(x.mean()), se
-
-
 def _hash_lines(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
@@ -69,39 +63,7 @@ def _stage_dir(stage: str, key: str) -> Path:
     return cache_root() / "stages" / stage / key
 
 
-def reward_report(samples: Samples) -> dict:
-    """Base vs tuned RM reward on held-out prompts, paired by prompt."""
-    n_prompts = len(samples.prompts)
-    per = {}
-    for src in ("base", "tuned"):
-        sel = samples.source == src
-        sums = np.bincount(samples.prompt_index[sel], weights=samples.rewards[sel], minlength=n_prompts)
-        counts = np.bincount(samples.prompt_index[sel], minlength=n_prompts)
-        per[src] = sums / np.maximum(counts, 1)
-    base_mean, base_se = _mean_se(per["base"])
-    tuned_mean, tuned_se = _mean_se(per["tuned"])
-    diff_mean, diff_se = _mean_se(per["tuned"] - per["base"])
-    z = diff_mean / diff_se if diff_se > 0 else None
-    return {
-        "base_mean": base_mean, "base_se": base_se, "tuned_mean": tuned_mean, "tuned_se": tuned_se,
-        "diff_mean": diff_mean, "diff_se": diff_se, "diff_z": z, "n_prompts": n_prompts,
-        "samples_per_prompt": int(np.sum(samples.source == "base") // max(n_prompts, 1)),
-    }
-
-
-def kl_report(samples: Samples, capture: Capture) -> dict:
-    """Monte-Carlo KL(tuned || base): sum of log-ratios over each tuned continuation."""
-    seq = capture.seq_index
-    is_cont = capture.position >= samples.prompt_lens[seq]
-    from_tuned = samples.source[seq] == "tuned"
-    sel = is_cont & from_tuned
-    tuned_seqs = np.flatnonzero(samples.source == "tuned")
-    per_seq = np.bincount(seq[sel], weights=capture.log_ratio[sel], minlength=len(samples.source))[tuned_seqs]
-    mean, se = _mean_se(per_seq)
-    return {"mean": mean, "se": se, "n_sequences": int(len(per_seq))}
-
-
-def _get_pair(config: RunConfig, rm: LexiconRM, train_prompts: list[str], echo) -> tuple[ModelPair, str, dict]:
+def _get_pair(config: RunConfig, rm: RewardModel, train_prompts: list[str], echo) -> tuple[ModelPair, str, dict]:
     pc = config.pair
     if pc.null:
         pair = load_pair(pc.base, None, device=pc.device, dtype=pc.dtype, trust_remote_code=pc.trust_remote_code)
@@ -122,7 +84,7 @@ def _get_pair(config: RunConfig, rm: LexiconRM, train_prompts: list[str], echo) 
 
 
 def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: list[str],
-                 rm: LexiconRM) -> tuple[Samples, str]:
+                 rm: RewardModel) -> tuple[Samples, str]:
     key = config_key("samples-v1", config.pair.base, tuned_id, _hash_lines(heldout), config.samples,
                      rm.describe(), config.seed)
     path = _stage_dir("samples", key) / "samples.json"
@@ -141,17 +103,26 @@ def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: lis
     return samples, key
 
 
-def run(config: RunConfig, *, echo=print) -> RunResult:
-    """Run the whole analysis; print a summary; write metrics JSON (and a W&B run)."""
+def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> RunResult:
+    """Run the whole analysis; print a summary; write metrics JSON (and a W&B run).
+
+    Args:
+        config: the analysis.
+        reward: an RM object to use instead of the one ``config.reward`` names (e.g. a
+            :class:`irmprobe.rewards.TextRM` wrapping your own Python function).
+        echo: where progress and the summary lines go.
+    """
     stage = _Stages(echo)
     seed_everything(config.seed)
-    rm = LexiconRM.vader(scale=config.reward.scale, clip=config.reward.clip)
-    train_prompts, heldout = split_prompts(load_prompts(config.prompts.path), config.prompts.n_heldout, config.seed)
+    rm = reward if reward is not None else reward_model(config.reward, device=config.pair.device)
+    pc = config.prompts
+    prompts = load_prompts(pc.path, dataset=pc.dataset, column=pc.column, split=pc.split)
+    train_prompts, heldout = split_prompts(prompts, pc.n_heldout, config.seed)
 
     with stage("organism"):
         pair, tuned_id, organism_info = _get_pair(config, rm, train_prompts, echo)
     with stage("layers"):
-        div = layer_divergence(pair, config.capture.top_k_layers)
+        div = layer_divergence(pair, config.capture.top_k_layers, by=config.capture.rank_layers_by)
         layers = div.chosen
     with stage("samples"):
         samples, samples_key = _get_samples(config, pair, tuned_id, heldout, rm)
@@ -220,13 +191,20 @@ def run(config: RunConfig, *, echo=print) -> RunResult:
                        maps[shuffled[0].name][tok][0]]
                       for tok in sorted(set(lr_map) & set(rm_map), key=lambda t: -lr_map[t][1])]
 
-    reward = reward_report(samples)
+    organism_report = report_from(samples, capture)
+    reward = organism_report["reward"] | {"n_prompts": organism_report["n_prompts"],
+                                          "samples_per_prompt": organism_report["samples_per_prompt"]}
     metrics = {
         "config": config.to_dict(),
         "organism": organism_info | {"tuned_id": tuned_id},
         "reward": reward,
-        "kl": kl_report(samples, capture),
-        "layers": {"per_block": list(div.per_block), "relative": list(div.relative), "chosen": list(layers)},
+        "kl": organism_report["kl"],
+        "vader_compound": organism_report["vader_compound"],
+        "examples": organism_report["examples"],
+        "layers": {"per_block": list(div.per_block), "relative": list(div.relative), "chosen": list(layers),
+                   "ranked_by": div.ranked_by, "per_submodule": {k: list(v) for k, v in div.per_submodule.items()},
+                   "relative_submodule": {k: list(v) for k, v in div.relative_submodule.items()},
+                   "table": div.table()},
         "capture": {"rows": int(len(capture.token_ids)), "sequences": len(samples.token_ids), "hook": capture.hook},
         "saes": sae_rows,
         "irm": {"sae_irm": {"alpha": sae_fit.alpha, "test_r2": sae_fit.test_r2, "is_zero": sae_fit.is_zero,
@@ -237,11 +215,6 @@ def run(config: RunConfig, *, echo=print) -> RunResult:
         "rm": {"tokens_with_value": len(rm_map), **rm.describe()},
         "verdict": verdict(reward, agree, pair.is_null),
         "stage_seconds": stage.seconds,
-        "samples_preview": [
-            {"prompt": samples.prompts[samples.prompt_index[i]], "completion": samples.completions[i],
-             "source": str(samples.source[i]), "reward": float(samples.rewards[i])}
-            for i in list(np.flatnonzero(samples.source == "base")[:3]) + list(np.flatnonzero(samples.source == "tuned")[:3])
-        ],
     }
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.report.out_dir) / f"run-{stamp}-{config_key(config)[:8]}"

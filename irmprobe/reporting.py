@@ -35,10 +35,20 @@ def summary_lines(metrics: dict) -> list[str]:
     lines.append(
         f"tuned - base     {rw['diff_mean']:+.3f} ± {rw['diff_se']:.3f}  =  {_fmt(rw['diff_z'], '.1f')} s.e. (paired by prompt)"
     )
+    vc = metrics["vader_compound"]
+    lines.append(
+        f"VADER compound   base {vc['base_mean']:+.3f} ± {vc['base_se']:.3f}   tuned {vc['tuned_mean']:+.3f} ± "
+        f"{vc['tuned_se']:.3f}   (VADER's own sentence score, an independent check)"
+    )
     kl = metrics["kl"]
     lines.append(f"KL(tuned || base) {kl['mean']:.3f} ± {kl['se']:.3f} nats per continuation")
+    for ex in metrics["examples"][:2]:
+        lines.append(f"prompt: {ex['prompt']}")
+        lines.append(f"  base  ({ex['base_reward']:+.2f}): {ex['base']!r}")
+        lines.append(f"  tuned ({ex['tuned_reward']:+.2f}): {ex['tuned']!r}")
     div = metrics["layers"]
-    lines.append("== layers ==")
+    lines.append(f"== layers (divergence tuned - base, per block and submodule; * = chosen, ranked by {div['ranked_by']}) ==")
+    lines.extend(div["table"])
     lines.append(
         "chosen blocks    " + ", ".join(f"{l} (|Δθ| {div['per_block'][l]:.3f})" for l in div["chosen"])
     )

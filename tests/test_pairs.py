@@ -54,3 +54,24 @@ def test_null_pair_has_zero_divergence(tiny_llama_dir):
 def test_mismatched_architectures_raise(tiny_llama_dir, tiny_neox_dir):
     with pytest.raises(ValueError, match="differ in architecture"):
         load_pair(str(tiny_llama_dir), str(tiny_neox_dir))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_neox_dir"])
+def test_divergence_per_submodule_and_relative(fixture, request, tmp_path):
+    src = request.getfixturevalue(fixture)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layers.1." in name and "mlp" in name:
+                p.mul_(1.5)  # only block 1's MLP changes: by half its own norm
+    shutil.copytree(src, tmp_path / "tuned")
+    model.save_pretrained(tmp_path / "tuned", safe_serialization=True)
+    div = layer_divergence(load_pair(str(src), str(tmp_path / "tuned")), top_k=1, by="relative")
+    assert div.chosen == (1,)
+    assert div.per_submodule["mlp"][1] > 0
+    assert div.per_submodule["attention"][1] == div.per_submodule["norm"][1] == 0.0
+    assert div.relative_submodule["mlp"][1] == pytest.approx(0.5, rel=1e-4)
+    assert div.per_block[1] == pytest.approx(div.per_submodule["mlp"][1])
+    assert len(div.table()) == 3 and div.table()[2].endswith("*")
+    with pytest.raises(ValueError, match="absolute or 'relative'|'absolute' or 'relative'"):
+        layer_divergence(load_pair(str(src), None), top_k=1, by="median")

@@ -26,9 +26,11 @@ def _config(tmp_path, **pair):
     return RunConfig.from_dict(data)
 
 
-def test_tiny_llama_organism_end_to_end_and_reuse(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_neox_dir"])
+def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
     lines = []
-    result = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lines.append)
+    result = run(_config(tmp_path, base=str(model_dir)), echo=lines.append)
     m = json.loads(result.metrics_path.read_text())
     assert m["organism"]["reused"] is False
     assert len(m["layers"]["chosen"]) == 2
@@ -41,7 +43,7 @@ def test_tiny_llama_organism_end_to_end_and_reuse(tiny_llama_dir, tmp_path):
     assert m["reward"]["n_prompts"] == 12
 
     again = []
-    run(_config(tmp_path, base=str(tiny_llama_dir)), echo=again.append)
+    run(_config(tmp_path, base=str(model_dir)), echo=again.append)
     assert any("reusing the cached tuned model" in line for line in again)
 
 

@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure how far an RLHF-tuned model's implicit reward model diverges from its RM.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("pairs", help="list the named pairs of the registry")
     run = sub.add_parser("run", help="run the whole pipeline")
     run.add_argument("config", nargs="?", help="YAML config (default: the embedded SmolLM2 VADER organism)")
+    run.add_argument("--pair", metavar="NAME", help="start from a named pair of the registry (irmprobe pairs)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                      help="override one config field, e.g. --set organism.steps=10 (repeatable)")
     return parser
@@ -47,14 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "pairs":
+        from irmprobe.pairs import registry
+
+        for name, entry in registry().items():
+            pair = entry["pair"]
+            print(f"{name:<22} base={pair['base']}  tuned={pair.get('tuned') or '(organism)'}")
+            print(f"{'':<22} {entry.get('description', '')}")
+        return 0
     if args.command == "run":
         import yaml
 
-        data = {}
-        if args.config:
-            with open(args.config) as fh:
-                data = yaml.safe_load(fh) or {}
+        data: dict = {}
         try:
+            if args.pair:
+                from irmprobe.pairs import registry_entry
+
+                data = registry_entry(args.pair)
+            if args.config:
+                with open(args.config) as fh:
+                    for section, values in (yaml.safe_load(fh) or {}).items():
+                        if isinstance(values, dict) and isinstance(data.get(section), dict):
+                            data[section] = data[section] | values
+                        else:
+                            data[section] = values
             config = RunConfig.from_dict(apply_overrides(data, args.overrides))
         except (ValueError, TypeError) as exc:
             print(f"irmprobe: invalid config: {exc}", file=sys.stderr)

@@ -119,6 +119,11 @@ def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project
                     scalars[f"irm/{row['name']}/{k}"] = row[k]
         for stage, seconds in metrics["stage_seconds"].items():
             scalars[f"time/{stage}"] = seconds
+        # TRL's training curves of the organism, one point per logging step.
+        for row in metrics["organism"].get("history", []):
+            curve = {f"organism/{k}": v for k, v in row.items() if k not in ("step", "epoch")}
+            if "step" in row and curve:
+                run.log({"organism/step": row["step"], **curve})
         run.log(scalars)
         run.log({"tokens": wandb.Table(columns=metrics["tokens"]["columns"], data=token_rows)})
         run.summary["verdict"] = "\n".join(metrics["verdict"])

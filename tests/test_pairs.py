@@ -75,3 +75,70 @@ def test_divergence_per_submodule_and_relative(fixture, request, tmp_path):
     assert len(div.table()) == 3 and div.table()[2].endswith("*")
     with pytest.raises(ValueError, match="absolute or 'relative'|'absolute' or 'relative'"):
         layer_divergence(load_pair(str(src), None), top_k=1, by="median")
+
+
+def test_registry_parses_and_resolves_named_pairs(capsys):
+    from irmprobe.cli import main
+    from irmprobe.config import RunConfig
+    from irmprobe.pairs import registry, registry_entry
+
+    entries = registry()
+    assert {"smollm2-135m-vader", "gpt2-imdb-pos", "pythia-70m-vader"} <= set(entries)
+    imdb = registry_entry("gpt2-imdb-pos")
+    assert imdb["pair"] == {"base": "lvwerra/gpt2-imdb", "tuned": "lvwerra/gpt2-imdb-pos-v2"}
+    cfg = RunConfig.from_dict(imdb)
+    assert cfg.reward.kind == "classifier" and cfg.reward.model == "lvwerra/distilbert-imdb"
+    for name in entries:
+        RunConfig.from_dict(registry_entry(name))  # every entry is a valid config
+    with pytest.raises(ValueError, match="no pair named 'nope'"):
+        registry_entry("nope")
+    assert main(["pairs"]) == 0 and "gpt2-imdb-pos" in capsys.readouterr().out
+
+
+def test_registry_rejects_duplicates_and_bad_entries():
+    from irmprobe.pairs import registry
+
+    with pytest.raises(ValueError, match="duplicate name 'a'"):
+        registry("- {name: a, pair: {base: x}}\n- {name: a, pair: {base: y}}\n")
+    with pytest.raises(ValueError, match="has no pair.base"):
+        registry("- {name: a, pair: {tuned: x}}\n")
+    with pytest.raises(ValueError, match="unknown keys \\['capture'\\]"):
+        registry("- {name: a, pair: {base: x}, capture: {}}\n")
+
+
+def test_hub_pair_fails_offline_with_a_pointer_to_local_dirs():
+    from irmprobe.pairs import registry_entry
+
+    pair = registry_entry("gpt2-imdb-pos")["pair"]
+    with pytest.raises(ValueError, match="pass DIR instead"):
+        load_pair(pair["base"], pair["tuned"])
+
+
+def test_different_width_or_tokenizer_raise(tiny_llama_dir, tmp_path):
+    import json as _json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig.from_pretrained(tiny_llama_dir)
+    cfg.hidden_size, cfg.intermediate_size = 48, 96
+    wide = tmp_path / "wide"
+    shutil.copytree(tiny_llama_dir, wide)
+    LlamaForCausalLM(cfg).save_pretrained(wide)
+    with pytest.raises(ValueError, match="differ in d_model"):
+        load_pair(str(tiny_llama_dir), str(wide))
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_llama_dir, swapped)
+    tok_json = _json.loads((swapped / "tokenizer.json").read_text())
+    vocab = tok_json["model"]["vocab"]
+    vocab["Ġlove"], vocab["Ġthe"] = vocab["Ġthe"], vocab["Ġlove"]
+    (swapped / "tokenizer.json").write_text(_json.dumps(tok_json))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        load_pair(str(tiny_llama_dir), str(swapped))
+
+
+def test_explicit_dtype_and_bad_dtype(tiny_llama_dir):
+    model, _ = load_model(str(tiny_llama_dir), dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model(str(tiny_llama_dir), dtype="int8")

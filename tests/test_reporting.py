@@ -40,6 +40,8 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
                 "sae/tuned.0/explained_variance", "sae/base.1/l0", "time/capture"):
         assert key in scalars, key
     assert scalars["reward/diff_mean"] == pytest.approx(result.metrics["reward"]["diff_mean"])
+    curves = [d for d in sent["logs"] if "organism/step" in d]
+    assert curves and all("organism/loss" in d or "organism/reward" in d or "organism/train_loss" in d for d in curves)
     table = next(d["tokens"] for d in sent["logs"] if "tokens" in d)
     assert table.columns == ["token", "rm_value", "count", "log_ratio", "sae_irm", "shuffled_0"]
     assert len(table.data) == len(result.metrics["tokens"]["rows"]) > 0

@@ -45,3 +45,74 @@ def test_bad_lexicon_raises():
         LexiconRM({})
     with pytest.raises(ValueError, match="positive"):
         LexiconRM({"a": 1.0}, scale=0)
+
+
+def test_lexicon_from_tsv_and_csv_files(tmp_path):
+    tsv = tmp_path / "mine.tsv"
+    tsv.write_text("word\tvalue\nsplendid\t2.5\ndreary\t-1.5\n")
+    rm = LexiconRM.from_file(tsv)
+    assert rm.lexicon == {"splendid": 2.5, "dreary": -1.5}
+    assert rm.score_text("A splendid, dreary day") == pytest.approx((2.5 - 1.5) / 5)
+    csv = tmp_path / "mine.csv"
+    csv.write_text("splendid,2.5\n")
+    assert LexiconRM.from_file(csv, scale=1.0).score_text("splendid") == 2.5
+    assert LexiconRM.from_file(tsv).name != LexiconRM.from_file(csv).name  # content-addressed names
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("good\t1\nbad\tvery\n")
+    with pytest.raises(ValueError, match="bad.tsv:2: value 'very' is not a number"):
+        LexiconRM.from_file(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        LexiconRM.from_file(tmp_path / "none.tsv")
+
+
+def test_text_rm_wraps_a_callable_and_maps_word_tokens(tiny_tokenizer_dir):
+    from irmprobe.rewards import TextRM
+
+    rm = TextRM(lambda texts: [1.0 if "love" in t else 0.0 for t in texts], name="loves")
+    assert rm.score(["I love it", "no"]).tolist() == [1.0, 0.0]
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    values = rm.token_values(tok)
+    assert values[tok.convert_tokens_to_ids("Ġlove")] == 1.0
+    assert tok.convert_tokens_to_ids("Ġthe") not in values
+    with pytest.raises(ValueError, match="returned 1 scores for 2 texts"):
+        TextRM(lambda texts: [0.0], name="short").score(["a", "b"])
+
+
+def test_classifier_rm_from_a_local_directory(tiny_tokenizer_dir, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from irmprobe.rewards import ClassifierRM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, num_labels=2,
+                      id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    model = LlamaForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    rm = ClassifierRM(str(tmp_path / "clf"), label="POSITIVE")
+    texts = ["I love this", "a table"]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = model(**enc).logits[:, 1].numpy()
+    assert rm.score(texts) == pytest.approx(expected, abs=1e-5)
+    assert rm.reward_function()(completions=texts) == pytest.approx(expected.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="has no label 'HAPPY'"):
+        ClassifierRM(str(tmp_path / "clf"), label="HAPPY")
+    with pytest.raises(ValueError, match="could not load classifier RM"):
+        ClassifierRM(str(tmp_path / "missing"))
+
+
+def test_reward_model_from_config(tmp_path):
+    from irmprobe.config import RewardConfig
+    from irmprobe.rewards import reward_model
+
+    assert reward_model(RewardConfig()).name == "vader"
+    (tmp_path / "w.tsv").write_text("nice\t1\n")
+    assert reward_model(RewardConfig(kind="lexicon", path=str(tmp_path / "w.tsv"))).lexicon == {"nice": 1.0}
+    with pytest.raises(ValueError, match="needs reward.path"):
+        RewardConfig(kind="lexicon")
+    with pytest.raises(ValueError, match="vader, lexicon or classifier"):
+        RewardConfig(kind="sentiment")

@@ -36,3 +36,12 @@ def test_public_names_resolve():
 
     for name in irmprobe.__all__:
         assert getattr(irmprobe, name) is not None, name
+
+
+def test_every_script_has_help():
+    import subprocess
+    import sys
+
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage" in out.stdout.lower(), (script.name, out.stderr[-500:])

@@ -77,7 +77,10 @@ def dequantise_gguf(gguf: Path, out_dir: Path) -> Path:
 def resolve_spec(spec: str) -> str:
     """Turn a model spec into something ``from_pretrained`` takes (a local dir or a hub id)."""
     if spec == DEFAULT_BASE:
-        return str(dequantise_gguf(bundled_gguf(), cache_root() / "models" / DEFAULT_BASE))
+        cached = cache_root() / "models" / DEFAULT_BASE
+        if (cached / "config.json").is_file():
+            return str(cached)
+        return str(dequantise_gguf(bundled_gguf(), cached))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -77,7 +77,7 @@ def _get_pair(config: RunConfig, rm: RewardModel, train_prompts: list[str], echo
     else:
         echo(f"organism: trained in {org.seconds:.0f} s, saved to {org.path}")
     pair = load_pair(pc.base, str(org.path), device=pc.device, dtype=pc.dtype)
-    info = {"source": f"RLOO organism {org.path.name} ({'reused from cache' if org.reused else 'trained now'})",
+    info = {"source": f"{config.organism.method.upper()} organism {org.path.name} ({'reused from cache' if org.reused else 'trained now'})",
             "path": str(org.path), "reused": org.reused, "train_seconds": org.seconds,
             "history": list(org.history)}
     return pair, f"organism:{org.path.name}", info

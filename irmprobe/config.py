@@ -175,19 +175,37 @@ class CaptureConfig:
 class SAEConfig:
     """Sparse autoencoders trained with SAELens on the captured activations."""
 
+    architecture: str = "standard"
+    """``standard`` (ReLU + L1), ``topk``, ``batchtopk`` or ``jumprelu`` (SAELens training SAEs)."""
     expansion: int = 2
     """Dictionary size as a multiple of d_model (the paper used 1x and 2x)."""
     l1_coefficient: float = 3.0
-    """L1 sparsity penalty (inputs are normalised to mean norm sqrt(d_model))."""
+    """Sparsity penalty: L1 for ``standard``, L0 for ``jumprelu`` (inputs normalised to mean norm sqrt(d_model))."""
+    k: int = 32
+    """Active features per token for ``topk`` and ``batchtopk``."""
     training_samples: int = 150_000
     """Activations seen during training (the captured activations are cycled through)."""
     batch_size: int = 256
     """Activations per optimiser step."""
     lr: float = 1e-3
     """Adam learning rate."""
+    match_expansion: int | None = 1
+    """Also train a dictionary of this size (x d_model) to measure MMCS against; None skips it."""
+    match_threshold: float = 0.7
+    """A tuned-model feature is new when no base feature's decoder cosine reaches this."""
+    splice_sequences: int = 32
+    """Sequences over which CE loss recovered is measured with the SAE spliced in (0 skips)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "expansion", "l1_coefficient", "training_samples", "batch_size", "lr")
+        _positive(self, "expansion", "l1_coefficient", "training_samples", "batch_size", "lr", "k")
+        if self.match_expansion is not None and self.match_expansion <= 0:
+            raise ValueError(f"SAEConfig.match_expansion must be positive or null, got {self.match_expansion!r}")
+        if self.splice_sequences < 0:
+            raise ValueError(f"SAEConfig.splice_sequences must be >= 0, got {self.splice_sequences}")
+        if self.architecture not in ("standard", "topk", "batchtopk", "jumprelu"):
+            raise ValueError(
+                f"SAEConfig.architecture must be standard, topk, batchtopk or jumprelu, got {self.architecture!r}"
+            )
 
 
 @dataclass(frozen=True)

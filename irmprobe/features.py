@@ -17,7 +17,10 @@ import scipy.sparse as sp
 import torch
 from sae_lens import SAE
 from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from irmprobe.cache import atomic_dir, write_json
@@ -52,6 +55,17 @@ class SAEMetrics:
     """Mean number of active features per token."""
     dead_fraction: float
     """Fraction of features that never fire on the evaluation activations."""
+    dense_fraction: float = 0.0
+    """Fraction of features that fire on more than 10% of tokens."""
+
+
+# architecture -> (training SAE class, its config class, the sparsity settings it takes)
+_ARCHITECTURES = {
+    "standard": (StandardTrainingSAE, StandardTrainingSAEConfig, lambda c: {"l1_coefficient": c.l1_coefficient}),
+    "topk": (TopKTrainingSAE, TopKTrainingSAEConfig, lambda c: {"k": c.k}),
+    "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, lambda c: {"k": c.k}),
+    "jumprelu": (JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, lambda c: {"l0_coefficient": c.l1_coefficient}),
+}
 
 
 def train_sae(
@@ -61,20 +75,21 @@ def train_sae(
     seed: int,
     metadata: dict,
     device: str = "cpu",
-) -> StandardTrainingSAE:
-    """Train a standard (ReLU + L1) SAE with SAELens on ``acts`` [n, d_in]."""
+):
+    """Train an SAE of ``config.architecture`` with SAELens on ``acts`` [n, d_in]."""
     torch.manual_seed(seed)
     d_in = int(acts.shape[1])
-    sae_cfg = StandardTrainingSAEConfig(
+    sae_cls, cfg_cls, sparsity = _ARCHITECTURES[config.architecture]
+    sae_cfg = cfg_cls(
         d_in=d_in,
         d_sae=config.expansion * d_in,
-        l1_coefficient=config.l1_coefficient,
-        # Scale inputs to mean norm sqrt(d_in) so one L1 coefficient suits every layer;
+        # Scale inputs to mean norm sqrt(d_in) so one sparsity setting suits every layer;
         # SAELens folds the scale back into the weights when training ends.
         normalize_activations="expected_average_only_in",
         device=device,
+        **sparsity(config),
     )
-    sae = StandardTrainingSAE(sae_cfg)
+    sae = sae_cls(sae_cfg)
     for key, value in metadata.items():
         sae.cfg.metadata[key] = value
     trainer_cfg = SAETrainerConfig(
@@ -111,7 +126,7 @@ def evaluate_sae(sae: SAE, acts: np.ndarray, batch_size: int = 4096) -> SAEMetri
     mean = x_all.mean(0)
     sse = tot = 0.0
     l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     for start in range(0, len(acts), batch_size):
         x = x_all[start : start + batch_size].to(device)
         f = sae.encode(x)
@@ -120,13 +135,14 @@ def evaluate_sae(sae: SAE, acts: np.ndarray, batch_size: int = 4096) -> SAEMetri
         tot += float(((x - mean.to(device)) ** 2).sum())
         active = f > 0
         l0 += float(active.sum())
-        fired |= active.any(0).cpu()
+        fires += active.sum(0).double().cpu()
     n = len(acts)
     return SAEMetrics(
         explained_variance=1.0 - sse / tot if tot > 0 else float("nan"),
         mse=sse / (n * acts.shape[1]),
         l0=l0 / n,
-        dead_fraction=float((~fired).float().mean()),
+        dead_fraction=float((fires == 0).double().mean()),
+        dense_fraction=float((fires / max(n, 1) > 0.1).double().mean()),
     )
 
 
@@ -139,3 +155,100 @@ def save_sae(sae: SAE, directory: Path, metrics: SAEMetrics) -> None:
 
 def load_sae(directory: Path, device: str = "cpu") -> SAE:
     return SAE.load_from_disk(str(directory), device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dictionary matching
+
+
+def decoder_directions(sae: SAE) -> np.ndarray:
+    """Unit-norm decoder directions of an SAE, one row per feature: [d_sae, d_in]."""
+    w = sae.W_dec.detach().float().cpu().numpy()
+    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of ``a`` with every row of ``b``."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def mmcs(a: np.ndarray, b: np.ndarray, *, one_to_one: bool = False) -> float:
+    """Mean max cosine similarity of the rows of ``a`` against those of ``b``.
+
+    With ``one_to_one`` each row of ``a`` is matched to a distinct row of ``b`` by the Hungarian
+    algorithm (SciPy's ``linear_sum_assignment``) maximising total similarity; otherwise each row
+    takes its best match (the paper's per-feature max). ``a`` should be the smaller dictionary.
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"dictionaries live in different spaces: d_in {a.shape[1]} vs {b.shape[1]}")
+    sim = cosine_matrix(a, b)
+    if not one_to_one:
+        return float(sim.max(axis=1).mean())
+    if a.shape[0] > b.shape[0]:
+        raise ValueError("one-to-one matching needs the first dictionary to be the smaller one")
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(-sim)
+    return float(sim[rows, cols].mean())
+
+
+def unmatched_features(a: np.ndarray, b: np.ndarray, threshold: float = 0.7) -> np.ndarray:
+    """Indices of rows of ``a`` whose best cosine match in ``b`` is below ``threshold``.
+
+    With ``a`` a tuned model's dictionary and ``b`` the base model's, these are the features that
+    are new or changed in the tuned model.
+    """
+    return np.flatnonzero(cosine_matrix(a, b).max(axis=1) < threshold)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splicing an SAE into the model
+
+
+@torch.no_grad()
+def splice_metrics(bridge, sae, hook_name: str, token_ids, *, batch_size: int = 16) -> dict:
+    """Next-token loss with the SAE's reconstruction spliced in at ``hook_name``.
+
+    Returns the cross-entropy of the clean model, with the hook's output replaced by the SAE's
+    reconstruction, and with it zeroed; the fraction of the zero-ablation loss increase that the
+    SAE recovers, ``(ce_zero - ce_spliced) / (ce_zero - ce_clean)``; and the mean per-token
+    KL(clean || spliced). Sequences are right-padded; only real positions count.
+    """
+    device = next(bridge.parameters()).device
+    pad = bridge.tokenizer.pad_token_id if bridge.tokenizer is not None else 0
+    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+
+    def replace(act, hook):
+        return sae.decode(sae.encode(act.float())).to(act.dtype)
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    for start in range(0, len(token_ids), batch_size):
+        chunk = token_ids[start : start + batch_size]
+        width = max(len(t) for t in chunk)
+        tokens = torch.full((len(chunk), width), pad if pad is not None else 0, dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            tokens[row, : len(seq)] = torch.tensor(seq)
+        real = (torch.arange(1, width)[None, :] < torch.tensor([len(t) for t in chunk])[:, None]).to(device)
+        tokens = tokens.to(device)
+        target = tokens[:, 1:]
+        logps = {}
+        for name, hooks in (("clean", []), ("spliced", [(hook_name, replace)]), ("zero", [(hook_name, zero)])):
+            logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+            logps[name] = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            nll = -logps[name].gather(-1, target.unsqueeze(-1)).squeeze(-1)
+            totals[name] += float(nll[real].sum())
+        kl = (logps["clean"].exp() * (logps["clean"] - logps["spliced"])).sum(-1)
+        totals["kl"] += float(kl[real].sum())
+        count += int(real.sum())
+    ce = {k: totals[k] / max(count, 1) for k in ("clean", "spliced", "zero")}
+    gap = ce["zero"] - ce["clean"]
+    return {
+        "ce_clean": ce["clean"], "ce_spliced": ce["spliced"], "ce_zero_ablation": ce["zero"],
+        "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / gap if gap > 0 else float("nan"),
+        "kl_spliced": totals["kl"] / max(count, 1), "tokens": count,
+    }

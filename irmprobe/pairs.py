@@ -139,9 +139,26 @@ class ModelPair:
     base_spec: str
     tuned_spec: str
     meta: dict = field(default_factory=dict)
+    _bridges: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_compatible(self.base, self.tuned)
+
+    def bridge(self, which: str):
+        """The TransformerLens ``TransformerBridge`` around ``base`` or ``tuned`` (built once)."""
+        if which not in ("base", "tuned"):
+            raise ValueError(f"which must be 'base' or 'tuned', got {which!r}")
+        if self.is_null:
+            which = "base"
+        if which not in self._bridges:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = self.base if which == "base" else self.tuned
+            self._bridges[which] = TransformerBridge.boot_transformers(
+                model.config.name_or_path or "model", hf_model=model, tokenizer=self.tokenizer,
+                device=str(next(model.parameters()).device),
+            )
+        return self._bridges[which]
 
     @property
     def n_layers(self) -> int:

@@ -10,7 +10,8 @@ import hashlib
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,11 +19,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from irmprobe import reporting
-from irmprobe.cache import cache_root, config_key
+from irmprobe.cache import cache_root, config_key, write_json
 from irmprobe.capture import Capture, Samples, capture_pair, sample_continuations
 from irmprobe.compare import agreement
 from irmprobe.config import RunConfig
-from irmprobe.features import encode, evaluate_sae, load_sae, save_sae, train_sae
+from irmprobe.features import (decoder_directions, encode, evaluate_sae, load_sae, mmcs, save_sae, splice_metrics,
+                               train_sae, unmatched_features)
 from irmprobe.irm import fit_irm, token_map
 from irmprobe.organisms import load_prompts, make_organism, report_from, seed_everything, split_prompts
 from irmprobe.pairs import ModelPair, layer_divergence, load_pair
@@ -83,6 +85,59 @@ def _get_pair(config: RunConfig, rm: RewardModel, train_prompts: list[str], echo
     return pair, f"organism:{org.path.name}", info
 
 
+def _get_sae(config: RunConfig, sae_config, capture: Capture, cap_key: str, kind: str, layer: int,
+             eval_rows: np.ndarray, meta: dict):
+    """Train (or load the cached) SAE of one (model, layer, size); evaluate it on held-out rows."""
+    acts = capture.acts[f"{kind}.{layer}"]
+    sae_dir = _stage_dir("saes", config_key("sae-v2", cap_key, kind, layer, sae_config, config.seed))
+    if not (sae_dir / "cfg.json").is_file():
+        sae = train_sae(acts[~eval_rows], sae_config, seed=config.seed + layer, metadata=meta,
+                        device=config.pair.device)
+        save_sae(sae, sae_dir, evaluate_sae(sae, acts[eval_rows]))
+    sae = load_sae(sae_dir, device=config.pair.device)
+    return sae, evaluate_sae(sae, acts[eval_rows]), sae_dir
+
+
+def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Capture, cap_key: str,
+               tuned_id: str, rm: RewardModel) -> tuple[list[dict], list[dict], list]:
+    """SAEs per (model, layer): metrics, splice loss, 1x-vs-2x MMCS, tuned-only features."""
+    sc = config.sae
+    eval_rows = np.random.default_rng(config.seed).random(len(capture.token_ids)) < 0.1
+    splice_seqs = list(samples.token_ids[: sc.splice_sequences])
+    rows, features, dirs = [], [], {}
+    for kind in ("base", "tuned"):
+        for layer in capture.layers:
+            meta = {"model_name": tuned_id if kind == "tuned" else config.pair.base,
+                    "hook_name": capture.hook_name(layer), "irmprobe_model": kind, "irmprobe_reward": rm.name}
+            sae, metrics, sae_dir = _get_sae(config, sc, capture, cap_key, kind, layer, eval_rows, meta)
+            row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics)}
+            dirs[kind, layer] = decoder_directions(sae)
+            if sc.match_expansion:
+                small, _, _ = _get_sae(config, replace(sc, expansion=sc.match_expansion), capture, cap_key, kind,
+                                       layer, eval_rows, meta)
+                small_dirs = decoder_directions(small)
+                row["mmcs_small_vs_large"] = mmcs(small_dirs, dirs[kind, layer])
+                row["mmcs_small_vs_large_one_to_one"] = mmcs(small_dirs, dirs[kind, layer], one_to_one=True)
+            if splice_seqs:
+                cached = sae_dir / f"splice-{len(splice_seqs)}.json"
+                if cached.is_file():
+                    splice = json.loads(cached.read_text())
+                else:
+                    splice = splice_metrics(pair.bridge(kind), sae, capture.hook_name(layer), splice_seqs)
+                    write_json(cached, splice)
+                row.update(splice)
+            rows.append(row)
+            if kind == "tuned":
+                features.append(encode(sae, capture.acts[f"{kind}.{layer}"]))
+    layer_rows = []
+    for layer in capture.layers:
+        new = unmatched_features(dirs["tuned", layer], dirs["base", layer], sc.match_threshold)
+        layer_rows.append({"layer": layer, "tuned_only_features": int(len(new)),
+                           "mmcs_tuned_vs_base": mmcs(dirs["tuned", layer], dirs["base", layer]),
+                           "tuned_only_indices": new.tolist()})
+    return rows, layer_rows, features
+
+
 def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: list[str],
                  rm: RewardModel) -> tuple[Samples, str]:
     key = config_key("samples-v1", config.pair.base, tuned_id, _hash_lines(heldout), config.samples,
@@ -137,31 +192,8 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
                                    batch_size=config.capture.batch_size)
             capture.save(cap_dir)
 
-    rng = np.random.default_rng(config.seed)
-    eval_rows = rng.random(len(capture.token_ids)) < 0.1
-    sae_rows, features = [], []
     with stage("saes"):
-        for kind in ("base", "tuned"):
-            for layer in layers:
-                acts = capture.acts[f"{kind}.{layer}"]
-                key = config_key("sae-v1", cap_key, kind, layer, config.sae, config.seed)
-                sae_dir = _stage_dir("saes", key)
-                if (sae_dir / "cfg.json").is_file():
-                    sae = load_sae(sae_dir, device=config.pair.device)
-                    metrics = evaluate_sae(sae, acts[eval_rows])
-                else:
-                    meta = {"model_name": tuned_id if kind == "tuned" else config.pair.base,
-                            "hook_name": capture.hook_name(layer), "irmprobe_model": kind,
-                            "irmprobe_reward": rm.name}
-                    sae = train_sae(acts[~eval_rows], config.sae, seed=config.seed + layer, metadata=meta,
-                                    device=config.pair.device)
-                    metrics = evaluate_sae(sae, acts[eval_rows])
-                    save_sae(sae, sae_dir, metrics)
-                    sae = load_sae(sae_dir, device=config.pair.device)
-                sae_rows.append({"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir),
-                                 **asdict(metrics)})
-                if kind == "tuned":
-                    features.append(encode(sae, acts))
+        sae_rows, layer_rows, features = _sae_stage(config, pair, samples, capture, cap_key, tuned_id, rm)
 
     with stage("irm"):
         X = sp.hstack(features).tocsr()
@@ -207,6 +239,7 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
                    "table": div.table()},
         "capture": {"rows": int(len(capture.token_ids)), "sequences": len(samples.token_ids), "hook": capture.hook},
         "saes": sae_rows,
+        "sae_layers": layer_rows,
         "irm": {"sae_irm": {"alpha": sae_fit.alpha, "test_r2": sae_fit.test_r2, "is_zero": sae_fit.is_zero,
                             "n_features": int(X.shape[1]), "n_rows": int(X.shape[0])},
                 "baseline_shuffled": {"alpha": sae_fit.alpha, "fits": shuffle_rows}},

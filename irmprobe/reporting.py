@@ -53,12 +53,18 @@ def summary_lines(metrics: dict) -> list[str]:
         "chosen blocks    " + ", ".join(f"{l} (|Δθ| {div['per_block'][l]:.3f})" for l in div["chosen"])
     )
     lines.append("== SAEs (held-out activations) ==")
-    lines.append(f"{'model':<6} {'layer':>5} {'d_sae':>6} {'expl.var':>9} {'L0':>8} {'dead':>6}")
+    lines.append(f"{'model':<6} {'layer':>5} {'d_sae':>6} {'expl.var':>9} {'L0':>8} {'dead':>6} {'dense':>6} "
+                 f"{'CE rec.':>8} {'KL':>7} {'MMCS 1x:2x':>10}")
     for row in metrics["saes"]:
         lines.append(
             f"{row['model']:<6} {row['layer']:>5} {row['d_sae']:>6} {row['explained_variance']:>9.3f} "
-            f"{row['l0']:>8.1f} {row['dead_fraction']:>6.3f}"
+            f"{row['l0']:>8.1f} {row['dead_fraction']:>6.3f} {row['dense_fraction']:>6.3f} "
+            f"{_fmt(row.get('ce_loss_recovered'), '.3f'):>8} {_fmt(row.get('kl_spliced'), '.3f'):>7} "
+            f"{_fmt(row.get('mmcs_small_vs_large'), '.3f'):>10}"
         )
+    for row in metrics.get("sae_layers", []):
+        lines.append(f"layer {row['layer']}: {row['tuned_only_features']} tuned-model features with no base match "
+                     f"(MMCS tuned vs base {row['mmcs_tuned_vs_base']:.3f})")
     lines.append("== IRM vs RM (Kendall tau paired by token; sign accuracy on RM-positive / RM-negative tokens) ==")
     lines.append(f"{'view':<26} {'tokens':>6} {'tau':>7} {'p':>9} {'sign+':>6} {'sign-':>6} {'R2 test':>8}")
     for row in metrics["agreement"]:
@@ -111,8 +117,13 @@ def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project
         for key in ("reward", "kl"):
             _flatten(key, metrics[key], scalars)
         for row in metrics["saes"]:
-            for k in ("explained_variance", "l0", "dead_fraction", "mse"):
+            for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "mse", "ce_loss_recovered",
+                      "kl_spliced", "mmcs_small_vs_large", "mmcs_small_vs_large_one_to_one"):
+                if row.get(k) is None:
+                    continue
                 scalars[f"sae/{row['model']}.{row['layer']}/{k}"] = row[k]
+        for row in metrics.get("sae_layers", []):
+            scalars[f"sae/layer{row['layer']}/tuned_only_features"] = row["tuned_only_features"]
         for row in metrics["agreement"]:
             for k in ("tau", "tau_sd", "tau_max", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2"):
                 if row.get(k) is not None:

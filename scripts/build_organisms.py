@@ -26,7 +26,7 @@ from irmprobe.pairs import DEFAULT_BASE, layer_divergence, load_pair  # noqa: E4
 from irmprobe.rewards import reward_model  # noqa: E402
 
 # DPO sees one pair per prompt and step, so it gets more prompts per step and a smaller step size.
-DPO_OVERRIDES = {"prompts_per_step": 8, "learning_rate": 1e-5, "beta": 0.1}
+DPO_OVERRIDES = {"prompts_per_step": 8, "learning_rate": 5e-5, "beta": 0.1}
 
 
 def main(argv: list[str] | None = None) -> int:

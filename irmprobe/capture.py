@@ -13,7 +13,9 @@ attention mask is needed and positions match an unpadded forward exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from irmprobe.cache import atomic_dir, write_json
+from irmprobe.cache import write_json
 from irmprobe.pairs import ModelPair
 
 
@@ -159,25 +161,118 @@ class Capture:
     def hook_name(self, layer: int) -> str:
         return f"blocks.{layer}.{self.hook}"
 
-    def save(self, directory: Path) -> None:
-        with atomic_dir(Path(directory)) as tmp:
-            arrays = {
-                "token_ids": self.token_ids, "seq_index": self.seq_index, "position": self.position,
-                "logp_base": self.logp_base, "logp_tuned": self.logp_tuned,
-            }
-            arrays.update({f"acts.{k}": v for k, v in self.acts.items()})
-            save_file(arrays, str(tmp / "capture.safetensors"))
-            write_json(tmp / "manifest.json", {"layers": list(self.layers), "hook": self.hook,
-                                               "rows": int(len(self.token_ids))})
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array by name (``acts.{model}.{layer}`` for activations)."""
+        out = {"token_ids": self.token_ids, "seq_index": self.seq_index, "position": self.position,
+               "logp_base": self.logp_base, "logp_tuned": self.logp_tuned}
+        out.update({f"acts.{k}": v for k, v in self.acts.items()})
+        return out
 
     @classmethod
-    def load(cls, directory: Path) -> Capture:
-        directory = Path(directory)
-        meta = json.loads((directory / "manifest.json").read_text())
-        arrays = load_file(str(directory / "capture.safetensors"))
+    def from_arrays(cls, layers, hook: str, arrays: dict[str, np.ndarray]) -> Capture:
         acts = {k[len("acts."):]: v for k, v in arrays.items() if k.startswith("acts.")}
-        return cls(tuple(meta["layers"]), meta["hook"], arrays["token_ids"], arrays["seq_index"],
-                   arrays["position"], arrays["logp_base"], arrays["logp_tuned"], acts)
+        return cls(tuple(layers), hook, arrays["token_ids"], arrays["seq_index"], arrays["position"],
+                   arrays["logp_base"], arrays["logp_tuned"], acts)
+
+    def batches(self, key: str, batch_size: int, seed: int):
+        """Endless shuffled batches of one activation array (``"tuned.9"``), for SAELens."""
+        from irmprobe.features import activation_batches
+
+        return activation_batches(self.acts[key], batch_size, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paired activation store: shards of whole sequences, a manifest, a checksum per shard.
+
+_MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    write_json(directory / _MANIFEST, manifest)
+
+
+def capture_to_store(
+    pair: ModelPair,
+    token_ids,
+    layers: tuple[int, ...],
+    directory: Path,
+    *,
+    hook: str = "hook_mlp_out",
+    batch_size: int = 32,
+    shard_sequences: int = 128,
+) -> Path:
+    """Capture ``token_ids`` into a sharded store at ``directory``, resuming a partial one.
+
+    Each shard holds whole sequences ``[i * shard_sequences, (i + 1) * shard_sequences)`` and is
+    written to a temporary file, renamed, checksummed and only then entered in the manifest, so
+    an interrupted capture resumes at the first missing shard and no row is lost or duplicated.
+    Every token is forwarded once per model.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(token_ids)
+    n_shards = max(1, -(-n // shard_sequences))
+    header = {"version": 1, "models": {"base": pair.base_spec, "tuned": pair.tuned_spec}, "hook": hook,
+              "hooks": [f"blocks.{l}.{hook}" for l in layers], "layers": list(layers), "dtype": "float32",
+              "d_model": pair.d_model, "n_sequences": n, "shard_sequences": shard_sequences,
+              "tokens_sha256": hashlib.sha256(json.dumps([list(t) for t in token_ids]).encode()).hexdigest()}
+    path = directory / _MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if {k: manifest.get(k) for k in header} != header:
+        manifest = header | {"shards": {}, "complete": False}  # a different capture: start over
+    for shard in tqdm(range(n_shards), desc="capture shards", leave=False):
+        name = f"shard-{shard:05d}.safetensors"
+        if name in manifest["shards"] and (directory / name).is_file():
+            continue
+        lo, hi = shard * shard_sequences, min(n, (shard + 1) * shard_sequences)
+        cap = capture_pair(pair, list(token_ids[lo:hi]), layers, hook=hook, batch_size=batch_size)
+        arrays = cap.arrays() | {"seq_index": cap.seq_index + lo}
+        tmp = directory / f".{name}.tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        os.replace(tmp, directory / name)
+        manifest["shards"][name] = {"sequences": [lo, hi], "rows": int(len(cap.token_ids)),
+                                    "sha256": _sha256(directory / name)}
+        _write_manifest(directory, manifest)
+    manifest["complete"] = True
+    manifest["rows"] = sum(v["rows"] for v in manifest["shards"].values())
+    _write_manifest(directory, manifest)
+    return directory
+
+
+def store_complete(directory: Path) -> bool:
+    path = Path(directory) / _MANIFEST
+    return path.is_file() and bool(json.loads(path.read_text()).get("complete"))
+
+
+def load_store(directory: Path, *, verify: bool = True) -> Capture:
+    """Read a store back into one :class:`Capture`, checking every shard's checksum.
+
+    Raises:
+        ValueError: the store is incomplete, or a shard is missing or corrupted.
+    """
+    directory = Path(directory)
+    if not store_complete(directory):
+        raise ValueError(f"activation store {directory} is incomplete: run the capture again to finish it")
+    manifest = json.loads((directory / _MANIFEST).read_text())
+    parts = []
+    for name in sorted(manifest["shards"]):
+        entry, path = manifest["shards"][name], directory / name
+        if not path.is_file():
+            raise ValueError(f"activation store {directory}: shard {name} is missing; run the capture again")
+        if verify and _sha256(path) != entry["sha256"]:
+            raise ValueError(f"activation store {directory}: shard {name} is corrupted (checksum mismatch); "
+                             "delete it and run the capture again to recompute it")
+        parts.append(load_file(str(path)))
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return Capture.from_arrays(manifest["layers"], manifest["hook"], arrays)
 
 
 @torch.no_grad()

@@ -146,11 +146,15 @@ def evaluate_sae(sae: SAE, acts: np.ndarray, batch_size: int = 4096) -> SAEMetri
     )
 
 
-def save_sae(sae: SAE, directory: Path, metrics: SAEMetrics) -> None:
-    """Save in SAELens format (``SAE.load_from_disk`` reads it) plus our metrics."""
+def save_sae(sae: SAE, directory: Path, metrics: SAEMetrics | None = None) -> None:
+    """Save in SAELens format (``SAE.load_from_disk`` reads it), with our metrics if given."""
     with atomic_dir(Path(directory)) as tmp:
-        sae.save_model(tmp)
-        write_json(tmp / "irmprobe_metrics.json", metrics)
+        # Training SAEs save their inference form (BatchTopK becomes JumpReLU, for example), which
+        # is what SAE.load_from_disk reads.
+        save = getattr(sae, "save_inference_model", None) or sae.save_model
+        save(tmp)
+        if metrics is not None:
+            write_json(tmp / "irmprobe_metrics.json", metrics)
 
 
 def load_sae(directory: Path, device: str = "cpu") -> SAE:
@@ -252,3 +256,48 @@ def splice_metrics(bridge, sae, hook_name: str, token_ids, *, batch_size: int = 
         "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / gap if gap > 0 else float("nan"),
         "kl_spliced": totals["kl"] / max(count, 1), "tokens": count,
     }
+
+
+def load_pretrained_sae(source: str, *, hook_name: str, d_model: int, sae_id: str | None = None,
+                        device: str = "cpu") -> SAE:
+    """A published SAELens SAE, by release and id (needs the hub) or from a directory on disk.
+
+    Raises:
+        ValueError: it cannot be loaded, or it was trained on another hook or width than the
+            model it is meant for (so its features would mean nothing there).
+    """
+    try:
+        if sae_id is None:
+            sae = SAE.load_from_disk(source, device=device)
+        else:
+            sae = SAE.from_pretrained(source, sae_id, device=device)
+    except (OSError, FileNotFoundError, ValueError, KeyError) as exc:
+        where = f"release {source!r}, id {sae_id!r}" if sae_id else f"directory {source!r}"
+        raise ValueError(f"could not load the SAE from {where}: {exc}. Offline, download it where the hub "
+                         "is reachable and pass its directory") from exc
+    if sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE {source} reads {sae.cfg.d_in}-dimensional inputs but the model's d_model is {d_model}")
+    trained_on = sae.cfg.metadata.hook_name
+    if trained_on is not None and trained_on != hook_name:
+        raise ValueError(f"SAE {source} was trained on {trained_on!r}, not {hook_name!r}; "
+                         "pick the SAE for this hook or capture that hook instead")
+    return sae
+
+
+def sweep(acts: np.ndarray, base: SAEConfig, *, values, field: str | None = None, seed: int = 0,
+          eval_fraction: float = 0.1, device: str = "cpu") -> list[dict]:
+    """Train one SAE per value of the sparsity setting and report each one's metrics.
+
+    ``field`` defaults to ``k`` for TopK/BatchTopK and ``l1_coefficient`` otherwise. The rows
+    trace the sparsity/reconstruction frontier (L0 against explained variance).
+    """
+    from dataclasses import asdict, replace
+
+    field = field or ("k" if base.architecture in ("topk", "batchtopk") else "l1_coefficient")
+    held = np.random.default_rng(seed).random(len(acts)) < eval_fraction
+    rows = []
+    for value in values:
+        cfg = replace(base, **{field: value})
+        sae = train_sae(acts[~held], cfg, seed=seed, metadata={}, device=device)
+        rows.append({field: value, **asdict(evaluate_sae(sae, acts[held]))})
+    return rows

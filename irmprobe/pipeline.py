@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from irmprobe import reporting
 from irmprobe.cache import cache_root, config_key, write_json
-from irmprobe.capture import Capture, Samples, capture_pair, sample_continuations
+from irmprobe.capture import Capture, Samples, capture_to_store, load_store, sample_continuations, store_complete
 from irmprobe.compare import agreement
 from irmprobe.config import RunConfig
 from irmprobe.features import (decoder_directions, encode, evaluate_sae, load_sae, mmcs, save_sae, splice_metrics,
@@ -93,9 +93,11 @@ def _get_sae(config: RunConfig, sae_config, capture: Capture, cap_key: str, kind
     if not (sae_dir / "cfg.json").is_file():
         sae = train_sae(acts[~eval_rows], sae_config, seed=config.seed + layer, metadata=meta,
                         device=config.pair.device)
-        save_sae(sae, sae_dir, evaluate_sae(sae, acts[eval_rows]))
-    sae = load_sae(sae_dir, device=config.pair.device)
-    return sae, evaluate_sae(sae, acts[eval_rows]), sae_dir
+        save_sae(sae, sae_dir)
+    sae = load_sae(sae_dir, device=config.pair.device)  # the inference form that every later stage uses
+    metrics = evaluate_sae(sae, acts[eval_rows])
+    write_json(sae_dir / "irmprobe_metrics.json", metrics)
+    return sae, metrics, sae_dir
 
 
 def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Capture, cap_key: str,
@@ -183,14 +185,12 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
         samples, samples_key = _get_samples(config, pair, tuned_id, heldout, rm)
 
     with stage("capture"):
-        cap_key = config_key("capture-v1", samples_key, layers, config.capture.hook)
+        cap_key = config_key("capture-v2", samples_key, layers, config.capture.hook)
         cap_dir = _stage_dir("capture", cap_key)
-        if (cap_dir / "manifest.json").is_file():
-            capture = Capture.load(cap_dir)
-        else:
-            capture = capture_pair(pair, samples.token_ids, layers, hook=config.capture.hook,
-                                   batch_size=config.capture.batch_size)
-            capture.save(cap_dir)
+        if not store_complete(cap_dir):
+            capture_to_store(pair, samples.token_ids, layers, cap_dir, hook=config.capture.hook,
+                             batch_size=config.capture.batch_size)
+        capture = load_store(cap_dir)
 
     with stage("saes"):
         sae_rows, layer_rows, features = _sae_stage(config, pair, samples, capture, cap_key, tuned_id, rm)

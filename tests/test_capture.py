@@ -55,3 +55,72 @@ def test_layer_out_of_range_raises(tiny_llama_dir):
     pair = load_pair(str(tiny_llama_dir), None)
     with pytest.raises(ValueError, match="out of range"):
         capture_pair(pair, [[1, 2, 3]], (5,))
+
+
+def _seqs(n=10):
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 200, size=int(rng.integers(3, 12))).tolist() for _ in range(n)]
+
+
+def test_store_round_trip_matches_direct_capture(tiny_llama_dir, tmp_path):
+    import json
+
+    from irmprobe.capture import capture_to_store, load_store
+
+    pair = load_pair(str(tiny_llama_dir), None)
+    seqs = _seqs()
+    capture_to_store(pair, seqs, (0, 1), tmp_path / "store", shard_sequences=3, batch_size=4)
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) == 4
+    assert manifest["hooks"] == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"] and manifest["dtype"] == "float32"
+    assert manifest["rows"] == sum(len(s) - 1 for s in seqs)
+    assert all(len(v["sha256"]) == 64 for v in manifest["shards"].values())
+    stored = load_store(tmp_path / "store")
+    direct = capture_pair(pair, seqs, (0, 1))
+    key = lambda c: np.lexsort((c.position, c.seq_index))  # noqa: E731
+    a, b = key(stored), key(direct)
+    np.testing.assert_array_equal(stored.token_ids[a], direct.token_ids[b])
+    np.testing.assert_allclose(stored.acts["base.1"][a], direct.acts["base.1"][b], atol=1e-5)
+    batch = next(stored.batches("base.0", 8, seed=0))
+    assert tuple(batch.shape) == (8, pair.d_model)
+
+
+def test_interrupted_capture_resumes_without_losing_or_duplicating_rows(tiny_llama_dir, tmp_path, monkeypatch):
+    from irmprobe import capture as capture_mod
+
+    pair = load_pair(str(tiny_llama_dir), None)
+    seqs = _seqs(12)
+    real = capture_mod.capture_pair
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(capture_mod, "capture_pair", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        capture_mod.capture_to_store(pair, seqs, (1,), tmp_path / "s", shard_sequences=3)
+    assert not capture_mod.store_complete(tmp_path / "s")
+    with pytest.raises(ValueError, match="incomplete"):
+        capture_mod.load_store(tmp_path / "s")
+    calls["n"] = -100  # no more failures
+    capture_mod.capture_to_store(pair, seqs, (1,), tmp_path / "s", shard_sequences=3)
+    assert calls["n"] == -100 + 2  # only the two missing shards were computed
+    cap = capture_mod.load_store(tmp_path / "s")
+    pairs_seen = list(zip(cap.seq_index.tolist(), cap.position.tolist()))
+    assert len(pairs_seen) == len(set(pairs_seen)) == sum(len(s) - 1 for s in seqs)
+
+
+def test_corrupted_shard_is_detected(tiny_llama_dir, tmp_path):
+    from irmprobe.capture import capture_to_store, load_store
+
+    pair = load_pair(str(tiny_llama_dir), None)
+    capture_to_store(pair, _seqs(4), (0,), tmp_path / "s", shard_sequences=2)
+    shard = sorted((tmp_path / "s").glob("shard-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-8] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-00001.safetensors is corrupted"):
+        load_store(tmp_path / "s")

@@ -79,3 +79,56 @@ def test_splice_metrics_identity_recovers_everything_and_zero_nothing(tiny_llama
     zero = splice_metrics(bridge, _ZeroSAE(), "blocks.1.hook_mlp_out", seqs)
     assert zero["ce_spliced"] == pytest.approx(zero["ce_zero_ablation"], abs=1e-5)
     assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
+def test_other_architectures_train_save_and_load(architecture, tmp_path):
+    from irmprobe.features import load_sae, save_sae
+
+    acts, _ = _planted(n=8000)
+    cfg = SAEConfig(architecture=architecture, expansion=2, k=4, l1_coefficient=1.0, training_samples=16_000,
+                    batch_size=256, lr=3e-3)
+    sae = train_sae(acts, cfg, seed=0, metadata={"hook_name": "blocks.0.hook_mlp_out", "model_name": "planted"})
+    metrics = evaluate_sae(sae, acts[:2000])
+    save_sae(sae, tmp_path / "sae", metrics)
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.metadata.hook_name == "blocks.0.hook_mlp_out"
+    again = evaluate_sae(loaded, acts[:2000])
+    if architecture != "batchtopk":  # BatchTopK is saved in its inference form, a JumpReLU
+        assert again.explained_variance == pytest.approx(metrics.explained_variance, abs=1e-4)
+    if architecture == "topk":
+        assert again.l0 <= 4 + 1e-6
+    assert again.explained_variance > 0.2
+
+
+def test_bad_architecture_is_rejected():
+    with pytest.raises(ValueError, match="standard, topk, batchtopk or jumprelu"):
+        SAEConfig(architecture="gated")
+
+
+def test_pretrained_sae_from_disk_is_checked_against_hook_and_width(tmp_path):
+    from irmprobe.features import load_pretrained_sae, save_sae
+
+    acts, _ = _planted(n=4000)
+    sae = train_sae(acts, SAEConfig(training_samples=2048, batch_size=256), seed=0,
+                    metadata={"hook_name": "blocks.3.hook_mlp_out"})
+    save_sae(sae, tmp_path / "sae", evaluate_sae(sae, acts[:500]))
+    loaded = load_pretrained_sae(str(tmp_path / "sae"), hook_name="blocks.3.hook_mlp_out", d_model=32)
+    assert loaded.cfg.d_sae == 64
+    with pytest.raises(ValueError, match="trained on 'blocks.3.hook_mlp_out', not 'blocks.4.hook_mlp_out'"):
+        load_pretrained_sae(str(tmp_path / "sae"), hook_name="blocks.4.hook_mlp_out", d_model=32)
+    with pytest.raises(ValueError, match="d_model is 576"):
+        load_pretrained_sae(str(tmp_path / "sae"), hook_name="blocks.3.hook_mlp_out", d_model=576)
+    with pytest.raises(ValueError, match="could not load the SAE"):
+        load_pretrained_sae(str(tmp_path / "missing"), hook_name="x", d_model=32)
+
+
+def test_sweep_traces_sparsity_against_reconstruction():
+    from irmprobe.features import sweep
+
+    acts, _ = _planted(n=6000)
+    rows = sweep(acts, SAEConfig(architecture="topk", training_samples=12_000, batch_size=256, lr=3e-3),
+                 values=[2, 8])
+    assert [r["k"] for r in rows] == [2, 8]
+    assert rows[0]["l0"] <= 2 + 1e-6 < rows[1]["l0"]
+    assert rows[1]["explained_variance"] > rows[0]["explained_variance"]

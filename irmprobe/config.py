@@ -160,9 +160,21 @@ class CaptureConfig:
     """Hook point inside each kept block (``blocks.{l}.<hook>``)."""
     batch_size: int = 32
     """Sequences per forward pass."""
+    text_path: str | None = None
+    """Extra text captured beside the on-policy samples: a file with one text per line."""
+    text_dataset: str | None = None
+    """Extra text from a dataset: an HF dataset name (needs the hub) or a local .csv/.jsonl/.parquet."""
+    text_column: str = "text"
+    """The dataset column holding the extra texts."""
+    max_text_tokens: int = 128
+    """Extra texts are cut to this many tokens."""
+    max_texts: int | None = None
+    """Use at most this many extra texts (None: all)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "top_k_layers", "batch_size")
+        _positive(self, "top_k_layers", "batch_size", "max_text_tokens")
+        if self.text_path and self.text_dataset:
+            raise ValueError("CaptureConfig: set text_path or text_dataset, not both")
         if self.rank_layers_by not in ("absolute", "relative"):
             raise ValueError(f"CaptureConfig.rank_layers_by must be absolute or relative, got {self.rank_layers_by!r}")
         if self.hook not in ("hook_mlp_out", "hook_resid_post", "hook_attn_out"):

@@ -351,10 +351,12 @@ def vader_compound(texts) -> np.ndarray:
 
 def kl_from_capture(samples: Samples, capture: Capture) -> dict:
     """Monte-Carlo KL(tuned || base): sum of log-ratios over each tuned continuation."""
-    seq = capture.seq_index
-    sel = (capture.position >= samples.prompt_lens[seq]) & (samples.source[seq] == "tuned")
+    n = len(samples.source)
+    keep = capture.seq_index < n  # rows of extra (non-sampled) text carry no KL information
+    seq, position, log_ratio = capture.seq_index[keep], capture.position[keep], capture.log_ratio[keep]
+    sel = (position >= samples.prompt_lens[seq]) & (samples.source[seq] == "tuned")
     tuned_seqs = np.flatnonzero(samples.source == "tuned")
-    per_seq = np.bincount(seq[sel], weights=capture.log_ratio[sel], minlength=len(samples.source))[tuned_seqs]
+    per_seq = np.bincount(seq[sel], weights=log_ratio[sel], minlength=n)[tuned_seqs]
     mean, se = _mean_se(per_seq)
     return {"mean": mean, "se": se, "n_sequences": int(len(per_seq))}
 

@@ -7,10 +7,10 @@ paired capture -> SAEs (SAELens) -> IRM fits (scikit-learn) -> comparison with t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from contextlib import contextmanager
-import json
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,6 +83,15 @@ def _get_pair(config: RunConfig, rm: RewardModel, train_prompts: list[str], echo
             "path": str(org.path), "reused": org.reused, "train_seconds": org.seconds,
             "history": list(org.history)}
     return pair, f"organism:{org.path.name}", info
+
+
+def _extra_texts(cc, tokenizer) -> list[list[int]]:
+    """Token ids of the extra capture texts (a file or dataset column), each cut to max_text_tokens."""
+    if not (cc.text_path or cc.text_dataset):
+        return []
+    texts = load_prompts(cc.text_path, dataset=cc.text_dataset, column=cc.text_column, limit=cc.max_texts)
+    ids = [tokenizer(t, truncation=True, max_length=cc.max_text_tokens)["input_ids"] for t in texts]
+    return [list(i) for i in ids if len(i) >= 2]
 
 
 def _get_sae(config: RunConfig, sae_config, capture: Capture, cap_key: str, kind: str, layer: int,
@@ -185,11 +194,13 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
         samples, samples_key = _get_samples(config, pair, tuned_id, heldout, rm)
 
     with stage("capture"):
-        cap_key = config_key("capture-v2", samples_key, layers, config.capture.hook)
+        cc = config.capture
+        stream = list(samples.token_ids) + _extra_texts(cc, pair.tokenizer)
+        cap_key = config_key("capture-v3", samples_key, layers, cc.hook,
+                             hashlib.sha256(json.dumps(stream[len(samples.token_ids):]).encode()).hexdigest())
         cap_dir = _stage_dir("capture", cap_key)
         if not store_complete(cap_dir):
-            capture_to_store(pair, samples.token_ids, layers, cap_dir, hook=config.capture.hook,
-                             batch_size=config.capture.batch_size)
+            capture_to_store(pair, stream, layers, cap_dir, hook=cc.hook, batch_size=cc.batch_size)
         capture = load_store(cap_dir)
 
     with stage("saes"):

@@ -98,3 +98,15 @@ def test_same_seed_gives_same_numbers(tiny_llama_dir, tmp_path, monkeypatch):
     assert a["kl"] == b["kl"]
     assert a["agreement"] == b["agreement"]
     assert [r["explained_variance"] for r in a["saes"]] == [r["explained_variance"] for r in b["saes"]]
+
+
+def test_extra_text_is_captured_beside_the_samples(tiny_llama_dir, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(["The weather was good and the people were happy all day long."] * 5))
+    plain = run(_config(tmp_path / "a", base=str(tiny_llama_dir)), echo=lambda _: None).metrics
+    data = json.loads(json.dumps(TINY)) | {"pair": {"base": str(tiny_llama_dir)},
+                                          "report": {"out_dir": str(tmp_path / "b"), "wandb_mode": "disabled"}}
+    data["capture"] = data["capture"] | {"text_path": str(texts), "max_text_tokens": 8}
+    extra = run(RunConfig.from_dict(data), echo=lambda _: None).metrics
+    assert extra["capture"]["rows"] == plain["capture"]["rows"] + 5 * 7  # 5 texts of 8 tokens, t >= 1
+    assert extra["kl"] == plain["kl"]  # KL comes from the samples alone

@@ -40,6 +40,8 @@ def _canonical(obj: Any) -> Any:
         return [_canonical(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON: write null
+        return None
     return obj
 
 
@@ -75,7 +77,7 @@ def write_json(path: Path, obj: Any) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(_canonical(obj), fh, indent=2, sort_keys=False, default=str)
+            json.dump(_canonical(obj), fh, indent=2, sort_keys=False, default=str, allow_nan=False)
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:

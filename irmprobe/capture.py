@@ -278,9 +278,10 @@ def load_store(directory: Path, *, verify: bool = True) -> Capture:
 @torch.no_grad()
 def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str]):
     logits, cache = bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logits = logits[:, :-1].float()
     target = tokens[:, 1:].unsqueeze(-1)
-    token_logp = logp.gather(-1, target).squeeze(-1)  # [batch, pos-1]: log p(x_t | x_<t), t >= 1
+    # log p(x_t | x_<t) for t >= 1, without materialising a second [batch, pos, vocab] tensor.
+    token_logp = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return token_logp, {n: cache[n][:, 1:].float() for n in names}
 
 

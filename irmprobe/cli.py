@@ -68,13 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                 data = registry_entry(args.pair)
             if args.config:
                 with open(args.config) as fh:
-                    for section, values in (yaml.safe_load(fh) or {}).items():
-                        if isinstance(values, dict) and isinstance(data.get(section), dict):
-                            data[section] = data[section] | values
-                        else:
-                            data[section] = values
+                    loaded = yaml.safe_load(fh) or {}
+                if not isinstance(loaded, dict):
+                    raise ValueError(f"{args.config}: a config must be a mapping of sections")
+                for section, values in loaded.items():
+                    if isinstance(values, dict) and isinstance(data.get(section), dict):
+                        data[section] = data[section] | values
+                    else:
+                        data[section] = values
             config = RunConfig.from_dict(apply_overrides(data, args.overrides))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OSError) as exc:
             print(f"irmprobe: invalid config: {exc}", file=sys.stderr)
             return 2
         from irmprobe.pipeline import run

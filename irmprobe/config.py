@@ -173,6 +173,8 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "top_k_layers", "batch_size", "max_text_tokens")
+        if self.max_texts is not None and self.max_texts <= 0:
+            raise ValueError(f"CaptureConfig.max_texts must be null or positive, got {self.max_texts!r}")
         if self.text_path and self.text_dataset:
             raise ValueError("CaptureConfig: set text_path or text_dataset, not both")
         if self.rank_layers_by not in ("absolute", "relative"):
@@ -202,7 +204,8 @@ class SAEConfig:
     lr: float = 1e-3
     """Adam learning rate."""
     match_expansion: int | None = 1
-    """Also train a dictionary of this size (x d_model) to measure MMCS against; None skips it."""
+    """Also train a dictionary of this size (x d_model) to measure MMCS against; None (or equal to
+    ``expansion``) skips it."""
     match_threshold: float = 0.7
     """A tuned-model feature is new when no base feature's decoder cosine reaches this."""
     splice_sequences: int = 32
@@ -249,7 +252,7 @@ class ReportConfig:
     wandb_project: str = "irmprobe"
     """W&B project name."""
     wandb_mode: str | None = None
-    """``offline``, ``online`` or ``disabled``; None: online only if WANDB_MODE or a W&B login says so."""
+    """``offline``, ``online`` or ``disabled``; None: the WANDB_MODE environment variable, else offline."""
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in (None, "offline", "online", "disabled"):

@@ -28,7 +28,7 @@ import torch
 from irmprobe.cache import atomic_dir, cache_root, config_key, write_json
 from irmprobe.capture import Capture, Samples, capture_pair, sample_continuations
 from irmprobe.config import OrganismConfig
-from irmprobe.pairs import ModelPair, load_model, resolve_spec
+from irmprobe.pairs import ModelPair, fingerprint, load_model, resolve_spec
 from irmprobe.rewards import RewardModel
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ class Organism:
 def organism_key(base: str, rm: RewardModel, config: OrganismConfig, prompts: list[str], seed: int,
                  extra: object = None) -> str:
     prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
-    return config_key("organism-v2", base, rm.describe(), config, prompts_hash, seed, extra)
+    return config_key("organism-v2", base, fingerprint(base), rm.describe(), config, prompts_hash, seed, extra)
 
 
 def _report_to() -> str:
@@ -255,6 +255,7 @@ def make_organism(
     device: str = "cpu",
     callbacks: list | None = None,
     preference_pairs: list[dict] | None = None,
+    trust_remote_code: bool = False,
 ) -> Organism:
     """Tune ``base`` against ``rm`` with TRL, or reuse the cached result.
 
@@ -281,7 +282,7 @@ def make_organism(
     from transformers.trainer_utils import get_last_checkpoint
 
     seed_everything(seed)
-    model, tokenizer = load_model(base, device=device)
+    model, tokenizer = load_model(base, device=device, trust_remote_code=trust_remote_code)
     if config.method == "dpo" and preference_pairs is None:
         preference_pairs = build_preference_pairs(model, tokenizer, rm, train_prompts,
                                                   n_per_prompt=config.dpo_samples_per_prompt,

@@ -85,7 +85,8 @@ def resolve_spec(spec: str) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"GGUF file {spec!r} does not exist")
-        return str(dequantise_gguf(path, cache_root() / "models" / path.stem))
+        # Keyed by the file's identity, so two different files with one name never share an entry.
+        return str(dequantise_gguf(path, cache_root() / "models" / f"{path.stem}-{fingerprint(spec)[:12]}"))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"{spec!r} is a directory but holds no config.json (not a HF model)")
@@ -93,6 +94,22 @@ def resolve_spec(spec: str) -> str:
     if spec.startswith((".", "/", "~")):
         raise ValueError(f"model directory {spec!r} does not exist")
     return spec
+
+
+def fingerprint(spec: str) -> str:
+    """A short identity of what a spec points at, for cache keys.
+
+    For a local directory or file: its resolved path and the names, sizes and modification times of
+    its files, so a model retrained into the same folder gets a new key. Otherwise the spec itself.
+    """
+    import hashlib
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    parts = [str(path.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def load_model(

@@ -27,7 +27,7 @@ from irmprobe.features import (decoder_directions, encode, evaluate_sae, load_sa
                                train_sae, unmatched_features)
 from irmprobe.irm import fit_irm, token_map
 from irmprobe.organisms import load_prompts, make_organism, report_from, seed_everything, split_prompts
-from irmprobe.pairs import ModelPair, layer_divergence, load_pair
+from irmprobe.pairs import ModelPair, fingerprint, layer_divergence, load_pair
 from irmprobe.rewards import RewardModel, reward_model
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,14 @@ def _get_pair(config: RunConfig, rm: RewardModel, train_prompts: list[str], echo
         return pair, f"null:{pc.base}", {"source": "null organism (tuned = base)", "reused": False}
     if pc.tuned is not None:
         pair = load_pair(pc.base, pc.tuned, device=pc.device, dtype=pc.dtype, trust_remote_code=pc.trust_remote_code)
-        return pair, f"spec:{pc.tuned}", {"source": pc.tuned, "reused": False}
-    org = make_organism(pc.base, rm, config.organism, train_prompts, seed=config.seed, device=pc.device)
+        return pair, f"spec:{pc.tuned}:{fingerprint(pc.tuned)}", {"source": pc.tuned, "reused": False}
+    org = make_organism(pc.base, rm, config.organism, train_prompts, seed=config.seed, device=pc.device,
+                        trust_remote_code=pc.trust_remote_code)
     if org.reused:
         echo(f"organism: reusing the cached tuned model at {org.path}")
     else:
         echo(f"organism: trained in {org.seconds:.0f} s, saved to {org.path}")
-    pair = load_pair(pc.base, str(org.path), device=pc.device, dtype=pc.dtype)
+    pair = load_pair(pc.base, str(org.path), device=pc.device, dtype=pc.dtype, trust_remote_code=pc.trust_remote_code)
     info = {"source": f"{config.organism.method.upper()} organism {org.path.name} ({'reused from cache' if org.reused else 'trained now'})",
             "path": str(org.path), "reused": org.reused, "train_seconds": org.seconds,
             "history": list(org.history)}
@@ -98,7 +99,10 @@ def _get_sae(config: RunConfig, sae_config, capture: Capture, cap_key: str, kind
              eval_rows: np.ndarray, meta: dict):
     """Train (or load the cached) SAE of one (model, layer, size); evaluate it on held-out rows."""
     acts = capture.acts[f"{kind}.{layer}"]
-    sae_dir = _stage_dir("saes", config_key("sae-v2", cap_key, kind, layer, sae_config, config.seed))
+    # Keyed by the settings that change training only: analysis settings never retrain an SAE.
+    training = {k: getattr(sae_config, k) for k in ("architecture", "expansion", "l1_coefficient", "k",
+                                                    "training_samples", "batch_size", "lr")}
+    sae_dir = _stage_dir("saes", config_key("sae-v3", cap_key, kind, layer, training, config.seed))
     if not (sae_dir / "cfg.json").is_file():
         sae = train_sae(acts[~eval_rows], sae_config, seed=config.seed + layer, metadata=meta,
                         device=config.pair.device)
@@ -114,7 +118,9 @@ def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Ca
     """SAEs per (model, layer): metrics, splice loss, 1x-vs-2x MMCS, tuned-only features."""
     sc = config.sae
     eval_rows = np.random.default_rng(config.seed).random(len(capture.token_ids)) < 0.1
-    splice_seqs = list(samples.token_ids[: sc.splice_sequences])
+    # Half the splice text from each model's continuations (base ones come first in the samples).
+    half, n_half = len(samples.token_ids) // 2, sc.splice_sequences // 2
+    splice_seqs = list(samples.token_ids[:n_half]) + list(samples.token_ids[half : half + sc.splice_sequences - n_half])
     rows, features, dirs = [], [], {}
     for kind in ("base", "tuned"):
         for layer in capture.layers:
@@ -123,12 +129,13 @@ def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Ca
             sae, metrics, sae_dir = _get_sae(config, sc, capture, cap_key, kind, layer, eval_rows, meta)
             row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics)}
             dirs[kind, layer] = decoder_directions(sae)
-            if sc.match_expansion:
-                small, _, _ = _get_sae(config, replace(sc, expansion=sc.match_expansion), capture, cap_key, kind,
+            if sc.match_expansion and sc.match_expansion != sc.expansion:
+                other, _, _ = _get_sae(config, replace(sc, expansion=sc.match_expansion), capture, cap_key, kind,
                                        layer, eval_rows, meta)
-                small_dirs = decoder_directions(small)
-                row["mmcs_small_vs_large"] = mmcs(small_dirs, dirs[kind, layer])
-                row["mmcs_small_vs_large_one_to_one"] = mmcs(small_dirs, dirs[kind, layer], one_to_one=True)
+                # MMCS of the smaller dictionary against the larger one, whichever is the IRM's.
+                small, large = sorted((decoder_directions(other), dirs[kind, layer]), key=len)
+                row["mmcs_small_vs_large"] = mmcs(small, large)
+                row["mmcs_small_vs_large_one_to_one"] = mmcs(small, large, one_to_one=True)
             if splice_seqs:
                 cached = sae_dir / f"splice-{len(splice_seqs)}.json"
                 if cached.is_file():
@@ -151,8 +158,8 @@ def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Ca
 
 def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: list[str],
                  rm: RewardModel) -> tuple[Samples, str]:
-    key = config_key("samples-v1", config.pair.base, tuned_id, _hash_lines(heldout), config.samples,
-                     rm.describe(), config.seed)
+    key = config_key("samples-v2", config.pair.base, fingerprint(config.pair.base), config.pair.dtype, tuned_id,
+                     _hash_lines(heldout), config.samples, rm.describe(), config.seed)
     path = _stage_dir("samples", key) / "samples.json"
     if path.is_file():
         return Samples.load(path), key

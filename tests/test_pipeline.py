@@ -110,3 +110,24 @@ def test_extra_text_is_captured_beside_the_samples(tiny_llama_dir, tmp_path):
     extra = run(RunConfig.from_dict(data), echo=lambda _: None).metrics
     assert extra["capture"]["rows"] == plain["capture"]["rows"] + 5 * 7  # 5 texts of 8 tokens, t >= 1
     assert extra["kl"] == plain["kl"]  # KL comes from the samples alone
+
+
+def test_cli_reports_missing_or_malformed_config_files(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "invalid config" in capsys.readouterr().err
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert main(["run", str(tmp_path / "list.yaml")]) == 2
+    assert "must be a mapping" in capsys.readouterr().err
+
+
+def test_retrained_model_in_the_same_folder_is_not_served_from_cache(tiny_llama_dir, tmp_path):
+    from tests.test_pairs import _perturbed_copy
+
+    tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=0, scale=0.5)
+    first = run(_config(tmp_path / "a", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics
+    import shutil
+
+    shutil.rmtree(tuned)
+    _perturbed_copy(tiny_llama_dir, tuned, layer=1, scale=0.5)  # a different model, same path
+    second = run(_config(tmp_path / "b", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics
+    assert second["kl"] != first["kl"]

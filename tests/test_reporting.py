@@ -76,3 +76,10 @@ def test_config_key_is_stable_and_sensitive():
     a = RunConfig()
     assert config_key(a) == config_key(RunConfig())
     assert config_key(a) != config_key(RunConfig.from_dict({"irm": {"min_token_count": 3}}))
+
+
+def test_metrics_json_is_strict_json_even_with_undefined_figures(tmp_path):
+    from irmprobe.cache import write_json
+
+    path = write_json(tmp_path / "m.json", {"se": float("nan"), "ok": 1.5})
+    assert json.loads(path.read_text()) == {"se": None, "ok": 1.5}

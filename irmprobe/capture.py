@@ -152,6 +152,15 @@ class Capture:
     """``log p_tuned(x_t | x_<t)``."""
     acts: dict[str, np.ndarray]
     """``"{model}.{layer}"`` -> float32 array [rows, d_model], model in {base, tuned}."""
+    vocab_logp_sum: dict[str, np.ndarray] | None = None
+    """``model`` -> float64 [vocab]: ``log p(v | x_<t)`` of every vocabulary token ``v``, summed over
+    the rows. Divided by the row count it is the full-vocabulary mean log-probability."""
+
+    def vocab_log_ratio(self) -> np.ndarray:
+        """Full-vocabulary implicit reward: mean over contexts of log p_tuned(v) - log p_base(v)."""
+        if self.vocab_logp_sum is None:
+            raise ValueError("this capture has no full-vocabulary sums: capture it again with this version")
+        return (self.vocab_logp_sum["tuned"] - self.vocab_logp_sum["base"]) / max(1, len(self.token_ids))
 
     @property
     def log_ratio(self) -> np.ndarray:
@@ -166,13 +175,15 @@ class Capture:
         out = {"token_ids": self.token_ids, "seq_index": self.seq_index, "position": self.position,
                "logp_base": self.logp_base, "logp_tuned": self.logp_tuned}
         out.update({f"acts.{k}": v for k, v in self.acts.items()})
+        out.update({f"vocab_logp_sum.{k}": v for k, v in (self.vocab_logp_sum or {}).items()})
         return out
 
     @classmethod
     def from_arrays(cls, layers, hook: str, arrays: dict[str, np.ndarray]) -> Capture:
         acts = {k[len("acts."):]: v for k, v in arrays.items() if k.startswith("acts.")}
+        sums = {k[len("vocab_logp_sum."):]: v for k, v in arrays.items() if k.startswith("vocab_logp_sum.")}
         return cls(tuple(layers), hook, arrays["token_ids"], arrays["seq_index"], arrays["position"],
-                   arrays["logp_base"], arrays["logp_tuned"], acts)
+                   arrays["logp_base"], arrays["logp_tuned"], acts, sums or None)
 
     def batches(self, key: str, batch_size: int, seed: int):
         """Endless shuffled batches of one activation array (``"tuned.9"``), for SAELens."""
@@ -220,7 +231,7 @@ def capture_to_store(
     directory.mkdir(parents=True, exist_ok=True)
     n = len(token_ids)
     n_shards = max(1, -(-n // shard_sequences))
-    header = {"version": 1, "models": {"base": pair.base_spec, "tuned": pair.tuned_spec}, "hook": hook,
+    header = {"version": 2, "models": {"base": pair.base_spec, "tuned": pair.tuned_spec}, "hook": hook,
               "hooks": [f"blocks.{l}.{hook}" for l in layers], "layers": list(layers), "dtype": "float32",
               "d_model": pair.d_model, "n_sequences": n, "shard_sequences": shard_sequences,
               "tokens_sha256": hashlib.sha256(json.dumps([list(t) for t in token_ids]).encode()).hexdigest()}
@@ -271,18 +282,24 @@ def load_store(directory: Path, *, verify: bool = True) -> Capture:
             raise ValueError(f"activation store {directory}: shard {name} is corrupted (checksum mismatch); "
                              "delete it and run the capture again to recompute it")
         parts.append(load_file(str(path)))
-    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # Per-row arrays are concatenated over shards; full-vocabulary sums are added.
+    arrays = {k: np.sum([p[k] for p in parts], axis=0) if k.startswith("vocab_logp_sum.")
+              else np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return Capture.from_arrays(manifest["layers"], manifest["hook"], arrays)
 
 
 @torch.no_grad()
-def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str]):
+def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str], real: torch.Tensor):
     logits, cache = bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
     logits = logits[:, :-1].float()
     target = tokens[:, 1:].unsqueeze(-1)
     # log p(x_t | x_<t) for t >= 1, without materialising a second [batch, pos, vocab] tensor.
-    token_logp = logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return token_logp, {n: cache[n][:, 1:].float() for n in names}
+    lse = torch.logsumexp(logits, dim=-1)
+    token_logp = logits.gather(-1, target).squeeze(-1) - lse
+    # Sum over real rows of log p(v | x_<t) for every v: sum_t logits_t - sum_t logsumexp_t.
+    weight = real.to(logits.device, logits.dtype)
+    vocab_sum = torch.einsum("btv,bt->v", logits, weight).double() - (lse * weight).sum().double()
+    return token_logp, {n: cache[n][:, 1:].float() for n in names}, vocab_sum
 
 
 def capture_pair(
@@ -311,6 +328,7 @@ def capture_pair(
     order = np.argsort(-lengths, kind="stable")
     rows_tok, rows_seq, rows_pos = [], [], []
     logps = {k: [] for k in models}
+    vocab: dict[str, np.ndarray] = {}
     acts = {f"{k}.{l}": [] for k in models for l in layers}
     for start in tqdm(range(0, len(order), batch_size), desc="capture", leave=False):
         chunk = order[start : start + batch_size]
@@ -321,7 +339,8 @@ def capture_pair(
         real = torch.arange(1, width)[None, :] < torch.tensor(lengths[chunk])[:, None]  # t >= 1
         tokens = tokens.to(device)
         for kind, bridge in bridges.items():
-            token_logp, cache = _forward(bridge, tokens, names)
+            token_logp, cache, vocab_sum = _forward(bridge, tokens, names, real)
+            vocab[kind] = vocab_sum.cpu().numpy() + vocab.get(kind, 0.0)
             logps[kind].append(token_logp[real].cpu().numpy())
             for layer, name in zip(layers, names):
                 acts[f"{kind}.{layer}"].append(cache[name][real].cpu().numpy())
@@ -336,10 +355,43 @@ def capture_pair(
         for layer in layers:
             merged[f"tuned.{layer}"] = merged[f"base.{layer}"]
         logp_tuned = logp_base.copy()
+        vocab["tuned"] = vocab["base"].copy()
     else:
         logp_tuned = np.concatenate(logps["tuned"]).astype(np.float32)
     return Capture(
         tuple(layers), hook,
         np.concatenate(rows_tok).astype(np.int64), np.concatenate(rows_seq).astype(np.int64),
-        np.concatenate(rows_pos).astype(np.int64), logp_base, logp_tuned, merged,
+        np.concatenate(rows_pos).astype(np.int64), logp_base, logp_tuned, merged, vocab,
     )
+
+
+@torch.no_grad()
+def last_token_activations(bridge: TransformerBridge, token_ids, layers: tuple[int, ...], *,
+                           hook: str = "hook_mlp_out", batch_size: int = 32) -> dict[int, np.ndarray]:
+    """Hook activations at the last token of each sequence: layer -> float32 [n_sequences, d_model].
+
+    Sequences are right-padded, so the last real position sees exactly its own prefix.
+    """
+    if not token_ids:
+        raise ValueError("no sequences to run")
+    names = [f"blocks.{l}.{hook}" for l in layers]
+    device = next(bridge.parameters()).device
+    pad = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0
+    lengths = np.array([len(t) for t in token_ids])
+    out = {l: np.zeros((len(token_ids), 0), np.float32) for l in layers}
+    parts: dict[int, list] = {l: [] for l in layers}
+    order = np.argsort(-lengths, kind="stable")
+    for start in tqdm(range(0, len(order), batch_size), desc="last-token activations", leave=False):
+        chunk = order[start : start + batch_size]
+        width = int(lengths[chunk].max())
+        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for row, s in enumerate(chunk):
+            tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
+        _, cache = bridge.run_with_cache(tokens.to(device), names_filter=names, return_cache_object=False)
+        last = torch.tensor(lengths[chunk] - 1, device=device)
+        for layer, name in zip(layers, names):
+            parts[layer].append(cache[name][torch.arange(len(chunk), device=device), last].float().cpu().numpy())
+    inverse = np.argsort(order, kind="stable")
+    for layer in layers:
+        out[layer] = np.concatenate(parts[layer])[inverse]
+    return out

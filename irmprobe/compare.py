@@ -1,10 +1,12 @@
-"""Compare an IRM's token -> value map with the RM's: rank and sign agreement, paired by token."""
+"""Compare IRM views with the RM: rank, sign, error and text-level agreement, baselines, controls,
+and per-feature alignment. Every rank statistic pairs values by token (SciPy)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
+import scipy.sparse as sp
 from scipy import stats
 
 
@@ -68,3 +70,158 @@ def agreement(name: str, irm_map: dict[int, float], rm_map: dict[int, float]) ->
         float(np.mean(irm[neg] < center)) if neg.any() else None,
         int(pos.sum()), int(neg.sum()), center,
     )
+
+
+def tau_confidence_interval(irm_values: np.ndarray, rm_values: np.ndarray, *, n_resamples: int = 1000,
+                            level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of Kendall tau, resampling tokens (pairs kept together; SciPy)."""
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be at least 1")
+    res = stats.bootstrap((irm_values, rm_values), lambda a, b: stats.kendalltau(a, b).statistic, paired=True,
+                          vectorized=False, n_resamples=n_resamples, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def _pct_rank(values: np.ndarray) -> np.ndarray:
+    return (stats.rankdata(values) - 0.5) / len(values)
+
+
+def error_vs_frequency(irm_values: np.ndarray, rm_values: np.ndarray, counts: np.ndarray) -> dict:
+    """How the IRM's error depends on how often the tuned model generated the token.
+
+    The error of a token is the gap between its percentile rank under the IRM and under the RM
+    (scale-free, so IRMs in log-prob units compare with lexicon values). Returns Spearman's rho of
+    error vs count (negative: frequent tokens are valued more faithfully) and the mean error in
+    each count quartile (rarest first).
+    """
+    error = np.abs(_pct_rank(irm_values) - _pct_rank(rm_values))
+    counts = np.asarray(counts, dtype=np.float64)
+    if len(error) < 4 or np.all(counts == counts[0]):
+        return {"rho": None, "p_value": None, "quartile_error": None}
+    rho, p = stats.spearmanr(error, counts)
+    edges = np.quantile(counts, [0.25, 0.5, 0.75])
+    bins = np.searchsorted(edges, counts, side="right")
+    quartiles = [float(error[bins == b].mean()) if np.any(bins == b) else None for b in range(4)]
+    return {"rho": float(rho), "p_value": float(p), "quartile_error": quartiles}
+
+
+def disagreements(irm_map: dict[int, float], rm_map: dict[int, float], decode, n: int = 10) -> dict:
+    """The tokens IRM and RM disagree on most, each way, by percentile-rank gap.
+
+    ``irm_over_rm``: the IRM values them far above where the RM does (what tuning rewarded beyond
+    the RM); ``rm_over_irm``: the reverse. Each entry is (token, IRM value, RM value, rank gap).
+    """
+    ids, irm, rm = paired(irm_map, rm_map)
+    if len(ids) < 2:
+        return {"irm_over_rm": [], "rm_over_irm": []}
+    gap = _pct_rank(irm) - _pct_rank(rm)
+    order = np.argsort(-gap, kind="stable")
+    row = lambda i: [decode(int(ids[i])), float(irm[i]), float(rm[i]), float(gap[i])]  # noqa: E731
+    return {"irm_over_rm": [row(i) for i in order[:n] if gap[i] > 0],
+            "rm_over_irm": [row(i) for i in order[::-1][:n] if gap[i] < 0]}
+
+
+def text_agreement(scores: np.ndarray, rewards: np.ndarray) -> dict:
+    """Kendall tau between an IRM's text scores and the RM's rewards of the same texts."""
+    scores, rewards = np.asarray(scores, dtype=np.float64), np.asarray(rewards, dtype=np.float64)
+    if len(scores) < 3 or np.all(scores == scores[0]) or np.all(rewards == rewards[0]):
+        return {"text_tau": None, "text_p": None, "n_texts": int(len(scores))}
+    res = stats.kendalltau(scores, rewards)
+    return {"text_tau": float(res.statistic), "text_p": float(res.pvalue), "n_texts": int(len(scores))}
+
+
+def compare_view(name: str, family: str, irm_map: dict[int, float], counts: dict[int, int], rm_map: dict[int, float],
+                 *, text_scores: np.ndarray | None = None, rewards: np.ndarray | None = None,
+                 n_bootstrap: int = 1000, seed: int = 0, is_zero: bool = False, **extra) -> dict:
+    """Every token- and text-level figure of one IRM view against the RM, as one table row.
+
+    Args:
+        name: the view.
+        family: ``behavioural`` (fitted without the RM), ``rm_informed`` (uses RM labels) or ``baseline``.
+        irm_map: token -> IRM value.
+        counts: token -> how often it occurs in the captured text (for error vs frequency).
+        rm_map: token -> RM value.
+        text_scores, rewards: the view's score and the RM's reward of the same held-out texts.
+        n_bootstrap: resamples for the tau CI (0 skips it).
+        is_zero: the view is identically zero (nothing was learned).
+        extra: more columns (test R^2, strengths, notes).
+    """
+    row = asdict(agreement(name, {} if is_zero else irm_map, rm_map)) | {"family": family} | extra
+    if is_zero:
+        return row | {"is_zero": True}
+    if row["tau"] is not None:
+        ids, irm, rm = paired(irm_map, rm_map)
+        if n_bootstrap:
+            row["tau_ci"] = list(tau_confidence_interval(irm, rm, n_resamples=n_bootstrap, seed=seed))
+        rho, p = stats.spearmanr(irm, rm)
+        row["spearman"], row["spearman_p"] = float(rho), float(p)
+        row["error_vs_frequency"] = error_vs_frequency(irm, rm, np.array([counts.get(int(i), 0) for i in ids]))
+    if text_scores is not None and rewards is not None:
+        row.update(text_agreement(text_scores, rewards))
+    return row
+
+
+def feature_alignment(X, coef: np.ndarray, rm_row_values: np.ndarray, token_ids: np.ndarray, decode,
+                      feature_names: list[str], *, n: int = 10, n_tokens: int = 5, threshold: float = 0.1) -> dict:
+    """Each feature's IRM weight next to its correlation with the RM value of the token it fires on.
+
+    Shortlists: ``irm_not_rm`` — features the IRM rewards most while the RM does not (their
+    correlation with RM value is below ``threshold``): candidate reward hacking; ``rm_not_irm`` —
+    features that track RM value (correlation above ``threshold``) that the IRM gives no or
+    negative weight. Each entry
+    carries the tokens on which the feature fires hardest on average.
+    """
+    X = sp.csr_matrix(X)
+    n_rows = X.shape[0]
+    r = np.asarray(rm_row_values, dtype=np.float64)
+    mean_x = np.asarray(X.mean(axis=0)).ravel()
+    var_x = np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean_x**2
+    cov = np.asarray(X.T @ (r - r.mean())).ravel() / n_rows
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.where((var_x > 0) & (r.std() > 0), cov / np.sqrt(np.maximum(var_x, 1e-300)) / (r.std() or 1), 0.0)
+    coef = np.asarray(coef, dtype=np.float64)
+    irm_not_rm = [i for i in np.argsort(-coef, kind="stable") if coef[i] > 0 and corr[i] < threshold][:n]
+    rm_not_irm = [i for i in np.argsort(-corr, kind="stable") if corr[i] > threshold and coef[i] <= 0][:n]
+    Xc = X.tocsc()
+
+    def entry(i: int) -> dict:
+        col = Xc[:, i]
+        rows, vals = col.indices, col.data
+        top = []
+        if len(rows):
+            tok = token_ids[rows]
+            uniq, inv = np.unique(tok, return_inverse=True)
+            mean = np.bincount(inv, weights=vals) / np.bincount(inv)
+            top = [decode(int(uniq[j])) for j in np.argsort(-mean, kind="stable")[:n_tokens]]
+        return {"feature": feature_names[i], "weight": float(coef[i]), "rm_corr": float(corr[i]),
+                "frequency": float(len(rows) / n_rows), "top_tokens": top}
+
+    return {"weights": coef.tolist(), "rm_corr": corr.tolist(), "irm_not_rm": [entry(i) for i in irm_not_rm],
+            "rm_not_irm": [entry(i) for i in rm_not_irm]}
+
+
+def against_control(rows: list[dict], control_rows: list[dict]) -> list[dict]:
+    """Put each view's figures next to the control organism's: ``control_tau`` and ``above_control``.
+
+    RM-informed views get ``control_flag``: they decode the RM from any model's features, so they
+    cannot tell a control organism from a real one.
+    """
+    control = {r["name"]: r for r in control_rows}
+    out = []
+    for row in rows:
+        c = control.get(row["name"])
+        row = dict(row)
+        if c is not None:
+            row["control_tau"] = c.get("tau")
+            row["control_text_tau"] = c.get("text_tau")
+            row["control_is_zero"] = c.get("is_zero")
+            if row.get("tau") is not None and c.get("tau") is not None:
+                row["above_control"] = row["tau"] - c["tau"]
+                ci = c.get("tau_ci")
+                row["above_control_ci"] = bool(ci is not None and row.get("tau_ci") is not None
+                                               and row["tau_ci"][0] > ci[1])
+        if row.get("family") == "rm_informed":
+            row["control_flag"] = "uses RM labels: decodes the RM from any model, cannot tell a control from a real organism"
+        out.append(row)
+    return out

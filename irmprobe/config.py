@@ -49,7 +49,8 @@ class RewardConfig:
     """The reward model the tuned model was (or will be) trained against."""
 
     kind: str = "vader"
-    """``vader`` (the VADER lexicon), ``lexicon`` (your word/value file) or ``classifier`` (an HF model)."""
+    """``vader`` (the VADER lexicon), ``lexicon`` (your word/value file), ``classifier`` (an HF model) or
+    ``random`` (a fixed random value per text: a control organism)."""
     path: str | None = None
     """For ``lexicon``: a two-column word/value file, tab-separated (.tsv) or comma-separated (.csv)."""
     model: str | None = None
@@ -60,10 +61,12 @@ class RewardConfig:
     """For lexicons: a text's summed value is divided by this."""
     clip: float = 10.0
     """For lexicons: the scaled reward is clipped to [-clip, clip]."""
+    seed: int = 0
+    """For ``random``: which random reward."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("vader", "lexicon", "classifier"):
-            raise ValueError(f"RewardConfig.kind must be vader, lexicon or classifier, got {self.kind!r}")
+        if self.kind not in ("vader", "lexicon", "classifier", "random"):
+            raise ValueError(f"RewardConfig.kind must be vader, lexicon, classifier or random, got {self.kind!r}")
         if self.kind == "lexicon" and not self.path:
             raise ValueError("RewardConfig.kind=lexicon needs reward.path (a word/value .tsv or .csv file)")
         if self.kind == "classifier" and not self.model:
@@ -225,12 +228,19 @@ class SAEConfig:
 
 @dataclass(frozen=True)
 class IRMConfig:
-    """The linear IRM fitted to the per-token log-ratio."""
+    """The IRM estimators: linear models over SAE features fitted to the per-token log-ratio."""
 
+    estimators: tuple[str, ...] = ("ridge", "lasso", "elasticnet")
+    """Behavioural SAE-feature fits to the log-ratio; the first is the primary IRM (``sae_irm``)."""
+    inputs: str = "tuned"
+    """Probe inputs: ``tuned`` (tuned SAE features), ``base`` (base SAE features), ``diff`` (tuned features
+    minus their one-to-one matched base features) or ``raw`` (activations, no SAE)."""
     alphas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
-    """Ridge strengths tried by cross-validation."""
+    """Ridge strengths tried by cross-validation (Lasso/ElasticNet use a grid scaled to the data)."""
+    l1_ratio: float = 0.5
+    """ElasticNet's L1 share."""
     test_fraction: float = 0.2
-    """Fraction of sequences held out to score the fit."""
+    """Fraction of sequences held out to score the fit and the text-level agreement."""
     min_token_count: int = 2
     """A token enters the comparison if it occurs at least this often."""
     n_shuffles: int = 5
@@ -239,8 +249,48 @@ class IRMConfig:
     def __post_init__(self) -> None:
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise ValueError(f"IRMConfig.alphas must be positive numbers, got {self.alphas!r}")
+        if not self.estimators or any(e not in ("ridge", "lasso", "elasticnet") for e in self.estimators):
+            raise ValueError(f"IRMConfig.estimators must be a non-empty list of ridge, lasso, elasticnet; "
+                             f"got {self.estimators!r}")
+        if self.inputs not in ("tuned", "base", "diff", "raw"):
+            raise ValueError(f"IRMConfig.inputs must be tuned, base, diff or raw, got {self.inputs!r}")
+        if not 0 < self.l1_ratio <= 1:
+            raise ValueError(f"IRMConfig.l1_ratio must be in (0, 1], got {self.l1_ratio!r}")
         _fraction(self, "test_fraction")
         _positive(self, "min_token_count", "n_shuffles")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """IRM vs RM: uncertainty, RM-informed views, the control organism and feature alignment."""
+
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of tokens for each tau's 95% CI (0 skips)."""
+    rm_informed: bool = True
+    """Also fit the RM-informed views (contrastive probe, RM regression, preference probe)."""
+    n_triples: int = 200
+    """Contrastive triples for the paper's probe (one forward of the tuned model per variant)."""
+    triples_path: str | None = None
+    """A text file (one sentence per line) to build triples from; None uses the held-out generations."""
+    llm_base_url: str | None = None
+    """An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) that picks swap words; None: offline."""
+    llm_model: str = "gpt-4o-mini"
+    """The endpoint's model name."""
+    llm_api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the endpoint's key (read at call time, never stored)."""
+    control_steps: int | None = 30
+    """RLOO steps of the control organism (the base tuned against a random reward); null skips the control."""
+    n_disagreements: int = 10
+    """Tokens listed where IRM and RM disagree most, each way."""
+    n_alignment: int = 10
+    """Features shortlisted each way in the feature alignment."""
+
+    def __post_init__(self) -> None:
+        if self.n_bootstrap < 0:
+            raise ValueError(f"CompareConfig.n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        if self.control_steps is not None and self.control_steps <= 0:
+            raise ValueError("CompareConfig.control_steps must be positive, or null to skip the control organism")
+        _positive(self, "n_triples", "n_disagreements", "n_alignment")
 
 
 @dataclass(frozen=True)
@@ -273,6 +323,7 @@ class RunConfig:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     irm: IRMConfig = field(default_factory=IRMConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     """Seed for every stage."""

@@ -37,10 +37,11 @@ def activation_batches(acts: np.ndarray, batch_size: int, seed: int) -> Iterator
             "or lower sae.batch_size"
         )
     rng = np.random.default_rng(seed)
+    table = torch.from_numpy(np.asarray(acts, dtype=np.float32))  # no copy when already float32
     while True:
-        order = rng.permutation(len(acts))
+        order = torch.from_numpy(rng.permutation(len(acts)))
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield torch.from_numpy(acts[order[start : start + batch_size]])
+            yield table.index_select(0, order[start : start + batch_size])
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def train_sae(
         dead_feature_window=max(50, config.training_samples // config.batch_size // 4),
         feature_sampling_window=max(50, config.training_samples // config.batch_size // 2),
     )
-    batches = (b.to(device) for b in activation_batches(acts.astype(np.float32), config.batch_size, seed))
+    batches = (b.to(device) for b in activation_batches(acts, config.batch_size, seed))
     return SAETrainer(trainer_cfg, sae, data_provider=batches).fit()
 
 
@@ -122,7 +123,7 @@ def encode(sae: SAE, acts: np.ndarray, batch_size: int = 4096) -> sp.csr_matrix:
 def evaluate_sae(sae: SAE, acts: np.ndarray, batch_size: int = 4096) -> SAEMetrics:
     """Explained variance, MSE, L0 and dead fraction of ``sae`` on ``acts``."""
     device = next(sae.parameters()).device
-    x_all = torch.from_numpy(acts.astype(np.float32))
+    x_all = torch.from_numpy(np.asarray(acts, dtype=np.float32))
     mean = x_all.mean(0)
     sse = tot = 0.0
     l0 = 0.0

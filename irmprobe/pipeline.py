@@ -19,16 +19,21 @@ import numpy as np
 import scipy.sparse as sp
 
 from irmprobe import reporting
+from safetensors.numpy import load_file, save_file
+
 from irmprobe.cache import cache_root, config_key, write_json
-from irmprobe.capture import Capture, Samples, capture_to_store, load_store, sample_continuations, store_complete
-from irmprobe.compare import agreement
+from irmprobe.capture import (Capture, Samples, capture_to_store, last_token_activations, load_store,
+                              sample_continuations, store_complete)
+from irmprobe.compare import against_control, disagreements, feature_alignment
 from irmprobe.config import RunConfig
-from irmprobe.features import (decoder_directions, encode, evaluate_sae, load_sae, mmcs, save_sae, splice_metrics,
+from irmprobe.features import (decoder_directions, evaluate_sae, load_sae, mmcs, save_sae, splice_metrics,
                                train_sae, unmatched_features)
-from irmprobe.irm import fit_irm, token_map
+from irmprobe.irm import token_map
 from irmprobe.organisms import load_prompts, make_organism, report_from, seed_everything, split_prompts
 from irmprobe.pairs import ModelPair, fingerprint, layer_divergence, load_pair
-from irmprobe.rewards import RewardModel, reward_model
+from irmprobe.rewards import RandomRM, RewardModel, reward_model
+from irmprobe.triples import Triples, build_triples, llm_swap_words
+from irmprobe.views import analyse, probe_inputs
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +119,14 @@ def _get_sae(config: RunConfig, sae_config, capture: Capture, cap_key: str, kind
 
 
 def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Capture, cap_key: str,
-               tuned_id: str, rm: RewardModel) -> tuple[list[dict], list[dict], list]:
+               tuned_id: str, rm: RewardModel) -> tuple[list[dict], list[dict], dict]:
     """SAEs per (model, layer): metrics, splice loss, 1x-vs-2x MMCS, tuned-only features."""
     sc = config.sae
     eval_rows = np.random.default_rng(config.seed).random(len(capture.token_ids)) < 0.1
     # Half the splice text from each model's continuations (base ones come first in the samples).
     half, n_half = len(samples.token_ids) // 2, sc.splice_sequences // 2
     splice_seqs = list(samples.token_ids[:n_half]) + list(samples.token_ids[half : half + sc.splice_sequences - n_half])
-    rows, features, dirs = [], [], {}
+    rows, saes, dirs = [], {}, {}
     for kind in ("base", "tuned"):
         for layer in capture.layers:
             meta = {"model_name": tuned_id if kind == "tuned" else config.pair.base,
@@ -145,15 +150,109 @@ def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Ca
                     write_json(cached, splice)
                 row.update(splice)
             rows.append(row)
-            if kind == "tuned":
-                features.append(encode(sae, capture.acts[f"{kind}.{layer}"]))
+            saes[kind, layer] = sae
     layer_rows = []
     for layer in capture.layers:
         new = unmatched_features(dirs["tuned", layer], dirs["base", layer], sc.match_threshold)
         layer_rows.append({"layer": layer, "tuned_only_features": int(len(new)),
                            "mmcs_tuned_vs_base": mmcs(dirs["tuned", layer], dirs["base", layer]),
                            "tuned_only_indices": new.tolist()})
-    return rows, layer_rows, features
+    return rows, layer_rows, saes
+
+
+def triples_source(config: RunConfig) -> str:
+    cc = config.compare
+    where = cc.triples_path or "held-out generations"
+    return where + (f", swap words from {cc.llm_model} at {cc.llm_base_url}" if cc.llm_base_url else ", offline swap words")
+
+
+def _triples(config: RunConfig, pair: ModelPair, samples: Samples, rm_map: dict) -> Triples | None:
+    """Contrastive triples from the generations (or a text file); None when none can be built."""
+    cc = config.compare
+    if cc.triples_path:
+        texts = load_prompts(cc.triples_path)
+        streams = [pair.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    else:
+        streams = [list(t) for t in samples.token_ids]
+    try:
+        triples = build_triples(streams, rm_map, pair.tokenizer, n_max=cc.n_triples, seed=config.seed)
+    except ValueError as exc:
+        log.warning("no contrastive probe: %s", exc)
+        return None
+    if cc.llm_base_url:
+        from irmprobe.llm import ChatClient
+
+        client = ChatClient(cc.llm_base_url, cc.llm_model, api_key_env=cc.llm_api_key_env)
+        triples = llm_swap_words(triples, pair.tokenizer, rm_map, client)
+    return triples
+
+
+def _triple_inputs(config: RunConfig, pair: ModelPair, saes: dict, layers, triples: Triples, cap_key: str,
+                   kinds_bridge=None) -> tuple:
+    """Probe inputs at the last token of each triple variant (activations cached by the triples)."""
+    ic = config.irm
+    kinds = {"tuned": ["tuned"], "raw": ["tuned"], "base": ["base"], "diff": ["base", "tuned"]}[ic.inputs]
+    bridges = kinds_bridge or {k: pair.bridge(k) for k in kinds}
+    key = config_key("triples-v1", cap_key, pair.base_spec, pair.tuned_spec, layers, config.capture.hook,
+                     [list(p) for p in triples.prefixes], triples.positive, triples.negative, triples.neutral, sorted(bridges))
+    path = _stage_dir("triples", key) / "activations.safetensors"
+    if path.is_file():
+        arrays = load_file(str(path))
+    else:
+        arrays = {}
+        for variant in ("positive", "negative", "neutral"):
+            for kind, bridge in bridges.items():
+                acts = last_token_activations(bridge, triples.sequences(variant), tuple(layers), hook=config.capture.hook)
+                arrays.update({f"{variant}/{kind}.{l}": a for l, a in acts.items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(arrays, str(tmp))
+        tmp.replace(path)
+    out = []
+    for variant in ("positive", "negative", "neutral"):
+        acts = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(variant + "/")}
+        out.append(probe_inputs(ic.inputs, acts, saes, layers)[0])
+    return (*out, triples.positive, triples.negative)
+
+
+def _control(config: RunConfig, pair: ModelPair, samples: Samples, stream, layers, saes: dict, rm_map: dict,
+             triples: Triples | None, echo) -> tuple[list[dict], dict]:
+    """The noise floor: the base tuned against a random reward, analysed exactly like the organism."""
+    pc, cmp = config.pair, config.compare
+    method = config.organism.method if config.organism.method in ("rloo", "grpo") else "rloo"
+    org_cfg = replace(config.organism, method=method, steps=cmp.control_steps, checkpoint_every=0)
+    random_rm = RandomRM(config.seed)
+    prompts = load_prompts(config.prompts.path, dataset=config.prompts.dataset, column=config.prompts.column,
+                           split=config.prompts.split)
+    train_prompts, _ = split_prompts(prompts, config.prompts.n_heldout, config.seed)
+    org = make_organism(pc.base, random_rm, org_cfg, train_prompts, seed=config.seed, device=pc.device,
+                        trust_remote_code=pc.trust_remote_code)
+    echo(f"control: {'reusing' if org.reused else 'trained'} the random-reward organism at {org.path}")
+    control = load_pair(pc.base, str(org.path), device=pc.device, dtype=pc.dtype, trust_remote_code=pc.trust_remote_code)
+    cap_key = config_key("capture-v4", "control", org.path.name, _hash_lines([json.dumps(list(t)) for t in stream]),
+                         layers, config.capture.hook)
+    cap_dir = _stage_dir("capture", cap_key)
+    if not store_complete(cap_dir):
+        capture_to_store(control, stream, layers, cap_dir, hook=config.capture.hook, batch_size=config.capture.batch_size)
+    capture = load_store(cap_dir)
+    eval_rows = np.random.default_rng(config.seed).random(len(capture.token_ids)) < 0.1
+    control_saes = {("base", l): saes["base", l] for l in layers}
+    for layer in layers:
+        meta = {"model_name": f"control:{org.path.name}", "hook_name": capture.hook_name(layer),
+                "irmprobe_model": "control", "irmprobe_reward": random_rm.name}
+        control_saes["tuned", layer], _, _ = _get_sae(config, config.sae, capture, cap_key, "tuned", layer, eval_rows, meta)
+    X, _ = probe_inputs(config.irm.inputs, capture.acts, control_saes, layers)
+    raw = None if config.irm.inputs == "raw" else probe_inputs("raw", capture.acts, control_saes, layers)[0]
+    triple_x = None
+    if triples is not None:
+        kinds = {"tuned": ["tuned"], "raw": ["tuned"], "base": ["base"], "diff": ["base", "tuned"]}[config.irm.inputs]
+        triple_x = _triple_inputs(config, control, control_saes, layers, triples, cap_key,
+                                  kinds_bridge={k: control.bridge(k) for k in kinds})
+    # The control's text-level figures use the organism's held-out generations and their RM rewards.
+    result = analyse(capture, X, samples, rm_map, config, seed=config.seed, raw=raw, triple_inputs=triple_x, n_jobs=2)
+    report = {"path": str(org.path), "reward": random_rm.describe(), "steps": cmp.control_steps, "method": method,
+              "mean_log_ratio": float(capture.log_ratio.mean()), "reused": org.reused}
+    return result.rows, report
 
 
 def _get_samples(config: RunConfig, pair: ModelPair, tuned_id: str, heldout: list[str],
@@ -203,7 +302,7 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
     with stage("capture"):
         cc = config.capture
         stream = list(samples.token_ids) + _extra_texts(cc, pair.tokenizer)
-        cap_key = config_key("capture-v3", samples_key, layers, cc.hook,
+        cap_key = config_key("capture-v4", samples_key, layers, cc.hook,
                              hashlib.sha256(json.dumps(stream[len(samples.token_ids):]).encode()).hexdigest())
         cap_dir = _stage_dir("capture", cap_key)
         if not store_complete(cap_dir):
@@ -211,35 +310,34 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
         capture = load_store(cap_dir)
 
     with stage("saes"):
-        sae_rows, layer_rows, features = _sae_stage(config, pair, samples, capture, cap_key, tuned_id, rm)
+        sae_rows, layer_rows, saes = _sae_stage(config, pair, samples, capture, cap_key, tuned_id, rm)
 
+    ic, cmp = config.irm, config.compare
+    rm_map = rm.token_values(pair.tokenizer)
     with stage("irm"):
-        X = sp.hstack(features).tocsr()
-        y = capture.log_ratio.astype(np.float64)
-        groups = capture.seq_index
-        ic = config.irm
-        sae_fit = fit_irm("sae_irm", X, y, groups, alphas=ic.alphas, test_fraction=ic.test_fraction, seed=config.seed)
-        # The noise floor: the same estimator, at the IRM's strength, fitted to shuffled targets.
-        shuffled = [fit_irm(f"shuffled_{i}", X, y, groups, alphas=(sae_fit.alpha,), test_fraction=ic.test_fraction,
-                            seed=config.seed + 1 + i, shuffle_target=True) for i in range(ic.n_shuffles)]
+        X, feature_names = probe_inputs(ic.inputs, capture.acts, saes, layers)
+        raw = None if ic.inputs == "raw" else probe_inputs("raw", capture.acts, saes, layers)[0]
+        triples = _triples(config, pair, samples, rm_map) if cmp.rm_informed else None
+        triple_x = _triple_inputs(config, pair, saes, layers, triples, cap_key) if triples is not None else None
+        main = analyse(capture, X, samples, rm_map, config, seed=config.seed, raw=raw, triple_inputs=triple_x, n_jobs=2)
+
+    control_rows, control_info = None, None
+    if cmp.control_steps and not pair.is_null:
+        with stage("control"):
+            control_rows, control_info = _control(config, pair, samples, stream, layers, saes, rm_map, triples, echo)
 
     with stage("compare"):
-        rm_map = rm.token_values(pair.tokenizer)
-        maps = {name: token_map(capture.token_ids, v, ic.min_token_count)
-                for name, v in [("log_ratio (no model)", y), ("sae_irm", sae_fit.predictions)]
-                + [(f.name, f.predictions) for f in shuffled]}
-
-        def agree_row(name: str, r2: float | None) -> dict:
-            return asdict(agreement(name, {t: v for t, (v, _) in maps[name].items()}, rm_map)) | {"test_r2": r2}
-
-        agree = [agree_row("log_ratio (no model)", None) | {"family": "behavioural"},
-                 agree_row("sae_irm", sae_fit.test_r2) | {"family": "behavioural"}]
-        shuffle_rows = [agree_row(f.name, f.test_r2) for f in shuffled]
-        agree.append(_baseline_row(shuffle_rows))
-        lr_map, sae_map = maps["log_ratio (no model)"], maps["sae_irm"]
-        token_rows = [[pair.tokenizer.decode([tok]), rm_map[tok], lr_map[tok][1], lr_map[tok][0], sae_map[tok][0],
-                       maps[shuffled[0].name][tok][0]]
-                      for tok in sorted(set(lr_map) & set(rm_map), key=lambda t: -lr_map[t][1])]
+        agree = against_control(main.rows, control_rows) if control_rows is not None else main.rows
+        decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
+        alignment = feature_alignment(X, main.fits["sae_irm"].coef, main.rm_rows, capture.token_ids, decode,
+                                      feature_names, n=cmp.n_alignment) if ic.inputs != "raw" else None
+        disagree = {name: disagreements(main.maps[name], rm_map, decode, cmp.n_disagreements)
+                    for name in ("sae_irm", "log_ratio (no model)") if name in main.maps}
+        lr_map, sae_map = main.maps["log_ratio (no model)"], main.maps["sae_irm"]
+        counts = {t: c for t, (_, c) in token_map(capture.token_ids, capture.log_ratio, ic.min_token_count).items()}
+        token_rows = [[decode(tok), rm_map[tok], counts[tok], lr_map[tok], sae_map[tok],
+                       main.maps.get("full_vocab_log_ratio", {}).get(tok), main.maps["shuffled_0"].get(tok)]
+                      for tok in sorted(set(lr_map) & set(rm_map), key=lambda t: -counts[t])]
 
     organism_report = report_from(samples, capture)
     reward = organism_report["reward"] | {"n_prompts": organism_report["n_prompts"],
@@ -258,11 +356,18 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
         "capture": {"rows": int(len(capture.token_ids)), "sequences": len(samples.token_ids), "hook": capture.hook},
         "saes": sae_rows,
         "sae_layers": layer_rows,
-        "irm": {"sae_irm": {"alpha": sae_fit.alpha, "test_r2": sae_fit.test_r2, "is_zero": sae_fit.is_zero,
-                            "n_features": int(X.shape[1]), "n_rows": int(X.shape[0])},
-                "baseline_shuffled": {"alpha": sae_fit.alpha, "fits": shuffle_rows}},
+        "irm": {"inputs": ic.inputs, "n_features": int(X.shape[1]), "n_rows": int(X.shape[0]),
+                "fits": {name: {"alpha": f.alpha, "test_r2": f.test_r2, "is_zero": f.is_zero,
+                                "n_nonzero": int(np.count_nonzero(f.coef)) if f.coef is not None else None}
+                         for name, f in main.fits.items()},
+                "triples": None if triples is None else {"n": len(triples), "source": triples_source(config)}},
         "agreement": agree,
-        "tokens": {"columns": ["token", "rm_value", "count", "log_ratio", "sae_irm", "shuffled_0"], "rows": token_rows},
+        "control": control_info,
+        "control_agreement": control_rows,
+        "disagreements": disagree,
+        "feature_alignment": None if alignment is None else {k: alignment[k] for k in ("irm_not_rm", "rm_not_irm")},
+        "tokens": {"columns": ["token", "rm_value", "count", "log_ratio", "sae_irm", "full_vocab", "shuffled_0"],
+                   "rows": token_rows},
         "rm": {"tokens_with_value": len(rm_map), **rm.describe()},
         "verdict": verdict(reward, agree, pair.is_null),
         "stage_seconds": stage.seconds,
@@ -277,20 +382,6 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
     for line in reporting.summary_lines(metrics):
         echo(line)
     return RunResult(metrics, path)
-
-
-def _baseline_row(rows: list[dict]) -> dict:
-    """Summarise the shuffled-target fits as one table row: mean of each figure, spread of tau."""
-    out = {"name": "baseline_shuffled", "family": "baseline", "n_fits": len(rows), "n_tokens": rows[0]["n_tokens"]}
-    if any(r["is_zero"] for r in rows):
-        return out | {"is_zero": True, "tau": None, "p_value": None}
-    if any(r["tau"] is None for r in rows):
-        return out | {"is_zero": False, "tau": None, "p_value": None, "note": rows[0]["note"]}
-    taus = np.array([r["tau"] for r in rows])
-    mean = lambda k: float(np.mean([r[k] for r in rows if r[k] is not None])) if any(r[k] is not None for r in rows) else None  # noqa: E731
-    return out | {"is_zero": False, "tau": float(taus.mean()), "tau_sd": float(taus.std(ddof=1)) if len(taus) > 1 else 0.0,
-                  "tau_max": float(taus.max()), "p_value": None, "sign_acc_pos": mean("sign_acc_pos"),
-                  "sign_acc_neg": mean("sign_acc_neg"), "test_r2": mean("test_r2")}
 
 
 def verdict(reward: dict, agree: list[dict], is_null: bool) -> list[str]:
@@ -318,6 +409,15 @@ def verdict(reward: dict, agree: list[dict], is_null: bool) -> list[str]:
     else:
         out.append(f"the SAE IRM does NOT beat the shuffled-target baseline: tau {irm['tau']:+.3f} "
                    f"(p {irm['p_value']:.1e}) vs baseline max {floor:+.3f} over {base['n_fits']} fits.")
+    if irm.get("control_tau") is not None:
+        gap = irm["above_control"]
+        out.append(f"against the random-reward control organism (tau {irm['control_tau']:+.3f}) the SAE IRM stands "
+                   f"{gap:+.3f} above it" + (" with non-overlapping 95% CIs." if irm.get("above_control_ci")
+                                              else "; the CIs overlap, so this is not clear evidence of a learned reward."))
+    informed = [r for r in agree if r.get("family") == "rm_informed" and r.get("tau") is not None]
+    if informed:
+        out.append("RM-informed views (" + ", ".join(r["name"] for r in informed) + ") use RM labels: they show the "
+                   "RM is decodable from the features, which is as true of a model that learned nothing.")
     return out
 
 

@@ -65,26 +65,55 @@ def summary_lines(metrics: dict) -> list[str]:
     for row in metrics.get("sae_layers", []):
         lines.append(f"layer {row['layer']}: {row['tuned_only_features']} tuned-model features with no base match "
                      f"(MMCS tuned vs base {row['mmcs_tuned_vs_base']:.3f})")
-    lines.append("== IRM vs RM (Kendall tau paired by token; sign accuracy on RM-positive / RM-negative tokens) ==")
-    lines.append(f"{'view':<26} {'tokens':>6} {'tau':>7} {'p':>9} {'sign+':>6} {'sign-':>6} {'R2 test':>8}")
+    lines.append("== IRM views vs RM (Kendall tau paired by token with bootstrap 95% CI; sign accuracy on RM+/RM- "
+                 "tokens; text tau = IRM text score vs RM reward on held-out generations) ==")
+    has_control = any(r.get("control_tau") is not None or r.get("control_is_zero") for r in metrics["agreement"])
+    head = (f"{'view':<22} {'family':<11} {'tokens':>6} {'tau':>7} {'95% CI':>17} {'p':>8} {'rho':>6} "
+            f"{'sign+':>5} {'sign-':>5} {'text tau':>8} {'R2 test':>7}")
+    lines.append(head + (f" {'control':>7} {'above':>7}" if has_control else ""))
     for row in metrics["agreement"]:
-        if row["is_zero"]:
-            lines.append(f"{row['name']:<26} {row['n_tokens']:>6}   identically zero: no implicit reward learned")
-            continue
-        if row.get("tau") is None:
-            lines.append(f"{row['name']:<26} {row['n_tokens']:>6}   no figure: {row.get('note')}")
-            continue
-        p = f"{row['p_value']:>9.2e}" if row.get("p_value") is not None else f"{'sd ' + format(row['tau_sd'], '.3f'):>9}"
-        lines.append(
-            f"{row['name']:<26} {row['n_tokens']:>6} {row['tau']:>+7.3f} {p} "
-            f"{_fmt(row['sign_acc_pos'], '.2f'):>6} {_fmt(row['sign_acc_neg'], '.2f'):>6} "
-            f"{_fmt(row.get('test_r2'), '.3f'):>8}"
-        )
+        lines.append(agreement_line(row, has_control))
+    if metrics.get("control"):
+        c = metrics["control"]
+        lines.append(f"control organism: the base tuned with {c['method'].upper()} for {c['steps']} steps against "
+                     f"{c['reward']['name']} (a random reward); 'control' is its tau, 'above' the view's margin over it.")
+    for name, d in (metrics.get("disagreements") or {}).items():
+        lines.append(f"== where {name} and RM disagree most (token, IRM value, RM value) ==")
+        for label, key in (("IRM >> RM", "irm_over_rm"), ("RM >> IRM", "rm_over_irm")):
+            lines.append(f"{label}: " + ", ".join(f"{t!r} ({a:+.2f}, {b:+.2f})" for t, a, b, _ in d[key]))
+    fa = metrics.get("feature_alignment")
+    if fa:
+        lines.append("== feature alignment (sae_irm weight vs correlation with RM value; top tokens) ==")
+        for label, key in (("IRM rewards, RM does not (candidate reward hacking)", "irm_not_rm"),
+                           ("RM tracks, IRM does not reward", "rm_not_irm")):
+            lines.append(label + ":")
+            for e in fa[key][:5]:
+                lines.append(f"  {e['feature']:<14} weight {e['weight']:+.4f}  RM corr {e['rm_corr']:+.3f}  "
+                             f"freq {e['frequency']:.3f}  {e['top_tokens']}")
     lines.append("== verdict ==")
     lines.extend(metrics["verdict"])
     lines.append("== stage times (s) ==")
     lines.append("  ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
     return lines
+
+
+def agreement_line(row: dict, control: bool = False) -> str:
+    """One row of the views table."""
+    start = f"{row['name'][:22]:<22} {row.get('family', ''):<11} {row['n_tokens']:>6}"
+    if row["is_zero"]:
+        return start + "   identically zero: no implicit reward learned"
+    if row.get("tau") is None:
+        return start + f"   no figure: {row.get('note')}"
+    ci = row.get("tau_ci")
+    ci_text = f"[{ci[0]:+.3f},{ci[1]:+.3f}]" if ci else "-"
+    p = f"{row['p_value']:.1e}" if row.get("p_value") is not None else "-"
+    line = (f"{start} {row['tau']:>+7.3f} {ci_text:>17} {p:>8} {_fmt(row.get('spearman'), '+.3f'):>6} "
+            f"{_fmt(row.get('sign_acc_pos'), '.2f'):>5} {_fmt(row.get('sign_acc_neg'), '.2f'):>5} "
+            f"{_fmt(row.get('text_tau'), '+.3f'):>8} {_fmt(row.get('test_r2'), '.3f'):>7}")
+    if control:
+        ctrl = "zero" if row.get("control_is_zero") else _fmt(row.get("control_tau"), "+.3f")
+        line += f" {ctrl:>7} {_fmt(row.get('above_control'), '+.3f'):>7}"
+    return line
 
 
 def wandb_mode(configured: str | None) -> str:
@@ -125,7 +154,8 @@ def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project
         for row in metrics.get("sae_layers", []):
             scalars[f"sae/layer{row['layer']}/tuned_only_features"] = row["tuned_only_features"]
         for row in metrics["agreement"]:
-            for k in ("tau", "tau_sd", "tau_max", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2"):
+            for k in ("tau", "tau_sd", "tau_max", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2",
+                      "spearman", "text_tau", "control_tau", "above_control"):
                 if row.get(k) is not None:
                     scalars[f"irm/{row['name']}/{k}"] = row[k]
         for stage, seconds in metrics["stage_seconds"].items():

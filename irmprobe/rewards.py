@@ -183,6 +183,32 @@ class TextRM(RewardModel):
         return {"name": self.name, "kind": "callable"}
 
 
+class RandomRM(RewardModel):
+    """A reward that carries no information: a fixed pseudo-random N(0, 1) value per text.
+
+    Tuning against it builds a control organism: whatever its IRM agrees with the real RM on is
+    the drift of tuning itself, the noise floor of every comparison. The value of a text depends
+    only on ``seed`` and the text, so the reward is deterministic and TRL sees a consistent signal.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self.name = f"random-{self.seed}"
+
+    def score(self, texts: Iterable[str]) -> np.ndarray:
+        out = []
+        for text in texts:
+            digest = hashlib.sha256(f"{self.seed}\0{text}".encode()).digest()
+            out.append(np.random.default_rng(int.from_bytes(digest[:8], "little")).standard_normal())
+        return np.array(out, dtype=np.float64)
+
+    def token_values(self, tokenizer) -> dict[int, float]:
+        return {}  # no word has a value of its own: the reward is per text and meaningless
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": "random", "seed": self.seed}
+
+
 class ClassifierRM(RewardModel):
     """A Hugging Face sequence-classification model as RM: the logit of one label.
 
@@ -239,4 +265,6 @@ def reward_model(config, *, device: str = "cpu") -> RewardModel:
         return LexiconRM.vader(scale=config.scale, clip=config.clip)
     if config.kind == "lexicon":
         return LexiconRM.from_file(config.path, scale=config.scale, clip=config.clip)
+    if config.kind == "random":
+        return RandomRM(config.seed)
     return ClassifierRM(config.model, label=config.label, device=device)

@@ -124,3 +124,34 @@ def test_corrupted_shard_is_detected(tiny_llama_dir, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="shard-00001.safetensors is corrupted"):
         load_store(tmp_path / "s")
+
+
+def test_full_vocab_log_ratio_matches_an_independent_log_softmax(tiny_llama_dir, tmp_path):
+    from tests.test_pairs import _perturbed_copy
+
+    tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=0, scale=0.5)
+    pair = load_pair(str(tiny_llama_dir), str(tuned))
+    seqs = [[5, 9, 17, 33, 2, 8, 40], [7, 3, 11], [12, 13, 14, 15, 16]]
+    cap = capture_pair(pair, seqs, (0,), batch_size=2)
+    total, rows = 0.0, 0
+    for seq in seqs:
+        with torch.no_grad():
+            lt = torch.log_softmax(pair.tuned(torch.tensor([seq])).logits[0, :-1].double(), -1)
+            lb = torch.log_softmax(pair.base(torch.tensor([seq])).logits[0, :-1].double(), -1)
+        total = total + (lt - lb).sum(0)
+        rows += len(seq) - 1
+    expected = (total / rows).numpy()
+    np.testing.assert_allclose(cap.vocab_log_ratio(), expected, atol=1e-4)
+    assert np.abs(expected).max() > 1e-3  # the perturbation moved the distribution: a real check
+
+
+def test_last_token_activations_equal_the_captured_rows(tiny_llama_dir):
+    from irmprobe.capture import last_token_activations
+
+    pair = load_pair(str(tiny_llama_dir), None)
+    seqs = [[5, 9, 17, 33], [7, 3], [12, 13, 14]]
+    cap = capture_pair(pair, seqs, (1,), batch_size=2)
+    last = last_token_activations(pair.bridge("base"), seqs, (1,), batch_size=2)[1]
+    for s, seq in enumerate(seqs):
+        row = np.flatnonzero((cap.seq_index == s) & (cap.position == len(seq) - 1))[0]
+        np.testing.assert_allclose(last[s], cap.acts["base.1"][row], atol=1e-5)

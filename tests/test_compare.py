@@ -38,3 +38,85 @@ def test_too_few_tokens_give_a_note_not_a_figure():
     assert row.tau is None and "only 1 RM token(s)" in row.note
     with pytest.raises(ValueError, match="paired by token"):
         kendall_tau(np.ones(3), np.ones(2))
+
+
+def test_bootstrap_ci_brackets_tau_and_is_seeded():
+    from irmprobe.compare import tau_confidence_interval
+
+    rng = np.random.default_rng(0)
+    rm = rng.standard_normal(300)
+    irm = rm + rng.standard_normal(300)
+    tau, _ = kendall_tau(irm, rm)
+    lo, hi = tau_confidence_interval(irm, rm, n_resamples=300, seed=1)
+    assert lo < tau < hi and 0.05 < hi - lo < 0.2
+    assert (lo, hi) == tau_confidence_interval(irm, rm, n_resamples=300, seed=1)
+
+
+def test_error_vs_frequency_hand_computed():
+    from irmprobe.compare import error_vs_frequency
+
+    # Ranks agree on the two frequent tokens, and are swapped on the two rare ones.
+    irm = np.array([1.0, 2.0, 4.0, 3.0])
+    rm = np.array([1.0, 2.0, 3.0, 4.0])
+    out = error_vs_frequency(irm, rm, np.array([100, 90, 1, 2]))
+    # Percentile ranks (r - 0.5) / 4: errors 0, 0, 0.25, 0.25 -> errors fall as counts rise.
+    assert out["rho"] == pytest.approx(-np.sqrt(0.8))  # Spearman of (0,0,1,1)-ranked errors vs counts
+    assert out["quartile_error"] == [0.25, 0.25, 0.0, 0.0]
+
+
+def test_disagreements_each_way():
+    from irmprobe.compare import disagreements
+
+    irm = {1: 5.0, 2: 0.0, 3: 1.0, 4: -1.0}
+    rm = {1: -2.0, 2: 3.0, 3: 1.0, 4: -1.0}
+    d = disagreements(irm, rm, decode=lambda t: f"t{t}", n=1)
+    assert [row[0] for row in d["irm_over_rm"]] == ["t1"]  # IRM's top, RM's bottom
+    assert [row[0] for row in d["rm_over_irm"]] == ["t2"]
+
+
+def test_text_agreement_and_compare_view():
+    from irmprobe.compare import compare_view, text_agreement
+
+    out = text_agreement(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.1, 0.3, 0.2, 0.9]))
+    assert out["text_tau"] == pytest.approx(4 / 6) and out["n_texts"] == 4
+    irm = {i: float(i) for i in range(1, 30)}
+    rm = {i: float(i) * (-1) ** (i % 7 == 0) for i in range(1, 30)}
+    row = compare_view("v", "behavioural", irm, {i: i for i in irm}, rm, n_bootstrap=100)
+    assert row["family"] == "behavioural" and row["tau_ci"][0] <= row["tau"] <= row["tau_ci"][1]
+    assert -1 <= row["spearman"] <= 1 and row["error_vs_frequency"]["rho"] is not None
+    zero = compare_view("z", "behavioural", irm, {}, rm, is_zero=True)
+    assert zero["is_zero"] and zero["tau"] is None
+
+
+def test_feature_alignment_finds_planted_hacking_feature():
+    import scipy.sparse as sp
+
+    from irmprobe.compare import feature_alignment
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 6, 2000)
+    rm_value = np.array([2.0, -2.0, 0.0, 0.0, 0.0, 0.0])[tokens]
+    X = np.zeros((2000, 3))
+    X[:, 0] = (tokens == 0) * rng.uniform(1, 2, 2000)  # tracks an RM-positive token
+    X[:, 1] = (tokens == 4) * rng.uniform(1, 2, 2000)  # fires on a token the RM does not value
+    X[:, 2] = (tokens == 1) * rng.uniform(1, 2, 2000)  # tracks an RM-negative token
+    coef = np.array([0.0, 1.0, -0.5])  # the IRM rewards feature 1, ignores feature 0
+    out = feature_alignment(sp.csr_matrix(X), coef, rm_value, tokens, decode=lambda t: f"t{t}",
+                            feature_names=["f0", "f1", "f2"], n=3)
+    assert [e["feature"] for e in out["irm_not_rm"]] == ["f1"]
+    assert out["irm_not_rm"][0]["top_tokens"][0] == "t4"
+    assert [e["feature"] for e in out["rm_not_irm"]] == ["f0"]
+    assert out["rm_corr"][0] > 0.5 and out["rm_corr"][2] < -0.5
+
+
+def test_against_control_margins_and_flags():
+    from irmprobe.compare import against_control
+
+    rows = [{"name": "a", "family": "behavioural", "tau": 0.3, "tau_ci": [0.25, 0.35]},
+            {"name": "b", "family": "rm_informed", "tau": 0.5, "tau_ci": [0.45, 0.55]}]
+    ctrl = [{"name": "a", "tau": 0.05, "tau_ci": [0.0, 0.1], "is_zero": False},
+            {"name": "b", "tau": 0.5, "tau_ci": [0.44, 0.56], "is_zero": False}]
+    out = {r["name"]: r for r in against_control(rows, ctrl)}
+    assert out["a"]["above_control"] == pytest.approx(0.25) and out["a"]["above_control_ci"]
+    assert out["b"]["above_control"] == pytest.approx(0.0) and not out["b"]["above_control_ci"]
+    assert "cannot tell a control" in out["b"]["control_flag"] and "control_flag" not in out["a"]

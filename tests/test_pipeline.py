@@ -16,6 +16,7 @@ TINY = {
     "capture": {"top_k_layers": 2, "batch_size": 16},
     "sae": {"expansion": 2, "training_samples": 4096, "batch_size": 256},
     "irm": {"min_token_count": 1, "n_shuffles": 2},
+    "compare": {"control_steps": 2, "n_bootstrap": 50, "n_triples": 20},
 }
 
 
@@ -36,8 +37,16 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
     assert len(m["layers"]["chosen"]) == 2
     assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, l) for k in ("base", "tuned") for l in (0, 1)}
     assert all(r["l0"] > 0 for r in m["saes"])
-    names = [r["name"] for r in m["agreement"]]
-    assert names == ["log_ratio (no model)", "sae_irm", "baseline_shuffled"]
+    families = {r["name"]: r["family"] for r in m["agreement"]}
+    assert families == {"log_ratio (no model)": "behavioural", "full_vocab_log_ratio": "behavioural",
+                        "sae_irm": "behavioural", "sae_lasso": "behavioural", "sae_elasticnet": "behavioural",
+                        "rm_regression": "rm_informed", "contrastive_probe": "rm_informed",
+                        "preference_probe": "rm_informed", "random_probe": "baseline",
+                        "baseline_shuffled": "baseline", "raw_activations": "baseline"}
+    # The control organism's figures sit next to each view; RM-informed views carry the warning.
+    assert m["control"]["steps"] == 2 and len(m["control_agreement"]) == len(m["agreement"])
+    assert all("control_tau" in r or r["is_zero"] or r.get("control_is_zero") for r in m["agreement"])
+    assert all("cannot tell a control" in r["control_flag"] for r in m["agreement"] if r["family"] == "rm_informed")
     assert m["kl"]["n_sequences"] == 12 * 4
     assert any("tau" in line for line in lines)
     assert m["reward"]["n_prompts"] == 12
@@ -63,9 +72,14 @@ def test_null_organism_reports_no_implicit_reward(tiny_llama_dir, tmp_path):
     result = run(_config(tmp_path, base=str(tiny_llama_dir), null=True), echo=lambda _: None)
     m = result.metrics
     rows = {r["name"]: r for r in m["agreement"]}
-    for name in ("log_ratio (no model)", "sae_irm"):
-        assert rows[name]["is_zero"] and rows[name]["tau"] is None and rows[name]["p_value"] is None
-    assert m["irm"]["sae_irm"]["is_zero"]
+    behavioural = [r for r in m["agreement"] if r["family"] == "behavioural"]
+    assert {r["name"] for r in behavioural} == {"log_ratio (no model)", "full_vocab_log_ratio", "sae_irm",
+                                                "sae_lasso", "sae_elasticnet"}
+    for row in behavioural:  # every behavioural IRM of tuned = base is reported as zero, with no tau
+        assert row["is_zero"] and row["tau"] is None and row["p_value"] is None, row["name"]
+    assert all(m["irm"]["fits"][name]["is_zero"] for name in ("sae_irm", "sae_lasso", "sae_elasticnet"))
+    assert rows["baseline_shuffled"]["is_zero"]  # a zero target shuffled is still zero
+    assert m["control"] is None  # the null organism is its own control
     assert m["kl"]["mean"] == 0.0
     assert any("identically zero" in v for v in m["verdict"])
     assert any("null organism" in v for v in m["verdict"])

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -114,5 +115,17 @@ def test_reward_model_from_config(tmp_path):
     assert reward_model(RewardConfig(kind="lexicon", path=str(tmp_path / "w.tsv"))).lexicon == {"nice": 1.0}
     with pytest.raises(ValueError, match="needs reward.path"):
         RewardConfig(kind="lexicon")
-    with pytest.raises(ValueError, match="vader, lexicon or classifier"):
+    with pytest.raises(ValueError, match="vader, lexicon, classifier or random"):
         RewardConfig(kind="sentiment")
+
+
+def test_random_rm_is_deterministic_uninformative_and_has_no_token_values():
+    from irmprobe.rewards import RandomRM
+
+    rm = RandomRM(seed=1)
+    texts = [f"text number {i}" for i in range(400)]
+    a, b = rm.score(texts), RandomRM(seed=1).score(texts)
+    assert np.array_equal(a, b) and not np.array_equal(a, RandomRM(seed=2).score(texts))
+    assert abs(a.mean()) < 0.2 and 0.8 < a.std() < 1.2
+    assert rm.token_values(tokenizer=None) == {}
+    assert rm.reward_function()(["x", "x"]) == [float(rm.score(["x"])[0])] * 2

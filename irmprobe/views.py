@@ -1,0 +1,210 @@
+"""Every IRM view of one pair, side by side: behavioural, RM-informed and baselines.
+
+A view is anything with the RM's type signature: a token -> value map and a text -> scalar
+scorer. Row-level views (linear models over the probe inputs) give a value at every captured
+row; their token map averages those over each token's occurrences, and a text's score is the sum
+over its continuation tokens. Map-level views (the full-vocabulary log-ratio, the contrastive
+probe's lexicon) score a text by summing their map over its continuation tokens.
+
+Families, kept apart in every report:
+
+* ``behavioural`` — fitted without the RM (the IRM proper): the per-token log-ratio, its
+  full-vocabulary form, and Ridge/Lasso/ElasticNet fits to the log-ratio over the probe inputs;
+* ``rm_informed`` — decodability views that use RM labels (the paper's contrastive probe, direct
+  RM regression, the logistic preference probe); they would fit a model that learned nothing;
+* ``baseline`` — an untrained random probe, shuffled-target refits, and the IRM fitted to raw
+  activations instead of SAE features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MaxAbsScaler
+
+from irmprobe.capture import Capture, Samples
+from irmprobe.compare import compare_view
+from irmprobe.features import cosine_matrix, decoder_directions, encode
+from irmprobe.irm import (ContrastiveProbe, IRMFit, contrastive_targets, fit_irm, preference_probe, random_probe,
+                          split_groups, token_map)
+
+
+def probe_inputs(inputs: str, acts: dict[str, np.ndarray], saes: dict, layers) -> tuple[sp.csr_matrix | np.ndarray, list[str]]:
+    """The IRM's design matrix from activations ``{"tuned.9": [rows, d]}`` and SAEs ``{("tuned", 9): sae}``.
+
+    ``tuned``/``base``: that model's SAE features of its own activations (never one model's
+    activations through the other's SAE). ``diff``: tuned features minus the base features matched
+    to them one-to-one by decoder cosine (Hungarian), i.e. how each feature's activation changed.
+    ``raw``: the tuned model's activations, no SAE. Columns are concatenated over layers.
+    """
+    blocks, names = [], []
+    for layer in layers:
+        if inputs == "raw":
+            block = acts[f"tuned.{layer}"]
+            names += [f"L{layer}/dim{i}" for i in range(block.shape[1])]
+        elif inputs in ("tuned", "base"):
+            block = encode(saes[inputs, layer], acts[f"{inputs}.{layer}"])
+            names += [f"L{layer}/{inputs}{i}" for i in range(block.shape[1])]
+        elif inputs == "diff":
+            tuned_sae, base_sae = saes["tuned", layer], saes["base", layer]
+            cos = cosine_matrix(decoder_directions(tuned_sae), decoder_directions(base_sae))
+            if cos.shape[0] != cos.shape[1]:
+                raise ValueError("inputs=diff needs base and tuned SAEs of the same size")
+            rows, cols = linear_sum_assignment(-cos)
+            match = cols[np.argsort(rows)]  # tuned feature i <-> base feature match[i]
+            f_t = encode(tuned_sae, acts[f"tuned.{layer}"])
+            f_b_matched = encode(base_sae, acts[f"base.{layer}"])[:, match]
+            block = (f_t - f_b_matched).tocsr()
+            names += [f"L{layer}/diff{i}" for i in range(block.shape[1])]
+        else:
+            raise ValueError(f"inputs must be tuned, base, diff or raw, got {inputs!r}")
+        blocks.append(block)
+    if inputs == "raw":
+        return np.hstack(blocks).astype(np.float64), names
+    return sp.hstack(blocks).tocsr(), names
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The comparison rows of every view of one pair, and the fits behind them."""
+
+    rows: list[dict]
+    fits: dict[str, IRMFit]
+    maps: dict[str, dict[int, float]]
+    """View name -> token -> value."""
+    rm_rows: np.ndarray
+    """The RM value of the token at each captured row (0 where the RM does not value it)."""
+
+
+def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], config, *, seed: int,
+            raw: np.ndarray | None = None, triple_inputs: tuple | None = None, n_jobs: int | None = None) -> Analysis:
+    """Fit and compare every view of one pair.
+
+    Args:
+        capture: the pair's capture (its log-ratio is the behavioural target).
+        X: probe inputs at every captured row (see :func:`probe_inputs`).
+        samples: the held-out generations (text-level agreement, preference pairs).
+        rm_map: the RM's token -> value map.
+        config: the :class:`irmprobe.config.RunConfig`.
+        seed: seeds every split and fit.
+        raw: raw activations at every row, for the raw-activation baseline (None skips it).
+        triple_inputs: (X_pos, X_neg, X_neu, positive tokens, negative tokens) for the contrastive probe.
+        n_jobs: parallel cross-validation fits.
+    """
+    ic, cc = config.irm, config.compare
+    y = capture.log_ratio.astype(np.float64)
+    groups, token_ids = capture.seq_index, capture.token_ids
+    n_seq = len(samples.token_ids)
+    _, test = split_groups(groups, ic.test_fraction, seed)
+    eval_seqs = np.array(sorted(s for s in np.unique(groups[test]) if s < n_seq), dtype=np.int64)
+    train_seqs = np.setdiff1d(np.arange(n_seq), eval_seqs)
+    in_samples = groups < n_seq
+    prompt_len = np.zeros(len(groups), dtype=np.int64)
+    prompt_len[in_samples] = samples.prompt_lens[groups[in_samples]]
+    continuation = in_samples & (capture.position >= prompt_len)
+    rewards = samples.rewards[eval_seqs]
+    counts = {t: c for t, (_, c) in token_map(token_ids, y).items()}
+    rm_rows = np.array([rm_map.get(int(t), 0.0) for t in token_ids])
+    rows, fits, maps = [], {}, {}
+
+    def text_scores(row_values: np.ndarray) -> np.ndarray:
+        sums = np.bincount(groups[continuation], weights=row_values[continuation], minlength=n_seq)
+        return sums[eval_seqs]
+
+    def add(name, family, row_values=None, tmap=None, is_zero=False, **extra):
+        if tmap is None:
+            tmap = {t: v for t, (v, _) in token_map(token_ids, row_values, ic.min_token_count).items()}
+        if row_values is None:
+            row_values = np.array([tmap.get(int(t), 0.0) for t in token_ids])
+        maps[name] = tmap
+        rows.append(compare_view(name, family, tmap, counts, rm_map, text_scores=text_scores(row_values),
+                                 rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=is_zero, **extra))
+
+    def fit(name, X_, target, **kw):
+        out = fit_irm(name, X_, target, groups, test_fraction=ic.test_fraction, seed=seed, n_jobs=n_jobs, **kw)
+        fits[name] = out
+        return out
+
+    # Behavioural: the tuning's own change, with no model, then linear models of it.
+    add("log_ratio (no model)", "behavioural", y, is_zero=not np.any(y))
+    if capture.vocab_logp_sum is not None:
+        vocab = capture.vocab_log_ratio()
+        add("full_vocab_log_ratio", "behavioural", tmap={i: float(v) for i, v in enumerate(vocab)},
+            is_zero=not np.any(vocab))
+    for i, est in enumerate(ic.estimators):
+        name = "sae_irm" if i == 0 else f"sae_{est}"
+        f = fit(name, X, y, alphas=ic.alphas if est == "ridge" else None, penalty=est, l1_ratio=ic.l1_ratio)
+        add(name, "behavioural", f.predictions, is_zero=f.is_zero, estimator=est, test_r2=f.test_r2, alpha=f.alpha,
+            n_nonzero=int(np.count_nonzero(f.coef)))
+
+    # RM-informed: decodability of the RM from the same inputs.
+    if cc.rm_informed:
+        f = fit("rm_regression", X, rm_rows, alphas=ic.alphas)
+        add("rm_regression", "rm_informed", f.predictions, test_r2=f.test_r2, alpha=f.alpha)
+        if triple_inputs is not None:
+            x_pos, x_neg, x_neu, tok_pos, tok_neg = triple_inputs
+            Xc, yc = contrastive_targets(x_pos, x_neg, x_neu)
+            pair_groups = np.r_[np.arange(len(tok_pos)), np.arange(len(tok_pos))]
+            tr, te = split_groups(pair_groups, 0.2, seed)
+            values = np.array(list(rm_map.values()))
+            probe = make_pipeline(MaxAbsScaler(), ContrastiveProbe(alphas=ic.alphas,
+                                                                   value_range=(values.min(), values.max())))
+            probe.fit(Xc[tr], yc[tr])
+            tmap = {t: v for t, (v, _) in token_map(np.r_[tok_pos, tok_neg], probe.predict(Xc)).items()}
+            add("contrastive_probe", "rm_informed", probe.predict(X), tmap=tmap, test_r2=float(probe.score(Xc[te], yc[te])),
+                n_triples=int(len(tok_pos)))
+        pooled = _mean_pool(X, groups, n_seq)
+        model, acc = preference_probe(pooled[train_seqs], samples.rewards[train_seqs], samples.prompt_index[train_seqs],
+                                      seed=seed)
+        if model is not None:
+            add("preference_probe", "rm_informed", model.decision_function(X), pairwise_accuracy=acc)
+
+    # Baselines: what agreement looks like with nothing learned.
+    rp = random_probe(X, seed)
+    fits["random_probe"] = rp
+    add("random_probe", "baseline", rp.predictions)
+    primary = fits["sae_irm"]
+    shuffled = []
+    for i in range(ic.n_shuffles):
+        f = fit_irm(f"shuffled_{i}", X, y, groups, alphas=(primary.alpha,), test_fraction=ic.test_fraction,
+                    seed=seed + 1 + i, shuffle_target=True, n_jobs=n_jobs)
+        tmap = {t: v for t, (v, _) in token_map(token_ids, f.predictions, ic.min_token_count).items()}
+        maps[f.name] = tmap
+        shuffled.append(compare_view(f.name, "baseline", tmap, counts, rm_map, text_scores=text_scores(f.predictions),
+                                     rewards=rewards, n_bootstrap=0, seed=seed, is_zero=f.is_zero, test_r2=f.test_r2))
+    rows.append(shuffled_summary(shuffled))
+    if raw is not None:
+        f = fit("raw_activations", raw, y, alphas=ic.alphas)
+        add("raw_activations", "baseline", f.predictions, is_zero=f.is_zero, test_r2=f.test_r2, alpha=f.alpha)
+    return Analysis(rows, fits, maps, rm_rows)
+
+
+def _mean_pool(X, groups: np.ndarray, n_seq: int):
+    """Mean of the rows of each sequence ``0..n_seq-1`` (rows of other texts are left out)."""
+    keep = np.flatnonzero(groups < n_seq)
+    counts = np.bincount(groups[keep], minlength=n_seq).astype(np.float64)
+    P = sp.csr_matrix((1.0 / np.maximum(counts[groups[keep]], 1), (groups[keep], keep)), shape=(n_seq, X.shape[0]))
+    return (P @ X).tocsr() if sp.issparse(X) else P @ X
+
+
+def shuffled_summary(rows: list[dict]) -> dict:
+    """The shuffled-target fits as one row: mean of each figure, spread and max of tau."""
+    out = {"name": "baseline_shuffled", "family": "baseline", "n_fits": len(rows), "n_tokens": rows[0]["n_tokens"]}
+    if any(r["is_zero"] for r in rows):
+        return out | {"is_zero": True, "tau": None, "p_value": None}
+    if any(r["tau"] is None for r in rows):
+        return out | {"is_zero": False, "tau": None, "p_value": None, "note": rows[0].get("note")}
+    taus = np.array([r["tau"] for r in rows])
+
+    def mean(key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return out | {"is_zero": False, "tau": float(taus.mean()), "tau_sd": float(taus.std(ddof=1)) if len(taus) > 1 else 0.0,
+                  "tau_max": float(taus.max()), "tau_ci": [float(taus.min()), float(taus.max())], "p_value": None,
+                  "sign_acc_pos": mean("sign_acc_pos"), "sign_acc_neg": mean("sign_acc_neg"), "test_r2": mean("test_r2"),
+                  "spearman": mean("spearman"), "text_tau": mean("text_tau")}

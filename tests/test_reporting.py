@@ -43,7 +43,7 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     curves = [d for d in sent["logs"] if "organism/step" in d]
     assert curves and all("organism/loss" in d or "organism/reward" in d or "organism/train_loss" in d for d in curves)
     table = next(d["tokens"] for d in sent["logs"] if "tokens" in d)
-    assert table.columns == ["token", "rm_value", "count", "log_ratio", "sae_irm", "shuffled_0"]
+    assert table.columns == ["token", "rm_value", "count", "log_ratio", "sae_irm", "full_vocab", "shuffled_0"]
     assert len(table.data) == len(result.metrics["tokens"]["rows"]) > 0
     offline_runs = list((tmp_path / "runs").glob("run-*/wandb/offline-run-*"))
     assert len(offline_runs) == 1

@@ -1,0 +1,1 @@
+"""Validation of an IRM: feature interpretation (``autointerp``) and causal ablation (``ablation``)."""

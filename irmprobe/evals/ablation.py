@@ -1,0 +1,112 @@
+"""Causal checks: ablate SAE features inside the tuned model and measure the reward it then earns.
+
+The SAE is spliced in at its hook with the reconstruction error kept:
+
+    x' = x - sum_{i in S} (f_i(x) - v_i) d_i
+
+where ``f_i`` is feature ``i``'s activation, ``d_i`` its decoder direction and ``v_i`` the value it
+is ablated to (0 for zero-ablation, its mean activation for mean-ablation). With ``S`` empty,
+``x' = x`` exactly: ablating nothing leaves the model unchanged. The reconstruction-only control
+replaces ``x`` by the SAE's reconstruction (the error dropped), which shows what the SAE
+approximation alone costs. Steering adds ``alpha * d_i`` instead.
+
+Hooks are TransformerLens bridge hooks; the bridge wraps the Hugging Face modules in place, so
+Hugging Face ``generate`` (with its KV cache) runs through them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from irmprobe.capture import sample_continuations
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features to ablate: ``{layer: indices}`` with a name, e.g. the IRM's top-k."""
+
+    name: str
+    features: dict[int, tuple[int, ...]]
+    mode: str = "zero"
+    """``zero``, ``mean`` (to ``means``), ``reconstruction`` (error dropped, nothing ablated) or ``steer``."""
+    means: dict[int, np.ndarray] | None = None
+    """For ``mean``: each layer's mean activation per feature."""
+    alpha: float = 0.0
+    """For ``steer``: how much of each feature's decoder direction is added at every position."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("zero", "mean", "reconstruction", "steer"):
+            raise ValueError(f"mode must be zero, mean, reconstruction or steer, got {self.mode!r}")
+        if self.mode == "mean" and self.means is None:
+            raise ValueError("mode=mean needs the features' mean activations (means)")
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.features.values())
+
+
+def splice_hook(sae, indices, mode: str = "zero", means: np.ndarray | None = None, alpha: float = 0.0):
+    """A TransformerLens hook function that ablates ``indices`` of ``sae`` keeping the error term."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    W_dec = sae.W_dec.detach()
+
+    def hook(act, hook):
+        x = act.float()
+        if mode == "steer":
+            return (x + alpha * W_dec[idx].sum(0).to(x.device)).to(act.dtype)
+        if mode == "reconstruction":
+            return sae.decode(sae.encode(x)).to(act.dtype)
+        f = sae.encode(x)[..., idx]
+        target = torch.zeros_like(f) if mode == "zero" else torch.as_tensor(means, dtype=f.dtype, device=f.device)[idx]
+        return (x - (f - target) @ W_dec[idx].to(x.device)).to(act.dtype)
+
+    return hook
+
+
+@contextmanager
+def ablated(bridge, saes: dict[int, object], feature_set: FeatureSet, hook: str = "hook_mlp_out"):
+    """Within the block, the model behind ``bridge`` runs with ``feature_set`` ablated."""
+    layers = sorted(set(feature_set.features) | (set(saes) if feature_set.mode == "reconstruction" else set()))
+    hooks = []
+    for layer in layers:
+        means = feature_set.means.get(layer) if feature_set.means else None
+        hooks.append((f"blocks.{layer}.{hook}",
+                      splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode, means,
+                                  feature_set.alpha)))
+    with bridge.hooks(fwd_hooks=hooks):
+        yield
+
+
+def _mean_ci(values: np.ndarray) -> dict:
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "se": se, "ci": [float(values.mean() - 1.96 * se),
+                                                          float(values.mean() + 1.96 * se)]}
+
+
+def ablation_table(model, bridge, tokenizer, saes: dict[int, object], feature_sets: list[FeatureSet], rm,
+                   prompts: list[str], *, samples_per_prompt: int = 2, max_new_tokens: int = 24, batch_size: int = 32,
+                   seed: int = 0, hook: str = "hook_mlp_out") -> list[dict]:
+    """Reward of the tuned model's continuations with each feature set ablated, against no ablation.
+
+    Every condition samples with the same seed, so conditions differ only by the ablation and the
+    reward change is paired by (prompt, sample). Returns one row per condition (the first is
+    ``none``): mean reward with a 95% CI, and the paired change from ``none`` with its CI.
+    """
+    def generate():
+        _, _, _, texts = sample_continuations(model, tokenizer, prompts, n_per_prompt=samples_per_prompt,
+                                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        return rm.score(texts), texts
+
+    clean, clean_texts = generate()
+    rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean),
+             "change": None, "example": clean_texts[0]}]
+    for fs in feature_sets:
+        with ablated(bridge, saes, fs, hook):
+            rewards, texts = generate()
+        rows.append({"set": fs.name, "mode": fs.mode, "n_features": fs.size, "reward": _mean_ci(rewards),
+                     "change": _mean_ci(rewards - clean), "example": texts[0]})
+    return rows

@@ -1,0 +1,85 @@
+"""Ablation by splicing an SAE with the error term kept, on tiny models with a planted feature."""
+
+import numpy as np
+import pytest
+import torch
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+from irmprobe.evals.ablation import FeatureSet, ablated, ablation_table
+from irmprobe.pairs import load_pair
+from irmprobe.rewards import LexiconRM
+
+
+def _sae(d_in, d_sae=16, seed=0, planted=None, strength=0.0):
+    """A random SAE; optionally feature 0 always fires at ``strength`` along direction ``planted``."""
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae) * 0.3)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        W = torch.randn(d_sae, d_in)
+        sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        if planted is not None:
+            sae.W_enc[:, 0] = 0.0
+            sae.b_enc[0] = strength
+            sae.W_dec[0] = planted / planted.norm()
+    return sae
+
+
+def test_splice_with_nothing_ablated_reproduces_the_logits(tiny_llama_dir):
+    pair = load_pair(str(tiny_llama_dir), None)
+    bridge, sae = pair.bridge("base"), _sae(pair.d_model)
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8, 40]])
+    with torch.no_grad():
+        clean = pair.base(ids).logits
+        with ablated(bridge, {1: sae}, FeatureSet("nothing", {1: ()})):
+            same = pair.base(ids).logits
+        with ablated(bridge, {1: sae}, FeatureSet("recon", {}, mode="reconstruction")):
+            recon = pair.base(ids).logits
+        with ablated(bridge, {1: sae}, FeatureSet("all", {1: tuple(range(16))})):
+            every = pair.base(ids).logits
+    torch.testing.assert_close(same, clean, atol=1e-5, rtol=0)
+    assert (recon - clean).abs().max() > 1e-3  # the hook is live: dropping the error changes the logits
+    assert (every - clean).abs().max() > 1e-3  # zero-ablating every feature leaves only the error term
+    with pytest.raises(ValueError, match="mode must be"):
+        FeatureSet("x", {}, mode="erase")
+    with pytest.raises(ValueError, match="needs the features' mean"):
+        FeatureSet("x", {}, mode="mean")
+
+
+def test_ablating_the_planted_reward_feature_lowers_reward_and_random_features_do_not(tiny_neox_dir, tmp_path):
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_neox_dir)
+    from tests.conftest import LEXICON_WORDS
+
+    word = next(w for w in LEXICON_WORDS if len(tok(" " + w, add_special_tokens=False)["input_ids"]) == 1)
+    good = tok(" " + word, add_special_tokens=False)["input_ids"]
+    model = GPTNeoXForCausalLM.from_pretrained(tiny_neox_dir)
+    with torch.no_grad():  # a random tiny model's logits are near-uniform: sharpen the unembedding
+        model.get_output_embeddings().weight *= 100.0
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    # Plant the reward: the last MLP always writes a direction that makes the model say " good".
+    direction = model.get_output_embeddings().weight[good[0]].detach().clone()
+    direction -= direction.mean()
+    strength = 8.0
+    with torch.no_grad():
+        model.gpt_neox.layers[1].mlp.dense_4h_to_h.bias += strength * direction / direction.norm()
+    model.save_pretrained(tmp_path / "tuned")
+    tok.save_pretrained(tmp_path / "tuned")
+    pair = load_pair(str(tmp_path / "base"), str(tmp_path / "tuned"))
+    sae = _sae(pair.d_model, planted=direction, strength=strength)
+    rm = LexiconRM({word: 3.0}, name="planted")
+    prompts = ["The train left", "I bought a", "She said that", "Later that day"]
+    kw = dict(samples_per_prompt=6, max_new_tokens=8, seed=0)
+    base_rows = ablation_table(pair.base, pair.bridge("base"), pair.tokenizer, {1: sae}, [], rm, prompts, **kw)
+    rows = ablation_table(pair.tuned, pair.bridge("tuned"), pair.tokenizer, {1: sae},
+                          [FeatureSet("planted", {1: (0,)}), FeatureSet("random", {1: (5, 9, 12)})], rm, prompts, **kw)
+    by = {r["set"]: r for r in rows}
+    clean = by["none"]["reward"]["mean"]
+    assert clean > base_rows[0]["reward"]["mean"] + 1.0  # the planted feature does carry the reward
+    assert by["planted"]["change"]["ci"][1] < 0  # ablating it lowers reward, the CI excludes 0
+    assert by["planted"]["reward"]["mean"] < 0.5 * clean
+    assert abs(by["random"]["change"]["mean"]) < 0.2 * clean  # random features barely matter

@@ -272,12 +272,8 @@ class CompareConfig:
     """Contrastive triples for the paper's probe (one forward of the tuned model per variant)."""
     triples_path: str | None = None
     """A text file (one sentence per line) to build triples from; None uses the held-out generations."""
-    llm_base_url: str | None = None
-    """An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) that picks swap words; None: offline."""
-    llm_model: str = "gpt-4o-mini"
-    """The endpoint's model name."""
-    llm_api_key_env: str = "OPENAI_API_KEY"
-    """Environment variable holding the endpoint's key (read at call time, never stored)."""
+    llm_triples: bool = False
+    """Let the LLM of the ``llm`` section choose swap words that fit each sentence (offline otherwise)."""
     control_steps: int | None = 30
     """RLOO steps of the control organism (the base tuned against a random reward); null skips the control."""
     n_disagreements: int = 10
@@ -291,6 +287,55 @@ class CompareConfig:
         if self.control_steps is not None and self.control_steps <= 0:
             raise ValueError("CompareConfig.control_steps must be positive, or null to skip the control organism")
         _positive(self, "n_triples", "n_disagreements", "n_alignment")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """An optional OpenAI-compatible chat endpoint (triple rewriting, the LLM feature judge)."""
+
+    base_url: str | None = None
+    """e.g. http://localhost:8000/v1 or https://api.openai.com/v1; None: no endpoint."""
+    model: str = "gpt-4o-mini"
+    """The endpoint's model name."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the key (read at call time; never stored, logged or cached)."""
+
+    def __post_init__(self) -> None:
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"LLMConfig.base_url must start with http:// or https://, got {self.base_url!r}")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Stage 7: interpret the IRM's features and ablate them in the tuned model."""
+
+    enabled: bool = True
+    """Run the validation stage."""
+    top_k: int = 10
+    """The IRM's top features (largest positive weight) ablated and compared with the judge."""
+    n_judged: int = 60
+    """Features judged: the IRM's top-k, then the largest-|weight| ones, then random firing ones (half)."""
+    judge: str = "offline"
+    """``offline`` (relevance from the RM, no LLM), ``llm`` (the ``llm`` endpoint) or ``local`` (the base model)."""
+    concept: str = "sentiment (positive or negative feelings)"
+    """What the RM rewards, as the LLM judge is asked about it."""
+    ablation: str = "zero"
+    """``zero`` or ``mean``: the value ablated features are set to."""
+    n_prompts: int = 80
+    """Held-out prompts continued under each ablation."""
+    samples_per_prompt: int = 2
+    """Continuations per prompt and condition (same seed across conditions: paired)."""
+    max_new_tokens: int = 24
+    """Length of each continuation."""
+    steer_alpha: float | None = None
+    """Also steer: add this multiple of the top IRM feature's decoder direction (None: no steering)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens")
+        if self.judge not in ("offline", "llm", "local"):
+            raise ValueError(f"ValidateConfig.judge must be offline, llm or local, got {self.judge!r}")
+        if self.ablation not in ("zero", "mean"):
+            raise ValueError(f"ValidateConfig.ablation must be zero or mean, got {self.ablation!r}")
 
 
 @dataclass(frozen=True)
@@ -324,6 +369,8 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     irm: IRMConfig = field(default_factory=IRMConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     """Seed for every stage."""

@@ -26,6 +26,7 @@ from irmprobe.capture import (Capture, Samples, capture_to_store, last_token_act
                               sample_continuations, store_complete)
 from irmprobe.compare import against_control, disagreements, feature_alignment
 from irmprobe.config import RunConfig
+from irmprobe.evals.validate import make_judge, validate
 from irmprobe.features import (decoder_directions, evaluate_sae, load_sae, mmcs, save_sae, splice_metrics,
                                train_sae, unmatched_features)
 from irmprobe.irm import token_map
@@ -163,7 +164,16 @@ def _sae_stage(config: RunConfig, pair: ModelPair, samples: Samples, capture: Ca
 def triples_source(config: RunConfig) -> str:
     cc = config.compare
     where = cc.triples_path or "held-out generations"
-    return where + (f", swap words from {cc.llm_model} at {cc.llm_base_url}" if cc.llm_base_url else ", offline swap words")
+    llm = config.llm
+    return where + (f", swap words from {llm.model} at {llm.base_url}" if cc.llm_triples else ", offline swap words")
+
+
+def _chat_client(config: RunConfig):
+    from irmprobe.llm import ChatClient
+
+    if not config.llm.base_url:
+        raise ValueError("an LLM step is on (compare.llm_triples or validate.judge=llm) but llm.base_url is not set")
+    return ChatClient(config.llm.base_url, config.llm.model, api_key_env=config.llm.api_key_env)
 
 
 def _triples(config: RunConfig, pair: ModelPair, samples: Samples, rm_map: dict) -> Triples | None:
@@ -179,11 +189,8 @@ def _triples(config: RunConfig, pair: ModelPair, samples: Samples, rm_map: dict)
     except ValueError as exc:
         log.warning("no contrastive probe: %s", exc)
         return None
-    if cc.llm_base_url:
-        from irmprobe.llm import ChatClient
-
-        client = ChatClient(cc.llm_base_url, cc.llm_model, api_key_env=cc.llm_api_key_env)
-        triples = llm_swap_words(triples, pair.tokenizer, rm_map, client)
+    if cc.llm_triples:
+        triples = llm_swap_words(triples, pair.tokenizer, rm_map, _chat_client(config))
     return triples
 
 
@@ -339,6 +346,21 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
                        main.maps.get("full_vocab_log_ratio", {}).get(tok), main.maps["shuffled_0"].get(tok)]
                       for tok in sorted(set(lr_map) & set(rm_map), key=lambda t: -counts[t])]
 
+    validation = None
+    vc = config.validate
+    if vc.enabled and not pair.is_null and ic.inputs == "tuned":
+        with stage("validate"):
+            key = config_key("validate-v1", cap_key, tuned_id, config.sae, config.irm, vc, config.llm, rm.describe(),
+                             config.seed)
+            path = _stage_dir("validate", key) / "validation.json"
+            if path.is_file():
+                validation = json.loads(path.read_text())
+            else:
+                judge = make_judge(config, pair, rm_map, _chat_client(config) if vc.judge == "llm" else None)
+                validation = validate(config, pair, capture, X, feature_names, main.fits["sae_irm"].coef,
+                                      saes, rm, rm_map, heldout, stream, judge=judge, echo=echo)
+                write_json(path, validation)
+
     organism_report = report_from(samples, capture)
     reward = organism_report["reward"] | {"n_prompts": organism_report["n_prompts"],
                                           "samples_per_prompt": organism_report["samples_per_prompt"]}
@@ -365,11 +387,12 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
         "control": control_info,
         "control_agreement": control_rows,
         "disagreements": disagree,
+        "validation": validation,
         "feature_alignment": None if alignment is None else {k: alignment[k] for k in ("irm_not_rm", "rm_not_irm")},
         "tokens": {"columns": ["token", "rm_value", "count", "log_ratio", "sae_irm", "full_vocab", "shuffled_0"],
                    "rows": token_rows},
         "rm": {"tokens_with_value": len(rm_map), **rm.describe()},
-        "verdict": verdict(reward, agree, pair.is_null),
+        "verdict": verdict(reward, agree, pair.is_null, validation),
         "stage_seconds": stage.seconds,
     }
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -384,7 +407,7 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print) -> 
     return RunResult(metrics, path)
 
 
-def verdict(reward: dict, agree: list[dict], is_null: bool) -> list[str]:
+def verdict(reward: dict, agree: list[dict], is_null: bool, validation: dict | None = None) -> list[str]:
     """Plain statements of what the figures do and do not show."""
     out = []
     z = reward["diff_z"]
@@ -414,6 +437,17 @@ def verdict(reward: dict, agree: list[dict], is_null: bool) -> list[str]:
         out.append(f"against the random-reward control organism (tau {irm['control_tau']:+.3f}) the SAE IRM stands "
                    f"{gap:+.3f} above it" + (" with non-overlapping 95% CIs." if irm.get("above_control_ci")
                                               else "; the CIs overlap, so this is not clear evidence of a learned reward."))
+    if validation:
+        rows = {r["set"]: r for r in validation["ablation"]}
+        top = next((r for name, r in rows.items() if name.startswith("irm_top")), None)
+        rand = next((r for name, r in rows.items() if name.startswith("random")), None)
+        if top and rand and top["change"] and rand["change"]:
+            lowered = top["change"]["ci"][1] < 0
+            out.append(f"ablating the IRM's top {top['n_features']} features changed reward by {top['change']['mean']:+.3f} "
+                       f"(95% CI {top['change']['ci'][0]:+.3f}..{top['change']['ci'][1]:+.3f}); {rand['n_features']} random "
+                       f"features: {rand['change']['mean']:+.3f}. "
+                       + ("The IRM's features carry reward causally." if lowered and rand["change"]["ci"][0] <= 0 <= rand["change"]["ci"][1]
+                          else "No clear causal effect beyond the random control."))
     informed = [r for r in agree if r.get("family") == "rm_informed" and r.get("tau") is not None]
     if informed:
         out.append("RM-informed views (" + ", ".join(r["name"] for r in informed) + ") use RM labels: they show the "

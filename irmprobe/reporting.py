@@ -90,6 +90,27 @@ def summary_lines(metrics: dict) -> list[str]:
             for e in fa[key][:5]:
                 lines.append(f"  {e['feature']:<14} weight {e['weight']:+.4f}  RM corr {e['rm_corr']:+.3f}  "
                              f"freq {e['frequency']:.3f}  {e['top_tokens']}")
+    val = metrics.get("validation")
+    if val:
+        cross = val["cross"]
+        lines.append(f"== validation: {val['judge']} judge on {cross['n_judged']} features (IRM top-{cross['n_irm_top']} "
+                     "included) ==")
+        lines.append(f"flagged {cross['n_flagged']}; overlap with IRM top-k {cross['overlap']}; precision "
+                     f"{_fmt(cross['precision'], '.2f')}, recall {_fmt(cross['recall'], '.2f')}, Cohen's kappa "
+                     f"{_fmt(cross['kappa'], '+.2f')}; detection (balanced acc.) {_fmt(cross.get('detection_mean'), '.2f')}")
+        lines.append(f"activation frequency: flagged {_fmt(cross['flagged_frequency'], '.4f')} vs dictionary mean "
+                     f"{cross['dictionary_frequency']:.4f}")
+        for r in [r for r in val["judged"] if r["in_irm_top_k"]][:5]:
+            lines.append(f"  {r['feature']:<14} w {r['weight']:+.4f} {'FLAGGED' if r['relevant'] else '       '} "
+                         f"{r['explanation'][:90]}")
+        lines.append("== ablation in the tuned model (RM reward of continuations; change paired by prompt & sample) ==")
+        lines.append(f"{'set':<34} {'mode':<14} {'n':>3} {'reward':>8} {'95% CI':>17} {'change':>8} {'95% CI':>17}")
+        for r in val["ablation"]:
+            rw, ch = r["reward"], r["change"]
+            ch_text = (f"{ch['mean']:>+8.3f} {'[' + format(ch['ci'][0], '+.3f') + ',' + format(ch['ci'][1], '+.3f') + ']':>17}"
+                       if ch else f"{'-':>8} {'-':>17}")
+            lines.append(f"{r['set'][:34]:<34} {r['mode']:<14} {r['n_features']:>3} {rw['mean']:>+8.3f} "
+                         f"{'[' + format(rw['ci'][0], '+.3f') + ',' + format(rw['ci'][1], '+.3f') + ']':>17} {ch_text}")
     lines.append("== verdict ==")
     lines.extend(metrics["verdict"])
     lines.append("== stage times (s) ==")

@@ -17,6 +17,7 @@ TINY = {
     "sae": {"expansion": 2, "training_samples": 4096, "batch_size": 256},
     "irm": {"min_token_count": 1, "n_shuffles": 2},
     "compare": {"control_steps": 2, "n_bootstrap": 50, "n_triples": 20},
+    "validate": {"top_k": 3, "n_judged": 10, "n_prompts": 4, "max_new_tokens": 6},
 }
 
 
@@ -47,6 +48,11 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
     assert m["control"]["steps"] == 2 and len(m["control_agreement"]) == len(m["agreement"])
     assert all("control_tau" in r or r["is_zero"] or r.get("control_is_zero") for r in m["agreement"])
     assert all("cannot tell a control" in r["control_flag"] for r in m["agreement"] if r["family"] == "rm_informed")
+    val = m["validation"]
+    assert [r["set"] for r in val["ablation"]][0] == "none" and len(val["ablation"]) >= 4
+    assert {"random_3 (control)", "reconstruction_only (control)"} <= {r["set"] for r in val["ablation"]}
+    assert val["cross"]["n_judged"] == 10 and all(r["explanation"] for r in val["judged"])
+    assert any("ablation in the tuned model" in line for line in lines)
     assert m["kl"]["n_sequences"] == 12 * 4
     assert any("tau" in line for line in lines)
     assert m["reward"]["n_prompts"] == 12

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.irmprobe-installed
 
-.PHONY: demo test install clean-cache
+.PHONY: demo test install clean-cache screenshot
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ test: $(STAMP)
 
 clean-cache:
 	rm -rf "$${IRMPROBE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/irmprobe}"
+
+# Render the newest run's HTML report in headless Chromium (installs Debian's chromium if missing).
+screenshot: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+	$(PY) scripts/screenshot_report.py "$$(ls -t irmprobe-runs/run-*/report.html | head -1)" --out report.png

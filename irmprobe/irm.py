@@ -251,6 +251,11 @@ class IRMFit:
     is_zero: bool
     """True when the IRM is identically zero (nothing was learned)."""
     coef: np.ndarray | None = None
+    """Weights on max-abs-scaled inputs."""
+    scale: np.ndarray | None = None
+    """Each input's max |value| on the training rows (the scaler), so new rows predict as
+    ``(x / scale) @ coef + intercept``."""
+    intercept: float = 0.0
 
 
 def split_groups(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +291,8 @@ def fit_irm(
     pipe.fit(X[train], y_train, irm__groups=groups[train])
     irm = pipe.named_steps["irm"]
     r2 = None if irm.is_zero_ else float(pipe.score(X[test], y[test]))
-    return IRMFit(name, pipe.predict(X), r2, irm.alpha_, bool(irm.is_zero_), irm.coef_)
+    return IRMFit(name, pipe.predict(X), r2, irm.alpha_, bool(irm.is_zero_), irm.coef_,
+                  pipe.named_steps["scale"].scale_, irm.intercept_)
 
 
 def random_probe(X, seed: int) -> IRMFit:

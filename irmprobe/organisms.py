@@ -256,8 +256,9 @@ def make_organism(
     callbacks: list | None = None,
     preference_pairs: list[dict] | None = None,
     trust_remote_code: bool = False,
+    force: bool = False,
 ) -> Organism:
-    """Tune ``base`` against ``rm`` with TRL, or reuse the cached result.
+    """Tune ``base`` against ``rm`` with TRL, or reuse the cached result (``force``: train again).
 
     Args:
         base: base model spec (see :mod:`irmprobe.pairs`).
@@ -274,6 +275,8 @@ def make_organism(
         preference_pairs = load_preference_pairs(config.dpo_pairs)
     key = organism_key(base, rm, config, train_prompts, seed, preference_pairs)
     out = cache_root() / "organisms" / key
+    if force and out.exists():
+        shutil.rmtree(out)
     if (out / "organism.json").is_file():
         meta = json.loads((out / "organism.json").read_text())
         ckpts = tuple(sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])))

@@ -103,6 +103,7 @@ def summary_lines(metrics: dict) -> list[str]:
         for r in [r for r in val["judged"] if r["in_irm_top_k"]][:5]:
             lines.append(f"  {r['feature']:<14} w {r['weight']:+.4f} {'FLAGGED' if r['relevant'] else '       '} "
                          f"{r['explanation'][:90]}")
+    if val and val.get("ablation"):
         lines.append("== ablation in the tuned model (RM reward of continuations; change paired by prompt & sample) ==")
         lines.append(f"{'set':<34} {'mode':<14} {'n':>3} {'reward':>8} {'95% CI':>17} {'change':>8} {'95% CI':>17}")
         for r in val["ablation"]:
@@ -113,8 +114,10 @@ def summary_lines(metrics: dict) -> list[str]:
                          f"{'[' + format(rw['ci'][0], '+.3f') + ',' + format(rw['ci'][1], '+.3f') + ']':>17} {ch_text}")
     lines.append("== verdict ==")
     lines.extend(metrics["verdict"])
-    lines.append("== stage times (s) ==")
-    lines.append("  ".join(f"{k} {v:.0f}" for k, v in metrics["stage_seconds"].items()))
+    lines.append("== stage times (s; * = reused from the cache) ==")
+    status = metrics.get("stage_status", {})
+    lines.append("  ".join(f"{k}{'*' if status.get(k) == 'reused' else ''} {v:.0f}"
+                           for k, v in metrics["stage_seconds"].items()))
     return lines
 
 
@@ -187,12 +190,120 @@ def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project
             if "step" in row and curve:
                 run.log({"organism/step": row["step"], **curve})
         run.log(scalars)
-        run.log({"tokens": wandb.Table(columns=metrics["tokens"]["columns"], data=token_rows)})
+        tables = wandb_tables(metrics, token_rows)
+        run.log({name: wandb.Table(columns=cols, data=data) for name, (cols, data) in tables.items()})
+        if token_rows:
+            scatter = wandb.Table(columns=["rm_value", "sae_irm", "token"], data=[[r[1], r[4], r[0]] for r in token_rows])
+            run.log({"plots/irm_vs_rm_scatter": wandb.plot.scatter(scatter, "rm_value", "sae_irm",
+                                                                   title="SAE IRM vs RM per token")})
+        import matplotlib.pyplot as plt
+
+        from irmprobe import figures
+
+        for name, fig in figures.all_figures(metrics).items():
+            run.log({f"plots/{name}": wandb.Image(fig)})
+            plt.close(fig)
+        for artifact in wandb_artifacts(metrics, run_dir):
+            run.log_artifact(artifact)
         run.summary["verdict"] = "\n".join(metrics["verdict"])
         return str(run.dir)
     finally:
         run.finish()
 
 
+def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[str], list[list]]]:
+    """The run's tables (name -> (columns, rows)), as W&B and the HTML report show them."""
+    view_cols = ["name", "family", "n_tokens", "tau", "tau_ci_low", "tau_ci_high", "p_value", "spearman",
+                 "sign_acc_pos", "sign_acc_neg", "text_tau", "test_r2", "control_tau", "above_control"]
+    views = [[r.get("name"), r.get("family"), r.get("n_tokens"), r.get("tau"),
+              (r.get("tau_ci") or [None, None])[0], (r.get("tau_ci") or [None, None])[1], r.get("p_value"),
+              r.get("spearman"), r.get("sign_acc_pos"), r.get("sign_acc_neg"), r.get("text_tau"), r.get("test_r2"),
+              r.get("control_tau"), r.get("above_control")] for r in metrics["agreement"]]
+    out = {"views": (view_cols, views), "tokens": (metrics["tokens"]["columns"], token_rows)}
+    sae_cols = ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fraction", "dense_fraction",
+                "ce_loss_recovered", "kl_spliced", "mmcs_small_vs_large"]
+    out["saes"] = (sae_cols, [[r.get(c) for c in sae_cols] for r in metrics.get("saes", [])])
+    val = metrics.get("validation") or {}
+    if val.get("judged"):
+        cols = ["feature", "irm_weight", "in_irm_top_k", "relevant", "judge_score", "detection", "frequency",
+                "explanation", "top_contexts", "promoted"]
+        out["features"] = (cols, [[r["feature"], r["weight"], r["in_irm_top_k"], r["relevant"], r["score"],
+                                   r["detection"], r["frequency"], r["explanation"],
+                                   " | ".join(c["text"] for c in r["contexts"][:3]), " ".join(r["promoted"][:8])]
+                                  for r in val["judged"]])
+    if val.get("ablation"):
+        cols = ["set", "mode", "n_features", "reward", "reward_ci_low", "reward_ci_high", "change", "change_ci_low",
+                "change_ci_high"]
+        out["ablation"] = (cols, [[r["set"], r["mode"], r["n_features"], r["reward"]["mean"], *r["reward"]["ci"],
+                                   *((r["change"]["mean"], *r["change"]["ci"]) if r["change"] else (None, None, None))]
+                                  for r in val["ablation"]])
+    return out
+
+
+def wandb_artifacts(metrics: dict, run_dir: Path) -> list:
+    """Artifacts of the run: the SAEs, the primary IRM's weights, and its token map."""
+    import wandb
+
+    out = []
+    saes = wandb.Artifact("saes", type="sae", description="SAELens SAEs of each (model, layer), with metrics")
+    for row in metrics.get("saes", []):
+        if row.get("path") and Path(row["path"]).is_dir():
+            saes.add_dir(row["path"], name=f"{row['model']}.{row['layer']}")
+    out.append(saes)
+    fit_dir = metrics.get("irm", {}).get("path")
+    if fit_dir and Path(fit_dir).is_dir():
+        irm = wandb.Artifact("irm", type="irm", description="the primary IRM: weights over probe inputs, all views")
+        irm.add_dir(fit_dir)
+        out.append(irm)
+    token_map_path = write_json(Path(run_dir) / "token_map.json",
+                                {"columns": metrics["tokens"]["columns"], "rows": metrics["tokens"]["rows"]})
+    tm = wandb.Artifact("token_map", type="token_map", description="token -> RM value and each IRM view's value")
+    tm.add_file(str(token_map_path))
+    out.append(tm)
+    return out
+
+
 def write_metrics(path: Path, metrics: dict) -> Path:
     return write_json(path, metrics)
+
+
+def write_html(metrics: dict, path: Path) -> Path:
+    """One self-contained HTML file: the summary, every plot (inline PNG) and every table."""
+    import base64
+    import html
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from irmprobe import figures
+
+    def table(cols, rows, limit=None) -> str:
+        def cell(v):
+            if isinstance(v, float):
+                return f"{v:.4g}"
+            return html.escape("" if v is None else str(v))
+
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows[:limit])
+        return f"<table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>{body}</table>"
+
+    parts = ["<h1>irmprobe report</h1>", "<h2>Verdict</h2><ul>"
+             + "".join(f"<li>{html.escape(v)}</li>" for v in metrics.get("verdict", [])) + "</ul>"]
+    for name, fig in figures.all_figures(metrics).items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        data = base64.b64encode(buf.getvalue()).decode()
+        parts.append(f'<h2>{html.escape(name.replace("_", " "))}</h2><img alt="{name}" src="data:image/png;base64,{data}">')
+    for name, (cols, rows) in wandb_tables(metrics, metrics["tokens"]["rows"]).items():
+        parts.append(f"<h2>{html.escape(name)}</h2>" + table(cols, rows, limit=60 if name == "tokens" else None))
+    parts.append("<h2>Full summary</h2><pre>" + html.escape("\n".join(summary_lines(metrics))) + "</pre>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}th{background:#eee}img{max-width:100%}pre{font-size:11px}")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>irmprobe report</title><style>{style}</style>"
+           f"</head><body>{''.join(parts)}</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(doc)
+    tmp.replace(path)
+    return path

@@ -45,3 +45,10 @@ def test_every_script_has_help():
     for script in sorted((ROOT / "scripts").glob("*.py")):
         out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), (script.name, out.stderr[-500:])
+
+
+def test_every_shipped_config_parses():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        RunConfig.from_yaml(path)  # raises ValueError naming the field if any is wrong
+    assert RunConfig.from_yaml(ROOT / "configs" / "gpt2-imdb.yaml").reward.kind == "classifier"
+    assert RunConfig.from_yaml(ROOT / "configs" / "pythia70m-vader.yaml").capture.top_k_layers == 5

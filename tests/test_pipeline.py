@@ -151,3 +151,50 @@ def test_retrained_model_in_the_same_folder_is_not_served_from_cache(tiny_llama_
     _perturbed_copy(tiny_llama_dir, tuned, layer=1, scale=0.5)  # a different model, same path
     second = run(_config(tmp_path / "b", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics
     assert second["kl"] != first["kl"]
+
+
+def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(tiny_llama_dir, tmp_path):
+    first = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
+    assert set(first.metrics["stage_status"].values()) == {"ran"}
+    again = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
+    status = again.metrics["stage_status"]
+    assert all(status[s] == "reused" for s in ("organism", "samples", "capture", "saes", "fit", "interpret", "ablate"))
+    assert again.metrics["agreement"] == first.metrics["agreement"]
+    # Change only an IRM setting: fit, compare and later stages run again; nothing before them does.
+    changed = _config(tmp_path, base=str(tiny_llama_dir))
+    changed = RunConfig.from_dict(changed.to_dict() | {"irm": changed.to_dict()["irm"] | {"l1_ratio": 0.7}})
+    status = run(changed, echo=lambda _: None).metrics["stage_status"]
+    assert [s for s, v in status.items() if v == "reused"] == ["organism", "samples", "capture", "saes"]
+    assert all(status[s] == "ran" for s in ("fit", "compare", "interpret", "ablate", "report"))
+    # --force saes re-trains the SAEs (and everything after) but reuses the capture.
+    status = run(changed, echo=lambda _: None, force=("saes",)).metrics["stage_status"]
+    assert status["capture"] == "reused" and status["saes"] == "ran" and status["fit"] == "ran"
+    stopped = run(changed, echo=lambda _: None, until="capture")
+    assert stopped.metrics_path is None and "saes" not in stopped.metrics
+    with pytest.raises(ValueError, match="unknown stage 'sae'"):
+        run(changed, force=("sae",))
+
+
+def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path, capsys):
+    result = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
+    page = result.metrics_path.with_name("report.html").read_text()
+    for name in ("view_taus", "irm_vs_rm", "error_vs_frequency", "layer_divergence", "probe_pca", "ablation",
+                 "sae_metrics"):
+        assert f'alt="{name}" src="data:image/png;base64,' in page, name
+    assert "<h2>views</h2>" in page and "<h2>ablation</h2>" in page and "http" not in page.split("<body>")[1][:2000]
+    out = tmp_path / "again.html"
+    assert main(["report", str(result.metrics_path), "--out", str(out)]) == 0
+    assert out.read_text().count("data:image/png;base64,") == page.count("data:image/png;base64,")
+
+
+@pytest.mark.parametrize("command", ["run", "organism", "divergence", "capture", "saes", "fit", "compare", "interpret",
+                                     "ablate", "report"])
+def test_every_subcommand_has_help_from_the_config_docs(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    if command == "fit":
+        assert "estimators = ('ridge', 'lasso', 'elasticnet'): Behavioural SAE-feature fits" in text
+    if command == "interpret":
+        assert "judge = 'offline'" in text

@@ -13,7 +13,7 @@ from tests.test_pipeline import TINY
 
 
 def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path, monkeypatch):
-    sent = {"logs": [], "init": None}
+    sent = {"logs": [], "init": None, "artifacts": []}
     real_init = wandb.init
 
     def spy_init(**kwargs):
@@ -26,6 +26,13 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
             return real_log(data, *a, **kw)
 
         run_.log = log
+        real_artifact = run_.log_artifact
+
+        def log_artifact(artifact, *a, **kw):
+            sent["artifacts"].append(artifact)
+            return real_artifact(artifact, *a, **kw)
+
+        run_.log_artifact = log_artifact
         return run_
 
     monkeypatch.setattr(wandb, "init", spy_init)
@@ -35,7 +42,8 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     result = run(RunConfig.from_dict(data), echo=lambda _: None)
     assert sent["init"]["mode"] == "offline"  # offline unless configured online
     assert sent["init"]["config"]["pair"]["base"] == str(tiny_llama_dir)
-    scalars = {k: v for d in sent["logs"] for k, v in d.items() if not isinstance(v, wandb.Table)}
+    logged = {k: v for d in sent["logs"] for k, v in d.items()}
+    scalars = {k: v for k, v in logged.items() if isinstance(v, (int, float))}
     for key in ("reward/diff_mean", "reward/diff_z", "kl/mean", "irm/sae_irm/tau", "irm/baseline_shuffled/tau",
                 "sae/tuned.0/explained_variance", "sae/base.1/l0", "time/capture"):
         assert key in scalars, key
@@ -45,6 +53,21 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     table = next(d["tokens"] for d in sent["logs"] if "tokens" in d)
     assert table.columns == ["token", "rm_value", "count", "log_ratio", "sae_irm", "full_vocab", "shuffled_0"]
     assert len(table.data) == len(result.metrics["tokens"]["rows"]) > 0
+    # Every table: views, tokens, SAE metrics, judged features (contexts, explanations, IRM weights), ablation.
+    for name in ("views", "tokens", "saes", "features", "ablation"):
+        assert isinstance(logged[name], wandb.Table) and len(logged[name].data) > 0, name
+    assert {"explanation", "top_contexts", "irm_weight"} <= set(logged["features"].columns)
+    assert len(logged["views"].data) == len(result.metrics["agreement"])
+    # Every plot: IRM vs RM, error vs frequency, layer divergence, PCA of probe inputs, ablation, SAE metrics.
+    for name in ("irm_vs_rm", "error_vs_frequency", "layer_divergence", "probe_pca", "ablation", "sae_metrics",
+                 "view_taus"):
+        assert isinstance(logged[f"plots/{name}"], wandb.Image), name
+    assert "plots/irm_vs_rm_scatter" in logged
+    # Artifacts: the SAEs, the IRM, the token map.
+    kinds = {a.type: a for a in sent["artifacts"]}
+    assert set(kinds) == {"sae", "irm", "token_map"}
+    assert {"coef.npy", "fit.json"} <= {e.split("/")[-1] for e in kinds["irm"].manifest.entries}
+    assert any(e.endswith("cfg.json") for e in kinds["sae"].manifest.entries)
     offline_runs = list((tmp_path / "runs").glob("run-*/wandb/offline-run-*"))
     assert len(offline_runs) == 1
     assert not any("api_key" in p.read_text(errors="ignore").lower()

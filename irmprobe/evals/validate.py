@@ -1,4 +1,5 @@
-"""Stage 7 wired together: judge the IRM's features, cross-compare, and ablate them with controls."""
+"""Stage 7 wired together: judge the IRM's features and cross-compare (``interpret``), then ablate
+them with controls (``ablate``)."""
 
 from __future__ import annotations
 
@@ -31,16 +32,15 @@ def make_judge(config, pair, rm_map: dict, chat_client=None):
     return LLMJudge(chat_client, name=f"llm:{config.llm.model}")
 
 
-def validate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], coef: np.ndarray, saes: dict, rm,
-             rm_map: dict, prompts: list[str], streams, *, judge=None, echo=print) -> dict:
-    """Judge features, compare with the IRM's top features, ablate each set and measure reward.
+def interpret(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], coef: np.ndarray, saes: dict,
+              rm_map: dict, streams, *, judge=None) -> dict:
+    """Judge the IRM's top features and others, and compare the two selections.
 
     Args:
         X: the tuned model's SAE features at every captured row (unscaled).
         feature_names: ``L{layer}/tuned{index}`` for each column of ``X``.
         coef: the primary IRM's weight of each column.
         saes: ``{("tuned", layer): sae}``.
-        prompts: held-out prompts for the ablation generations.
         streams: token ids of every captured sequence (for feature contexts).
     """
     vc = config.validate
@@ -76,6 +76,19 @@ def validate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], 
     detections = [r["detection"] for r in judged if r["detection"] is not None]
     cross["detection_mean"] = float(np.mean(detections)) if detections else None
 
+    return {"judge": getattr(judge, "name", "judge"), "top_k": [feature_names[i] for i in top_k],
+            "top_k_columns": top_k, "judged": judged, "cross": cross}
+
+
+def ablate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], saes: dict, rm, prompts: list[str],
+           interpretation: dict, *, echo=print) -> list[dict]:
+    """Ablate the IRM's top-k, the judge-flagged and k random features, and the reconstruction-only
+    control, in the tuned model; the reward table of :func:`irmprobe.evals.ablation.ablation_table`."""
+    vc = config.validate
+    rng = np.random.default_rng(config.seed + 1)
+    frequency = np.diff(X.tocsc().indptr) / X.shape[0]
+    top_k = interpretation["top_k_columns"]
+
     def as_layers(columns) -> dict[int, tuple[int, ...]]:
         out: dict[int, list[int]] = {}
         for c in columns:
@@ -91,6 +104,7 @@ def validate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], 
             layer, index = _parse(name)
             means.setdefault(layer, np.zeros(saes["tuned", layer].cfg.d_sae))[index] = col_means[c]
     k = len(top_k)
+    flagged = [r for r in interpretation["judged"] if r["relevant"]]
     flagged_cols = [r["column"] for r in sorted(flagged, key=lambda r: -(r["score"] or 0.0))][:k]
     random_cols = [int(i) for i in rng.choice(np.setdiff1d(np.flatnonzero(frequency > 0), top_k), k, replace=False)]
     sets = [FeatureSet(f"irm_top_{k}", as_layers(top_k), vc.ablation, means)]
@@ -102,9 +116,7 @@ def validate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], 
         sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
                                alpha=vc.steer_alpha))
     layer_saes = {layer: saes["tuned", layer] for layer in capture.layers}
-    echo(f"validate: ablating {len(sets)} feature sets over {min(vc.n_prompts, len(prompts))} prompts")
-    table = ablation_table(pair.tuned, pair.bridge("tuned"), pair.tokenizer, layer_saes, sets, rm,
-                           prompts[: vc.n_prompts], samples_per_prompt=vc.samples_per_prompt,
-                           max_new_tokens=vc.max_new_tokens, seed=config.seed)
-    return {"judge": getattr(judge, "name", "judge"), "top_k": [feature_names[i] for i in top_k],
-            "judged": judged, "cross": cross, "ablation": table}
+    echo(f"ablate: {len(sets)} feature sets over {min(vc.n_prompts, len(prompts))} prompts")
+    return ablation_table(pair.tuned, pair.bridge("tuned"), pair.tokenizer, layer_saes, sets, rm,
+                          prompts[: vc.n_prompts], samples_per_prompt=vc.samples_per_prompt,
+                          max_new_tokens=vc.max_new_tokens, seed=config.seed)

@@ -19,6 +19,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,11 @@ def _planted(n: int, d: int, seed: int) -> np.ndarray:
 def _sae_lens_runner(acts: np.ndarray, config: SAEConfig, hook: str, tmp: Path, seed: int):
     """SAELens's runner on ``acts`` saved as its cached-activations dataset."""
     import datasets
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+    )
     from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -106,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.getLogger("sae_lens").setLevel(logging.ERROR)
+    # The runner warns that its stub model is deprecated and that it cycles the cached dataset.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="sae_lens")
     torch.set_num_threads(torch.get_num_threads())
 
     if args.store:

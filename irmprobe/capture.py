@@ -76,6 +76,11 @@ class Samples:
         )
 
 
+def is_bridged(model) -> bool:
+    """True when a TransformerBridge has rewired this model's modules in place (see ``sample_continuations``)."""
+    return any(type(m).__module__.startswith("transformer_lens.model_bridge") for m in model.modules())
+
+
 @torch.no_grad()
 def sample_continuations(
     model,
@@ -91,7 +96,15 @@ def sample_continuations(
 
     Returns (token ids of prompt + continuation, prompt lengths, prompt index, continuation texts);
     generation stops at end-of-text, which is not kept.
+
+    Raises:
+        ValueError: ``model`` is wrapped by a TransformerBridge. The bridge rewires its modules in
+            place and Hugging Face ``generate`` (KV cache) then samples differently; sample before
+            building the bridge, or from a fresh copy.
     """
+    if is_bridged(model):
+        raise ValueError("cannot sample from a model a TransformerBridge has wrapped (its generate() differs): "
+                         "sample before capture, or from a fresh copy (irmprobe.pairs.load_model)")
     device = next(model.parameters()).device
     jobs = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]

@@ -237,7 +237,7 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print, unt
                 write_json(path, validation)
         if not stop("interpret"):
             with stage("ablate") as st:
-                path = stage_dir("ablate", config_key("ablate-v1", key, vc, rm.describe())) / "ablation.json"
+                path = stage_dir("ablate", config_key("ablate-v2", key, vc, rm.describe())) / "ablation.json"
                 st.reused = path.is_file() and not forced("ablate")
                 if st.reused:
                     validation["ablation"] = json.loads(path.read_text())

@@ -21,7 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from irmprobe.config import OrganismConfig, RewardConfig  # noqa: E402
-from irmprobe.organisms import load_prompts, make_organism, organism_report, report_lines, split_prompts  # noqa: E402
+from irmprobe.organisms import (  # noqa: E402
+    load_prompts,
+    make_organism,
+    organism_report,
+    report_lines,
+    split_prompts,
+)
 from irmprobe.pairs import DEFAULT_BASE, layer_divergence, load_pair  # noqa: E402
 from irmprobe.rewards import reward_model  # noqa: E402
 

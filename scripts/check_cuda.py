@@ -32,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device is visible to torch", file=sys.stderr)
         return 1
 
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from irmprobe.capture import capture_pair
     from irmprobe.config import RunConfig
     from irmprobe.pairs import load_pair
     from irmprobe.pipeline import run
     from tests.conftest import _build_tokenizer
-
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="irmprobe-cuda-"))
     os.environ["IRMPROBE_CACHE"] = str(work / "cache")

@@ -1,6 +1,5 @@
 """Ablation by splicing an SAE with the error term kept, on tiny models with a planted feature."""
 
-import numpy as np
 import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
@@ -29,17 +28,19 @@ def _sae(d_in, d_sae=16, seed=0, planted=None, strength=0.0):
 
 def test_splice_with_nothing_ablated_reproduces_the_logits(tiny_llama_dir):
     pair = load_pair(str(tiny_llama_dir), None)
-    bridge, sae = pair.bridge("base"), _sae(pair.d_model)
+    model, sae = pair.base, _sae(pair.d_model)
     ids = torch.tensor([[5, 9, 17, 33, 2, 8, 40]])
     with torch.no_grad():
-        clean = pair.base(ids).logits
-        with ablated(bridge, {1: sae}, FeatureSet("nothing", {1: ()})):
-            same = pair.base(ids).logits
-        with ablated(bridge, {1: sae}, FeatureSet("recon", {}, mode="reconstruction")):
-            recon = pair.base(ids).logits
-        with ablated(bridge, {1: sae}, FeatureSet("all", {1: tuple(range(16))})):
-            every = pair.base(ids).logits
+        clean = model(ids).logits
+        with ablated(model, {1: sae}, FeatureSet("nothing", {1: ()})):
+            same = model(ids).logits
+        with ablated(model, {1: sae}, FeatureSet("recon", {}, mode="reconstruction")):
+            recon = model(ids).logits
+        with ablated(model, {1: sae}, FeatureSet("all", {1: tuple(range(16))})):
+            every = model(ids).logits
+        after = model(ids).logits
     torch.testing.assert_close(same, clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, clean, atol=0, rtol=0)  # the hooks are gone after the block
     assert (recon - clean).abs().max() > 1e-3  # the hook is live: dropping the error changes the logits
     assert (every - clean).abs().max() > 1e-3  # zero-ablating every feature leaves only the error term
     with pytest.raises(ValueError, match="mode must be"):
@@ -74,8 +75,8 @@ def test_ablating_the_planted_reward_feature_lowers_reward_and_random_features_d
     rm = LexiconRM({word: 3.0}, name="planted")
     prompts = ["The train left", "I bought a", "She said that", "Later that day"]
     kw = dict(samples_per_prompt=6, max_new_tokens=8, seed=0)
-    base_rows = ablation_table(pair.base, pair.bridge("base"), pair.tokenizer, {1: sae}, [], rm, prompts, **kw)
-    rows = ablation_table(pair.tuned, pair.bridge("tuned"), pair.tokenizer, {1: sae},
+    base_rows = ablation_table(pair.base, pair.tokenizer, {1: sae}, [], rm, prompts, **kw)
+    rows = ablation_table(pair.tuned, pair.tokenizer, {1: sae},
                           [FeatureSet("planted", {1: (0,)}), FeatureSet("random", {1: (5, 9, 12)})], rm, prompts, **kw)
     by = {r["set"]: r for r in rows}
     clean = by["none"]["reward"]["mean"]
@@ -83,3 +84,12 @@ def test_ablating_the_planted_reward_feature_lowers_reward_and_random_features_d
     assert by["planted"]["change"]["ci"][1] < 0  # ablating it lowers reward, the CI excludes 0
     assert by["planted"]["reward"]["mean"] < 0.5 * clean
     assert abs(by["random"]["change"]["mean"]) < 0.2 * clean  # random features barely matter
+
+
+def test_sampling_refuses_a_bridged_model(tiny_llama_dir):
+    from irmprobe.capture import sample_continuations
+
+    pair = load_pair(str(tiny_llama_dir), None)
+    pair.bridge("base")  # wraps pair.base in place
+    with pytest.raises(ValueError, match="TransformerBridge has wrapped"):
+        sample_continuations(pair.base, pair.tokenizer, ["Hello"], n_per_prompt=1, max_new_tokens=2, batch_size=1, seed=0)

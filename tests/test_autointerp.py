@@ -2,8 +2,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from irmprobe.evals.autointerp import (LLMJudge, OfflineJudge, cross_comparison, detection_score,
-                                       feature_evidence)
+from irmprobe.evals.autointerp import (
+    LLMJudge,
+    OfflineJudge,
+    cross_comparison,
+    detection_score,
+    feature_evidence,
+)
 from irmprobe.llm import ChatClient, LLMError
 from tests.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
 
@@ -89,3 +94,19 @@ def test_llm_judge_malformed_and_down(server, tmp_path):  # noqa: F811
     down = LLMJudge(ChatClient("http://127.0.0.1:9/v1", "m", cache_dir=tmp_path / "d", retries=1, timeout=2))
     with pytest.raises(LLMError, match="did not answer"):
         down.judge(_ev())
+
+
+def test_local_chat_is_deterministic_and_feeds_the_llm_judge(tiny_llama_dir):
+    from irmprobe.evals.autointerp import LocalChat
+    from irmprobe.pairs import load_model
+
+    model, tok = load_model(str(tiny_llama_dir))
+    chat = LocalChat(model, tok, max_new_tokens=6)
+    messages = [{"role": "user", "content": "What does the neuron respond to?"}]
+    first = chat.chat(messages)
+    assert isinstance(first, str) and first == chat.chat(messages)  # greedy: the same answer twice
+    judge = LLMJudge(chat, name="local")
+    try:  # a random tiny model rarely answers with a digit: then the judge says so clearly
+        judge.judge(_ev())
+    except LLMError as exc:
+        assert "holds no 0 or 1" in str(exc)

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 
 from irmprobe.config import SAEConfig
-from irmprobe.features import (decoder_directions, encode, evaluate_sae, mmcs, train_sae, unmatched_features)
+from irmprobe.features import (
+    decoder_directions,
+    encode,
+    evaluate_sae,
+    mmcs,
+    train_sae,
+    unmatched_features,
+)
 
 
 def _planted(n=60_000, d=32, k=48, seed=0):

@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from irmprobe.irm import (ContrastiveProbe, LinearIRM, contrastive_targets, fit_irm, preference_probe, random_probe,
-                          token_map)
+from irmprobe.irm import (
+    ContrastiveProbe,
+    LinearIRM,
+    contrastive_targets,
+    fit_irm,
+    preference_probe,
+    random_probe,
+    token_map,
+)
 
 
 def _planted(n=3000, d=200, k=10, seed=0):

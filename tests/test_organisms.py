@@ -6,8 +6,14 @@ import pytest
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from irmprobe.config import OrganismConfig
-from irmprobe.organisms import (build_preference_pairs, load_preference_pairs, load_prompts, make_organism,
-                                organism_report, report_lines)
+from irmprobe.organisms import (
+    build_preference_pairs,
+    load_preference_pairs,
+    load_prompts,
+    make_organism,
+    organism_report,
+    report_lines,
+)
 from irmprobe.pairs import load_model, load_pair
 from irmprobe.rewards import LexiconRM, TextRM
 

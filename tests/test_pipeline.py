@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from irmprobe.cli import main
@@ -198,3 +199,19 @@ def test_every_subcommand_has_help_from_the_config_docs(command, capsys):
         assert "estimators = ('ridge', 'lasso', 'elasticnet'): Behavioural SAE-feature fits" in text
     if command == "interpret":
         assert "judge = 'offline'" in text
+
+
+def test_fitted_irm_scores_new_text_like_the_fit(tiny_llama_dir, tmp_path):
+    from irmprobe.pipeline import FittedIRM
+
+    config = _config(tmp_path, base=str(tiny_llama_dir))
+    irm = FittedIRM(config, echo=lambda _: None)
+    text = "The happy cat sat on the terrible mat"
+    rows = irm.token_values(text)
+    assert len(rows) == len(irm.pair.tokenizer(text)["input_ids"]) - 1
+    assert all(np.isfinite(r["irm"]) and np.isfinite(r["log_ratio"]) for r in rows)
+    scored = irm.score([text, "Nothing much"])
+    assert scored[0]["irm"] == pytest.approx(sum(r["irm"] for r in rows))
+    assert scored[0]["rm"] == pytest.approx(float(irm.rm.score([text])[0]))
+    with pytest.raises(ValueError, match="shorter than two tokens"):
+        irm.token_values("")

@@ -10,19 +10,23 @@ is ablated to (0 for zero-ablation, its mean activation for mean-ablation). With
 replaces ``x`` by the SAE's reconstruction (the error dropped), which shows what the SAE
 approximation alone costs. Steering adds ``alpha * d_i`` instead.
 
-Hooks are TransformerLens bridge hooks; the bridge wraps the Hugging Face modules in place, so
-Hugging Face ``generate`` (with its KV cache) runs through them.
+Generation runs on a plain Hugging Face model with PyTorch forward hooks on the MLP modules
+(whose output is TransformerLens's ``hook_mlp_out``). It must be a model no TransformerBridge
+has wrapped: a bridge rewires the modules in place, and Hugging Face ``generate`` with its KV
+cache then samples differently (measured: the default organism's reward fell from +0.63 to
++0.13 on the same prompts and seed), so :func:`irmprobe.evals.validate.ablate` loads a fresh copy.
 """
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from irmprobe.capture import sample_continuations
+from irmprobe.capture import is_bridged, sample_continuations
 
 
 @dataclass(frozen=True)
@@ -67,18 +71,40 @@ def splice_hook(sae, indices, mode: str = "zero", means: np.ndarray | None = Non
     return hook
 
 
+def mlp_module(model, layer: int):
+    """The MLP module of block ``layer`` (``model.layers.9.mlp``, ``gpt_neox.layers.9.mlp``, ``h.9.mlp``)."""
+    pattern = re.compile(rf"(^|\.)(layers|h|blocks)\.{layer}\.mlp$")
+    for name, module in model.named_modules():
+        if pattern.search(name):
+            return module
+    raise ValueError(f"no MLP module of block {layer} in {type(model).__name__}: ablation supports models whose "
+                     "blocks are named layers.N.mlp, h.N.mlp or blocks.N.mlp")
+
+
 @contextmanager
-def ablated(bridge, saes: dict[int, object], feature_set: FeatureSet, hook: str = "hook_mlp_out"):
-    """Within the block, the model behind ``bridge`` runs with ``feature_set`` ablated."""
+def ablated(model, saes: dict[int, object], feature_set: FeatureSet):
+    """Within the block, ``model`` (a plain Hugging Face model) runs with ``feature_set`` ablated.
+
+    Each layer's SAE is spliced at the output of that block's MLP (``hook_mlp_out``).
+    """
     layers = sorted(set(feature_set.features) | (set(saes) if feature_set.mode == "reconstruction" else set()))
-    hooks = []
-    for layer in layers:
-        means = feature_set.means.get(layer) if feature_set.means else None
-        hooks.append((f"blocks.{layer}.{hook}",
-                      splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode, means,
-                                  feature_set.alpha)))
-    with bridge.hooks(fwd_hooks=hooks):
+    handles = []
+    try:
+        for layer in layers:
+            means = feature_set.means.get(layer) if feature_set.means else None
+            fn = splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode, means,
+                             feature_set.alpha)
+
+            def hook(module, inputs, output, fn=fn):
+                if isinstance(output, tuple):
+                    return (fn(output[0], None), *output[1:])
+                return fn(output, None)
+
+            handles.append(mlp_module(model, layer).register_forward_hook(hook))
         yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _mean_ci(values: np.ndarray) -> dict:
@@ -87,15 +113,21 @@ def _mean_ci(values: np.ndarray) -> dict:
                                                           float(values.mean() + 1.96 * se)]}
 
 
-def ablation_table(model, bridge, tokenizer, saes: dict[int, object], feature_sets: list[FeatureSet], rm,
+def ablation_table(model, tokenizer, saes: dict[int, object], feature_sets: list[FeatureSet], rm,
                    prompts: list[str], *, samples_per_prompt: int = 2, max_new_tokens: int = 24, batch_size: int = 32,
-                   seed: int = 0, hook: str = "hook_mlp_out") -> list[dict]:
+                   seed: int = 0) -> list[dict]:
     """Reward of the tuned model's continuations with each feature set ablated, against no ablation.
+
+    ``model`` must be a plain Hugging Face model (see the module docstring); a bridged one raises.
 
     Every condition samples with the same seed, so conditions differ only by the ablation and the
     reward change is paired by (prompt, sample). Returns one row per condition (the first is
     ``none``): mean reward with a 95% CI, and the paired change from ``none`` with its CI.
     """
+    if is_bridged(model):
+        raise ValueError("ablation_table needs a model no TransformerBridge has wrapped (its generate() samples "
+                         "differently): load a fresh copy with irmprobe.pairs.load_model")
+
     def generate():
         _, _, _, texts = sample_continuations(model, tokenizer, prompts, n_per_prompt=samples_per_prompt,
                                               max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
@@ -105,7 +137,7 @@ def ablation_table(model, bridge, tokenizer, saes: dict[int, object], feature_se
     rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean),
              "change": None, "example": clean_texts[0]}]
     for fs in feature_sets:
-        with ablated(bridge, saes, fs, hook):
+        with ablated(model, saes, fs):
             rewards, texts = generate()
         rows.append({"set": fs.name, "mode": fs.mode, "n_features": fs.size, "reward": _mean_ci(rewards),
                      "change": _mean_ci(rewards - clean), "example": texts[0]})

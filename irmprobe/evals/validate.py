@@ -9,6 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from irmprobe.evals.ablation import FeatureSet, ablation_table
+from irmprobe.pairs import load_model
 from irmprobe.evals.autointerp import (LLMJudge, LocalChat, OfflineJudge, cross_comparison, detection_score,
                                        feature_evidence)
 
@@ -28,7 +29,10 @@ def make_judge(config, pair, rm_map: dict, chat_client=None):
     if kind == "offline":
         return OfflineJudge(rm_map)
     if kind == "local":
-        return LLMJudge(LocalChat(pair.base, pair.tokenizer), name="local")
+        # A fresh copy: generate() on a model a TransformerBridge has wrapped samples differently.
+        model, _ = load_model(pair.base_spec, device=config.pair.device, dtype=config.pair.dtype,
+                              trust_remote_code=config.pair.trust_remote_code)
+        return LLMJudge(LocalChat(model, pair.tokenizer), name="local")
     return LLMJudge(chat_client, name=f"llm:{config.llm.model}")
 
 
@@ -117,6 +121,9 @@ def ablate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], sa
                                alpha=vc.steer_alpha))
     layer_saes = {layer: saes["tuned", layer] for layer in capture.layers}
     echo(f"ablate: {len(sets)} feature sets over {min(vc.n_prompts, len(prompts))} prompts")
-    return ablation_table(pair.tuned, pair.bridge("tuned"), pair.tokenizer, layer_saes, sets, rm,
+    # A fresh copy: the pair's tuned model is wrapped by a TransformerBridge, whose generate() differs.
+    model, _ = load_model(pair.tuned_spec, device=config.pair.device, dtype=config.pair.dtype,
+                          trust_remote_code=config.pair.trust_remote_code)
+    return ablation_table(model, pair.tokenizer, layer_saes, sets, rm,
                           prompts[: vc.n_prompts], samples_per_prompt=vc.samples_per_prompt,
                           max_new_tokens=vc.max_new_tokens, seed=config.seed)

@@ -65,7 +65,7 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     assert "plots/irm_vs_rm_scatter" in logged
     # Artifacts: the SAEs, the IRM, the token map.
     kinds = {a.type: a for a in sent["artifacts"]}
-    assert set(kinds) == {"sae", "irm", "token_map"}
+    assert {"sae", "irm", "token_map"} <= set(kinds)  # (W&B also stores logged tables as run_table artifacts)
     assert {"coef.npy", "fit.json"} <= {e.split("/")[-1] for e in kinds["irm"].manifest.entries}
     assert any(e.endswith("cfg.json") for e in kinds["sae"].manifest.entries)
     offline_runs = list((tmp_path / "runs").glob("run-*/wandb/offline-run-*"))

@@ -92,7 +92,7 @@ def _fit_stage(config, pair, samples, capture, saes, layers, stream, rm_map, cap
         fit = json.loads((out / "fit.json").read_text())
         fit["coef"] = np.load(out / "coef.npy", allow_pickle=False)
         fit["maps"] = {name: {int(t): v for t, v in m.items()} for name, m in fit["maps"].items()}
-        return fit | {"path": str(out)}, X, feature_names, True
+        return fit | {"path": str(out), "key": key}, X, feature_names, True
     raw = None if ic.inputs == "raw" else probe_inputs("raw", capture.acts, saes, layers)[0]
     triples = stage_triples(config, pair, samples, rm_map) if cmp.rm_informed else None
     triple_x = triple_inputs(config, pair, saes, layers, triples, cap_key) if triples is not None else None
@@ -117,7 +117,7 @@ def _fit_stage(config, pair, samples, capture, saes, layers, stream, rm_map, cap
     fit["feature_names"] = feature_names
     write_json(out / "fit.json", fit)  # written last: its presence marks the stage complete
     fit["coef"] = main.fits["sae_irm"].coef
-    return fit | {"path": str(out)}, X, feature_names, False
+    return fit | {"path": str(out), "key": key}, X, feature_names, False
 
 
 def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print, until: str | None = None,
@@ -223,8 +223,9 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print, unt
     validation = None
     vc = config.validate
     if vc.enabled and not pair.is_null and ic.inputs == "tuned" and not stop("compare"):
-        key = config_key("interpret-v1", cap_key, config.sae, ic, cmp, vc.top_k, vc.n_judged, vc.judge, vc.concept,
-                         config.llm if vc.judge == "llm" else None, sorted(rm_map.items()), config.seed)
+        # Keyed by the fit it reads (which covers everything before it) and the judge's settings.
+        key = config_key("interpret-v2", fit["key"], vc.top_k, vc.n_judged, vc.judge, vc.concept,
+                         config.llm if vc.judge == "llm" else None)
         with stage("interpret") as st:
             path = stage_dir("interpret", key) / "interpretation.json"
             st.reused = path.is_file() and not forced("interpret")

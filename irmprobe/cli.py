@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"irmprobe: {exc}", file=sys.stderr)
         return 2
-    if result.metrics_path is not None:
+    if result.metrics_path is None:
+        print(f"stopped after stage {until!r}; its output is cached (irmprobe run reuses it)")
+    else:
         if args.quiet:
             from irmprobe.reporting import summary_lines
 

@@ -100,8 +100,8 @@ def error_vs_frequency(irm_values: np.ndarray, rm_values: np.ndarray, counts: np
     if len(error) < 4 or np.all(counts == counts[0]):
         return {"rho": None, "p_value": None, "quartile_error": None}
     rho, p = stats.spearmanr(error, counts)
-    edges = np.quantile(counts, [0.25, 0.5, 0.75])
-    bins = np.searchsorted(edges, counts, side="right")
+    # Quartiles by rank of count (ties broken by order), so tied counts still fill four bins.
+    bins = np.minimum(3, (4 * (stats.rankdata(counts, method="ordinal") - 1)) // len(counts)).astype(int)
     quartiles = [float(error[bins == b].mean()) if np.any(bins == b) else None for b in range(4)]
     return {"rho": float(rho), "p_value": float(p), "quartile_error": quartiles}
 

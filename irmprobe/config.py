@@ -332,6 +332,9 @@ class ValidateConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens")
+        if self.n_judged < self.top_k:
+            raise ValueError(f"ValidateConfig.n_judged ({self.n_judged}) must be at least top_k ({self.top_k}): "
+                             "the IRM's top features are always judged")
         if self.judge not in ("offline", "llm", "local"):
             raise ValueError(f"ValidateConfig.judge must be offline, llm or local, got {self.judge!r}")
         if self.ablation not in ("zero", "mean"):

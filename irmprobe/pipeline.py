@@ -81,12 +81,16 @@ STAGES = ("organism", "layers", "samples", "capture", "saes", "fit", "compare", 
 """Stage order. ``--force STAGE`` re-runs that stage and every later one; ``until`` stops after one."""
 
 
-def _fit_stage(config, pair, samples, capture, saes, layers, stream, rm_map, cap_key, echo, force: bool):
+def _fit_stage(config, pair, samples, capture, saes, layers, stream, rm_map, cap_key, echo, force: bool,
+               force_upstream: tuple[str, ...] = ()):
     """Every IRM view of the organism (and of the control organism), cached by everything it reads."""
     ic, cmp = config.irm, config.compare
     X, feature_names = probe_inputs(ic.inputs, capture.acts, saes, layers)
-    key = config_key("fit-v1", cap_key, config.sae, ic, cmp, config.llm if cmp.llm_triples else None,
-                     sorted(rm_map.items()), config.seed)
+    triples_file = Path(cmp.triples_path).read_bytes() if cmp.triples_path else b""
+    # The control organism is trained from the organism and prompt settings: they key the fit too.
+    control = (config.organism, config.prompts, config.pair) if cmp.control_steps else None
+    key = config_key("fit-v2", cap_key, config.sae, ic, cmp, config.llm if cmp.llm_triples else None,
+                     sorted(rm_map.items()), config.seed, hashlib.sha256(triples_file).hexdigest(), control)
     out = stage_dir("fit", key)
     if (out / "fit.json").is_file() and not force:
         fit = json.loads((out / "fit.json").read_text())
@@ -99,7 +103,8 @@ def _fit_stage(config, pair, samples, capture, saes, layers, stream, rm_map, cap
     main = analyse(capture, X, samples, rm_map, config, seed=config.seed, raw=raw, triple_inputs=triple_x, n_jobs=2)
     control_rows, control_info = None, None
     if cmp.control_steps and not pair.is_null:
-        control_rows, control_info = control_stage(config, pair, samples, stream, layers, saes, rm_map, triples, echo)
+        control_rows, control_info = control_stage(config, pair, samples, stream, layers, saes, rm_map, triples, echo,
+                                                   force=force_upstream)
     keep = ("log_ratio (no model)", "sae_irm", "full_vocab_log_ratio", "shuffled_0")
     fit = {"rows": main.rows, "control_rows": control_rows, "control": control_info,
            "maps": {name: main.maps[name] for name in keep if name in main.maps},
@@ -199,8 +204,9 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print, unt
     ic, cmp = config.irm, config.compare
     rm_map = rm.token_values(pair.tokenizer)
     with stage("fit") as st:
-        fit, X, feature_names, st.reused = _fit_stage(config, pair, samples, capture, saes, layers, stream, rm_map,
-                                                      cap_key, echo, forced("fit"))
+        fit, X, feature_names, st.reused = _fit_stage(
+            config, pair, samples, capture, saes, layers, stream, rm_map, cap_key, echo, forced("fit"),
+            tuple(name for name in ("organism", "capture", "saes") if forced(name)))
     if stop("fit"):
         return _stopped("fit", partial | {"agreement": fit["rows"]}, echo,
                         {"pair": pair, "saes": saes, "fit": fit, "rm": rm, "rm_map": rm_map, "layers": layers,
@@ -222,7 +228,10 @@ def run(config: RunConfig, *, reward: RewardModel | None = None, echo=print, unt
 
     validation = None
     vc = config.validate
-    if vc.enabled and not pair.is_null and ic.inputs == "tuned" and not stop("compare"):
+    if vc.enabled and not pair.is_null and not stop("compare") and (ic.inputs != "tuned" or cc.hook != "hook_mlp_out"):
+        echo("validate: skipped; it needs irm.inputs=tuned and capture.hook=hook_mlp_out (the ablation splices "
+             "SAEs at the MLP output)")
+    elif vc.enabled and not pair.is_null and not stop("compare"):
         # Keyed by the fit it reads (which covers everything before it) and the judge's settings.
         key = config_key("interpret-v2", fit["key"], vc.top_k, vc.n_judged, vc.judge, vc.concept,
                          config.llm if vc.judge == "llm" else None)

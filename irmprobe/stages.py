@@ -214,7 +214,7 @@ def triple_inputs(config: RunConfig, pair: ModelPair, saes: dict, layers, triple
 
 
 def control_stage(config: RunConfig, pair: ModelPair, samples: Samples, stream, layers, saes: dict, rm_map: dict,
-             triples: Triples | None, echo) -> tuple[list[dict], dict]:
+             triples: Triples | None, echo, force: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     """The noise floor: the base tuned against a random reward, analysed exactly like the organism."""
     pc, cmp = config.pair, config.compare
     method = config.organism.method if config.organism.method in ("rloo", "grpo") else "rloo"
@@ -224,12 +224,14 @@ def control_stage(config: RunConfig, pair: ModelPair, samples: Samples, stream, 
                            split=config.prompts.split)
     train_prompts, _ = split_prompts(prompts, config.prompts.n_heldout, config.seed)
     org = make_organism(pc.base, random_rm, org_cfg, train_prompts, seed=config.seed, device=pc.device,
-                        trust_remote_code=pc.trust_remote_code)
+                        trust_remote_code=pc.trust_remote_code, force="organism" in force)
     echo(f"control: {'reusing' if org.reused else 'trained'} the random-reward organism at {org.path}")
     control = load_pair(pc.base, str(org.path), device=pc.device, dtype=pc.dtype, trust_remote_code=pc.trust_remote_code)
     cap_key = config_key("capture-v4", "control", org.path.name, hash_lines([json.dumps(list(t)) for t in stream]),
                          layers, config.capture.hook)
     cap_dir = stage_dir("capture", cap_key)
+    if force and cap_dir.exists():  # forcing the organism, capture or SAEs re-captures the control too
+        shutil.rmtree(cap_dir)
     if not store_complete(cap_dir):
         capture_to_store(control, stream, layers, cap_dir, hook=config.capture.hook, batch_size=config.capture.batch_size)
     capture = load_store(cap_dir)
@@ -238,7 +240,8 @@ def control_stage(config: RunConfig, pair: ModelPair, samples: Samples, stream, 
     for layer in layers:
         meta = {"model_name": f"control:{org.path.name}", "hook_name": capture.hook_name(layer),
                 "irmprobe_model": "control", "irmprobe_reward": random_rm.name}
-        control_saes["tuned", layer], _, _, _ = get_sae(config, config.sae, capture, cap_key, "tuned", layer, eval_rows, meta)
+        control_saes["tuned", layer], _, _, _ = get_sae(config, config.sae, capture, cap_key, "tuned", layer, eval_rows,
+                                                        meta, bool(force))
     X, _ = probe_inputs(config.irm.inputs, capture.acts, control_saes, layers)
     raw = None if config.irm.inputs == "raw" else probe_inputs("raw", capture.acts, control_saes, layers)[0]
     triple_x = None

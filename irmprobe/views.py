@@ -155,8 +155,9 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], con
                                                                    value_range=(values.min(), values.max())))
             probe.fit(Xc[tr], yc[tr])
             tmap = {t: v for t, (v, _) in token_map(np.r_[tok_pos, tok_neg], probe.predict(Xc)).items()}
-            add("contrastive_probe", "rm_informed", probe.predict(X), tmap=tmap, test_r2=float(probe.score(Xc[te], yc[te])),
-                n_triples=int(len(tok_pos)))
+            # R^2 of the ridge before rescaling: the rescaled output is in lexicon units, not the target's.
+            r2 = float(probe[-1].ridge_.score(probe[0].transform(Xc[te]), yc[te]))
+            add("contrastive_probe", "rm_informed", probe.predict(X), tmap=tmap, test_r2=r2, n_triples=int(len(tok_pos)))
         pooled = _mean_pool(X, groups, n_seq)
         model, acc = preference_probe(pooled[train_seqs], samples.rewards[train_seqs], samples.prompt_index[train_seqs],
                                       seed=seed)
@@ -171,7 +172,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], con
     shuffled = []
     for i in range(ic.n_shuffles):
         f = fit_irm(f"shuffled_{i}", X, y, groups, alphas=(primary.alpha,), test_fraction=ic.test_fraction,
-                    seed=seed + 1 + i, shuffle_target=True, n_jobs=n_jobs)
+                    seed=seed + 1 + i, shuffle_target=True, n_jobs=n_jobs, penalty=ic.estimators[0],
+                    l1_ratio=ic.l1_ratio)
         tmap = {t: v for t, (v, _) in token_map(token_ids, f.predictions, ic.min_token_count).items()}
         maps[f.name] = tmap
         shuffled.append(compare_view(f.name, "baseline", tmap, counts, rm_map, text_scores=text_scores(f.predictions),

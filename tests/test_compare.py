@@ -120,3 +120,15 @@ def test_against_control_margins_and_flags():
     assert out["a"]["above_control"] == pytest.approx(0.25) and out["a"]["above_control_ci"]
     assert out["b"]["above_control"] == pytest.approx(0.0) and not out["b"]["above_control_ci"]
     assert "cannot tell a control" in out["b"]["control_flag"] and "control_flag" not in out["a"]
+
+
+def test_error_vs_frequency_quartiles_with_tied_counts():
+    from irmprobe.compare import error_vs_frequency
+
+    counts = np.array([1, 1, 1, 1, 1, 1, 2, 2, 5, 9, 12, 30])
+    rm = np.arange(12, dtype=float)
+    irm = rm.copy()
+    irm[:6] = irm[:6][::-1]  # the six rarest tokens are mis-ranked, the frequent ones right
+    out = error_vs_frequency(irm, rm, counts)
+    q = out["quartile_error"]
+    assert None not in q and q[0] > 0 and q[3] == 0.0  # rarest quartile worst, most frequent exact

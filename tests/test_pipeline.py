@@ -107,6 +107,8 @@ def test_cli_rejects_bad_config_with_field_name(capsys):
     assert "unknown field(s) ['stepz']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="OrganismConfig.steps must be positive"):
         RunConfig.from_dict({"organism": {"steps": 0}})
+    with pytest.raises(ValueError, match="n_judged .* must be at least top_k"):
+        RunConfig.from_dict({"validate": {"top_k": 10, "n_judged": 5}})
 
 
 def test_same_seed_gives_same_numbers(tiny_llama_dir, tmp_path, monkeypatch):

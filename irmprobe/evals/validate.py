@@ -52,10 +52,11 @@ def interpret(config, pair, capture, X: sp.csr_matrix, feature_names: list[str],
     Xc = X.tocsc()
     frequency = np.diff(Xc.indptr) / X.shape[0]
     top_k = [int(i) for i in np.argsort(-coef, kind="stable")[: vc.top_k] if coef[i] > 0]
-    by_weight = [int(i) for i in np.argsort(-np.abs(coef), kind="stable") if frequency[i] > 0]
-    universe = list(dict.fromkeys(top_k + by_weight[: max(0, vc.n_judged // 2 - len(top_k))]))
+    by_weight = [int(i) for i in np.argsort(-np.abs(coef), kind="stable") if frequency[i] > 0 and int(i) not in top_k]
+    universe = top_k + by_weight[: max(0, vc.n_judged // 2 - len(top_k))]
     firing = np.setdiff1d(np.flatnonzero(frequency > 0), universe)
-    universe += [int(i) for i in rng.choice(firing, min(len(firing), vc.n_judged - len(universe)), replace=False)]
+    n_random = max(0, min(len(firing), vc.n_judged - len(universe)))
+    universe += [int(i) for i in rng.choice(firing, n_random, replace=False)]
 
     judge = judge or make_judge(config, pair, rm_map)
     unembed = pair.tuned.get_output_embeddings().weight.detach().float().cpu().numpy().T

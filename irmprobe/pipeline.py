@@ -89,7 +89,7 @@ def _fit_stage(config, pair, samples, capture, saes, layers, stream, rm_map, cap
     triples_file = Path(cmp.triples_path).read_bytes() if cmp.triples_path else b""
     # The control organism is trained from the organism and prompt settings: they key the fit too.
     control = (config.organism, config.prompts, config.pair) if cmp.control_steps else None
-    key = config_key("fit-v2", cap_key, config.sae, ic, cmp, config.llm if cmp.llm_triples else None,
+    key = config_key("fit-v3", cap_key, config.sae, ic, cmp, config.llm if cmp.llm_triples else None,
                      sorted(rm_map.items()), config.seed, hashlib.sha256(triples_file).hexdigest(), control)
     out = stage_dir("fit", key)
     if (out / "fit.json").is_file() and not force:

@@ -153,9 +153,9 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], con
             values = np.array(list(rm_map.values()))
             probe = make_pipeline(MaxAbsScaler(), ContrastiveProbe(alphas=ic.alphas,
                                                                    value_range=(values.min(), values.max())))
-            probe.fit(Xc[tr], yc[tr])
+            probe.fit(Xc[tr], yc[tr], contrastiveprobe__groups=pair_groups[tr])  # CV folds keep triples whole
             tmap = {t: v for t, (v, _) in token_map(np.r_[tok_pos, tok_neg], probe.predict(Xc)).items()}
-            # R^2 of the ridge before rescaling: the rescaled output is in lexicon units, not the target's.
+            # Held-out R^2 of the ridge before rescaling: the rescaled output is in lexicon units, not the target's.
             r2 = float(probe[-1].ridge_.score(probe[0].transform(Xc[te]), yc[te]))
             add("contrastive_probe", "rm_informed", probe.predict(X), tmap=tmap, test_r2=r2, n_triples=int(len(tok_pos)))
         pooled = _mean_pool(X, groups, n_seq)

@@ -301,6 +301,14 @@ def load_store(directory: Path, *, verify: bool = True) -> Capture:
     return Capture.from_arrays(manifest["layers"], manifest["hook"], arrays)
 
 
+def _right_padded(token_ids, chunk: np.ndarray, lengths: np.ndarray, pad: int) -> torch.Tensor:
+    """The sequences ``chunk`` of ``token_ids`` as one [batch, longest] tensor, right-padded with ``pad``."""
+    tokens = torch.full((len(chunk), int(lengths[chunk].max())), pad, dtype=torch.long)
+    for row, s in enumerate(chunk):
+        tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
+    return tokens
+
+
 @torch.no_grad()
 def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str], real: torch.Tensor):
     logits, cache = bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
@@ -345,10 +353,8 @@ def capture_pair(
     acts = {f"{k}.{l}": [] for k in models for l in layers}
     for start in tqdm(range(0, len(order), batch_size), desc="capture", leave=False):
         chunk = order[start : start + batch_size]
-        width = int(lengths[chunk].max())
-        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
+        tokens = _right_padded(token_ids, chunk, lengths, pad)
+        width = tokens.shape[1]
         real = torch.arange(1, width)[None, :] < torch.tensor(lengths[chunk])[:, None]  # t >= 1
         tokens = tokens.to(device)
         for kind, bridge in bridges.items():
@@ -396,10 +402,7 @@ def last_token_activations(bridge: TransformerBridge, token_ids, layers: tuple[i
     order = np.argsort(-lengths, kind="stable")
     for start in tqdm(range(0, len(order), batch_size), desc="last-token activations", leave=False):
         chunk = order[start : start + batch_size]
-        width = int(lengths[chunk].max())
-        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
+        tokens = _right_padded(token_ids, chunk, lengths, pad)
         _, cache = bridge.run_with_cache(tokens.to(device), names_filter=names, return_cache_object=False)
         last = torch.tensor(lengths[chunk] - 1, device=device)
         for layer, name in zip(layers, names):

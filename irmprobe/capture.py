@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +96,15 @@ def sample_continuations(
     """Sample ``n_per_prompt`` continuations of each prompt (top_k=0, top_p=1, temperature 1).
 
     Returns (token ids of prompt + continuation, prompt lengths, prompt index, continuation texts);
-    generation stops at end-of-text, which is not kept.
+    generation stops at end-of-text, which is not kept. A prompt longer than the model's context
+    (``max_position_embeddings``) less ``max_new_tokens`` is cut to its last tokens (a leading
+    beginning-of-text token is kept), and a warning says how many prompts were cut.
 
     Raises:
         ValueError: ``model`` is wrapped by a TransformerBridge. The bridge rewires its modules in
             place and Hugging Face ``generate`` (KV cache) then samples differently; sample before
-            building the bridge, or from a fresh copy.
+            building the bridge, or from a fresh copy. Or ``max_new_tokens`` leaves no room for a
+            prompt in the model's context.
     """
     if is_bridged(model):
         raise ValueError("cannot sample from a model a TransformerBridge has wrapped (its generate() differs): "
@@ -108,6 +112,23 @@ def sample_continuations(
     device = next(model.parameters()).device
     jobs = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        room = int(context) - max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+                             f"{context}-position context; lower max_new_tokens below {context}")
+        bos = getattr(tokenizer, "bos_token_id", None)
+        cut = 0
+        for i, ids in enumerate(encoded):
+            if len(ids) > room:
+                keep_bos = bos is not None and ids[0] == bos and room > 1
+                encoded[i] = ([bos] if keep_bos else []) + list(ids[len(ids) - (room - keep_bos):])
+                cut += 1
+        if cut:
+            logging.getLogger(__name__).warning(
+                "cut %d of %d prompts to their last %d tokens: the model's context is %d positions and "
+                "%d are kept for the continuation", cut, len(prompts), room, context, max_new_tokens)
     stop = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     pad = tokenizer.pad_token_id
     gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import re
+import types
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -274,8 +277,11 @@ class CompareConfig:
     """A text file (one sentence per line) to build triples from; None uses the held-out generations."""
     llm_triples: bool = False
     """Let the LLM of the ``llm`` section choose swap words that fit each sentence (offline otherwise)."""
-    control_steps: int | None = 30
-    """RLOO steps of the control organism (the base tuned against a random reward); null skips the control."""
+    control: bool = True
+    """Build the matched control organism: the same graph (organism method, steps, learning rate, beta,
+    batch, LoRA, prompts; its own samples, layers, capture and SAEs) with a random reward in place of the RM."""
+    n_controls: int = 1
+    """Control organisms, one per random-reward seed: their spread enters the primary comparison's test."""
     n_disagreements: int = 10
     """Tokens listed where IRM and RM disagree most, each way."""
     n_alignment: int = 10
@@ -284,8 +290,9 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if self.n_bootstrap < 0:
             raise ValueError(f"CompareConfig.n_bootstrap must be >= 0, got {self.n_bootstrap}")
-        if self.control_steps is not None and self.control_steps <= 0:
-            raise ValueError("CompareConfig.control_steps must be positive, or null to skip the control organism")
+        if self.n_controls < 1:
+            raise ValueError(f"CompareConfig.n_controls must be at least 1, got {self.n_controls!r} "
+                             "(set compare.control=false to skip the control)")
         _positive(self, "n_triples", "n_disagreements", "n_alignment")
 
 
@@ -302,7 +309,10 @@ class LLMConfig:
 
     def __post_init__(self) -> None:
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"LLMConfig.base_url must start with http:// or https://, got {self.base_url!r}")
+            from irmprobe.llm import redact_url
+
+            raise ValueError(f"LLMConfig.base_url must start with http:// or https://, got "
+                             f"{redact_url(self.base_url)!r}")
 
 
 @dataclass(frozen=True)
@@ -360,6 +370,22 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """Where and how models run: what every stage that loads a model needs, and nothing more."""
+
+    device: str = "cpu"
+    """Torch device."""
+    dtype: str = "float32"
+    """Weights dtype."""
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own code."""
+
+    @classmethod
+    def of(cls, pair: PairConfig) -> Runtime:
+        return cls(pair.device, pair.dtype, pair.trust_remote_code)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole analysis."""
 
@@ -388,31 +414,37 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        import yaml
-
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        """Build a config from a YAML file; a file that is not YAML raises one line with its line number."""
+        data = _read_yaml(Path(path)) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config must be a mapping of sections")
         return cls.from_dict(data)
 
 
 def _from_dict(cls: type, data: dict, where: str) -> Any:
+    """Build ``cls`` from a mapping, checking every value against its field's annotation.
+
+    Raises:
+        ValueError: naming the field (``config.section.field``), the value and the expected type.
+    """
+    if data is None and where != "config":
+        data = {}  # a YAML section whose lines are all commented out
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
+    hints = get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         default = known[name].default_factory() if callable(known[name].default_factory) else None
         if is_dataclass(default):
             kwargs[name] = _from_dict(type(default), value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(value, hints[name], f"{where}.{name}")
+            if cls is PairConfig and name == "device":
+                _check_device(kwargs[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
@@ -450,3 +482,98 @@ def config_reference() -> str:
             lines.append(f"| `{sub.name}` | `{getattr(value, sub.name)!r}` | {docs.get(sub.name, '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _expected(hint: Any) -> str:
+    """A field annotation as a user reads it: ``int``, ``float or null``, ``a list of str``."""
+    if get_origin(hint) in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return " or ".join(_expected(a) for a in inner) + " or null"
+    if get_origin(hint) is tuple:
+        return f"a list of {_expected(get_args(hint)[0])}"
+    if hint is bool:
+        return "bool (true or false)"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """``value`` if it fits the annotation ``hint`` (converted where that is safe), else ValueError.
+
+    A float field takes an int, and a number written as text (YAML reads ``1e-4`` as a string); a
+    str field takes an int (``--set reward.label=1``); a tuple field takes a list.
+    """
+    wrong = ValueError(f"{where} must be {_expected(hint)}, got {value!r} ({type(value).__name__})")
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner:
+            try:
+                return _checked(value, candidate, where)
+            except ValueError:
+                pass
+        raise wrong
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        return tuple(_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise wrong
+        return value
+    if hint is float:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise wrong from None
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise wrong
+        if not math.isfinite(number):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    return tuple(value) if isinstance(value, list) else value  # an annotation not checked here
+
+
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
+def _check_device(value: str, where: str) -> None:
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(f"{where} must be cpu, cuda, cuda:N (e.g. cuda:1) or mps, got {value!r}")
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML of ``path``; any problem is one ValueError line naming the file (and line)."""
+    import yaml
+
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text (line {line}); a config is a YAML text file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        context, cmark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and cmark is not None:
+            problem += f" ({context} at line {cmark.line + 1})"
+        raise ValueError(f"{path}{line}: not valid YAML: {problem}") from None

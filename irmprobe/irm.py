@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 from joblib import Parallel, delayed
+from sklearn import get_config
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import ElasticNet, Lasso, LogisticRegressionCV, Ridge
@@ -43,7 +44,15 @@ class LinearIRM(RegressorMixin, BaseEstimator):
         cv: number of folds.
         max_iter: coordinate-descent iterations for the L1 penalties.
         n_jobs: cross-validation fits run in parallel (joblib); the result does not depend on it.
+
+    Inside scikit-learn tools (``GridSearchCV``, ``cross_validate``) turn on metadata routing,
+    ``sklearn.set_config(enable_metadata_routing=True)``: ``fit`` requests ``groups`` by default,
+    so the groups given to the tool reach its inner folds too. Without routing those tools pass
+    groups to their own splitter only, and the inner folds split rows instead of sequences.
     """
+
+    # Like scikit-learn's group splitters, ask for groups by default (set_fit_request still overrides it).
+    __metadata_request__fit = {"groups": True}
 
     def __init__(self, penalty: str = "ridge", alphas=None, l1_ratio: float = 0.5, cv: int = 3,
                  max_iter: int = 1000, n_jobs: int | None = None):
@@ -275,20 +284,24 @@ def fit_irm(
     test_fraction: float,
     seed: int,
     shuffle_target: bool = False,
+    shuffle_seed: int | None = None,
     penalty: str = "ridge",
     l1_ratio: float = 0.5,
     n_jobs: int | None = None,
 ) -> IRMFit:
     """Fit the IRM pipeline on training sequences, score R^2 on held-out ones, predict all rows.
 
-    With ``shuffle_target`` the training targets are permuted first: the shuffled-label baseline.
+    With ``shuffle_target`` the training targets are permuted first (by ``shuffle_seed``, default
+    ``seed``): the shuffled-label baseline, on the same split as every other view.
     """
     train, test = split_groups(groups, test_fraction, seed)
     y_train = y[train]
     if shuffle_target:
-        y_train = np.random.default_rng(seed).permutation(y_train)
+        y_train = np.random.default_rng(seed if shuffle_seed is None else shuffle_seed).permutation(y_train)
     pipe = make_irm(alphas, penalty, l1_ratio, n_jobs)
-    pipe.fit(X[train], y_train, irm__groups=groups[train])
+    # With metadata routing on, the pipeline routes ``groups`` to LinearIRM (which requests it).
+    routed = get_config().get("enable_metadata_routing", False)
+    pipe.fit(X[train], y_train, **{"groups" if routed else "irm__groups": groups[train]})
     irm = pipe.named_steps["irm"]
     r2 = None if irm.is_zero_ else float(pipe.score(X[test], y[test]))
     return IRMFit(name, pipe.predict(X), r2, irm.alpha_, bool(irm.is_zero_), irm.coef_,

@@ -296,10 +296,16 @@ def make_organism(
     resumed = int(Path(last).name.rsplit("-", 1)[1]) if last else 0
     if last:
         log.info("resuming organism training from %s", last)
-    trainer = _make_trainer(config, model, tokenizer, rm, train_prompts, work, seed, device, callbacks,
-                            preference_pairs)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=last)
+    try:
+        trainer = _make_trainer(config, model, tokenizer, rm, train_prompts, work, seed, device, callbacks,
+                                preference_pairs)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=last)
+    except BaseException:
+        # Keep a work directory that holds a checkpoint (the next run resumes from it), drop any other.
+        if work.is_dir() and get_last_checkpoint(str(work)) is None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - start
     history = tuple({k: v for k, v in row.items() if isinstance(v, (int, float))} for row in trainer.state.log_history)
     final = trainer.model

@@ -8,6 +8,7 @@ a path to a local Hugging Face model directory, a path to a ``.gguf`` file, or a
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +89,69 @@ def resolve_spec(spec: str) -> str:
         # Keyed by the file's identity, so two different files with one name never share an entry.
         return str(dequantise_gguf(path, cache_root() / "models" / f"{path.stem}-{fingerprint(spec)[:12]}"))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{spec!r} is a directory but holds no config.json (not a HF model)")
+        check_model_dir(path, spec)
         return str(path)
     if spec.startswith((".", "/", "~")):
         raise ValueError(f"model directory {spec!r} does not exist")
     return spec
+
+
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model*.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_model_dir(path: Path, spec: str | None = None) -> None:
+    """Raise ValueError saying what is wrong with a local model directory, if anything is.
+
+    Checks, without loading weights: config.json is JSON with a ``model_type``, a weights file and
+    a tokenizer file are present, and every safetensors file's header is intact and its data complete.
+    """
+    name = spec if spec is not None else str(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{name!r} is a directory but holds no config.json (not a HF model)")
+    try:
+        data = json.loads(config.read_text("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model directory {name!r}: config.json is not valid JSON (line {exc.lineno}: "
+                         f"{exc.msg}); restore it from where the model came from") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"model directory {name!r}: config.json is not UTF-8 text; restore it") from None
+    if not isinstance(data, dict) or not data.get("model_type"):
+        raise ValueError(f"model directory {name!r}: config.json has no model_type, so it is not a Hugging "
+                         "Face model config; restore it from where the model came from")
+    weights = sorted({p for pattern in _WEIGHTS for p in path.glob(pattern)})
+    if not weights:
+        raise ValueError(f"model directory {name!r} holds no weights (no *.safetensors or pytorch_model*.bin); "
+                         "save the model there again (model.save_pretrained(DIR)) or download it again")
+    if not any((path / f).is_file() for f in _TOKENIZER):
+        raise ValueError(f"model directory {name!r} holds no tokenizer files ({', '.join(_TOKENIZER[:2])}...); "
+                         "save its tokenizer there too (tokenizer.save_pretrained(DIR))")
+    for file in weights:
+        if file.name.endswith(".safetensors"):
+            _check_safetensors(file, name)
+
+
+def _check_safetensors(file: Path, name: str) -> None:
+    """Raise ValueError when a safetensors file's header is unreadable or its data is cut short."""
+    problem = None
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            problem = "its header is missing or cut short"
+        else:
+            try:
+                header = json.loads(fh.read(n))
+                end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                if 8 + n + end > size:
+                    problem = f"it holds {size} bytes of the {8 + n + end} its header announces"
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                problem = "its header is not valid"
+    if problem:
+        raise ValueError(f"model directory {name!r}: weights file {file.name} is damaged or incomplete ({problem}); "
+                         "save or download the model again")
 
 
 def fingerprint(spec: str) -> str:
@@ -122,15 +180,25 @@ def load_model(
     """Load a causal LM and its tokenizer from a spec (see module docstring).
 
     Raises:
-        ValueError: the spec names nothing loadable, e.g. a hub id while the hub is unreachable.
+        ValueError: the spec names nothing loadable: a directory whose config, weights or tokenizer
+            are missing or damaged (the message says which), or a hub id while the hub is unreachable.
     """
     where = resolve_spec(spec)
+    weights_dtype = torch_dtype(dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
+            where, dtype=weights_dtype, trust_remote_code=trust_remote_code
         )
-    except OSError as exc:
+    except Exception as exc:
+        if Path(where).is_dir():  # resolve_spec checked its files: what is left is their contents
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"could not load the model in directory {spec!r} ({exc.__class__.__name__}: {first}); "
+                "its files may be damaged or from an unsupported architecture: save or download it again"
+            ) from exc
+        if not isinstance(exc, OSError):
+            raise
         raise ValueError(
             f"could not load model {spec!r}: it is not a local model directory and the hub did "
             f"not answer ({exc.__class__.__name__}). Download it where the hub is reachable "

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -86,6 +89,9 @@ class LexiconRM(RewardModel):
         if scale <= 0 or clip <= 0:
             raise ValueError(f"scale and clip must be positive, got scale={scale}, clip={clip}")
         self.lexicon = {str(w).lower(): float(v) for w, v in lexicon.items()}
+        bad = next((w for w, v in self.lexicon.items() if not math.isfinite(v)), None)
+        if bad is not None:
+            raise ValueError(f"lexicon word {bad!r} is not a finite number: {self.lexicon[bad]}")
         self.scale = float(scale)
         self.clip = float(clip)
         self.name = name
@@ -101,26 +107,51 @@ class LexiconRM(RewardModel):
     def from_file(cls, path: str | Path, *, scale: float = 5.0, clip: float = 10.0) -> LexiconRM:
         """A lexicon from a two-column word/value file: tab-separated (.tsv, .txt) or comma (.csv).
 
-        A first row whose value column is not a number is taken as a header and skipped.
+        A first row whose value column is not a number is taken as a header and skipped. The file
+        must be UTF-8 (a byte-order mark is allowed). Words are matched lowercased, so ``Good`` and
+        ``good`` are one word: a repeat with another value is refused, an identical one warned about.
+
+        Raises:
+            ValueError: naming the file and line of a malformed row, a value that is not a finite
+                number, an empty word, a conflicting repeat, or a file that is not UTF-8.
         """
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"lexicon file {path} does not exist")
         delimiter = "," if path.suffix.lower() == ".csv" else "\t"
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise ValueError(f"lexicon file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
         lexicon: dict[str, float] = {}
-        with path.open(newline="", encoding="utf-8") as fh:
-            for n, row in enumerate(csv.reader(fh, delimiter=delimiter), start=1):
-                if not row or not "".join(row).strip():
-                    continue
-                if len(row) < 2:
-                    raise ValueError(f"{path}:{n}: expected word{delimiter!r}value, got {row!r}")
-                try:
-                    value = float(row[1])
-                except ValueError:
-                    if n == 1:
-                        continue  # header
-                    raise ValueError(f"{path}:{n}: value {row[1]!r} is not a number") from None
-                lexicon[row[0].strip()] = value
+        first_line: dict[str, tuple[int, str]] = {}  # lowercased word -> (line, word as written)
+        for n, row in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{n}: expected word{delimiter!r}value, got {row!r}")
+            try:
+                value = float(row[1])
+            except ValueError:
+                if n == 1:
+                    continue  # header
+                raise ValueError(f"{path}:{n}: value {row[1]!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{path}:{n}: value {row[1]!r} is not a finite number")
+            word = row[0].strip()
+            if not word:
+                raise ValueError(f"{path}:{n}: the word is empty")
+            key = word.lower()
+            if key in first_line:
+                line, seen = first_line[key]
+                if lexicon[key] != value:
+                    raise ValueError(f"{path}:{n}: {word!r} repeats {seen!r} of line {line} with another value "
+                                     f"({value} vs {lexicon[key]}); words are matched lowercased, keep one")
+                warnings.warn(f"{path}:{n}: {word!r} repeats line {line} (same value)", UserWarning, stacklevel=2)
+                continue
+            first_line[key] = (n, word)
+            lexicon[key] = value
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
         return cls(lexicon, scale=scale, clip=clip, name=f"lexicon-{path.stem}-{digest}")
 
@@ -224,13 +255,28 @@ class ClassifierRM(RewardModel):
                  trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from irmprobe.pairs import check_model_dir
+
+        local = Path(spec).expanduser().is_dir()
+        if local:
+            check_model_dir(Path(spec).expanduser(), spec)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                spec, trust_remote_code=trust_remote_code).to(device).eval()
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                spec, trust_remote_code=trust_remote_code, output_loading_info=True)
         except OSError as exc:
+            if local:
+                raise ValueError(f"could not load classifier RM {spec!r}: {exc}") from exc
             raise ValueError(f"could not load classifier RM {spec!r}: not a local directory and the hub "
                              "did not answer; download it and pass its directory") from exc
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            # transformers fills weights the checkpoint lacks (a causal LM has no score head) at random.
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise ValueError(f"{spec!r} is not a sequence classifier: its checkpoint has no {shown}, which would "
+                             "be random; pass a model fine-tuned for sequence classification "
+                             f"(its config's architectures: {model.config.architectures})")
+        self.model = model.to(device).eval()
         labels = {v: int(k) for k, v in (self.model.config.id2label or {}).items()}
         if isinstance(label, str) and not label.isdigit():
             if label not in labels:

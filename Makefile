@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.irmprobe-installed
 
-.PHONY: demo test install clean-cache screenshot
+.PHONY: demo test install clean-cache screenshot wheelhouse install-offline
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,21 @@ clean-cache:
 screenshot: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) scripts/screenshot_report.py "$$(ls -t irmprobe-runs/run-*/report.html | head -1)" --out report.png
+
+# A folder of wheels for an offline GPU host that already has CUDA PyTorch (docs/gpu.md). Run it where PyPI is
+# reachable; set the host's Python, platform and torch: make wheelhouse HOST_PYTHON=3.12 HOST_TORCH=2.11.0.
+# irmprobe's own wheel, then every dependency except torch (and what only torch needs), fetched --no-deps.
+WHEELHOUSE ?= wheelhouse
+HOST_PYTHON ?=
+HOST_PLATFORM ?= manylinux_2_28_x86_64
+HOST_TORCH ?=
+wheelhouse:
+	$(PYTHON) scripts/wheelhouse.py $(WHEELHOUSE) $(if $(HOST_PYTHON),--python-version $(HOST_PYTHON) --platform $(HOST_PLATFORM)) $(if $(HOST_TORCH),--torch $(HOST_TORCH))
+
+# On the offline host, with the Python that has CUDA torch: install from the folder, no index; a constraint
+# pins torch to the installed build, so pip never replaces it.
+install-offline:
+	constraint=$$(mktemp) && \
+	$(PYTHON) -c "import torch; print('torch==' + torch.__version__)" > $$constraint && \
+	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) -c $$constraint irmprobe; \
+	status=$$?; rm -f $$constraint; exit $$status

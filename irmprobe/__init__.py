@@ -12,10 +12,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "RunConfig": "irmprobe.config",
-    "run": "irmprobe.pipeline",
-    "RunResult": "irmprobe.pipeline",
-    "FittedIRM": "irmprobe.pipeline",
-    "STAGES": "irmprobe.pipeline",
+    "run": "irmprobe.api",
+    "RunResult": "irmprobe.api",
+    "FittedIRM": "irmprobe.api",
+    "STAGES": "irmprobe.pipeline.stages",
+    "RunMetrics": "irmprobe.results",
     "TextRM": "irmprobe.rewards",
     "ClassifierRM": "irmprobe.rewards",
     "RandomRM": "irmprobe.rewards",

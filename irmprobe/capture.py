@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from irmprobe.cache import write_json
-from irmprobe.pairs import ModelPair
+from irmprobe.pairs import ModelPair, input_device, offload_targets
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,18 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
     write_json(directory / _MANIFEST, manifest)
 
 
+def _read_manifest(path: Path, header: dict) -> dict:
+    """The manifest at ``path`` if it describes the capture ``header`` describes, else a fresh one."""
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if {k: manifest.get(k) for k in header} != header:
+        manifest = header | {"shards": {}, "complete": False}  # a different capture: start over
+    return manifest
+
+
+def _rank_manifests(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob("manifest.rank-*.json"))
+
+
 def capture_to_store(
     pair: ModelPair,
     token_ids,
@@ -253,6 +266,8 @@ def capture_to_store(
     hook: str = "hook_mlp_out",
     batch_size: int = 32,
     shard_sequences: int = 128,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Path:
     """Capture ``token_ids`` into a sharded store at ``directory``, resuming a partial one.
 
@@ -260,22 +275,31 @@ def capture_to_store(
     written to a temporary file, renamed, checksummed and only then entered in the manifest, so
     an interrupted capture resumes at the first missing shard and no row is lost or duplicated.
     Every token is forwarded once per model.
+
+    With ``world_size > 1`` this process is one of several writing the same store: it captures the
+    shards ``rank, rank + world_size, ...``, records them in its own ``manifest.rank-<rank>.json`` and
+    leaves the store incomplete. Once every rank has returned, one single-process call (``rank=0,
+    world_size=1``) merges: it takes every rank's shards as done, captures any a failed rank left, and
+    writes the one manifest (``irmprobe.parallel`` does this after a barrier).
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     n = len(token_ids)
     n_shards = max(1, -(-n // shard_sequences))
-    header = {"version": 2, "models": {"base": pair.base_spec, "tuned": pair.tuned_spec}, "hook": hook,
-              "hooks": [f"blocks.{l}.{hook}" for l in layers], "layers": list(layers), "dtype": "float32",
-              "d_model": pair.d_model, "n_sequences": n, "shard_sequences": shard_sequences,
-              "tokens_sha256": hashlib.sha256(json.dumps([list(t) for t in token_ids]).encode()).hexdigest()}
-    path = directory / _MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
-    if {k: manifest.get(k) for k in header} != header:
-        manifest = header | {"shards": {}, "complete": False}  # a different capture: start over
-    for shard in tqdm(range(n_shards), desc="capture shards", leave=False):
+    header = _store_header(pair, token_ids, layers, hook, shard_sequences)
+    manifest = _read_manifest(directory / _MANIFEST, header)
+    target = directory / (_MANIFEST if world_size == 1 else f"manifest.rank-{rank:05d}.json")
+    own = manifest if world_size == 1 else _read_manifest(target, header)
+    # Shards a previous run finished (under any rank count) are kept.
+    done = dict(manifest["shards"])
+    for part in _rank_manifests(directory):
+        done |= _read_manifest(part, header)["shards"]
+    for shard in tqdm(range(rank, n_shards, world_size), desc="capture shards", leave=False):
         name = f"shard-{shard:05d}.safetensors"
-        if name in manifest["shards"] and (directory / name).is_file():
+        if name in done and (directory / name).is_file():
+            own["shards"][name] = done[name]
             continue
         lo, hi = shard * shard_sequences, min(n, (shard + 1) * shard_sequences)
         cap = capture_pair(pair, list(token_ids[lo:hi]), layers, hook=hook, batch_size=batch_size)
@@ -283,13 +307,27 @@ def capture_to_store(
         tmp = directory / f".{name}.tmp"
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         os.replace(tmp, directory / name)
-        manifest["shards"][name] = {"sequences": [lo, hi], "rows": int(len(cap.token_ids)),
-                                    "sha256": _sha256(directory / name)}
-        _write_manifest(directory, manifest)
+        own["shards"][name] = {"sequences": [lo, hi], "rows": int(len(cap.token_ids)),
+                               "sha256": _sha256(directory / name)}
+        write_json(target, own)
+    if world_size > 1:
+        write_json(target, own)  # this rank's share is done (possibly none)
+        return directory
+    manifest["shards"] = dict(sorted(manifest["shards"].items()))
     manifest["complete"] = True
     manifest["rows"] = sum(v["rows"] for v in manifest["shards"].values())
     _write_manifest(directory, manifest)
+    for part in _rank_manifests(directory):  # merged into the one manifest
+        part.unlink()
     return directory
+
+
+def _store_header(pair: ModelPair, token_ids, layers, hook: str, shard_sequences: int) -> dict:
+    """What identifies a capture: its models, hook points, layers and token stream."""
+    return {"version": 2, "models": {"base": pair.base_spec, "tuned": pair.tuned_spec}, "hook": hook,
+            "hooks": [f"blocks.{l}.{hook}" for l in layers], "layers": list(layers), "dtype": "float32",
+            "d_model": pair.d_model, "n_sequences": len(token_ids), "shard_sequences": shard_sequences,
+            "tokens_sha256": hashlib.sha256(json.dumps([list(t) for t in token_ids]).encode()).hexdigest()}
 
 
 def store_complete(directory: Path) -> bool:
@@ -334,7 +372,7 @@ def _right_padded(token_ids, chunk: np.ndarray, lengths: np.ndarray, pad: int) -
 def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str], real: torch.Tensor):
     logits, cache = bridge.run_with_cache(tokens, names_filter=names, return_cache_object=False)
     logits = logits[:, :-1].float()
-    target = tokens[:, 1:].unsqueeze(-1)
+    target = tokens[:, 1:].unsqueeze(-1).to(logits.device)  # a sharded model's logits sit on its last device
     # log p(x_t | x_<t) for t >= 1, without materialising a second [batch, pos, vocab] tensor.
     lse = torch.logsumexp(logits, dim=-1)
     token_logp = logits.gather(-1, target).squeeze(-1) - lse
@@ -342,6 +380,58 @@ def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str], 
     weight = real.to(logits.device, logits.dtype)
     vocab_sum = torch.einsum("btv,bt->v", logits, weight).double() - (lse * weight).sum().double()
     return token_logp, {n: cache[n][:, 1:].float() for n in names}, vocab_sum
+
+
+_HOOK_MODULES = {"hook_mlp_out": r"\.mlp", "hook_attn_out": r"\.(self_attn|attn|attention)", "hook_resid_post": ""}
+"""The Hugging Face submodule whose output is each TransformerLens hook point of a block."""
+
+
+def hook_module(model, name: str):
+    """The module of a plain Hugging Face model whose (first) output is the hook point ``blocks.{l}.<hook>``.
+
+    Raises:
+        ValueError: a hook point other than ``hook_mlp_out``, ``hook_attn_out`` or ``hook_resid_post``, or a
+            model whose blocks are not named ``layers.N``, ``h.N`` or ``blocks.N``.
+    """
+    match = re.fullmatch(r"blocks\.(\d+)\.(\w+)", name)
+    if not match or match.group(2) not in _HOOK_MODULES:
+        raise ValueError(f"hook point {name!r}: without a TransformerLens bridge only blocks.N.{{"
+                         f"{', '.join(_HOOK_MODULES)}}} can be captured")
+    pattern = re.compile(rf"(^|\.)(layers|h|blocks)\.{match.group(1)}{_HOOK_MODULES[match.group(2)]}$")
+    for module_name, module in model.named_modules():
+        if pattern.search(module_name):
+            return module
+    raise ValueError(f"no module for {name} in {type(model).__name__}: its blocks must be named layers.N, h.N "
+                     "or blocks.N")
+
+
+class ForwardHooks:
+    """The part of a TransformerBridge that capture uses (``run_with_cache``), through PyTorch forward hooks.
+
+    For models whose weights accelerate offloaded (to the CPU beside GPUs, or to disk): accelerate loads
+    those weights inside each module's own forward, and a forward hook runs after it, so it sees every
+    layer; a TransformerLens bridge cannot run such a model (see ``ModelPair.bridge``).
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def run_with_cache(self, tokens: torch.Tensor, names_filter: list[str], return_cache_object: bool = False):
+        """(logits, {hook name: activation}) of one forward; hooks are removed when it returns or fails."""
+        cache: dict[str, torch.Tensor] = {}
+        handles = []
+        try:
+            for name in names_filter:
+                def keep(module, inputs, output, name=name):
+                    cache[name] = output[0] if isinstance(output, tuple) else output
+
+                handles.append(hook_module(self.model, name).register_forward_hook(keep))
+            logits = self.model(input_ids=tokens, use_cache=False).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        return logits, cache
 
 
 def capture_pair(
@@ -361,8 +451,9 @@ def capture_pair(
         raise ValueError("nothing to capture: the token stream is empty")
     names = [f"blocks.{l}.{hook}" for l in layers]
     models = {"base": pair.base} if pair.is_null else {"base": pair.base, "tuned": pair.tuned}
-    bridges = {k: pair.bridge(k) for k in models}
-    device = next(pair.base.parameters()).device
+    # A model with offloaded weights runs without a bridge, through plain forward hooks (see ForwardHooks).
+    bridges = {k: ForwardHooks(m) if offload_targets(m) else pair.bridge(k) for k, m in models.items()}
+    device = input_device(pair.base)
     pad = pair.tokenizer.pad_token_id
 
     lengths = np.array([len(t) for t in token_ids])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import types
@@ -39,12 +40,33 @@ class PairConfig:
     """Weights dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own code (off unless you trust the source)."""
+    device_map: str | None = None
+    """Split each model across devices with accelerate: ``auto`` (or ``balanced``, ``balanced_low_0``,
+    ``sequential``) or a JSON object of module name -> device; None loads each model whole on ``device``."""
+    max_memory: dict | None = None
+    """With ``device_map``: accelerate's budget per device and per model, e.g. ``{0: 20GiB, 1: 20GiB}``."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"PairConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.null and self.tuned is not None:
             raise ValueError("PairConfig: set either null=True or tuned=..., not both")
+        if self.device_map is not None and self.device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            try:
+                mapping = json.loads(self.device_map)
+            except json.JSONDecodeError:
+                mapping = None
+            if not isinstance(mapping, dict) or not mapping:
+                raise ValueError("PairConfig.device_map must be auto, balanced, balanced_low_0, sequential or a JSON "
+                                 f"object of module name -> device, got {self.device_map!r}")
+        if self.max_memory is not None:
+            if self.device_map is None:
+                raise ValueError("PairConfig.max_memory only applies with a device_map (e.g. device_map: auto)")
+            bad = {k: v for k, v in self.max_memory.items()
+                   if not isinstance(k, (int, str)) or isinstance(v, bool) or not isinstance(v, (int, str))}
+            if bad or not self.max_memory:
+                raise ValueError("PairConfig.max_memory must map devices (0, 1, cpu, disk) to sizes (20GiB or bytes), "
+                                 f"got {self.max_memory!r}")
 
 
 @dataclass(frozen=True)
@@ -161,7 +183,8 @@ class CaptureConfig:
     top_k_layers: int = 3
     """Keep the k blocks whose weights changed most."""
     rank_layers_by: str = "absolute"
-    """Rank blocks by ``absolute`` divergence (the paper's) or ``relative`` to the base weights' norm."""
+    """Rank blocks by weight divergence, ``absolute`` (the paper's) or ``relative`` to the base weights' norm, or
+    by ``patching``: the share of KL(tuned || base) removed by patching the base's activation into the tuned model."""
     hook: str = "hook_mlp_out"
     """Hook point inside each kept block (``blocks.{l}.<hook>``)."""
     batch_size: int = 32
@@ -176,15 +199,23 @@ class CaptureConfig:
     """Extra texts are cut to this many tokens."""
     max_texts: int | None = None
     """Use at most this many extra texts (None: all)."""
+    patching_sequences: int = 16
+    """Held-out sequences the patching ranking runs over (``rank_layers_by: patching``)."""
+    patching_kind: str = "mlp_out"
+    """What ``patching`` patches per block: ``mlp_out`` (the block's MLP output) or ``resid_post`` (the residual
+    stream after the block)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "top_k_layers", "batch_size", "max_text_tokens")
+        _positive(self, "top_k_layers", "batch_size", "max_text_tokens", "patching_sequences")
         if self.max_texts is not None and self.max_texts <= 0:
             raise ValueError(f"CaptureConfig.max_texts must be null or positive, got {self.max_texts!r}")
         if self.text_path and self.text_dataset:
             raise ValueError("CaptureConfig: set text_path or text_dataset, not both")
-        if self.rank_layers_by not in ("absolute", "relative"):
-            raise ValueError(f"CaptureConfig.rank_layers_by must be absolute or relative, got {self.rank_layers_by!r}")
+        if self.rank_layers_by not in ("absolute", "relative", "patching"):
+            raise ValueError("CaptureConfig.rank_layers_by must be absolute, relative or patching, got "
+                             f"{self.rank_layers_by!r}")
+        if self.patching_kind not in ("mlp_out", "resid_post"):
+            raise ValueError(f"CaptureConfig.patching_kind must be mlp_out or resid_post, got {self.patching_kind!r}")
         if self.hook not in ("hook_mlp_out", "hook_resid_post", "hook_attn_out"):
             raise ValueError(
                 f"CaptureConfig.hook must be hook_mlp_out, hook_resid_post or hook_attn_out, got {self.hook!r}"
@@ -248,6 +279,9 @@ class IRMConfig:
     """A token enters the comparison if it occurs at least this often."""
     n_shuffles: int = 5
     """Shuffled-target baseline fits (each with the IRM's chosen strength)."""
+    positions: tuple[str, ...] = ("reader", "decision")
+    """Where the SAE IRM reads features: ``reader`` (at t, where x_t is already in the stream; the primary IRM)
+    and ``decision`` (at t-1, whose output distribution chose x_t: ``sae_irm_decision``)."""
 
     def __post_init__(self) -> None:
         if not self.alphas or any(a <= 0 for a in self.alphas):
@@ -261,6 +295,8 @@ class IRMConfig:
             raise ValueError(f"IRMConfig.l1_ratio must be in (0, 1], got {self.l1_ratio!r}")
         _fraction(self, "test_fraction")
         _positive(self, "min_token_count", "n_shuffles")
+        if "reader" not in self.positions or any(p not in ("reader", "decision") for p in self.positions):
+            raise ValueError(f"IRMConfig.positions must hold 'reader' and optionally 'decision', got {self.positions!r}")
 
 
 @dataclass(frozen=True)
@@ -294,6 +330,32 @@ class CompareConfig:
             raise ValueError(f"CompareConfig.n_controls must be at least 1, got {self.n_controls!r} "
                              "(set compare.control=false to skip the control)")
         _positive(self, "n_triples", "n_disagreements", "n_alignment")
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    """What the tuned model learned beyond the RM: token discovery, concepts, and the IRM as a reward model."""
+
+    alpha: float = 0.05
+    """False-discovery rate (Benjamini-Hochberg) a token must pass to count as a discovery."""
+    min_count: int = 2
+    """Held-out occurrences a token needs to be tested (at least 2: a t-test needs a variance)."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of each token's occurrences for its CI (0: no CI)."""
+    n_entries: int = 15
+    """Entries listed per discovery category (and residual tokens each way)."""
+    pairs_path: str | None = None
+    """Preference pairs (prompt, chosen, rejected) as .jsonl or .csv; None: pairs from held-out generations."""
+    n_concepts: int = 5
+    """SAE-feature concepts kept each way (rewarded, penalised)."""
+
+    def __post_init__(self) -> None:
+        _fraction(self, "alpha")
+        if self.min_count < 2:
+            raise ValueError(f"DiscoverConfig.min_count must be at least 2, got {self.min_count!r}")
+        if self.n_bootstrap < 0:
+            raise ValueError(f"DiscoverConfig.n_bootstrap must be >= 0, got {self.n_bootstrap}")
+        _positive(self, "n_entries", "n_concepts")
 
 
 @dataclass(frozen=True)
@@ -338,7 +400,11 @@ class ValidateConfig:
     max_new_tokens: int = 24
     """Length of each continuation."""
     steer_alpha: float | None = None
-    """Also steer: add this multiple of the top IRM feature's decoder direction (None: no steering)."""
+    """Also steer: add this multiple of the top IRM feature's decoder direction, and of the decision-side IRM's
+    top-k directions summed (None: no steering)."""
+    patching_bound: bool = True
+    """Also patch the base's activations at the chosen layers into the tuned model while it generates: the share
+    of the reward gain the layers carry, an upper bound for ablating features there."""
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens")
@@ -398,6 +464,7 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     irm: IRMConfig = field(default_factory=IRMConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    discover: DiscoverConfig = field(default_factory=DiscoverConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -493,6 +560,8 @@ def _expected(hint: Any) -> str:
         return f"a list of {_expected(get_args(hint)[0])}"
     if hint is bool:
         return "bool (true or false)"
+    if hint is dict:
+        return "a mapping"
     return getattr(hint, "__name__", str(hint))
 
 
@@ -520,6 +589,10 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
         return tuple(_checked(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
+            raise wrong
+        return value
+    if hint is dict:
+        if not isinstance(value, dict):
             raise wrong
         return value
     if hint is int:

@@ -123,15 +123,19 @@ def view_taus(metrics: dict):
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
     colors = {"behavioural": "C0", "rm_informed": "C1", "baseline": "grey"}
     for i, r in enumerate(rows):
-        ci = r.get("tau_ci") or [r["tau"], r["tau"]]
-        ax.errorbar(r["tau"], i, xerr=[[r["tau"] - ci[0]], [ci[1] - r["tau"]]], fmt="o",
-                    color=colors.get(r.get("family"), "k"))
+        # The shuffled baseline's interval is the range over its fits (drawn dashed), not a CI.
+        ci = r.get("tau_ci") or r.get("tau_range") or [r["tau"], r["tau"]]
+        bar = ax.errorbar(r["tau"], i, xerr=[[r["tau"] - ci[0]], [ci[1] - r["tau"]]], fmt="o",
+                          color=colors.get(r.get("family"), "k"))
+        if r.get("tau_range") and not r.get("tau_ci"):
+            bar[-1][0].set_linestyle("--")
         if r.get("control_tau") is not None:
             ax.plot(r["control_tau"], i, "x", color="C3")
     ax.axvline(0, color="k", lw=0.6)
-    ax.set_yticks(range(len(rows)), [f"{r['name']} [{r.get('family', '')}]" for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r['name']} [{r.get('family', '')}]" + (" (range over fits)" if r.get("tau_range")
+                                      and not r.get("tau_ci") else "") for r in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("Kendall tau vs RM (95% CI); red x: control organism")
+    ax.set_xlabel("Kendall tau vs RM on held-out tokens (95% CI; dashed: range over fits); red x: control organism")
     fig.tight_layout()
     return fig
 
@@ -140,8 +144,11 @@ ALL = {"view_taus": view_taus, "irm_vs_rm": irm_vs_rm, "error_vs_frequency": err
        "layer_divergence": layer_divergence, "probe_pca": probe_pca, "ablation": ablation, "sae_metrics": sae_metrics}
 
 
-def all_figures(metrics: dict) -> dict:
-    """Every plot this run has data for: name -> Figure."""
+def all_figures(metrics) -> dict:
+    """Every plot this run has data for: name -> Figure (``metrics``: RunMetrics or its JSON form)."""
+    from irmprobe.reporting import plain
+
+    metrics = plain(metrics)
     out = {}
     for name, make in ALL.items():
         fig = make(metrics)

@@ -7,9 +7,13 @@ a path to a local Hugging Face model directory, a path to a ``.gguf`` file, or a
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,27 +174,108 @@ def fingerprint(spec: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""accelerate's placement strategies that ``pair.device_map`` accepts by name."""
+
+
+def parse_device_map(device_map: str | dict | None) -> str | dict | None:
+    """``pair.device_map`` as ``from_pretrained`` takes it: a strategy name, or a JSON object parsed to a dict.
+
+    Raises:
+        ValueError: neither a known strategy nor a JSON object of module name -> device.
+    """
+    if device_map is None or isinstance(device_map, dict):
+        return device_map
+    if device_map in DEVICE_MAP_STRATEGIES:
+        return device_map
+    try:
+        parsed = json.loads(device_map)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict) or not parsed:
+        raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a JSON object of module "
+                         f"name -> device (e.g. '{{\"model.embed_tokens\": 0, \"model.layers.0\": 1}}'), "
+                         f"got {device_map!r}")
+    return parsed
+
+
+def _max_memory(max_memory: dict | None) -> dict | None:
+    """accelerate's ``max_memory`` with GPU indices written as text (``"0"`` from YAML) turned into ints."""
+    if max_memory is None:
+        return None
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in max_memory.items()}
+
+
+def _placement(device_map, max_memory) -> dict:
+    """``from_pretrained`` keyword arguments that shard a model with accelerate (empty: load whole)."""
+    device_map = parse_device_map(device_map)
+    if device_map is None:
+        if max_memory is not None:
+            raise ValueError("max_memory only applies with a device_map (e.g. device_map='auto')")
+        return {}
+    # Weights placed on "disk" are written here by accelerate; the folder goes when the model does.
+    offload = tempfile.mkdtemp(prefix="irmprobe-offload-")
+    return {"device_map": device_map, "max_memory": _max_memory(max_memory), "offload_folder": offload}
+
+
+def offload_targets(model) -> set[str]:
+    """The offloaded placements in a model's accelerate device map: ``disk``, ``meta``, and ``cpu`` beside GPUs.
+
+    Weights placed there live outside the device that runs them and are moved in by accelerate's forward
+    hooks at each call. Empty for a model loaded whole or split across GPUs (or all on the CPU).
+    """
+    values = {str(v).lower() for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    out = values & {"disk", "meta"}
+    if "cpu" in values and values - {"cpu", "disk", "meta"}:
+        out.add("cpu")  # accelerate offloads CPU entries of a map that also names GPUs
+    return out
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: the device of its input embeddings (its first device when sharded)."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    if device.type == "meta":  # offloaded: accelerate runs it on its hook's execution device
+        hooked = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+        if hooked is None:
+            return torch.device("cpu")
+        device = torch.device(f"cuda:{hooked}" if isinstance(hooked, int) else hooked)
+    return device
+
+
 def load_model(
     spec: str,
     *,
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer from a spec (see module docstring).
 
+    Args:
+        device: where the model goes whole; ignored for the weights when ``device_map`` is set.
+        device_map: accelerate placement (``"auto"``, another strategy, or a module -> device mapping,
+            a dict or its JSON text): the model is split across the devices ``max_memory`` allows.
+        max_memory: accelerate's per-device budget, e.g. ``{0: "20GiB", 1: "20GiB", "cpu": "60GiB"}``.
+
     Raises:
         ValueError: the spec names nothing loadable: a directory whose config, weights or tokenizer
-            are missing or damaged (the message says which), or a hub id while the hub is unreachable.
+            are missing or damaged (the message says which), or a hub id while the hub is unreachable;
+            or a malformed ``device_map``.
     """
     where = resolve_spec(spec)
     weights_dtype = torch_dtype(dtype)
+    placement = _placement(device_map, max_memory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=weights_dtype, trust_remote_code=trust_remote_code
+            where, dtype=weights_dtype, trust_remote_code=trust_remote_code, **placement
         )
     except Exception as exc:
+        if placement:
+            shutil.rmtree(placement["offload_folder"], ignore_errors=True)
         if Path(where).is_dir():  # resolve_spec checked its files: what is left is their contents
             first = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ValueError(
@@ -206,7 +291,10 @@ def load_model(
         ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if placement:
+        weakref.finalize(model, shutil.rmtree, placement["offload_folder"], True)
+    else:
+        model.to(device)  # a dispatched model stays where accelerate put it
     model.eval()
     return model, tokenizer
 
@@ -239,9 +327,16 @@ class ModelPair:
             from transformer_lens.model_bridge import TransformerBridge
 
             model = self.base if which == "base" else self.tuned
+            offloaded = offload_targets(model)
+            if offloaded:
+                raise ValueError(
+                    f"the {which} model has weights offloaded to {', '.join(sorted(offloaded))} by its device_map: "
+                    "a TransformerLens bridge cannot run it (its wrapped components read raw parameters that "
+                    "accelerate only loads inside its own forward hooks). Split it across GPUs only, e.g. "
+                    "max_memory without 'cpu'/'disk' entries; the capture itself falls back to plain forward hooks")
             self._bridges[which] = TransformerBridge.boot_transformers(
                 model.config.name_or_path or "model", hf_model=model, tokenizer=self.tokenizer,
-                device=str(next(model.parameters()).device),
+                device=str(input_device(model)),
             )
         return self._bridges[which]
 
@@ -283,15 +378,22 @@ def load_pair(
     device: str = "cpu",
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> ModelPair:
-    """Load a pair; ``tuned=None`` or ``tuned == base`` gives a null pair (tuned is base)."""
+    """Load a pair; ``tuned=None`` or ``tuned == base`` gives a null pair (tuned is base).
+
+    With ``device_map`` each model is placed by accelerate on its own, under the same ``max_memory``
+    budget per model (see :func:`load_model`): give each model's share, not the devices' total.
+    """
+    placement = {"device_map": device_map, "max_memory": max_memory}
     base_model, tokenizer = load_model(
-        base, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        base, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **placement
     )
     if tuned is None or tuned == base:
         return ModelPair(base_model, base_model, tokenizer, base, base)
     tuned_model, tuned_tok = load_model(
-        tuned, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        tuned, device=device, dtype=dtype, trust_remote_code=trust_remote_code, **placement
     )
     if tuned_tok.get_vocab() != tokenizer.get_vocab():
         raise ValueError(
@@ -334,6 +436,30 @@ class LayerDivergence:
         return rows
 
 
+def _paired_parameters(pair: ModelPair):
+    """``(name, base parameter, tuned parameter)`` in ``named_parameters`` order, module by module.
+
+    Weights accelerate offloaded (on the meta device between calls) are loaded for the time their
+    module is visited, so a pair larger than the devices is compared one module at a time.
+    """
+    from accelerate.utils import align_module_device
+
+    tuned_modules = dict(pair.tuned.named_modules())
+    seen = set()
+    for prefix, base_module in pair.base.named_modules():
+        own = [(k, p) for k, p in base_module.named_parameters(recurse=False) if id(p) not in seen]
+        if not own:
+            continue
+        tuned_module = tuned_modules[prefix]
+        with align_module_device(base_module), (
+                align_module_device(tuned_module) if tuned_module is not base_module else contextlib.nullcontext()):
+            for key, p_base in base_module.named_parameters(recurse=False):
+                if id(p_base) in seen:
+                    continue  # a tied weight counts once, as named_parameters lists it
+                seen.add(id(p_base))
+                yield (f"{prefix}.{key}" if prefix else key), p_base, getattr(tuned_module, key)
+
+
 def _block_index(name: str) -> int | None:
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -372,15 +498,14 @@ def layer_divergence(pair: ModelPair, top_k: int, *, by: str = "absolute") -> La
         raise ValueError(f"by must be 'absolute' or 'relative', got {by!r}")
     diff = {p: [0.0] * n for p in SUBMODULES}
     norm = {p: [0.0] * n for p in SUBMODULES}
-    tuned_params = dict(pair.tuned.named_parameters())
     with torch.no_grad():
-        for name, p_base in pair.base.named_parameters():
+        for name, p_base, p_tuned in _paired_parameters(pair):
             idx = _block_index(name)
             if idx is None:
                 continue
             part = _submodule(name)
-            p_tuned = tuned_params[name]
-            diff[part][idx] += float(torch.linalg.norm((p_tuned.float() - p_base.float()).flatten()))
+            delta = p_tuned.float().to(p_base.device) - p_base.float()
+            diff[part][idx] += float(torch.linalg.norm(delta.flatten()))
             norm[part][idx] += float(torch.linalg.norm(p_base.float().flatten()))
     total = [sum(diff[p][i] for p in SUBMODULES) for i in range(n)]
     base_total = [sum(norm[p][i] for p in SUBMODULES) for i in range(n)]
@@ -403,6 +528,9 @@ __all__ = [
     "layer_divergence",
     "load_model",
     "load_pair",
+    "input_device",
+    "offload_targets",
+    "parse_device_map",
     "resolve_spec",
 ]
 

@@ -21,8 +21,18 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return str(value)
 
 
-def summary_lines(metrics: dict) -> list[str]:
-    """Human-readable summary of a run's metrics."""
+def plain(metrics) -> dict:
+    """The JSON form of a run's typed metrics (a dict read from metrics.json is checked against the schema)."""
+    from irmprobe.results import RunMetrics
+
+    if isinstance(metrics, RunMetrics):
+        return metrics.to_json()
+    return RunMetrics.from_json(metrics).to_json()
+
+
+def summary_lines(metrics) -> list[str]:
+    """Human-readable summary of a run's :class:`irmprobe.results.RunMetrics`."""
+    metrics = plain(metrics)
     lines: list[str] = []
     org = metrics["organism"]
     rw = metrics["reward"]
@@ -65,18 +75,37 @@ def summary_lines(metrics: dict) -> list[str]:
     for row in metrics.get("sae_layers", []):
         lines.append(f"layer {row['layer']}: {row['tuned_only_features']} tuned-model features with no base match "
                      f"(MMCS tuned vs base {row['mmcs_tuned_vs_base']:.3f})")
-    lines.append("== IRM views vs RM (Kendall tau paired by token with bootstrap 95% CI; sign accuracy on RM+/RM- "
-                 "tokens; text tau = IRM text score vs RM reward on held-out generations) ==")
+    irm = metrics["irm"]
+    lines.append(f"== IRM views vs RM on HELD-OUT tokens (every view fitted on training sequences; {irm['n_heldout_rows']} "
+                 f"held-out of {irm['n_rows']} rows; Kendall tau paired by token with bootstrap 95% CI; sign accuracy "
+                 "on RM+/RM- tokens; text tau = IRM text score vs RM reward on held-out generations) ==")
     has_control = any(r.get("control_tau") is not None or r.get("control_is_zero") for r in metrics["agreement"])
     head = (f"{'view':<22} {'family':<11} {'tokens':>6} {'tau':>7} {'95% CI':>17} {'p':>8} {'rho':>6} "
             f"{'sign+':>5} {'sign-':>5} {'text tau':>8} {'R2 test':>7}")
     lines.append(head + (f" {'control':>7} {'above':>7}" if has_control else ""))
     for row in metrics["agreement"]:
         lines.append(agreement_line(row, has_control))
+    lines.append("baseline_shuffled: its interval is the RANGE (min, max) of tau over its fits, not a confidence interval.")
+    if metrics.get("full_vocabulary"):
+        lines.append("== full-vocabulary log-ratio (its own token set: every vocabulary token the RM values; not fitted) ==")
+        for row in metrics["full_vocabulary"]:
+            lines.append(agreement_line(row, has_control))
+    for c in metrics.get("control") or []:
+        lines.append(f"{c['branch']}: the base tuned with {c['method'].upper()} for {c['steps']} steps (lr "
+                     f"{c['learning_rate']:g}, beta {c['beta']:g}, batch {c['batch']}, LoRA rank {c['lora_rank']}) "
+                     f"against {c['reward']['name']} (a random reward), its own samples, layers {c['layers']}, capture "
+                     f"and SAEs: {'MATCHED to the organism but for the reward' if c['matched'] else 'NOT known to match'}; "
+                     f"RM reward tuned - base {c['reward_diff']['diff_mean']:+.3f} ± {c['reward_diff']['diff_se']:.3f}, "
+                     f"KL {c['kl']['mean']:.3f}.")
     if metrics.get("control"):
-        c = metrics["control"]
-        lines.append(f"control organism: the base tuned with {c['method'].upper()} for {c['steps']} steps against "
-                     f"{c['reward']['name']} (a random reward); 'control' is its tau, 'above' the view's margin over it.")
+        lines.append("'control' is the mean tau of the control organism(s); 'above' the view's margin over it.")
+    p = metrics.get("primary")
+    if p and p.get("z") is not None:
+        lines.append(f"primary comparison: {p['view']} tau {p['tau']:+.3f} ± {p['tau_se']:.3f} vs controls "
+                     f"{[round(t, 3) for t in p['control_taus']]} (spread {p['control_se']:.3f}): z {p['z']:+.1f} -> "
+                     f"{p['outcome']}")
+    if metrics.get("discovery"):
+        lines.extend(discovery_section(metrics["discovery"]))
     for name, d in (metrics.get("disagreements") or {}).items():
         lines.append(f"== where {name} and RM disagree most (token, IRM value, RM value) ==")
         for label, key in (("IRM >> RM", "irm_over_rm"), ("RM >> IRM", "rm_over_irm")):
@@ -121,6 +150,54 @@ def summary_lines(metrics: dict) -> list[str]:
     return lines
 
 
+_CATEGORY_TEXT = {"rewarded_unvalued": "rewarded, RM zero", "rewarded_against": "rewarded against the RM",
+                  "penalised_unvalued": "penalised, RM zero", "penalised_against": "penalised against the RM"}
+
+
+def discovery_section(d: dict) -> list[str]:
+    """What the RM does not explain: discovered tokens, concepts, the RM's share of the IRM, pairwise accuracy."""
+    vs = d["control"] or "zero (no control organism)"
+    lines = [f"== what the RM does not explain (held-out tokens; log-ratio vs {vs}, Welch t, Benjamini-Hochberg "
+             f"q < {d['alpha']:g}) =="]
+    v = d["variance"]
+    if v.get("residual_share") is not None:
+        lines.append(f"the RM explains {max(v['linear'], v['monotone']):.1%} of the primary IRM's held-out variance "
+                     f"(linear {v['linear']:.3f}, monotone {v['direction']} {v['monotone']:.3f}; cross-fitted by "
+                     f"sequence, {v['n']} rows): {v['residual_share']:.1%} is not the RM")
+    else:
+        lines.append(f"RM share of the IRM's variance: {v.get('note')}")
+    lines.append(f"{d['n_tested']} of {d['n_tokens_seen']} held-out tokens tested; discoveries: "
+                 + ", ".join(f"{k} {n}" for k, n in d["counts"].items()))
+    for cat, label in _CATEGORY_TEXT.items():
+        entries = d["entries"].get(cat) or []
+        if entries:
+            lines.append(f"{label}: " + ", ".join(
+                f"{e['token']!r} {e['irm_value']:+.2f} [{e['ci_low']:+.2f},{e['ci_high']:+.2f}] RM "
+                f"{_fmt(e['rm_value'], '+.1f')} n {e['count']} ctrl {_fmt(e['control_value'], '+.2f')} q {e['q']:.1e}"
+                for e in entries))
+    for c in d["concepts"]:
+        lines.append(f"concept {c['feature']:<14} weight {c['weight']:+.4f}  RM corr {c['rm_corr']:+.3f}  q "
+                     f"{c['min_q']:.1e}  tokens {', '.join(repr(t) for t in c['labels'])}")
+    for label, key in (("IRM >> RM (residual)", "irm_over_rm"), ("RM >> IRM (residual)", "rm_over_irm")):
+        if d["residual"].get(key):
+            lines.append(f"{label}: " + ", ".join(f"{r['token']!r} ({r['residual']:+.2f})" for r in d["residual"][key]))
+    lines.append(f"== the IRM as a reward model: pairwise accuracy on {d['pairs_source']} ==")
+    return lines + pairwise_lines(d["pairwise"])
+
+
+def pairwise_lines(rows: list[dict]) -> list[str]:
+    """The pairwise-accuracy table: each scorer's accuracy (Wilson 95% CI) and agreement with the RM's choice."""
+    lines = [f"{'scorer':<34} {'accuracy':>8} {'95% CI':>15} {'pairs':>6} {'ties':>5} {'agrees w/ RM':>12} "
+             f"{'95% CI':>15}"]
+    label = {"sae_irm": "sae_irm (IRM text score)", "log_ratio_sum": "log-ratio sum (DPO implicit reward)",
+             "rm": "RM (reference)"}
+    ci = lambda c: f"[{c[0]:.2f},{c[1]:.2f}]" if c else "-"  # noqa: E731
+    for r in rows:
+        lines.append(f"{label.get(r['scorer'], r['scorer']):<34} {_fmt(r['accuracy'], '.3f'):>8} {ci(r['ci']):>15} "
+                     f"{r['n']:>6} {r['n_ties']:>5} {_fmt(r['agreement'], '.3f'):>12} {ci(r['agreement_ci']):>15}")
+    return lines
+
+
 def agreement_line(row: dict, control: bool = False) -> str:
     """One row of the views table."""
     start = f"{row['name'][:22]:<22} {row.get('family', ''):<11} {row['n_tokens']:>6}"
@@ -128,8 +205,9 @@ def agreement_line(row: dict, control: bool = False) -> str:
         return start + "   identically zero: no implicit reward learned"
     if row.get("tau") is None:
         return start + f"   no figure: {row.get('note')}"
-    ci = row.get("tau_ci")
-    ci_text = f"[{ci[0]:+.3f},{ci[1]:+.3f}]" if ci else "-"
+    ci = row.get("tau_ci") or row.get("tau_range")
+    ci_text = (("range " if row.get("tau_range") and not row.get("tau_ci") else "") + f"[{ci[0]:+.3f},{ci[1]:+.3f}]"
+               if ci else "-")
     p = f"{row['p_value']:.1e}" if row.get("p_value") is not None else "-"
     line = (f"{start} {row['tau']:>+7.3f} {ci_text:>17} {p:>8} {_fmt(row.get('spearman'), '+.3f'):>6} "
             f"{_fmt(row.get('sign_acc_pos'), '.2f'):>5} {_fmt(row.get('sign_acc_neg'), '.2f'):>5} "
@@ -156,12 +234,14 @@ def _flatten(prefix: str, obj: Any, out: dict) -> None:
         out[prefix] = obj
 
 
-def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project: str,
-                 mode: str | None, run_dir: Path) -> str | None:
-    """Send config, scalar metrics and the token table to a W&B run; return its directory."""
+def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_dir: Path) -> str | None:
+    """Send config, scalar metrics, tables, plots and artifacts to a W&B run; return its directory."""
     if wandb_mode(mode) == "disabled":
         return None
     import wandb
+
+    metrics = plain(metrics)
+    token_rows = metrics["tokens"]["rows"]
 
     run = wandb.init(project=project, mode=wandb_mode(mode), dir=str(run_dir), config=config,
                      reinit="finish_previous")
@@ -182,9 +262,27 @@ def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project
                       "spearman", "text_tau", "control_tau", "above_control"):
                 if row.get(k) is not None:
                     scalars[f"irm/{row['name']}/{k}"] = row[k]
+            if row.get("tau_range"):
+                scalars[f"irm/{row['name']}/tau_range_min"], scalars[f"irm/{row['name']}/tau_range_max"] = row["tau_range"]
+        for row in metrics.get("full_vocabulary") or []:
+            for k in ("tau", "n_tokens", "control_tau"):
+                if row.get(k) is not None:
+                    scalars[f"irm/{row['name']}/{k}"] = row[k]
+        disc = metrics.get("discovery") or {}
+        for k in ("linear", "monotone", "residual_share"):
+            if (disc.get("variance") or {}).get(k) is not None:
+                scalars[f"discovery/rm_variance_share/{k}"] = disc["variance"][k]
+        for k, n in (disc.get("counts") or {}).items():
+            scalars[f"discovery/n_{k}"] = n
+        for r in disc.get("pairwise") or []:
+            for k in ("accuracy", "agreement", "n"):
+                if r.get(k) is not None:
+                    scalars[f"pairwise/{r['scorer']}/{k}"] = r[k]
         for stage, seconds in metrics["stage_seconds"].items():
             scalars[f"time/{stage}"] = seconds
-        # TRL's training curves of the organism, one point per logging step.
+        # TRL's training curves of the organism, one point per logging step, plotted against organism/step.
+        run.define_metric("organism/step")
+        run.define_metric("organism/*", step_metric="organism/step")
         for row in metrics["organism"].get("history", []):
             curve = {f"organism/{k}": v for k, v in row.items() if k not in ("step", "epoch")}
             if "step" in row and curve:
@@ -213,16 +311,30 @@ def log_to_wandb(metrics: dict, config: dict, token_rows: list[list], *, project
 
 def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[str], list[list]]]:
     """The run's tables (name -> (columns, rows)), as W&B and the HTML report show them."""
-    view_cols = ["name", "family", "n_tokens", "tau", "tau_ci_low", "tau_ci_high", "p_value", "spearman",
-                 "sign_acc_pos", "sign_acc_neg", "text_tau", "test_r2", "control_tau", "above_control"]
+    view_cols = ["name", "family", "n_tokens", "tau", "tau_ci_low", "tau_ci_high", "tau_range_min", "tau_range_max",
+                 "p_value", "spearman", "sign_acc_pos", "sign_acc_neg", "text_tau", "test_r2", "control_tau",
+                 "above_control"]
     views = [[r.get("name"), r.get("family"), r.get("n_tokens"), r.get("tau"),
-              (r.get("tau_ci") or [None, None])[0], (r.get("tau_ci") or [None, None])[1], r.get("p_value"),
+              (r.get("tau_ci") or [None, None])[0], (r.get("tau_ci") or [None, None])[1],
+              (r.get("tau_range") or [None, None])[0], (r.get("tau_range") or [None, None])[1], r.get("p_value"),
               r.get("spearman"), r.get("sign_acc_pos"), r.get("sign_acc_neg"), r.get("text_tau"), r.get("test_r2"),
-              r.get("control_tau"), r.get("above_control")] for r in metrics["agreement"]]
+              r.get("control_tau"), r.get("above_control")]
+             for r in metrics["agreement"] + (metrics.get("full_vocabulary") or [])]
     out = {"views": (view_cols, views), "tokens": (metrics["tokens"]["columns"], token_rows)}
     sae_cols = ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fraction", "dense_fraction",
                 "ce_loss_recovered", "kl_spliced", "mmcs_small_vs_large"]
     out["saes"] = (sae_cols, [[r.get(c) for c in sae_cols] for r in metrics.get("saes", [])])
+    disc = metrics.get("discovery")
+    if disc:
+        cols = ["category", "token", "token_id", "irm_value", "ci_low", "ci_high", "rm_value", "count",
+                "control_value", "q"]
+        out["discoveries"] = (cols, [[cat] + [e[c] for c in cols[1:]] for cat, entries in disc["entries"].items()
+                                     for e in entries])
+        cols = ["scorer", "accuracy", "ci_low", "ci_high", "n", "n_ties", "agreement", "agreement_ci_low",
+                "agreement_ci_high"]
+        out["pairwise accuracy"] = (cols, [[r["scorer"], r["accuracy"], *(r["ci"] or [None, None]), r["n"],
+                                            r["n_ties"], r["agreement"], *(r["agreement_ci"] or [None, None])]
+                                           for r in disc["pairwise"]])
     val = metrics.get("validation") or {}
     if val.get("judged"):
         cols = ["feature", "irm_weight", "in_irm_top_k", "relevant", "judge_score", "detection", "frequency",
@@ -263,13 +375,16 @@ def wandb_artifacts(metrics: dict, run_dir: Path) -> list:
     return out
 
 
-def write_metrics(path: Path, metrics: dict) -> Path:
-    return write_json(path, metrics)
+def write_metrics(path: Path, metrics) -> Path:
+    """metrics.json: the typed metrics' JSON form (``kind`` and ``schema_version`` first)."""
+    return write_json(path, plain(metrics))
 
 
-def write_html(metrics: dict, path: Path) -> Path:
+def write_html(metrics, path: Path) -> Path:
     """One self-contained HTML file: the summary, every plot (inline PNG) and every table."""
     import base64
+
+    metrics = plain(metrics)
     import html
     import io
 

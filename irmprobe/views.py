@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
 from irmprobe.capture import Capture, Samples
-from irmprobe.compare import compare_view
+from irmprobe.compare import compare_view, kendall_tau, paired
 from irmprobe.features import cosine_matrix, decoder_directions, encode
 from irmprobe.irm import (ContrastiveProbe, IRMFit, contrastive_targets, fit_irm, preference_probe, random_probe,
                           split_groups, token_map)
@@ -70,36 +70,57 @@ def probe_inputs(inputs: str, acts: dict[str, np.ndarray], saes: dict, layers) -
 
 @dataclass(frozen=True)
 class Analysis:
-    """The comparison rows of every view of one pair, and the fits behind them."""
+    """The comparison rows of every view of one pair, and the fits behind them.
+
+    Every token map and figure comes from held-out rows only (sequences no view was fitted to),
+    on one token set: tokens seen at least ``min_token_count`` times in those rows.
+    """
 
     rows: list[dict]
+    """The main table: every row-level view on the same held-out tokens."""
+    full_vocabulary: list[dict]
+    """The full-vocabulary log-ratio: every vocabulary token (its own token set and n)."""
     fits: dict[str, IRMFit]
     maps: dict[str, dict[int, float]]
-    """View name -> token -> value."""
+    """View name -> token -> value (held-out rows)."""
+    eval_rows: np.ndarray
+    """Indices of the held-out rows."""
     rm_rows: np.ndarray
     """The RM value of the token at each captured row (0 where the RM does not value it)."""
 
 
-def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], config, *, seed: int,
-            raw: np.ndarray | None = None, triple_inputs: tuple | None = None, n_jobs: int | None = None) -> Analysis:
-    """Fit and compare every view of one pair.
+def heldout_split(capture: Capture, n_seq: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows), split by sequence: every view fits on the first, is scored on the second."""
+    return split_groups(capture.seq_index, test_fraction, seed)
+
+
+def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic, cc, *, seed: int,
+            raw: np.ndarray | None = None, triple_inputs: tuple | None = None, n_jobs: int | None = None,
+            decision: tuple | None = None) -> Analysis:
+    """Fit every view on training sequences and compare it with the RM on held-out sequences.
 
     Args:
         capture: the pair's capture (its log-ratio is the behavioural target).
         X: probe inputs at every captured row (see :func:`probe_inputs`).
         samples: the held-out generations (text-level agreement, preference pairs).
         rm_map: the RM's token -> value map.
-        config: the :class:`irmprobe.config.RunConfig`.
+        ic, cc: the ``irm`` and ``compare`` config sections (``compare`` needs ``rm_informed`` and
+            ``n_bootstrap``).
         seed: seeds every split and fit.
         raw: raw activations at every row, for the raw-activation baseline (None skips it).
-        triple_inputs: (X_pos, X_neg, X_neu, positive tokens, negative tokens) for the contrastive probe.
+        triple_inputs: ``(train, heldout)``, each (X_pos, X_neg, X_neu, positive tokens, negative
+            tokens) of contrastive triples cut from training and from held-out sequences.
         n_jobs: parallel cross-validation fits.
+        decision: ``(X_prev, rows, prev_rows)``: features at the decision position t-1 for the rows
+            ``rows`` (see :func:`irmprobe.patching.decision_rows`); adds the decision-side IRM.
     """
-    ic, cc = config.irm, config.compare
     y = capture.log_ratio.astype(np.float64)
     groups, token_ids = capture.seq_index, capture.token_ids
     n_seq = len(samples.token_ids)
-    _, test = split_groups(groups, ic.test_fraction, seed)
+    train, test = split_groups(groups, ic.test_fraction, seed)
+    if decision is not None:
+        # Only rows whose decision position was captured (t >= 2): every view has a value on the same rows.
+        test = np.intersect1d(test, decision[1])
     eval_seqs = np.array(sorted(s for s in np.unique(groups[test]) if s < n_seq), dtype=np.int64)
     train_seqs = np.setdiff1d(np.arange(n_seq), eval_seqs)
     in_samples = groups < n_seq
@@ -107,19 +128,20 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], con
     prompt_len[in_samples] = samples.prompt_lens[groups[in_samples]]
     continuation = in_samples & (capture.position >= prompt_len)
     rewards = samples.rewards[eval_seqs]
-    counts = {t: c for t, (_, c) in token_map(token_ids, y).items()}
+    # One token set for the whole table: tokens seen often enough in the held-out rows.
+    counts = {t: c for t, (_, c) in token_map(token_ids[test], y[test]).items()}
     rm_rows = np.array([rm_map.get(int(t), 0.0) for t in token_ids])
-    rows, fits, maps = [], {}, {}
+    rows, full_vocab, fits, maps = [], [], {}, {}
+
+    def heldout_map(row_values: np.ndarray, rows_idx: np.ndarray = test) -> dict[int, float]:
+        return {t: v for t, (v, _) in token_map(token_ids[rows_idx], row_values[rows_idx], ic.min_token_count).items()}
 
     def text_scores(row_values: np.ndarray) -> np.ndarray:
         sums = np.bincount(groups[continuation], weights=row_values[continuation], minlength=n_seq)
         return sums[eval_seqs]
 
-    def add(name, family, row_values=None, tmap=None, is_zero=False, **extra):
-        if tmap is None:
-            tmap = {t: v for t, (v, _) in token_map(token_ids, row_values, ic.min_token_count).items()}
-        if row_values is None:
-            row_values = np.array([tmap.get(int(t), 0.0) for t in token_ids])
+    def add(name, family, row_values, is_zero=False, **extra):
+        tmap = heldout_map(row_values)
         maps[name] = tmap
         rows.append(compare_view(name, family, tmap, counts, rm_map, text_scores=text_scores(row_values),
                                  rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=is_zero, **extra))
@@ -133,31 +155,57 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], con
     add("log_ratio (no model)", "behavioural", y, is_zero=not np.any(y))
     if capture.vocab_logp_sum is not None:
         vocab = capture.vocab_log_ratio()
-        add("full_vocab_log_ratio", "behavioural", tmap={i: float(v) for i, v in enumerate(vocab)},
-            is_zero=not np.any(vocab))
+        tmap = {i: float(v) for i, v in enumerate(vocab)}
+        maps["full_vocab_log_ratio"] = tmap
+        full_vocab.append(compare_view(
+            "full_vocab_log_ratio", "full_vocabulary", tmap, counts, rm_map, n_bootstrap=cc.n_bootstrap, seed=seed,
+            is_zero=not np.any(vocab), note="every vocabulary token the RM values, averaged over every captured "
+            "position (not fitted, so no held-out split applies): its own token set"))
     for i, est in enumerate(ic.estimators):
         name = "sae_irm" if i == 0 else f"sae_{est}"
         f = fit(name, X, y, alphas=ic.alphas if est == "ridge" else None, penalty=est, l1_ratio=ic.l1_ratio)
         add(name, "behavioural", f.predictions, is_zero=f.is_zero, estimator=est, test_r2=f.test_r2, alpha=f.alpha,
-            n_nonzero=int(np.count_nonzero(f.coef)))
+            n_nonzero=int(np.count_nonzero(f.coef)), position="reader")
+    if decision is not None:
+        X_prev, d_rows, _ = decision
+        # Fitted on the rows whose decision position was captured; split by the same sequences.
+        f = fit_irm("sae_irm_decision", X_prev, y[d_rows], groups[d_rows], test_fraction=ic.test_fraction,
+                    seed=seed, n_jobs=n_jobs, alphas=ic.alphas if ic.estimators[0] == "ridge" else None,
+                    penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
+        fits[f.name] = f
+        values = np.zeros(len(y))
+        values[d_rows] = f.predictions
+        tmap = heldout_map(values)
+        maps[f.name] = tmap
+        rows.append(compare_view(f.name, "behavioural", tmap, counts, rm_map, text_scores=text_scores(values),
+                                 rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=f.is_zero,
+                                 estimator=ic.estimators[0], test_r2=f.test_r2, alpha=f.alpha,
+                                 n_nonzero=int(np.count_nonzero(f.coef)), position="decision"))
 
-    # RM-informed: decodability of the RM from the same inputs.
+    # RM-informed: decodability of the RM from the same inputs (fitted on training rows too).
     if cc.rm_informed:
         f = fit("rm_regression", X, rm_rows, alphas=ic.alphas)
         add("rm_regression", "rm_informed", f.predictions, test_r2=f.test_r2, alpha=f.alpha)
         if triple_inputs is not None:
-            x_pos, x_neg, x_neu, tok_pos, tok_neg = triple_inputs
-            Xc, yc = contrastive_targets(x_pos, x_neg, x_neu)
+            (tp, tn, tu, tok_pos, tok_neg), held = triple_inputs
+            Xc, yc = contrastive_targets(tp, tn, tu)
             pair_groups = np.r_[np.arange(len(tok_pos)), np.arange(len(tok_pos))]
-            tr, te = split_groups(pair_groups, 0.2, seed)
             values = np.array(list(rm_map.values()))
             probe = make_pipeline(MaxAbsScaler(), ContrastiveProbe(alphas=ic.alphas,
                                                                    value_range=(values.min(), values.max())))
-            probe.fit(Xc[tr], yc[tr], contrastiveprobe__groups=pair_groups[tr])  # CV folds keep triples whole
-            tmap = {t: v for t, (v, _) in token_map(np.r_[tok_pos, tok_neg], probe.predict(Xc)).items()}
-            # Held-out R^2 of the ridge before rescaling: the rescaled output is in lexicon units, not the target's.
-            r2 = float(probe[-1].ridge_.score(probe[0].transform(Xc[te]), yc[te]))
-            add("contrastive_probe", "rm_informed", probe.predict(X), tmap=tmap, test_r2=r2, n_triples=int(len(tok_pos)))
+            probe.fit(Xc, yc, contrastiveprobe__groups=pair_groups)  # CV folds keep triples whole
+            extra = {"n_triples": int(len(tok_pos))}
+            if held is not None:
+                hp, hn, hu, h_pos, h_neg = held
+                Xh, yh = contrastive_targets(hp, hn, hu)
+                # Held-out R^2 of the ridge before rescaling: the rescaled output is in lexicon units.
+                extra["test_r2"] = float(probe[-1].ridge_.score(probe[0].transform(Xh), yh))
+                triple_map = {t: v for t, (v, _) in token_map(np.r_[h_pos, h_neg], probe.predict(Xh)).items()}
+                ids, a, b = paired(triple_map, rm_map)
+                if len(ids) >= 2:
+                    extra["triple_map_tau"], _ = kendall_tau(a, b)
+                    extra["triple_map_n"] = int(len(ids))
+            add("contrastive_probe", "rm_informed", probe.predict(X), **extra)
         pooled = _mean_pool(X, groups, n_seq)
         model, acc = preference_probe(pooled[train_seqs], samples.rewards[train_seqs], samples.prompt_index[train_seqs],
                                       seed=seed)
@@ -171,10 +219,11 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], con
     primary = fits["sae_irm"]
     shuffled = []
     for i in range(ic.n_shuffles):
+        # The same held-out sequences as every other view; only the training targets are permuted.
         f = fit_irm(f"shuffled_{i}", X, y, groups, alphas=(primary.alpha,), test_fraction=ic.test_fraction,
-                    seed=seed + 1 + i, shuffle_target=True, n_jobs=n_jobs, penalty=ic.estimators[0],
-                    l1_ratio=ic.l1_ratio)
-        tmap = {t: v for t, (v, _) in token_map(token_ids, f.predictions, ic.min_token_count).items()}
+                    seed=seed, shuffle_seed=seed + 1 + i, shuffle_target=True, n_jobs=n_jobs,
+                    penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
+        tmap = heldout_map(f.predictions)
         maps[f.name] = tmap
         shuffled.append(compare_view(f.name, "baseline", tmap, counts, rm_map, text_scores=text_scores(f.predictions),
                                      rewards=rewards, n_bootstrap=0, seed=seed, is_zero=f.is_zero, test_r2=f.test_r2))
@@ -182,7 +231,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], con
     if raw is not None:
         f = fit("raw_activations", raw, y, alphas=ic.alphas)
         add("raw_activations", "baseline", f.predictions, is_zero=f.is_zero, test_r2=f.test_r2, alpha=f.alpha)
-    return Analysis(rows, fits, maps, rm_rows)
+    return Analysis(rows, full_vocab, fits, maps, np.sort(test), rm_rows)
 
 
 def _mean_pool(X, groups: np.ndarray, n_seq: int):
@@ -194,7 +243,8 @@ def _mean_pool(X, groups: np.ndarray, n_seq: int):
 
 
 def shuffled_summary(rows: list[dict]) -> dict:
-    """The shuffled-target fits as one row: mean of each figure, spread and max of tau."""
+    """The shuffled-target fits as one row: mean of each figure, and the range (min, max) of tau over the
+    fits (``tau_range``: a range, not a confidence interval)."""
     out = {"name": "baseline_shuffled", "family": "baseline", "n_fits": len(rows), "n_tokens": rows[0]["n_tokens"]}
     if any(r["is_zero"] for r in rows):
         return out | {"is_zero": True, "tau": None, "p_value": None}
@@ -207,6 +257,6 @@ def shuffled_summary(rows: list[dict]) -> dict:
         return float(np.mean(vals)) if vals else None
 
     return out | {"is_zero": False, "tau": float(taus.mean()), "tau_sd": float(taus.std(ddof=1)) if len(taus) > 1 else 0.0,
-                  "tau_max": float(taus.max()), "tau_ci": [float(taus.min()), float(taus.max())], "p_value": None,
+                  "tau_max": float(taus.max()), "tau_range": [float(taus.min()), float(taus.max())], "p_value": None,
                   "sign_acc_pos": mean("sign_acc_pos"), "sign_acc_neg": mean("sign_acc_neg"), "test_r2": mean("test_r2"),
                   "spearman": mean("spearman"), "text_tau": mean("text_tau")}

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     })
     start = time.perf_counter()
     result = run(config, echo=lambda line: None)
-    m = result.metrics
+    m = result.metrics.to_json()
     sae_device = {r["path"]: json.loads((Path(r["path"]) / "cfg.json").read_text()).get("device") for r in m["saes"]}
     print(f"pipeline on {args.device}: {time.perf_counter() - start:.1f} s; stage seconds {m['stage_seconds']}")
     print(f"organism KL {m['kl']['mean']:.3f}; SAE devices {set(sae_device.values())}; "

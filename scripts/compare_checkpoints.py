@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.pair.tuned is not None or config.pair.null:
         parser.error("the config must build its organism (pair.tuned: null, pair.null: false)")
     config = replace(config, organism=replace(config.organism, checkpoint_every=args.every),
-                     validate=replace(config.validate, enabled=False), compare=replace(config.compare, control_steps=None))
+                     validate=replace(config.validate, enabled=False), compare=replace(config.compare, control=False))
     pc = config.prompts
     train, _ = split_prompts(load_prompts(pc.path, dataset=pc.dataset, column=pc.column, split=pc.split),
                              pc.n_heldout, config.seed)
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         step = ckpt.name if ckpt != org.path else f"final ({config.organism.steps})"
         result = run(replace(config, pair=replace(config.pair, tuned=str(ckpt))), until="compare",
                      echo=lambda line: print(line, file=sys.stderr))
-        views = {r["name"]: r for r in result.metrics["agreement"]}
+        compared = result.results["compare"]
+        views = {r.name: r.to_json() for r in compared.agreement + compared.full_vocabulary}
         rows.append((step, views))
     print(f"{'checkpoint':<18} {'view':<22} {'tau':>7} {'95% CI':>17} {'sign+':>6} {'sign-':>6}")
     for step, views in rows:

@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     from irmprobe.pipeline import run
 
     base = RunConfig.from_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
-    base["compare"]["control_steps"] = None  # the sweep compares settings, not organisms
+    base["compare"]["control"] = False  # the sweep compares settings, not organisms
     print(f"{args.field:<20} {'view':<22} {'tau':>7} {'95% CI':>17} {'text tau':>8}")
     for value in args.values:
         data = apply_overrides(json.loads(json.dumps(base)), [f"{args.field}={value}"])
         data["validate"]["enabled"] = False
         result = run(RunConfig.from_dict(data), until="compare", echo=lambda line: print(line, file=sys.stderr))
-        for r in result.metrics["agreement"]:
+        for r in (row.to_json() for row in result.results["compare"].agreement):
             if r["name"] in ("log_ratio (no model)", "sae_irm") and r.get("tau") is not None:
                 ci = r.get("tau_ci") or [float("nan")] * 2
                 text = f"{r['text_tau']:+.3f}" if r.get("text_tau") is not None else "-"

@@ -1,5 +1,6 @@
 """Ablation by splicing an SAE with the error term kept, on tiny models with a planted feature."""
 
+import numpy as np
 import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
@@ -47,6 +48,58 @@ def test_splice_with_nothing_ablated_reproduces_the_logits(tiny_llama_dir):
         FeatureSet("x", {}, mode="erase")
     with pytest.raises(ValueError, match="needs the features' mean"):
         FeatureSet("x", {}, mode="mean")
+
+
+def _mlp_out_under(model, sae, feature_set, ids):
+    """Block 1's MLP output without and with ``feature_set`` spliced in, from one forward pass."""
+    from irmprobe.evals.ablation import mlp_module
+
+    seen = {}
+    mlp = mlp_module(model, 1)
+    before = mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o.detach().double()))
+    try:
+        with ablated(model, {1: sae}, feature_set):  # its hook runs after ``before`` and before ``after``
+            after = mlp.register_forward_hook(lambda m, i, o: seen.__setitem__("spliced", o.detach().double()))
+            try:
+                with torch.no_grad():
+                    model(ids)
+            finally:
+                after.remove()
+    finally:
+        before.remove()
+    return seen["x"][0], seen["spliced"][0]
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean", "reconstruction", "steer"])
+def test_splice_is_exactly_x_minus_the_ablated_features_contributions(tiny_llama_dir, mode):
+    """x' = x - sum_{i in S} (f_i(x) - v_i) d_i, against f computed here from the SAE's weights."""
+    model = load_pair(str(tiny_llama_dir), None).base
+    d_model = model.config.hidden_size
+    sae = _sae(d_model, d_sae=16, seed=3)
+    with torch.no_grad():  # biases make the reference computation show that it handles them
+        sae.b_enc.copy_(torch.linspace(-0.05, 0.05, 16))
+        sae.b_dec.copy_(0.01 * torch.randn(d_model))
+    S = (2, 5, 11)
+    means = np.linspace(0.1, 1.6, 16)
+    fs = {"zero": FeatureSet("z", {1: S}), "mean": FeatureSet("m", {1: S}, "mean", {1: means}),
+          "reconstruction": FeatureSet("r", {}, "reconstruction"),
+          "steer": FeatureSet("s", {1: S}, "steer", alpha=2.5)}[mode]
+    x, spliced = _mlp_out_under(model, sae, fs, torch.tensor([[5, 9, 17, 33, 2, 8, 40]]))
+    W_enc, b_enc = sae.W_enc.detach().double(), sae.b_enc.detach().double()
+    W_dec, b_dec = sae.W_dec.detach().double(), sae.b_dec.detach().double()
+    f = torch.relu((x - b_dec * sae.cfg.apply_b_dec_to_input) @ W_enc + b_enc)  # [pos, d_sae]
+    assert (f[:, list(S)] > 0).sum() >= 3  # the ablated features do fire: the identity is not vacuous
+    expected = x.clone()
+    if mode == "reconstruction":
+        expected = f @ W_dec + b_dec
+    for i in S:
+        if mode == "steer":
+            expected = expected + 2.5 * W_dec[i]
+        elif mode in ("zero", "mean"):
+            v = 0.0 if mode == "zero" else means[i]
+            expected = expected - (f[:, i:i + 1] - v) * W_dec[i]
+    assert (expected - x).abs().max() > 1e-2
+    torch.testing.assert_close(spliced, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_ablating_the_planted_reward_feature_lowers_reward_and_random_features_do_not(tiny_neox_dir, tmp_path):

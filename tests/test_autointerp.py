@@ -1,13 +1,16 @@
+import re
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from irmprobe.evals.autointerp import (
+    Judgement,
     LLMJudge,
     OfflineJudge,
     cross_comparison,
-    detection_score,
     feature_evidence,
+    judge_feature,
 )
 from irmprobe.llm import ChatClient, LLMError
 from tests.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
@@ -50,10 +53,61 @@ def test_evidence_and_offline_judge_on_planted_features():
     assert sum(a > 0 for a in c.activations) >= 1 + sum(t in (3, 4, 7) for t in c.token_ids[1:-1])
     judge = OfflineJudge(RM)
     j_s, j_f = judge.judge(ev_s), judge.judge(ev_f)
-    assert j_s.relevant and j_s.score > 0.6  # every top context is an RM word; 3 of 8 promoted tokens are
-    assert not j_f.relevant and j_f.score < 0.2
+    # Score = mean of (activation-weighted share of top contexts on RM words, share of promoted tokens
+    # the RM values). Sentiment: every top context is an RM word; promoted 3, 4, 7 then 5 others -> 3/8.
+    assert j_s.relevant and j_s.score == pytest.approx((1.0 + 3 / 8) / 2)
+    # Furniture: no top context is an RM word; promoted 6, 7, then 0-5 in order: 7, 3 and 4 are valued -> 3/8.
+    assert not j_f.relevant and j_f.score == pytest.approx((0.0 + 3 / 8) / 2)
     assert "' mat'" in j_f.explanation
-    assert detection_score(judge, j_f, ev_f) == pytest.approx(1.0)  # its explanation names its token
+
+
+class _MemorisingJudge:
+    """Explains nothing: remembers the text of every context it is given and says "fires" on exactly those."""
+
+    name = "memoriser"
+
+    def __init__(self):
+        self.seen = set()
+
+    def judge(self, ev, concept=""):
+        self.seen |= {c.text() for c in (*ev.contexts, *ev.heldout, *ev.negatives)}
+        return Judgement(ev.name, "memorised", True, None, self.name)
+
+    def detect(self, explanation, contexts):
+        return [int(c.text() in self.seen) for c in contexts]
+
+
+def test_detection_is_scored_on_held_out_contexts_so_a_memoriser_scores_chance():
+    streams, tok, seq, pos = _capture()
+    furniture = np.where(tok == 6, np.random.default_rng(1).uniform(1, 3, len(tok)), 0.0)  # fires on ' mat'
+    ev = _evidence(furniture, tok, seq, pos, streams, np.eye(8)[6], np.eye(8))
+    shown = {c.text() for c in ev.contexts}
+    assert len(ev.contexts) == len(ev.heldout) == len(ev.negatives) == 8
+    assert all(c.peak > 0 and c.tokens[-1] == " mat" for c in ev.heldout)
+    assert all(c.peak == 0 for c in ev.negatives)
+    assert shown.isdisjoint(c.text() for c in ev.heldout)
+    # Held-out contexts come from below the shown ones, spread down to the weakest activations.
+    assert max(c.peak for c in ev.heldout) < min(c.peak for c in ev.contexts)
+    assert min(c.peak for c in ev.heldout) < np.quantile(furniture[furniture > 0], 0.25)
+
+    memoriser = _MemorisingJudge()
+    j = judge_feature(memoriser, ev, "sentiment")
+    assert memoriser.seen == shown  # the judge was given the top contexts only, no detection context
+    assert memoriser.detect("", list(ev.contexts)) == [1] * 8  # scored on what it was shown, it would get 1.0
+    assert j.detection == pytest.approx(0.5)  # chance: it says "fires" on no held-out context
+
+    honest = judge_feature(OfflineJudge(RM), ev, "sentiment")
+    assert "' mat'" in honest.explanation and honest.detection == pytest.approx(1.0)
+
+
+def test_held_out_contexts_come_from_sequences_the_judge_was_not_shown():
+    streams, tok, seq, pos = _capture()
+    column = np.zeros(len(tok))
+    column[seq == 0] = 10.0 + pos[seq == 0]  # sequence 0 fires everywhere, strongest: all 8 shown contexts
+    column[(seq >= 1) & (seq <= 5) & (pos == 5)] = 1.0  # and once in each of five other sequences
+    ev = _evidence(column, tok, seq, pos, streams, np.eye(8)[6], np.eye(8))
+    assert sorted(c.peak for c in ev.contexts) == [10.0 + p for p in range(4, 12)]
+    assert [c.peak for c in ev.heldout] == [1.0] * 5  # the five others; none of sequence 0's remaining rows
 
 
 def test_cross_comparison_hand_computed():
@@ -75,15 +129,23 @@ def _ev():
 def test_llm_judge_follows_the_protocol_over_http(server, tmp_path):  # noqa: F811
     url, handler = server
     handler.replies = [_answer("The word happy."), _answer("1"), _answer("[1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0]")]
-    judge = LLMJudge(ChatClient(url, "m", cache_dir=tmp_path))
+    judge = LLMJudge(ChatClient(url, "m", cache_dir=tmp_path), name="llm")
     ev = _ev()
     j = judge.judge(ev, concept="sentiment")
     assert j.relevant and j.explanation == "The word happy."
     first = handler.seen[0]["body"]["messages"][1]["content"]
     assert "happy(10)" in first  # activations scaled 0-10 next to their tokens
     assert "related to sentiment" in handler.seen[1]["body"]["messages"][1]["content"]
-    score = detection_score(judge, j, ev)
-    assert 0.0 <= score <= 1.0 and len(handler.seen) == 3
+    assert len(re.findall(r"^\d+\. ", first, flags=re.M)) == len(ev.contexts) == 8  # shown: the top contexts
+    scored = judge_feature(judge, ev, "sentiment")
+    assert len(handler.seen) == 3  # the explanation and the label came from the cache
+    listing = re.findall(r"^\d+\. (.*)$", handler.seen[2]["body"]["messages"][1]["content"], flags=re.M)
+    truth = {c.text(): 1 for c in ev.heldout} | {c.text(): 0 for c in ev.negatives}
+    assert len(listing) == 16 and set(listing) == set(truth)  # held-out and silent contexts, nothing shown
+    assert {c.text() for c in ev.contexts}.isdisjoint(listing)
+    guess, labels = np.array([1, 0] * 8), np.array([truth[t] for t in listing])
+    expected = (np.mean(guess[labels == 1] == 1) + np.mean(guess[labels == 0] == 0)) / 2
+    assert scored.detection == pytest.approx(expected)
 
 
 def test_llm_judge_malformed_and_down(server, tmp_path):  # noqa: F811
@@ -106,7 +168,24 @@ def test_local_chat_is_deterministic_and_feeds_the_llm_judge(tiny_llama_dir):
     first = chat.chat(messages)
     assert isinstance(first, str) and first == chat.chat(messages)  # greedy: the same answer twice
     judge = LLMJudge(chat, name="local")
-    try:  # a random tiny model rarely answers with a digit: then the judge says so clearly
-        judge.judge(_ev())
-    except LLMError as exc:
-        assert "holds no 0 or 1" in str(exc)
+
+    def answering(text):  # the model says ``text`` over and over: a large bias on its logit
+        token = tok.convert_tokens_to_ids(text)
+        return model.get_output_embeddings().register_forward_hook(
+            lambda m, i, out: out + 1e4 * torch.nn.functional.one_hot(torch.tensor(token), out.shape[-1]))
+
+    import torch
+
+    for text, relevant in (("1", True), ("0", False)):
+        handle = answering(text)
+        try:
+            j = judge.judge(_ev())
+        finally:
+            handle.remove()
+        assert j.explanation == text * 6 and j.relevant is relevant and j.judge == "local"
+    handle = answering("x")
+    try:
+        with pytest.raises(LLMError, match="holds no 0 or 1"):  # no digit in the answer: one clear error
+            judge.judge(_ev())
+    finally:
+        handle.remove()

@@ -75,7 +75,7 @@ def test_disagreements_each_way():
 
 
 def test_text_agreement_and_compare_view():
-    from irmprobe.compare import compare_view, text_agreement
+    from irmprobe.compare import compare_view, error_vs_frequency, text_agreement
 
     out = text_agreement(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.1, 0.3, 0.2, 0.9]))
     assert out["text_tau"] == pytest.approx(4 / 6) and out["n_texts"] == 4
@@ -83,7 +83,15 @@ def test_text_agreement_and_compare_view():
     rm = {i: float(i) * (-1) ** (i % 7 == 0) for i in range(1, 30)}
     row = compare_view("v", "behavioural", irm, {i: i for i in irm}, rm, n_bootstrap=100)
     assert row["family"] == "behavioural" and row["tau_ci"][0] <= row["tau"] <= row["tau_ci"][1]
-    assert -1 <= row["spearman"] <= 1 and row["error_vs_frequency"]["rho"] is not None
+    # Tokens 7, 14, 21, 28 are flipped, so the RM ranks them 4, 3, 2, 1 and token i (not a multiple
+    # of 7) at 4 + i - i // 7. Squared rank gaps: 6 * (16 + 9 + 4 + 1) + 0 over the others, and
+    # 3^2 + 11^2 + 19^2 + 27^2 over the flipped: 1400 -> rho = 1 - 6 * 1400 / (29 * 840) = 19 / 29.
+    assert row["spearman"] == pytest.approx(19 / 29)
+    # Discordant pairs: each flipped token m against every token before it, 6 + 13 + 20 + 27 = 66 of 406.
+    assert row["tau"] == pytest.approx((406 - 2 * 66) / 406)
+    ids = np.arange(1, 30)
+    expected = error_vs_frequency(ids.astype(float), np.array([rm[i] for i in ids]), ids)  # count of token i is i
+    assert row["error_vs_frequency"]["rho"] == pytest.approx(expected["rho"]) and expected["rho"] < -0.5
     zero = compare_view("z", "behavioural", irm, {}, rm, is_zero=True)
     assert zero["is_zero"] and zero["tau"] is None
 
@@ -130,5 +138,6 @@ def test_error_vs_frequency_quartiles_with_tied_counts():
     irm = rm.copy()
     irm[:6] = irm[:6][::-1]  # the six rarest tokens are mis-ranked, the frequent ones right
     out = error_vs_frequency(irm, rm, counts)
-    q = out["quartile_error"]
-    assert None not in q and q[0] > 0 and q[3] == 0.0  # rarest quartile worst, most frequent exact
+    # Quartiles by count rank, ties in order: tokens 0-2, 3-5, 6-8, 9-11. The reversed six are off by
+    # 5, 3, 1, 1, 3, 5 ranks of 12: mean 9/36 in each of the two rarest quartiles, 0 in the others.
+    assert out["quartile_error"] == pytest.approx([0.25, 0.25, 0.0, 0.0])

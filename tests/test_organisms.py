@@ -2,10 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
-from transformers import AutoModelForCausalLM, TrainerCallback
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from irmprobe.config import OrganismConfig
+from irmprobe.capture import sample_continuations
 from irmprobe.organisms import (
     build_preference_pairs,
     load_preference_pairs,
@@ -31,18 +34,57 @@ def _length_rm():
     return TextRM(lambda texts: [len(t) / 10 for t in texts], name="length")
 
 
+def _expected_token_chars(model_dir, tokenizer) -> float:
+    """Expected characters per next token under the model, over every position of the prompts: what the
+    length RM pays for per token, computed exactly from the model's distribution (no sampling noise)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    chars = torch.tensor([len(tokenizer.decode([i])) for i in range(len(tokenizer))], dtype=torch.float64)
+    means = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            logits = model(tokenizer(prompt, return_tensors="pt")["input_ids"]).logits[0].double()
+            means.append(float((torch.softmax(logits, -1) @ chars).mean()))
+    return float(np.mean(means))
+
+
+def _logp(model, tokenizer, prompt: str, completion: str) -> float:
+    """log p(completion | prompt), summed over the completion's tokens."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + tokenizer(completion, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(logp[len(p) - 1:].sum())
+
+
 @pytest.mark.parametrize("method", ["rloo", "grpo", "dpo"])
 def test_each_method_tunes_a_tiny_model(method, tiny_llama_dir):
     cfg = OrganismConfig(method=method, steps=3, prompts_per_step=2, generations_per_prompt=2, max_new_tokens=6,
                          learning_rate=1e-2, beta=0.1)
     org = make_organism(str(tiny_llama_dir), _length_rm(), cfg, PROMPTS, seed=0)
     assert not org.reused and org.path.is_dir()
-    assert _changed(tiny_llama_dir, org.path) > 0
-    assert any("loss" in row for row in org.history)
+    assert [row["step"] for row in org.history if "loss" in row] == [1, 2, 3]  # logged every step
     meta = json.loads((org.path / "organism.json").read_text())
     assert meta["method"] == method and meta["reward"]["name"] == "length"
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     if method == "dpo":
-        assert meta["preference_pairs"] > 0
+        # The organism moved towards what the RM prefers: on every pair, the log-ratio (tuned - base) of
+        # the completion the RM scores higher minus that of the lower one (DPO's implicit reward margin).
+        base_model, _ = load_model(str(tiny_llama_dir))
+        rm = _length_rm()
+        pairs = build_preference_pairs(base_model, tok, rm, PROMPTS, n_per_prompt=cfg.dpo_samples_per_prompt,
+                                       max_new_tokens=cfg.max_new_tokens, seed=0)
+        assert meta["preference_pairs"] == len(pairs) > 10
+        tuned = AutoModelForCausalLM.from_pretrained(org.path).eval()
+        margins = []
+        for pair in pairs:
+            hi, lo = sorted((pair["chosen"], pair["rejected"]), key=lambda t: -rm.score([t])[0])
+            ratio = [_logp(tuned, tok, pair["prompt"], t) - _logp(base_model, tok, pair["prompt"], t) for t in (hi, lo)]
+            margins.append(ratio[0] - ratio[1])
+        assert np.mean(margins) > 0.3 and np.mean(np.array(margins) > 0) > 0.6  # measured: 1.05 nats, 79%
+    else:
+        # The length RM pays per character: the tuned model's next token is longer in expectation
+        # (measured +0.012 to +0.013 chars; tuned against the negated RM, -0.006 to -0.007).
+        assert _expected_token_chars(org.path, tok) > _expected_token_chars(tiny_llama_dir, tok) + 0.005
     again = make_organism(str(tiny_llama_dir), _length_rm(), cfg, PROMPTS, seed=0)
     assert again.reused and again.path == org.path
 
@@ -79,9 +121,19 @@ def test_lora_organism_is_merged_into_a_plain_model(tiny_llama_dir):
                          learning_rate=5e-2, lora_rank=4)
     org = make_organism(str(tiny_llama_dir), _length_rm(), cfg, PROMPTS, seed=0)
     assert not (org.path / "adapter_config.json").exists()
-    assert _changed(tiny_llama_dir, org.path) > 0
-    base_params = {n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_llama_dir).named_parameters()}
-    assert {n for n, _ in AutoModelForCausalLM.from_pretrained(org.path).named_parameters()} == base_params
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(org.path).state_dict()
+    assert set(tuned) == set(base)
+    # LoRA on every linear layer of the blocks, merged: those weights moved, by a low-rank update;
+    # the embeddings and norms, which LoRA does not adapt, are bit-identical.
+    adapted = [k for k in base if ".layers." in k and k.endswith("proj.weight")]
+    assert len(adapted) == 2 * 7
+    for k in base:
+        delta = (tuned[k] - base[k]).double()
+        if k in adapted:
+            assert delta.abs().max() > 1e-4 and torch.linalg.matrix_rank(delta, atol=1e-6) <= 4, k
+        else:
+            assert torch.equal(tuned[k], base[k]), k
 
 
 class _StopAt(TrainerCallback):
@@ -121,13 +173,39 @@ def test_organism_report_on_a_tiny_pair(tiny_llama_dir, tmp_path):
 
     tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=1, scale=0.5)
     pair = load_pair(str(tiny_llama_dir), str(tuned))
-    rep = organism_report(pair, LexiconRM.vader(), PROMPTS[:5], samples_per_prompt=2, max_new_tokens=8)
+    rm = TextRM(lambda texts: [float(len(t.split())) for t in texts], name="words")  # dense: samples differ
+    rep = organism_report(pair, rm, PROMPTS[:5], samples_per_prompt=2, max_new_tokens=8)
     assert rep["n_prompts"] == 5 and rep["samples_per_prompt"] == 2
-    assert rep["kl"]["n_sequences"] == 10 and rep["kl"]["mean"] != 0.0
+    # Recompute from the same samples (seed 0: base samples with seed 0, tuned with seed 1) with plain
+    # HF forwards: KL(tuned || base) ~ mean over tuned continuations of sum log p_tuned - log p_base.
+    fresh = load_pair(str(tiny_llama_dir), str(tuned))
+    texts, per_seq = {}, []
+    for name, model, seed in (("base", fresh.base, 0), ("tuned", fresh.tuned, 1)):
+        ids, lens, idx, texts[name] = sample_continuations(model, fresh.tokenizer, PROMPTS[:5], n_per_prompt=2,
+                                                           max_new_tokens=8, batch_size=64, seed=seed)
+        assert idx == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    for seq, n in zip(ids, lens):  # the tuned model's samples
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            lt, lb = (torch.log_softmax(m(x).logits[0, :-1].double(), -1).gather(-1, x[0, 1:, None])[:, 0]
+                      for m in (fresh.tuned, fresh.base))
+        per_seq.append(float((lt - lb)[n - 1:].sum()))
+    assert rep["kl"]["n_sequences"] == 10
+    assert rep["kl"]["mean"] == pytest.approx(np.mean(per_seq), abs=1e-3)
+    assert rep["kl"]["se"] == pytest.approx(np.std(per_seq, ddof=1) / np.sqrt(10), abs=1e-3)
+    assert np.abs(per_seq).max() > 0.2  # the perturbation moved the tuned model: a real check
+    # Reward per prompt (mean of its 2 samples), then mean and paired difference over the 5 prompts.
+    base_r = rm.score(texts["base"]).reshape(5, 2).mean(1)
+    tuned_r = rm.score(texts["tuned"]).reshape(5, 2).mean(1)
+    assert rep["reward"]["base_mean"] == pytest.approx(base_r.mean())
+    assert rep["reward"]["tuned_mean"] == pytest.approx(tuned_r.mean())
+    assert rep["reward"]["diff_se"] == pytest.approx(np.std(tuned_r - base_r, ddof=1) / np.sqrt(5))
     assert set(rep["vader_compound"]) >= {"base_mean", "tuned_mean", "diff_z"}
-    assert len(rep["examples"]) == 3
-    lines = report_lines(rep, "vader")
-    assert any(line.startswith("KL(tuned || base)") for line in lines)
+    assert [(e["base"], e["tuned"]) for e in rep["examples"]] == [(texts["base"][2 * p], texts["tuned"][2 * p])
+                                                                  for p in range(3)]
+    lines = report_lines(rep, "words")
+    kl = rep["kl"]
+    assert f"KL(tuned || base)   {np.mean(per_seq):.3f} ± {kl['se']:.3f} nats per continuation" in lines
     null = organism_report(load_pair(str(tiny_llama_dir), None), LexiconRM.vader(), PROMPTS[:3],
                            samples_per_prompt=2, max_new_tokens=4)
     assert null["kl"]["mean"] == 0.0

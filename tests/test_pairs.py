@@ -40,7 +40,11 @@ def test_layer_divergence_finds_the_changed_block(tiny_llama_dir, tmp_path):
     pair = load_pair(str(tiny_llama_dir), str(tuned))
     div = layer_divergence(pair, top_k=1)
     assert div.chosen == (1,)
-    assert div.per_block[0] == 0.0 and div.per_block[1] > 0.1
+    # Block 1's figure is the sum over its parameters of ||tuned - base||_F, recomputed from the files.
+    a = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tuned).state_dict()
+    expected = sum(float(torch.linalg.norm((b[k] - a[k]).flatten())) for k in a if ".layers.1." in k)
+    assert div.per_block[0] == 0.0 and div.per_block[1] == pytest.approx(expected, rel=1e-5) and expected > 0.1
     with pytest.raises(ValueError, match="top_k"):
         layer_divergence(pair, top_k=3)
 

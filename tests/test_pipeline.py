@@ -17,7 +17,7 @@ TINY = {
     "capture": {"top_k_layers": 2, "batch_size": 16},
     "sae": {"expansion": 2, "training_samples": 4096, "batch_size": 256},
     "irm": {"min_token_count": 1, "n_shuffles": 2},
-    "compare": {"control_steps": 2, "n_bootstrap": 50, "n_triples": 20},
+    "compare": {"n_bootstrap": 50, "n_triples": 20},
     "validate": {"top_k": 3, "n_judged": 10, "n_prompts": 4, "max_new_tokens": 6},
 }
 
@@ -35,18 +35,27 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
     lines = []
     result = run(_config(tmp_path, base=str(model_dir)), echo=lines.append)
     m = json.loads(result.metrics_path.read_text())
+    assert m["kind"] == "irmprobe-metrics" and m["schema_version"] == 2
     assert m["organism"]["reused"] is False
     assert len(m["layers"]["chosen"]) == 2
     assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, l) for k in ("base", "tuned") for l in (0, 1)}
-    assert all(r["l0"] > 0 for r in m["saes"])
+    assert all(0 < r["l0"] < r["d_sae"] and 0 < r["explained_variance"] <= 1 for r in m["saes"])
     families = {r["name"]: r["family"] for r in m["agreement"]}
-    assert families == {"log_ratio (no model)": "behavioural", "full_vocab_log_ratio": "behavioural",
-                        "sae_irm": "behavioural", "sae_lasso": "behavioural", "sae_elasticnet": "behavioural",
+    assert families == {"log_ratio (no model)": "behavioural", "sae_irm": "behavioural", "sae_irm_decision": "behavioural", "sae_lasso": "behavioural", "sae_elasticnet": "behavioural",
                         "rm_regression": "rm_informed", "contrastive_probe": "rm_informed",
                         "preference_probe": "rm_informed", "random_probe": "baseline",
                         "baseline_shuffled": "baseline", "raw_activations": "baseline"}
-    # The control organism's figures sit next to each view; RM-informed views carry the warning.
-    assert m["control"]["steps"] == 2 and len(m["control_agreement"]) == len(m["agreement"])
+    assert [r["name"] for r in m["full_vocabulary"]] == ["full_vocab_log_ratio"]
+    positions = {r["name"]: r["position"] for r in m["agreement"] if r["position"]}
+    assert positions == {"sae_irm": "reader", "sae_lasso": "reader", "sae_elasticnet": "reader",
+                         "sae_irm_decision": "decision"}
+    # One token set for the whole table: every row-level view is scored on the same held-out tokens.
+    assert len({r["n_tokens"] for r in m["agreement"] if not r["is_zero"]}) == 1
+    # The matched control: the organism's recipe with a random reward, its own layers; figures next to each view.
+    (control,) = m["control"]
+    assert control["matched"] and control["steps"] == 2 and control["method"] == "rloo"
+    assert control["reward"]["name"].startswith("random")
+    assert len(m["control_agreement"][0]) == len(m["agreement"])
     assert all("control_tau" in r or r["is_zero"] or r.get("control_is_zero") for r in m["agreement"])
     assert all("cannot tell a control" in r["control_flag"] for r in m["agreement"] if r["family"] == "rm_informed")
     val = m["validation"]
@@ -55,12 +64,14 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
     assert val["cross"]["n_judged"] == 10 and all(r["explanation"] for r in val["judged"])
     assert any("ablation in the tuned model" in line for line in lines)
     assert m["kl"]["n_sequences"] == 12 * 4
-    assert any("tau" in line for line in lines)
+    assert any(line.startswith("primary comparison") for line in m["verdict"])
+    assert m["primary"]["view"] == "sae_irm" and len(m["primary"]["control_taus"]) == 1
     assert m["reward"]["n_prompts"] == 12
 
     again = []
     run(_config(tmp_path, base=str(model_dir)), echo=again.append)
-    assert any("reusing the cached tuned model" in line for line in again)
+    assert any(line.startswith("[organism] reused the cached output") for line in again)
+    assert any(line.startswith("[control-0/organism] reused the cached output") for line in again)
 
 
 def test_tiny_neox_with_given_tuned_model(tiny_neox_dir, tmp_path):
@@ -68,7 +79,7 @@ def test_tiny_neox_with_given_tuned_model(tiny_neox_dir, tmp_path):
 
     tuned = _perturbed_copy(tiny_neox_dir, tmp_path / "tuned", layer=0, scale=0.5)
     result = run(_config(tmp_path, base=str(tiny_neox_dir), tuned=str(tuned)), echo=lambda _: None)
-    m = result.metrics
+    m = result.metrics.to_json()
     assert m["layers"]["per_block"][0] > m["layers"]["per_block"][1] == 0.0
     rows = {r["name"]: r for r in m["agreement"]}
     assert not rows["log_ratio (no model)"]["is_zero"]
@@ -77,19 +88,19 @@ def test_tiny_neox_with_given_tuned_model(tiny_neox_dir, tmp_path):
 
 def test_null_organism_reports_no_implicit_reward(tiny_llama_dir, tmp_path):
     result = run(_config(tmp_path, base=str(tiny_llama_dir), null=True), echo=lambda _: None)
-    m = result.metrics
+    m = result.metrics.to_json()
     rows = {r["name"]: r for r in m["agreement"]}
     behavioural = [r for r in m["agreement"] if r["family"] == "behavioural"]
-    assert {r["name"] for r in behavioural} == {"log_ratio (no model)", "full_vocab_log_ratio", "sae_irm",
-                                                "sae_lasso", "sae_elasticnet"}
+    assert {r["name"] for r in behavioural} == {"log_ratio (no model)", "sae_irm", "sae_irm_decision", "sae_lasso",
+                                                "sae_elasticnet"}
+    assert m["full_vocabulary"][0]["is_zero"]
     for row in behavioural:  # every behavioural IRM of tuned = base is reported as zero, with no tau
         assert row["is_zero"] and row["tau"] is None and row["p_value"] is None, row["name"]
     assert all(m["irm"]["fits"][name]["is_zero"] for name in ("sae_irm", "sae_lasso", "sae_elasticnet"))
     assert rows["baseline_shuffled"]["is_zero"]  # a zero target shuffled is still zero
-    assert m["control"] is None  # the null organism is its own control
+    assert m["control"] == []  # the null organism is its own control
     assert m["kl"]["mean"] == 0.0
-    assert any("identically zero" in v for v in m["verdict"])
-    assert any("null organism" in v for v in m["verdict"])
+    assert m["verdict"] == ["null organism: the tuned model is the base model, so there is no implicit reward to find."]
 
 
 def test_cli_prints_metrics_path_last(tiny_llama_dir, tmp_path, capsys):
@@ -115,7 +126,7 @@ def test_same_seed_gives_same_numbers(tiny_llama_dir, tmp_path, monkeypatch):
     results = []
     for i in range(2):
         monkeypatch.setenv("IRMPROBE_CACHE", str(tmp_path / f"cache{i}"))  # nothing reused
-        results.append(run(_config(tmp_path / str(i), base=str(tiny_llama_dir)), echo=lambda _: None).metrics)
+        results.append(run(_config(tmp_path / str(i), base=str(tiny_llama_dir)), echo=lambda _: None).metrics.to_json())
     a, b = results
     assert a["reward"] == b["reward"]
     assert a["kl"] == b["kl"]
@@ -126,11 +137,11 @@ def test_same_seed_gives_same_numbers(tiny_llama_dir, tmp_path, monkeypatch):
 def test_extra_text_is_captured_beside_the_samples(tiny_llama_dir, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(["The weather was good and the people were happy all day long."] * 5))
-    plain = run(_config(tmp_path / "a", base=str(tiny_llama_dir)), echo=lambda _: None).metrics
+    plain = run(_config(tmp_path / "a", base=str(tiny_llama_dir)), echo=lambda _: None).metrics.to_json()
     data = json.loads(json.dumps(TINY)) | {"pair": {"base": str(tiny_llama_dir)},
                                           "report": {"out_dir": str(tmp_path / "b"), "wandb_mode": "disabled"}}
     data["capture"] = data["capture"] | {"text_path": str(texts), "max_text_tokens": 8}
-    extra = run(RunConfig.from_dict(data), echo=lambda _: None).metrics
+    extra = run(RunConfig.from_dict(data), echo=lambda _: None).metrics.to_json()
     assert extra["capture"]["rows"] == plain["capture"]["rows"] + 5 * 7  # 5 texts of 8 tokens, t >= 1
     assert extra["kl"] == plain["kl"]  # KL comes from the samples alone
 
@@ -147,33 +158,37 @@ def test_retrained_model_in_the_same_folder_is_not_served_from_cache(tiny_llama_
     from tests.test_pairs import _perturbed_copy
 
     tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=0, scale=0.5)
-    first = run(_config(tmp_path / "a", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics
+    first = run(_config(tmp_path / "a", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics.to_json()
     import shutil
 
     shutil.rmtree(tuned)
     _perturbed_copy(tiny_llama_dir, tuned, layer=1, scale=0.5)  # a different model, same path
-    second = run(_config(tmp_path / "b", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics
+    second = run(_config(tmp_path / "b", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics.to_json()
     assert second["kl"] != first["kl"]
 
 
 def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(tiny_llama_dir, tmp_path):
     first = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
-    assert set(first.metrics["stage_status"].values()) == {"ran"}
+    assert set(first.stage_status.values()) == {"ran"}
     again = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
-    status = again.metrics["stage_status"]
-    assert all(status[s] == "reused" for s in ("organism", "samples", "capture", "saes", "fit", "interpret", "ablate"))
-    assert again.metrics["agreement"] == first.metrics["agreement"]
-    # Change only an IRM setting: fit, compare and later stages run again; nothing before them does.
+    status = again.stage_status
+    assert all(status[s] == "reused" for s in ("organism", "samples", "layers", "capture", "saes", "fit", "compare",
+                                               "interpret", "ablate"))
+    assert all(status[f"control-0/{s}"] == "reused" for s in ("organism", "samples", "capture", "saes", "fit"))
+    assert again.metrics.agreement == first.metrics.agreement
+    # Change only an IRM setting: fit and later stages run again (organism and control); nothing before them does.
     changed = _config(tmp_path, base=str(tiny_llama_dir))
     changed = RunConfig.from_dict(changed.to_dict() | {"irm": changed.to_dict()["irm"] | {"l1_ratio": 0.7}})
-    status = run(changed, echo=lambda _: None).metrics["stage_status"]
-    assert [s for s, v in status.items() if v == "reused"] == ["organism", "samples", "capture", "saes"]
-    assert all(status[s] == "ran" for s in ("fit", "compare", "interpret", "ablate", "report"))
-    # --force saes re-trains the SAEs (and everything after) but reuses the capture.
-    status = run(changed, echo=lambda _: None, force=("saes",)).metrics["stage_status"]
+    status = run(changed, echo=lambda _: None).stage_status
+    assert {s for s, v in status.items() if v == "reused"} == {
+        f"{b}{s}" for b in ("", "control-0/") for s in ("organism", "samples", "layers", "capture", "saes")}
+    assert all(status[s] == "ran" for s in ("fit", "control-0/fit", "compare", "interpret", "ablate"))
+    # --force saes re-trains the SAEs (and everything after), for the control too, but reuses the capture.
+    status = run(changed, echo=lambda _: None, force=("saes",)).stage_status
     assert status["capture"] == "reused" and status["saes"] == "ran" and status["fit"] == "ran"
+    assert status["control-0/capture"] == "reused" and status["control-0/saes"] == "ran"
     stopped = run(changed, echo=lambda _: None, until="capture")
-    assert stopped.metrics_path is None and "saes" not in stopped.metrics
+    assert stopped.metrics_path is None and stopped.metrics is None and "saes" not in stopped.results
     with pytest.raises(ValueError, match="unknown stage 'sae'"):
         run(changed, force=("sae",))
 
@@ -190,8 +205,8 @@ def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path,
     assert out.read_text().count("data:image/png;base64,") == page.count("data:image/png;base64,")
 
 
-@pytest.mark.parametrize("command", ["run", "organism", "divergence", "capture", "saes", "fit", "compare", "interpret",
-                                     "ablate", "report"])
+@pytest.mark.parametrize("command", ["run", "organism", "samples", "layers", "capture", "saes", "fit", "compare",
+                                     "interpret", "ablate", "report"])
 def test_every_subcommand_has_help_from_the_config_docs(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -204,7 +219,7 @@ def test_every_subcommand_has_help_from_the_config_docs(command, capsys):
 
 
 def test_fitted_irm_scores_new_text_like_the_fit(tiny_llama_dir, tmp_path):
-    from irmprobe.pipeline import FittedIRM
+    from irmprobe.api import FittedIRM
 
     config = _config(tmp_path, base=str(tiny_llama_dir))
     irm = FittedIRM(config, echo=lambda _: None)

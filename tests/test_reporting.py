@@ -9,6 +9,7 @@ from irmprobe.cache import atomic_dir, config_key
 from irmprobe.config import RunConfig
 from irmprobe.pipeline import run
 from irmprobe.reporting import wandb_mode
+from tests.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
 from tests.test_pipeline import TINY
 
 
@@ -33,6 +34,13 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
             return real_artifact(artifact, *a, **kw)
 
         run_.log_artifact = log_artifact
+        real_define = run_.define_metric
+
+        def define_metric(name, *a, **kw):
+            sent.setdefault("defined", []).append((name, kw.get("step_metric")))
+            return real_define(name, *a, **kw)
+
+        run_.define_metric = define_metric
         return run_
 
     monkeypatch.setattr(wandb, "init", spy_init)
@@ -47,17 +55,20 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     for key in ("reward/diff_mean", "reward/diff_z", "kl/mean", "irm/sae_irm/tau", "irm/baseline_shuffled/tau",
                 "sae/tuned.0/explained_variance", "sae/base.1/l0", "time/capture"):
         assert key in scalars, key
-    assert scalars["reward/diff_mean"] == pytest.approx(result.metrics["reward"]["diff_mean"])
+    assert scalars["reward/diff_mean"] == pytest.approx(result.metrics.reward["diff_mean"])
     curves = [d for d in sent["logs"] if "organism/step" in d]
+    assert ("organism/*", "organism/step") in sent["defined"]  # curves plotted against the training step
+    history = [r for r in result.metrics.organism["history"] if "step" in r and len(r) > 2]
+    assert [d["organism/step"] for d in curves] == [r["step"] for r in history]
     assert curves and all("organism/loss" in d or "organism/reward" in d or "organism/train_loss" in d for d in curves)
     table = next(d["tokens"] for d in sent["logs"] if "tokens" in d)
-    assert table.columns == ["token", "rm_value", "count", "log_ratio", "sae_irm", "full_vocab", "shuffled_0"]
-    assert len(table.data) == len(result.metrics["tokens"]["rows"]) > 0
+    assert table.columns == ["token", "rm_value", "heldout_count", "log_ratio", "sae_irm", "full_vocab", "shuffled_0"]
+    assert len(table.data) == len(result.metrics.tokens["rows"]) > 0
     # Every table: views, tokens, SAE metrics, judged features (contexts, explanations, IRM weights), ablation.
     for name in ("views", "tokens", "saes", "features", "ablation"):
         assert isinstance(logged[name], wandb.Table) and len(logged[name].data) > 0, name
     assert {"explanation", "top_contexts", "irm_weight"} <= set(logged["features"].columns)
-    assert len(logged["views"].data) == len(result.metrics["agreement"])
+    assert len(logged["views"].data) == len(result.metrics.agreement) + len(result.metrics.full_vocabulary)
     # Every plot: IRM vs RM, error vs frequency, layer divergence, PCA of probe inputs, ablation, SAE metrics.
     for name in ("irm_vs_rm", "error_vs_frequency", "layer_divergence", "probe_pca", "ablation", "sae_metrics",
                  "view_taus"):
@@ -69,9 +80,45 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     assert {"coef.npy", "fit.json"} <= {e.split("/")[-1] for e in kinds["irm"].manifest.entries}
     assert any(e.endswith("cfg.json") for e in kinds["sae"].manifest.entries)
     offline_runs = list((tmp_path / "runs").glob("run-*/wandb/offline-run-*"))
-    assert len(offline_runs) == 1
-    assert not any("api_key" in p.read_text(errors="ignore").lower()
-                   for p in offline_runs[0].rglob("*.json"))
+    assert len(offline_runs) == 1  # (no key reaches these files: test_api_key_is_sent_and_never_written)
+
+
+FAKE_KEY = "sk-irmprobe-fake-7f3a9c1e5b"
+
+
+def test_api_key_is_sent_and_never_written_or_printed(tiny_llama_dir, tmp_path, monkeypatch, capsys, caplog,
+                                                      server):  # noqa: F811
+    """A run with both LLM steps on and a key set: the endpoint gets the key, and no output file of the run
+    (run directory, W&B offline files, caches) nor anything printed or logged holds it."""
+    url, handler = server
+    # One reply that serves every LLM step: a JSON object (swap words), a first digit 1 (relevance)
+    # and a list of 0/1 longer than any detection set.
+    reply = '{"negative": "awful", "neutral": "table"} 1 [' + ", ".join(["1", "0"] * 40) + "]"
+    handler.replies = [_answer(reply)] * 10_000
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    monkeypatch.delenv("WANDB_MODE")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var.lower()))  # W&B's own files land here too
+    data = json.loads(json.dumps(TINY)) | {
+        "pair": {"base": str(tiny_llama_dir)},
+        "llm": {"base_url": url, "model": "m", "api_key_env": "OPENAI_API_KEY"},
+        "report": {"out_dir": str(tmp_path / "runs"), "wandb_mode": "offline"}}
+    data["compare"] = data["compare"] | {"llm_triples": True}
+    data["validate"] = data["validate"] | {"judge": "llm"}
+    lines = []
+    with caplog.at_level("DEBUG"):
+        run(RunConfig.from_dict(data), echo=lines.append)
+    # The key was in play: every request to the endpoint carried it, from both LLM steps.
+    assert len(handler.seen) >= 2 and all(r["auth"] == f"Bearer {FAKE_KEY}" for r in handler.seen)
+    prompts = " ".join(json.dumps(r["body"]["messages"]) for r in handler.seen)
+    assert "neuron" in prompts and "could replace it" in prompts  # the feature judge and the swap-word step
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any("offline-run" in str(p) for p in files) and any("/llm/" in str(p) for p in files)
+    leaked = [str(p) for p in files if FAKE_KEY.encode() in p.read_bytes()]
+    assert leaked == []
+    out, err = capsys.readouterr()
+    for text in (out, err, "\n".join(lines), caplog.text):
+        assert FAKE_KEY not in text
 
 
 def test_wandb_mode_resolution(monkeypatch):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.stats import bootstrap
 
 from irmprobe.capture import is_bridged, sample_continuations
 
@@ -142,3 +143,57 @@ def ablation_table(model, tokenizer, saes: dict[int, object], feature_sets: list
         rows.append({"set": fs.name, "mode": fs.mode, "n_features": fs.size, "reward": _mean_ci(rewards),
                      "change": _mean_ci(rewards - clean), "example": texts[0]})
     return rows
+
+
+@dataclass(frozen=True)
+class GainShare:
+    """Share of the reward gain (tuned minus base) that a condition removes, with a bootstrap CI."""
+
+    share: float
+    """(tuned - condition) / (tuned - base), from the mean rewards."""
+    ci: tuple[float, float]
+    """Confidence interval of ``share``, resampling prompts with their samples paired."""
+    gain: float
+    """Mean reward of the tuned model minus the base's."""
+    removed: float
+    """Mean reward of the tuned model minus the condition's."""
+    n_prompts: int
+    """Number of prompts resampled."""
+
+
+def reward_gain_share(base, tuned, ablated, prompt_index, *, confidence: float = 0.95, n_resamples: int = 2000,
+                      seed: int = 0) -> GainShare:
+    """Share of the reward gain an ablation (or patch) removes, with a paired CI by bootstrap over prompts.
+
+    Args:
+        base, tuned, ablated: Rewards of the same (prompt, sample) slots under each condition,
+            e.g. from paired sampling with one seed.
+        prompt_index: The prompt of each slot; prompts are the resampling unit, so samples of one
+            prompt stay together and the three conditions stay paired. The interval is the
+            percentile bootstrap, which stays defined for a ratio whose resamples can be extreme.
+
+    Raises:
+        ValueError: arrays of different lengths, fewer than 2 prompts, or no reward gain.
+    """
+    arrays = [np.asarray(a, dtype=np.float64) for a in (base, tuned, ablated, prompt_index)]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+        raise ValueError(f"base, tuned, ablated and prompt_index must be 1-d of one length, got "
+                         f"{[a.shape for a in arrays]}")
+    prompts, inverse = np.unique(arrays[3], return_inverse=True)
+    if len(prompts) < 2:
+        raise ValueError("a bootstrap over prompts needs at least 2 prompts")
+    # Per-prompt reward sums: a resample's share is a ratio of sums (the sample counts cancel).
+    sums = [np.bincount(inverse, weights=a) for a in arrays[:3]]
+    gain = float(arrays[1].mean() - arrays[0].mean())
+    if gain == 0:
+        raise ValueError("the tuned model's mean reward equals the base's: there is no gain to remove")
+
+    def stat(b, t, a, axis=-1):
+        return (t.sum(axis) - a.sum(axis)) / (t.sum(axis) - b.sum(axis))
+
+    res = bootstrap(tuple(sums), stat, paired=True, vectorized=True,
+                    confidence_level=confidence, n_resamples=n_resamples, method="percentile",
+                    random_state=np.random.default_rng(seed))  # rng= needs scipy >= 1.15
+    removed = float(arrays[1].mean() - arrays[2].mean())
+    return GainShare(removed / gain, (float(res.confidence_interval.low), float(res.confidence_interval.high)),
+                     gain, removed, len(prompts))

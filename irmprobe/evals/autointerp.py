@@ -14,12 +14,18 @@ logit-lens reading that ignores the final norm). Judges share one interface, ``j
 
 Detection scoring (as in EleutherAI's delphi) asks the judge to pick the contexts where the
 feature fires from a shuffled mix with contexts where it does not, given only the explanation.
+As in delphi, the activating contexts it is scored on are held out: the judge explains from the
+top-activating contexts (``FeatureEvidence.contexts``) and is scored on other activating contexts,
+drawn across the activation quantiles from sequences none of the shown ones come from
+(``FeatureEvidence.heldout``), mixed with random silent ones. A judge that memorises what it was
+shown therefore scores at chance, not 1.0. :func:`judge_feature` runs both steps and hands the
+judge only :meth:`FeatureEvidence.shown`.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -59,15 +65,27 @@ class FeatureEvidence:
     """Top-activating contexts, strongest first."""
     promoted: tuple[tuple[int, str], ...]
     """Tokens its decoder direction promotes most through the unembedding (id, text)."""
+    heldout: tuple[Context, ...] = field(default_factory=tuple)
+    """Activating contexts never shown to a judge (detection scoring only): one per activation
+    quantile of the rows left after the top ones, from sequences none of ``contexts`` come from."""
     negatives: tuple[Context, ...] = field(default_factory=tuple)
-    """Random contexts where it does not fire (for detection scoring)."""
+    """Random contexts where it does not fire (detection scoring only)."""
+
+    def shown(self) -> FeatureEvidence:
+        """What a judge may see when explaining: this evidence without the detection contexts."""
+        return replace(self, heldout=(), negatives=())
 
 
 def feature_evidence(name: str, layer: int, index: int, column: sp.spmatrix | np.ndarray, token_ids: np.ndarray,
                      seq_index: np.ndarray, position: np.ndarray, streams, decode, decoder_direction: np.ndarray,
                      unembed: np.ndarray, *, n_contexts: int = 8, window: int = 8, n_promoted: int = 8,
-                     n_negatives: int = 8, seed: int = 0) -> FeatureEvidence:
+                     n_heldout: int = 8, n_negatives: int = 8, seed: int = 0) -> FeatureEvidence:
     """Evidence for one feature from its activation column over the captured rows.
+
+    The ``n_contexts`` top-activating contexts are the ones a judge is shown. The ``n_heldout``
+    held-out activating contexts come from the remaining firing rows of other sequences, one drawn
+    at random from each of ``n_heldout`` equal slices of them ranked by activation (delphi's
+    quantile sampling), so detection is scored on weak activations as well as strong ones.
 
     Args:
         column: the feature's activation at every captured row ([rows] or [rows, 1]).
@@ -88,10 +106,15 @@ def feature_evidence(name: str, layer: int, index: int, column: sp.spmatrix | np
         acts = tuple(by_pos.get((s, start + i), 0.0) for i in range(len(ids)))
         return Context(tuple(ids), tuple(decode(t) for t in ids), acts)
 
-    top = fired[np.argsort(-values[fired], kind="stable")[:n_contexts]]
+    ranked = fired[np.argsort(-values[fired], kind="stable")]
+    top = ranked[:n_contexts]
     rng = np.random.default_rng(seed)
     silent = np.flatnonzero(values == 0)
     negatives = rng.choice(silent, min(n_negatives, len(silent)), replace=False) if len(silent) else []
+    rest = ranked[n_contexts:]
+    rest = rest[~np.isin(seq_index[rest], seq_index[top])]  # other sequences: no window overlaps a shown one
+    slices = np.array_split(rest, min(n_heldout, len(rest))) if len(rest) else []
+    heldout = [int(rng.choice(s)) for s in slices]
     counts, edges = np.histogram(values[fired], bins=10) if len(fired) else (np.zeros(10, int), np.zeros(11))
     logits = decoder_direction @ unembed
     promoted = np.argsort(-logits, kind="stable")[:n_promoted]
@@ -99,7 +122,8 @@ def feature_evidence(name: str, layer: int, index: int, column: sp.spmatrix | np
                            float(values.max()) if len(values) else 0.0,
                            (tuple(int(c) for c in counts), tuple(float(e) for e in edges)),
                            tuple(context(int(r)) for r in top), tuple((int(t), decode(int(t))) for t in promoted),
-                           tuple(context(int(r)) for r in negatives))
+                           heldout=tuple(context(r) for r in heldout),
+                           negatives=tuple(context(int(r)) for r in negatives))
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,9 @@ class Judgement:
     score: float | None = None
     """The judge's relevance score where it has one (offline: RM value share)."""
     judge: str = ""
+    detection: float | None = None
+    """Balanced accuracy of detection on held-out activating vs silent contexts (:func:`judge_feature`);
+    None when not scored or when either set is empty."""
 
 
 class OfflineJudge:
@@ -222,10 +249,14 @@ class LLMJudge:
 
 
 def detection_score(judge, judgement: Judgement, ev: FeatureEvidence, seed: int = 0) -> float | None:
-    """Balanced accuracy of the judge picking activating from silent contexts, given the explanation."""
-    if not ev.contexts or not ev.negatives:
+    """Balanced accuracy of the judge picking held-out activating from silent contexts, given the explanation.
+
+    Only ``ev.heldout`` and ``ev.negatives`` are scored, never the contexts the explanation was
+    written from; None when either is empty.
+    """
+    if not ev.heldout or not ev.negatives:
         return None
-    mixed = [(c, 1) for c in ev.contexts] + [(c, 0) for c in ev.negatives]
+    mixed = [(c, 1) for c in ev.heldout] + [(c, 0) for c in ev.negatives]
     order = np.random.default_rng(seed).permutation(len(mixed))
     contexts, truth = [mixed[i][0] for i in order], np.array([mixed[i][1] for i in order])
     if isinstance(judge, OfflineJudge):
@@ -234,6 +265,13 @@ def detection_score(judge, judgement: Judgement, ev: FeatureEvidence, seed: int 
     else:
         guess = np.array(judge.detect(judgement.explanation, contexts))
     return float((np.mean(guess[truth == 1] == 1) + np.mean(guess[truth == 0] == 0)) / 2)
+
+
+def judge_feature(judge, ev: FeatureEvidence, concept: str, seed: int = 0) -> Judgement:
+    """Explain and label ``ev`` from its shown contexts only, then score the explanation by detection
+    on the held-out contexts (the returned :class:`Judgement` carries ``detection``)."""
+    judgement = judge.judge(ev.shown(), concept)
+    return replace(judgement, detection=detection_score(judge, judgement, ev, seed))
 
 
 def cross_comparison(universe: list[str], irm_top: set[str], flagged: set[str], frequency: dict[str, float],

@@ -4,14 +4,16 @@ them with controls (``ablate``)."""
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import scipy.sparse as sp
 
-from irmprobe.evals.ablation import FeatureSet, ablation_table
+from irmprobe.evals.ablation import FeatureSet, _mean_ci, ablated, reward_gain_share
 from irmprobe.pairs import load_model
-from irmprobe.evals.autointerp import (LLMJudge, LocalChat, OfflineJudge, cross_comparison, detection_score,
-                                       feature_evidence)
+from irmprobe.patching import generate_patched, plain_models
+from irmprobe.evals.autointerp import (LLMJudge, LocalChat, OfflineJudge, cross_comparison, feature_evidence,
+                                       judge_feature)
 
 _NAME = re.compile(r"^L(\d+)/tuned(\d+)$")
 
@@ -23,21 +25,21 @@ def _parse(name: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def make_judge(config, pair, rm_map: dict, chat_client=None):
-    """The judge ``config.validate.judge`` names."""
-    kind = config.validate.judge
+def make_judge(vc, runtime, pair, rm_map: dict, chat_client=None):
+    """The judge ``vc.judge`` names (``vc``: the ``validate`` section; ``runtime``: device, dtype)."""
+    kind = vc.judge
     if kind == "offline":
         return OfflineJudge(rm_map)
     if kind == "local":
         # A fresh copy: generate() on a model a TransformerBridge has wrapped samples differently.
-        model, _ = load_model(pair.base_spec, device=config.pair.device, dtype=config.pair.dtype,
-                              trust_remote_code=config.pair.trust_remote_code)
+        model, _ = load_model(pair.base_spec, device=runtime.device, dtype=runtime.dtype,
+                              trust_remote_code=runtime.trust_remote_code)
         return LLMJudge(LocalChat(model, pair.tokenizer), name="local")
-    return LLMJudge(chat_client, name=f"llm:{config.llm.model}")
+    return LLMJudge(chat_client, name=f"llm:{chat_client.model}")
 
 
-def interpret(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], coef: np.ndarray, saes: dict,
-              rm_map: dict, streams, *, judge=None) -> dict:
+def interpret(vc, seed: int, pair, capture, X: sp.csr_matrix, feature_names: list[str], coef: np.ndarray, saes: dict,
+              rm_map: dict, streams, *, judge) -> dict:
     """Judge the IRM's top features and others, and compare the two selections.
 
     Args:
@@ -47,8 +49,7 @@ def interpret(config, pair, capture, X: sp.csr_matrix, feature_names: list[str],
         saes: ``{("tuned", layer): sae}``.
         streams: token ids of every captured sequence (for feature contexts).
     """
-    vc = config.validate
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(seed)
     Xc = X.tocsc()
     frequency = np.diff(Xc.indptr) / X.shape[0]
     top_k = [int(i) for i in np.argsort(-coef, kind="stable")[: vc.top_k] if coef[i] > 0]
@@ -58,7 +59,6 @@ def interpret(config, pair, capture, X: sp.csr_matrix, feature_names: list[str],
     n_random = max(0, min(len(firing), vc.n_judged - len(universe)))
     universe += [int(i) for i in rng.choice(firing, n_random, replace=False)]
 
-    judge = judge or make_judge(config, pair, rm_map)
     unembed = pair.tuned.get_output_embeddings().weight.detach().float().cpu().numpy().T
     decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
     judged = []
@@ -66,11 +66,11 @@ def interpret(config, pair, capture, X: sp.csr_matrix, feature_names: list[str],
         layer, index = _parse(feature_names[i])
         direction = saes["tuned", layer].W_dec[index].detach().float().cpu().numpy()
         ev = feature_evidence(feature_names[i], layer, index, Xc[:, i], capture.token_ids, capture.seq_index,
-                              capture.position, streams, decode, direction, unembed, seed=config.seed + i)
-        j = judge.judge(ev, vc.concept) if isinstance(judge, LLMJudge) else judge.judge(ev)
+                              capture.position, streams, decode, direction, unembed, seed=seed + i)
+        j = judge_feature(judge, ev, vc.concept, seed=seed)  # explained from shown contexts, scored on held-out
         judged.append({"feature": ev.name, "column": i, "weight": float(coef[i]), "frequency": ev.frequency,
                        "max_activation": ev.max_activation, "in_irm_top_k": i in top_k, "relevant": j.relevant,
-                       "score": j.score, "explanation": j.explanation, "detection": detection_score(judge, j, ev),
+                       "score": j.score, "explanation": j.explanation, "detection": j.detection,
                        "contexts": [{"text": c.text(), "tokens": list(c.tokens), "activations": list(c.activations)}
                                     for c in ev.contexts[:5]],
                        "promoted": [t for _, t in ev.promoted], "histogram": list(ev.histogram[0])})
@@ -85,14 +85,37 @@ def interpret(config, pair, capture, X: sp.csr_matrix, feature_names: list[str],
             "top_k_columns": top_k, "judged": judged, "cross": cross}
 
 
-def ablate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], saes: dict, rm, prompts: list[str],
-           interpretation: dict, *, echo=print) -> list[dict]:
-    """Ablate the IRM's top-k, the judge-flagged and k random features, and the reconstruction-only
-    control, in the tuned model; the reward table of :func:`irmprobe.evals.ablation.ablation_table`."""
-    vc = config.validate
-    rng = np.random.default_rng(config.seed + 1)
+_PATCH_KINDS = {"hook_mlp_out": "mlp_out", "hook_resid_post": "resid_post"}
+"""Capture hook -> the hook kind the patching bound patches at the same blocks."""
+
+READER_NOTE = "(reader side: expected null, these features read tokens already written)"
+
+
+def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_names: list[str], saes: dict, rm,
+           prompts: list[str], interpretation: dict, *, decision_coef: np.ndarray | None = None,
+           hook: str = "hook_mlp_out", echo=print) -> list[dict]:
+    """Ablate, steer and patch inside the tuned model while it generates; the share of the reward gain each removes.
+
+    Conditions (rows, in order): ``none`` (the tuned model), the base model (the gain's reference),
+    the reader-side IRM's top-k (features at t: expected null), the decision-side IRM's top-k
+    (largest positive ``decision_coef``, features at t-1; skipped when None), the judge-flagged
+    features, k random firing features (the control, one row per count), reconstruction only,
+    steering (``vc.steer_alpha``), and the patching bound: the base's activations patched into the
+    tuned model at the captured blocks (``vc.patching_bound``). Features are ablated at every
+    position. Every condition samples the same prompts with the same seed and batches
+    (:func:`irmprobe.patching.generate_patched`), so rows are paired by (prompt, sample).
+
+    Returns:
+        One dict per row: ``reward`` (mean, 95% CI), ``change`` from ``none`` (paired, 95% CI) and
+        ``gain_share``: (tuned - row) / (tuned - base) with a paired 95% bootstrap CI over prompts
+        (None where the tuned model gained nothing), as in
+        :func:`irmprobe.evals.ablation.reward_gain_share`.
+    """
+    rng = np.random.default_rng(seed + 1)
     frequency = np.diff(X.tocsc().indptr) / X.shape[0]
     top_k = interpretation["top_k_columns"]
+    decision = [] if decision_coef is None else [
+        int(i) for i in np.argsort(-np.asarray(decision_coef), kind="stable")[: vc.top_k] if decision_coef[i] > 0]
 
     def as_layers(columns) -> dict[int, tuple[int, ...]]:
         out: dict[int, list[int]] = {}
@@ -108,23 +131,79 @@ def ablate(config, pair, capture, X: sp.csr_matrix, feature_names: list[str], sa
         for c, name in enumerate(feature_names):
             layer, index = _parse(name)
             means.setdefault(layer, np.zeros(saes["tuned", layer].cfg.d_sae))[index] = col_means[c]
-    k = len(top_k)
+    k, kd = len(top_k), len(decision)
     flagged = [r for r in interpretation["judged"] if r["relevant"]]
     flagged_cols = [r["column"] for r in sorted(flagged, key=lambda r: -(r["score"] or 0.0))][:k]
-    random_cols = [int(i) for i in rng.choice(np.setdiff1d(np.flatnonzero(frequency > 0), top_k), k, replace=False)]
-    sets = [FeatureSet(f"irm_top_{k}", as_layers(top_k), vc.ablation, means)]
+    firing = np.setdiff1d(np.flatnonzero(frequency > 0), top_k + decision)
+    draw = lambda n: [int(i) for i in rng.choice(firing, min(n, len(firing)), replace=False)]  # noqa: E731
+    sets = [FeatureSet(f"irm_top_{k} {READER_NOTE}", as_layers(top_k), vc.ablation, means)]
+    if decision:
+        sets.append(FeatureSet(f"decision_top_{kd}", as_layers(decision), vc.ablation, means))
     if flagged_cols:
         sets.append(FeatureSet(f"judge_flagged_{len(flagged_cols)}", as_layers(flagged_cols), vc.ablation, means))
-    sets += [FeatureSet(f"random_{k} (control)", as_layers(random_cols), vc.ablation, means),
-             FeatureSet("reconstruction_only (control)", {}, "reconstruction")]
+    sets.append(FeatureSet(f"random_{k} (control)", as_layers(draw(k)), vc.ablation, means))
+    if decision and kd != k:
+        sets.append(FeatureSet(f"random_{kd} (control for decision_top_{kd})", as_layers(draw(kd)), vc.ablation,
+                               means))
+    sets.append(FeatureSet("reconstruction_only (control)", {}, "reconstruction"))
     if vc.steer_alpha is not None and top_k:
         sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
                                alpha=vc.steer_alpha))
+    if vc.steer_alpha is not None and decision:
+        sets.append(FeatureSet(f"steer decision_top_{kd} x{vc.steer_alpha:g}", as_layers(decision), "steer",
+                               alpha=vc.steer_alpha))
+    kind = _PATCH_KINDS.get(hook)
+    if vc.patching_bound and kind is None:
+        echo(f"ablate: no patching bound; patching supports {', '.join(_PATCH_KINDS)}, not {hook}")
+    bound = tuple(capture.layers) if vc.patching_bound and kind is not None else None
     layer_saes = {layer: saes["tuned", layer] for layer in capture.layers}
-    echo(f"ablate: {len(sets)} feature sets over {min(vc.n_prompts, len(prompts))} prompts")
-    # A fresh copy: the pair's tuned model is wrapped by a TransformerBridge, whose generate() differs.
-    model, _ = load_model(pair.tuned_spec, device=config.pair.device, dtype=config.pair.dtype,
-                          trust_remote_code=config.pair.trust_remote_code)
-    return ablation_table(model, pair.tokenizer, layer_saes, sets, rm,
-                          prompts[: vc.n_prompts], samples_per_prompt=vc.samples_per_prompt,
-                          max_new_tokens=vc.max_new_tokens, seed=config.seed)
+    prompts = prompts[: vc.n_prompts]
+    echo(f"ablate: {len(sets) + 2 + (bound is not None)} conditions over {len(prompts)} prompts x "
+         f"{vc.samples_per_prompt} samples")
+    base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
+                               trust_remote_code=runtime.trust_remote_code)
+    return paired_rows(base, tuned, pair.tokenizer, layer_saes, sets, rm, prompts, bound, kind or "mlp_out",
+                       samples_per_prompt=vc.samples_per_prompt, max_new_tokens=vc.max_new_tokens, seed=seed)
+
+
+def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSet], rm, prompts: list[str],
+                bound: tuple[int, ...] | None, kind: str = "mlp_out", *, samples_per_prompt: int,
+                max_new_tokens: int, seed: int, batch_size: int = 32) -> list[dict]:
+    """Sample every condition with one seed and one batching, score with ``rm``, and pair the rows.
+
+    ``base`` and ``tuned`` are plain Hugging Face models. Rows: ``none`` (tuned), ``base model
+    (reference)``, one per feature set (``saes``: layer -> the tuned model's SAE, spliced at the MLP
+    output), and with ``bound`` the base's ``kind`` activations patched in at those blocks.
+    """
+    def sample(model, blocks=()):
+        started = time.perf_counter()
+        run = generate_patched(base, model, tokenizer, prompts, blocks, kind, n_per_prompt=samples_per_prompt,
+                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+        return np.asarray(rm.score(list(run.texts)), dtype=np.float64), run, time.perf_counter() - started
+
+    clean, clean_run, clean_s = sample(tuned)
+    base_r, base_run, base_s = sample(base)
+    conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s)]
+    for fs in feature_sets:
+        with ablated(tuned, saes, fs):
+            rewards, run, seconds = sample(tuned)
+        conditions.append((fs.name, fs.mode, fs.size, rewards, run, seconds))
+    if bound is not None:
+        rewards, run, seconds = sample(tuned, bound)
+        conditions.append((f"patching bound: base {kind} at blocks {','.join(map(str, bound))}", "patch", 0,
+                           rewards, run, seconds))
+
+    def share(rewards):
+        try:
+            g = reward_gain_share(base_r, clean, rewards, clean_run.prompt_index)
+        except ValueError:  # no gain (or a single prompt): nothing to share out
+            return None
+        return {"share": g.share, "ci": list(g.ci), "gain": g.gain, "removed": g.removed, "n_prompts": g.n_prompts}
+
+    rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
+             "gain_share": share(clean), "example": clean_run.texts[0], "seconds": clean_s}]
+    for name, mode, size, rewards, run, seconds in conditions:
+        rows.append({"set": name, "mode": mode, "n_features": size, "reward": _mean_ci(rewards),
+                     "change": _mean_ci(rewards - clean), "gain_share": share(rewards),
+                     "example": run.texts[0], "seconds": seconds})
+    return rows

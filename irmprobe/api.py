@@ -1,0 +1,110 @@
+"""The public API: ``run(config)`` and ``FittedIRM``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from irmprobe.config import RunConfig, Runtime
+from irmprobe.results import RunMetrics
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run produced."""
+
+    metrics: RunMetrics | None
+    """The typed metrics (None when the run stopped before the report stage)."""
+    metrics_path: Path | None
+    results: dict[str, Any] = field(default_factory=dict)
+    """Each stage's result (the organism branch), by stage name."""
+    stage_status: dict[str, str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    context: Any = None
+
+
+def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
+        force: tuple[str, ...] = ()) -> RunResult:
+    """Run the analysis (every stage, or up to ``until``), reusing every completed stage.
+
+    Args:
+        config: the analysis.
+        reward: an RM object to use instead of the one ``config.reward`` names.
+        echo: where progress and the summary lines go.
+        until: stop after this stage (see ``irmprobe.pipeline.STAGES``).
+        force: stages to run again even when cached; every stage that needs one runs again too.
+    """
+    from irmprobe import reporting
+    from irmprobe.organisms import load_prompts, seed_everything, split_prompts
+    from irmprobe.pipeline.control import control_branches
+    from irmprobe.pipeline.runner import Runner
+    from irmprobe.pipeline.stage import Context
+    from irmprobe.pipeline.stages import GRAPH
+    from irmprobe.rewards import reward_model
+
+    seed_everything(config.seed)
+    rm = reward if reward is not None else reward_model(config.reward, device=config.pair.device)
+    pc = config.prompts
+    prompts = load_prompts(pc.path, dataset=pc.dataset, column=pc.column, split=pc.split)
+    train, heldout = split_prompts(prompts, pc.n_heldout, config.seed)
+    ctx = Context(rm, Runtime.of(config.pair), train, heldout, echo=echo)
+    runner = Runner(GRAPH, config, ctx, control_branches(config, ctx), force=tuple(force), until=until)
+    ctx.resources.update(runner=runner, config=config)
+    results = runner.run()
+    metrics, path = results.get("report", (None, None))
+    if metrics is not None:
+        for line in reporting.summary_lines(metrics):
+            echo(line)
+    else:
+        echo(f"stopped after stage {until!r} (as asked); its output is cached, and a full run reuses it")
+    return RunResult(metrics, path, results, dict(runner.status), dict(runner.seconds), ctx)
+
+
+class FittedIRM:
+    """The primary IRM of a config, ready to score new text: the RM's type signature, in Python.
+
+    ``FittedIRM(config)`` runs (or reuses from the cache) every stage up to ``fit`` and loads
+    the fit stage's result. ``token_values(text)`` gives each token's IRM value, log-ratio and RM
+    value; ``score(texts)`` each text's IRM score (the sum over its tokens) and its RM reward.
+    """
+
+    def __init__(self, config: RunConfig, *, reward=None, echo=print) -> None:
+        from irmprobe.pipeline.stages import pair_of
+
+        result = run(config, reward=reward, echo=echo, until="fit")
+        r, ctx = result.results, result.context
+        self.pair, self.rm = pair_of(ctx, r["organism"]), ctx.rm
+        self.rm_map = self.rm.token_values(self.pair.tokenizer)
+        self.saes, self.layers, self.hook = r["saes"].saes, tuple(r["layers"].chosen), config.capture.hook
+        fit = r["fit"]
+        self.inputs, self.coef, self.scale, self.intercept = fit.record.inputs, fit.coef, fit.scale, fit.record.intercept
+
+    def token_values(self, text: str) -> list[dict]:
+        """Per token from the second on: its text, the IRM's value, the log-ratio, and the RM's value."""
+        from irmprobe.capture import capture_pair
+        from irmprobe.views import probe_inputs
+
+        ids = self.pair.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) < 2:
+            raise ValueError(f"text {text!r} is shorter than two tokens: nothing to score")
+        cap = capture_pair(self.pair, [ids], self.layers, hook=self.hook)
+        X, _ = probe_inputs(self.inputs, cap.acts, self.saes, self.layers)
+        scale = np.where(self.scale > 0, self.scale, 1.0)
+        irm = np.asarray((X.multiply(1.0 / scale) if hasattr(X, "multiply") else X / scale) @ self.coef).ravel()
+        irm = irm + self.intercept
+        order = np.argsort(cap.position)
+        return [{"token": self.pair.tokenizer.decode([int(cap.token_ids[i])]), "irm": float(irm[i]),
+                 "log_ratio": float(cap.log_ratio[i]), "rm": self.rm_map.get(int(cap.token_ids[i]))} for i in order]
+
+    def score(self, texts: list[str]) -> list[dict]:
+        """Each text's IRM score (sum of token values), log-ratio sum, and RM reward."""
+        rewards = self.rm.score(texts)
+        out = []
+        for text, reward in zip(texts, rewards):
+            rows = self.token_values(text)
+            out.append({"text": text, "irm": sum(r["irm"] for r in rows),
+                        "log_ratio": sum(r["log_ratio"] for r in rows), "rm": float(reward)})
+        return out

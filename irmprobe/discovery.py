@@ -1,0 +1,513 @@
+"""What did the tuned model learn beyond the RM? Discovery over all tokens, and the IRM as a reward model.
+
+Pure functions over held-out rows: :func:`discover_tokens` tests every token's behavioural IRM value
+against the matched control organism (bootstrap CIs, Benjamini-Hochberg q-values); :func:`concepts`
+groups discoveries through the SAE features that carry them; :func:`rm_variance_share` and
+:func:`residual_top` measure how much of the IRM the RM explains; preference pairs and
+:func:`pairwise_accuracy` score any scorer as a reward model. Token strings: pass ``decode``
+(id -> str) where offered, or decode the ids yourself.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import stats
+from sklearn.isotonic import IsotonicRegression
+from sklearn.model_selection import GroupKFold, KFold
+
+CATEGORIES = ("rewarded_unvalued", "rewarded_against", "rewarded_valued",
+              "penalised_unvalued", "penalised_against", "penalised_valued")
+
+
+@dataclass(frozen=True)
+class TokenDiscovery:
+    """One tested token: the organism's IRM value against the control's."""
+
+    token_id: int
+    irm_value: float
+    """Mean IRM value over the token's occurrences in the organism's rows (``count`` of them)."""
+    ci_low: float
+    ci_high: float
+    """Percentile bootstrap CI of ``irm_value`` (resampling occurrences), level ``1 - alpha``."""
+    count: int
+    rm_value: float | None
+    """The RM's value; None when the RM map does not list the token (treated as 0)."""
+    control_value: float | None
+    """Mean over the control's occurrences; None when the control never produced the token."""
+    control_count: int
+    vs_control: bool
+    """False flags a token the control has < 2 occurrences of: tested against 0 (one-sample t)."""
+    effect: float
+    """``irm_value - control_value`` (or ``irm_value - 0`` when not ``vs_control``)."""
+    p: float
+    q: float
+    """Benjamini-Hochberg q-value over every tested token."""
+    category: str | None
+    """One of :data:`CATEGORIES` when ``q < alpha``, else None."""
+    token: str | None = None
+    """Decoded token, when ``decode`` was given."""
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """Every token seen at least ``min_count`` times, sorted by q then |effect| (largest first)."""
+
+    entries: tuple[TokenDiscovery, ...]
+    alpha: float
+    n_bootstrap: int
+    n_tokens_seen: int
+    """Distinct tokens in the organism's rows (tested or not)."""
+    test: str = "welch_hsu"
+    """Welch t statistic with Hsu's df = min(n1, n2) - 1 (see :func:`discover_tokens`)."""
+
+    @property
+    def discoveries(self) -> tuple[TokenDiscovery, ...]:
+        return tuple(e for e in self.entries if e.q < self.alpha)
+
+    def category(self, name: str) -> tuple[TokenDiscovery, ...]:
+        if name not in CATEGORIES:
+            raise ValueError(f"category must be one of {CATEGORIES}, got {name!r}")
+        return tuple(e for e in self.entries if e.category == name)
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(self.category(c)) for c in CATEGORIES}
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha, "n_bootstrap": self.n_bootstrap, "n_tokens_seen": self.n_tokens_seen,
+                "n_tested": len(self.entries), "test": self.test, "counts": self.counts(),
+                "entries": [asdict(e) for e in self.entries]}
+
+
+def _token_stats(token_ids, values):
+    """Per distinct token: ids, counts, means, sample SDs (ddof=1; 0 for one occurrence), and
+    the values sorted by token with each token's start offset."""
+    token_ids, values = np.asarray(token_ids), np.asarray(values, dtype=np.float64)
+    if token_ids.shape != values.shape or token_ids.ndim != 1:
+        raise ValueError(f"token_ids {token_ids.shape} and values {values.shape} must be 1-d of one length")
+    order = np.argsort(token_ids, kind="stable")
+    ids, starts, counts = np.unique(token_ids[order], return_index=True, return_counts=True)
+    v = values[order]
+    inv = np.repeat(np.arange(len(ids)), counts)
+    means = np.bincount(inv, weights=v, minlength=len(ids)) / np.maximum(counts, 1)
+    ss = np.bincount(inv, weights=(v - means[inv]) ** 2, minlength=len(ids))  # two-pass: no cancellation
+    sds = np.sqrt(ss / np.maximum(counts - 1, 1))
+    return ids, counts, means, sds, v, starts
+
+
+def _bootstrap_ci(v, starts, counts, n_boot, level, rng, budget=1 << 22):
+    """Percentile CI of each token's mean, resampling its occurrences; vectorised over tokens and
+    resamples in chunks of about ``budget`` drawn values, so frequent tokens do not blow memory."""
+    k = len(counts)
+    lo, hi = np.empty(k), np.empty(k)
+    chunk = np.cumsum(counts) // max(1, budget // n_boot)
+    for c in np.unique(chunk):
+        tok = np.flatnonzero(chunk == c)
+        cnt, st = counts[tok], starts[tok]
+        low = np.repeat(st, cnt)  # per drawn slot: its token's first row
+        offsets = np.r_[0, np.cumsum(cnt)[:-1]]
+        batch = max(1, budget // len(low))
+        means = np.concatenate([
+            np.add.reduceat(v[rng.integers(low, low + np.repeat(cnt, cnt), size=(min(batch, n_boot - b), len(low)))],
+                            offsets, axis=1) / cnt
+            for b in range(0, n_boot, batch)])
+        lo[tok], hi[tok] = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return lo, hi
+
+
+def discover_tokens(token_ids, values, control_token_ids, control_values, rm_map: dict[int, float], *,
+                    min_count: int = 2, n_bootstrap: int = 1000, alpha: float = 0.05, seed: int = 0,
+                    decode: Callable[[int], str] | None = None) -> Discovery:
+    """Test every token the organism produced at least ``min_count`` times against the control.
+
+    Tokens the control has fewer than 2 occurrences of get a one-sample t-test against 0 and
+    ``vs_control=False``. Discoveries (``q < alpha``) are categorised by direction and RM value.
+
+    Args:
+        token_ids, values: the organism's held-out rows: token and behavioural IRM value (e.g. r_t).
+        control_token_ids, control_values: the same for the matched control organism, its own rows.
+        rm_map: token -> RM value; only categorises discoveries, never enters a test.
+        min_count: occurrences in the organism's rows a token needs to be tested.
+        n_bootstrap: resamples for each token's CI (0: the CI is the mean itself); level 1 - alpha.
+        alpha: FDR level.
+        decode: token id -> string for each entry; None leaves decoding to the caller.
+    """
+    if min_count < 2:
+        raise ValueError("min_count must be at least 2: a t-test needs a variance")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    ids, n, mean, sd, v, starts = _token_stats(token_ids, values)
+    n_seen = len(ids)
+    keep = n >= min_count
+    ids, n, mean, sd, starts = ids[keep], n[keep], mean[keep], sd[keep], starts[keep]
+    if len(ids) == 0:
+        return Discovery((), alpha, n_bootstrap, n_seen)
+    c_ids, c_n, c_mean, c_sd, _, _ = _token_stats(control_token_ids, control_values)
+    pos = np.searchsorted(c_ids, ids)
+    hit = np.r_[c_ids, -1][pos] == ids
+    idx = np.where(hit, pos, len(c_ids))  # absent tokens read the appended 0
+    cn, cmean, csd = (np.r_[a, 0][idx] for a in (c_n, c_mean, c_sd))
+    vs_control = cn >= 2
+
+    # Welch's t (scipy.stats.ttest_ind(equal_var=False), here from per-token stats so it vectorises),
+    # not a permutation test: organism and control differ in counts and spread, and a permutation
+    # p-value cannot go below 1/(n_perm+1), which BH over thousands of tokens never passes. The df is
+    # Hsu's conservative min(n1, n2) - 1: with 2-3 occurrences a sample SD is often tiny by chance,
+    # Satterthwaite's df stays large, and the null was rejected far above alpha after BH.
+    effect = mean - np.where(vs_control, cmean, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = stats.ttest_ind_from_stats(mean, sd, n, cmean, csd, np.maximum(cn, 2), equal_var=False).statistic
+        welch = 2 * stats.t.sf(np.abs(t), df=np.minimum(n, np.maximum(cn, 2)) - 1)
+        se1 = sd / np.sqrt(n)
+        one = 2 * stats.t.sf(np.abs(mean) / se1, df=n - 1)  # one-sample t-test against 0
+    p = np.where(vs_control, welch, one)
+    # No spread at all (a null organism's log-ratio is exactly 0): the difference is exact.
+    se = np.where(vs_control, np.sqrt(sd**2 / n + csd**2 / np.maximum(cn, 1)), se1)
+    p = np.where(se == 0, np.where(effect == 0, 1.0, 0.0), p)
+    p = np.clip(np.nan_to_num(p, nan=1.0), 0.0, 1.0)
+    q = stats.false_discovery_control(p, method="bh")
+
+    lo, hi = (_bootstrap_ci(v, starts, n, n_bootstrap, 1 - alpha, np.random.default_rng(seed))
+              if n_bootstrap > 0 else (mean, mean))
+    entries = []
+    for i in np.lexsort((-np.abs(effect), q)):
+        t = int(ids[i])
+        rm = rm_map.get(t)
+        entries.append(TokenDiscovery(
+            t, float(mean[i]), float(lo[i]), float(hi[i]), int(n[i]), None if rm is None else float(rm),
+            float(cmean[i]) if cn[i] > 0 else None, int(cn[i]), bool(vs_control[i]), float(effect[i]),
+            float(p[i]), float(q[i]), _category(effect[i], rm) if q[i] < alpha else None,
+            decode(t) if decode is not None else None))
+    return Discovery(tuple(entries), alpha, n_bootstrap, n_seen)
+
+
+def _category(effect: float, rm: float | None) -> str:
+    """rewarded/penalised (IRM above/below control) x unvalued (RM 0 or absent)/against/valued."""
+    direction = "rewarded" if effect > 0 else "penalised"
+    return f"{direction}_{'unvalued' if not rm else 'valued' if (rm > 0) == (effect > 0) else 'against'}"
+
+
+@dataclass(frozen=True)
+class Concept:
+    """An SAE feature the IRM weights but the RM does not track, with the discovered tokens it carries."""
+
+    feature: str
+    weight: float
+    """The IRM's weight on the feature (positive: a rewarded concept)."""
+    rm_corr: float
+    """Pearson correlation of the feature with the RM value of the row's token."""
+    tokens: tuple[int, ...]
+    """Discovered tokens (same direction as ``weight``) the feature fires on most, strongest first."""
+    min_q: float
+    """Smallest q-value among ``tokens``."""
+    activation: tuple[float, ...] = ()
+    """The feature's mean activation over each token's occurrences (zeros included)."""
+    labels: tuple[str | None, ...] = ()
+    """Decoded tokens, when the discovery was decoded."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _feature_rm_corr(X: sp.csr_matrix, r: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each (sparse) column with ``r``, 0 where either is constant."""
+    mean_x = np.asarray(X.mean(axis=0)).ravel()
+    var_x = np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean_x**2
+    cov = np.asarray(X.T @ (r - r.mean())).ravel() / X.shape[0]
+    denom = np.sqrt(np.maximum(var_x, 0)) * r.std()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 1e-12, cov / denom, 0.0)
+
+
+def concepts(discovery: Discovery, X, coef, token_ids, rm_row_values, feature_names, *, n: int = 5,
+             n_tokens: int = 5, max_rm_corr: float = 0.1, categories=None) -> list[Concept]:
+    """Group discovered tokens into concepts through the SAE features that carry them.
+
+    Candidate features have ``|corr(feature, RM row value)| < max_rm_corr``; the ``n`` with the
+    largest positive IRM weight and the ``n`` with the most negative are kept if they fire on at
+    least one discovery of their direction (rewarded for positive weight, penalised for negative).
+
+    Args:
+        X: SAE features at rows (scipy.sparse, rows x features); ``coef``: the IRM's weight on each.
+        token_ids, rm_row_values: the token at each row of ``X`` and its RM value (0 where none).
+        categories: only discoveries of these categories (default: every discovery).
+    Returns:
+        Positive-weight concepts (largest weight first), then negative-weight ones.
+    """
+    X = sp.csr_matrix(X, dtype=np.float64)
+    coef, token_ids = np.asarray(coef, dtype=np.float64), np.asarray(token_ids)
+    if X.shape[1] != len(coef) or X.shape[1] != len(feature_names) or X.shape[0] != len(token_ids):
+        raise ValueError(f"X {X.shape}, coef ({len(coef)}), feature_names ({len(feature_names)}) and "
+                         f"token_ids ({len(token_ids)}) do not match")
+    found = [e for e in discovery.discoveries if categories is None or e.category in categories]
+    if not found:
+        return []
+    corr = _feature_rm_corr(X, np.asarray(rm_row_values, dtype=np.float64))
+    # Mean activation of every feature over each discovered token's occurrences: one sparse product.
+    disc_ids = np.array([e.token_id for e in found])
+    order = np.argsort(disc_ids)
+    j = order[np.minimum(np.searchsorted(disc_ids, token_ids, sorter=order), len(order) - 1)]
+    rows = np.flatnonzero(disc_ids[j] == token_ids)
+    row_tok = j[rows]
+    occ = np.bincount(row_tok, minlength=len(found))
+    T = sp.csr_matrix((1.0 / occ[row_tok], (row_tok, rows)), shape=(len(found), X.shape[0]))
+    M = (T @ X).toarray()  # discovered tokens x features
+    sign = np.sign([e.effect for e in found])
+    candidates = np.flatnonzero((np.abs(corr) < max_rm_corr) & (coef != 0))
+    out = []
+    for s in (1.0, -1.0):
+        kept = 0
+        for f in candidates[np.argsort(-s * coef[candidates], kind="stable")]:
+            if kept == n or np.sign(coef[f]) != s:
+                break
+            act = np.where(sign == s, M[:, f], 0.0)
+            top = [k for k in np.argsort(-act, kind="stable")[:n_tokens] if act[k] > 0]
+            if not top:
+                continue
+            kept += 1
+            out.append(Concept(str(feature_names[f]), float(coef[f]), float(corr[f]),
+                               tuple(found[k].token_id for k in top), min(found[k].q for k in top),
+                               tuple(float(act[k]) for k in top), tuple(found[k].token for k in top)))
+    return out
+
+
+def _crossfit(irm, rm, groups, seed):
+    """Out-of-fold predictions of ``irm`` from ``rm``: linear, increasing and decreasing isotonic."""
+    folds = (GroupKFold(2).split(irm, groups=groups) if groups is not None
+             else KFold(2, shuffle=True, random_state=seed).split(irm))
+    pred = {k: np.empty_like(irm) for k in ("linear", "increasing", "decreasing")}
+    for tr, te in folds:
+        if np.ptp(rm[tr]) == 0:
+            for k in pred:
+                pred[k][te] = irm[tr].mean()
+            continue
+        slope, icpt = np.polyfit(rm[tr], irm[tr], 1)
+        pred["linear"][te] = slope * rm[te] + icpt
+        for k in ("increasing", "decreasing"):
+            iso = IsotonicRegression(increasing=k == "increasing", out_of_bounds="clip")
+            pred[k][te] = iso.fit(rm[tr], irm[tr]).predict(rm[te])
+    return pred
+
+
+def _shares(irm, rm, groups, seed):
+    irm, rm = np.asarray(irm, dtype=np.float64), np.asarray(rm, dtype=np.float64)
+    if irm.shape != rm.shape or irm.ndim != 1 or len(irm) < 4:
+        raise ValueError(f"irm_values {irm.shape} and rm_values {rm.shape} must be 1-d, one length, >= 4 values")
+    if groups is not None and len(np.unique(groups)) < 2:
+        raise ValueError("rm_variance_share needs at least 2 groups")
+    pred = _crossfit(irm, rm, None if groups is None else np.asarray(groups), seed)
+    sst = float(np.sum((irm - irm.mean()) ** 2))
+    r2 = {k: (1 - float(np.sum((irm - p) ** 2)) / sst if sst > 0 else None) for k, p in pred.items()}
+    return irm, rm, pred, r2
+
+
+def rm_variance_share(irm_values, rm_values, *, groups=None, seed: int = 0) -> dict:
+    """Share of the IRM's variance that a linear or a monotone function of the RM value explains.
+
+    Both are fitted on one half and scored on the other (2 folds, by ``groups`` -- e.g. sequences --
+    when given), so neither is flattered in-sample; out-of-fold R^2 below 0 is reported as 0.
+    The monotone fit is isotonic regression, increasing and decreasing, whichever explains more.
+
+    Returns ``linear``, ``monotone`` (shares in [0, 1]; None for a constant IRM), ``direction`` of
+    the better monotone fit, ``residual_share`` = 1 - max(linear, monotone), ``n``.
+    """
+    irm, _, _, r2 = _shares(irm_values, rm_values, groups, seed)
+    if r2["linear"] is None:
+        return {"linear": None, "monotone": None, "direction": None, "residual_share": None, "n": len(irm),
+                "note": "the IRM is constant: no variance to explain"}
+    direction = "increasing" if r2["increasing"] >= r2["decreasing"] else "decreasing"
+    lin, mono = max(0.0, r2["linear"]), max(0.0, r2[direction])
+    return {"linear": lin, "monotone": mono, "direction": direction, "residual_share": 1 - max(lin, mono),
+            "n": len(irm)}
+
+
+def residual_top(token_ids, irm_values, rm_values, n: int = 10, *, min_count: int = 1, groups=None,
+                 seed: int = 0, decode: Callable[[int], str] | None = None) -> dict:
+    """Tokens whose IRM value the RM explains least: mean residual of the better cross-fitted
+    monotone fit (as in :func:`rm_variance_share`) over each token's occurrences.
+
+    Returns ``irm_over_rm`` (largest positive residual first) and ``rm_over_irm`` (most negative
+    first); each entry has token_id, token (None without ``decode``), residual, irm, rm, count.
+    """
+    irm, rm, pred, r2 = _shares(irm_values, rm_values, groups, seed)
+    better = pred["increasing"] if (r2["increasing"] or 0) >= (r2["decreasing"] or 0) else pred["decreasing"]
+    ids, counts, res = _token_stats(token_ids, irm - better)[:3]
+    irm_mean, rm_mean = _token_stats(token_ids, irm)[2], _token_stats(token_ids, rm)[2]
+    keep = np.flatnonzero(counts >= min_count)
+    row = lambda i: {"token_id": int(ids[i]), "token": decode(int(ids[i])) if decode else None,  # noqa: E731
+                     "residual": float(res[i]), "irm": float(irm_mean[i]), "rm": float(rm_mean[i]),
+                     "count": int(counts[i])}
+    up = keep[np.argsort(-res[keep], kind="stable")]
+    return {"irm_over_rm": [row(i) for i in up[:n] if res[i] > 0],
+            "rm_over_irm": [row(i) for i in up[::-1][:n] if res[i] < 0]}
+
+
+@dataclass(frozen=True)
+class PreferencePairs:
+    """(prompt, chosen, rejected) triples, from a file or from ranked generations."""
+
+    prompts: tuple[str, ...]
+    chosen: tuple[str, ...]
+    rejected: tuple[str, ...]
+    source: str
+    """The file, or ``generations``."""
+    chosen_index: tuple[int, ...] | None = None
+    rejected_index: tuple[int, ...] | None = None
+    """Indices into the generations (for scorers of captured rows); None for file pairs."""
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def _check_record(record, where: str) -> tuple[str, str, str]:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object with {', '.join(_COLUMNS)}, got {type(record).__name__}")
+    if missing := [c for c in _COLUMNS if record.get(c) is None]:
+        raise ValueError(f"{where}: missing column(s) {', '.join(missing)} (need {', '.join(_COLUMNS)})")
+    if bad := [c for c in _COLUMNS if not isinstance(record[c], str)]:
+        raise ValueError(f"{where}: column(s) {', '.join(bad)} must be text, not a list or number")
+    return record["prompt"], record["chosen"], record["rejected"]
+
+
+def load_preference_file(path) -> PreferencePairs:
+    """Read preference pairs from .jsonl (one object a line) or .csv with columns prompt, chosen,
+    rejected (the RewardBench layout; other columns are ignored).
+
+    Raises:
+        ValueError: naming the file and line, for bad JSON, missing columns or non-text values.
+    """
+    path = Path(path)
+    records = []
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in ((i, ln) for i, ln in enumerate(fh, 1) if ln.strip()):
+                try:
+                    records.append(_check_record(json.loads(line), f"{path}:{lineno}"))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    elif path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            if missing := [c for c in _COLUMNS if c not in (reader.fieldnames or [])]:
+                raise ValueError(f"{path}:1: header lacks column(s) {', '.join(missing)} (need {', '.join(_COLUMNS)})")
+            for rec in reader:
+                if None in rec:
+                    raise ValueError(f"{path}:{reader.line_num}: more fields than the header has columns")
+                records.append(_check_record(rec, f"{path}:{reader.line_num}"))
+    else:
+        raise ValueError(f"{path}: preference pairs must be .jsonl or .csv")
+    if not records:
+        raise ValueError(f"{path}: no preference pairs")
+    prompts, chosen, rejected = zip(*records)
+    return PreferencePairs(prompts, chosen, rejected, str(path))
+
+
+def pairs_from_generations(prompts, texts, rewards, prompt_index) -> PreferencePairs:
+    """For each prompt, its highest- vs lowest-reward continuation (prompts whose best and worst tie,
+    or with one continuation, are skipped). ``prompt_index[i]`` indexes ``prompts`` for ``texts[i]``."""
+    rewards, prompt_index = np.asarray(rewards, dtype=np.float64), np.asarray(prompt_index)
+    if not len(texts) == len(rewards) == len(prompt_index):
+        raise ValueError(f"texts ({len(texts)}), rewards ({len(rewards)}) and prompt_index "
+                         f"({len(prompt_index)}) differ in length")
+    hi, lo = [], []
+    for p in np.unique(prompt_index):
+        rows = np.flatnonzero(prompt_index == p)
+        best, worst = rows[np.argmax(rewards[rows])], rows[np.argmin(rewards[rows])]
+        if rewards[best] > rewards[worst]:
+            hi.append(int(best))
+            lo.append(int(worst))
+    return PreferencePairs(tuple(prompts[prompt_index[i]] for i in hi), tuple(texts[i] for i in hi),
+                           tuple(texts[i] for i in lo), "generations", tuple(hi), tuple(lo))
+
+
+def _wilson(successes: float, n: int, level: float = 0.95) -> list[float]:
+    z = stats.norm.ppf((1 + level) / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def _outcomes(a, b, what: str) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"{what}: the two score arrays must be 1-d of one length, got {a.shape} and {b.shape}")
+    return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+
+
+def pairwise_accuracy(chosen_scores, rejected_scores, *, seed: int = 0, n_bootstrap: int = 0,
+                      level: float = 0.95) -> dict:
+    """Fraction of pairs where the scorer ranks chosen above rejected (ties count half), with a CI.
+
+    The CI is Wilson's score interval by default (deterministic, and sensible at 0% or 100%, where
+    a percentile bootstrap collapses to a point); ``n_bootstrap > 0`` gives a percentile bootstrap
+    over pairs instead. Returns accuracy, ci, ci_method, n, n_ties (None figures for no pairs).
+    """
+    out = _outcomes(chosen_scores, rejected_scores, "pairwise_accuracy")
+    n = len(out)
+    if n == 0:
+        return {"accuracy": None, "ci": None, "ci_method": None, "n": 0, "n_ties": 0}
+    if n_bootstrap > 0:
+        boot = out[np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))].mean(axis=1)
+        ci = [float(c) for c in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])]
+    return {"accuracy": float(out.mean()), "ci": ci if n_bootstrap > 0 else _wilson(float(out.sum()), n, level),
+            "ci_method": "bootstrap" if n_bootstrap > 0 else "wilson", "n": n, "n_ties": int(np.sum(out == 0.5))}
+
+
+def agreement_with_rm(scorer_chosen, scorer_rejected, rm_chosen, rm_rejected) -> dict:
+    """How often a scorer prefers the same member of each pair as the RM does (Wilson 95% CI).
+    Pairs the RM ties are left out (``n_rm_ties``); scorer ties count half."""
+    scorer = _outcomes(scorer_chosen, scorer_rejected, "agreement_with_rm")
+    rm = _outcomes(rm_chosen, rm_rejected, "agreement_with_rm")
+    if scorer.shape != rm.shape:
+        raise ValueError("agreement_with_rm: scorer and RM scores cover different numbers of pairs")
+    keep, n = rm != 0.5, int(np.sum(rm != 0.5))
+    agree = np.where(scorer[keep] == 0.5, 0.5, (scorer[keep] == rm[keep]).astype(float))
+    return {"agreement": float(agree.mean()) if n else None, "ci": _wilson(float(agree.sum()), n) if n else None,
+            "n": n, "n_rm_ties": int((~keep).sum())}
+
+
+def continuation_sums(row_values, seq_index, position, prompt_lens) -> np.ndarray:
+    """Each sequence's text score: the sum of ``row_values`` over its continuation rows (position >=
+    its prompt length). Rows of sequences past ``len(prompt_lens)`` (extra texts) are left out."""
+    row_values, seq_index, position = (np.asarray(a) for a in (row_values, seq_index, position))
+    prompt_lens = np.asarray(prompt_lens)
+    n_seq = len(prompt_lens)
+    keep = seq_index < n_seq
+    keep[keep] &= position[keep] >= prompt_lens[seq_index[keep]]
+    return np.bincount(seq_index[keep], weights=row_values[keep].astype(np.float64), minlength=n_seq)
+
+
+def generation_pairs(samples, seq_index, position, eval_rows, row_values: dict) -> tuple[PreferencePairs, dict]:
+    """Preference pairs from held-out generations, and each scorer's text scores on them.
+
+    Each pair is the best vs the worst continuation (by the RM reward) that one model wrote for one
+    prompt, among the sequences whose rows are held out (``eval_rows``): never base vs tuned, whose
+    log-ratio differs by sampling source alone. ``row_values`` maps a scorer to its value at every
+    captured row; a text's score is the sum over its continuation rows (:func:`continuation_sums`).
+    Returns the pairs and ``{scorer: (chosen scores, rejected scores)}``, the RM's rewards as ``rm``.
+    """
+    seq_index = np.asarray(seq_index)
+    n_seq = len(samples.token_ids)
+    idx = np.array(sorted({int(s) for s in np.unique(seq_index[eval_rows]) if s < n_seq}), dtype=np.int64)
+    key = 2 * samples.prompt_index[idx] + (samples.source[idx] == "tuned")
+    pp = pairs_from_generations([p for p in samples.prompts for _ in "bt"], [samples.completions[i] for i in idx],
+                                samples.rewards[idx], key)
+    ch, rj = idx[list(pp.chosen_index)], idx[list(pp.rejected_index)]
+    sums = {name: continuation_sums(v, seq_index, position, samples.prompt_lens) for name, v in row_values.items()}
+    sums["rm"] = np.asarray(samples.rewards, dtype=np.float64)
+    pp = PreferencePairs(pp.prompts, pp.chosen, pp.rejected, "held-out generations (best vs worst by the RM of one "
+                         "model's continuations of one prompt)", tuple(ch.tolist()), tuple(rj.tolist()))
+    return pp, {name: (v[ch], v[rj]) for name, v in sums.items()}

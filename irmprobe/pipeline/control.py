@@ -1,0 +1,30 @@
+"""The matched control: the same stage graph with a random reward in place of the RM.
+
+Every per-organism stage runs again for each control branch with the same settings (organism
+method, steps, learning rate, beta, batch, LoRA, prompts, seed), so the control differs from the
+organism in its reward only; it gets its own samples, layers, capture, SAEs and fits. Dictionary
+diagnostics that no comparison reads (MMCS against a second dictionary size, the splice loss,
+base-model SAEs when the IRM reads tuned features only) are skipped for controls.
+"""
+
+from __future__ import annotations
+
+from irmprobe.pipeline.stage import Branch, Context
+from irmprobe.rewards import RandomRM
+
+
+def control_branches(config, ctx: Context) -> list[Context]:
+    """One context per control organism (none for the null pair or with ``compare.control`` off)."""
+    if not config.compare.control or config.pair.null:
+        return []
+    return [ctx.for_branch(Branch(f"control-{i}", RandomRM(config.seed + i), diagnostics=False))
+            for i in range(config.compare.n_controls)]
+
+
+def rerank(pairs: list[dict], reward) -> list[dict]:
+    """Preference pairs re-ranked by ``reward`` (a DPO control's pairs: the random reward picks chosen)."""
+    out = []
+    for p in pairs:
+        a, b = reward.score([p["chosen"], p["rejected"]])
+        out.append(p if a >= b else {**p, "chosen": p["rejected"], "rejected": p["chosen"]})
+    return out

@@ -1,0 +1,171 @@
+"""One runner for the stage graph: ordering, ``until``, cascading ``force``, reuse, timings,
+completion markers with checksums, and one progress line per stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from irmprobe.cache import cache_root, write_json
+from irmprobe.config import RunConfig
+from irmprobe.pipeline.stage import Context, Sections, Stage
+
+DONE = "done.json"
+"""Written last into a stage's directory: the stage's key and the checksum of every file it wrote."""
+
+
+class CacheError(ValueError):
+    """A cached stage output no longer matches its completion marker."""
+
+
+def stage_dir(name: str, key: str) -> Path:
+    return cache_root() / "stages" / name / key
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` except the marker itself, by relative path."""
+    return {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != DONE and not p.name.startswith(".")}
+
+
+def mark_done(directory: Path, stage: Stage, key: str) -> None:
+    write_json(directory / DONE, {"stage": stage.name, "version": stage.version, "key": key,
+                                  "files": checksums(directory)})
+
+
+def verify(directory: Path, key: str) -> bool:
+    """True when ``directory`` holds a completed output of ``key`` whose files match their checksums.
+
+    Raises:
+        CacheError: a file was changed or removed after the stage completed.
+    """
+    marker = directory / DONE
+    if not marker.is_file():
+        return False
+    done = json.loads(marker.read_text())
+    if done.get("key") != key:
+        return False
+    for rel, digest in done["files"].items():
+        path = directory / rel
+        if not path.is_file() or _sha256(path) != digest:
+            raise CacheError(f"cached output {path} is missing or corrupted (checksum mismatch): delete "
+                             f"{directory} (or run with --force {done['stage']}) and that stage runs again")
+    return True
+
+
+class Runner:
+    """Runs the stages of ``graph`` in dependency order, per branch, reusing completed outputs.
+
+    Args:
+        graph: every stage, in the order their names are listed to users.
+        config: the run's config; each stage sees only what it declares.
+        ctx: the organism branch's context.
+        controls: one context per control branch (empty: no control).
+        force: stage names to run again; every stage that depends on one is forced too.
+        until: stop after this stage.
+    """
+
+    def __init__(self, graph: list[Stage], config: RunConfig, ctx: Context, controls: list[Context], *,
+                 force: tuple[str, ...] = (), until: str | None = None) -> None:
+        self.graph = {s.name: s for s in graph}
+        for name in ((until,) if until else ()) + tuple(force):
+            if name not in self.graph:
+                raise ValueError(f"unknown stage {name!r}: stages are {', '.join(self.graph)}")
+        self.config, self.ctx, self.controls, self.until = config, ctx, controls, until
+        self.forced = {name for name in self.graph if self._depends_on(name, set(force))}
+        self.results: dict[tuple[str, str], Any] = {}
+        self.keys: dict[tuple[str, str], str] = {}
+        self.seconds: dict[str, float] = {}
+        self.status: dict[str, str] = {}
+
+    def _depends_on(self, name: str, targets: set[str]) -> bool:
+        stage = self.graph[name]
+        return name in targets or any(self._depends_on(n, targets) for n in stage.needs + stage.control_needs)
+
+    def order(self) -> list[str]:
+        """Stage names in the order they run (their needs first), up to ``until``."""
+        out: list[str] = []
+
+        def visit(name):
+            for need in self.graph[name].needs + self.graph[name].control_needs:
+                visit(need)
+            if name not in out:
+                out.append(name)
+
+        for name in self.graph:
+            visit(name)
+            if name == self.until:
+                break
+        return out
+
+    def run(self) -> dict[str, Any]:
+        """Every stage up to ``until`` for the organism branch (controls as joint stages need them)."""
+        for name in self.order():
+            self.ensure(self.ctx, name)
+        return {name: self.results[("organism", name)] for name in self.order()}
+
+    def result(self, name: str, branch: str = "organism") -> Any:
+        return self.results[(branch, name)]
+
+    def key(self, name: str, branch: str = "organism") -> str:
+        return self.keys[(branch, name)]
+
+    def ensure(self, ctx: Context, name: str) -> Any:
+        branch = ctx.branch.name
+        if (branch, name) in self.results:
+            return self.results[(branch, name)]
+        stage = self.graph[name]
+        for need in stage.needs:
+            self.ensure(ctx, need)
+        inputs = {need: self.results[(branch, need)] for need in stage.needs}
+        input_keys = [self.keys[(branch, need)] for need in stage.needs]
+        if not stage.needs and ctx.branch.is_control:
+            # A control branch's root stages (hence all its stages) never share an output with the organism's.
+            input_keys.append(f"{branch}:{ctx.train_reward.describe()}")
+        if stage.control_needs:
+            for cctx in self.controls:
+                for need in stage.control_needs:
+                    self.ensure(cctx, need)
+            inputs["controls"] = [{n: self.results[(c.branch.name, n)] for n in stage.control_needs}
+                                  for c in self.controls]
+            input_keys += [self.keys[(c.branch.name, n)] for c in self.controls for n in stage.control_needs]
+        key = stage.key(self.config, ctx, input_keys)
+        label = name if branch == "organism" else f"{branch}/{name}"
+        out = stage_dir(name, key)
+        cfg = Sections(self.config, stage.reads)
+        start = time.perf_counter()
+        ctx.echo(f"[{label}] ...")
+        reuse = stage.cached and name not in self.forced and verify(out, key)
+        if reuse:
+            result = stage.load(cfg, ctx, inputs, out)
+        else:
+            if out.exists() and (name in self.forced or not stage.resumable or (out / DONE).is_file()):
+                shutil.rmtree(out)
+            if stage.cached:
+                out.mkdir(parents=True, exist_ok=True)
+            run_ctx = dataclasses.replace(ctx, forced=name in self.forced,
+                                          input_keys=dict(zip(stage.needs, input_keys)))
+            result = stage.run(cfg, run_ctx, inputs, out)
+            if stage.cached:
+                mark_done(out, stage, key)
+        self.seconds[label] = round(time.perf_counter() - start, 1)
+        self.status[label] = "reused" if reuse else "ran"
+        summary = stage.summary(result)
+        ctx.echo(f"[{label}] {'reused the cached output' if reuse else 'done'} in {self.seconds[label]:.1f} s"
+                 + (f": {summary}" if summary else ""))
+        self.results[(branch, name)] = result
+        self.keys[(branch, name)] = key
+        return result

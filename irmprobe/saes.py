@@ -1,0 +1,93 @@
+"""The SAEs of one branch: train (or reuse) one per (model, layer) with SAELens, measure them on
+held-out activations, and compare dictionaries (1x vs 2x MMCS, tuned-only features)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from irmprobe.cache import cache_root, config_key, write_json
+from irmprobe.features import (decoder_directions, evaluate_sae, load_sae, mmcs, save_sae, splice_metrics, train_sae,
+                               unmatched_features)
+
+_TRAINING = ("architecture", "expansion", "l1_coefficient", "k", "training_samples", "batch_size", "lr")
+
+
+def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts: tuple, meta: dict, device: str,
+            force: bool = False):
+    """Train (or load the cached) SAE of one (model, layer, size); evaluate it on held-out rows.
+
+    Cached under ``$IRMPROBE_CACHE/sae-weights`` by the settings that change training only, so
+    analysis settings (splice text, match threshold) never retrain an SAE.
+    """
+    training = {k: getattr(sc, k) for k in _TRAINING}
+    sae_dir = cache_root() / "sae-weights" / config_key("sae-v4", *key_parts, training, seed)
+    if force and sae_dir.exists():
+        shutil.rmtree(sae_dir)
+    if not (sae_dir / "cfg.json").is_file():
+        sae = train_sae(acts[~eval_rows], sc, seed=seed, metadata=meta, device=device)
+        save_sae(sae, sae_dir)
+    sae = load_sae(sae_dir, device=device)  # the inference form that every later stage uses
+    metrics = evaluate_sae(sae, acts[eval_rows])
+    write_json(sae_dir / "irmprobe_metrics.json", metrics)
+    return sae, metrics, sae_dir
+
+
+def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, meta, device: str,
+             diagnostics: bool = True, force: bool = False):
+    """Every SAE of a branch with its metrics; returns (rows, layer rows, saes, paths).
+
+    Args:
+        sc: the ``sae`` config section.
+        capture: the branch's capture; ``samples`` its generations (splice text).
+        pair: the model pair, for the splice loss (None skips it).
+        kinds: which models get SAEs (``("tuned",)`` when only the tuned features are read).
+        capture_key: the capture stage's key (part of each SAE's cache key).
+        meta: the organism result (provenance saved beside each SAE).
+        diagnostics: also train the match-size dictionaries (MMCS) and measure the splice loss.
+    """
+    eval_rows = np.random.default_rng(seed).random(len(capture.token_ids)) < 0.1
+    half, n_half = len(samples.token_ids) // 2, sc.splice_sequences // 2
+    # Half the splice text from each model's continuations (base ones come first in the samples).
+    splice = list(samples.token_ids[:n_half]) + list(samples.token_ids[half: half + sc.splice_sequences - n_half])
+    rows, saes, dirs, paths = [], {}, {}, {}
+    for kind in kinds:
+        for layer in capture.layers:
+            acts = capture.acts[f"{kind}.{layer}"]
+            info = {"model_name": meta.tuned_id if kind == "tuned" else meta.base, "hook_name": capture.hook_name(layer),
+                    "irmprobe_model": kind, "irmprobe_reward": meta.reward.get("name")}
+            parts = (capture_key, kind, layer)
+            sae, metrics, sae_dir = get_sae(sc, acts, eval_rows, seed=seed + layer, key_parts=parts, meta=info,
+                                            device=device, force=force)
+            row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics)}
+            dirs[kind, layer] = decoder_directions(sae)
+            if diagnostics and sc.match_expansion and sc.match_expansion != sc.expansion:
+                other, _, _ = get_sae(replace(sc, expansion=sc.match_expansion), acts, eval_rows, seed=seed + layer,
+                                      key_parts=parts, meta=info, device=device, force=force)
+                # MMCS of the smaller dictionary against the larger one, whichever is the IRM's.
+                small, large = sorted((decoder_directions(other), dirs[kind, layer]), key=len)
+                row["mmcs_small_vs_large"] = mmcs(small, large)
+                row["mmcs_small_vs_large_one_to_one"] = mmcs(small, large, one_to_one=True)
+            if diagnostics and splice and pair is not None:
+                cached = sae_dir / f"splice-{len(splice)}.json"
+                if cached.is_file() and not force:
+                    row.update(json.loads(cached.read_text()))
+                else:
+                    measured = splice_metrics(pair.bridge(kind), sae, capture.hook_name(layer), splice)
+                    write_json(cached, measured)
+                    row.update(measured)
+            rows.append(row)
+            saes[kind, layer] = sae
+            paths[f"{kind}.{layer}"] = str(sae_dir)
+    layer_rows = []
+    if diagnostics and set(kinds) == {"base", "tuned"}:
+        for layer in capture.layers:
+            new = unmatched_features(dirs["tuned", layer], dirs["base", layer], sc.match_threshold)
+            layer_rows.append({"layer": layer, "tuned_only_features": int(len(new)),
+                               "mmcs_tuned_vs_base": mmcs(dirs["tuned", layer], dirs["base", layer]),
+                               "tuned_only_indices": new.tolist()})
+    return rows, layer_rows, saes, paths

@@ -1,0 +1,150 @@
+"""The verdict: plain statements resting on one declared primary comparison.
+
+Three cases are told apart, each against the matched control organism(s) and the baselines: the
+tuned model learned the RM, learned against it, or learned something unrelated to it. The
+organism report (did the RM's reward rise, fall or stay; how far did the model move, in KL) is
+read beside it: a reward that fell is a finding, not a failure to learn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from irmprobe.results import PrimaryComparison, RunMetrics, ViewRow
+
+Z = 3.0
+"""Standard errors a difference must clear to count."""
+
+
+def _se(row: ViewRow) -> float | None:
+    """Standard error of a tau from its percentile bootstrap 95% CI."""
+    if row is None or row.tau_ci is None:
+        return None
+    return (row.tau_ci[1] - row.tau_ci[0]) / (2 * 1.96)
+
+
+def primary_comparison(row: ViewRow, controls: list[ViewRow | None]) -> PrimaryComparison:
+    """The primary IRM's tau against the matched controls' taus, with a test that counts the controls' spread.
+
+    With one control, its spread is its own bootstrap s.e.; with several, the larger of that and
+    the standard deviation between controls (the distribution of taus a random-reward organism
+    gives). ``z = (tau - mean control tau) / sqrt(se^2 + control_se^2)``.
+    """
+    taus = [c.tau for c in controls if c is not None and c.tau is not None]
+    ses = [_se(c) for c in controls if c is not None and _se(c) is not None]
+    se = _se(row)
+    if row.is_zero or row.tau is None or not taus or se is None:
+        outcome = "zero" if row.is_zero else "undetermined"
+        return PrimaryComparison(row.name, row.tau, se, taus, None, None, None, outcome)
+    control_se = float(np.sqrt(np.mean(np.square(ses)))) if ses else 0.0
+    if len(taus) > 1:
+        control_se = max(control_se, float(np.std(taus, ddof=1)))
+    diff = row.tau - float(np.mean(taus))
+    z = diff / float(np.sqrt(se**2 + control_se**2)) if se > 0 or control_se > 0 else None
+    outcome = "undetermined" if z is None else "agrees" if z >= Z else "opposes" if z <= -Z else "unrelated"
+    return PrimaryComparison(row.name, row.tau, se, taus, control_se, diff, z, outcome)
+
+
+def _z(value) -> str:
+    return "undefined" if value is None else f"{value:+.1f}"
+
+
+def reward_line(reward: dict, kl: dict) -> tuple[str, str]:
+    """(direction of the RM reward: rose / fell / stayed, the line saying so)."""
+    z = reward.get("diff_z")
+    if z is None:
+        return "stayed", "the RM's reward could not be compared (no spread over prompts)."
+    direction = "rose" if z >= Z else "fell" if z <= -Z else "stayed"
+    text = {"rose": "rose", "fell": "FELL (a finding, not a failure to learn)", "stayed": "did not move reliably"}
+    return direction, (f"the RM's reward {text[direction]}: tuned - base {reward['diff_mean']:+.3f} ± "
+                       f"{reward['diff_se']:.3f} ({_z(z)} s.e.); the tuned model is {kl['mean']:.3f} ± {kl['se']:.3f} "
+                       "nats (KL per continuation) from its base.")
+
+
+def verdict(m: RunMetrics, is_null: bool) -> list[str]:
+    """Plain statements of what the figures do and do not show."""
+    if is_null:
+        return ["null organism: the tuned model is the base model, so there is no implicit reward to find."]
+    direction, line = reward_line(m.reward, m.kl)
+    out = [line]
+    p = m.primary
+    shuffled = next((r for r in m.agreement if r.name == "baseline_shuffled"), None)
+    if p is None or p.outcome == "undetermined":
+        out.append("no primary comparison: " + ("the run has no control organism (compare.control is off), so no "
+                                                 "IRM figure can be called agreement or disagreement."
+                                                 if p is None or not p.control_taus else
+                                                 "the primary IRM has no tau (too few RM tokens in the held-out text)."))
+    elif p.outcome == "zero":
+        out.append("the primary IRM is identically zero: no implicit reward was learned (no tau applies).")
+    else:
+        c = float(np.mean(p.control_taus))
+        floor, ceiling = (shuffled.tau_range if shuffled is not None and shuffled.tau_range else (None, None))
+        beyond = {"agrees": ceiling is None or p.tau > ceiling, "opposes": floor is None or p.tau < floor}
+        out.append(f"primary comparison ({p.view}, held-out tokens): tau {p.tau:+.3f} ± {p.tau_se:.3f} against "
+                   f"{len(p.control_taus)} matched random-reward control(s) at {c:+.3f} ± {p.control_se:.3f}: "
+                   f"difference {p.difference:+.3f}, z {p.z:+.1f}"
+                   + (f"; shuffled-target fits span [{floor:+.3f}, {ceiling:+.3f}]" if floor is not None else "") + ".")
+        if p.outcome == "agrees" and beyond["agrees"]:
+            out.append("the tuned model learned the RM: its implicit reward ranks tokens like the RM, beyond the "
+                       "control and every shuffled-target fit" + ("" if direction == "rose" else
+                                                                  f", although the RM's reward {direction}") + ".")
+        elif p.outcome == "opposes" and beyond["opposes"]:
+            out.append("the tuned model learned AGAINST the RM: its implicit reward ranks tokens opposite to the RM, "
+                       "beyond the control and every shuffled-target fit" + (
+                           "; the RM's reward fell accordingly." if direction == "fell" else "."))
+        else:
+            moved = m.kl.get("mean", 0.0) - 3 * (m.kl.get("se") or 0.0) > 0
+            out.append(("the tuned model learned something UNRELATED to the RM: it moved from its base (KL above "
+                        "zero) but its implicit reward is not told apart from the control's"
+                        if moved else "the tuned model learned nothing the comparison can detect: its implicit "
+                        "reward is not told apart from the control's and it barely moved from its base")
+                       + (f"; the RM's reward {direction}." if direction != "stayed" else
+                          "; the RM's reward did not move."))
+    for c in m.control:
+        if not c.matched:
+            out.append(f"{c.branch}: not known to match the organism: {c.note or 'its settings differ'}.")
+    val = m.validation or {}
+    rows = {r["set"]: r for r in val.get("ablation") or []}
+    top = next((r for name, r in rows.items() if name.startswith("irm_top")), None)
+    rand = next((r for name, r in rows.items() if name.startswith("random")), None)
+    if top and rand and top["change"] and rand["change"]:
+        lowered = top["change"]["ci"][1] < rand["change"]["ci"][0]
+        out.append(f"ablating the IRM's top {top['n_features']} features changed reward by {top['change']['mean']:+.3f} "
+                   f"(95% CI {top['change']['ci'][0]:+.3f}..{top['change']['ci'][1]:+.3f}); {rand['n_features']} random "
+                   f"features: {rand['change']['mean']:+.3f}. " + (
+                       "The IRM's features carry reward causally (CIs apart)." if lowered else
+                       "No causal effect beyond the random control (these reader-side features read tokens the "
+                       "model already wrote)."))
+    informed = [r.name for r in m.agreement if r.family == "rm_informed" and r.tau is not None]
+    if informed:
+        out.append("RM-informed views (" + ", ".join(informed) + ") use RM labels: they show the RM is decodable from "
+                   "the features, which is as true of a model that learned nothing.")
+    if m.discovery is not None:
+        out.extend(discovery_lines(m.discovery))
+    return out
+
+
+def _named(d: dict, direction: str) -> tuple[list[dict], str]:
+    """Discoveries of one direction the RM does not explain, and how to name them (concepts, else tokens)."""
+    found = d["entries"][f"{direction}_unvalued"] + d["entries"][f"{direction}_against"]
+    sign = 1 if direction == "rewarded" else -1
+    named = [f"feature {c['feature']} ({', '.join(repr(t) for t in c['labels'] if t is not None)})"
+             for c in d["concepts"] if np.sign(c["weight"]) == sign][:3]
+    tokens = ", ".join(repr(e["token"]) for e in found[:8])
+    return found, "; ".join(named) + (f"; tokens {tokens}" if named else tokens)
+
+
+def discovery_lines(d: dict) -> list[str]:
+    """What the tuned model rewards (or penalises) that the RM values at zero or against its sign."""
+    against = "" if d.get("control") else " (no control organism: each token tested against zero)"
+    out = []
+    for direction, verb in (("rewarded", "rewards"), ("penalised", "penalises")):
+        found, names = _named(d, direction)
+        if found:
+            n = d["counts"][f"{direction}_unvalued"] + d["counts"][f"{direction}_against"]
+            out.append(f"the tuned model also {verb}: {names}, q < {d['alpha']:g} ({n} token(s) the RM values at zero "
+                       f"or against its sign{against}).")
+    if not out:
+        out.append(f"discovery: no token the RM values at zero or against its sign passes the FDR threshold "
+                   f"(q < {d['alpha']:g}; {d['n_tested']} tokens tested{against}): nothing found beyond the RM.")
+    return out

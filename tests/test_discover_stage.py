@@ -1,0 +1,124 @@
+"""The discovery stage through the pipeline: a planted organism whose tuned model raises the logits of
+tokens the lexicon RM values at zero must have them discovered, named in the verdict and preferred as
+a reward model; the null pair must discover nothing and score preference pairs at chance."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from irmprobe.api import run
+from irmprobe.config import RunConfig
+from irmprobe.pipeline.discover_stage import DiscoverRecord
+from irmprobe.reporting import summary_lines
+from tests.test_planted import SMALL, _word_tokens, planted  # noqa: F401  (planted: the module's fixture)
+
+PROMPTS = ("The movie was", "I watched it and", "This film is", "My friend said the plot", "The actors were")
+
+
+def _config(root, dirs, lexicon, name, **discover) -> RunConfig:
+    data = json.loads(json.dumps(SMALL))
+    data["pair"] = {"base": str(dirs["base"])} | ({"null": True} if name == "null" else {"tuned": str(dirs[name])})
+    data["reward"] = {"kind": "lexicon", "path": str(lexicon)}
+    data["report"] = {"out_dir": str(root / "runs"), "wandb_mode": "disabled"}
+    data["discover"] = {"n_bootstrap": 200, "n_entries": 40} | discover
+    return RunConfig.from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def words(planted):  # noqa: F811
+    """(planted words, words neither planted nor valued by the RM), each a single space-led token."""
+    dirs, lexicon, raised = planted
+    tok = AutoTokenizer.from_pretrained(dirs["base"])
+    plant = [tok.decode([i]).strip() for i in raised["unrelated"]]
+    valued = {line.split("\t")[0] for line in lexicon.read_text().splitlines()}
+    other = [w for w in _word_tokens(tok) if w not in set(plant) | valued]
+    return plant, other
+
+
+@pytest.fixture(scope="module")
+def pairs_file(words, tmp_path_factory):
+    """Ten pairs the RM ties (every word valued 0): chosen continues with planted tokens, rejected with others."""
+    plant, other = words
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [{"prompt": PROMPTS[i % 5], "chosen": " " + " ".join(plant[(3 * i + k) % len(plant)] for k in range(6)),
+             "rejected": " " + " ".join(other[(7 * i + k) % len(other)] for k in range(6))} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_run(planted, pairs_file, tmp_path_factory):  # noqa: F811
+    """The "unrelated" planted organism (logit bias on RM-zero tokens), scored on the planted pairs."""
+    dirs, lexicon, _ = planted
+    root = tmp_path_factory.mktemp("discover-planted")
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse cache isolation has not run yet
+        mp.setenv("IRMPROBE_CACHE", str(root / "cache"))
+        config = _config(root, dirs, lexicon, "unrelated", pairs_path=str(pairs_file))
+        return run(config, echo=lambda _: None), config, root
+
+
+def test_planted_rm_zero_tokens_are_discovered_and_named_in_the_verdict(planted, words, planted_run):  # noqa: F811
+    _, _, raised = planted
+    result, _, _ = planted_run
+    d = result.metrics.discovery
+    assert d == result.results["discover"].to_json()
+    assert DiscoverRecord.from_json(json.loads(json.dumps(d))) == result.results["discover"]
+    # The planted tokens the organism wrote often enough in held-out text to be tested at all.
+    cap, held = result.results["capture"], result.results["fit"].eval_rows
+    ids = cap.token_ids[held].tolist()
+    tested = {t for t in raised["unrelated"] if ids.count(t) >= 2}
+    assert len(tested) >= 5, tested
+    top = [e["token_id"] for e in d["entries"]["rewarded_unvalued"][:len(tested)]]
+    assert len(set(top) & tested) >= 0.8 * len(tested), (len(set(top) & tested), len(tested), d["counts"])
+    assert all(e["q"] < 0.05 and e["rm_value"] in (None, 0.0) for e in d["entries"]["rewarded_unvalued"])
+    assert d["control"] == "control-0"
+    line = next(v for v in result.metrics.verdict if v.startswith("the tuned model also rewards:"))
+    plant, _ = words
+    named = [w for w in plant if repr(" " + w) in line]
+    assert len(named) >= 3, line
+    assert "q < 0.05" in line
+    summary = "\n".join(summary_lines(result.metrics))
+    assert "== what the RM does not explain" in summary and "pairwise accuracy" in summary
+
+
+def test_planted_pairs_pick_the_planted_token_text(planted_run):
+    result, _, _ = planted_run
+    rows = {r.scorer: r for r in result.results["discover"].pairwise}
+    assert set(rows) == {"sae_irm", "log_ratio_sum", "rm"}
+    for name in ("sae_irm", "log_ratio_sum"):
+        assert rows[name].n == 10 and rows[name].accuracy >= 0.9 and rows[name].ci[0] > 0.5, rows[name]
+    # The RM values every word of both texts at zero: it ties, so it cannot tell the pairs apart.
+    assert rows["rm"].accuracy == 0.5 and rows["rm"].n_ties == 10 and rows["sae_irm"].agreement is None
+
+
+def test_score_pairs_cli_reuses_the_run_and_prints_the_table(planted_run, pairs_file, monkeypatch, capsys):
+    from irmprobe.cli import main
+
+    _, config, root = planted_run
+    monkeypatch.setenv("IRMPROBE_CACHE", str(root / "cache"))
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["score-pairs", str(path), str(pairs_file)]) == 0
+    out, err = capsys.readouterr()
+    assert "[fit] reused the cached output" in err
+    irm = next(line for line in out.splitlines() if line.startswith("sae_irm"))
+    assert float(irm.split()[4]) >= 0.9, out
+
+
+def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_file, tmp_path):  # noqa: F811
+    dirs, lexicon, _ = planted
+    result = run(_config(tmp_path, dirs, lexicon, "null"), echo=lambda _: None)
+    d = result.metrics.discovery
+    assert d["n_tested"] > 10 and not any(d["counts"].values()) and not any(d["entries"].values())
+    assert d["control"] is None and not d["concepts"]
+    rows = {r["scorer"]: r for r in d["pairwise"]}
+    assert rows["log_ratio_sum"]["n"] > 0 and rows["log_ratio_sum"]["accuracy"] == 0.5  # held-out generations
+    again = run(_config(tmp_path, dirs, lexicon, "null", pairs_path=str(pairs_file)), echo=lambda _: None)
+    assert again.stage_status["fit"] == "reused" and again.stage_status["discover"] == "ran"
+    for r in again.metrics.discovery["pairwise"]:
+        assert r["n"] == 10 and r["accuracy"] == 0.5 and r["ci"][0] <= 0.5 <= r["ci"][1], r
+    assert any(v.startswith("null organism") for v in again.metrics.verdict)

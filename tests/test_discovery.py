@@ -1,0 +1,266 @@
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from irmprobe.discovery import (CATEGORIES, agreement_with_rm, concepts, discover_tokens, load_preference_file,
+                                pairs_from_generations, pairwise_accuracy, residual_top, rm_variance_share)
+from irmprobe.discovery import _bootstrap_ci, _token_stats
+
+V = 300
+PLANTED = list(range(100, 110))          # RM 0 or absent, organism shifted up
+PENALISED = [120, 121]                   # RM absent, organism shifted down
+VALUED = list(range(2, 40))              # RM +-(1..3), organism follows the RM's sign
+RM_MAP = {t: float((1 + t % 3) * (1 if t % 2 else -1)) for t in range(40)} | {t: 0.0 for t in PLANTED[::2]}
+RM_MAP[0], RM_MAP[1] = 2.0, -2.0         # planted "against": penalised although RM > 0, and the reverse
+
+
+def rows(rng, mu, counts, shift=None):
+    """Shuffled rows: token t occurs counts[t] times with value mu[t] + shift[t] + N(0, 1)."""
+    t = np.repeat(np.arange(len(mu)), counts)
+    v = mu[t] + rng.standard_normal(len(t)) + (0.0 if shift is None else shift[t])
+    p = rng.permutation(len(t))
+    return t[p], v[p]
+
+
+def planted_pair(seed=0):
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(0, 0.5, V)  # token-specific level both organisms share (not 0: the control matters)
+    shift = np.zeros(V)
+    shift[PLANTED] = 1.5
+    shift[VALUED] = [1.5 * np.sign(RM_MAP[t]) for t in VALUED]
+    shift[0], shift[1] = -1.5, 1.5
+    shift[PENALISED] = -1.5
+    org = rows(rng, mu, rng.integers(8, 40, V), shift)
+    ctl = rows(rng, mu, rng.integers(8, 40, V))
+    return org, ctl
+
+
+@pytest.fixture(scope="module")
+def planted():
+    (t, v), (ct, cv) = planted_pair()
+    return discover_tokens(t, v, ct, cv, RM_MAP, n_bootstrap=300, decode=lambda i: f"tok{i}")
+
+
+def test_planted_unvalued_tokens_lead_rewarded_unvalued(planted):
+    top = [e.token_id for e in planted.category("rewarded_unvalued")[:len(PLANTED)]]
+    assert len(set(top) & set(PLANTED)) >= 0.8 * len(PLANTED)
+    false = [e for e in planted.discoveries if e.token_id not in set(PLANTED) | set(VALUED) | set(PENALISED) | {0, 1}]
+    assert len(false) <= 2
+    assert len(false) <= 0.1 * len(planted.discoveries)
+    e = next(e for e in planted.entries if e.token_id == PLANTED[0])
+    assert e.rm_value == 0.0 and e.vs_control and e.token == f"tok{PLANTED[0]}" and e.effect > 0
+    assert next(e for e in planted.entries if e.token_id == PLANTED[1]).rm_value is None
+    assert all(e.ci_low <= e.irm_value <= e.ci_high for e in planted.entries)
+    width = np.array([e.ci_high - e.ci_low for e in planted.entries]) * np.sqrt([e.count for e in planted.entries])
+    assert abs(np.median(width) / (2 * 1.96) - 1) < 0.15  # sd 1 noise: 95% CI of a mean ~ 3.92 / sqrt(n)
+    with pytest.raises(ValueError, match="category must be one of"):
+        planted.category("rewarded")
+
+
+def test_planted_against_and_valued_categories(planted):
+    cat = {e.token_id: e.category for e in planted.entries}
+    assert cat[0] == "penalised_against" and cat[1] == "rewarded_against"
+    assert all(cat[t] == "penalised_unvalued" for t in PENALISED)
+    found = [t for t in VALUED if cat[t] is not None]
+    assert len(found) >= 0.7 * len(VALUED)
+    assert all(cat[t] == ("rewarded_valued" if RM_MAP[t] > 0 else "penalised_valued") for t in found)
+    assert set(planted.counts()) == set(CATEGORIES)
+
+
+def test_entries_sorted_by_q_then_effect_and_serialise(planted):
+    keys = [(e.q, -abs(e.effect)) for e in planted.entries]
+    assert keys == sorted(keys)
+    assert len(planted.entries) == V and planted.n_tokens_seen == V
+    d = json.loads(json.dumps(planted.to_dict()))
+    assert d["n_tested"] == V and d["entries"][0]["q"] < 0.05
+    assert {"token_id", "irm_value", "ci_low", "ci_high", "rm_value", "count", "control_value", "p", "q"} <= set(
+        d["entries"][0])
+    # q is BH of p: monotone in p, never below it.
+    p, q = np.array([e.p for e in planted.entries]), np.array([e.q for e in planted.entries])
+    assert np.all(q >= p - 1e-15) and np.all(np.diff(q[np.argsort(p)]) >= -1e-12)
+
+
+def test_null_organism_gives_no_discoveries_over_seeds():
+    n_any, pvals = 0, []
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        mu = rng.normal(0, 0.5, V)
+        (t, v), (ct, cv) = rows(rng, mu, rng.integers(2, 30, V)), rows(rng, mu, rng.integers(2, 30, V))
+        d = discover_tokens(t, v, ct, cv, RM_MAP, n_bootstrap=0, seed=seed)
+        n_any += len(d.discoveries) > 0
+        pvals += [e.p for e in d.entries]
+    # Under the global null BH rejects anything with probability <= alpha: 1 of 20 expected.
+    assert n_any <= 1
+    assert np.mean(np.array(pvals) < 0.05) <= 0.06  # per-token test at (or under) its nominal level
+
+
+def test_tuned_equals_base_all_zero_gives_nothing():
+    t = np.repeat(np.arange(50), 5)
+    d = discover_tokens(t, np.zeros(len(t)), t, np.zeros(len(t)), {}, n_bootstrap=50)
+    assert d.discoveries == () and all(e.p == 1.0 and e.ci_low == e.ci_high == 0.0 for e in d.entries)
+
+
+def test_token_absent_from_control_is_tested_against_zero_and_flagged():
+    rng = np.random.default_rng(1)
+    mu = rng.normal(0, 0.5, 50)
+    t, v = rows(rng, mu, np.full(50, 20))
+    ct, cv = rows(rng, mu, np.full(50, 20))
+    t, v = np.r_[t, [900] * 20, [901] * 20], np.r_[v, 3 + rng.standard_normal(20), rng.standard_normal(20) * 0.1]
+    ct, cv = np.r_[ct, 901], np.r_[cv, 5.0]  # one control occurrence: shown, but too few to test against
+    d = {e.token_id: e for e in discover_tokens(t, v, ct, cv, {}, n_bootstrap=0).entries}
+    assert not d[900].vs_control and d[900].control_value is None and d[900].category == "rewarded_unvalued"
+    assert not d[901].vs_control and d[901].control_value == 5.0 and d[901].category is None
+    assert d[0].vs_control and d[0].control_count == 20
+
+
+def test_min_count_and_empty_inputs():
+    t, v = np.array([1, 1, 2]), np.array([0.5, 0.7, 9.0])
+    d = discover_tokens(t, v, t, v, {}, n_bootstrap=10)
+    assert [e.token_id for e in d.entries] == [1] and d.n_tokens_seen == 2
+    assert discover_tokens(t, v, t, v, {}, min_count=3).entries == ()
+    assert discover_tokens(t, v, [], [], {}, n_bootstrap=0).entries[0].vs_control is False
+    with pytest.raises(ValueError, match="min_count"):
+        discover_tokens(t, v, t, v, {}, min_count=1)
+    with pytest.raises(ValueError, match="shape|length"):
+        discover_tokens(t, v[:2], t, v, {})
+
+
+def test_bootstrap_ci_matches_t_interval_and_chunking():
+    rng = np.random.default_rng(3)
+    counts = np.array([400, 50, 3000])
+    t = np.repeat(np.arange(3), counts)
+    v = rng.standard_normal(len(t)) * np.array([1.0, 2.0, 0.5])[t] + np.array([0.0, 5.0, -1.0])[t]
+    ids, n, mean, sd, vs, starts = _token_stats(t, v)
+    half = 1.96 * sd / np.sqrt(n)
+    for budget in (1 << 22, 500):  # one chunk, and many chunks with few resamples each
+        lo, hi = _bootstrap_ci(vs, starts, n, 2000, 0.95, np.random.default_rng(0), budget=budget)
+        assert np.allclose(lo, mean - half, atol=0.12 * half) and np.allclose(hi, mean + half, atol=0.12 * half)
+
+
+# --------------------------------------------------------------------------- concepts
+
+def test_concepts_pick_rm_uncorrelated_features_with_their_tokens(planted):
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, V, 20000)
+    rm_rows = np.array([RM_MAP.get(int(t), 0.0) for t in tok])
+    X = np.zeros((len(tok), 4))
+    X[:, 0] = np.isin(tok, PLANTED) * rng.uniform(1, 2, len(tok))           # carries planted tokens
+    X[:, 1] = np.maximum(rm_rows, 0) * rng.uniform(1, 2, len(tok))          # tracks the RM
+    X[:, 2] = np.isin(tok, PENALISED) * 3.0 + (tok == PLANTED[0]) * 0.5     # penalised tokens
+    X[:, 3] = rng.uniform(0, 1, len(tok)) * (rng.random(len(tok)) < 0.05)  # noise, no weight
+    coef = np.array([1.0, 2.0, -1.0, 0.0])
+    out = concepts(planted, sp.csr_matrix(X), coef, tok, rm_rows, ["f0", "f1", "f2", "f3"], n_tokens=5)
+    assert [c.feature for c in out] == ["f0", "f2"]
+    assert set(out[0].tokens) <= set(PLANTED) and len(out[0].tokens) == 5 and abs(out[0].rm_corr) < 0.1
+    assert out[0].labels[0] == f"tok{out[0].tokens[0]}"
+    # f2 also fires on the rewarded PLANTED[0]: not part of a penalised concept.
+    assert set(out[1].tokens) == set(PENALISED) and out[1].weight < 0
+    assert out[0].min_q == min(e.q for e in planted.entries if e.token_id in out[0].tokens)
+    assert list(out[0].activation) == sorted(out[0].activation, reverse=True)
+    assert json.dumps(out[0].to_dict())
+
+
+# --------------------------------------------------------------------------- variance share
+
+def test_rm_variance_share_monotone_linear_and_independent():
+    rng = np.random.default_rng(0)
+    rm = rng.standard_normal(600)
+    up = rm_variance_share(np.exp(rm) + 0.05 * rng.standard_normal(600), rm)
+    assert up["monotone"] > 0.95 and up["direction"] == "increasing" and up["linear"] < 0.8
+    down = rm_variance_share(-rm**3, rm)
+    assert down["monotone"] > 0.95 and down["direction"] == "decreasing"
+    assert rm_variance_share(2 * rm + 1, rm)["linear"] > 0.99
+    rm_small = rng.standard_normal(150)
+    for seed in range(3):
+        ind = rm_variance_share(rng.standard_normal(150), rm_small, seed=seed)
+        assert ind["monotone"] < 0.03 and ind["linear"] < 0.03 and ind["residual_share"] > 0.97
+    # Lexicon-like RM: most rows 0, few levels; folds by sequence.
+    rm_lex = rng.choice([0, 0, 0, 0, -2, -1, 1, 2], 800).astype(float)
+    s = rm_variance_share(np.tanh(rm_lex) + 0.01 * rng.standard_normal(800), rm_lex, groups=np.arange(800) // 8)
+    assert s["monotone"] > 0.95 and s["n"] == 800
+    assert rm_variance_share(np.ones(10), rm[:10])["monotone"] is None
+
+
+def test_residual_top_finds_tokens_the_rm_does_not_explain():
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 100, 5000)
+    rm = np.where(tok < 30, tok % 5 - 2.0, 0.0)
+    irm = rm + 0.1 * rng.standard_normal(5000) + 2.0 * (tok == 77) - 2.0 * (tok == 12)
+    out = residual_top(tok, irm, rm, n=3, decode=str)
+    assert out["irm_over_rm"][0]["token_id"] == 77 and out["irm_over_rm"][0]["token"] == "77"
+    assert out["rm_over_irm"][0]["token_id"] == 12 and out["rm_over_irm"][0]["residual"] < -1.5
+    assert len(out["irm_over_rm"]) == 3
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+def test_pairwise_accuracy_planted_random_and_ties():
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal(200)
+    good = pairwise_accuracy(r + 1.0 + rng.random(200), r)
+    assert good["accuracy"] == 1.0 and good["n"] == 200 and good["ci"][0] > 0.97 and good["ci_method"] == "wilson"
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        for kw in ({}, {"n_bootstrap": 2000, "seed": seed}):
+            res = pairwise_accuracy(rng.standard_normal(300), rng.standard_normal(300), **kw)
+            assert abs(res["accuracy"] - 0.5) < 0.1 and res["ci"][0] <= 0.5 <= res["ci"][1]
+    ties = pairwise_accuracy([1, 1, 2, 0], [1, 0, 3, 0])
+    assert ties["accuracy"] == pytest.approx((0.5 + 1 + 0 + 0.5) / 4) and ties["n_ties"] == 2
+    zero = pairwise_accuracy(np.zeros(50), np.zeros(50))  # null scorer (tuned = base): exactly 50%
+    assert zero["accuracy"] == 0.5 and zero["ci"][0] < 0.5 < zero["ci"][1]
+    assert pairwise_accuracy([], [])["accuracy"] is None
+    with pytest.raises(ValueError, match="length"):
+        pairwise_accuracy([1, 2], [1])
+
+
+def test_agreement_with_rm_hand_computed():
+    # Pair 0 agrees, 1 disagrees, 2 scorer tie (half), 3 RM tie (left out).
+    res = agreement_with_rm([2, 0, 1, 5], [1, 1, 1, 0], [3, 3, 0, 1], [0, 0, 1, 1])
+    assert res["agreement"] == pytest.approx(1.5 / 3) and res["n"] == 3 and res["n_rm_ties"] == 1
+    assert agreement_with_rm([1], [0], [1], [1])["agreement"] is None
+
+
+def test_pairs_from_generations_best_vs_worst_skipping_ties():
+    prompts = ["p0", "p1", "p2", "p3"]
+    texts = ["a", "b", "c", "d", "e", "f", "g"]
+    rewards = [0.1, 0.9, 0.5, 1.0, 1.0, 0.3, -2.0]
+    index = [0, 0, 0, 1, 1, 2, 3]  # p1 ties, p2 and p3 have one continuation each
+    pairs = pairs_from_generations(prompts, texts, rewards, np.array(index))
+    assert (pairs.prompts, pairs.chosen, pairs.rejected) == (("p0",), ("b",), ("a",))
+    assert pairs.chosen_index == (1,) and pairs.rejected_index == (0,) and len(pairs) == 1
+    assert pairs.to_dict()["source"] == "generations"
+
+
+def test_load_preference_file_jsonl_and_csv(tmp_path):
+    j = tmp_path / "pairs.jsonl"
+    j.write_text('{"prompt": "p", "chosen": "good", "rejected": "bad", "subset": "x"}\n\n'
+                 '{"prompt": "q", "chosen": "c2", "rejected": "r2"}\n')
+    pj = load_preference_file(j)
+    assert pj.prompts == ("p", "q") and pj.chosen == ("good", "c2") and pj.rejected == ("bad", "r2")
+    c = tmp_path / "pairs.csv"
+    c.write_text('id,prompt,chosen,rejected\n1,"hi, there","line one\nline two",no\n2,p,c,r\n')
+    pc = load_preference_file(c)
+    assert pc.prompts == ("hi, there", "p") and pc.chosen[0] == "line one\nline two" and pc.source == str(c)
+
+
+GOOD = '{"prompt": "p", "chosen": "c", "rejected": "r"}\n'
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("a.jsonl", GOOD + '{"prompt": "p", "chosen": \n', r"a\.jsonl:2: not valid JSON"),
+    ("b.jsonl", GOOD + '\n{"prompt": "p", "chosen": "c"}\n', r"b\.jsonl:3: missing column\(s\) rejected"),
+    ("c.jsonl", '{"prompt": "p", "chosen": ["m"], "rejected": "r"}\n', r"c\.jsonl:1: column\(s\) chosen must be text"),
+    ("d.jsonl", '["p", "c", "r"]\n', r"d\.jsonl:1: expected an object"),
+    ("e.csv", "prompt,chosen,answer\np,c,r\n", r"e\.csv:1: header lacks column\(s\) rejected"),
+    ("f.csv", "prompt,chosen,rejected\np,c,r\np,c\n", r"f\.csv:3: missing column\(s\) rejected"),
+    ("g.csv", "prompt,chosen,rejected\np,c,r,extra\n", r"g\.csv:2: more fields"),
+    ("h.csv", "", r"h\.csv:1: header lacks"),
+    ("i.jsonl", "\n", r"i\.jsonl: no preference pairs"),
+    ("j.txt", "x", r"j\.txt: preference pairs must be \.jsonl or \.csv"),
+])
+def test_load_preference_file_errors_name_file_and_line(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_preference_file(tmp_path / name)

@@ -1,0 +1,131 @@
+"""Planted organisms through the whole pipeline: the tuned model is the base plus a known edit of
+one MLP that raises (or lowers) the logits of a chosen token set. The behavioural IRM must find the
+planted tokens, the verdict must follow the planted sign, and the null pair must give zero."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from irmprobe.api import run
+from irmprobe.config import RunConfig
+from tests.conftest import LEXICON_WORDS
+
+POSITIVE = LEXICON_WORDS[:13]
+NEGATIVE = LEXICON_WORDS[13:]
+NEUTRAL = ("the", "and", "was", "of", "to", "in", "it", "with", "for", "on", "that", "her", "his")
+
+SMALL = {
+    "prompts": {"n_heldout": 24},
+    "organism": {"steps": 2, "prompts_per_step": 2, "generations_per_prompt": 2, "max_new_tokens": 8,
+                 "learning_rate": 1e-3},
+    "samples": {"samples_per_prompt": 8, "max_new_tokens": 20, "batch_size": 96},
+    # The residual stream carries each token's identity, which the planted edit rewards.
+    "capture": {"top_k_layers": 2, "batch_size": 32, "hook": "hook_resid_post"},
+    "sae": {"expansion": 2, "training_samples": 16384, "batch_size": 256, "match_expansion": None,
+            "splice_sequences": 0},
+    "irm": {"min_token_count": 1, "n_shuffles": 2, "estimators": ["ridge"], "test_fraction": 0.4},
+    "compare": {"n_bootstrap": 200, "rm_informed": False},
+    "validate": {"enabled": False},
+}
+
+
+def _ids(tokenizer, words) -> list[int]:
+    ids = []
+    for w in words:
+        enc = tokenizer.encode(" " + w, add_special_tokens=False)
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return ids
+
+
+def _word_tokens(tok) -> list[str]:
+    """Whole words the tiny tokenizer holds as one space-led token, in a fixed order."""
+    words = sorted({tok.decode([i]).strip() for i in range(len(tok)) if tok.decode([i]).startswith(" ")
+                    and tok.decode([i])[1:].isalpha() and len(tok.decode([i])) >= 4})
+    return [w for w in words if len(tok.encode(" " + w, add_special_tokens=False)) == 1]
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_tokenizer_dir, tmp_path_factory):
+    """A base model and tuned copies that add a known logit bias to a chosen token set.
+
+    The unembedding rows of the planted tokens get a component along a direction ``u`` the base
+    model's residual stream barely has; the tuned model's last MLP writes ``c * u`` at every
+    position, so exactly those tokens' logits rise (``+u`` rows) or fall (``-u`` rows).
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("planted")
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    words = [w for w in _word_tokens(tok) if w not in LEXICON_WORDS and w not in NEUTRAL]
+    rng = np.random.default_rng(0)
+    extra = list(rng.permutation(words)[:60])
+    positive, negative = list(POSITIVE) + extra[:20], list(NEGATIVE) + extra[20:40]
+    neutral = list(NEUTRAL) + extra[40:60]
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0, tie_word_embeddings=False, mlp_bias=True)
+    base = LlamaForCausalLM(cfg)
+    pos, neg, neu = _ids(tok, positive), _ids(tok, negative), _ids(tok, neutral)
+    u, u2 = torch.nn.functional.normalize(torch.randn(2, cfg.hidden_size), dim=-1)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.mlp.down_proj.bias.zero_()
+        W = base.lm_head.weight
+        W[pos] += 0.5 * u
+        W[neg] -= 0.5 * u
+        W[neu] += 0.5 * u2
+    dirs = {"base": root / "base"}
+    base.save_pretrained(dirs["base"])
+    tok.save_pretrained(dirs["base"])
+    for name, d in {"positive": u, "negated": -u, "unrelated": u2}.items():
+        tuned = LlamaForCausalLM(cfg)
+        tuned.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            tuned.model.layers[1].mlp.down_proj.bias.copy_(0.5 * d)
+        dirs[name] = root / name
+        tuned.save_pretrained(dirs[name])
+        tok.save_pretrained(dirs[name])
+    lexicon = root / "lexicon.tsv"
+    lexicon.write_text("".join(f"{w}\t2.0\n" for w in positive) + "".join(f"{w}\t-2.0\n" for w in negative))
+    return dirs, lexicon, {"positive": pos, "negated": neg, "unrelated": neu}
+
+
+def _run(tmp_path, dirs, lexicon, name):
+    data = json.loads(json.dumps(SMALL))
+    data["pair"] = {"base": str(dirs["base"])} | ({"null": True} if name == "null" else {"tuned": str(dirs[name])})
+    data["reward"] = {"kind": "lexicon", "path": str(lexicon)}
+    data["report"] = {"out_dir": str(tmp_path / name), "wandb_mode": "disabled"}
+    return run(RunConfig.from_dict(data), echo=lambda _: None)
+
+
+def test_planted_organisms_get_three_different_verdicts_and_the_null_pair_zero(planted, tmp_path):
+    dirs, lexicon, raised = planted
+    outcomes = {}
+    for name, expected in (("positive", "agrees"), ("negated", "opposes"), ("unrelated", "unrelated")):
+        result = _run(tmp_path, dirs, lexicon, name)
+        m = result.metrics
+        # The behavioural IRM ranks the planted tokens first among the held-out tokens (AUROC).
+        lr = result.results["fit"].token_map("log_ratio (no model)")
+        tokens = sorted(lr)
+        labels = np.array([t in set(raised[name]) for t in tokens])
+        assert labels.sum() >= 3, name
+        auroc = roc_auc_score(labels, [lr[t] for t in tokens])
+        assert auroc >= 0.9, (name, auroc)
+        outcomes[name] = (m.primary.outcome, m.primary.z, m.view("log_ratio (no model)").tau, m.primary.tau,
+                          m.primary.control_taus)
+        assert m.primary.outcome == expected, (name, outcomes[name], m.verdict)
+        assert m.control[0].matched is False and "recipe is unknown" in m.control[0].note  # a given tuned model
+    assert outcomes["positive"][2] > 0.5 and outcomes["negated"][2] < -0.5
+    verdicts = {name: " ".join(_run(tmp_path / "again", dirs, lexicon, name).metrics.verdict) for name in outcomes}
+    assert "learned the RM" in verdicts["positive"] and "AGAINST" in verdicts["negated"]
+    assert "UNRELATED" in verdicts["unrelated"]
+    null = _run(tmp_path, dirs, lexicon, "null").metrics
+    assert all(r.is_zero for r in null.agreement if r.family == "behavioural")
+    assert null.verdict[0].startswith("null organism")

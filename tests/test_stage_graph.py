@@ -1,0 +1,153 @@
+"""The stage graph: keys follow declarations, the runner orders/forces/verifies, the CLI is generated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from irmprobe.config import RunConfig, Runtime
+from irmprobe.pipeline.runner import CacheError, Runner, mark_done, verify
+from irmprobe.pipeline.stage import Context, Sections, Stage, declared_values
+from irmprobe.pipeline.stages import GRAPH, STAGES
+from irmprobe.rewards import RandomRM
+
+_STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.device": "cuda", "pair.dtype": "bfloat16",
+            "organism.method": "grpo", "capture.hook": "hook_resid_post", "capture.rank_layers_by": "relative",
+            "sae.architecture": "topk", "irm.inputs": "diff", "validate.judge": "local", "validate.ablation": "mean",
+            "report.wandb_mode": "offline", "llm.base_url": "http://127.0.0.1:9/v1", "irm.estimators": ("lasso",),
+            "irm.alphas": (3.0,)}
+
+
+def _changed(config: RunConfig, section: str, name: str, tmp_path) -> RunConfig | None:
+    """``config`` with one field changed to another valid value (None when no candidate is valid)."""
+    current = getattr(getattr(config, section), name) if section != "seed" else config.seed
+    dotted = f"{section}.{name}"
+    text_file = tmp_path / f"{name}.txt"
+    text_file.write_text("one line of text\nanother line\n")
+    if dotted in _STRINGS:
+        candidates = [_STRINGS[dotted]]
+    elif isinstance(current, bool):
+        candidates = [not current]
+    elif isinstance(current, int):
+        candidates = [current + 1, current * 2, max(1, current - 1)]
+    elif isinstance(current, float):
+        candidates = [current * 2, current / 2, current + 0.1]
+    elif isinstance(current, str):
+        candidates = [current + "x"]
+    else:  # None: a file path, a number or a string
+        candidates = [str(text_file), 10, 1.0]
+    for value in candidates:
+        data = config.to_dict()
+        if section == "seed":
+            data["seed"] = value
+        else:
+            data[section][name] = list(value) if isinstance(value, tuple) else value
+        try:
+            new = RunConfig.from_dict(data)
+        except (ValueError, TypeError):
+            continue
+        if new != config:
+            return new
+    return None
+
+
+def _declared(stage: Stage, section: str, name: str) -> bool:
+    return section in stage.reads or f"{section}.{name}" in stage.reads
+
+
+def test_each_declared_field_changes_its_stages_key_and_no_other(tmp_path):
+    config = RunConfig()
+    ctx = Context(RandomRM(0), Runtime(), ["a prompt"], ["a held-out prompt"])
+    keys = {s.name: s.key(config, ctx, ["input"]) for s in GRAPH}
+    fields = {(r.split(".")[0], f.name) for s in GRAPH for r in s.reads if r != "seed"
+              for f in dataclasses.fields(getattr(config, r.split(".")[0]))
+              if "." not in r or r.split(".", 1)[1] == f.name} | {("seed", "seed")}
+    checked = 0
+    for section, name in sorted(fields):
+        changed = _changed(config, section, name, tmp_path)
+        assert changed is not None, f"no valid alternative value for {section}.{name}"
+        for stage in GRAPH:
+            moved = stage.key(changed, ctx, ["input"]) != keys[stage.name]
+            reads = stage.reads if section != "seed" else stage.reads
+            declared = "seed" in reads if section == "seed" else _declared(stage, section, name)
+            assert moved == declared, f"{section}.{name}: key of {stage.name} moved={moved}, declared={declared}"
+        checked += 1
+    assert checked >= 60  # every field of every declared section, one at a time
+
+
+def test_a_stage_cannot_read_what_it_did_not_declare():
+    cfg = Sections(RunConfig(), ("irm.inputs", "seed"))
+    assert cfg.irm.inputs == "tuned" and cfg.seed == 0
+    with pytest.raises(AttributeError, match="did not declare irm.alphas"):
+        cfg.irm.alphas
+    with pytest.raises(AttributeError, match="did not declare 'sae'"):
+        cfg.sae
+    with pytest.raises(ValueError, match="not a field of RunConfig.irm"):
+        declared_values(RunConfig(), ("irm.nope",))
+
+
+class _Counter(Stage):
+    """A fake stage: its result is its name and its inputs' results, and it counts its runs."""
+
+    runs: dict = {}
+
+    def __init__(self, name, needs=(), reads=()):
+        self.name, self.needs, self.reads = name, needs, reads
+
+    def run(self, cfg, ctx, inputs, out):
+        _Counter.runs[(ctx.branch.name, self.name)] = _Counter.runs.get((ctx.branch.name, self.name), 0) + 1
+        (out / "value.txt").write_text(self.name + "".join(sorted(str(v) for v in inputs.values())))
+        return (out / "value.txt").read_text()
+
+    def load(self, cfg, ctx, inputs, out):
+        return (out / "value.txt").read_text()
+
+
+def _graph():
+    joint = _Counter("joint", needs=("b",))
+    joint.control_needs = ("b",)
+    return [_Counter("a", reads=("seed",)), _Counter("b", needs=("a",), reads=("irm.alphas",)), joint]
+
+
+def test_runner_orders_reuses_forces_with_cascade_and_runs_controls_only_when_needed():
+    from irmprobe.pipeline.stage import Branch
+
+    _Counter.runs = {}
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lambda _: None)
+    controls = [ctx.for_branch(Branch("control-0", RandomRM(1)))]
+    Runner(_graph(), RunConfig(), ctx, controls, until="b").run()
+    assert set(_Counter.runs) == {("organism", "a"), ("organism", "b")}  # until=b: no control yet
+    runner = Runner(_graph(), RunConfig(), ctx, controls)
+    runner.run()
+    assert runner.status == {"a": "reused", "b": "reused", "control-0/a": "ran", "control-0/b": "ran", "joint": "ran"}
+    runner = Runner(_graph(), RunConfig(), ctx, controls, force=("b",))
+    runner.run()
+    assert runner.status["a"] == "reused" and runner.status["b"] == "ran" and runner.status["joint"] == "ran"
+    assert runner.status["control-0/b"] == "ran" and runner.status["control-0/a"] == "reused"
+    with pytest.raises(ValueError, match="unknown stage 'c'"):
+        Runner(_graph(), RunConfig(), ctx, controls, force=("c",))
+
+
+def test_completion_marker_checksums_catch_a_changed_file(tmp_path):
+    stage = _Counter("a")
+    (tmp_path / "value.txt").write_text("a")
+    mark_done(tmp_path, stage, "k1")
+    assert verify(tmp_path, "k1") and not verify(tmp_path, "k2")
+    (tmp_path / "value.txt").write_text("b")
+    with pytest.raises(CacheError, match="checksum mismatch.*--force a"):
+        verify(tmp_path, "k1")
+
+
+def test_cli_is_generated_from_the_stage_declarations(capsys):
+    from irmprobe.cli import build_parser, reads_of
+
+    parser = build_parser()
+    for name in STAGES:
+        if name != "report":
+            assert parser.parse_args([name]).until == name
+    assert "irm.inputs" in reads_of("saes") and "irm.alphas" not in reads_of("saes")
+    assert set(reads_of("fit")) >= {"irm", "compare.n_triples", "sae", "organism"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--force", "sae"])
+    assert "invalid choice: 'sae'" in capsys.readouterr().err

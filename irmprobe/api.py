@@ -45,6 +45,8 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
     from irmprobe.pipeline.stages import GRAPH
     from irmprobe.rewards import reward_model
 
+    if until is None or until == "report":
+        preflight(config)
     seed_everything(config.seed)
     rm = reward if reward is not None else reward_model(config.reward, device=config.pair.device)
     pc = config.prompts
@@ -61,6 +63,33 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
     else:
         echo(f"stopped after stage {until!r} (as asked); its output is cached, and a full run reuses it")
     return RunResult(metrics, path, results, dict(runner.status), dict(runner.seconds), ctx)
+
+
+def preflight(config: RunConfig) -> None:
+    """Fail before the first stage on what would only fail after the last: where the report goes, W&B login.
+
+    Raises:
+        ValueError: ``report.out_dir`` is not a writable directory, or W&B is set online with no key.
+    """
+    import os
+    import tempfile
+
+    from irmprobe.reporting import wandb_mode
+
+    out = Path(config.report.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"report.out_dir {str(out)!r} is a file, not a directory: point it at a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ValueError(f"report.out_dir {str(out)!r} is not writable ({exc.strerror}): choose another directory")
+    if wandb_mode(config.report.wandb_mode) == "online" and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+            raise ValueError("report.wandb_mode is online but no W&B key is configured: run `wandb login`, set "
+                             "WANDB_API_KEY, or use report.wandb_mode=offline (sync later with `wandb sync`)")
 
 
 class FittedIRM:
@@ -96,8 +125,15 @@ class FittedIRM:
         irm = np.asarray((X.multiply(1.0 / scale) if hasattr(X, "multiply") else X / scale) @ self.coef).ravel()
         irm = irm + self.intercept
         order = np.argsort(cap.position)
-        return [{"token": self.pair.tokenizer.decode([int(cap.token_ids[i])]), "irm": float(irm[i]),
-                 "log_ratio": float(cap.log_ratio[i]), "rm": self.rm_map.get(int(cap.token_ids[i]))} for i in order]
+        pieces = [self.pair.tokenizer.decode([int(cap.token_ids[i])]) for i in order]
+        out = []
+        for j, i in enumerate(order):
+            # The RM counts whole words: a piece inside a longer word ("ff" in "staff") gets no RM value.
+            nxt = pieces[j + 1] if j + 1 < len(pieces) else " "
+            whole = (j == 0 or pieces[j][:1] in (" ", "\n")) and (not nxt[:1].isalnum())
+            out.append({"token": pieces[j], "irm": float(irm[i]), "log_ratio": float(cap.log_ratio[i]),
+                        "rm": self.rm_map.get(int(cap.token_ids[i])) if whole else None})
+        return out
 
     def score(self, texts: list[str]) -> list[dict]:
         """Each text's IRM score (sum of token values), log-ratio sum, and RM reward."""

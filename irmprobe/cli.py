@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from irmprobe.config import RunConfig, field_docs
@@ -226,8 +227,26 @@ def main(argv: list[str] | None = None) -> int:
 
     until = args.until
     echo = (lambda line: None) if args.quiet else print
-    if not args.verbose:
-        os.environ.setdefault("IRMPROBE_TRL_QUIET", "1")
+    if args.verbose:
+        os.environ["IRMPROBE_TRL_VERBOSE"] = "1"  # TRL's per-step dicts on the terminal too
+    else:
+        # Library messages (TRL's per-step logs among them) go to the run's log file, not the terminal.
+        logger = logging.getLogger("irmprobe")
+        try:
+            out_dir = Path(config.report.out_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(out_dir / "irmprobe.log")
+        except OSError:
+            handler = None  # the run's pre-flight check says what is wrong with report.out_dir
+        if handler is not None:
+            handler.setLevel(logging.INFO)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            terminal = logging.StreamHandler()
+            terminal.setLevel(logging.WARNING)
+            logger.addHandler(handler)
+            logger.addHandler(terminal)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False  # INFO reaches the file only
     try:
         result = run(config, until=until, force=tuple(args.force), echo=echo)
     except ValueError as exc:
@@ -239,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         print("irmprobe: interrupted; completed stages are cached, so running the same command again resumes",
               file=sys.stderr)
         return 130
+    finally:
+        if not args.verbose:
+            logger = logging.getLogger("irmprobe")
+            for h in list(logger.handlers):
+                logger.removeHandler(h)
+                h.close()
+            logger.propagate = True
     if result.metrics_path is None:
         print(f"stopped after stage {until!r}; its output is cached (irmprobe run reuses it)")
     else:

@@ -194,8 +194,57 @@ def _trainer_args(config: OrganismConfig, work: Path, seed: int, device: str) ->
     )
 
 
+def _one_line_progress():
+    """A trainer callback: one progress bar with the latest reward and KL; TRL's per-step dicts go to the log.
+
+    Replaces transformers' ProgressCallback (which prints every logged dict on the terminal) unless
+    ``IRMPROBE_TRL_VERBOSE`` is set (``irmprobe --verbose``).
+    """
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class OneLine(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = tqdm(total=state.max_steps, desc="organism", leave=False)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            log.info("organism step %s: %s", state.global_step, logs)
+            shown = {k: f"{float(logs[k]):+.3f}" for k in ("reward", "kl", "loss") if k in logs}
+            if shown and self.bar is not None:
+                self.bar.set_postfix(shown)
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+
+    return OneLine()
+
+
+def _quiet(trainer):
+    import os
+
+    if not os.environ.get("IRMPROBE_TRL_VERBOSE"):
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(_one_line_progress())
+    return trainer
+
+
 def _make_trainer(config: OrganismConfig, model, tokenizer, rm: RewardModel, prompts: list[str], work: Path,
                   seed: int, device: str, callbacks, dpo_pairs: list[dict] | None):
+    return _quiet(_build_trainer(config, model, tokenizer, rm, prompts, work, seed, device, callbacks, dpo_pairs))
+
+
+def _build_trainer(config: OrganismConfig, model, tokenizer, rm: RewardModel, prompts: list[str], work: Path,
+                   seed: int, device: str, callbacks, dpo_pairs: list[dict] | None):
     from datasets import Dataset
 
     common = _trainer_args(config, work, seed, device)

@@ -187,13 +187,13 @@ def discovery_section(d: dict) -> list[str]:
 
 def pairwise_lines(rows: list[dict]) -> list[str]:
     """The pairwise-accuracy table: each scorer's accuracy (Wilson 95% CI) and agreement with the RM's choice."""
-    lines = [f"{'scorer':<34} {'accuracy':>8} {'95% CI':>15} {'pairs':>6} {'ties':>5} {'agrees w/ RM':>12} "
+    lines = [f"{'scorer':<36} {'accuracy':>8} {'95% CI':>15} {'pairs':>6} {'ties':>5} {'agrees w/ RM':>12} "
              f"{'95% CI':>15}"]
     label = {"sae_irm": "sae_irm (IRM text score)", "log_ratio_sum": "log-ratio sum (DPO implicit reward)",
              "rm": "RM (reference)"}
     ci = lambda c: f"[{c[0]:.2f},{c[1]:.2f}]" if c else "-"  # noqa: E731
     for r in rows:
-        lines.append(f"{label.get(r['scorer'], r['scorer']):<34} {_fmt(r['accuracy'], '.3f'):>8} {ci(r['ci']):>15} "
+        lines.append(f"{label.get(r['scorer'], r['scorer']):<36} {_fmt(r['accuracy'], '.3f'):>8} {ci(r['ci']):>15} "
                      f"{r['n']:>6} {r['n_ties']:>5} {_fmt(r['agreement'], '.3f'):>12} {ci(r['agreement_ci']):>15}")
     return lines
 

@@ -52,3 +52,13 @@ def test_every_shipped_config_parses():
         RunConfig.from_yaml(path)  # raises ValueError naming the field if any is wrong
     assert RunConfig.from_yaml(ROOT / "configs" / "gpt2-imdb.yaml").reward.kind == "classifier"
     assert RunConfig.from_yaml(ROOT / "configs" / "pythia70m-vader.yaml").capture.top_k_layers == 5
+
+
+def test_metrics_json_schema_is_current():
+    import json
+
+    from irmprobe.results import json_schema
+
+    assert json.loads((ROOT / "docs" / "metrics.schema.json").read_text()) == json_schema(), (
+        "docs/metrics.schema.json is stale: regenerate it with python -c \"import json; from irmprobe.results "
+        "import json_schema; open('docs/metrics.schema.json','w').write(json.dumps(json_schema(), indent=2)+'\\n')\"")

@@ -36,6 +36,9 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
     result = run(_config(tmp_path, base=str(model_dir)), echo=lines.append)
     m = json.loads(result.metrics_path.read_text())
     assert m["kind"] == "irmprobe-metrics" and m["schema_version"] == 2
+    from irmprobe.results import RunMetrics
+
+    assert RunMetrics.from_json(m).to_json() == m  # the typed metrics round-trip through metrics.json
     assert m["organism"]["reused"] is False
     assert len(m["layers"]["chosen"]) == 2
     assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, l) for k in ("base", "tuned") for l in (0, 1)}

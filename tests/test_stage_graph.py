@@ -151,3 +151,38 @@ def test_cli_is_generated_from_the_stage_declarations(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--force", "sae"])
     assert "invalid choice: 'sae'" in capsys.readouterr().err
+
+
+def test_corrupted_sae_weights_and_a_deleted_shard_are_recomputed_alone(tiny_llama_dir, tmp_path):
+    import json as _json
+    from pathlib import Path
+
+    import numpy as np
+
+    from irmprobe.api import run
+    from tests.test_pipeline import TINY
+
+    data = _json.loads(_json.dumps(TINY)) | {"pair": {"base": str(tiny_llama_dir)},
+                                             "report": {"out_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"}}
+    config = RunConfig.from_dict(data)
+    first = run(config, until="saes", echo=lambda _: None)
+    rows = first.results["saes"].record.rows
+    weights = Path(first.results["saes"].record.paths["tuned.0"]) / "sae_weights.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-64:] = bytes(b ^ 0xFF for b in blob[-64:])  # flip bits inside the tensor data
+    weights.write_bytes(bytes(blob))
+    lines = []
+    again = run(config, until="saes", echo=lines.append)
+    assert again.stage_status["saes"] == "ran" and again.stage_status["capture"] == "reused"
+    assert any("tuned.0 are missing or corrupted" in line and "retraining" in line for line in lines)
+    # Retrained with the same seed: the same SAE, and every other SAE was reused untouched.
+    assert [r["explained_variance"] for r in again.results["saes"].record.rows] == [r["explained_variance"] for r in rows]
+    store = Path(first.results["capture"].layers and again.results["saes"].record.paths["tuned.0"]).parent
+    capture_dir = next((tmp_path / "cache" / "stages" / "capture").iterdir())
+    shard = sorted(capture_dir.glob("shard-*.safetensors"))[0]
+    shard.unlink()
+    lines = []
+    third = run(config, until="capture", echo=lines.append)
+    assert third.stage_status["capture"] == "ran" and any("missing or corrupted" in line for line in lines)
+    assert np.array_equal(third.results["capture"].acts["tuned.0"], first.results["capture"].acts["tuned.0"])
+    assert store.is_dir()

@@ -14,8 +14,17 @@ from irmprobe.pipeline.stage import Stage
 from irmprobe.results import Record, ViewRow
 
 
+WEIGHTS = "sae_weights.safetensors"
+
+
 def _read(out: Path, name: str = "result.json") -> dict:
     return json.loads((out / name).read_text())
+
+
+def _sha256(path: Path) -> str:
+    from irmprobe.pipeline.runner import _sha256 as sha
+
+    return sha(path)
 
 
 def _pair(ctx, inputs):
@@ -35,6 +44,8 @@ class SAERecord(Record):
     layer_rows: list[dict]
     paths: dict
     """``"tuned.9"`` -> directory of the SAELens SAE."""
+    checksums: dict = field(default_factory=dict)
+    """``"tuned.9"`` -> sha256 of its weights file, checked whenever the SAE is reused."""
 
 
 @dataclass
@@ -46,7 +57,7 @@ class SAEs:
 
 
 class SAEStage(Stage):
-    name, version = "saes", 4
+    name, version = "saes", 5
     reads = ("sae", "seed", "irm.inputs", "pair.device")
     needs = ("organism", "samples", "capture")
 
@@ -60,14 +71,26 @@ class SAEStage(Stage):
                                                  seed=cfg.seed, capture_key=ctx.input_keys["capture"],
                                                  meta=inputs["organism"], device=ctx.runtime.device,
                                                  diagnostics=ctx.branch.diagnostics, force=ctx.forced)
-        record = SAERecord(rows, layer_rows, paths)
+        sums = {k: _sha256(Path(p) / WEIGHTS) for k, p in paths.items()}
+        record = SAERecord(rows, layer_rows, paths, sums)
         write_json(out / "result.json", record.to_json())
         return SAEs(record, saes)
 
     def load(self, cfg, ctx, inputs, out):
+        import shutil
+
         from irmprobe.features import load_sae
+        from irmprobe.pipeline.runner import CacheError
 
         record = SAERecord.from_json(_read(out))
+        # The weights live in a cache shared across runs: check each file before it is trusted.
+        bad = [k for k, p in record.paths.items() if not (Path(p) / WEIGHTS).is_file()
+               or _sha256(Path(p) / WEIGHTS) != record.checksums.get(k)]
+        if bad:
+            for k in bad:
+                shutil.rmtree(record.paths[k], ignore_errors=True)
+            raise CacheError(f"SAE weights of {', '.join(bad)} are missing or corrupted (checksum mismatch): "
+                             "retraining those SAEs alone")
         saes = {(k.split(".")[0], int(k.split(".")[1])): load_sae(Path(p), device=ctx.runtime.device)
                 for k, p in record.paths.items()}
         return SAEs(record, saes)

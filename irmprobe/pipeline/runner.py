@@ -20,7 +20,11 @@ DONE = "done.json"
 
 
 class CacheError(ValueError):
-    """A cached stage output no longer matches its completion marker."""
+    """A cached stage output no longer matches its completion marker (``bad``: the files at fault)."""
+
+    def __init__(self, message: str, bad: tuple[Path, ...] = ()) -> None:
+        super().__init__(message)
+        self.bad = bad
 
 
 def stage_dir(name: str, key: str) -> Path:
@@ -58,11 +62,11 @@ def verify(directory: Path, key: str) -> bool:
     done = json.loads(marker.read_text())
     if done.get("key") != key:
         return False
-    for rel, digest in done["files"].items():
-        path = directory / rel
-        if not path.is_file() or _sha256(path) != digest:
-            raise CacheError(f"cached output {path} is missing or corrupted (checksum mismatch): delete "
-                             f"{directory} (or run with --force {done['stage']}) and that stage runs again")
+    bad = tuple(directory / rel for rel, digest in done["files"].items()
+                if not (directory / rel).is_file() or _sha256(directory / rel) != digest)
+    if bad:
+        raise CacheError(f"cached output {', '.join(str(p) for p in bad)} is missing or corrupted (checksum "
+                         f"mismatch): the {done['stage']} stage recomputes it", bad)
     return True
 
 
@@ -148,10 +152,18 @@ class Runner:
         cfg = Sections(self.config, stage.reads)
         start = time.perf_counter()
         ctx.echo(f"[{label}] ...")
-        reuse = stage.cached and name not in self.forced and verify(out, key)
-        if reuse:
-            result = stage.load(cfg, ctx, inputs, out)
-        else:
+        reuse, result = False, None
+        if stage.cached and name not in self.forced:
+            try:
+                if verify(out, key):
+                    result, reuse = stage.load(cfg, ctx, inputs, out), True
+            except CacheError as exc:
+                # A resumable stage recomputes only the files at fault; any other stage runs again whole.
+                ctx.echo(f"[{label}] {exc}")
+                (out / DONE).unlink(missing_ok=True)
+                for path in exc.bad:
+                    path.unlink(missing_ok=True)
+        if not reuse:
             if out.exists() and (name in self.forced or not stage.resumable or (out / DONE).is_file()):
                 shutil.rmtree(out)
             if stage.cached:

@@ -186,3 +186,39 @@ def test_corrupted_sae_weights_and_a_deleted_shard_are_recomputed_alone(tiny_lla
     assert third.stage_status["capture"] == "ran" and any("missing or corrupted" in line for line in lines)
     assert np.array_equal(third.results["capture"].acts["tuned.0"], first.results["capture"].acts["tuned.0"])
     assert store.is_dir()
+
+
+@pytest.mark.parametrize("change", [{"steps": 7}, {"method": "grpo"}, {"method": "dpo"}, {"learning_rate": 3e-5},
+                                    {"beta": 0.2}, {"lora_rank": 4}, {"prompts_per_step": 3}])
+def test_the_control_follows_every_organism_setting_and_differs_only_in_its_reward(change, monkeypatch, tmp_path):
+    """The control branch trains with exactly the organism's settings; only the reward it is tuned against differs."""
+    from types import SimpleNamespace
+
+    import irmprobe.organisms as organisms
+    from irmprobe.pipeline.control import control_branches
+    from irmprobe.pipeline.stages import OrganismStage
+
+    calls = []
+
+    def fake_make_organism(base, rm, oc, prompts, **kw):
+        calls.append((rm.describe(), oc, tuple(prompts), kw["seed"]))
+        return SimpleNamespace(path=tmp_path / f"org{len(calls)}", reused=False, seconds=0.0, history=())
+
+    monkeypatch.setattr(organisms, "make_organism", fake_make_organism)
+    config = RunConfig.from_dict({"organism": change})
+    from irmprobe.rewards import reward_model
+
+    ctx = Context(reward_model(config.reward), Runtime(), ["p1", "p2"], ["h1"], echo=lambda _: None)
+    (control,) = control_branches(config, ctx)
+    stage = OrganismStage()
+    keys = []
+    for branch in (ctx, control):
+        out = tmp_path / branch.branch.name
+        out.mkdir()
+        stage.run(Sections(config, stage.reads), branch, {}, out)
+        keys.append(stage.key(config, branch, []))
+    (rm_org, oc_org, prompts_org, seed_org), (rm_ctrl, oc_ctrl, prompts_ctrl, seed_ctrl) = calls
+    assert oc_ctrl == oc_org == config.organism  # same method, steps, lr, beta, batch, LoRA
+    assert (prompts_ctrl, seed_ctrl) == (prompts_org, seed_org)
+    assert rm_ctrl["name"].startswith("random") and rm_ctrl != rm_org
+    assert keys[0] != keys[1]

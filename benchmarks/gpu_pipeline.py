@@ -68,15 +68,16 @@ one H100. Set from the per-stage seconds measured at default settings; not yet t
 
 TINY = {
     "prompts": {"n_heldout": 12},
-    "organism": {"steps": 2, "prompts_per_step": 2, "generations_per_prompt": 2, "max_new_tokens": 8},
-    "samples": {"samples_per_prompt": 2, "max_new_tokens": 12, "batch_size": 48},
+    "organism": {"steps": 2, "prompts_per_step": 2, "generations_per_prompt": 2, "max_new_tokens": 8,
+                 "learning_rate": 1e-3},
+    "samples": {"samples_per_prompt": 4, "max_new_tokens": 16, "batch_size": 48},
     "capture": {"top_k_layers": 2, "batch_size": 16},
-    "sae": {"training_samples": 2048, "batch_size": 256, "splice_sequences": 4},
+    "sae": {"expansion": 2, "training_samples": 4096, "batch_size": 256},
     "irm": {"min_token_count": 1, "n_shuffles": 2},
-    "compare": {"n_bootstrap": 20, "n_triples": 10},
-    "validate": {"top_k": 3, "n_judged": 6, "n_prompts": 4, "samples_per_prompt": 1, "max_new_tokens": 6},
+    "compare": {"n_bootstrap": 50, "n_triples": 20},
+    "validate": {"top_k": 3, "n_judged": 10, "n_prompts": 4, "max_new_tokens": 6},
 }
-"""--tiny: the settings of the tiny end-to-end tests, for a CPU smoke run."""
+"""--tiny: the settings of the tiny end-to-end test (tests/test_pipeline.py), for a CPU smoke run."""
 
 
 def small_tokenizer(directory: Path):
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     reports = [run_shape(shape, args, tokenizer, work) for shape in shapes]
     print(f"\n## irmprobe pipeline on {card} ({args.device}; torch {torch.__version__}; "
-          f"{'--cap' if args.cap else 'default settings'}; tokenizer: {source})\n")
+          f"{'--tiny settings' if args.tiny else '--cap' if args.cap else 'default settings'}; tokenizer: {source})\n")
     for report in reports:
         print("\n".join(table(report)) + "\n")
         print(f"GPU utilisation from: {report['utilisation_source']}; peak GPU memory over the run: "

@@ -278,9 +278,11 @@ def load_model(
             shutil.rmtree(placement["offload_folder"], ignore_errors=True)
         if Path(where).is_dir():  # resolve_spec checked its files: what is left is their contents
             first = (str(exc).strip().splitlines() or [""])[0][:200]
+            placed = (f"; or device_map={device_map!r} / max_memory={max_memory!r} do not fit it (module names "
+                      "and devices)") if placement else ""
             raise ValueError(
                 f"could not load the model in directory {spec!r} ({exc.__class__.__name__}: {first}); "
-                "its files may be damaged or from an unsupported architecture: save or download it again"
+                f"its files may be damaged or from an unsupported architecture: save or download it again{placed}"
             ) from exc
         if not isinstance(exc, OSError):
             raise
@@ -445,19 +447,17 @@ def _paired_parameters(pair: ModelPair):
     from accelerate.utils import align_module_device
 
     tuned_modules = dict(pair.tuned.named_modules())
-    seen = set()
+    listed = {name for name, _ in pair.base.named_parameters()}  # a tied weight is listed once, by its first name
     for prefix, base_module in pair.base.named_modules():
-        own = [(k, p) for k, p in base_module.named_parameters(recurse=False) if id(p) not in seen]
-        if not own:
+        names = [(f"{prefix}.{key}" if prefix else key, key) for key, _ in base_module.named_parameters(recurse=False)]
+        names = [(name, key) for name, key in names if name in listed]
+        if not names:
             continue
         tuned_module = tuned_modules[prefix]
         with align_module_device(base_module), (
                 align_module_device(tuned_module) if tuned_module is not base_module else contextlib.nullcontext()):
-            for key, p_base in base_module.named_parameters(recurse=False):
-                if id(p_base) in seen:
-                    continue  # a tied weight counts once, as named_parameters lists it
-                seen.add(id(p_base))
-                yield (f"{prefix}.{key}" if prefix else key), p_base, getattr(tuned_module, key)
+            for name, key in names:
+                yield name, getattr(base_module, key), getattr(tuned_module, key)
 
 
 def _block_index(name: str) -> int | None:

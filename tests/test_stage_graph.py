@@ -16,6 +16,7 @@ _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.devic
             "organism.method": "grpo", "capture.hook": "hook_resid_post", "capture.rank_layers_by": "relative",
             "sae.architecture": "topk", "irm.inputs": "diff", "validate.judge": "local", "validate.ablation": "mean",
             "report.wandb_mode": "offline", "llm.base_url": "http://127.0.0.1:9/v1", "irm.estimators": ("lasso",),
+            "capture.patching_kind": "resid_post", "irm.positions": ("reader",),
             "irm.alphas": (3.0,)}
 
 
@@ -135,7 +136,7 @@ def test_completion_marker_checksums_catch_a_changed_file(tmp_path):
     mark_done(tmp_path, stage, "k1")
     assert verify(tmp_path, "k1") and not verify(tmp_path, "k2")
     (tmp_path / "value.txt").write_text("b")
-    with pytest.raises(CacheError, match="checksum mismatch.*--force a"):
+    with pytest.raises(CacheError, match="checksum mismatch.*the a stage recomputes it"):
         verify(tmp_path, "k1")
 
 

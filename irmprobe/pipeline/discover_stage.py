@@ -137,9 +137,10 @@ class DiscoverStage(Stage):
                                 n_bootstrap=dc.n_bootstrap, alpha=dc.alpha, seed=cfg.seed, decode=decode)
         found_concepts = []
         if cfg.irm.inputs != "raw" and found.discoveries:
-            X, names = probe_inputs(cfg.irm.inputs, capture.acts, saes, inputs["layers"].chosen)
+            acts = {k: v[held] for k, v in capture.acts.items()}
+            X, names = probe_inputs(cfg.irm.inputs, acts, saes, inputs["layers"].chosen)
             found_concepts = [{k: list(v) if isinstance(v, tuple) else v for k, v in c.to_dict().items()}
-                              for c in concepts(found, X[held], fit.coef, tokens, rm_rows, names, n=dc.n_concepts,
+                              for c in concepts(found, X, fit.coef, tokens, rm_rows, names, n=dc.n_concepts,
                                                 categories=UNEXPLAINED)]
         try:
             variance = rm_variance_share(irm, rm_rows, groups=groups, seed=cfg.seed)

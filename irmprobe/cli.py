@@ -198,8 +198,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':<22} {entry.get('description', '')}")
         return 0
     if args.command == "report":
-        from pathlib import Path
-
         from irmprobe.reporting import write_html
 
         from irmprobe.results import RunMetrics

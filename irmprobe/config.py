@@ -182,7 +182,7 @@ class CaptureConfig:
 
     top_k_layers: int = 3
     """Keep the k blocks whose weights changed most."""
-    rank_layers_by: str = "absolute"
+    rank_layers_by: str = "patching"
     """Rank blocks by weight divergence, ``absolute`` (the paper's) or ``relative`` to the base weights' norm, or
     by ``patching``: the share of KL(tuned || base) removed by patching the base's activation into the tuned model."""
     hook: str = "hook_mlp_out"
@@ -445,10 +445,14 @@ class Runtime:
     """Weights dtype."""
     trust_remote_code: bool = False
     """Allow model repositories to run their own code."""
+    device_map: str | None = None
+    """Split each model across devices with accelerate (see ``PairConfig.device_map``)."""
+    max_memory: dict | None = None
+    """With ``device_map``: accelerate's budget per device."""
 
     @classmethod
     def of(cls, pair: PairConfig) -> Runtime:
-        return cls(pair.device, pair.dtype, pair.trust_remote_code)
+        return cls(pair.device, pair.dtype, pair.trust_remote_code, pair.device_map, pair.max_memory)
 
 
 @dataclass(frozen=True)

@@ -404,7 +404,9 @@ def plain_models(pair, *, device: str = "cpu", dtype: str = "float32", trust_rem
 
     if not (is_bridged(pair.base) or is_bridged(pair.tuned)):
         return pair.base, pair.tuned
-    load = lambda spec: load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)[0]  # noqa: E731
+    def load(spec):
+        return load_model(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)[0]
+
     base = load(pair.base_spec)
     return base, (base if pair.is_null else load(pair.tuned_spec))
 
@@ -416,19 +418,19 @@ def _floats(values) -> list[float | None]:
 def layer_choice(base, tuned, token_ids, top_k: int, kind: str, weight_ranking, *, batch_size: int = 16) -> dict:
     """Choose ``top_k`` blocks by the share of KL(tuned || base) that patching ``kind`` removes.
 
-    Measures single-block patches of every block for both hook kinds (one batched pass each), and
-    the cumulative curve of the top 1 .. top_k + 2 blocks of the ``kind`` ranking.
+    Measures single-block patches of every block (one batched pass each) and the cumulative curve
+    of the top 1 .. top_k + 2 blocks: about ``n_layers + top_k + 6`` forwards of the stream in all.
 
     Returns:
         A JSON-ready dict: ``chosen`` (ascending), ``ranking`` and ``weight_ranking`` (best first),
-        ``shares`` (hook kind -> metric -> per-block share, NaN as None), the unpatched ``kl`` and
+        ``shares`` (``kind`` -> metric -> per-block share, NaN as None), the unpatched ``kl`` and
         ``log_ratio``, ``curve`` and the printable ``table``.
     """
     _check_kind(kind)
     n_layers = int(base.config.num_hidden_layers)
     if not 1 <= top_k <= n_layers:
         raise ValueError(f"top_k must be between 1 and the number of layers ({n_layers}), got {top_k}")
-    result = patching_effects(base, tuned, token_ids, range(n_layers), batch_size=batch_size)
+    result = patching_effects(base, tuned, token_ids, range(n_layers), hook_kinds=(kind,), batch_size=batch_size)
     curve = cumulative_curve(base, tuned, token_ids, result, kind, max_blocks=min(top_k + 2, n_layers),
                              batch_size=batch_size)
     order = ranking(result, kind)

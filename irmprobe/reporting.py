@@ -133,14 +133,15 @@ def summary_lines(metrics) -> list[str]:
             lines.append(f"  {r['feature']:<14} w {r['weight']:+.4f} {'FLAGGED' if r['relevant'] else '       '} "
                          f"{r['explanation'][:90]}")
     if val and val.get("ablation"):
-        lines.append("== ablation in the tuned model (RM reward of continuations; change paired by prompt & sample) ==")
-        lines.append(f"{'set':<34} {'mode':<14} {'n':>3} {'reward':>8} {'95% CI':>17} {'change':>8} {'95% CI':>17}")
+        lines.append("== ablation in the tuned model (RM reward of continuations, paired by prompt & sample; share = "
+                     "(tuned - row) / (tuned - base): the share of the reward gain the row removes, 95% bootstrap CI) ==")
+        lines.append(f"{'set':<44} {'mode':<6} {'n':>3} {'reward':>8} {'95% CI':>17} {'share':>7} {'95% CI':>17}")
         for r in val["ablation"]:
-            rw, ch = r["reward"], r["change"]
-            ch_text = (f"{ch['mean']:>+8.3f} {'[' + format(ch['ci'][0], '+.3f') + ',' + format(ch['ci'][1], '+.3f') + ']':>17}"
-                       if ch else f"{'-':>8} {'-':>17}")
-            lines.append(f"{r['set'][:34]:<34} {r['mode']:<14} {r['n_features']:>3} {rw['mean']:>+8.3f} "
-                         f"{'[' + format(rw['ci'][0], '+.3f') + ',' + format(rw['ci'][1], '+.3f') + ']':>17} {ch_text}")
+            rw, g = r["reward"], r.get("gain_share")
+            g_text = (f"{g['share']:>+7.2f} {'[' + format(g['ci'][0], '+.2f') + ',' + format(g['ci'][1], '+.2f') + ']':>17}"
+                      if g else f"{'-':>7} {'-':>17}")
+            lines.append(f"{r['set'][:44]:<44} {r['mode'][:6]:<6} {r['n_features']:>3} {rw['mean']:>+8.3f} "
+                         f"{'[' + format(rw['ci'][0], '+.3f') + ',' + format(rw['ci'][1], '+.3f') + ']':>17} {g_text}")
     lines.append("== verdict ==")
     lines.extend(metrics["verdict"])
     lines.append("== stage times (s; * = reused from the cache) ==")
@@ -345,9 +346,11 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                   for r in val["judged"]])
     if val.get("ablation"):
         cols = ["set", "mode", "n_features", "reward", "reward_ci_low", "reward_ci_high", "change", "change_ci_low",
-                "change_ci_high"]
+                "change_ci_high", "gain_share", "gain_share_ci_low", "gain_share_ci_high"]
         out["ablation"] = (cols, [[r["set"], r["mode"], r["n_features"], r["reward"]["mean"], *r["reward"]["ci"],
-                                   *((r["change"]["mean"], *r["change"]["ci"]) if r["change"] else (None, None, None))]
+                                   *((r["change"]["mean"], *r["change"]["ci"]) if r["change"] else (None, None, None)),
+                                   *((r["gain_share"]["share"], *r["gain_share"]["ci"]) if r.get("gain_share")
+                                     else (None, None, None))]
                                   for r in val["ablation"]])
     return out
 

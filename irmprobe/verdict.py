@@ -103,18 +103,7 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
     for c in m.control:
         if not c.matched:
             out.append(f"{c.branch}: not known to match the organism: {c.note or 'its settings differ'}.")
-    val = m.validation or {}
-    rows = {r["set"]: r for r in val.get("ablation") or []}
-    top = next((r for name, r in rows.items() if name.startswith("irm_top")), None)
-    rand = next((r for name, r in rows.items() if name.startswith("random")), None)
-    if top and rand and top["change"] and rand["change"]:
-        lowered = top["change"]["ci"][1] < rand["change"]["ci"][0]
-        out.append(f"ablating the IRM's top {top['n_features']} features changed reward by {top['change']['mean']:+.3f} "
-                   f"(95% CI {top['change']['ci'][0]:+.3f}..{top['change']['ci'][1]:+.3f}); {rand['n_features']} random "
-                   f"features: {rand['change']['mean']:+.3f}. " + (
-                       "The IRM's features carry reward causally (CIs apart)." if lowered else
-                       "No causal effect beyond the random control (these reader-side features read tokens the "
-                       "model already wrote)."))
+    out += ablation_lines(m.validation or {})
     informed = [r.name for r in m.agreement if r.family == "rm_informed" and r.tau is not None]
     if informed:
         out.append("RM-informed views (" + ", ".join(informed) + ") use RM labels: they show the RM is decodable from "
@@ -147,4 +136,33 @@ def discovery_lines(d: dict) -> list[str]:
     if not out:
         out.append(f"discovery: no token the RM values at zero or against its sign passes the FDR threshold "
                    f"(q < {d['alpha']:g}; {d['n_tested']} tokens tested{against}): nothing found beyond the RM.")
+    return out
+
+
+def ablation_lines(val: dict) -> list[str]:
+    """What the causal checks show: each targeted set's share of the reward gain removed against random features."""
+    rows = val.get("ablation") or []
+    gain = next((r["gain_share"] for r in rows if r["set"] == "none" and r.get("gain_share")), None)
+    if gain is None:
+        return ["no causal check applies: the tuned model's reward gain over the base is not positive on the "
+                "ablation prompts." if rows else ""][: 1 if rows else 0]
+    rand = {r["n_features"]: r["gain_share"] for r in rows if r["set"].startswith("random") and r.get("gain_share")}
+    out = []
+    for r in rows:
+        g = r.get("gain_share")
+        if not g or not (r["set"].startswith(("decision_top", "irm_top", "patching bound"))):
+            continue
+        text = f"{r['set'].split(' (')[0]} removes {g['share']:+.2f} [{g['ci'][0]:+.2f}, {g['ci'][1]:+.2f}] of the gain"
+        control = rand.get(r["n_features"])
+        if r["set"].startswith("patching bound"):
+            text += (" (upper bound: the chosen layers carry most of it)." if g["ci"][0] >= 0.5 else
+                     " (upper bound: the chosen layers carry less than half of it; the change is spread elsewhere).")
+        elif control is not None:
+            apart = g["ci"][0] > control["ci"][1]
+            text += (f", above {r['n_features']} random features ({control['share']:+.2f}, CIs apart): these features "
+                     "carry the reward causally." if apart else
+                     f", not above {r['n_features']} random features ({control['share']:+.2f}).")
+            if r["set"].startswith("irm_top"):
+                text += " Reader-side features read tokens already written, so a null here is expected."
+        out.append(text)
     return out

@@ -70,7 +70,7 @@ def _layers(planted, tmp_path, **capture):
                   resources={("pair", "base", "tuned"): planted["pair"]})
     inputs = {"organism": OrganismResult("base", "tuned", "planted", "planted organism", {}),
               "samples": SimpleNamespace(token_ids=planted["stream"])}
-    out = tmp_path / capture.get("rank_layers_by", "absolute")
+    out = tmp_path / "-".join(f"{k}={v}" for k, v in capture.items())
     out.mkdir()
     result = stage.run(cfg, ctx, inputs, out)
     assert stage.load(cfg, ctx, inputs, out) == result  # the JSON round-trip keeps every field
@@ -85,7 +85,7 @@ def test_layers_by_patching_choose_the_planted_block_that_weight_divergence_miss
     assert p["n_sequences"] == 12 and p["kind"] == "mlp_out"
     share = np.array(p["shares"]["mlp_out"]["kl"])
     assert share[L] > 0.8 and np.abs(np.delete(share, L)).max() < 0.05
-    np.testing.assert_allclose(p["shares"]["resid_post"]["kl"], [0, 0, 1, 1], atol=0.02)
+    assert list(p["shares"]) == ["mlp_out"]  # only the kind that ranks: one pass per block
     assert p["curve"]["order"][0] == L and len(p["curve"]["kl_share"]) == 3  # top 1 .. k+2
     assert p["curve"]["kl_share"][0] == pytest.approx(share[L], abs=1e-6)
     # Both rankings side by side, the cumulative curve, then the weight table with the chosen block starred.
@@ -94,6 +94,11 @@ def test_layers_by_patching_choose_the_planted_block_that_weight_divergence_miss
     starred = [line for line in result.table if line.endswith(" *")]
     assert len(starred) == 1 and starred[0].split()[0] == str(L)
     assert "by patching mlp_out" in stage.summary(result)
+
+    # The residual stream after block l carries the change exactly when l >= L.
+    _, resid = _layers(planted, tmp_path, top_k_layers=2, rank_layers_by="patching", patching_kind="resid_post")
+    np.testing.assert_allclose(resid.patching["shares"]["resid_post"]["kl"], [0, 0, 1, 1], atol=0.02)
+    assert resid.chosen == [2, 3] and resid.patching["n_sequences"] == 16
 
     # The weight ranking alone chooses the decoy, and costs no patching pass.
     _, by_weight = _layers(planted, tmp_path, top_k_layers=1, rank_layers_by="absolute")

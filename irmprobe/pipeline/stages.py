@@ -32,7 +32,8 @@ def pair_of(ctx: Context, organism: OrganismResult) -> ModelPair:
     if key not in ctx.resources:
         rt = ctx.runtime
         ctx.resources[key] = load_pair(organism.base, organism.tuned, device=rt.device, dtype=rt.dtype,
-                                       trust_remote_code=rt.trust_remote_code)
+                                       trust_remote_code=rt.trust_remote_code, device_map=rt.device_map,
+                                       max_memory=rt.max_memory)
     return ctx.resources[key]
 
 

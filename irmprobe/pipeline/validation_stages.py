@@ -102,7 +102,8 @@ class AblateStage(Stage):
     def summary(self, result):
         if not result:
             return "skipped"
-        shares = [f"{r['set'].split(' (')[0]} {r['gain_share']['share']:+.2f}" for r in result[2:] if r.get("gain_share")]
+        shares = [f"{r['set'].split(' (')[0]} {r['gain_share']['share']:+.2f}" for r in result[2:]
+                  if r.get("gain_share")]
         return "share of the reward gain removed: " + "; ".join(shares)
 
 

@@ -273,8 +273,6 @@ class IRMConfig:
     """Ridge strengths tried by cross-validation (Lasso/ElasticNet use a grid scaled to the data)."""
     l1_ratio: float = 0.5
     """ElasticNet's L1 share."""
-    test_fraction: float = 0.2
-    """Fraction of sequences held out to score the fit and the text-level agreement."""
     min_token_count: int = 2
     """A token enters the comparison if it occurs at least this often."""
     n_shuffles: int = 5
@@ -293,7 +291,6 @@ class IRMConfig:
             raise ValueError(f"IRMConfig.inputs must be tuned, base, diff or raw, got {self.inputs!r}")
         if not 0 < self.l1_ratio <= 1:
             raise ValueError(f"IRMConfig.l1_ratio must be in (0, 1], got {self.l1_ratio!r}")
-        _fraction(self, "test_fraction")
         _positive(self, "min_token_count", "n_shuffles")
         if "reader" not in self.positions or any(p not in ("reader", "decision") for p in self.positions):
             raise ValueError(f"IRMConfig.positions must hold 'reader' and optionally 'decision', got {self.positions!r}")

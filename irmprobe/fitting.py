@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from irmprobe.cache import cache_root, config_key
 from irmprobe.capture import last_token_activations
-from irmprobe.irm import split_groups
+from irmprobe.irm import two_folds
 from irmprobe.organisms import load_prompts
 from irmprobe.triples import Triples, build_triples, llm_swap_words
 from irmprobe.views import Analysis, analyse, probe_inputs
@@ -27,12 +27,6 @@ def chat_client(llm):
     if not llm.base_url:
         raise ValueError("an LLM step is on (compare.llm_triples or validate.judge=llm) but llm.base_url is not set")
     return ChatClient(llm.base_url, llm.model, api_key_env=llm.api_key_env)
-
-
-def heldout_sequences(capture, n_seq: int, test_fraction: float, seed: int) -> set[int]:
-    """The generated sequences whose rows are held out (the split every view shares)."""
-    _, test = split_groups(capture.seq_index, test_fraction, seed)
-    return {int(s) for s in np.unique(capture.seq_index[test]) if s < n_seq}
 
 
 def triples_for(cfg, pair, streams: list[list[int]], rm_map: dict, seed: int) -> Triples | None:
@@ -81,21 +75,21 @@ def fit_views(cfg, pair, samples, capture, saes: dict, layers, rm, *, cache_key:
     raw = None if ic.inputs == "raw" else probe_inputs("raw", capture.acts, saes, layers)[0]
     triple_x, info = None, None
     if cc.rm_informed:
+        folds = two_folds(capture.seq_index, seed)
         if cc.triples_path:
             streams = [pair.tokenizer(t, add_special_tokens=True)["input_ids"] for t in load_prompts(cc.triples_path)]
-            held = set(np.flatnonzero(np.random.default_rng(seed).random(len(streams)) < ic.test_fraction).tolist())
+            first = set(np.flatnonzero(np.random.default_rng(seed).random(len(streams)) < 0.5).tolist())
         else:
             streams = [list(t) for t in samples.token_ids]
-            held = heldout_sequences(capture, len(streams), ic.test_fraction, seed)
-        # Triples cut from held-out sequences never train the probe: they only score it.
-        train = triples_for(cfg, pair, [s for i, s in enumerate(streams) if i not in held], rm_map, seed)
-        test = triples_for(cfg, pair, [s for i, s in enumerate(streams) if i in held], rm_map, seed)
-        if train is not None:
+            first = {int(s) for s in np.unique(capture.seq_index[folds[0]])}
+        # Triples cut from one fold's sequences train the probe that scores the other fold.
+        parts = [[s for i, s in enumerate(streams) if (i in first) == inside] for inside in (True, False)]
+        built = [triples_for(cfg, pair, part, rm_map, seed) for part in parts]
+        if all(t is not None for t in built):
             args = (ic.inputs, cfg.capture.hook, pair, saes, layers)
-            triple_x = (triple_inputs(*args, train, cache_key),
-                        triple_inputs(*args, test, cache_key) if test is not None else None)
+            triple_x = tuple(triple_inputs(*args, t, cache_key) for t in built)
             source = cc.triples_path or "held-out generations"
-            info = {"n_train": len(train), "n_heldout": 0 if test is None else len(test),
+            info = {"n_per_fold": [len(t) for t in built],
                     "source": source + (", LLM swap words" if cc.llm_triples else ", offline swap words")}
     decision = None
     if "decision" in ic.positions:

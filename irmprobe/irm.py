@@ -313,3 +313,55 @@ def random_probe(X, seed: int) -> IRMFit:
     scaled = MaxAbsScaler().fit_transform(X)
     coef = np.random.default_rng(seed).standard_normal(X.shape[1]) / np.sqrt(X.shape[1])
     return IRMFit("random_probe", np.asarray(scaled @ coef).ravel(), None, None, False, coef)
+
+
+def two_folds(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of two halves of the sequences (split by group): the folds every view is cross-fitted on."""
+    return split_groups(groups, 0.5, seed)
+
+
+def cross_fit_irm(
+    name: str,
+    X: sp.csr_matrix | np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    folds: tuple[np.ndarray, np.ndarray],
+    alphas=None,
+    shuffle_target: bool = False,
+    shuffle_seed: int = 0,
+    penalty: str = "ridge",
+    l1_ratio: float = 0.5,
+    n_jobs: int | None = None,
+) -> IRMFit:
+    """Two-fold cross-fitting by sequence: each row is predicted by the model fitted on the other fold.
+
+    The strength is chosen by grouped CV inside the first fold and reused for the second, so no
+    prediction ever saw its own sequence. ``test_r2`` is the R^2 of these out-of-fold predictions.
+    The weights returned (``coef``, ``scale``, ``intercept``) are a refit on every row with that
+    strength: the model users score new text with, never the one the figures were computed from.
+    With ``shuffle_target`` the targets are permuted within each training fold (the shuffled baseline).
+    """
+    routed = get_config().get("enable_metadata_routing", False)
+    rng = np.random.default_rng(shuffle_seed)
+
+    def fit_on(rows, grid):
+        target = rng.permutation(y[rows]) if shuffle_target else y[rows]
+        pipe = make_irm(grid, penalty, l1_ratio, n_jobs)
+        pipe.fit(X[rows], target, **{"groups" if routed else "irm__groups": groups[rows]})
+        return pipe
+
+    a, b = folds
+    first = fit_on(a, alphas)
+    alpha = first.named_steps["irm"].alpha_
+    second = fit_on(b, (alpha,))
+    predictions = np.zeros(len(y))
+    predictions[b] = first.predict(X[b])
+    predictions[a] = second.predict(X[a])
+    full = fit_on(np.arange(len(y)), (alpha,))
+    irm = full.named_steps["irm"]
+    zero = bool(first.named_steps["irm"].is_zero_ and second.named_steps["irm"].is_zero_ and irm.is_zero_)
+    if zero:
+        predictions[:] = 0.0
+    r2 = None if zero else float(1 - np.sum((y - predictions) ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-300))
+    return IRMFit(name, predictions, r2, alpha, zero, irm.coef_, full.named_steps["scale"].scale_, irm.intercept_)

@@ -207,6 +207,8 @@ def agreement_line(row: dict, control: bool = False) -> str:
     if row.get("tau") is None:
         return start + f"   no figure: {row.get('note')}"
     ci = row.get("tau_ci") or row.get("tau_range")
+    if ci and None in ci:  # a CI that could not be computed (too few tokens) is stored as nulls
+        ci = None
     ci_text = (("range " if row.get("tau_range") and not row.get("tau_ci") else "") + f"[{ci[0]:+.3f},{ci[1]:+.3f}]"
                if ci else "-")
     p = f"{row['p_value']:.1e}" if row.get("p_value") is not None else "-"

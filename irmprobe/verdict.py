@@ -18,7 +18,7 @@ Z = 3.0
 
 def _se(row: ViewRow) -> float | None:
     """Standard error of a tau from its percentile bootstrap 95% CI."""
-    if row is None or row.tau_ci is None:
+    if row is None or row.tau_ci is None or None in row.tau_ci:
         return None
     return (row.tau_ci[1] - row.tau_ci[0]) / (2 * 1.96)
 

@@ -29,8 +29,8 @@ from sklearn.preprocessing import MaxAbsScaler
 from irmprobe.capture import Capture, Samples
 from irmprobe.compare import compare_view, kendall_tau, paired
 from irmprobe.features import cosine_matrix, decoder_directions, encode
-from irmprobe.irm import (ContrastiveProbe, IRMFit, contrastive_targets, fit_irm, preference_probe, random_probe,
-                          split_groups, token_map)
+from irmprobe.irm import (ContrastiveProbe, IRMFit, contrastive_targets, cross_fit_irm, preference_probe,
+                          random_probe, token_map, two_folds)
 
 
 def probe_inputs(inputs: str, acts: dict[str, np.ndarray], saes: dict, layers) -> tuple[sp.csr_matrix | np.ndarray, list[str]]:
@@ -72,32 +72,31 @@ def probe_inputs(inputs: str, acts: dict[str, np.ndarray], saes: dict, layers) -
 class Analysis:
     """The comparison rows of every view of one pair, and the fits behind them.
 
-    Every token map and figure comes from held-out rows only (sequences no view was fitted to),
-    on one token set: tokens seen at least ``min_token_count`` times in those rows.
+    Every token map and figure comes from out-of-fold values (each row scored by a model fitted on
+    the other half of the sequences), on one token set: tokens seen at least ``min_token_count``
+    times in those rows.
     """
 
     rows: list[dict]
-    """The main table: every row-level view on the same held-out tokens."""
+    """The main table: every row-level view on the same tokens, each value out of fold."""
     full_vocabulary: list[dict]
     """The full-vocabulary log-ratio: every vocabulary token (its own token set and n)."""
     fits: dict[str, IRMFit]
     maps: dict[str, dict[int, float]]
     """View name -> token -> value (held-out rows)."""
     eval_rows: np.ndarray
-    """Indices of the held-out rows."""
+    """Indices of the rows every view is scored on (all rows at t >= 2 with a decision-side view)."""
     rm_rows: np.ndarray
     """The RM value of the token at each captured row (0 where the RM does not value it)."""
-
-
-def heldout_split(capture: Capture, n_seq: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, held-out rows), split by sequence: every view fits on the first, is scored on the second."""
-    return split_groups(capture.seq_index, test_fraction, seed)
 
 
 def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic, cc, *, seed: int,
             raw: np.ndarray | None = None, triple_inputs: tuple | None = None, n_jobs: int | None = None,
             decision: tuple | None = None) -> Analysis:
-    """Fit every view on training sequences and compare it with the RM on held-out sequences.
+    """Cross-fit every view on two halves of the sequences and compare it with the RM, out of fold.
+
+    Every row's value comes from a model fitted on the other half of the sequences, so every token
+    map and figure is held out, and every captured sequence contributes.
 
     Args:
         capture: the pair's capture (its log-ratio is the behavioural target).
@@ -106,10 +105,10 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         rm_map: the RM's token -> value map.
         ic, cc: the ``irm`` and ``compare`` config sections (``compare`` needs ``rm_informed`` and
             ``n_bootstrap``).
-        seed: seeds every split and fit.
+        seed: seeds the folds and every fit.
         raw: raw activations at every row, for the raw-activation baseline (None skips it).
-        triple_inputs: ``(train, heldout)``, each (X_pos, X_neg, X_neu, positive tokens, negative
-            tokens) of contrastive triples cut from training and from held-out sequences.
+        triple_inputs: one (X_pos, X_neg, X_neu, positive tokens, negative tokens) per fold, from
+            contrastive triples cut from that fold's sequences (None for a fold without triples).
         n_jobs: parallel cross-validation fits.
         decision: ``(X_prev, rows, prev_rows)``: features at the decision position t-1 for the rows
             ``rows`` (see :func:`irmprobe.patching.decision_rows`); adds the decision-side IRM.
@@ -117,28 +116,28 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     y = capture.log_ratio.astype(np.float64)
     groups, token_ids = capture.seq_index, capture.token_ids
     n_seq = len(samples.token_ids)
-    train, test = split_groups(groups, ic.test_fraction, seed)
+    folds = two_folds(groups, seed)
+    rows_used = np.arange(len(y))
     if decision is not None:
         # Only rows whose decision position was captured (t >= 2): every view has a value on the same rows.
-        test = np.intersect1d(test, decision[1])
-    eval_seqs = np.array(sorted(s for s in np.unique(groups[test]) if s < n_seq), dtype=np.int64)
-    train_seqs = np.setdiff1d(np.arange(n_seq), eval_seqs)
+        rows_used = np.asarray(decision[1])
+    eval_seqs = np.arange(n_seq)
     in_samples = groups < n_seq
     prompt_len = np.zeros(len(groups), dtype=np.int64)
     prompt_len[in_samples] = samples.prompt_lens[groups[in_samples]]
     continuation = in_samples & (capture.position >= prompt_len)
-    rewards = samples.rewards[eval_seqs]
-    # One token set for the whole table: tokens seen often enough in the held-out rows.
-    counts = {t: c for t, (_, c) in token_map(token_ids[test], y[test]).items()}
+    rewards = samples.rewards
+    # One token set for the whole table: tokens seen often enough in the rows every view scores.
+    counts = {t: c for t, (_, c) in token_map(token_ids[rows_used], y[rows_used]).items()}
     rm_rows = np.array([rm_map.get(int(t), 0.0) for t in token_ids])
     rows, full_vocab, fits, maps = [], [], {}, {}
 
-    def heldout_map(row_values: np.ndarray, rows_idx: np.ndarray = test) -> dict[int, float]:
-        return {t: v for t, (v, _) in token_map(token_ids[rows_idx], row_values[rows_idx], ic.min_token_count).items()}
+    def heldout_map(row_values: np.ndarray) -> dict[int, float]:
+        return {t: v for t, (v, _) in token_map(token_ids[rows_used], row_values[rows_used],
+                                                ic.min_token_count).items()}
 
     def text_scores(row_values: np.ndarray) -> np.ndarray:
-        sums = np.bincount(groups[continuation], weights=row_values[continuation], minlength=n_seq)
-        return sums[eval_seqs]
+        return np.bincount(groups[continuation], weights=row_values[continuation], minlength=n_seq)[:n_seq]
 
     def add(name, family, row_values, is_zero=False, **extra):
         tmap = heldout_map(row_values)
@@ -147,7 +146,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
                                  rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=is_zero, **extra))
 
     def fit(name, X_, target, **kw):
-        out = fit_irm(name, X_, target, groups, test_fraction=ic.test_fraction, seed=seed, n_jobs=n_jobs, **kw)
+        out = cross_fit_irm(name, X_, target, groups, folds=folds, n_jobs=n_jobs, **kw)
         fits[name] = out
         return out
 
@@ -160,7 +159,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         full_vocab.append(compare_view(
             "full_vocab_log_ratio", "full_vocabulary", tmap, counts, rm_map, n_bootstrap=cc.n_bootstrap, seed=seed,
             is_zero=not np.any(vocab), note="every vocabulary token the RM values, averaged over every captured "
-            "position (not fitted, so no held-out split applies): its own token set"))
+            "position (not fitted): its own token set"))
     for i, est in enumerate(ic.estimators):
         name = "sae_irm" if i == 0 else f"sae_{est}"
         f = fit(name, X, y, alphas=ic.alphas if est == "ridge" else None, penalty=est, l1_ratio=ic.l1_ratio)
@@ -168,49 +167,33 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
             n_nonzero=int(np.count_nonzero(f.coef)), position="reader")
     if decision is not None:
         X_prev, d_rows, _ = decision
-        # Fitted on the rows whose decision position was captured; split by the same sequences.
-        f = fit_irm("sae_irm_decision", X_prev, y[d_rows], groups[d_rows], test_fraction=ic.test_fraction,
-                    seed=seed, n_jobs=n_jobs, alphas=ic.alphas if ic.estimators[0] == "ridge" else None,
-                    penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
+        local = tuple(np.flatnonzero(np.isin(d_rows, fold)) for fold in folds)
+        f = cross_fit_irm("sae_irm_decision", X_prev, y[d_rows], groups[d_rows], folds=local, n_jobs=n_jobs,
+                          alphas=ic.alphas if ic.estimators[0] == "ridge" else None, penalty=ic.estimators[0],
+                          l1_ratio=ic.l1_ratio)
         fits[f.name] = f
         values = np.zeros(len(y))
         values[d_rows] = f.predictions
-        tmap = heldout_map(values)
-        maps[f.name] = tmap
-        rows.append(compare_view(f.name, "behavioural", tmap, counts, rm_map, text_scores=text_scores(values),
-                                 rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=f.is_zero,
-                                 estimator=ic.estimators[0], test_r2=f.test_r2, alpha=f.alpha,
-                                 n_nonzero=int(np.count_nonzero(f.coef)), position="decision"))
+        add(f.name, "behavioural", values, is_zero=f.is_zero, estimator=ic.estimators[0], test_r2=f.test_r2,
+            alpha=f.alpha, n_nonzero=int(np.count_nonzero(f.coef)), position="decision")
 
-    # RM-informed: decodability of the RM from the same inputs (fitted on training rows too).
+    # RM-informed: decodability of the RM from the same inputs (cross-fitted on the same folds).
     if cc.rm_informed:
         f = fit("rm_regression", X, rm_rows, alphas=ic.alphas)
         add("rm_regression", "rm_informed", f.predictions, test_r2=f.test_r2, alpha=f.alpha)
-        if triple_inputs is not None:
-            (tp, tn, tu, tok_pos, tok_neg), held = triple_inputs
-            Xc, yc = contrastive_targets(tp, tn, tu)
-            pair_groups = np.r_[np.arange(len(tok_pos)), np.arange(len(tok_pos))]
-            values = np.array(list(rm_map.values()))
-            probe = make_pipeline(MaxAbsScaler(), ContrastiveProbe(alphas=ic.alphas,
-                                                                   value_range=(values.min(), values.max())))
-            probe.fit(Xc, yc, contrastiveprobe__groups=pair_groups)  # CV folds keep triples whole
-            extra = {"n_triples": int(len(tok_pos))}
-            if held is not None:
-                hp, hn, hu, h_pos, h_neg = held
-                Xh, yh = contrastive_targets(hp, hn, hu)
-                # Held-out R^2 of the ridge before rescaling: the rescaled output is in lexicon units.
-                extra["test_r2"] = float(probe[-1].ridge_.score(probe[0].transform(Xh), yh))
-                triple_map = {t: v for t, (v, _) in token_map(np.r_[h_pos, h_neg], probe.predict(Xh)).items()}
-                ids, a, b = paired(triple_map, rm_map)
-                if len(ids) >= 2:
-                    extra["triple_map_tau"], _ = kendall_tau(a, b)
-                    extra["triple_map_n"] = int(len(ids))
-            add("contrastive_probe", "rm_informed", probe.predict(X), **extra)
+        if triple_inputs is not None and all(t is not None for t in triple_inputs):
+            add("contrastive_probe", "rm_informed", *_contrastive(triple_inputs, X, folds, rm_map, ic, len(y)))
         pooled = _mean_pool(X, groups, n_seq)
-        model, acc = preference_probe(pooled[train_seqs], samples.rewards[train_seqs], samples.prompt_index[train_seqs],
-                                      seed=seed)
-        if model is not None:
-            add("preference_probe", "rm_informed", model.decision_function(X), pairwise_accuracy=acc)
+        values, accs = np.zeros(len(y)), []
+        for train_fold, test_fold in (folds, folds[::-1]):
+            seqs = np.unique(groups[train_fold][groups[train_fold] < n_seq])
+            model, acc = preference_probe(pooled[seqs], samples.rewards[seqs], samples.prompt_index[seqs], seed=seed)
+            if model is None:
+                break
+            values[test_fold] = model.decision_function(X[test_fold])
+            accs.append(acc)
+        if len(accs) == 2:
+            add("preference_probe", "rm_informed", values, pairwise_accuracy=float(np.mean(accs)))
 
     # Baselines: what agreement looks like with nothing learned.
     rp = random_probe(X, seed)
@@ -219,10 +202,9 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     primary = fits["sae_irm"]
     shuffled = []
     for i in range(ic.n_shuffles):
-        # The same held-out sequences as every other view; only the training targets are permuted.
-        f = fit_irm(f"shuffled_{i}", X, y, groups, alphas=(primary.alpha,), test_fraction=ic.test_fraction,
-                    seed=seed, shuffle_seed=seed + 1 + i, shuffle_target=True, n_jobs=n_jobs,
-                    penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
+        # The same folds as every other view; only the training targets are permuted.
+        f = cross_fit_irm(f"shuffled_{i}", X, y, groups, folds=folds, alphas=(primary.alpha,), shuffle_target=True,
+                          shuffle_seed=seed + 1 + i, n_jobs=n_jobs, penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
         tmap = heldout_map(f.predictions)
         maps[f.name] = tmap
         shuffled.append(compare_view(f.name, "baseline", tmap, counts, rm_map, text_scores=text_scores(f.predictions),
@@ -231,7 +213,40 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     if raw is not None:
         f = fit("raw_activations", raw, y, alphas=ic.alphas)
         add("raw_activations", "baseline", f.predictions, is_zero=f.is_zero, test_r2=f.test_r2, alpha=f.alpha)
-    return Analysis(rows, full_vocab, fits, maps, np.sort(test), rm_rows)
+    return Analysis(rows, full_vocab, fits, maps, np.sort(rows_used), rm_rows)
+
+
+def _contrastive(triple_inputs, X, folds, rm_map, ic, n_rows) -> tuple:
+    """The paper's contrastive probe, cross-fitted: the probe trained on one fold's triples scores the other
+    fold's rows and triples. Returns (row values, extra columns)."""
+    values = np.zeros(n_rows)
+    lexicon = np.array(list(rm_map.values()))
+    held_pred, held_y, held_tok = [], [], []
+    for (train_t, test_t), test_fold in zip((triple_inputs, triple_inputs[::-1]), folds[::-1]):
+        tp, tn, tu, tok_pos, tok_neg = train_t
+        Xc, yc = contrastive_targets(tp, tn, tu)
+        pair_groups = np.r_[np.arange(len(tok_pos)), np.arange(len(tok_pos))]
+        probe = make_pipeline(MaxAbsScaler(), ContrastiveProbe(alphas=ic.alphas,
+                                                               value_range=(lexicon.min(), lexicon.max())))
+        probe.fit(Xc, yc, contrastiveprobe__groups=pair_groups)  # CV folds keep triples whole
+        values[test_fold] = probe.predict(X[test_fold])
+        hp, hn, hu, h_pos, h_neg = test_t
+        Xh, yh = contrastive_targets(hp, hn, hu)
+        held_pred.append((probe[-1].ridge_.predict(probe[0].transform(Xh)), probe.predict(Xh)))
+        held_y.append(yh)
+        held_tok.append(np.r_[h_pos, h_neg])
+    raw_pred = np.concatenate([p for p, _ in held_pred])
+    y_all = np.concatenate(held_y)
+    # Held-out R^2 of the ridge before rescaling: the rescaled output is in lexicon units, not the target's.
+    extra = {"n_triples": int(sum(len(t) for t in held_tok) // 2),
+             "test_r2": float(1 - np.sum((y_all - raw_pred) ** 2) / max(np.sum((y_all - y_all.mean()) ** 2), 1e-300))}
+    triple_map = {t: v for t, (v, _) in token_map(np.concatenate(held_tok),
+                                                   np.concatenate([p for _, p in held_pred])).items()}
+    ids, a, b = paired(triple_map, rm_map)
+    if len(ids) >= 2:
+        extra["triple_map_tau"], _ = kendall_tau(a, b)
+        extra["triple_map_n"] = int(len(ids))
+    return values, extra
 
 
 def _mean_pool(X, groups: np.ndarray, n_seq: int):

@@ -44,6 +44,8 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
     assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, l) for k in ("base", "tuned") for l in (0, 1)}
     assert all(0 < r["l0"] < r["d_sae"] and r["explained_variance"] <= 1 for r in m["saes"]), m["saes"]
     families = {r["name"]: r["family"] for r in m["agreement"]}
+    # The preference probe needs 8 prompts whose continuations differ in reward within each fold: optional here.
+    families.setdefault("preference_probe", "rm_informed")
     assert families == {"log_ratio (no model)": "behavioural", "sae_irm": "behavioural", "sae_irm_decision": "behavioural", "sae_lasso": "behavioural", "sae_elasticnet": "behavioural",
                         "rm_regression": "rm_informed", "contrastive_probe": "rm_informed",
                         "preference_probe": "rm_informed", "random_probe": "baseline",

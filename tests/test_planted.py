@@ -28,7 +28,7 @@ SMALL = {
     "capture": {"top_k_layers": 2, "batch_size": 32, "hook": "hook_resid_post"},
     "sae": {"expansion": 2, "training_samples": 16384, "batch_size": 256, "match_expansion": None,
             "splice_sequences": 0},
-    "irm": {"min_token_count": 1, "n_shuffles": 2, "estimators": ["ridge"], "test_fraction": 0.4},
+    "irm": {"min_token_count": 1, "n_shuffles": 2, "estimators": ["ridge"]},
     "compare": {"n_bootstrap": 200, "rm_informed": False},
     "validate": {"enabled": False},
 }

@@ -409,3 +409,60 @@ def test_fit_irm_works_with_metadata_routing_on():
     with sklearn.config_context(enable_metadata_routing=True):
         routed = fit_irm("v", X, y, groups, test_fraction=0.25, seed=0)
     assert routed.alpha == plain.alpha and np.allclose(routed.coef, plain.coef)
+
+
+# --- Failures after the work is done, unreadable metrics, Ctrl-C, NaN intervals (issue 15 items 10-12) ---
+
+
+def test_report_dir_that_is_a_file_or_online_wandb_without_key_fail_before_the_first_stage(tmp_path, monkeypatch):
+    from irmprobe.api import run
+    from irmprobe.config import RunConfig
+
+    stages_ran = []
+    monkeypatch.setattr("irmprobe.pipeline.runner.Runner.run", lambda self: stages_ran.append(1) or {})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="report.out_dir .* is a file, not a directory"):
+        run(RunConfig.from_dict({"report": {"out_dir": str(blocker)}}), echo=lambda _: None)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(ValueError, match="wandb_mode is online but no W&B key"):
+        run(RunConfig.from_dict({"report": {"out_dir": str(tmp_path / "runs"), "wandb_mode": "online"}}),
+            echo=lambda _: None)
+    assert stages_ran == []  # nothing ran, nothing was left half-written
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"kind": "irmprobe-metrics", "schema_version": 2}', "not json"])
+def test_report_on_a_file_that_is_not_a_metrics_file_gives_one_line(content, tmp_path, capsys):
+    from irmprobe.cli import main
+
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"irmprobe: cannot read {path}")
+    assert "Traceback" not in err[0]
+
+
+def test_ctrl_c_ends_with_one_line_saying_the_run_resumes(tmp_path, monkeypatch, capsys):
+    from irmprobe import api
+    from irmprobe.cli import main
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "run", interrupted)
+    assert main(["run", "--set", f"report.out_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["irmprobe: interrupted; completed stages are cached, so running the same command again resumes"]
+
+
+def test_a_nan_interval_from_too_few_tokens_reloads_and_reports():
+    from irmprobe.reporting import agreement_line
+    from irmprobe.results import ViewRow
+    from irmprobe.verdict import primary_comparison
+
+    row = ViewRow.from_json({"name": "sae_irm", "family": "behavioural", "n_tokens": 2, "is_zero": False, "tau": 1.0,
+                             "p_value": 1.0, "tau_ci": [None, None]})  # what write_json makes of [nan, nan]
+    assert "   -" in agreement_line(row.to_json()) and "+1.000" in agreement_line(row.to_json())
+    assert primary_comparison(row, [row]).outcome == "undetermined"

@@ -105,7 +105,7 @@ def pairwise_rows(scores: dict) -> list[PairwiseRow]:
 
 
 class DiscoverStage(Stage):
-    name, version = "discover", 1
+    name, version = "discover", 2
     reads = ("discover", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "samples", "capture", "saes", "fit", "layers")
     control_needs = ("capture", "fit")
@@ -125,15 +125,22 @@ class DiscoverStage(Stage):
         rm_map = ctx.rm.token_values(pair.tokenizer)
         decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
         held = fit.eval_rows
+        samples = inputs["samples"]
+        # Continuation tokens only: a prompt's tokens recur in every sample of that prompt with the very same
+        # context, so they are not independent occurrences (and would give zero-spread "discoveries").
+        test_rows = _written(capture, samples.prompt_lens, held)
         tokens, groups, irm = capture.token_ids[held], capture.seq_index[held], fit.predictions[held]
         rm_rows = np.array([rm_map.get(int(t), 0.0) for t in tokens])
         controls = inputs.get("controls") or []
         if controls:
-            c_cap, c_held = controls[0]["capture"], controls[0]["fit"].eval_rows
+            # The control continues the same held-out prompts in the same order: the same prompt lengths.
+            c_cap = controls[0]["capture"]
+            c_held = _written(c_cap, samples.prompt_lens, controls[0]["fit"].eval_rows)
             c_tok, c_val = c_cap.token_ids[c_held], c_cap.log_ratio[c_held]
         else:  # the null pair, or compare.control off: each token is tested against 0
             c_tok, c_val = np.zeros(0, dtype=tokens.dtype), np.zeros(0)
-        found = discover_tokens(tokens, capture.log_ratio[held], c_tok, c_val, rm_map, min_count=dc.min_count,
+        found = discover_tokens(capture.token_ids[test_rows], capture.log_ratio[test_rows], c_tok, c_val, rm_map,
+                                min_count=dc.min_count,
                                 n_bootstrap=dc.n_bootstrap, alpha=dc.alpha, seed=cfg.seed, decode=decode)
         found_concepts = []
         if cfg.irm.inputs != "raw" and found.discoveries:
@@ -171,3 +178,12 @@ class DiscoverStage(Stage):
         return (f"{n} tokens beyond the RM at q < {result.alpha:g}"
                 + (f"; RM leaves {share:.0%} of the IRM's variance" if share is not None else "")
                 + (f"; IRM pairwise accuracy {irm.accuracy:.2f} on {irm.n} pairs" if irm and irm.n else ""))
+
+
+def _written(capture, prompt_lens, rows):
+    """The rows among ``rows`` that hold a generated token (a continuation, not a prompt or extra text)."""
+    seq = capture.seq_index[rows]
+    ok = seq < len(prompt_lens)
+    keep = np.zeros(len(rows), dtype=bool)
+    keep[ok] = capture.position[rows][ok] >= np.asarray(prompt_lens)[seq[ok]]
+    return rows[keep]

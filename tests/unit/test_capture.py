@@ -127,7 +127,7 @@ def test_corrupted_shard_is_detected(tiny_llama_dir, tmp_path):
 
 
 def test_full_vocab_log_ratio_matches_an_independent_log_softmax(tiny_llama_dir, tmp_path):
-    from tests.test_pairs import _perturbed_copy
+    from tests.unit.test_pairs import _perturbed_copy
 
     tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=0, scale=0.5)
     pair = load_pair(str(tiny_llama_dir), str(tuned))

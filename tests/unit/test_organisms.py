@@ -169,7 +169,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(tiny_llama_dir):
 
 
 def test_organism_report_on_a_tiny_pair(tiny_llama_dir, tmp_path):
-    from tests.test_pairs import _perturbed_copy
+    from tests.unit.test_pairs import _perturbed_copy
 
     tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=1, scale=0.5)
     pair = load_pair(str(tiny_llama_dir), str(tuned))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from irmprobe.config import RunConfig, config_reference
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_configuration_reference_is_current():

@@ -13,7 +13,7 @@ from irmprobe.evals.autointerp import (
     judge_feature,
 )
 from irmprobe.llm import ChatClient, LLMError
-from tests.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
+from tests.unit.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
 
 WORDS = ["the", " cat", " sat", " happy", " sad", " on", " mat", " joy"]
 RM = {3: 2.0, 4: -2.0, 7: 3.0}

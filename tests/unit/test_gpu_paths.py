@@ -24,7 +24,7 @@ from irmprobe.config import RunConfig
 from irmprobe.gpu import TorchRidge
 from irmprobe.pairs import layer_divergence, load_model, load_pair
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- TorchRidge ---------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
 
 
 def test_tiny_neox_with_given_tuned_model(tiny_neox_dir, tmp_path):
-    from tests.test_pairs import _perturbed_copy
+    from tests.unit.test_pairs import _perturbed_copy
 
     tuned = _perturbed_copy(tiny_neox_dir, tmp_path / "tuned", layer=0, scale=0.5)
     result = run(_config(tmp_path, base=str(tiny_neox_dir), tuned=str(tuned)), echo=lambda _: None)
@@ -160,7 +160,7 @@ def test_cli_reports_missing_or_malformed_config_files(tmp_path, capsys):
 
 
 def test_retrained_model_in_the_same_folder_is_not_served_from_cache(tiny_llama_dir, tmp_path):
-    from tests.test_pairs import _perturbed_copy
+    from tests.unit.test_pairs import _perturbed_copy
 
     tuned = _perturbed_copy(tiny_llama_dir, tmp_path / "tuned", layer=0, scale=0.5)
     first = run(_config(tmp_path / "a", base=str(tiny_llama_dir), tuned=str(tuned)), echo=lambda _: None).metrics.to_json()

@@ -9,8 +9,8 @@ from irmprobe.cache import atomic_dir, config_key
 from irmprobe.config import RunConfig
 from irmprobe.pipeline import run
 from irmprobe.reporting import wandb_mode
-from tests.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
-from tests.test_pipeline import TINY
+from tests.unit.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
+from tests.integration.test_pipeline import TINY
 
 
 def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path, monkeypatch):

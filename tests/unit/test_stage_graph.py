@@ -161,7 +161,7 @@ def test_corrupted_sae_weights_and_a_deleted_shard_are_recomputed_alone(tiny_lla
     import numpy as np
 
     from irmprobe.api import run
-    from tests.test_pipeline import TINY
+    from tests.integration.test_pipeline import TINY
 
     data = _json.loads(_json.dumps(TINY)) | {"pair": {"base": str(tiny_llama_dir)},
                                              "report": {"out_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"}}

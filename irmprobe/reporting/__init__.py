@@ -299,7 +299,7 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
                                                                    title="SAE IRM vs RM per token")})
         import matplotlib.pyplot as plt
 
-        from irmprobe import figures
+        from irmprobe.reporting import figures
 
         for name, fig in figures.all_figures(metrics).items():
             run.log({f"plots/{name}": wandb.Image(fig)})
@@ -395,7 +395,7 @@ def write_html(metrics, path: Path) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from irmprobe import figures
+    from irmprobe.reporting import figures
 
     def table(cols, rows, limit=None) -> str:
         def cell(v):

@@ -126,7 +126,7 @@ def _records(tp):
 
 @dataclass(frozen=True)
 class ViewRow(Record):
-    """One IRM view against the RM on held-out tokens (and its control organism's figures)."""
+    """One IRM view against the RM on out-of-fold token values (and its control organism's figures)."""
 
     name: str
     family: str

@@ -80,7 +80,7 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
         c = float(np.mean(p.control_taus))
         floor, ceiling = (shuffled.tau_range if shuffled is not None and shuffled.tau_range else (None, None))
         beyond = {"agrees": ceiling is None or p.tau > ceiling, "opposes": floor is None or p.tau < floor}
-        out.append(f"primary comparison ({p.view}, held-out tokens): tau {p.tau:+.3f} ± {p.tau_se:.3f} against "
+        out.append(f"primary comparison ({p.view}, out-of-fold token values): tau {p.tau:+.3f} ± {p.tau_se:.3f} against "
                    f"{len(p.control_taus)} matched random-reward control(s) at {c:+.3f} ± {p.control_se:.3f}: "
                    f"difference {p.difference:+.3f}, z {p.z:+.1f}"
                    + (f"; shuffled-target fits span [{floor:+.3f}, {ceiling:+.3f}]" if floor is not None else "") + ".")

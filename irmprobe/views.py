@@ -182,7 +182,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         f = fit("rm_regression", X, rm_rows, alphas=ic.alphas)
         add("rm_regression", "rm_informed", f.predictions, test_r2=f.test_r2, alpha=f.alpha)
         if triple_inputs is not None and all(t is not None for t in triple_inputs):
-            add("contrastive_probe", "rm_informed", *_contrastive(triple_inputs, X, folds, rm_map, ic, len(y)))
+            values, extra = _contrastive(triple_inputs, X, folds, rm_map, ic, len(y))
+            add("contrastive_probe", "rm_informed", values, **extra)
         pooled = _mean_pool(X, groups, n_seq)
         values, accs = np.zeros(len(y)), []
         for train_fold, test_fold in (folds, folds[::-1]):

@@ -142,7 +142,7 @@ _KEEP_MAPS = ("log_ratio (no model)", "sae_irm", "sae_irm_decision", "full_vocab
 
 
 class FitStage(Stage):
-    name, version = "fit", 7
+    name, version = "fit", 8
     reads = ("irm", "compare.rm_informed", "compare.n_bootstrap", "compare.n_triples", "compare.triples_path",
              "compare.llm_triples", "llm", "capture.hook", "seed")
     needs = ("organism", "samples", "layers", "capture", "saes")

@@ -105,7 +105,7 @@ def pairwise_rows(scores: dict) -> list[PairwiseRow]:
 
 
 class DiscoverStage(Stage):
-    name, version = "discover", 2
+    name, version = "discover", 3
     reads = ("discover", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "samples", "capture", "saes", "fit", "layers")
     control_needs = ("capture", "fit")
@@ -181,9 +181,14 @@ class DiscoverStage(Stage):
 
 
 def _written(capture, prompt_lens, rows):
-    """The rows among ``rows`` that hold a generated token (a continuation, not a prompt or extra text)."""
+    """The rows among ``rows`` that hold a generated token (a continuation, not a prompt or extra text),
+    one per distinct occurrence: a token whose log-ratio is bit-identical to another occurrence's was
+    written in the very same context (a repeated continuation), which is not independent evidence."""
     seq = capture.seq_index[rows]
     ok = seq < len(prompt_lens)
     keep = np.zeros(len(rows), dtype=bool)
     keep[ok] = capture.position[rows][ok] >= np.asarray(prompt_lens)[seq[ok]]
-    return rows[keep]
+    rows = rows[keep]
+    _, first = np.unique(np.c_[capture.token_ids[rows].astype(np.float64), capture.log_ratio[rows].astype(np.float64)],
+                         axis=0, return_index=True)
+    return rows[np.sort(first)]

@@ -76,9 +76,10 @@ def summary_lines(metrics) -> list[str]:
         lines.append(f"layer {row['layer']}: {row['tuned_only_features']} tuned-model features with no base match "
                      f"(MMCS tuned vs base {row['mmcs_tuned_vs_base']:.3f})")
     irm = metrics["irm"]
-    lines.append(f"== IRM views vs RM on HELD-OUT tokens (every view fitted on training sequences; {irm['n_heldout_rows']} "
-                 f"held-out of {irm['n_rows']} rows; Kendall tau paired by token with bootstrap 95% CI; sign accuracy "
-                 "on RM+/RM- tokens; text tau = IRM text score vs RM reward on held-out generations) ==")
+    lines.append(f"== IRM views vs RM, out of fold (every view cross-fitted on two halves of the sequences: each of "
+                 f"{irm['n_heldout_rows']} rows of {irm['n_rows']} scored by a model fitted on the other half; Kendall "
+                 "tau paired by token with bootstrap 95% CI; sign accuracy on RM+/RM- tokens; text tau = IRM text score "
+                 "vs RM reward of each generation, out of fold) ==")
     has_control = any(r.get("control_tau") is not None or r.get("control_is_zero") for r in metrics["agreement"])
     head = (f"{'view':<22} {'family':<11} {'tokens':>6} {'tau':>7} {'95% CI':>17} {'p':>8} {'rho':>6} "
             f"{'sign+':>5} {'sign-':>5} {'text tau':>8} {'R2 test':>7}")
@@ -158,7 +159,7 @@ _CATEGORY_TEXT = {"rewarded_unvalued": "rewarded, RM zero", "rewarded_against": 
 def discovery_section(d: dict) -> list[str]:
     """What the RM does not explain: discovered tokens, concepts, the RM's share of the IRM, pairwise accuracy."""
     vs = d["control"] or "zero (no control organism)"
-    lines = [f"== what the RM does not explain (held-out tokens; log-ratio vs {vs}, Welch t, Benjamini-Hochberg "
+    lines = [f"== what the RM does not explain (generated tokens, one per distinct context; log-ratio vs {vs}, Welch t, Benjamini-Hochberg "
              f"q < {d['alpha']:g}) =="]
     v = d["variance"]
     if v.get("residual_share") is not None:
@@ -167,7 +168,7 @@ def discovery_section(d: dict) -> list[str]:
                      f"sequence, {v['n']} rows): {v['residual_share']:.1%} is not the RM")
     else:
         lines.append(f"RM share of the IRM's variance: {v.get('note')}")
-    lines.append(f"{d['n_tested']} of {d['n_tokens_seen']} held-out tokens tested; discoveries: "
+    lines.append(f"{d['n_tested']} of {d['n_tokens_seen']} generated tokens tested; discoveries: "
                  + ", ".join(f"{k} {n}" for k, n in d["counts"].items()))
     for cat, label in _CATEGORY_TEXT.items():
         entries = d["entries"].get(cat) or []

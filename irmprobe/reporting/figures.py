@@ -135,7 +135,7 @@ def view_taus(metrics: dict):
     ax.set_yticks(range(len(rows)), [f"{r['name']} [{r.get('family', '')}]" + (" (range over fits)" if r.get("tau_range")
                                       and not r.get("tau_ci") else "") for r in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("Kendall tau vs RM on held-out tokens (95% CI; dashed: range over fits); red x: control organism")
+    ax.set_xlabel("Kendall tau vs RM, out-of-fold values (95% CI; dashed: range over fits); red x: control organism")
     fig.tight_layout()
     return fig
 

@@ -117,7 +117,8 @@ def test_planted_organisms_get_three_different_verdicts_and_the_null_pair_zero(p
         labels = np.array([t in set(raised[name]) for t in tokens])
         assert labels.sum() >= 3, name
         auroc = roc_auc_score(labels, [lr[t] for t in tokens])
-        assert auroc >= 0.9, (name, auroc)
+        # 1.000 for all three when the chain is right; a log-ratio shifted by one row gave 0.894.
+        assert auroc >= 0.98, (name, auroc)
         outcomes[name] = (m.primary.outcome, m.primary.z, m.view("log_ratio (no model)").tau, m.primary.tau,
                           m.primary.control_taus)
         assert m.primary.outcome == expected, (name, outcomes[name], m.verdict)

@@ -85,3 +85,12 @@ def write_json(path: Path, obj: Any) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from irmprobe.cache import write_json
+from irmprobe.cache import write_json, sha256_file
 from irmprobe.pairs import ModelPair, input_device, offload_targets
 
 
@@ -233,12 +233,7 @@ class Capture:
 _MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_sha256 = sha256_file
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:

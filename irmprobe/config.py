@@ -402,9 +402,12 @@ class ValidateConfig:
     patching_bound: bool = True
     """Also patch the base's activations at the chosen layers into the tuned model while it generates: the share
     of the reward gain the layers carry, an upper bound for ablating features there."""
+    batch_size: int = 160
+    """Sequences per generation batch in the ablation (every condition uses the same batches, so rows stay
+    paired); larger batches keep the CPU or GPU busier."""
 
     def __post_init__(self) -> None:
-        _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens")
+        _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size")
         if self.n_judged < self.top_k:
             raise ValueError(f"ValidateConfig.n_judged ({self.n_judged}) must be at least top_k ({self.top_k}): "
                              "the IRM's top features are always judged")

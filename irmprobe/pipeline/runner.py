@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from irmprobe.cache import cache_root, write_json
+from irmprobe.cache import cache_root, write_json, sha256_file
 from irmprobe.config import RunConfig
 from irmprobe.pipeline.stage import Context, Sections, Stage
 
@@ -31,12 +31,7 @@ def stage_dir(name: str, key: str) -> Path:
     return cache_root() / "stages" / name / key
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_sha256 = sha256_file
 
 
 def checksums(directory: Path) -> dict[str, str]:

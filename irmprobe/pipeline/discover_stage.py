@@ -105,10 +105,10 @@ def pairwise_rows(scores: dict) -> list[PairwiseRow]:
 
 
 class DiscoverStage(Stage):
-    name, version = "discover", 3
+    name, version = "discover", 4
     reads = ("discover", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "samples", "capture", "saes", "fit", "layers")
-    control_needs = ("capture", "fit")
+    control_needs = ("samples", "capture", "fit")
 
     def fingerprint(self, cfg, ctx):
         path = cfg.discover.pairs_path
@@ -128,14 +128,13 @@ class DiscoverStage(Stage):
         samples = inputs["samples"]
         # Continuation tokens only: a prompt's tokens recur in every sample of that prompt with the very same
         # context, so they are not independent occurrences (and would give zero-spread "discoveries").
-        test_rows = _written(capture, samples.prompt_lens, held)
+        test_rows = _written(capture, samples, held)
         tokens, groups, irm = capture.token_ids[held], capture.seq_index[held], fit.predictions[held]
         rm_rows = np.array([rm_map.get(int(t), 0.0) for t in tokens])
         controls = inputs.get("controls") or []
         if controls:
-            # The control continues the same held-out prompts in the same order: the same prompt lengths.
             c_cap = controls[0]["capture"]
-            c_held = _written(c_cap, samples.prompt_lens, controls[0]["fit"].eval_rows)
+            c_held = _written(c_cap, controls[0]["samples"], controls[0]["fit"].eval_rows)
             c_tok, c_val = c_cap.token_ids[c_held], c_cap.log_ratio[c_held]
         else:  # the null pair, or compare.control off: each token is tested against 0
             c_tok, c_val = np.zeros(0, dtype=tokens.dtype), np.zeros(0)
@@ -180,15 +179,17 @@ class DiscoverStage(Stage):
                 + (f"; IRM pairwise accuracy {irm.accuracy:.2f} on {irm.n} pairs" if irm and irm.n else ""))
 
 
-def _written(capture, prompt_lens, rows):
+def _written(capture, samples, rows):
     """The rows among ``rows`` that hold a generated token (a continuation, not a prompt or extra text),
-    one per distinct occurrence: a token whose log-ratio is bit-identical to another occurrence's was
-    written in the very same context (a repeated continuation), which is not independent evidence."""
-    seq = capture.seq_index[rows]
-    ok = seq < len(prompt_lens)
-    keep = np.zeros(len(rows), dtype=bool)
-    keep[ok] = capture.position[rows][ok] >= np.asarray(prompt_lens)[seq[ok]]
-    rows = rows[keep]
-    _, first = np.unique(np.c_[capture.token_ids[rows].astype(np.float64), capture.log_ratio[rows].astype(np.float64)],
-                         axis=0, return_index=True)
-    return rows[np.sort(first)]
+    one per distinct context: a prompt's tokens, and a continuation repeated word for word, recur with
+    the very same prefix, which is not independent evidence."""
+    seq, pos = capture.seq_index[rows], capture.position[rows]
+    seen, keep = set(), []
+    for i, (s, p) in enumerate(zip(seq.tolist(), pos.tolist())):
+        if s >= len(samples.token_ids) or p < samples.prompt_lens[s]:
+            continue
+        context = tuple(samples.token_ids[s][: p + 1])
+        if context not in seen:
+            seen.add(context)
+            keep.append(i)
+    return rows[np.array(keep, dtype=np.int64)]

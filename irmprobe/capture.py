@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from irmprobe.cache import write_json, sha256_file
+from irmprobe.cache import sha256_file, write_json
 from irmprobe.pairs import ModelPair, input_device, offload_targets
 
 
@@ -233,7 +233,6 @@ class Capture:
 _MANIFEST = "manifest.json"
 
 
-_sha256 = sha256_file
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
@@ -303,7 +302,7 @@ def capture_to_store(
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         os.replace(tmp, directory / name)
         own["shards"][name] = {"sequences": [lo, hi], "rows": int(len(cap.token_ids)),
-                               "sha256": _sha256(directory / name)}
+                               "sha256": sha256_file(directory / name)}
         write_json(target, own)
     if world_size > 1:
         write_json(target, own)  # this rank's share is done (possibly none)
@@ -345,7 +344,7 @@ def load_store(directory: Path, *, verify: bool = True) -> Capture:
         entry, path = manifest["shards"][name], directory / name
         if not path.is_file():
             raise ValueError(f"activation store {directory}: shard {name} is missing; run the capture again")
-        if verify and _sha256(path) != entry["sha256"]:
+        if verify and sha256_file(path) != entry["sha256"]:
             raise ValueError(f"activation store {directory}: shard {name} is corrupted (checksum mismatch); "
                              "delete it and run the capture again to recompute it")
         parts.append(load_file(str(path)))

@@ -201,26 +201,29 @@ def feature_alignment(X, coef: np.ndarray, rm_row_values: np.ndarray, token_ids:
             "rm_not_irm": [entry(i) for i in rm_not_irm]}
 
 
-def against_control(rows: list[dict], control_rows: list[dict]) -> list[dict]:
-    """Put each view's figures next to the control organism's: ``control_tau`` and ``above_control``.
+def against_control(rows: list[dict], *controls: list[dict]) -> list[dict]:
+    """Put each view's figures next to the control organisms': ``control_tau`` and ``above_control``.
 
-    RM-informed views get ``control_flag``: they decode the RM from any model's features, so they
-    cannot tell a control organism from a real one.
+    With several controls ``control_tau`` is their mean, ``control_taus`` each one's, and
+    ``above_control_ci`` needs the view's CI above every control's. RM-informed views get
+    ``control_flag``: they decode the RM from any model's features, so they cannot tell a control
+    organism from a real one.
     """
-    control = {r["name"]: r for r in control_rows}
+    by_name = [{r["name"]: r for r in c} for c in controls]
     out = []
     for row in rows:
-        c = control.get(row["name"])
+        found = [c[row["name"]] for c in by_name if row["name"] in c]
         row = dict(row)
-        if c is not None:
-            row["control_tau"] = c.get("tau")
-            row["control_text_tau"] = c.get("text_tau")
-            row["control_is_zero"] = c.get("is_zero")
-            if row.get("tau") is not None and c.get("tau") is not None:
-                row["above_control"] = row["tau"] - c["tau"]
-                ci = c.get("tau_ci")
-                row["above_control_ci"] = bool(ci is not None and row.get("tau_ci") is not None
-                                               and row["tau_ci"][0] > ci[1])
+        if found:
+            taus = [c["tau"] for c in found if c.get("tau") is not None]
+            row |= {"control_taus": taus or None, "control_tau": float(np.mean(taus)) if taus else None,
+                    "control_tau_ci": found[0].get("tau_ci"), "control_text_tau": found[0].get("text_tau"),
+                    "control_is_zero": all(c.get("is_zero") for c in found)}
+            if row.get("tau") is not None and taus:
+                row["above_control"] = row["tau"] - row["control_tau"]
+                cis = [c["tau_ci"] for c in found if c.get("tau_ci") is not None]
+                row["above_control_ci"] = bool(row.get("tau_ci") is not None and cis
+                                               and row["tau_ci"][0] > max(ci[1] for ci in cis))
         if row.get("family") == "rm_informed":
             row["control_flag"] = "uses RM labels: decodes the RM from any model, cannot tell a control from a real organism"
         out.append(row)

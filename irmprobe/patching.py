@@ -19,14 +19,13 @@ Models are plain Hugging Face causal LMs; patches are PyTorch forward hooks, rem
 from __future__ import annotations
 
 import inspect
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from irmprobe.evals.ablation import mlp_module
+from irmprobe.capture import hook_module
 
 HOOK_KINDS = ("mlp_out", "resid_post")
 
@@ -111,18 +110,9 @@ def _share(patched, total: float) -> np.ndarray:
     return 1.0 - patched / total
 
 
-def _block_module(model, block: int):
-    pattern = re.compile(rf"(^|\.)(layers|h|blocks)\.{block}$")
-    for name, module in model.named_modules():
-        if pattern.search(name):
-            return module
-    raise ValueError(f"no block {block} in {type(model).__name__}: patching supports models whose blocks are "
-                     "named layers.N, h.N or blocks.N")
-
-
 def _module(model, point: Point):
     kind, block = point
-    return mlp_module(model, block) if kind == "mlp_out" else _block_module(model, block)
+    return hook_module(model, f"blocks.{block}.hook_{kind}")  # mlp_out or resid_post
 
 
 def _validate(base, tuned, blocks, kinds) -> None:

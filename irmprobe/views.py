@@ -121,7 +121,6 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     if decision is not None:
         # Only rows whose decision position was captured (t >= 2): every view has a value on the same rows.
         rows_used = np.asarray(decision[1])
-    eval_seqs = np.arange(n_seq)
     in_samples = groups < n_seq
     prompt_len = np.zeros(len(groups), dtype=np.int64)
     prompt_len[in_samples] = samples.prompt_lens[groups[in_samples]]

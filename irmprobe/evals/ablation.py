@@ -19,7 +19,6 @@ cache then samples differently (measured: the default organism's reward fell fro
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from scipy.stats import bootstrap
 
-from irmprobe.capture import is_bridged, sample_continuations
+from irmprobe.capture import hook_module, is_bridged, sample_continuations
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,7 @@ def splice_hook(sae, indices, mode: str = "zero", means: np.ndarray | None = Non
 
 def mlp_module(model, layer: int):
     """The MLP module of block ``layer`` (``model.layers.9.mlp``, ``gpt_neox.layers.9.mlp``, ``h.9.mlp``)."""
-    pattern = re.compile(rf"(^|\.)(layers|h|blocks)\.{layer}\.mlp$")
-    for name, module in model.named_modules():
-        if pattern.search(name):
-            return module
-    raise ValueError(f"no MLP module of block {layer} in {type(model).__name__}: ablation supports models whose "
-                     "blocks are named layers.N.mlp, h.N.mlp or blocks.N.mlp")
+    return hook_module(model, f"blocks.{layer}.hook_mlp_out")
 
 
 @contextmanager

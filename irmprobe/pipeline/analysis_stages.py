@@ -1,15 +1,15 @@
-"""The analysis stages: SAEs, IRM fits, the comparison with the matched controls, validation, report."""
+"""The SAE and fit stages of each branch."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from irmprobe.cache import cache_root, config_key, write_json
+from irmprobe.cache import sha256_file, write_json
 from irmprobe.pipeline.stage import Stage
 from irmprobe.results import Record, ViewRow
 
@@ -19,12 +19,6 @@ WEIGHTS = "sae_weights.safetensors"
 
 def _read(out: Path, name: str = "result.json") -> dict:
     return json.loads((out / name).read_text())
-
-
-def _sha256(path: Path) -> str:
-    from irmprobe.pipeline.runner import _sha256 as sha
-
-    return sha(path)
 
 
 def _pair(ctx, inputs):
@@ -71,7 +65,7 @@ class SAEStage(Stage):
                                                  seed=cfg.seed, capture_key=ctx.input_keys["capture"],
                                                  meta=inputs["organism"], device=ctx.runtime.device,
                                                  diagnostics=ctx.branch.diagnostics, force=ctx.forced)
-        sums = {k: _sha256(Path(p) / WEIGHTS) for k, p in paths.items()}
+        sums = {k: sha256_file(Path(p) / WEIGHTS) for k, p in paths.items()}
         record = SAERecord(rows, layer_rows, paths, sums)
         write_json(out / "result.json", record.to_json())
         return SAEs(record, saes)
@@ -85,7 +79,7 @@ class SAEStage(Stage):
         record = SAERecord.from_json(_read(out))
         # The weights live in a cache shared across runs: check each file before it is trusted.
         bad = [k for k, p in record.paths.items() if not (Path(p) / WEIGHTS).is_file()
-               or _sha256(Path(p) / WEIGHTS) != record.checksums.get(k)]
+               or sha256_file(Path(p) / WEIGHTS) != record.checksums.get(k)]
         if bad:
             for k in bad:
                 shutil.rmtree(record.paths[k], ignore_errors=True)
@@ -186,6 +180,3 @@ class FitStage(Stage):
         return ("primary IRM identically zero" if row.is_zero else
                 f"sae_irm held-out tau {row.tau:+.3f} on {row.n_tokens} tokens" if row.tau is not None else row.note or "")
 
-
-from irmprobe.pipeline.compare_stage import CompareStage  # noqa: E402,F401
-from irmprobe.pipeline.validation_stages import AblateStage, InterpretStage, ReportStage  # noqa: E402,F401

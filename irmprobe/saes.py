@@ -11,9 +11,10 @@ import numpy as np
 
 from irmprobe.cache import cache_root, config_key, write_json
 from irmprobe.features import (decoder_directions, evaluate_sae, load_sae, mmcs, save_sae, splice_metrics, train_sae,
-                               unmatched_features)
+                               unmatched_features, uses_autocast)
 
-_TRAINING = ("architecture", "expansion", "l1_coefficient", "k", "training_samples", "batch_size", "lr")
+_TRAINING = ("architecture", "expansion", "l1_coefficient", "k", "training_samples", "batch_size", "lr",
+             "early_stop_every", "early_stop_tolerance")
 
 
 def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts: tuple, meta: dict, device: str,
@@ -23,7 +24,8 @@ def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts
     Cached under ``$IRMPROBE_CACHE/sae-weights`` by the settings that change training only, so
     analysis settings (splice text, match threshold) never retrain an SAE.
     """
-    training = {k: getattr(sc, k) for k in _TRAINING}
+    # ``autocast: auto`` enters the key as what it resolves to on this machine.
+    training = {k: getattr(sc, k) for k in _TRAINING} | {"autocast": uses_autocast(sc, device)}
     sae_dir = cache_root() / "sae-weights" / config_key("sae-v4", *key_parts, training, seed)
     if force and sae_dir.exists():
         shutil.rmtree(sae_dir)
@@ -34,6 +36,17 @@ def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts
     metrics = evaluate_sae(sae, acts[eval_rows])
     write_json(sae_dir / "irmprobe_metrics.json", metrics)
     return sae, metrics, sae_dir
+
+
+def training_point(sae, sc) -> dict:
+    """Where training ended: samples seen, whether early stopping ended it, and the held-out explained
+    variance gained over the last four checks (a large gain: the SAE was still improving)."""
+    meta = sae.cfg.metadata
+    curve = list(getattr(meta, "irmprobe_curve", None) or [])
+    stopped = getattr(meta, "irmprobe_stopped_at", None)
+    gain = (curve[-1]["explained_variance"] - curve[-5]["explained_variance"]) if len(curve) >= 5 else None
+    return {"trained_samples": int(stopped) if stopped else int(sc.training_samples), "stopped_early": bool(stopped),
+            "ev_gain_last_checks": gain, "training_curve": curve}
 
 
 def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, meta, device: str,
@@ -62,7 +75,8 @@ def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, 
             parts = (capture_key, kind, layer)
             sae, metrics, sae_dir = get_sae(sc, acts, eval_rows, seed=seed + layer, key_parts=parts, meta=info,
                                             device=device, force=force)
-            row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics)}
+            row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics),
+                   **training_point(sae, sc)}
             dirs[kind, layer] = decoder_directions(sae)
             if diagnostics and sc.match_expansion and sc.match_expansion != sc.expansion:
                 other, _, _ = get_sae(replace(sc, expansion=sc.match_expansion), acts, eval_rows, seed=seed + layer,

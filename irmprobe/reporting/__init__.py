@@ -21,6 +21,20 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return str(value)
 
 
+def _interval(ci, spec: str) -> str:
+    """``[low,high]``; "undefined" when the bootstrap gave no bounds (resamples with no reward gain to share)."""
+    if ci is None or any(v is None for v in ci):
+        return "undefined"
+    return f"[{format(ci[0], spec)},{format(ci[1], spec)}]"
+
+
+def _trained(row: dict) -> str:
+    """Samples an SAE trained on, "stop" when held-out explained variance plateaued first (older rows: "-")."""
+    if row.get("trained_samples") is None:
+        return "-"
+    return f"{row['trained_samples']:,}" + (" stop" if row.get("stopped_early") else "")
+
+
 def plain(metrics) -> dict:
     """The JSON form of a run's typed metrics (a dict read from metrics.json is checked against the schema)."""
     from irmprobe.results import RunMetrics
@@ -64,13 +78,13 @@ def summary_lines(metrics) -> list[str]:
     )
     lines.append("== SAEs (held-out activations) ==")
     lines.append(f"{'model':<6} {'layer':>5} {'d_sae':>6} {'expl.var':>9} {'L0':>8} {'dead':>6} {'dense':>6} "
-                 f"{'CE rec.':>8} {'KL':>7} {'MMCS 1x:2x':>10}")
+                 f"{'CE rec.':>8} {'KL':>7} {'MMCS 1x:2x':>10} {'trained on':>14}")
     for row in metrics["saes"]:
         lines.append(
             f"{row['model']:<6} {row['layer']:>5} {row['d_sae']:>6} {row['explained_variance']:>9.3f} "
             f"{row['l0']:>8.1f} {row['dead_fraction']:>6.3f} {row['dense_fraction']:>6.3f} "
             f"{_fmt(row.get('ce_loss_recovered'), '.3f'):>8} {_fmt(row.get('kl_spliced'), '.3f'):>7} "
-            f"{_fmt(row.get('mmcs_small_vs_large'), '.3f'):>10}"
+            f"{_fmt(row.get('mmcs_small_vs_large'), '.3f'):>10} {_trained(row):>14}"
         )
     for row in metrics.get("sae_layers", []):
         lines.append(f"layer {row['layer']}: {row['tuned_only_features']} tuned-model features with no base match "
@@ -139,10 +153,9 @@ def summary_lines(metrics) -> list[str]:
         lines.append(f"{'set':<44} {'mode':<6} {'n':>3} {'reward':>8} {'95% CI':>17} {'share':>7} {'95% CI':>17}")
         for r in val["ablation"]:
             rw, g = r["reward"], r.get("gain_share")
-            g_text = (f"{g['share']:>+7.2f} {'[' + format(g['ci'][0], '+.2f') + ',' + format(g['ci'][1], '+.2f') + ']':>17}"
-                      if g else f"{'-':>7} {'-':>17}")
+            g_text = f"{g['share']:>+7.2f} {_interval(g['ci'], '+.2f'):>17}" if g else f"{'-':>7} {'-':>17}"
             lines.append(f"{r['set'][:44]:<44} {r['mode'][:6]:<6} {r['n_features']:>3} {rw['mean']:>+8.3f} "
-                         f"{'[' + format(rw['ci'][0], '+.3f') + ',' + format(rw['ci'][1], '+.3f') + ']':>17} {g_text}")
+                         f"{_interval(rw['ci'], '+.3f'):>17} {g_text}")
     lines.append("== verdict ==")
     lines.extend(metrics["verdict"])
     lines.append("== stage times (s; * = reused from the cache) ==")
@@ -255,7 +268,8 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
             _flatten(key, metrics[key], scalars)
         for row in metrics["saes"]:
             for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "mse", "ce_loss_recovered",
-                      "kl_spliced", "mmcs_small_vs_large", "mmcs_small_vs_large_one_to_one"):
+                      "kl_spliced", "mmcs_small_vs_large", "mmcs_small_vs_large_one_to_one", "trained_samples",
+                      "ev_gain_last_checks"):
                 if row.get(k) is None:
                     continue
                 scalars[f"sae/{row['model']}.{row['layer']}/{k}"] = row[k]
@@ -326,7 +340,8 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
              for r in metrics["agreement"] + (metrics.get("full_vocabulary") or [])]
     out = {"views": (view_cols, views), "tokens": (metrics["tokens"]["columns"], token_rows)}
     sae_cols = ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fraction", "dense_fraction",
-                "ce_loss_recovered", "kl_spliced", "mmcs_small_vs_large"]
+                "ce_loss_recovered", "kl_spliced", "mmcs_small_vs_large", "trained_samples", "stopped_early",
+                "ev_gain_last_checks"]
     out["saes"] = (sae_cols, [[r.get(c) for c in sae_cols] for r in metrics.get("saes", [])])
     disc = metrics.get("discovery")
     if disc:

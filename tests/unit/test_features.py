@@ -139,3 +139,54 @@ def test_sweep_traces_sparsity_against_reconstruction():
     assert [r["k"] for r in rows] == [2, 8]
     assert rows[0]["l0"] <= 2 + 1e-6 < rows[1]["l0"]
     assert rows[1]["explained_variance"] > rows[0]["explained_variance"]
+
+
+def test_early_stopping_ends_training_when_held_out_explained_variance_plateaus():
+    acts, _ = _planted(n=20_000, seed=1)
+    budget = 400_000
+    cfg = SAEConfig(expansion=4, l1_coefficient=2.0, training_samples=budget, batch_size=512, lr=3e-3,
+                    early_stop_every=20, early_stop_tolerance=0.002, autocast="off")
+    sae = train_sae(acts, cfg, seed=0, metadata={})
+    meta = sae.cfg.metadata
+    curve = meta["irmprobe_curve"]
+    stopped = meta["irmprobe_stopped_at"]
+    # Planted data is learnt long before 400k samples: it stops, at a point where the last four checks gained
+    # less than the tolerance and every earlier window of four gained more.
+    assert stopped is not None and stopped < budget / 2, (stopped, curve[-6:])
+    evs = [c["explained_variance"] for c in curve]
+    assert evs[-1] - evs[-5] < 0.002 and all(evs[i] - evs[i - 4] >= 0.002 for i in range(4, len(evs) - 1))
+    assert curve[-1]["samples"] == stopped and evaluate_sae(sae, acts[:4000]).explained_variance > 0.8
+    # The scale folded back into the weights: the stopped SAE works on raw activations like a full run's.
+    from irmprobe.saes import training_point
+
+    point = training_point(sae, cfg)
+    assert point["stopped_early"] and point["trained_samples"] == stopped and point["ev_gain_last_checks"] < 0.002
+    full = train_sae(acts, SAEConfig(expansion=4, l1_coefficient=2.0, training_samples=40_960, batch_size=512, lr=3e-3,
+                                     early_stop_every=0, autocast="off"), seed=0, metadata={})
+    assert full.cfg.metadata["irmprobe_stopped_at"] is None
+    assert training_point(full, cfg)["stopped_early"] is False
+
+
+def test_autocast_follows_the_setting_and_the_hardware(monkeypatch):
+    import torch
+
+    from irmprobe import features
+
+    assert features.uses_autocast(SAEConfig(autocast="on"), "cpu") is True
+    assert features.uses_autocast(SAEConfig(autocast="off"), "cpu") is False
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda amx=amx: {"amx_bf16": amx})
+        assert features.uses_autocast(SAEConfig(autocast="auto"), "cpu") is amx
+    seen = []
+    real = features.SAETrainerConfig
+    monkeypatch.setattr(features, "SAETrainerConfig", lambda **k: seen.append(k["autocast"]) or real(**k))
+    acts, _ = _planted(n=20_000, seed=2)
+    evs = {}
+    for mode in ("on", "off"):
+        cfg = SAEConfig(expansion=4, l1_coefficient=2.0, training_samples=100_000, batch_size=512, lr=3e-3,
+                        early_stop_every=0, autocast=mode)
+        evs[mode] = evaluate_sae(train_sae(acts, cfg, seed=0, metadata={}), acts[:4000]).explained_variance
+    # bfloat16 products with float32 weights: the same reconstruction as float32 training.
+    assert seen == [True, False] and evs["on"] > 0.8 and abs(evs["on"] - evs["off"]) < 0.02, evs
+    with pytest.raises(ValueError, match="autocast must be auto, on or off"):
+        SAEConfig(autocast="yes")

@@ -98,5 +98,5 @@ def fit_views(cfg, pair, samples, capture, saes: dict, layers, rm, *, cache_key:
         rows, prev = decision_rows(capture.seq_index, capture.position)
         decision = (X[prev], rows, prev)  # features at t-1, target r_t
     analysis = analyse(capture, X, samples, rm_map, ic, cc, seed=seed, raw=raw, triple_inputs=triple_x, n_jobs=2,
-                       decision=decision)
+                       decision=decision, device=cfg.pair.device)
     return analysis, X, names, info

@@ -44,6 +44,10 @@ class LinearIRM(RegressorMixin, BaseEstimator):
         cv: number of folds.
         max_iter: coordinate-descent iterations for the L1 penalties.
         n_jobs: cross-validation fits run in parallel (joblib); the result does not depend on it.
+        device: where ridge fits run: None or ``cpu`` uses scikit-learn's ``Ridge``; a CUDA device
+            (``cuda``, ``cuda:1``) solves each ridge fit in torch on that GPU
+            (:class:`irmprobe.gpu.TorchRidge`, equal to scikit-learn's to 1e-4 relative). Lasso and
+            ElasticNet always use scikit-learn.
 
     Inside scikit-learn tools (``GridSearchCV``, ``cross_validate``) turn on metadata routing,
     ``sklearn.set_config(enable_metadata_routing=True)``: ``fit`` requests ``groups`` by default,
@@ -55,13 +59,14 @@ class LinearIRM(RegressorMixin, BaseEstimator):
     __metadata_request__fit = {"groups": True}
 
     def __init__(self, penalty: str = "ridge", alphas=None, l1_ratio: float = 0.5, cv: int = 3,
-                 max_iter: int = 1000, n_jobs: int | None = None):
+                 max_iter: int = 1000, n_jobs: int | None = None, device: str | None = None):
         self.penalty = penalty
         self.alphas = alphas
         self.l1_ratio = l1_ratio
         self.cv = cv
         self.max_iter = max_iter
         self.n_jobs = n_jobs
+        self.device = device
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -69,6 +74,10 @@ class LinearIRM(RegressorMixin, BaseEstimator):
         return tags
 
     def _model(self, alpha: float, X):
+        if self.penalty == "ridge" and self.device not in (None, "cpu"):
+            from irmprobe.gpu import TorchRidge
+
+            return TorchRidge(alpha=alpha, device=self.device)
         if self.penalty == "ridge":
             return Ridge(alpha=alpha, solver="lsqr" if sp.issparse(X) else "auto")
         if self.penalty == "lasso":
@@ -230,10 +239,11 @@ def preference_probe(pooled, rewards: np.ndarray, prompt_index: np.ndarray, *, s
     return model, float(model.score(X[test], y[test]))
 
 
-def make_irm(alphas=None, penalty: str = "ridge", l1_ratio: float = 0.5, n_jobs: int | None = None) -> Pipeline:
-    """SAE features are scaled (max-abs, keeps sparsity) before the IRM regression."""
+def make_irm(alphas=None, penalty: str = "ridge", l1_ratio: float = 0.5, n_jobs: int | None = None,
+             device: str | None = None) -> Pipeline:
+    """SAE features are scaled (max-abs, keeps sparsity) before the IRM regression (ridge on ``device``)."""
     return Pipeline([("scale", MaxAbsScaler()),
-                     ("irm", LinearIRM(penalty, alphas=alphas, l1_ratio=l1_ratio, n_jobs=n_jobs))])
+                     ("irm", LinearIRM(penalty, alphas=alphas, l1_ratio=l1_ratio, n_jobs=n_jobs, device=device))])
 
 
 def token_map(token_ids: np.ndarray, values: np.ndarray, min_count: int = 1) -> dict[int, tuple[float, int]]:
@@ -333,6 +343,7 @@ def cross_fit_irm(
     penalty: str = "ridge",
     l1_ratio: float = 0.5,
     n_jobs: int | None = None,
+    device: str | None = None,
 ) -> IRMFit:
     """Two-fold cross-fitting by sequence: each row is predicted by the model fitted on the other fold.
 
@@ -347,7 +358,7 @@ def cross_fit_irm(
 
     def fit_on(rows, grid):
         target = rng.permutation(y[rows]) if shuffle_target else y[rows]
-        pipe = make_irm(grid, penalty, l1_ratio, n_jobs)
+        pipe = make_irm(grid, penalty, l1_ratio, n_jobs, device)
         pipe.fit(X[rows], target, **{"groups" if routed else "irm__groups": groups[rows]})
         return pipe
 

@@ -92,7 +92,7 @@ class Analysis:
 
 def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic, cc, *, seed: int,
             raw: np.ndarray | None = None, triple_inputs: tuple | None = None, n_jobs: int | None = None,
-            decision: tuple | None = None) -> Analysis:
+            decision: tuple | None = None, device: str | None = None) -> Analysis:
     """Cross-fit every view on two halves of the sequences and compare it with the RM, out of fold.
 
     Every row's value comes from a model fitted on the other half of the sequences, so every token
@@ -110,6 +110,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         triple_inputs: one (X_pos, X_neg, X_neu, positive tokens, negative tokens) per fold, from
             contrastive triples cut from that fold's sequences (None for a fold without triples).
         n_jobs: parallel cross-validation fits.
+        device: where the ridge fits run (a CUDA device: in torch on the GPU; see :class:`irmprobe.irm.LinearIRM`).
         decision: ``(X_prev, rows, prev_rows)``: features at the decision position t-1 for the rows
             ``rows`` (see :func:`irmprobe.patching.decision_rows`); adds the decision-side IRM.
     """
@@ -145,7 +146,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
                                  rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=is_zero, **extra))
 
     def fit(name, X_, target, **kw):
-        out = cross_fit_irm(name, X_, target, groups, folds=folds, n_jobs=n_jobs, **kw)
+        out = cross_fit_irm(name, X_, target, groups, folds=folds, n_jobs=n_jobs, device=device, **kw)
         fits[name] = out
         return out
 
@@ -167,7 +168,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     if decision is not None:
         X_prev, d_rows, _ = decision
         local = tuple(np.flatnonzero(np.isin(d_rows, fold)) for fold in folds)
-        f = cross_fit_irm("sae_irm_decision", X_prev, y[d_rows], groups[d_rows], folds=local, n_jobs=n_jobs,
+        f = cross_fit_irm("sae_irm_decision", X_prev, y[d_rows], groups[d_rows], folds=local, n_jobs=n_jobs, device=device,
                           alphas=ic.alphas if ic.estimators[0] == "ridge" else None, penalty=ic.estimators[0],
                           l1_ratio=ic.l1_ratio)
         fits[f.name] = f
@@ -204,7 +205,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     for i in range(ic.n_shuffles):
         # The same folds as every other view; only the training targets are permuted.
         f = cross_fit_irm(f"shuffled_{i}", X, y, groups, folds=folds, alphas=(primary.alpha,), shuffle_target=True,
-                          shuffle_seed=seed + 1 + i, n_jobs=n_jobs, penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
+                          shuffle_seed=seed + 1 + i, n_jobs=n_jobs, device=device, penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
         tmap = heldout_map(f.predictions)
         maps[f.name] = tmap
         shuffled.append(compare_view(f.name, "baseline", tmap, counts, rm_map, text_scores=text_scores(f.predictions),

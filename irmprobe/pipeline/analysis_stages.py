@@ -136,9 +136,9 @@ _KEEP_MAPS = ("log_ratio (no model)", "sae_irm", "sae_irm_decision", "full_vocab
 
 
 class FitStage(Stage):
-    name, version = "fit", 8
+    name, version = "fit", 9
     reads = ("irm", "compare.rm_informed", "compare.n_bootstrap", "compare.n_triples", "compare.triples_path",
-             "compare.llm_triples", "llm", "capture.hook", "seed")
+             "compare.llm_triples", "llm", "capture.hook", "pair.device", "seed")
     needs = ("organism", "samples", "layers", "capture", "saes")
 
     def fingerprint(self, cfg, ctx):

@@ -110,7 +110,7 @@ def sample_continuations(
     if is_bridged(model):
         raise ValueError("cannot sample from a model a TransformerBridge has wrapped (its generate() differs): "
                          "sample before capture, or from a fresh copy (irmprobe.pairs.load_model)")
-    device = next(model.parameters()).device
+    device = input_device(model)  # a model split by a device_map takes its ids where its embeddings run
     jobs = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None)

@@ -161,7 +161,8 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     echo(f"ablate: {len(sets) + 2 + (bound is not None)} conditions over {len(prompts)} prompts x "
          f"{vc.samples_per_prompt} samples")
     base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
-                               trust_remote_code=runtime.trust_remote_code)
+                               trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
+                               max_memory=runtime.max_memory)
     return paired_rows(base, tuned, pair.tokenizer, layer_saes, sets, rm, prompts, bound, kind or "mlp_out",
                        samples_per_prompt=vc.samples_per_prompt, max_new_tokens=vc.max_new_tokens, seed=seed,
                        batch_size=vc.batch_size)

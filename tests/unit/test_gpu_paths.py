@@ -73,6 +73,35 @@ def test_torch_ridge_picks_conjugate_gradient_for_wide_data_and_fits_several_tar
     assert _relative(ours.coef_, ref.coef_) < 1e-4 and _relative(ours.intercept_, ref.intercept_) < 1e-4
 
 
+def test_linear_irm_on_a_cuda_device_solves_its_ridge_fits_with_torch_ridge(monkeypatch):
+    """The IRM's ridge fits go to TorchRidge on a GPU device (here redirected to the CPU, which this machine has)."""
+    import irmprobe.gpu as gpu
+    from irmprobe.irm import LinearIRM
+
+    used = []
+
+    class OnCPU(TorchRidge):
+        def fit(self, X, y, sample_weight=None):
+            used.append(self.device)
+            self.device = "cpu"
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(gpu, "TorchRidge", OnCPU)
+    rng = np.random.default_rng(3)
+    X = sp.random(900, 120, density=0.05, format="csr", random_state=3, data_rvs=lambda n: rng.uniform(0, 2, n))
+    y = np.asarray(X @ rng.normal(size=120)).ravel() + 0.3 * rng.normal(size=900)
+    groups = np.repeat(np.arange(90), 10)
+    ours = LinearIRM("ridge", alphas=(0.1, 1.0, 10.0), device="cuda:0").fit(X, y, groups=groups)
+    assert used and set(used) == {"cuda:0"}  # every CV fit and the final fit
+    cpu = LinearIRM("ridge", alphas=(0.1, 1.0, 10.0)).fit(X, y, groups=groups)
+    assert ours.alpha_ == cpu.alpha_
+    exact = Ridge(alpha=ours.alpha_).fit(X.toarray(), y)
+    assert _relative(ours.coef_, exact.coef_) < 1e-4 and _relative([ours.intercept_], [exact.intercept_]) < 1e-4
+    used.clear()
+    LinearIRM("lasso", device="cuda:0").fit(X, y, groups=groups)
+    assert not used  # L1 penalties stay on scikit-learn
+
+
 @parametrize_with_checks([TorchRidge(), TorchRidge(solver="cg")])
 def test_torch_ridge_is_a_scikit_learn_estimator(estimator, check):
     check(estimator)
@@ -165,6 +194,48 @@ def test_device_map_with_blocks_on_disk_captures_like_a_plain_load(llama_dir, tu
                              capture_pair(plain, seqs, (0, 1, 2, 3), hook=hook, batch_size=4))
     with pytest.raises(ValueError, match="offloaded to disk"):
         split.bridge("tuned")
+
+
+def test_device_map_with_blocks_on_disk_samples_patches_and_ablates_like_a_plain_load(llama_dir, tuned_llama_dir):
+    """Sampling, layer choice by patching and patched generation (the ablation's sampler) on a pair split between
+    the CPU and disk give what they give on a plain load."""
+    from irmprobe.capture import sample_continuations
+    from irmprobe.patching import generate_patched, layer_choice, plain_models
+
+    budget = _split_budget(llama_dir)
+    plain = load_pair(str(llama_dir), str(tuned_llama_dir))
+    split = load_pair(str(llama_dir), str(tuned_llama_dir), device_map="auto", max_memory={"cpu": budget})
+    prompts = ["one two three", "four five", "six seven eight nine"]
+    for model_split, model_plain in ((split.base, plain.base), (split.tuned, plain.tuned)):
+        kw = dict(n_per_prompt=2, max_new_tokens=6, batch_size=4, seed=5)
+        assert (sample_continuations(model_split, split.tokenizer, prompts, **kw)
+                == sample_continuations(model_plain, plain.tokenizer, prompts, **kw))
+    seqs = _sequences(8, seed=2)
+    ours, ref = (layer_choice(*plain_models(p), seqs, 2, "mlp_out", [0, 1, 2, 3], batch_size=4) for p in (split, plain))
+    assert ours["chosen"] == ref["chosen"] and ours["ranking"] == ref["ranking"]
+    np.testing.assert_allclose(ours["shares"]["mlp_out"]["kl"], ref["shares"]["mlp_out"]["kl"], atol=1e-5)
+    for blocks in ((), (1, 3)):
+        kw = dict(n_per_prompt=2, max_new_tokens=5, seed=7, batch_size=3)
+        a = generate_patched(split.base, split.tuned, split.tokenizer, prompts, blocks, **kw)
+        b = generate_patched(plain.base, plain.tuned, plain.tokenizer, prompts, blocks, **kw)
+        assert a.token_ids == b.token_ids
+
+
+def test_fresh_copies_for_hooks_keep_the_pairs_device_map(tiny_llama_dir, monkeypatch):
+    """Once a bridge has wrapped a model, patching and ablation load fresh copies: placed by the same map."""
+    import irmprobe.pairs as pairs
+    from irmprobe.patching import plain_models
+
+    mapping = {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+               "model.rotary_emb": "cpu"}
+    pair = load_pair(str(tiny_llama_dir), None, device_map=mapping)
+    pair.bridge("base")
+    asked = []
+    real = pairs.load_model
+    monkeypatch.setattr(pairs, "load_model", lambda *a, **k: asked.append(k) or real(*a, **k))
+    base, tuned = plain_models(pair, device_map=mapping, max_memory=None)
+    assert base is tuned and base is not pair.base
+    assert [(k["device_map"], k["max_memory"]) for k in asked] == [(mapping, None)]
 
 
 def test_device_map_as_json_text_places_modules_where_it_says(tiny_llama_dir):

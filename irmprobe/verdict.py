@@ -152,12 +152,16 @@ def ablation_lines(val: dict) -> list[str]:
         g = r.get("gain_share")
         if not g or not (r["set"].startswith(("decision_top", "irm_top", "patching bound"))):
             continue
+        if None in g["ci"]:
+            out.append(f"{r['set'].split(' (')[0]} removes {g['share']:+.2f} of the gain; its interval is undefined "
+                       "(resamples of the prompts with no reward gain), so nothing is concluded from it.")
+            continue
         text = f"{r['set'].split(' (')[0]} removes {g['share']:+.2f} [{g['ci'][0]:+.2f}, {g['ci'][1]:+.2f}] of the gain"
         control = rand.get(r["n_features"])
         if r["set"].startswith("patching bound"):
             text += (" (upper bound: the chosen layers carry most of it)." if g["ci"][0] >= 0.5 else
                      " (upper bound: the chosen layers carry less than half of it; the change is spread elsewhere).")
-        elif control is not None:
+        elif control is not None and None not in control["ci"]:
             apart = g["ci"][0] > control["ci"][1]
             text += (f", above {r['n_features']} random features ({control['share']:+.2f}, CIs apart): these features "
                      "carry the reward causally." if apart else

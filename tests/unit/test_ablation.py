@@ -146,3 +146,19 @@ def test_sampling_refuses_a_bridged_model(tiny_llama_dir):
     pair.bridge("base")  # wraps pair.base in place
     with pytest.raises(ValueError, match="TransformerBridge has wrapped"):
         sample_continuations(pair.base, pair.tokenizer, ["Hello"], n_per_prompt=1, max_new_tokens=2, batch_size=1, seed=0)
+
+
+def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undefined():
+    from irmprobe.reporting import _interval
+    from irmprobe.verdict import ablation_lines
+
+    share = lambda s, ci: {"share": s, "ci": ci}  # noqa: E731
+    rows = [{"set": "none", "n_features": 0, "gain_share": share(0.0, [0.0, 0.0])},
+            {"set": "irm_top_10", "n_features": 10, "gain_share": share(0.4, [None, None])},
+            {"set": "decision_top_10", "n_features": 10, "gain_share": share(0.6, [0.5, 0.7])},
+            {"set": "random_10 (control)", "n_features": 10, "gain_share": share(0.1, [None, 0.2])}]
+    lines = ablation_lines({"ablation": rows})
+    assert lines[0] == ("irm_top_10 removes +0.40 of the gain; its interval is undefined (resamples of the prompts "
+                        "with no reward gain), so nothing is concluded from it.")
+    assert lines[1] == "decision_top_10 removes +0.60 [+0.50, +0.70] of the gain"  # no verdict against an undefined control
+    assert _interval([None, 0.2], "+.2f") == "undefined" and _interval([0.1, 0.2], "+.2f") == "[+0.10,+0.20]"

@@ -418,8 +418,9 @@ class ValidateConfig:
     """Also patch the base's activations at the chosen layers into the tuned model while it generates: the share
     of the reward gain the layers carry, an upper bound for ablating features there."""
     batch_size: int = 160
-    """Sequences per generation batch in the ablation (every condition uses the same batches, so rows stay
-    paired); larger batches keep the CPU or GPU busier."""
+    """Rows per forward of the ablation's sampler: the tuned-model conditions share batches of
+    ``batch_size // conditions`` (prompt, sample) slots each, and each slot draws the same random numbers in
+    every condition whatever the batching, so rows stay paired; larger batches keep a GPU busier."""
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size")

@@ -19,8 +19,10 @@ Models are plain Hugging Face causal LMs; patches are PyTorch forward hooks, rem
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,6 +158,21 @@ def _replace(store: dict):
     return fn
 
 
+def _replace_rows(store: dict, rows: torch.Tensor):
+    """Like :func:`_replace`, for the batch rows ``rows`` only (the base ran on those rows alone)."""
+    def fn(point, act):
+        new = store[point]
+        if new.shape[1:] != act.shape[1:] or len(new) != len(rows):
+            raise ValueError(f"patch at {point} has shape {tuple(new.shape)}, the tuned model's rows "
+                             f"{(len(rows), *act.shape[1:])}")
+        if len(rows) == len(act):
+            return new.to(act.device, act.dtype, copy=True)
+        out = act.clone()
+        out[rows.to(act.device)] = new.to(act.device, act.dtype)
+        return out
+    return fn
+
+
 def _cache_key(model) -> str:
     # transformers renamed the KV-cache argument (and output field) past_key_values -> cache during 5.x.
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
@@ -279,21 +296,60 @@ def table(result: PatchingResult, weight_ranking, curve: CumulativeCurve | None 
     return lines
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class Condition:
+    """One way of running the tuned model while it samples, for :func:`generate_conditions`.
+
+    ``hooks(rows)`` returns a context manager that changes the tuned model's computation for the batch rows
+    ``rows`` only (e.g. :func:`irmprobe.evals.ablation.ablated` with ``rows``); None runs it unchanged.
+    ``blocks``: the base's activations of the call's ``kind`` are patched in at these blocks for this
+    condition's rows (the base model then runs in lockstep on those rows).
+    """
+
+    hooks: Callable[[slice], Any] | None = None
+    blocks: tuple[int, ...] = ()
+
+
 def generate_patched(base, tuned, tokenizer, prompts, blocks, kind: str = "mlp_out", *, n_per_prompt: int,
                      max_new_tokens: int, seed: int, batch_size: int = 16) -> PatchedSamples:
     """Sample from ``tuned`` with the base's activations at ``blocks`` patched in at every position.
 
     Both models advance in lockstep on the same tokens, each with its own KV cache; sampling is
-    top_k=0, top_p=1, temperature 1. Each batch draws its uniforms from its own seeded generator
-    (inverse-CDF sampling, one uniform per row and step), so calls with the same prompts, seed and batch size are
-    paired by (prompt, sample): ``blocks=()`` samples the tuned model unpatched, and
+    top_k=0, top_p=1, temperature 1, by inverse CDF from one uniform per (prompt, sample) slot and
+    step, drawn up front from ``seed``. So calls with the same prompts and seed are paired by
+    (prompt, sample) whatever their batching: ``blocks=()`` samples the tuned model unpatched, and
     ``tuned=base, blocks=()`` the base model, with the same random numbers.
 
     Raises:
         ValueError: an unknown hook kind, a block out of range, or no prompts.
     """
-    blocks = tuple(int(b) for b in blocks)
+    return generate_conditions(base, tuned, tokenizer, prompts, [Condition(None, tuple(blocks))], kind,
+                               n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
+                               batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condition], kind: str = "mlp_out", *,
+                        n_per_prompt: int, max_new_tokens: int, seed: int, batch_size: int = 16
+                        ) -> list[PatchedSamples]:
+    """Sample the tuned model under several conditions in shared batches; one result per condition.
+
+    Each batch holds the same (prompt, sample) slots once per condition (``batch_size`` rows at most:
+    ``batch_size // len(conditions)`` slots, at least one), so one forward of the tuned model serves
+    every condition, which keeps a GPU busy. Rows draw the uniforms of their slot (see
+    :func:`generate_patched`), so each condition's samples equal those of its own
+    :func:`generate_patched` call with the same seed. Conditions that patch must patch the same blocks.
+
+    Raises:
+        ValueError: an unknown hook kind, a block out of range, no prompts or conditions, or
+            conditions patching different blocks.
+    """
+    if not conditions:
+        raise ValueError("generate_conditions needs at least one condition")
+    patched = {tuple(int(b) for b in c.blocks) for c in conditions if c.blocks}
+    if len(patched) > 1:
+        raise ValueError(f"conditions sampled together must patch the same blocks, got {sorted(patched)}")
+    blocks = next(iter(patched), ())
     _validate(base, tuned, blocks, (kind,))
     if not prompts or n_per_prompt < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("generate_patched needs prompts, and n_per_prompt, max_new_tokens, batch_size >= 1")
@@ -303,57 +359,76 @@ def generate_patched(base, tuned, tokenizer, prompts, blocks, kind: str = "mlp_o
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    master = torch.Generator().manual_seed(seed)
+    # One uniform per (slot, step), fixed by the seed alone: batching never changes what a slot draws.
+    uniforms = torch.rand((len(jobs), max_new_tokens), generator=torch.Generator().manual_seed(seed),
+                          dtype=torch.float64)
+    n_cond = len(conditions)
+    per_chunk = max(1, batch_size // n_cond)
     store: dict[Point, torch.Tensor] = {}
-    ids_out, lens_out, idx_out, texts = [], [], [], []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=master)))
-        width = max(len(encoded[i]) for i in chunk)
-        # Left padding so every continuation starts at the same column.
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
+    out = [([], [], [], []) for _ in conditions]
+    for start in range(0, len(jobs), per_chunk):
+        slots = list(range(start, min(start + per_chunk, len(jobs))))
+        n = len(slots)
+        width = max(len(encoded[jobs[j]]) for j in slots)
+        # Left padding so every continuation starts at the same column; the slots repeat once per condition.
+        one = torch.full((n, width), pad, dtype=torch.long)
+        one_mask = torch.zeros((n, width), dtype=torch.long)
+        for row, j in enumerate(slots):
+            ids_j = encoded[jobs[j]]
+            one[row, width - len(ids_j):] = torch.tensor(ids_j)
+            one_mask[row, width - len(ids_j):] = 1
+        ids, mask = one.repeat(n_cond, 1), one_mask.repeat(n_cond, 1)
+        rows = [slice(c * n, (c + 1) * n) for c in range(n_cond)]
+        # Rows of the conditions that patch (contiguous when they come last; any order works).
+        patch_rows = torch.cat([torch.arange(r.start, r.stop) for r, c in zip(rows, conditions) if c.blocks]) \
+            if points else torch.zeros(0, dtype=torch.long)
+        draws = uniforms[slots].repeat(n_cond, 1)
         cache_base = cache_tuned = None
-        done = torch.zeros(len(chunk), dtype=torch.bool)
+        done = torch.zeros(len(ids), dtype=torch.bool)
         new = []
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-            if points:  # the base runs only to supply the patches
-                with _hooks(base, points, lambda p, a: store.__setitem__(p, a)):
-                    _, cache_base = _step(base, cache_base, ids, mask, positions)
-            with _hooks(tuned, points, _replace(store)):
-                logits, cache_tuned = _step(tuned, cache_tuned, ids, mask, positions)
-            probs = logits.double().softmax(-1).cpu()
-            store.clear()
-            # Inverse-CDF sampling with one uniform per row: every condition of this batch draws the same
-            # uniforms (common random numbers). One number per row, not one per vocabulary entry: an
-            # exponential race over the vocabulary cost a quarter of the ablation's time on a CPU.
-            u = torch.rand((len(chunk), 1), generator=gen, dtype=torch.float64)
-            cdf = probs.cumsum(-1)
-            drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-            token = torch.where(done, pad, drawn)
-            new.append(token)
-            done |= torch.isin(token, stop)
-            if bool(done.all()):
-                break
-            ids = token[:, None]
-            mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=torch.long)], dim=1)
-        new = torch.stack(new, dim=1)
-        for row, i in enumerate(chunk):
-            cont = []
-            for tok in new[row].tolist():
-                if tok in stop_ids:
+        with ExitStack() as stack:
+            for r, c in zip(rows, conditions):
+                if c.hooks is not None:
+                    stack.enter_context(c.hooks(r))
+            for step in range(max_new_tokens):
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+                if points:  # the base runs only to supply the patches, on the rows that take them
+                    sel = patch_rows
+                    with _hooks(base, points, lambda p, a: store.__setitem__(p, a)):
+                        _, cache_base = _step(base, cache_base, ids[sel], mask[sel], positions[sel])
+                with _hooks(tuned, points, _replace_rows(store, patch_rows)):
+                    logits, cache_tuned = _step(tuned, cache_tuned, ids, mask, positions)
+                probs = logits.double().softmax(-1).cpu()
+                store.clear()
+                # Inverse-CDF sampling from the slot's uniform: every condition of a slot draws the same number.
+                # One number per row, not one per vocabulary entry: an exponential race over the vocabulary
+                # cost a quarter of the ablation's time on a CPU.
+                cdf = probs.cumsum(-1)
+                u = draws[:, step: step + 1]
+                drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+                token = torch.where(done, pad, drawn)
+                new.append(token)
+                done |= torch.isin(token, stop)
+                if bool(done.all()):
                     break
-                cont.append(tok)
-            ids_out.append(tuple(encoded[i]) + tuple(cont))
-            lens_out.append(len(encoded[i]))
-            idx_out.append(i)
-            texts.append(tokenizer.decode(cont, skip_special_tokens=True))
-    return PatchedSamples(blocks, kind, tuple(ids_out), np.array(lens_out, dtype=np.int64),
-                          np.array(idx_out, dtype=np.int64), tuple(texts))
+                ids = token[:, None]
+                mask = torch.cat([mask, torch.ones((len(mask), 1), dtype=torch.long)], dim=1)
+        new = torch.stack(new, dim=1)
+        for c, r in enumerate(rows):
+            ids_out, lens_out, idx_out, texts = out[c]
+            for row, j in zip(range(r.start, r.stop), slots):
+                cont = []
+                for tok in new[row].tolist():
+                    if tok in stop_ids:
+                        break
+                    cont.append(tok)
+                i = jobs[j]
+                ids_out.append(tuple(encoded[i]) + tuple(cont))
+                lens_out.append(len(encoded[i]))
+                idx_out.append(i)
+                texts.append(tokenizer.decode(cont, skip_special_tokens=True))
+    return [PatchedSamples(tuple(c.blocks), kind, tuple(o[0]), np.array(o[1], dtype=np.int64),
+                           np.array(o[2], dtype=np.int64), tuple(o[3])) for c, o in zip(conditions, out)]
 
 
 def decision_rows(seq_index, position) -> tuple[np.ndarray, np.ndarray]:

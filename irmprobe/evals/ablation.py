@@ -77,10 +77,12 @@ def mlp_module(model, layer: int):
 
 
 @contextmanager
-def ablated(model, saes: dict[int, object], feature_set: FeatureSet):
+def ablated(model, saes: dict[int, object], feature_set: FeatureSet, rows: slice | None = None):
     """Within the block, ``model`` (a plain Hugging Face model) runs with ``feature_set`` ablated.
 
-    Each layer's SAE is spliced at the output of that block's MLP (``hook_mlp_out``).
+    Each layer's SAE is spliced at the output of that block's MLP (``hook_mlp_out``). With ``rows``,
+    only those batch rows are changed (several conditions share one batch, see
+    :func:`irmprobe.patching.generate_conditions`).
     """
     layers = sorted(set(feature_set.features) | (set(saes) if feature_set.mode == "reconstruction" else set()))
     handles = []
@@ -91,9 +93,13 @@ def ablated(model, saes: dict[int, object], feature_set: FeatureSet):
                              feature_set.alpha)
 
             def hook(module, inputs, output, fn=fn):
-                if isinstance(output, tuple):
-                    return (fn(output[0], None), *output[1:])
-                return fn(output, None)
+                act = output[0] if isinstance(output, tuple) else output
+                if rows is None:
+                    new = fn(act, None)
+                else:
+                    new = act.clone()
+                    new[rows] = fn(act[rows], None)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
 
             handles.append(mlp_module(model, layer).register_forward_hook(hook))
         yield

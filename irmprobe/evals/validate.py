@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from irmprobe.evals.ablation import FeatureSet, _mean_ci, ablated, reward_gain_share
 from irmprobe.pairs import load_model
-from irmprobe.patching import generate_patched, plain_models
+from irmprobe.patching import Condition, generate_conditions, generate_patched, plain_models
 from irmprobe.evals.autointerp import (LLMJudge, LocalChat, OfflineJudge, cross_comparison, feature_evidence,
                                        judge_feature)
 
@@ -103,7 +103,7 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     steering (``vc.steer_alpha``), and the patching bound: the base's activations patched into the
     tuned model at the captured blocks (``vc.patching_bound``). Features are ablated at every
     position. Every condition samples the same prompts with the same seed and batches
-    (:func:`irmprobe.patching.generate_patched`), so rows are paired by (prompt, sample).
+    (:func:`irmprobe.patching.generate_conditions`), so rows are paired by (prompt, sample).
 
     Returns:
         One dict per row: ``reward`` (mean, 95% CI), ``change`` from ``none`` (paired, 95% CI) and
@@ -171,29 +171,39 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
 def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSet], rm, prompts: list[str],
                 bound: tuple[int, ...] | None, kind: str = "mlp_out", *, samples_per_prompt: int,
                 max_new_tokens: int, seed: int, batch_size: int = 32) -> list[dict]:
-    """Sample every condition with one seed and one batching, score with ``rm``, and pair the rows.
+    """Sample every condition with one seed, score with ``rm``, and pair the rows.
 
     ``base`` and ``tuned`` are plain Hugging Face models. Rows: ``none`` (tuned), ``base model
     (reference)``, one per feature set (``saes``: layer -> the tuned model's SAE, spliced at the MLP
-    output), and with ``bound`` the base's ``kind`` activations patched in at those blocks.
+    output), and with ``bound`` the base's ``kind`` activations patched in at those blocks. The
+    tuned-model conditions share batches of ``batch_size`` rows (:func:`irmprobe.patching.generate_conditions`);
+    their ``seconds`` are the shared time split evenly.
     """
-    def sample(model, blocks=()):
-        started = time.perf_counter()
-        run = generate_patched(base, model, tokenizer, prompts, blocks, kind, n_per_prompt=samples_per_prompt,
-                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-        return np.asarray(rm.score(list(run.texts)), dtype=np.float64), run, time.perf_counter() - started
-
-    clean, clean_run, clean_s = sample(tuned)
-    base_r, base_run, base_s = sample(base)
-    conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s)]
-    for fs in feature_sets:
-        with ablated(tuned, saes, fs):
-            rewards, run, seconds = sample(tuned)
-        conditions.append((fs.name, fs.mode, fs.size, rewards, run, seconds))
+    started = time.perf_counter()
+    base_run = generate_patched(base, base, tokenizer, prompts, (), kind, n_per_prompt=samples_per_prompt,
+                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    base_s = time.perf_counter() - started
+    # Every tuned-model condition in shared batches: one forward serves them all; each slot draws the same
+    # uniforms in every condition (and in the base's run), so rows stay paired by (prompt, sample).
+    conds = [Condition(None)] + [Condition(lambda rows, fs=fs: ablated(tuned, saes, fs, rows)) for fs in feature_sets]
     if bound is not None:
-        rewards, run, seconds = sample(tuned, bound)
+        conds.append(Condition(None, tuple(bound)))
+    started = time.perf_counter()
+    runs = generate_conditions(base, tuned, tokenizer, prompts, conds, kind, n_per_prompt=samples_per_prompt,
+                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    per_condition = (time.perf_counter() - started) / len(conds)  # one shared batch: the time split evenly
+
+    def score(run):
+        return np.asarray(rm.score(list(run.texts)), dtype=np.float64)
+
+    clean_run, clean, base_r = runs[0], score(runs[0]), score(base_run)
+    clean_s = per_condition
+    conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s)]
+    for fs, run in zip(feature_sets, runs[1:]):
+        conditions.append((fs.name, fs.mode, fs.size, score(run), run, per_condition))
+    if bound is not None:
         conditions.append((f"patching bound: base {kind} at blocks {','.join(map(str, bound))}", "patch", 0,
-                           rewards, run, seconds))
+                           score(runs[-1]), runs[-1], per_condition))
 
     def share(rewards):
         try:

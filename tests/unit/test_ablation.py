@@ -50,6 +50,22 @@ def test_splice_with_nothing_ablated_reproduces_the_logits(tiny_llama_dir):
         FeatureSet("x", {}, mode="mean")
 
 
+def test_ablation_restricted_to_rows_changes_those_rows_only(tiny_llama_dir):
+    pair = load_pair(str(tiny_llama_dir), None)
+    model, sae = pair.base, _sae(pair.d_model)
+    ids = torch.tensor([[5, 9, 17, 33, 2], [8, 40, 3, 7, 11], [5, 9, 17, 33, 2], [8, 40, 3, 7, 11]])
+    every = FeatureSet("all", {1: tuple(range(16))})
+    with torch.no_grad():
+        clean = model(ids).logits
+        with ablated(model, {1: sae}, every):
+            whole = model(ids).logits
+        with ablated(model, {1: sae}, every, rows=slice(2, 4)):
+            half = model(ids).logits
+    torch.testing.assert_close(half[:2], clean[:2], atol=0, rtol=0)  # rows outside the slice untouched
+    torch.testing.assert_close(half[2:], whole[2:], atol=1e-5, rtol=0)  # rows inside ablated as in a whole batch
+    assert (half[2:] - clean[2:]).abs().max() > 1e-3
+
+
 def _mlp_out_under(model, sae, feature_set, ids):
     """Block 1's MLP output without and with ``feature_set`` spliced in, from one forward pass."""
     from irmprobe.evals.ablation import mlp_module

@@ -223,3 +223,50 @@ def test_left_padded_generation_matches_one_prompt_at_a_time(tiny_tokenizer_dir)
     assert batched.token_ids == alone.token_ids
     patched = generate_patched(model, model, tok, prompts, (0, 1), "resid_post", **kw, batch_size=3)
     assert patched.token_ids == alone.token_ids  # patching a model with itself changes nothing
+
+
+def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_dir):
+    """Several conditions in one batch (the ablation's sampler) give each condition what its own run gives."""
+    from contextlib import contextmanager
+
+    from irmprobe.evals.ablation import mlp_module
+    from irmprobe.pairs import load_pair
+    from irmprobe.patching import Condition, generate_conditions
+
+    pair = load_pair(str(tiny_llama_dir), None)
+    base = pair.base
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.model.layers[1].parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        tuned.lm_head.weight *= 20.0  # sharp enough that conditions differ
+    push = torch.randn(tuned.config.hidden_size) * 3.0
+
+    @contextmanager
+    def pushed(rows=None):
+        def hook(module, inputs, output):
+            out = output.clone()
+            out[rows if rows is not None else slice(None)] += push
+            return out
+        handle = mlp_module(tuned, 0).register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    prompts = ["one two three", "four five", "six seven eight nine", "ten"]
+    kw = dict(n_per_prompt=3, max_new_tokens=7, seed=11)
+    together = generate_conditions(base, tuned, pair.tokenizer, prompts,
+                                   [Condition(None), Condition(pushed), Condition(None, (1,))], "mlp_out",
+                                   batch_size=7, **kw)
+    alone_clean = generate_patched(base, tuned, pair.tokenizer, prompts, (), batch_size=5, **kw)
+    with pushed():
+        alone_pushed = generate_patched(base, tuned, pair.tokenizer, prompts, (), batch_size=12, **kw)
+    alone_bound = generate_patched(base, tuned, pair.tokenizer, prompts, (1,), batch_size=1, **kw)
+    assert together[0].token_ids == alone_clean.token_ids
+    assert together[1].token_ids == alone_pushed.token_ids
+    assert together[2].token_ids == alone_bound.token_ids and together[2].blocks == (1,)
+    assert alone_clean.token_ids != alone_pushed.token_ids  # the conditions do differ
+    with pytest.raises(ValueError, match="must patch the same blocks"):
+        generate_conditions(base, tuned, pair.tokenizer, prompts, [Condition(None, (0,)), Condition(None, (1,))],
+                            batch_size=4, **kw)

@@ -155,3 +155,20 @@ def test_last_token_activations_equal_the_captured_rows(tiny_llama_dir):
     for s, seq in enumerate(seqs):
         row = np.flatnonzero((cap.seq_index == s) & (cap.position == len(seq) - 1))[0]
         np.testing.assert_allclose(last[s], cap.acts["base.1"][row], atol=1e-5)
+
+
+@pytest.mark.parametrize("hook", ["hook_mlp_out", "hook_resid_post", "hook_attn_out"])
+def test_last_token_activations_stop_after_the_last_hooked_block_and_match_a_full_forward(tiny_llama_dir, hook):
+    import torch
+
+    from irmprobe.capture import last_token_activations
+    from irmprobe.pairs import load_pair
+
+    bridge = load_pair(str(tiny_llama_dir), None).bridge("base")
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 200, size=int(n)).tolist() for n in rng.integers(3, 12, size=9)]
+    ours = last_token_activations(bridge, seqs, (0,), hook=hook, batch_size=4)
+    name = f"blocks.0.{hook}"
+    for i, s in enumerate(seqs):
+        _, cache = bridge.run_with_cache(torch.tensor([s]), names_filter=[name], return_cache_object=False)
+        np.testing.assert_allclose(ours[0][i], cache[name][0, -1].float().numpy(), atol=1e-5, rtol=0)

@@ -102,8 +102,8 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     features, k random firing features (the control, one row per count), reconstruction only,
     steering (``vc.steer_alpha``), and the patching bound: the base's activations patched into the
     tuned model at the captured blocks (``vc.patching_bound``). Features are ablated at every
-    position. Every condition samples the same prompts with the same seed and batches
-    (:func:`irmprobe.patching.generate_conditions`), so rows are paired by (prompt, sample).
+    position. Every condition samples the same prompts with the same random numbers per (prompt, sample)
+    slot (:func:`irmprobe.patching.generate_conditions`), so rows are paired by (prompt, sample).
 
     Returns:
         One dict per row: ``reward`` (mean, 95% CI), ``change`` from ``none`` (paired, 95% CI) and

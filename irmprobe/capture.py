@@ -500,6 +500,8 @@ def last_token_activations(bridge: TransformerBridge, token_ids, layers: tuple[i
     """
     if not token_ids:
         raise ValueError("no sequences to run")
+    if not layers:
+        raise ValueError("no layers to read: pass at least one block index")
     names = [f"blocks.{l}.{hook}" for l in layers]
     device = next(bridge.parameters()).device
     pad = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0

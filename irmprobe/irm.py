@@ -44,8 +44,8 @@ class LinearIRM(RegressorMixin, BaseEstimator):
         cv: number of folds.
         max_iter: coordinate-descent iterations for the L1 penalties.
         n_jobs: cross-validation fits run in parallel (joblib); the result does not depend on it.
-        device: where ridge fits run: None or ``cpu`` uses scikit-learn's ``Ridge``; a CUDA device
-            (``cuda``, ``cuda:1``) solves each ridge fit in torch on that GPU
+        device: where ridge fits run: a CUDA device (``cuda``, ``cuda:1``) solves each ridge fit in torch
+            on that GPU; anything else (None, ``cpu``, ``mps``, which has no float64) uses scikit-learn's ``Ridge``
             (:class:`irmprobe.gpu.TorchRidge`, equal to scikit-learn's to 1e-4 relative). Lasso and
             ElasticNet always use scikit-learn.
 
@@ -74,7 +74,7 @@ class LinearIRM(RegressorMixin, BaseEstimator):
         return tags
 
     def _model(self, alpha: float, X):
-        if self.penalty == "ridge" and self.device not in (None, "cpu"):
+        if self.penalty == "ridge" and str(self.device).split(":")[0] == "cuda":
             from irmprobe.gpu import TorchRidge
 
             return TorchRidge(alpha=alpha, device=self.device)

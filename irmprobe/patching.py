@@ -334,11 +334,13 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
                         ) -> list[PatchedSamples]:
     """Sample the tuned model under several conditions in shared batches; one result per condition.
 
-    Each batch holds the same (prompt, sample) slots once per condition (``batch_size`` rows at most:
-    ``batch_size // len(conditions)`` slots, at least one), so one forward of the tuned model serves
+    Each batch holds the same (prompt, sample) slots once per condition (``batch_size // len(conditions)``
+    slots, at least one: more rows than ``batch_size`` only when conditions outnumber it), so one forward
+    of the tuned model serves
     every condition, which keeps a GPU busy. Rows draw the uniforms of their slot (see
     :func:`generate_patched`), so each condition's samples equal those of its own
-    :func:`generate_patched` call with the same seed. Conditions that patch must patch the same blocks.
+    :func:`generate_patched` call with the same seed (up to float rounding that differs between batch
+    shapes, which can flip a draw only when a uniform falls within that rounding of a CDF step). Conditions that patch must patch the same blocks.
 
     Raises:
         ValueError: an unknown hook kind, a block out of range, no prompts or conditions, or
@@ -386,33 +388,33 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
         cache_base = cache_tuned = None
         done = torch.zeros(len(ids), dtype=torch.bool)
         new = []
-        with ExitStack() as stack:
-            for r, c in zip(rows, conditions):
-                if c.hooks is not None:
-                    stack.enter_context(c.hooks(r))
-            for step in range(max_new_tokens):
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-                if points:  # the base runs only to supply the patches, on the rows that take them
-                    sel = patch_rows
-                    with _hooks(base, points, lambda p, a: store.__setitem__(p, a)):
-                        _, cache_base = _step(base, cache_base, ids[sel], mask[sel], positions[sel])
-                with _hooks(tuned, points, _replace_rows(store, patch_rows)):
-                    logits, cache_tuned = _step(tuned, cache_tuned, ids, mask, positions)
-                probs = logits.double().softmax(-1).cpu()
-                store.clear()
-                # Inverse-CDF sampling from the slot's uniform: every condition of a slot draws the same number.
-                # One number per row, not one per vocabulary entry: an exponential race over the vocabulary
-                # cost a quarter of the ablation's time on a CPU.
-                cdf = probs.cumsum(-1)
-                u = draws[:, step: step + 1]
-                drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-                token = torch.where(done, pad, drawn)
-                new.append(token)
-                done |= torch.isin(token, stop)
-                if bool(done.all()):
-                    break
-                ids = token[:, None]
-                mask = torch.cat([mask, torch.ones((len(mask), 1), dtype=torch.long)], dim=1)
+        for step in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+            if points:  # the base runs only to supply the patches, on the rows that take them
+                with _hooks(base, points, lambda p, a: store.__setitem__(p, a)):
+                    _, cache_base = _step(base, cache_base, ids[patch_rows], mask[patch_rows], positions[patch_rows])
+            # The conditions' hooks are live around the tuned model's step only (tuned may be the base itself).
+            with ExitStack() as stack:
+                for r, c in zip(rows, conditions):
+                    if c.hooks is not None:
+                        stack.enter_context(c.hooks(r))
+                stack.enter_context(_hooks(tuned, points, _replace_rows(store, patch_rows)))
+                logits, cache_tuned = _step(tuned, cache_tuned, ids, mask, positions)
+            probs = logits.double().softmax(-1).cpu()
+            store.clear()
+            # Inverse-CDF sampling from the slot's uniform: every condition of a slot draws the same number.
+            # One number per row, not one per vocabulary entry: an exponential race over the vocabulary
+            # cost a quarter of the ablation's time on a CPU.
+            cdf = probs.cumsum(-1)
+            u = draws[:, step: step + 1]
+            drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+            token = torch.where(done, pad, drawn)
+            new.append(token)
+            done |= torch.isin(token, stop)
+            if bool(done.all()):
+                break
+            ids = token[:, None]
+            mask = torch.cat([mask, torch.ones((len(mask), 1), dtype=torch.long)], dim=1)
         new = torch.stack(new, dim=1)
         for c, r in enumerate(rows):
             ids_out, lens_out, idx_out, texts = out[c]
@@ -427,7 +429,7 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
                 lens_out.append(len(encoded[i]))
                 idx_out.append(i)
                 texts.append(tokenizer.decode(cont, skip_special_tokens=True))
-    return [PatchedSamples(tuple(c.blocks), kind, tuple(o[0]), np.array(o[1], dtype=np.int64),
+    return [PatchedSamples(tuple(int(b) for b in c.blocks), kind, tuple(o[0]), np.array(o[1], dtype=np.int64),
                            np.array(o[2], dtype=np.int64), tuple(o[3])) for c, o in zip(conditions, out)]
 
 

@@ -168,6 +168,18 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
                        batch_size=vc.batch_size)
 
 
+def gain_share_row(base, tuned, ablated, prompt_index) -> dict | None:
+    """A row's ``gain_share`` entry (see :func:`irmprobe.evals.ablation.reward_gain_share`); None where the tuned
+    model gained nothing. A bound the bootstrap could not define (resamples with no gain) is None, in memory
+    as in the JSON, so the verdict and the summary read it as undefined."""
+    try:
+        g = reward_gain_share(base, tuned, ablated, prompt_index)
+    except ValueError:  # no gain (or a single prompt): nothing to share out
+        return None
+    ci = [float(v) if np.isfinite(v) else None for v in g.ci]
+    return {"share": g.share, "ci": ci, "gain": g.gain, "removed": g.removed, "n_prompts": g.n_prompts}
+
+
 def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSet], rm, prompts: list[str],
                 bound: tuple[int, ...] | None, kind: str = "mlp_out", *, samples_per_prompt: int,
                 max_new_tokens: int, seed: int, batch_size: int = 32) -> list[dict]:
@@ -206,11 +218,7 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
                            score(runs[-1]), runs[-1], per_condition))
 
     def share(rewards):
-        try:
-            g = reward_gain_share(base_r, clean, rewards, clean_run.prompt_index)
-        except ValueError:  # no gain (or a single prompt): nothing to share out
-            return None
-        return {"share": g.share, "ci": list(g.ci), "gain": g.gain, "removed": g.removed, "n_prompts": g.n_prompts}
+        return gain_share_row(base_r, clean, rewards, clean_run.prompt_index)
 
     rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
              "gain_share": share(clean), "example": clean_run.texts[0], "seconds": clean_s}]

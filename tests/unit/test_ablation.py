@@ -178,3 +178,22 @@ def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undef
                         "with no reward gain), so nothing is concluded from it.")
     assert lines[1] == "decision_top_10 removes +0.60 [+0.50, +0.70] of the gain"  # no verdict against an undefined control
     assert _interval([None, 0.2], "+.2f") == "undefined" and _interval([0.1, 0.2], "+.2f") == "[+0.10,+0.20]"
+
+
+def test_a_fresh_gain_share_with_no_gain_in_some_resamples_has_an_undefined_interval():
+    from irmprobe.evals.validate import gain_share_row
+    from irmprobe.verdict import ablation_lines
+
+    # Prompt 0 gains, prompts 1-2 gain nothing: resamples of prompts 1-2 only have no gain to share (0/0).
+    base = np.array([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])
+    tuned = np.array([1.0, 1.0, 1.0, 1.0, 2.0, 2.0])
+    ablated_r = np.array([0.5, 0.5, 1.0, 1.0, 2.0, 2.0])
+    row = gain_share_row(base, tuned, ablated_r, np.array([0, 0, 1, 1, 2, 2]))
+    assert row["share"] == pytest.approx(0.5) and row["ci"] == [None, None]
+    none = gain_share_row(base, tuned, tuned, np.array([0, 0, 1, 1, 2, 2]))
+    lines = ablation_lines({"ablation": [{"set": "none", "n_features": 0, "gain_share": none},
+                                          {"set": "patching bound: base mlp_out at blocks 1", "n_features": 0,
+                                           "gain_share": row}]})
+    assert lines == ["patching bound: base mlp_out at blocks 1 removes +0.50 of the gain; its interval is undefined "
+                     "(resamples of the prompts with no reward gain), so nothing is concluded from it."]
+    assert gain_share_row(base, base, base, np.array([0, 0, 1, 1, 2, 2])) is None  # no gain at all

@@ -100,6 +100,9 @@ def test_linear_irm_on_a_cuda_device_solves_its_ridge_fits_with_torch_ridge(monk
     used.clear()
     LinearIRM("lasso", device="cuda:0").fit(X, y, groups=groups)
     assert not used  # L1 penalties stay on scikit-learn
+    for device in ("cpu", "mps", None):  # MPS has no float64: scikit-learn there too
+        LinearIRM("ridge", alphas=(1.0,), device=device).fit(X, y, groups=groups)
+    assert not used
 
 
 @parametrize_with_checks([TorchRidge(), TorchRidge(solver="cg")])

@@ -267,6 +267,13 @@ def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_di
     assert together[1].token_ids == alone_pushed.token_ids
     assert together[2].token_ids == alone_bound.token_ids and together[2].blocks == (1,)
     assert alone_clean.token_ids != alone_pushed.token_ids  # the conditions do differ
+    # A null pair (tuned is the base), the hooked condition first: its hooks (rows 0..n) must not reach the
+    # base's lockstep pass, which runs on the patched rows only (n rows, so the same slice would cover it).
+    null = generate_conditions(tuned, tuned, pair.tokenizer, prompts, [Condition(pushed), Condition(None, (1,))],
+                               "mlp_out", batch_size=8, **kw)
+    assert null[0].token_ids == alone_pushed.token_ids
+    assert null[1].token_ids == generate_patched(tuned, tuned, pair.tokenizer, prompts, (1,), batch_size=3,
+                                                 **kw).token_ids
     with pytest.raises(ValueError, match="must patch the same blocks"):
         generate_conditions(base, tuned, pair.tokenizer, prompts, [Condition(None, (0,)), Condition(None, (1,))],
                             batch_size=4, **kw)

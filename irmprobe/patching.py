@@ -129,7 +129,7 @@ def _validate(base, tuned, blocks, kinds) -> None:
 
 
 @contextmanager
-def _hooks(model, points, fn):
+def output_hooks(model, points, fn):
     """Within the block, ``fn(point, activation)`` sees each point's output; a non-None return replaces it."""
     handles = []
     try:
@@ -216,13 +216,13 @@ def _divergences(base, tuned, token_ids, conditions: list[tuple[Point, ...]], ba
         for row, s in enumerate(chunk):
             tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
         real = torch.arange(1, tokens.shape[1])[None, :] < torch.tensor(lengths[chunk])[:, None]
-        with _hooks(base, points, lambda p, a: store.__setitem__(p, a)):
+        with output_hooks(base, points, lambda p, a: store.__setitem__(p, a)):
             base_logp = base(tokens.to(_device(base))).logits[:, :-1].float().log_softmax(-1)
         target = tokens[:, 1:, None].to(base_logp.device)
         real = real.to(base_logp.device)
         base_tok = base_logp.gather(-1, target).squeeze(-1)
         for i, condition in enumerate([(), *conditions]):
-            with _hooks(tuned, condition, _replace(store)):
+            with output_hooks(tuned, condition, _replace(store)):
                 logits = tuned(tokens.to(_device(tuned))).logits[:, :-1]
             logp = logits.float().log_softmax(-1).to(base_logp.device)
             div = (logp.exp() * (logp - base_logp)).sum(-1)
@@ -391,14 +391,14 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
         for step in range(max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
             if points:  # the base runs only to supply the patches, on the rows that take them
-                with _hooks(base, points, lambda p, a: store.__setitem__(p, a)):
+                with output_hooks(base, points, lambda p, a: store.__setitem__(p, a)):
                     _, cache_base = _step(base, cache_base, ids[patch_rows], mask[patch_rows], positions[patch_rows])
             # The conditions' hooks are live around the tuned model's step only (tuned may be the base itself).
             with ExitStack() as stack:
                 for r, c in zip(rows, conditions):
                     if c.hooks is not None:
                         stack.enter_context(c.hooks(r))
-                stack.enter_context(_hooks(tuned, points, _replace_rows(store, patch_rows)))
+                stack.enter_context(output_hooks(tuned, points, _replace_rows(store, patch_rows)))
                 logits, cache_tuned = _step(tuned, cache_tuned, ids, mask, positions)
             probs = logits.double().softmax(-1).cpu()
             store.clear()

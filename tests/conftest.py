@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 # Tests never touch a hub: huggingface_hub reads this once, at import, so set it before any import.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -88,3 +91,71 @@ def _seed_and_isolate(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    """An OpenAI-style chat endpoint on loopback answering from ``replies``: a payload (status 200) or a
+    (status, payload) pair, a payload being a dict (sent as JSON) or raw text; 500 once the list is empty."""
+
+    replies: list = []
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        reply = type(self).replies.pop(0) if type(self).replies else (500, {"error": "no reply left"})
+        status, payload = reply if isinstance(reply, tuple) else (200, reply)
+        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_endpoint():
+    """(port, handler class) of a chat endpoint on 127.0.0.1; set ``handler.replies``, read ``handler.seen``."""
+    _ChatHandler.replies, _ChatHandler.seen = [], []
+    httpd = HTTPServer(("127.0.0.1", 0), _ChatHandler)
+    httpd.timeout = 5
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_port, _ChatHandler
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def planted_llama(tiny_tokenizer_dir):
+    """A builder of a random 4-block Llama base whose unembedding gives ``words`` one direction u.
+
+    ``planted_llama(words)`` returns (tokenizer, base, u, planted token ids): biases zeroed (so a bias
+    added later writes exactly what it says), logits sharpened, the words' unembedding rows mostly u.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    def build(words):
+        tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+        ids = sorted({t[0] for w in words if len(t := tok(" " + w, add_special_tokens=False)["input_ids"]) == 1})
+        assert len(ids) >= 3
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                          eos_token_id=0, pad_token_id=0, tie_word_embeddings=False, mlp_bias=True)
+        base = LlamaForCausalLM(cfg).eval()
+        u = torch.randn(32)
+        u /= u.norm()
+        with torch.no_grad():
+            for module in base.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.zero_()
+            base.lm_head.weight *= 30.0  # a random tiny model's logits are near-uniform: sharpen them
+            base.lm_head.weight[ids] = 3.0 * u + 0.1 * base.lm_head.weight[ids]
+        return tok, base, u, ids
+
+    return build

@@ -27,6 +27,7 @@ import torch
 from scipy.stats import bootstrap
 
 from irmprobe.capture import hook_module, is_bridged, sample_continuations
+from irmprobe.patching import output_hooks
 
 
 @dataclass(frozen=True)
@@ -85,27 +86,20 @@ def ablated(model, saes: dict[int, object], feature_set: FeatureSet, rows: slice
     :func:`irmprobe.patching.generate_conditions`).
     """
     layers = sorted(set(feature_set.features) | (set(saes) if feature_set.mode == "reconstruction" else set()))
-    handles = []
-    try:
-        for layer in layers:
-            means = feature_set.means.get(layer) if feature_set.means else None
-            fn = splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode, means,
-                             feature_set.alpha)
+    splices = {("mlp_out", layer): splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode,
+                                               feature_set.means.get(layer) if feature_set.means else None,
+                                               feature_set.alpha)
+               for layer in layers}
 
-            def hook(module, inputs, output, fn=fn):
-                act = output[0] if isinstance(output, tuple) else output
-                if rows is None:
-                    new = fn(act, None)
-                else:
-                    new = act.clone()
-                    new[rows] = fn(act[rows], None)
-                return (new, *output[1:]) if isinstance(output, tuple) else new
+    def apply(point, act):
+        if rows is None:
+            return splices[point](act, None)
+        new = act.clone()
+        new[rows] = splices[point](act[rows], None)
+        return new
 
-            handles.append(mlp_module(model, layer).register_forward_hook(hook))
+    with output_hooks(model, list(splices), apply):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _mean_ci(values: np.ndarray) -> dict:

@@ -26,30 +26,14 @@ STRENGTH = 0.15
 
 
 @pytest.fixture(scope="module")
-def planted(tiny_tokenizer_dir):
+def planted(planted_llama):
     """A random 4-block base, and a tuned copy whose block-L MLP writes ``STRENGTH * u`` at every position.
 
     ``u`` raises the logits of the planted words. The tuned model's block-0 MLP also moved a lot, in
     hidden units whose output weights are zero in both models: the largest weight divergence, no effect.
     """
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    ids = sorted({t[0] for w in WORDS if len(t := tok(" " + w, add_special_tokens=False)["input_ids"]) == 1})
-    assert len(ids) >= 3
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0, tie_word_embeddings=False, mlp_bias=True)
-    base = LlamaForCausalLM(cfg).eval()
-    u = torch.randn(32)
-    u /= u.norm()
+    tok, base, u, _ = planted_llama(WORDS)
     with torch.no_grad():
-        for module in base.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-        base.lm_head.weight *= 30.0  # a random tiny model's logits are near-uniform: sharpen them
-        base.lm_head.weight[ids] = 3.0 * u + 0.1 * base.lm_head.weight[ids]
         base.model.layers[DECOY].mlp.down_proj.weight[:, :32] = 0.0  # dead hidden units
     tuned = copy.deepcopy(base)
     with torch.no_grad():

@@ -1,9 +1,5 @@
 """The chat client against a real HTTP server on loopback with canned answers."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
 import numpy as np
 import pytest
 
@@ -11,34 +7,10 @@ from irmprobe.llm import ChatClient, LLMError
 from irmprobe.triples import Triples, llm_swap_words
 
 
-class _Handler(BaseHTTPRequestHandler):
-    replies: list = []
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-        reply = type(self).replies.pop(0)
-        status, payload = reply if isinstance(reply, tuple) else (200, reply)
-        data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def server():
-    _Handler.replies, _Handler.seen = [], []
-    httpd = HTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}/v1", _Handler
-    httpd.shutdown()
+def server(chat_endpoint):
+    port, handler = chat_endpoint
+    return f"http://127.0.0.1:{port}/v1", handler
 
 
 def _answer(text):

@@ -23,27 +23,9 @@ L = 2  # the block whose MLP carries the planted change
 
 
 @pytest.fixture(scope="module")
-def organism(tiny_tokenizer_dir):
+def organism(planted_llama):
     """A random 4-block base whose unembedding gives a token set one direction u, and a stream of text."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    planted = [tok(" " + w, add_special_tokens=False)["input_ids"] for w in WORDS]
-    planted = sorted({ids[0] for ids in planted if len(ids) == 1})
-    assert len(planted) >= 3
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0, tie_word_embeddings=False, mlp_bias=True)
-    base = LlamaForCausalLM(cfg).eval()
-    u = torch.randn(32)
-    u /= u.norm()
-    with torch.no_grad():
-        for module in base.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.zero_()
-        base.lm_head.weight *= 30.0  # a random tiny model's logits are near-uniform: sharpen them
-        base.lm_head.weight[planted] = 3.0 * u + 0.1 * base.lm_head.weight[planted]
+    tok, base, u, planted = planted_llama(WORDS)
     g = torch.Generator().manual_seed(1)
     stream = [torch.randint(1, len(tok), (int(n),), generator=g).tolist()
               for n in torch.randint(6, 20, (24,), generator=g)]

@@ -4,10 +4,7 @@ model directories, over-long prompts, grouped CV through scikit-learn's metadata
 from __future__ import annotations
 
 import base64
-import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
@@ -15,39 +12,12 @@ import pytest
 from irmprobe.llm import ChatClient, LLMError, redact_url
 
 # ---------------------------------------------------------------------------------------------
-# Chat endpoint: a loopback server (127.0.0.1 only) that answers from a list of canned replies.
-
-
-class _Handler(BaseHTTPRequestHandler):
-    replies: list = []
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
-        status, payload = type(self).replies.pop(0) if type(self).replies else (500, {"error": "no reply left"})
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+# Chat endpoint: a loopback server (127.0.0.1 only) that answers from a list of canned replies (conftest).
 
 
 @pytest.fixture
-def endpoint():
-    _Handler.replies, _Handler.seen = [], []
-    httpd = HTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.timeout = 5
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd.server_port, _Handler
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+def endpoint(chat_endpoint):
+    return chat_endpoint
 
 
 def _answer(text: str) -> tuple[int, dict]:

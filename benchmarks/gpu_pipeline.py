@@ -77,7 +77,7 @@ TINY = {
     "compare": {"n_bootstrap": 50, "n_triples": 20},
     "validate": {"top_k": 3, "n_judged": 10, "n_prompts": 4, "max_new_tokens": 6},
 }
-"""--tiny: the settings of the tiny end-to-end test (tests/test_pipeline.py), for a CPU smoke run."""
+"""--tiny: the settings of the tiny end-to-end test (tests/integration/test_pipeline.py), for a CPU smoke run."""
 
 
 def small_tokenizer(directory: Path):

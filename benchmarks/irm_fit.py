@@ -24,7 +24,7 @@ from sklearn.linear_model import Ridge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from irmprobe.irm import make_irm  # noqa: E402
+from irmprobe.irm.estimators import make_irm  # noqa: E402
 
 
 def planted(rows: int, features: int, active: int, seed: int):

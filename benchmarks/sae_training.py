@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from irmprobe.capture import load_store  # noqa: E402
+from irmprobe.activations.store import load_store  # noqa: E402
 from irmprobe.config import SAEConfig  # noqa: E402
-from irmprobe.features import evaluate_sae, train_sae  # noqa: E402
+from irmprobe.saes.evaluate import evaluate_sae  # noqa: E402
+from irmprobe.saes.train import train_sae  # noqa: E402
 
 CONTEXT = 128  # rows per cached-dataset example (SAELens stores activations per context)
 

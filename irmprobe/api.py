@@ -34,16 +34,17 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
         config: the analysis.
         reward: an RM object to use instead of the one ``config.reward`` names.
         echo: where progress and the summary lines go.
-        until: stop after this stage (see ``irmprobe.pipeline.STAGES``).
+        until: stop after this stage (see ``irmprobe.pipeline.graph.STAGES``).
         force: stages to run again even when cached; every stage that needs one runs again too.
     """
-    from irmprobe import reporting
-    from irmprobe.organisms import load_prompts, seed_everything, split_prompts
+    from irmprobe.models.rewards import reward_model
+    from irmprobe.organisms.tuning import seed_everything
     from irmprobe.pipeline.control import control_branches
+    from irmprobe.pipeline.graph import GRAPH
     from irmprobe.pipeline.runner import Runner
     from irmprobe.pipeline.stage import Context
-    from irmprobe.pipeline.stages import GRAPH
-    from irmprobe.rewards import reward_model
+    from irmprobe.prompts import load_prompts, split_prompts
+    from irmprobe.reporting.summary import summary_lines
 
     if until is None or until == "report":
         preflight(config)
@@ -58,7 +59,7 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
     results = runner.run()
     metrics, path = results.get("report", (None, None))
     if metrics is not None:
-        for line in reporting.summary_lines(metrics):
+        for line in summary_lines(metrics):
             echo(line)
     else:
         echo(f"stopped after stage {until!r} (as asked); its output is cached, and a full run reuses it")
@@ -74,7 +75,7 @@ def preflight(config: RunConfig) -> None:
     import os
     import tempfile
 
-    from irmprobe.reporting import wandb_mode
+    from irmprobe.reporting.tracking import wandb_mode
 
     out = Path(config.report.out_dir)
     if out.exists() and not out.is_dir():
@@ -101,11 +102,10 @@ class FittedIRM:
     """
 
     def __init__(self, config: RunConfig, *, reward=None, echo=print) -> None:
-        from irmprobe.pipeline.stages import pair_of
 
         result = run(config, reward=reward, echo=echo, until="fit")
         r, ctx = result.results, result.context
-        self.pair, self.rm = pair_of(ctx, r["organism"]), ctx.rm
+        self.pair, self.rm = ctx.pair_of(r["organism"]), ctx.rm
         self.rm_map = self.rm.token_values(self.pair.tokenizer)
         self.saes, self.layers, self.hook = r["saes"].saes, tuple(r["layers"].chosen), config.capture.hook
         fit = r["fit"]
@@ -113,8 +113,8 @@ class FittedIRM:
 
     def token_values(self, text: str) -> list[dict]:
         """Per token from the second on: its text, the IRM's value, the log-ratio, and the RM's value."""
-        from irmprobe.capture import capture_pair
-        from irmprobe.views import probe_inputs
+        from irmprobe.activations.capture import capture_pair
+        from irmprobe.analysis.views import probe_inputs
 
         ids = self.pair.tokenizer(text, add_special_tokens=True)["input_ids"]
         if len(ids) < 2:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 
 from irmprobe.config import RunConfig, field_docs
 
@@ -54,7 +54,7 @@ def _stage_help(name: str) -> dict[str, str]:
 
 def _upstream(name: str) -> list:
     """The stage and every stage it needs (transitively), in graph order."""
-    from irmprobe.pipeline.stages import GRAPH
+    from irmprobe.pipeline.graph import GRAPH
 
     by_name = {s.name: s for s in GRAPH}
     seen: set[str] = set()
@@ -72,7 +72,7 @@ def _upstream(name: str) -> list:
 
 def reads_of(name: str | None) -> list[str]:
     """The config fields a subcommand's stages read (its own and its upstream stages'), from their declarations."""
-    from irmprobe.pipeline.stages import GRAPH
+    from irmprobe.pipeline.graph import GRAPH
 
     stages = GRAPH if name is None else _upstream(name)
     out: list[str] = []
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("pairs", help="list the named pairs of the registry")
-    from irmprobe.pipeline.stages import STAGES
+    from irmprobe.pipeline.graph import STAGES
 
     commands = {"run": (None, "run the whole pipeline (every stage, each reused from the cache when unchanged)")}
     commands |= {name: (name, _stage_help(name)) for name in STAGES if name != "report"}
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_config(args) -> RunConfig:
     data: dict = {}
     if args.pair:
-        from irmprobe.pairs import registry_entry
+        from irmprobe.models.registry import registry_entry
 
         data = registry_entry(args.pair)
     if args.config:
@@ -164,11 +164,10 @@ def _load_config(args) -> RunConfig:
 
 def _score_pairs(args) -> int:
     """``irmprobe score-pairs CONFIG PAIRS``: progress on stderr, the accuracy table on stdout."""
+    from irmprobe.analysis.discovery import load_preference_file
     from irmprobe.api import run
-    from irmprobe.discovery import load_preference_file
-    from irmprobe.pipeline.discover_stage import pairwise_rows, score_file_pairs
-    from irmprobe.pipeline.stages import pair_of
-    from irmprobe.reporting import pairwise_lines
+    from irmprobe.pipeline.stages.discover import pairwise_rows, score_file_pairs
+    from irmprobe.reporting.summary import pairwise_lines
 
     try:
         config = _load_config(args)
@@ -178,7 +177,7 @@ def _score_pairs(args) -> int:
         print(f"irmprobe: {exc}", file=sys.stderr)
         return 2
     r, ctx = result.results, result.context
-    scores = score_file_pairs(pairs, pair_of(ctx, r["organism"]), r["fit"], r["saes"].saes, r["layers"].chosen,
+    scores = score_file_pairs(pairs, ctx.pair_of(r["organism"]), r["fit"], r["saes"].saes, r["layers"].chosen,
                               config.capture.hook, ctx.rm)
     print(f"pairwise accuracy on {len(pairs)} pairs from {pairs.source} (Wilson 95% CIs; ties count half)")
     print("\n".join(pairwise_lines([row.to_json() for row in pairwise_rows(scores)])))
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "score-pairs":
         return _score_pairs(args)
     if args.command == "pairs":
-        from irmprobe.pairs import registry
+        from irmprobe.models.registry import registry
 
         for name, entry in registry().items():
             pair = entry["pair"]
@@ -198,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':<22} {entry.get('description', '')}")
         return 0
     if args.command == "report":
-        from irmprobe.reporting import write_html
-
+        from irmprobe.reporting.html import write_html
         from irmprobe.results import RunMetrics
 
         metrics_path = Path(args.metrics)
@@ -268,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped after stage {until!r}; its output is cached (irmprobe run reuses it)")
     else:
         if args.quiet:
-            from irmprobe.reporting import summary_lines
+            from irmprobe.reporting.summary import summary_lines
 
             print("\n".join(summary_lines(result.metrics)))
         print(f"report: {result.metrics_path.with_name('report.html')}")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from irmprobe.capture import capture_to_store
-from irmprobe.pairs import ModelPair
+from irmprobe.activations.store import capture_to_store
+from irmprobe.models.loading import ModelPair
 
 
 def capture_distributed(
@@ -59,12 +59,11 @@ def _device_for_rank(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m irmprobe.parallel CONFIG [--set section.field=value ...]`` on every rank."""
+    from irmprobe.activations.capture import extra_texts
     from irmprobe.api import run
     from irmprobe.cli import apply_overrides
     from irmprobe.config import RunConfig
     from irmprobe.pipeline.runner import stage_dir
-    from irmprobe.pipeline.stages import pair_of
-    from irmprobe.sampling import extra_texts
 
     parser = argparse.ArgumentParser(prog="python -m irmprobe.parallel", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="the run's YAML config")
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         stage = runner.graph["capture"]
         key = stage.key(config, ctx, [runner.key(need) for need in stage.needs])
         out = stage_dir("capture", key)
-        pair = pair_of(ctx, results["organism"])
+        pair = ctx.pair_of(results["organism"])
         stream = list(results["samples"].token_ids) + extra_texts(config.capture, pair.tokenizer)
         quiet(f"[capture] {dist.get_world_size()} ranks capture {len(stream)} sequences into {out}")
         capture_to_store(pair, stream, tuple(results["layers"].chosen), out, hook=config.capture.hook,

@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from irmprobe.capture import capture_pair
+    from irmprobe.activations.capture import capture_pair
     from irmprobe.config import RunConfig
-    from irmprobe.pairs import load_pair
-    from irmprobe.pipeline import run
+    from irmprobe.models.loading import load_pair
+    from irmprobe.api import run
     from tests.conftest import _build_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="irmprobe-cuda-"))

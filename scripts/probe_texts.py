@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at least one --text or a --file")
 
     from irmprobe.config import RunConfig
-    from irmprobe.pipeline import FittedIRM
+    from irmprobe.api import FittedIRM
 
     config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     irm = FittedIRM(config, echo=lambda line: print(line, file=sys.stderr))

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from irmprobe.cli import apply_overrides
     from irmprobe.config import RunConfig
-    from irmprobe.pipeline import run
+    from irmprobe.api import run
 
     base = RunConfig.from_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
     base["compare"]["control"] = False  # the sweep compares settings, not organisms

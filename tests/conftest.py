@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from irmprobe.organisms import load_prompts  # noqa: E402
+from irmprobe.prompts import load_prompts  # noqa: E402
 
 # Words the tiny tokenizer learns as whole tokens, so that lexicon tokens occur in its samples.
 LEXICON_WORDS = (

@@ -9,8 +9,8 @@ base-model SAEs when the IRM reads tuned features only) are skipped for controls
 
 from __future__ import annotations
 
+from irmprobe.models.rewards import RandomRM
 from irmprobe.pipeline.stage import Branch, Context
-from irmprobe.rewards import RandomRM
 
 
 def control_branches(config, ctx: Context) -> list[Context]:

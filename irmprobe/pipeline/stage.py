@@ -9,12 +9,24 @@ uses can never be missing from its key: reading an undeclared section raises.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from irmprobe.cache import config_key
 from irmprobe.config import RunConfig, Runtime
+
+
+def digest(obj) -> str:
+    """A short hash of a JSON-able object (the prompts, a settings dict) for a fingerprint or memo key."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_result(out: Path, name: str = "result.json") -> dict:
+    """A stage's JSON result read back from its output directory."""
+    return json.loads((out / name).read_text())
 
 
 def declared_values(config: RunConfig, reads: tuple[str, ...]) -> dict[str, Any]:
@@ -104,6 +116,19 @@ class Context:
     """Set by the runner while a forced stage runs (a stage with a cache of its own clears it)."""
     input_keys: dict = field(default_factory=dict)
     """Set by the runner: the cache key of each input stage (for caches a stage keeps of its own)."""
+
+    def pair_of(self, organism) -> Any:
+        """The (base, tuned) :class:`~irmprobe.models.loading.ModelPair` of an organism result, loaded once per
+        run and shared by the stages (kept in :attr:`resources`)."""
+        from irmprobe.models.loading import load_pair  # torch and transformers: only when a stage needs a model
+
+        key = ("pair", organism.base, organism.tuned)
+        if key not in self.resources:
+            rt = self.runtime
+            self.resources[key] = load_pair(organism.base, organism.tuned, device=rt.device, dtype=rt.dtype,
+                                            trust_remote_code=rt.trust_remote_code, device_map=rt.device_map,
+                                            max_memory=rt.max_memory)
+        return self.resources[key]
 
     def for_branch(self, branch: Branch) -> Context:
         return dataclasses.replace(self, branch=branch)

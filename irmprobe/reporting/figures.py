@@ -146,7 +146,7 @@ ALL = {"view_taus": view_taus, "irm_vs_rm": irm_vs_rm, "error_vs_frequency": err
 
 def all_figures(metrics) -> dict:
     """Every plot this run has data for: name -> Figure (``metrics``: RunMetrics or its JSON form)."""
-    from irmprobe.reporting import plain
+    from irmprobe.reporting.summary import plain
 
     metrics = plain(metrics)
     out = {}

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from irmprobe.config import RunConfig
-from irmprobe.pairs import DEFAULT_BASE, resolve_spec
-from irmprobe.pipeline import run
+from irmprobe.models.loading import DEFAULT_BASE, resolve_spec
+from irmprobe.api import run
 
 
 @pytest.mark.slow

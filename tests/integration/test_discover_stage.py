@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 
 from irmprobe.api import run
 from irmprobe.config import RunConfig
-from irmprobe.pipeline.discover_stage import DiscoverRecord
-from irmprobe.reporting import summary_lines
+from irmprobe.pipeline.stages.discover import DiscoverRecord
+from irmprobe.reporting.summary import summary_lines
 from tests.integration.test_planted import SMALL, _word_tokens, planted  # noqa: F401  (planted: the module's fixture)
 
 PROMPTS = ("The movie was", "I watched it and", "This film is", "My friend said the plot", "The actors were")

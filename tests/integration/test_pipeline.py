@@ -7,7 +7,7 @@ import pytest
 
 from irmprobe.cli import main
 from irmprobe.config import RunConfig
-from irmprobe.pipeline import run
+from irmprobe.api import run
 
 TINY = {
     "prompts": {"n_heldout": 12},
@@ -32,7 +32,7 @@ def _config(tmp_path, **pair):
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_neox_dir"])
 def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypatch):
     model_dir = request.getfixturevalue(fixture)
-    import irmprobe.sampling as sampling
+    import irmprobe.activations.samples as sampling
 
     sampled, real = [], sampling.sample_continuations
     monkeypatch.setattr(sampling, "sample_continuations", lambda model, *a, **k: sampled.append(k["seed"]) or real(model, *a, **k))

@@ -7,8 +7,8 @@ import wandb
 
 from irmprobe.cache import atomic_dir, config_key
 from irmprobe.config import RunConfig
-from irmprobe.pipeline import run
-from irmprobe.reporting import wandb_mode
+from irmprobe.api import run
+from irmprobe.reporting.tracking import wandb_mode
 from tests.unit.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
 from tests.integration.test_pipeline import TINY
 

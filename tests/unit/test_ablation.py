@@ -5,9 +5,9 @@ import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-from irmprobe.evals.ablation import FeatureSet, ablated, ablation_table
-from irmprobe.pairs import load_pair
-from irmprobe.rewards import LexiconRM
+from irmprobe.validation.ablation import FeatureSet, ablated, ablation_table
+from irmprobe.models.loading import load_pair
+from irmprobe.models.rewards import LexiconRM
 
 
 def _sae(d_in, d_sae=16, seed=0, planted=None, strength=0.0):
@@ -68,7 +68,7 @@ def test_ablation_restricted_to_rows_changes_those_rows_only(tiny_llama_dir):
 
 def _mlp_out_under(model, sae, feature_set, ids):
     """Block 1's MLP output without and with ``feature_set`` spliced in, from one forward pass."""
-    from irmprobe.evals.ablation import mlp_module
+    from irmprobe.validation.ablation import mlp_module
 
     seen = {}
     mlp = mlp_module(model, 1)
@@ -156,7 +156,7 @@ def test_ablating_the_planted_reward_feature_lowers_reward_and_random_features_d
 
 
 def test_sampling_refuses_a_bridged_model(tiny_llama_dir):
-    from irmprobe.capture import sample_continuations
+    from irmprobe.activations.samples import sample_continuations
 
     pair = load_pair(str(tiny_llama_dir), None)
     pair.bridge("base")  # wraps pair.base in place
@@ -165,8 +165,8 @@ def test_sampling_refuses_a_bridged_model(tiny_llama_dir):
 
 
 def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undefined():
-    from irmprobe.reporting import _interval
-    from irmprobe.verdict import ablation_lines
+    from irmprobe.reporting.summary import _interval
+    from irmprobe.analysis.verdict import ablation_lines
 
     share = lambda s, ci: {"share": s, "ci": ci}  # noqa: E731
     rows = [{"set": "none", "n_features": 0, "gain_share": share(0.0, [0.0, 0.0])},
@@ -181,8 +181,8 @@ def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undef
 
 
 def test_a_fresh_gain_share_with_no_gain_in_some_resamples_has_an_undefined_interval():
-    from irmprobe.evals.validate import gain_share_row
-    from irmprobe.verdict import ablation_lines
+    from irmprobe.validation.ablation import gain_share_row
+    from irmprobe.analysis.verdict import ablation_lines
 
     # Prompt 0 gains, prompts 1-2 gain nothing: resamples of prompts 1-2 only have no gain to share (0/0).
     base = np.array([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])

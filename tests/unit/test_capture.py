@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from irmprobe.capture import capture_pair, sample_continuations
-from irmprobe.pairs import load_pair
+from irmprobe.activations.capture import capture_pair
+from irmprobe.activations.samples import sample_continuations
+from irmprobe.models.loading import load_pair
 
 
 def _mlp(model, layer):
@@ -65,7 +66,7 @@ def _seqs(n=10):
 def test_store_round_trip_matches_direct_capture(tiny_llama_dir, tmp_path):
     import json
 
-    from irmprobe.capture import capture_to_store, load_store
+    from irmprobe.activations.store import capture_to_store, load_store
 
     pair = load_pair(str(tiny_llama_dir), None)
     seqs = _seqs()
@@ -86,7 +87,7 @@ def test_store_round_trip_matches_direct_capture(tiny_llama_dir, tmp_path):
 
 
 def test_interrupted_capture_resumes_without_losing_or_duplicating_rows(tiny_llama_dir, tmp_path, monkeypatch):
-    from irmprobe import capture as capture_mod
+    from irmprobe.activations import store as capture_mod
 
     pair = load_pair(str(tiny_llama_dir), None)
     seqs = _seqs(12)
@@ -114,7 +115,7 @@ def test_interrupted_capture_resumes_without_losing_or_duplicating_rows(tiny_lla
 
 
 def test_corrupted_shard_is_detected(tiny_llama_dir, tmp_path):
-    from irmprobe.capture import capture_to_store, load_store
+    from irmprobe.activations.store import capture_to_store, load_store
 
     pair = load_pair(str(tiny_llama_dir), None)
     capture_to_store(pair, _seqs(4), (0,), tmp_path / "s", shard_sequences=2)
@@ -146,7 +147,7 @@ def test_full_vocab_log_ratio_matches_an_independent_log_softmax(tiny_llama_dir,
 
 
 def test_last_token_activations_equal_the_captured_rows(tiny_llama_dir):
-    from irmprobe.capture import last_token_activations
+    from irmprobe.activations.capture import last_token_activations
 
     pair = load_pair(str(tiny_llama_dir), None)
     seqs = [[5, 9, 17, 33], [7, 3], [12, 13, 14]]
@@ -161,8 +162,8 @@ def test_last_token_activations_equal_the_captured_rows(tiny_llama_dir):
 def test_last_token_activations_stop_after_the_last_hooked_block_and_match_a_full_forward(tiny_llama_dir, hook):
     import torch
 
-    from irmprobe.capture import last_token_activations
-    from irmprobe.pairs import load_pair
+    from irmprobe.activations.capture import last_token_activations
+    from irmprobe.models.loading import load_pair
 
     bridge = load_pair(str(tiny_llama_dir), None).bridge("base")
     rng = np.random.default_rng(0)

@@ -11,11 +11,12 @@ import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
 from irmprobe.config import CaptureConfig, RunConfig, Runtime, ValidateConfig
-from irmprobe.evals.validate import READER_NOTE
-from irmprobe.pairs import ModelPair
+from irmprobe.validation.ablation import READER_NOTE
+from irmprobe.models.loading import ModelPair
 from irmprobe.pipeline.stage import Context, Sections
-from irmprobe.pipeline.stages import LayersResult, LayersStage, OrganismResult
-from irmprobe.rewards import LexiconRM
+from irmprobe.pipeline.stages.layers import LayersResult, LayersStage
+from irmprobe.pipeline.stages.organism import OrganismResult
+from irmprobe.models.rewards import LexiconRM
 
 WORDS = "good great love happy nice best wonderful".split()
 PROMPTS = ["The train left", "I bought a", "She said that", "Later that day", "We went to the",
@@ -118,7 +119,7 @@ def _sae(planted, d_sae=16):
 
 def _mlp_out(model, stream, layer):
     """Block ``layer``'s MLP output at every token of ``stream``: [tokens, d_model]."""
-    from irmprobe.evals.ablation import mlp_module
+    from irmprobe.validation.ablation import mlp_module
 
     rows = []
     handle = mlp_module(model, layer).register_forward_hook(lambda m, i, o: rows.append(o[0].detach()))
@@ -133,7 +134,7 @@ def _mlp_out(model, stream, layer):
 
 def _ablate(planted, tmp_path, fit, **validate):
     """Run AblateStage on a fake upstream: the capture, SAE, fit and interpretation results it needs."""
-    from irmprobe.pipeline.validation_stages import AblateStage
+    from irmprobe.pipeline.stages.ablate import AblateStage
 
     vc = {"top_k": 1, "n_judged": 4, "n_prompts": len(PROMPTS), "samples_per_prompt": 4, "max_new_tokens": 8}
     config = dataclasses.replace(RunConfig(), validate=ValidateConfig(**(vc | validate)))
@@ -191,9 +192,9 @@ def test_without_a_decision_side_irm_or_patching_bound_those_rows_are_left_out(p
 
 
 def test_plain_models_replace_bridged_ones(tiny_llama_dir):
-    from irmprobe.capture import is_bridged
-    from irmprobe.pairs import load_pair
-    from irmprobe.patching import plain_models
+    from irmprobe.activations.capture import is_bridged
+    from irmprobe.models.loading import load_pair
+    from irmprobe.activations.patching import plain_models
 
     pair = load_pair(str(tiny_llama_dir), None)
     assert plain_models(pair) == (pair.base, pair.tuned)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from irmprobe.compare import agreement, kendall_tau, paired
+from irmprobe.analysis.agreement import agreement, kendall_tau, paired
 
 
 def test_kendall_tau_pairs_values_by_token_hand_computed():
@@ -41,7 +41,7 @@ def test_too_few_tokens_give_a_note_not_a_figure():
 
 
 def test_bootstrap_ci_brackets_tau_and_is_seeded():
-    from irmprobe.compare import tau_confidence_interval
+    from irmprobe.analysis.agreement import tau_confidence_interval
 
     rng = np.random.default_rng(0)
     rm = rng.standard_normal(300)
@@ -53,7 +53,7 @@ def test_bootstrap_ci_brackets_tau_and_is_seeded():
 
 
 def test_error_vs_frequency_hand_computed():
-    from irmprobe.compare import error_vs_frequency
+    from irmprobe.analysis.agreement import error_vs_frequency
 
     # Ranks agree on the two frequent tokens, and are swapped on the two rare ones.
     irm = np.array([1.0, 2.0, 4.0, 3.0])
@@ -65,7 +65,7 @@ def test_error_vs_frequency_hand_computed():
 
 
 def test_disagreements_each_way():
-    from irmprobe.compare import disagreements
+    from irmprobe.analysis.agreement import disagreements
 
     irm = {1: 5.0, 2: 0.0, 3: 1.0, 4: -1.0}
     rm = {1: -2.0, 2: 3.0, 3: 1.0, 4: -1.0}
@@ -75,7 +75,7 @@ def test_disagreements_each_way():
 
 
 def test_text_agreement_and_compare_view():
-    from irmprobe.compare import compare_view, error_vs_frequency, text_agreement
+    from irmprobe.analysis.agreement import compare_view, error_vs_frequency, text_agreement
 
     out = text_agreement(np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.1, 0.3, 0.2, 0.9]))
     assert out["text_tau"] == pytest.approx(4 / 6) and out["n_texts"] == 4
@@ -99,7 +99,7 @@ def test_text_agreement_and_compare_view():
 def test_feature_alignment_finds_planted_hacking_feature():
     import scipy.sparse as sp
 
-    from irmprobe.compare import feature_alignment
+    from irmprobe.analysis.agreement import feature_alignment
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 6, 2000)
@@ -118,7 +118,7 @@ def test_feature_alignment_finds_planted_hacking_feature():
 
 
 def test_against_control_margins_and_flags():
-    from irmprobe.compare import against_control
+    from irmprobe.analysis.agreement import against_control
 
     rows = [{"name": "a", "family": "behavioural", "tau": 0.3, "tau_ci": [0.25, 0.35]},
             {"name": "b", "family": "rm_informed", "tau": 0.5, "tau_ci": [0.45, 0.55]}]
@@ -131,7 +131,7 @@ def test_against_control_margins_and_flags():
 
 
 def test_error_vs_frequency_quartiles_with_tied_counts():
-    from irmprobe.compare import error_vs_frequency
+    from irmprobe.analysis.agreement import error_vs_frequency
 
     counts = np.array([1, 1, 1, 1, 1, 1, 2, 2, 5, 9, 12, 30])
     rm = np.arange(12, dtype=float)

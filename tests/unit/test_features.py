@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 
 from irmprobe.config import SAEConfig
-from irmprobe.features import (
-    decoder_directions,
-    encode,
-    evaluate_sae,
-    mmcs,
-    train_sae,
-    unmatched_features,
-)
+from irmprobe.saes.evaluate import decoder_directions, encode, evaluate_sae, mmcs, unmatched_features
+from irmprobe.saes.train import train_sae
 
 
 def _planted(n=60_000, d=32, k=48, seed=0):
@@ -73,8 +67,8 @@ class _ZeroSAE(_IdentitySAE):
 
 
 def test_splice_metrics_identity_recovers_everything_and_zero_nothing(tiny_llama_dir):
-    from irmprobe.features import splice_metrics
-    from irmprobe.pairs import load_pair
+    from irmprobe.saes.splice import splice_metrics
+    from irmprobe.models.loading import load_pair
 
     bridge = load_pair(str(tiny_llama_dir), None).bridge("base")
     seqs = [[5, 9, 17, 33, 2, 8], [7, 3, 11], [12, 13, 14, 15]]
@@ -90,7 +84,7 @@ def test_splice_metrics_identity_recovers_everything_and_zero_nothing(tiny_llama
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_other_architectures_train_save_and_load(architecture, tmp_path):
-    from irmprobe.features import load_sae, save_sae
+    from irmprobe.saes.load import load_sae, save_sae
 
     acts, _ = _planted(n=8000)
     cfg = SAEConfig(architecture=architecture, expansion=2, k=4, l1_coefficient=1.0, training_samples=16_000,
@@ -114,7 +108,7 @@ def test_bad_architecture_is_rejected():
 
 
 def test_pretrained_sae_from_disk_is_checked_against_hook_and_width(tmp_path):
-    from irmprobe.features import load_pretrained_sae, save_sae
+    from irmprobe.saes.load import load_pretrained_sae, save_sae
 
     acts, _ = _planted(n=4000)
     sae = train_sae(acts, SAEConfig(training_samples=2048, batch_size=256), seed=0,
@@ -131,7 +125,7 @@ def test_pretrained_sae_from_disk_is_checked_against_hook_and_width(tmp_path):
 
 
 def test_sweep_traces_sparsity_against_reconstruction():
-    from irmprobe.features import sweep
+    from irmprobe.saes.train import sweep
 
     acts, _ = _planted(n=6000)
     rows = sweep(acts, SAEConfig(architecture="topk", training_samples=12_000, batch_size=256, lr=3e-3),
@@ -157,7 +151,7 @@ def test_early_stopping_ends_training_when_held_out_explained_variance_plateaus(
     assert evs[-1] - evs[-5] < 0.002 and all(evs[i] - evs[i - 4] >= 0.002 for i in range(4, len(evs) - 1))
     assert curve[-1]["samples"] == stopped and evaluate_sae(sae, acts[:4000]).explained_variance > 0.8
     # The scale folded back into the weights: the stopped SAE works on raw activations like a full run's.
-    from irmprobe.saes import training_point
+    from irmprobe.pipeline.stages.saes import training_point
 
     point = training_point(sae, cfg)
     assert point["stopped_early"] and point["trained_samples"] == stopped and point["ev_gain_last_checks"] < 0.002
@@ -170,7 +164,7 @@ def test_early_stopping_ends_training_when_held_out_explained_variance_plateaus(
 def test_autocast_follows_the_setting_and_the_hardware(monkeypatch):
     import torch
 
-    from irmprobe import features
+    from irmprobe.saes import train as features
 
     assert features.uses_autocast(SAEConfig(autocast="on"), "cpu") is True
     assert features.uses_autocast(SAEConfig(autocast="off"), "cpu") is False

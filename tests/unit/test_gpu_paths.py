@@ -19,10 +19,12 @@ import torch
 from sklearn.linear_model import Ridge
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from irmprobe.capture import capture_pair, capture_to_store, load_store
+from irmprobe.activations.capture import capture_pair
+from irmprobe.activations.store import capture_to_store, load_store
 from irmprobe.config import RunConfig
-from irmprobe.gpu import TorchRidge
-from irmprobe.pairs import layer_divergence, load_model, load_pair
+from irmprobe.irm.torch_ridge import TorchRidge
+from irmprobe.models.divergence import layer_divergence
+from irmprobe.models.loading import load_model, load_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,8 +77,8 @@ def test_torch_ridge_picks_conjugate_gradient_for_wide_data_and_fits_several_tar
 
 def test_linear_irm_on_a_cuda_device_solves_its_ridge_fits_with_torch_ridge(monkeypatch):
     """The IRM's ridge fits go to TorchRidge on a GPU device (here redirected to the CPU, which this machine has)."""
-    import irmprobe.gpu as gpu
-    from irmprobe.irm import LinearIRM
+    import irmprobe.irm.torch_ridge as gpu
+    from irmprobe.irm.estimators import LinearIRM
 
     used = []
 
@@ -202,8 +204,8 @@ def test_device_map_with_blocks_on_disk_captures_like_a_plain_load(llama_dir, tu
 def test_device_map_with_blocks_on_disk_samples_patches_and_ablates_like_a_plain_load(llama_dir, tuned_llama_dir):
     """Sampling, layer choice by patching and patched generation (the ablation's sampler) on a pair split between
     the CPU and disk give what they give on a plain load."""
-    from irmprobe.capture import sample_continuations
-    from irmprobe.patching import generate_patched, layer_choice, plain_models
+    from irmprobe.activations.samples import sample_continuations
+    from irmprobe.activations.patching import generate_patched, layer_choice, plain_models
 
     budget = _split_budget(llama_dir)
     plain = load_pair(str(llama_dir), str(tuned_llama_dir))
@@ -226,8 +228,8 @@ def test_device_map_with_blocks_on_disk_samples_patches_and_ablates_like_a_plain
 
 def test_fresh_copies_for_hooks_keep_the_pairs_device_map(tiny_llama_dir, monkeypatch):
     """Once a bridge has wrapped a model, patching and ablation load fresh copies: placed by the same map."""
-    import irmprobe.pairs as pairs
-    from irmprobe.patching import plain_models
+    import irmprobe.models.loading as pairs
+    from irmprobe.activations.patching import plain_models
 
     mapping = {"model.embed_tokens": "cpu", "lm_head": "cpu", "model.layers": "cpu", "model.norm": "cpu",
                "model.rotary_emb": "cpu"}
@@ -382,7 +384,7 @@ def test_stub_torch_and_irmprobes_own_wheel_build_offline(tmp_path):
                     str(tmp_path), str(ROOT)], check=True, cwd=tmp_path)
     (own,) = tmp_path.glob("irmprobe-*.whl")
     names = zipfile.ZipFile(own).namelist()
-    assert {"irmprobe/gpu.py", "irmprobe/parallel.py", "irmprobe/data/pairs.yaml"} <= set(names)
+    assert {"irmprobe/irm/torch_ridge.py", "irmprobe/pipeline/stages/fit.py", "irmprobe/parallel.py", "irmprobe/data/pairs.yaml"} <= set(names)
 
 
 # -- the GPU benchmark, as a CPU smoke run -----------------------------------------------------------------

@@ -2,15 +2,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from irmprobe.irm import (
-    ContrastiveProbe,
-    LinearIRM,
-    contrastive_targets,
-    fit_irm,
-    preference_probe,
-    random_probe,
-    token_map,
-)
+from irmprobe.irm.crossfit import fit_irm, random_probe, token_map
+from irmprobe.irm.crossfit import preference_probe
+from irmprobe.irm.estimators import ContrastiveProbe, LinearIRM, contrastive_targets
 
 
 def _planted(n=3000, d=200, k=10, seed=0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from irmprobe.llm import ChatClient, LLMError
-from irmprobe.triples import Triples, llm_swap_words
+from irmprobe.irm.triples import Triples, llm_swap_words
 
 
 @pytest.fixture

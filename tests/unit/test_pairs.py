@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from irmprobe.pairs import layer_divergence, load_model, load_pair
+from irmprobe.models.divergence import layer_divergence
+from irmprobe.models.loading import load_model, load_pair
 
 
 def _perturbed_copy(src, dst, layer, scale=0.05):
@@ -84,7 +85,7 @@ def test_divergence_per_submodule_and_relative(fixture, request, tmp_path):
 def test_registry_parses_and_resolves_named_pairs(capsys):
     from irmprobe.cli import main
     from irmprobe.config import RunConfig
-    from irmprobe.pairs import registry, registry_entry
+    from irmprobe.models.registry import registry, registry_entry
 
     entries = registry()
     assert {"smollm2-135m-vader", "gpt2-imdb-pos", "pythia-70m-vader"} <= set(entries)
@@ -100,7 +101,7 @@ def test_registry_parses_and_resolves_named_pairs(capsys):
 
 
 def test_registry_rejects_duplicates_and_bad_entries():
-    from irmprobe.pairs import registry
+    from irmprobe.models.registry import registry
 
     with pytest.raises(ValueError, match="duplicate name 'a'"):
         registry("- {name: a, pair: {base: x}}\n- {name: a, pair: {base: y}}\n")
@@ -111,7 +112,7 @@ def test_registry_rejects_duplicates_and_bad_entries():
 
 
 def test_hub_pair_fails_offline_with_a_pointer_to_local_dirs():
-    from irmprobe.pairs import registry_entry
+    from irmprobe.models.registry import registry_entry
 
     pair = registry_entry("gpt2-imdb-pos")["pair"]
     with pytest.raises(ValueError, match="pass DIR instead"):
@@ -149,7 +150,7 @@ def test_explicit_dtype_and_bad_dtype(tiny_llama_dir):
 
 
 def test_gguf_spec_errors_and_default_resolution_needs_the_wheel(tmp_path, monkeypatch):
-    from irmprobe import pairs
+    from irmprobe.models import loading as pairs
 
     with pytest.raises(ValueError, match="GGUF file .* does not exist"):
         pairs.resolve_spec(str(tmp_path / "model.gguf"))

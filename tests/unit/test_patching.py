@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from irmprobe.evals.ablation import reward_gain_share
-from irmprobe.patching import (
-    cumulative_curve,
-    decision_rows,
-    generate_patched,
-    patching_effects,
-    ranking,
-    table,
-)
+from irmprobe.validation.ablation import reward_gain_share
+from irmprobe.activations.patching import cumulative_curve, decision_rows, generate_patched, patching_effects, ranking, table
 
 WORDS = "good great love happy nice best wonderful".split()
 PROMPTS = ["The train left", "I bought a", "She said that", "Later that day", "We went to the",
@@ -211,9 +204,9 @@ def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_di
     """Several conditions in one batch (the ablation's sampler) give each condition what its own run gives."""
     from contextlib import contextmanager
 
-    from irmprobe.evals.ablation import mlp_module
-    from irmprobe.pairs import load_pair
-    from irmprobe.patching import Condition, generate_conditions
+    from irmprobe.validation.ablation import mlp_module
+    from irmprobe.models.loading import load_pair
+    from irmprobe.activations.patching import Condition, generate_conditions
 
     pair = load_pair(str(tiny_llama_dir), None)
     base = pair.base

@@ -105,7 +105,7 @@ def _lexicon_file(tmp_path, data: bytes, name: str = "lex.tsv"):
 
 
 def test_lexicon_with_a_utf8_bom_keeps_its_first_word(tmp_path):
-    from irmprobe.rewards import LexiconRM
+    from irmprobe.models.rewards import LexiconRM
 
     rm = LexiconRM.from_file(_lexicon_file(tmp_path, "\ufeffgood\t2.0\nbad\t-2.0\n".encode()))
     assert rm.lexicon == {"good": 2.0, "bad": -2.0}
@@ -113,7 +113,7 @@ def test_lexicon_with_a_utf8_bom_keeps_its_first_word(tmp_path):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-Infinity"])
 def test_lexicon_rejects_non_finite_values_with_file_and_line(tmp_path, value):
-    from irmprobe.rewards import LexiconRM
+    from irmprobe.models.rewards import LexiconRM
 
     path = _lexicon_file(tmp_path, f"good\t2\nbad\t{value}\n".encode())
     with pytest.raises(ValueError, match=rf"lex.tsv:2: value '{value}' is not a finite number"):
@@ -123,7 +123,7 @@ def test_lexicon_rejects_non_finite_values_with_file_and_line(tmp_path, value):
 
 
 def test_lexicon_duplicates_refused_when_they_disagree_warned_when_they_agree(tmp_path):
-    from irmprobe.rewards import LexiconRM
+    from irmprobe.models.rewards import LexiconRM
 
     clash = _lexicon_file(tmp_path, b"good\t2\nbad\t-2\nGood\t3\n")
     with pytest.raises(ValueError, match=r"lex.tsv:3: 'Good' repeats 'good' of line 1 with another value"):
@@ -134,7 +134,7 @@ def test_lexicon_duplicates_refused_when_they_disagree_warned_when_they_agree(tm
 
 
 def test_lexicon_that_is_not_utf8_or_has_an_empty_word_names_the_file(tmp_path):
-    from irmprobe.rewards import LexiconRM
+    from irmprobe.models.rewards import LexiconRM
 
     latin1 = _lexicon_file(tmp_path, "good\t2\ncaf\u00e9\t1\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"lex.tsv is not UTF-8 text \(line 2\); save it as UTF-8"):
@@ -149,7 +149,7 @@ def test_lexicon_that_is_not_utf8_or_has_an_empty_word_names_the_file(tmp_path):
 
 
 def test_a_causal_lm_is_refused_as_classifier_rm(tiny_llama_dir):
-    from irmprobe.rewards import ClassifierRM
+    from irmprobe.models.rewards import ClassifierRM
 
     with pytest.raises(ValueError, match=r"is not a sequence classifier: its checkpoint has no .*score\.weight"):
         ClassifierRM(str(tiny_llama_dir))
@@ -185,7 +185,7 @@ def _broken_copy(src, dst, how: str):
     ("no tokenizer", r"holds no tokenizer files"),
 ])
 def test_broken_model_directories_say_what_is_wrong(tiny_llama_dir, tmp_path, how, message):
-    from irmprobe.pairs import load_model
+    from irmprobe.models.loading import load_model
 
     broken = _broken_copy(tiny_llama_dir, tmp_path / "model", how)
     with pytest.raises(ValueError, match=message) as info:
@@ -194,7 +194,7 @@ def test_broken_model_directories_say_what_is_wrong(tiny_llama_dir, tmp_path, ho
 
 
 def test_broken_classifier_directory_says_what_is_wrong(tiny_llama_dir, tmp_path):
-    from irmprobe.rewards import ClassifierRM
+    from irmprobe.models.rewards import ClassifierRM
 
     broken = _broken_copy(tiny_llama_dir, tmp_path / "clf", "no weights")
     with pytest.raises(ValueError, match="holds no weights"):
@@ -206,8 +206,8 @@ def test_broken_classifier_directory_says_what_is_wrong(tiny_llama_dir, tmp_path
 
 
 def test_long_prompts_are_cut_to_fit_the_context_keeping_their_end(tiny_llama_dir, caplog):
-    from irmprobe.capture import sample_continuations
-    from irmprobe.pairs import load_model
+    from irmprobe.activations.samples import sample_continuations
+    from irmprobe.models.loading import load_model
 
     model, tok = load_model(str(tiny_llama_dir))
     long_prompt = " ".join(["good day"] * 600) + " the end"
@@ -288,10 +288,10 @@ def test_config_file_that_is_not_yaml_gets_one_line_with_file_and_line(tmp_path)
 
 
 def test_failed_organism_build_leaves_no_empty_work_directory(tiny_llama_dir, monkeypatch):
-    from irmprobe import organisms
+    from irmprobe.organisms import tuning as organisms
     from irmprobe.cache import cache_root
     from irmprobe.config import OrganismConfig
-    from irmprobe.rewards import LexiconRM
+    from irmprobe.models.rewards import LexiconRM
 
     def broken_trainer(*args, **kwargs):
         raise RuntimeError("trainer could not be built")
@@ -304,10 +304,10 @@ def test_failed_organism_build_leaves_no_empty_work_directory(tiny_llama_dir, mo
 
 
 def test_failed_organism_build_keeps_a_work_directory_with_checkpoints(tiny_llama_dir, monkeypatch):
-    from irmprobe import organisms
+    from irmprobe.organisms import tuning as organisms
     from irmprobe.cache import cache_root
     from irmprobe.config import OrganismConfig
-    from irmprobe.rewards import LexiconRM
+    from irmprobe.models.rewards import LexiconRM
 
     class Trainer:
         def __init__(self, work):
@@ -338,7 +338,7 @@ def _grouped_data(n_groups: int = 24, per_group: int = 5):
 @pytest.fixture
 def spy_folds(monkeypatch):
     """Record every inner split LinearIRM.fit makes, as the sequences (X's last column) on each side."""
-    from irmprobe import irm
+    from irmprobe.irm import estimators as irm
 
     folds = []
 
@@ -356,7 +356,7 @@ def test_groups_reach_linear_irm_through_grid_search_and_cross_validate(spy_fold
     import sklearn
     from sklearn.model_selection import GridSearchCV, GroupKFold, cross_validate
 
-    from irmprobe.irm import LinearIRM
+    from irmprobe.irm.estimators import LinearIRM
 
     X, y, groups = _grouped_data()
     # Tag each row with its sequence in a column, so the spy can see which sequence a row is from.
@@ -372,7 +372,7 @@ def test_groups_reach_linear_irm_through_grid_search_and_cross_validate(spy_fold
 def test_fit_irm_works_with_metadata_routing_on():
     import sklearn
 
-    from irmprobe.irm import fit_irm
+    from irmprobe.irm.crossfit import fit_irm
 
     X, y, groups = _grouped_data()
     plain = fit_irm("v", X, y, groups, test_fraction=0.25, seed=0)
@@ -428,9 +428,9 @@ def test_ctrl_c_ends_with_one_line_saying_the_run_resumes(tmp_path, monkeypatch,
 
 
 def test_a_nan_interval_from_too_few_tokens_reloads_and_reports():
-    from irmprobe.reporting import agreement_line
+    from irmprobe.reporting.summary import agreement_line
     from irmprobe.results import ViewRow
-    from irmprobe.verdict import primary_comparison
+    from irmprobe.analysis.verdict import primary_comparison
 
     row = ViewRow.from_json({"name": "sae_irm", "family": "behavioural", "n_tokens": 2, "is_zero": False, "tau": 1.0,
                              "p_value": 1.0, "tau_ci": [None, None]})  # what write_json makes of [nan, nan]

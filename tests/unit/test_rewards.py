@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from irmprobe.rewards import LexiconRM
+from irmprobe.models.rewards import LexiconRM
 
 
 def test_vader_reward_is_sum_over_words_scaled_and_clipped():
@@ -67,7 +67,7 @@ def test_lexicon_from_tsv_and_csv_files(tmp_path):
 
 
 def test_text_rm_wraps_a_callable_and_maps_word_tokens(tiny_tokenizer_dir):
-    from irmprobe.rewards import TextRM
+    from irmprobe.models.rewards import TextRM
 
     rm = TextRM(lambda texts: [1.0 if "love" in t else 0.0 for t in texts], name="loves")
     assert rm.score(["I love it", "no"]).tolist() == [1.0, 0.0]
@@ -83,7 +83,7 @@ def test_classifier_rm_from_a_local_directory(tiny_tokenizer_dir, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from irmprobe.rewards import ClassifierRM
+    from irmprobe.models.rewards import ClassifierRM
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)
@@ -108,7 +108,7 @@ def test_classifier_rm_from_a_local_directory(tiny_tokenizer_dir, tmp_path):
 
 def test_reward_model_from_config(tmp_path):
     from irmprobe.config import RewardConfig
-    from irmprobe.rewards import reward_model
+    from irmprobe.models.rewards import reward_model
 
     assert reward_model(RewardConfig()).name == "vader"
     (tmp_path / "w.tsv").write_text("nice\t1\n")
@@ -120,7 +120,7 @@ def test_reward_model_from_config(tmp_path):
 
 
 def test_random_rm_is_deterministic_uninformative_and_has_no_token_values():
-    from irmprobe.rewards import RandomRM
+    from irmprobe.models.rewards import RandomRM
 
     rm = RandomRM(seed=1)
     texts = [f"text number {i}" for i in range(400)]

@@ -9,8 +9,8 @@ import pytest
 from irmprobe.config import RunConfig, Runtime
 from irmprobe.pipeline.runner import CacheError, Runner, mark_done, verify
 from irmprobe.pipeline.stage import Context, Sections, Stage, declared_values
-from irmprobe.pipeline.stages import GRAPH, STAGES
-from irmprobe.rewards import RandomRM
+from irmprobe.pipeline.graph import GRAPH, STAGES
+from irmprobe.models.rewards import RandomRM
 
 _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.device": "cuda", "pair.dtype": "bfloat16",
             "organism.method": "grpo", "capture.hook": "hook_resid_post", "capture.rank_layers_by": "relative",
@@ -195,9 +195,9 @@ def test_the_control_follows_every_organism_setting_and_differs_only_in_its_rewa
     """The control branch trains with exactly the organism's settings; only the reward it is tuned against differs."""
     from types import SimpleNamespace
 
-    import irmprobe.organisms as organisms
+    import irmprobe.organisms.tuning as organisms
     from irmprobe.pipeline.control import control_branches
-    from irmprobe.pipeline.stages import OrganismStage
+    from irmprobe.pipeline.stages.organism import OrganismStage
 
     calls = []
 
@@ -207,7 +207,7 @@ def test_the_control_follows_every_organism_setting_and_differs_only_in_its_rewa
 
     monkeypatch.setattr(organisms, "make_organism", fake_make_organism)
     config = RunConfig.from_dict({"organism": change})
-    from irmprobe.rewards import reward_model
+    from irmprobe.models.rewards import reward_model
 
     ctx = Context(reward_model(config.reward), Runtime(), ["p1", "p2"], ["h1"], echo=lambda _: None)
     (control,) = control_branches(config, ctx)

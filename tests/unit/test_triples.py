@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from irmprobe.triples import build_triples
+from irmprobe.irm.triples import build_triples
 
 
 class WordTokenizer:

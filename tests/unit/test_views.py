@@ -3,7 +3,7 @@ import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-from irmprobe.views import probe_inputs
+from irmprobe.analysis.views import probe_inputs
 
 
 def _sae(seed, d_in=8, d_sae=12):

@@ -1,1 +1,0 @@
-"""Validation of an IRM: feature interpretation (``autointerp``) and causal ablation (``ablation``)."""

@@ -1,0 +1,23 @@
+"""The stage graph: every stage, in the order users see them."""
+
+from __future__ import annotations
+
+from irmprobe.pipeline.stage import Stage
+from irmprobe.pipeline.stages.ablate import AblateStage  # noqa: E402
+from irmprobe.pipeline.stages.capture import CaptureStage
+from irmprobe.pipeline.stages.compare import CompareStage  # noqa: E402
+from irmprobe.pipeline.stages.discover import DiscoverStage  # noqa: E402
+from irmprobe.pipeline.stages.fit import FitStage  # noqa: E402
+from irmprobe.pipeline.stages.interpret import InterpretStage  # noqa: E402
+from irmprobe.pipeline.stages.layers import LayersStage
+from irmprobe.pipeline.stages.organism import OrganismStage
+from irmprobe.pipeline.stages.report import ReportStage  # noqa: E402
+from irmprobe.pipeline.stages.saes import SAEStage  # noqa: E402
+from irmprobe.pipeline.stages.samples import SamplesStage
+
+GRAPH: list[Stage] = [OrganismStage(), SamplesStage(), LayersStage(), CaptureStage(), SAEStage(), FitStage(),
+                      CompareStage(), DiscoverStage(), InterpretStage(), AblateStage(), ReportStage()]
+"""Every stage, in the order users see them. ``--force STAGE`` re-runs it and every stage that needs it."""
+
+
+STAGES = tuple(s.name for s in GRAPH)

@@ -1,0 +1,45 @@
+"""The ablate stage: features the IRM relies on ablated while the tuned model samples; patching bounds."""
+
+from __future__ import annotations
+
+import json
+
+from irmprobe.cache import write_json
+from irmprobe.pipeline.stage import Stage
+from irmprobe.pipeline.stages.interpret import feature_design
+
+
+class AblateStage(Stage):
+    """Ablate the reader- and decision-side IRMs' top features, random ones and patch the chosen layers during
+    generation; each row gives the share of the reward gain (tuned - base) it removes."""
+
+    name, version = "ablate", 5
+    reads = ("validate", "irm.inputs", "capture.hook", "seed")
+    needs = ("organism", "layers", "capture", "saes", "fit", "interpret")
+
+    def fingerprint(self, cfg, ctx):
+        return ctx.rm.describe()
+
+    def run(self, cfg, ctx, inputs, out):
+        from irmprobe.validation.ablation import ablate
+
+        if "skipped" in inputs["interpret"]:
+            rows = None
+        else:
+            X, names = feature_design(ctx, inputs, cfg.irm.inputs)
+            rows = ablate(cfg.validate, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), inputs["capture"],
+                          X, names, inputs["saes"].saes, ctx.rm, ctx.heldout, inputs["interpret"],
+                          decision_coef=getattr(inputs["fit"], "decision_coef", None), hook=cfg.capture.hook,
+                          echo=ctx.echo)
+        write_json(out / "ablation.json", {"rows": rows})
+        return rows
+
+    def load(self, cfg, ctx, inputs, out):
+        return json.loads((out / "ablation.json").read_text())["rows"]
+
+    def summary(self, result):
+        if not result:
+            return "skipped"
+        shares = [f"{r['set'].split(' (')[0]} {r['gain_share']['share']:+.2f}" for r in result[2:]
+                  if r.get("gain_share")]
+        return "share of the reward gain removed: " + "; ".join(shares)

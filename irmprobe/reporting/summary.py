@@ -1,0 +1,227 @@
+"""The run's summary as text: the lines the terminal prints and the report quotes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def _interval(ci, spec: str) -> str:
+    """``[low,high]``; "undefined" when the bootstrap gave no bounds (resamples with no reward gain to share)."""
+    if ci is None or any(v is None for v in ci):
+        return "undefined"
+    return f"[{format(ci[0], spec)},{format(ci[1], spec)}]"
+
+
+def _trained(row: dict) -> str:
+    """Samples an SAE trained on, "stop" when held-out explained variance plateaued first (older rows: "-")."""
+    if row.get("trained_samples") is None:
+        return "-"
+    return f"{row['trained_samples']:,}" + (" stop" if row.get("stopped_early") else "")
+
+
+def plain(metrics) -> dict:
+    """The JSON form of a run's typed metrics (a dict read from metrics.json is checked against the schema)."""
+    from irmprobe.results import RunMetrics
+
+    if isinstance(metrics, RunMetrics):
+        return metrics.to_json()
+    return RunMetrics.from_json(metrics).to_json()
+
+
+def summary_lines(metrics) -> list[str]:
+    """Human-readable summary of a run's :class:`irmprobe.results.RunMetrics`."""
+    metrics = plain(metrics)
+    lines: list[str] = []
+    org = metrics["organism"]
+    rw = metrics["reward"]
+    lines.append("== organism ==")
+    lines.append(f"tuned model      {org['source']}")
+    lines.append(
+        f"reward (RM)      base {rw['base_mean']:+.3f} ± {rw['base_se']:.3f}   tuned {rw['tuned_mean']:+.3f} ± "
+        f"{rw['tuned_se']:.3f}   (mean ± s.e. over {rw['n_prompts']} held-out prompts × {rw['samples_per_prompt']} samples)"
+    )
+    lines.append(
+        f"tuned - base     {rw['diff_mean']:+.3f} ± {rw['diff_se']:.3f}  =  {_fmt(rw['diff_z'], '.1f')} s.e. (paired by prompt)"
+    )
+    vc = metrics["vader_compound"]
+    lines.append(
+        f"VADER compound   base {vc['base_mean']:+.3f} ± {vc['base_se']:.3f}   tuned {vc['tuned_mean']:+.3f} ± "
+        f"{vc['tuned_se']:.3f}   (VADER's own sentence score, an independent check)"
+    )
+    kl = metrics["kl"]
+    lines.append(f"KL(tuned || base) {kl['mean']:.3f} ± {kl['se']:.3f} nats per continuation")
+    for ex in metrics["examples"][:2]:
+        lines.append(f"prompt: {ex['prompt']}")
+        lines.append(f"  base  ({ex['base_reward']:+.2f}): {ex['base']!r}")
+        lines.append(f"  tuned ({ex['tuned_reward']:+.2f}): {ex['tuned']!r}")
+    div = metrics["layers"]
+    lines.append(f"== layers (divergence tuned - base, per block and submodule; * = chosen, ranked by {div['ranked_by']}) ==")
+    lines.extend(div["table"])
+    lines.append(
+        "chosen blocks    " + ", ".join(f"{l} (|Δθ| {div['per_block'][l]:.3f})" for l in div["chosen"])
+    )
+    lines.append("== SAEs (held-out activations) ==")
+    lines.append(f"{'model':<6} {'layer':>5} {'d_sae':>6} {'expl.var':>9} {'L0':>8} {'dead':>6} {'dense':>6} "
+                 f"{'CE rec.':>8} {'KL':>7} {'MMCS 1x:2x':>10} {'trained on':>14}")
+    for row in metrics["saes"]:
+        lines.append(
+            f"{row['model']:<6} {row['layer']:>5} {row['d_sae']:>6} {row['explained_variance']:>9.3f} "
+            f"{row['l0']:>8.1f} {row['dead_fraction']:>6.3f} {row['dense_fraction']:>6.3f} "
+            f"{_fmt(row.get('ce_loss_recovered'), '.3f'):>8} {_fmt(row.get('kl_spliced'), '.3f'):>7} "
+            f"{_fmt(row.get('mmcs_small_vs_large'), '.3f'):>10} {_trained(row):>14}"
+        )
+    for row in metrics.get("sae_layers", []):
+        lines.append(f"layer {row['layer']}: {row['tuned_only_features']} tuned-model features with no base match "
+                     f"(MMCS tuned vs base {row['mmcs_tuned_vs_base']:.3f})")
+    irm = metrics["irm"]
+    lines.append(f"== IRM views vs RM, out of fold (every view cross-fitted on two halves of the sequences: each of "
+                 f"{irm['n_heldout_rows']} rows of {irm['n_rows']} scored by a model fitted on the other half; Kendall "
+                 "tau paired by token with bootstrap 95% CI; sign accuracy on RM+/RM- tokens; text tau = IRM text score "
+                 "vs RM reward of each generation, out of fold) ==")
+    has_control = any(r.get("control_tau") is not None or r.get("control_is_zero") for r in metrics["agreement"])
+    head = (f"{'view':<22} {'family':<11} {'tokens':>6} {'tau':>7} {'95% CI':>17} {'p':>8} {'rho':>6} "
+            f"{'sign+':>5} {'sign-':>5} {'text tau':>8} {'R2 test':>7}")
+    lines.append(head + (f" {'control':>7} {'above':>7}" if has_control else ""))
+    for row in metrics["agreement"]:
+        lines.append(agreement_line(row, has_control))
+    lines.append("baseline_shuffled: its interval is the RANGE (min, max) of tau over its fits, not a confidence interval.")
+    if metrics.get("full_vocabulary"):
+        lines.append("== full-vocabulary log-ratio (its own token set: every vocabulary token the RM values; not fitted) ==")
+        for row in metrics["full_vocabulary"]:
+            lines.append(agreement_line(row, has_control))
+    for c in metrics.get("control") or []:
+        lines.append(f"{c['branch']}: the base tuned with {c['method'].upper()} for {c['steps']} steps (lr "
+                     f"{c['learning_rate']:g}, beta {c['beta']:g}, batch {c['batch']}, LoRA rank {c['lora_rank']}) "
+                     f"against {c['reward']['name']} (a random reward), its own samples, layers {c['layers']}, capture "
+                     f"and SAEs: {'MATCHED to the organism but for the reward' if c['matched'] else 'NOT known to match'}; "
+                     f"RM reward tuned - base {c['reward_diff']['diff_mean']:+.3f} ± {c['reward_diff']['diff_se']:.3f}, "
+                     f"KL {c['kl']['mean']:.3f}.")
+    if metrics.get("control"):
+        lines.append("'control' is the mean tau of the control organism(s); 'above' the view's margin over it.")
+    p = metrics.get("primary")
+    if p and p.get("z") is not None:
+        lines.append(f"primary comparison: {p['view']} tau {p['tau']:+.3f} ± {p['tau_se']:.3f} vs controls "
+                     f"{[round(t, 3) for t in p['control_taus']]} (spread {p['control_se']:.3f}): z {p['z']:+.1f} -> "
+                     f"{p['outcome']}")
+    if metrics.get("discovery"):
+        lines.extend(discovery_section(metrics["discovery"]))
+    for name, d in (metrics.get("disagreements") or {}).items():
+        lines.append(f"== where {name} and RM disagree most (token, IRM value, RM value) ==")
+        for label, key in (("IRM >> RM", "irm_over_rm"), ("RM >> IRM", "rm_over_irm")):
+            lines.append(f"{label}: " + ", ".join(f"{t!r} ({a:+.2f}, {b:+.2f})" for t, a, b, _ in d[key]))
+    fa = metrics.get("feature_alignment")
+    if fa:
+        lines.append("== feature alignment (sae_irm weight vs correlation with RM value; top tokens) ==")
+        for label, key in (("IRM rewards, RM does not (candidate reward hacking)", "irm_not_rm"),
+                           ("RM tracks, IRM does not reward", "rm_not_irm")):
+            lines.append(label + ":")
+            for e in fa[key][:5]:
+                lines.append(f"  {e['feature']:<14} weight {e['weight']:+.4f}  RM corr {e['rm_corr']:+.3f}  "
+                             f"freq {e['frequency']:.3f}  {e['top_tokens']}")
+    val = metrics.get("validation")
+    if val:
+        cross = val["cross"]
+        lines.append(f"== validation: {val['judge']} judge on {cross['n_judged']} features (IRM top-{cross['n_irm_top']} "
+                     "included) ==")
+        lines.append(f"flagged {cross['n_flagged']}; overlap with IRM top-k {cross['overlap']}; precision "
+                     f"{_fmt(cross['precision'], '.2f')}, recall {_fmt(cross['recall'], '.2f')}, Cohen's kappa "
+                     f"{_fmt(cross['kappa'], '+.2f')}; detection (balanced acc.) {_fmt(cross.get('detection_mean'), '.2f')}")
+        lines.append(f"activation frequency: flagged {_fmt(cross['flagged_frequency'], '.4f')} vs dictionary mean "
+                     f"{cross['dictionary_frequency']:.4f}")
+        for r in [r for r in val["judged"] if r["in_irm_top_k"]][:5]:
+            lines.append(f"  {r['feature']:<14} w {r['weight']:+.4f} {'FLAGGED' if r['relevant'] else '       '} "
+                         f"{r['explanation'][:90]}")
+    if val and val.get("ablation"):
+        lines.append("== ablation in the tuned model (RM reward of continuations, paired by prompt & sample; share = "
+                     "(tuned - row) / (tuned - base): the share of the reward gain the row removes, 95% bootstrap CI) ==")
+        lines.append(f"{'set':<44} {'mode':<6} {'n':>3} {'reward':>8} {'95% CI':>17} {'share':>7} {'95% CI':>17}")
+        for r in val["ablation"]:
+            rw, g = r["reward"], r.get("gain_share")
+            g_text = f"{g['share']:>+7.2f} {_interval(g['ci'], '+.2f'):>17}" if g else f"{'-':>7} {'-':>17}"
+            lines.append(f"{r['set'][:44]:<44} {r['mode'][:6]:<6} {r['n_features']:>3} {rw['mean']:>+8.3f} "
+                         f"{_interval(rw['ci'], '+.3f'):>17} {g_text}")
+    lines.append("== verdict ==")
+    lines.extend(metrics["verdict"])
+    lines.append("== stage times (s; * = reused from the cache) ==")
+    status = metrics.get("stage_status", {})
+    lines.append("  ".join(f"{k}{'*' if status.get(k) == 'reused' else ''} {v:.0f}"
+                           for k, v in metrics["stage_seconds"].items()))
+    return lines
+
+
+_CATEGORY_TEXT = {"rewarded_unvalued": "rewarded, RM zero", "rewarded_against": "rewarded against the RM",
+                  "penalised_unvalued": "penalised, RM zero", "penalised_against": "penalised against the RM"}
+
+
+def discovery_section(d: dict) -> list[str]:
+    """What the RM does not explain: discovered tokens, concepts, the RM's share of the IRM, pairwise accuracy."""
+    vs = d["control"] or "zero (no control organism)"
+    lines = [f"== what the RM does not explain (generated tokens, one per distinct context; log-ratio vs {vs}, Welch t, Benjamini-Hochberg "
+             f"q < {d['alpha']:g}) =="]
+    v = d["variance"]
+    if v.get("residual_share") is not None:
+        lines.append(f"the RM explains {max(v['linear'], v['monotone']):.1%} of the primary IRM's held-out variance "
+                     f"(linear {v['linear']:.3f}, monotone {v['direction']} {v['monotone']:.3f}; cross-fitted by "
+                     f"sequence, {v['n']} rows): {v['residual_share']:.1%} is not the RM")
+    else:
+        lines.append(f"RM share of the IRM's variance: {v.get('note')}")
+    lines.append(f"{d['n_tested']} of {d['n_tokens_seen']} generated tokens tested; discoveries: "
+                 + ", ".join(f"{k} {n}" for k, n in d["counts"].items()))
+    for cat, label in _CATEGORY_TEXT.items():
+        entries = d["entries"].get(cat) or []
+        if entries:
+            lines.append(f"{label}: " + ", ".join(
+                f"{e['token']!r} {e['irm_value']:+.2f} [{e['ci_low']:+.2f},{e['ci_high']:+.2f}] RM "
+                f"{_fmt(e['rm_value'], '+.1f')} n {e['count']} ctrl {_fmt(e['control_value'], '+.2f')} q {e['q']:.1e}"
+                for e in entries))
+    for c in d["concepts"]:
+        lines.append(f"concept {c['feature']:<14} weight {c['weight']:+.4f}  RM corr {c['rm_corr']:+.3f}  q "
+                     f"{c['min_q']:.1e}  tokens {', '.join(repr(t) for t in c['labels'])}")
+    for label, key in (("IRM >> RM (residual)", "irm_over_rm"), ("RM >> IRM (residual)", "rm_over_irm")):
+        if d["residual"].get(key):
+            lines.append(f"{label}: " + ", ".join(f"{r['token']!r} ({r['residual']:+.2f})" for r in d["residual"][key]))
+    lines.append(f"== the IRM as a reward model: pairwise accuracy on {d['pairs_source']} ==")
+    return lines + pairwise_lines(d["pairwise"])
+
+
+def pairwise_lines(rows: list[dict]) -> list[str]:
+    """The pairwise-accuracy table: each scorer's accuracy (Wilson 95% CI) and agreement with the RM's choice."""
+    lines = [f"{'scorer':<36} {'accuracy':>8} {'95% CI':>15} {'pairs':>6} {'ties':>5} {'agrees w/ RM':>12} "
+             f"{'95% CI':>15}"]
+    label = {"sae_irm": "sae_irm (IRM text score)", "log_ratio_sum": "log-ratio sum (DPO implicit reward)",
+             "rm": "RM (reference)"}
+    ci = lambda c: f"[{c[0]:.2f},{c[1]:.2f}]" if c else "-"  # noqa: E731
+    for r in rows:
+        lines.append(f"{label.get(r['scorer'], r['scorer']):<36} {_fmt(r['accuracy'], '.3f'):>8} {ci(r['ci']):>15} "
+                     f"{r['n']:>6} {r['n_ties']:>5} {_fmt(r['agreement'], '.3f'):>12} {ci(r['agreement_ci']):>15}")
+    return lines
+
+
+def agreement_line(row: dict, control: bool = False) -> str:
+    """One row of the views table."""
+    start = f"{row['name'][:22]:<22} {row.get('family', ''):<11} {row['n_tokens']:>6}"
+    if row["is_zero"]:
+        return start + "   identically zero: no implicit reward learned"
+    if row.get("tau") is None:
+        return start + f"   no figure: {row.get('note')}"
+    ci = row.get("tau_ci") or row.get("tau_range")
+    if ci and None in ci:  # a CI that could not be computed (too few tokens) is stored as nulls
+        ci = None
+    ci_text = (("range " if row.get("tau_range") and not row.get("tau_ci") else "") + f"[{ci[0]:+.3f},{ci[1]:+.3f}]"
+               if ci else "-")
+    p = f"{row['p_value']:.1e}" if row.get("p_value") is not None else "-"
+    line = (f"{start} {row['tau']:>+7.3f} {ci_text:>17} {p:>8} {_fmt(row.get('spearman'), '+.3f'):>6} "
+            f"{_fmt(row.get('sign_acc_pos'), '.2f'):>5} {_fmt(row.get('sign_acc_neg'), '.2f'):>5} "
+            f"{_fmt(row.get('text_tau'), '+.3f'):>8} {_fmt(row.get('test_r2'), '.3f'):>7}")
+    if control:
+        ctrl = "zero" if row.get("control_is_zero") else _fmt(row.get("control_tau"), "+.3f")
+        line += f" {ctrl:>7} {_fmt(row.get('above_control'), '+.3f'):>7}"
+    return line

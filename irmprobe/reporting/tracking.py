@@ -1,0 +1,171 @@
+"""Weights & Biases: the run's scalars, tables and artifacts (offline unless configured online)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from irmprobe.cache import write_json
+from irmprobe.reporting.summary import plain
+
+
+def wandb_mode(configured: str | None) -> str:
+    """Offline unless configured otherwise in the run config or by WANDB_MODE."""
+    if configured:
+        return configured
+    env = os.environ.get("WANDB_MODE")
+    return env if env in ("online", "offline", "disabled") else "offline"
+
+
+def _flatten(prefix: str, obj: Any, out: dict) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}/{k}" if prefix else str(k), v, out)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out[prefix] = obj
+
+
+def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_dir: Path) -> str | None:
+    """Send config, scalar metrics, tables, plots and artifacts to a W&B run; return its directory."""
+    if wandb_mode(mode) == "disabled":
+        return None
+    import wandb
+
+    metrics = plain(metrics)
+    token_rows = metrics["tokens"]["rows"]
+
+    run = wandb.init(project=project, mode=wandb_mode(mode), dir=str(run_dir), config=config,
+                     reinit="finish_previous")
+    try:
+        scalars: dict[str, float] = {}
+        for key in ("reward", "kl"):
+            _flatten(key, metrics[key], scalars)
+        for row in metrics["saes"]:
+            for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "mse", "ce_loss_recovered",
+                      "kl_spliced", "mmcs_small_vs_large", "mmcs_small_vs_large_one_to_one", "trained_samples",
+                      "ev_gain_last_checks"):
+                if row.get(k) is None:
+                    continue
+                scalars[f"sae/{row['model']}.{row['layer']}/{k}"] = row[k]
+        for row in metrics.get("sae_layers", []):
+            scalars[f"sae/layer{row['layer']}/tuned_only_features"] = row["tuned_only_features"]
+        for row in metrics["agreement"]:
+            for k in ("tau", "tau_sd", "tau_max", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2",
+                      "spearman", "text_tau", "control_tau", "above_control"):
+                if row.get(k) is not None:
+                    scalars[f"irm/{row['name']}/{k}"] = row[k]
+            if row.get("tau_range"):
+                scalars[f"irm/{row['name']}/tau_range_min"], scalars[f"irm/{row['name']}/tau_range_max"] = row["tau_range"]
+        for row in metrics.get("full_vocabulary") or []:
+            for k in ("tau", "n_tokens", "control_tau"):
+                if row.get(k) is not None:
+                    scalars[f"irm/{row['name']}/{k}"] = row[k]
+        disc = metrics.get("discovery") or {}
+        for k in ("linear", "monotone", "residual_share"):
+            if (disc.get("variance") or {}).get(k) is not None:
+                scalars[f"discovery/rm_variance_share/{k}"] = disc["variance"][k]
+        for k, n in (disc.get("counts") or {}).items():
+            scalars[f"discovery/n_{k}"] = n
+        for r in disc.get("pairwise") or []:
+            for k in ("accuracy", "agreement", "n"):
+                if r.get(k) is not None:
+                    scalars[f"pairwise/{r['scorer']}/{k}"] = r[k]
+        for stage, seconds in metrics["stage_seconds"].items():
+            scalars[f"time/{stage}"] = seconds
+        # TRL's training curves of the organism, one point per logging step, plotted against organism/step.
+        run.define_metric("organism/step")
+        run.define_metric("organism/*", step_metric="organism/step")
+        for row in metrics["organism"].get("history", []):
+            curve = {f"organism/{k}": v for k, v in row.items() if k not in ("step", "epoch")}
+            if "step" in row and curve:
+                run.log({"organism/step": row["step"], **curve})
+        run.log(scalars)
+        tables = wandb_tables(metrics, token_rows)
+        run.log({name: wandb.Table(columns=cols, data=data) for name, (cols, data) in tables.items()})
+        if token_rows:
+            scatter = wandb.Table(columns=["rm_value", "sae_irm", "token"], data=[[r[1], r[4], r[0]] for r in token_rows])
+            run.log({"plots/irm_vs_rm_scatter": wandb.plot.scatter(scatter, "rm_value", "sae_irm",
+                                                                   title="SAE IRM vs RM per token")})
+        import matplotlib.pyplot as plt
+
+        from irmprobe.reporting import figures
+
+        for name, fig in figures.all_figures(metrics).items():
+            run.log({f"plots/{name}": wandb.Image(fig)})
+            plt.close(fig)
+        for artifact in wandb_artifacts(metrics, run_dir):
+            run.log_artifact(artifact)
+        run.summary["verdict"] = "\n".join(metrics["verdict"])
+        return str(run.dir)
+    finally:
+        run.finish()
+
+
+def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[str], list[list]]]:
+    """The run's tables (name -> (columns, rows)), as W&B and the HTML report show them."""
+    view_cols = ["name", "family", "n_tokens", "tau", "tau_ci_low", "tau_ci_high", "tau_range_min", "tau_range_max",
+                 "p_value", "spearman", "sign_acc_pos", "sign_acc_neg", "text_tau", "test_r2", "control_tau",
+                 "above_control"]
+    views = [[r.get("name"), r.get("family"), r.get("n_tokens"), r.get("tau"),
+              (r.get("tau_ci") or [None, None])[0], (r.get("tau_ci") or [None, None])[1],
+              (r.get("tau_range") or [None, None])[0], (r.get("tau_range") or [None, None])[1], r.get("p_value"),
+              r.get("spearman"), r.get("sign_acc_pos"), r.get("sign_acc_neg"), r.get("text_tau"), r.get("test_r2"),
+              r.get("control_tau"), r.get("above_control")]
+             for r in metrics["agreement"] + (metrics.get("full_vocabulary") or [])]
+    out = {"views": (view_cols, views), "tokens": (metrics["tokens"]["columns"], token_rows)}
+    sae_cols = ["model", "layer", "d_sae", "explained_variance", "l0", "dead_fraction", "dense_fraction",
+                "ce_loss_recovered", "kl_spliced", "mmcs_small_vs_large", "trained_samples", "stopped_early",
+                "ev_gain_last_checks"]
+    out["saes"] = (sae_cols, [[r.get(c) for c in sae_cols] for r in metrics.get("saes", [])])
+    disc = metrics.get("discovery")
+    if disc:
+        cols = ["category", "token", "token_id", "irm_value", "ci_low", "ci_high", "rm_value", "count",
+                "control_value", "q"]
+        out["discoveries"] = (cols, [[cat] + [e[c] for c in cols[1:]] for cat, entries in disc["entries"].items()
+                                     for e in entries])
+        cols = ["scorer", "accuracy", "ci_low", "ci_high", "n", "n_ties", "agreement", "agreement_ci_low",
+                "agreement_ci_high"]
+        out["pairwise accuracy"] = (cols, [[r["scorer"], r["accuracy"], *(r["ci"] or [None, None]), r["n"],
+                                            r["n_ties"], r["agreement"], *(r["agreement_ci"] or [None, None])]
+                                           for r in disc["pairwise"]])
+    val = metrics.get("validation") or {}
+    if val.get("judged"):
+        cols = ["feature", "irm_weight", "in_irm_top_k", "relevant", "judge_score", "detection", "frequency",
+                "explanation", "top_contexts", "promoted"]
+        out["features"] = (cols, [[r["feature"], r["weight"], r["in_irm_top_k"], r["relevant"], r["score"],
+                                   r["detection"], r["frequency"], r["explanation"],
+                                   " | ".join(c["text"] for c in r["contexts"][:3]), " ".join(r["promoted"][:8])]
+                                  for r in val["judged"]])
+    if val.get("ablation"):
+        cols = ["set", "mode", "n_features", "reward", "reward_ci_low", "reward_ci_high", "change", "change_ci_low",
+                "change_ci_high", "gain_share", "gain_share_ci_low", "gain_share_ci_high"]
+        out["ablation"] = (cols, [[r["set"], r["mode"], r["n_features"], r["reward"]["mean"], *r["reward"]["ci"],
+                                   *((r["change"]["mean"], *r["change"]["ci"]) if r["change"] else (None, None, None)),
+                                   *((r["gain_share"]["share"], *r["gain_share"]["ci"]) if r.get("gain_share")
+                                     else (None, None, None))]
+                                  for r in val["ablation"]])
+    return out
+
+
+def wandb_artifacts(metrics: dict, run_dir: Path) -> list:
+    """Artifacts of the run: the SAEs, the primary IRM's weights, and its token map."""
+    import wandb
+
+    out = []
+    saes = wandb.Artifact("saes", type="sae", description="SAELens SAEs of each (model, layer), with metrics")
+    for row in metrics.get("saes", []):
+        if row.get("path") and Path(row["path"]).is_dir():
+            saes.add_dir(row["path"], name=f"{row['model']}.{row['layer']}")
+    out.append(saes)
+    fit_dir = metrics.get("irm", {}).get("path")
+    if fit_dir and Path(fit_dir).is_dir():
+        irm = wandb.Artifact("irm", type="irm", description="the primary IRM: weights over probe inputs, all views")
+        irm.add_dir(fit_dir)
+        out.append(irm)
+    token_map_path = write_json(Path(run_dir) / "token_map.json",
+                                {"columns": metrics["tokens"]["columns"], "rows": metrics["tokens"]["rows"]})
+    tm = wandb.Artifact("token_map", type="token_map", description="token -> RM value and each IRM view's value")
+    tm.add_file(str(token_map_path))
+    out.append(tm)
+    return out

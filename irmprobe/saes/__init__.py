@@ -1,0 +1,2 @@
+"""Sparse autoencoders via SAELens: train, save and load (released ones too), evaluate, splice into the model.
+"""

@@ -1,0 +1,342 @@
+"""Causal checks: ablate SAE features inside the tuned model and measure the reward it then earns.
+
+The SAE is spliced in at its hook with the reconstruction error kept:
+
+    x' = x - sum_{i in S} (f_i(x) - v_i) d_i
+
+where ``f_i`` is feature ``i``'s activation, ``d_i`` its decoder direction and ``v_i`` the value it
+is ablated to (0 for zero-ablation, its mean activation for mean-ablation). With ``S`` empty,
+``x' = x`` exactly: ablating nothing leaves the model unchanged. The reconstruction-only control
+replaces ``x`` by the SAE's reconstruction (the error dropped), which shows what the SAE
+approximation alone costs. Steering adds ``alpha * d_i`` instead.
+
+Generation runs on a plain Hugging Face model with PyTorch forward hooks on the MLP modules
+(whose output is TransformerLens's ``hook_mlp_out``). It must be a model no TransformerBridge
+has wrapped: a bridge rewires the modules in place, and Hugging Face ``generate`` with its KV
+cache then samples differently (measured: the default organism's reward fell from +0.63 to
++0.13 on the same prompts and seed), so :func:`irmprobe.validation.ablation.ablate` loads a fresh copy.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.stats import bootstrap
+
+from irmprobe.activations.capture import hook_module, is_bridged
+from irmprobe.activations.patching import Condition, generate_conditions, generate_patched, output_hooks, plain_models
+from irmprobe.activations.samples import sample_continuations
+from irmprobe.validation.interpret import feature_location
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features to ablate: ``{layer: indices}`` with a name, e.g. the IRM's top-k."""
+
+    name: str
+    features: dict[int, tuple[int, ...]]
+    mode: str = "zero"
+    """``zero``, ``mean`` (to ``means``), ``reconstruction`` (error dropped, nothing ablated) or ``steer``."""
+    means: dict[int, np.ndarray] | None = None
+    """For ``mean``: each layer's mean activation per feature."""
+    alpha: float = 0.0
+    """For ``steer``: how much of each feature's decoder direction is added at every position."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("zero", "mean", "reconstruction", "steer"):
+            raise ValueError(f"mode must be zero, mean, reconstruction or steer, got {self.mode!r}")
+        if self.mode == "mean" and self.means is None:
+            raise ValueError("mode=mean needs the features' mean activations (means)")
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.features.values())
+
+
+def splice_hook(sae, indices, mode: str = "zero", means: np.ndarray | None = None, alpha: float = 0.0):
+    """A TransformerLens hook function that ablates ``indices`` of ``sae`` keeping the error term."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    W_dec = sae.W_dec.detach()
+
+    def hook(act, hook):
+        x = act.float()
+        if mode == "steer":
+            return (x + alpha * W_dec[idx].sum(0).to(x.device)).to(act.dtype)
+        if mode == "reconstruction":
+            return sae.decode(sae.encode(x)).to(act.dtype)
+        f = sae.encode(x)[..., idx]
+        target = torch.zeros_like(f) if mode == "zero" else torch.as_tensor(means, dtype=f.dtype, device=f.device)[idx]
+        return (x - (f - target) @ W_dec[idx].to(x.device)).to(act.dtype)
+
+    return hook
+
+
+def mlp_module(model, layer: int):
+    """The MLP module of block ``layer`` (``model.layers.9.mlp``, ``gpt_neox.layers.9.mlp``, ``h.9.mlp``)."""
+    return hook_module(model, f"blocks.{layer}.hook_mlp_out")
+
+
+@contextmanager
+def ablated(model, saes: dict[int, object], feature_set: FeatureSet, rows: slice | None = None):
+    """Within the block, ``model`` (a plain Hugging Face model) runs with ``feature_set`` ablated.
+
+    Each layer's SAE is spliced at the output of that block's MLP (``hook_mlp_out``). With ``rows``,
+    only those batch rows are changed (several conditions share one batch, see
+    :func:`irmprobe.activations.patching.generate_conditions`).
+    """
+    layers = sorted(set(feature_set.features) | (set(saes) if feature_set.mode == "reconstruction" else set()))
+    splices = {("mlp_out", layer): splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode,
+                                               feature_set.means.get(layer) if feature_set.means else None,
+                                               feature_set.alpha)
+               for layer in layers}
+
+    def apply(point, act):
+        if rows is None:
+            return splices[point](act, None)
+        new = act.clone()
+        new[rows] = splices[point](act[rows], None)
+        return new
+
+    with output_hooks(model, list(splices), apply):
+        yield
+
+
+def _mean_ci(values: np.ndarray) -> dict:
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "se": se, "ci": [float(values.mean() - 1.96 * se),
+                                                          float(values.mean() + 1.96 * se)]}
+
+
+def ablation_table(model, tokenizer, saes: dict[int, object], feature_sets: list[FeatureSet], rm,
+                   prompts: list[str], *, samples_per_prompt: int = 2, max_new_tokens: int = 24, batch_size: int = 32,
+                   seed: int = 0) -> list[dict]:
+    """Reward of the tuned model's continuations with each feature set ablated, against no ablation.
+
+    ``model`` must be a plain Hugging Face model (see the module docstring); a bridged one raises.
+
+    Every condition samples with the same seed, so conditions differ only by the ablation and the
+    reward change is paired by (prompt, sample). Returns one row per condition (the first is
+    ``none``): mean reward with a 95% CI, and the paired change from ``none`` with its CI.
+    """
+    if is_bridged(model):
+        raise ValueError("ablation_table needs a model no TransformerBridge has wrapped (its generate() samples "
+                         "differently): load a fresh copy with irmprobe.models.loading.load_model")
+
+    def generate():
+        _, _, _, texts = sample_continuations(model, tokenizer, prompts, n_per_prompt=samples_per_prompt,
+                                              max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        return rm.score(texts), texts
+
+    clean, clean_texts = generate()
+    rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean),
+             "change": None, "example": clean_texts[0]}]
+    for fs in feature_sets:
+        with ablated(model, saes, fs):
+            rewards, texts = generate()
+        rows.append({"set": fs.name, "mode": fs.mode, "n_features": fs.size, "reward": _mean_ci(rewards),
+                     "change": _mean_ci(rewards - clean), "example": texts[0]})
+    return rows
+
+
+@dataclass(frozen=True)
+class GainShare:
+    """Share of the reward gain (tuned minus base) that a condition removes, with a bootstrap CI."""
+
+    share: float
+    """(tuned - condition) / (tuned - base), from the mean rewards."""
+    ci: tuple[float, float]
+    """Confidence interval of ``share``, resampling prompts with their samples paired."""
+    gain: float
+    """Mean reward of the tuned model minus the base's."""
+    removed: float
+    """Mean reward of the tuned model minus the condition's."""
+    n_prompts: int
+    """Number of prompts resampled."""
+
+
+def reward_gain_share(base, tuned, ablated, prompt_index, *, confidence: float = 0.95, n_resamples: int = 2000,
+                      seed: int = 0) -> GainShare:
+    """Share of the reward gain an ablation (or patch) removes, with a paired CI by bootstrap over prompts.
+
+    Args:
+        base, tuned, ablated: Rewards of the same (prompt, sample) slots under each condition,
+            e.g. from paired sampling with one seed.
+        prompt_index: The prompt of each slot; prompts are the resampling unit, so samples of one
+            prompt stay together and the three conditions stay paired. The interval is the
+            percentile bootstrap, which stays defined for a ratio whose resamples can be extreme.
+
+    Raises:
+        ValueError: arrays of different lengths, fewer than 2 prompts, or no reward gain.
+    """
+    arrays = [np.asarray(a, dtype=np.float64) for a in (base, tuned, ablated, prompt_index)]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+        raise ValueError(f"base, tuned, ablated and prompt_index must be 1-d of one length, got "
+                         f"{[a.shape for a in arrays]}")
+    prompts, inverse = np.unique(arrays[3], return_inverse=True)
+    if len(prompts) < 2:
+        raise ValueError("a bootstrap over prompts needs at least 2 prompts")
+    # Per-prompt reward sums: a resample's share is a ratio of sums (the sample counts cancel).
+    sums = [np.bincount(inverse, weights=a) for a in arrays[:3]]
+    gain = float(arrays[1].mean() - arrays[0].mean())
+    if gain == 0:
+        raise ValueError("the tuned model's mean reward equals the base's: there is no gain to remove")
+
+    def stat(b, t, a, axis=-1):
+        return (t.sum(axis) - a.sum(axis)) / (t.sum(axis) - b.sum(axis))
+
+    res = bootstrap(tuple(sums), stat, paired=True, vectorized=True,
+                    confidence_level=confidence, n_resamples=n_resamples, method="percentile",
+                    random_state=np.random.default_rng(seed))  # rng= needs scipy >= 1.15
+    removed = float(arrays[1].mean() - arrays[2].mean())
+    return GainShare(removed / gain, (float(res.confidence_interval.low), float(res.confidence_interval.high)),
+                     gain, removed, len(prompts))
+
+
+_PATCH_KINDS = {"hook_mlp_out": "mlp_out", "hook_resid_post": "resid_post"}
+"""Capture hook -> the hook kind the patching bound patches at the same blocks."""
+
+
+READER_NOTE = "(reader side: expected null, these features read tokens already written)"
+
+
+def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_names: list[str], saes: dict, rm,
+           prompts: list[str], interpretation: dict, *, decision_coef: np.ndarray | None = None,
+           hook: str = "hook_mlp_out", echo=print) -> list[dict]:
+    """Ablate, steer and patch inside the tuned model while it generates; the share of the reward gain each removes.
+
+    Conditions (rows, in order): ``none`` (the tuned model), the base model (the gain's reference),
+    the reader-side IRM's top-k (features at t: expected null), the decision-side IRM's top-k
+    (largest positive ``decision_coef``, features at t-1; skipped when None), the judge-flagged
+    features, k random firing features (the control, one row per count), reconstruction only,
+    steering (``vc.steer_alpha``), and the patching bound: the base's activations patched into the
+    tuned model at the captured blocks (``vc.patching_bound``). Features are ablated at every
+    position. Every condition samples the same prompts with the same random numbers per (prompt, sample)
+    slot (:func:`irmprobe.activations.patching.generate_conditions`), so rows are paired by (prompt, sample).
+
+    Returns:
+        One dict per row: ``reward`` (mean, 95% CI), ``change`` from ``none`` (paired, 95% CI) and
+        ``gain_share``: (tuned - row) / (tuned - base) with a paired 95% bootstrap CI over prompts
+        (None where the tuned model gained nothing), as in
+        :func:`irmprobe.validation.ablation.reward_gain_share`.
+    """
+    rng = np.random.default_rng(seed + 1)
+    frequency = np.diff(X.tocsc().indptr) / X.shape[0]
+    top_k = interpretation["top_k_columns"]
+    decision = [] if decision_coef is None else [
+        int(i) for i in np.argsort(-np.asarray(decision_coef), kind="stable")[: vc.top_k] if decision_coef[i] > 0]
+
+    def as_layers(columns) -> dict[int, tuple[int, ...]]:
+        out: dict[int, list[int]] = {}
+        for c in columns:
+            layer, index = feature_location(feature_names[c])
+            out.setdefault(layer, []).append(index)
+        return {k: tuple(v) for k, v in out.items()}
+
+    means = None
+    if vc.ablation == "mean":
+        col_means = np.asarray(X.mean(axis=0)).ravel()
+        means = {}
+        for c, name in enumerate(feature_names):
+            layer, index = feature_location(name)
+            means.setdefault(layer, np.zeros(saes["tuned", layer].cfg.d_sae))[index] = col_means[c]
+    k, kd = len(top_k), len(decision)
+    flagged = [r for r in interpretation["judged"] if r["relevant"]]
+    flagged_cols = [r["column"] for r in sorted(flagged, key=lambda r: -(r["score"] or 0.0))][:k]
+    firing = np.setdiff1d(np.flatnonzero(frequency > 0), top_k + decision)
+    draw = lambda n: [int(i) for i in rng.choice(firing, min(n, len(firing)), replace=False)]  # noqa: E731
+    sets = [FeatureSet(f"irm_top_{k} {READER_NOTE}", as_layers(top_k), vc.ablation, means)]
+    if decision:
+        sets.append(FeatureSet(f"decision_top_{kd}", as_layers(decision), vc.ablation, means))
+    if flagged_cols:
+        sets.append(FeatureSet(f"judge_flagged_{len(flagged_cols)}", as_layers(flagged_cols), vc.ablation, means))
+    sets.append(FeatureSet(f"random_{k} (control)", as_layers(draw(k)), vc.ablation, means))
+    if decision and kd != k:
+        sets.append(FeatureSet(f"random_{kd} (control for decision_top_{kd})", as_layers(draw(kd)), vc.ablation,
+                               means))
+    sets.append(FeatureSet("reconstruction_only (control)", {}, "reconstruction"))
+    if vc.steer_alpha is not None and top_k:
+        sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
+                               alpha=vc.steer_alpha))
+    if vc.steer_alpha is not None and decision:
+        sets.append(FeatureSet(f"steer decision_top_{kd} x{vc.steer_alpha:g}", as_layers(decision), "steer",
+                               alpha=vc.steer_alpha))
+    kind = _PATCH_KINDS.get(hook)
+    if vc.patching_bound and kind is None:
+        echo(f"ablate: no patching bound; patching supports {', '.join(_PATCH_KINDS)}, not {hook}")
+    bound = tuple(capture.layers) if vc.patching_bound and kind is not None else None
+    layer_saes = {layer: saes["tuned", layer] for layer in capture.layers}
+    prompts = prompts[: vc.n_prompts]
+    echo(f"ablate: {len(sets) + 2 + (bound is not None)} conditions over {len(prompts)} prompts x "
+         f"{vc.samples_per_prompt} samples")
+    base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
+                               trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
+                               max_memory=runtime.max_memory)
+    return paired_rows(base, tuned, pair.tokenizer, layer_saes, sets, rm, prompts, bound, kind or "mlp_out",
+                       samples_per_prompt=vc.samples_per_prompt, max_new_tokens=vc.max_new_tokens, seed=seed,
+                       batch_size=vc.batch_size)
+
+
+def gain_share_row(base, tuned, ablated, prompt_index) -> dict | None:
+    """A row's ``gain_share`` entry (see :func:`irmprobe.validation.ablation.reward_gain_share`); None where the tuned
+    model gained nothing. A bound the bootstrap could not define (resamples with no gain) is None, in memory
+    as in the JSON, so the verdict and the summary read it as undefined."""
+    try:
+        g = reward_gain_share(base, tuned, ablated, prompt_index)
+    except ValueError:  # no gain (or a single prompt): nothing to share out
+        return None
+    ci = [float(v) if np.isfinite(v) else None for v in g.ci]
+    return {"share": g.share, "ci": ci, "gain": g.gain, "removed": g.removed, "n_prompts": g.n_prompts}
+
+
+def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSet], rm, prompts: list[str],
+                bound: tuple[int, ...] | None, kind: str = "mlp_out", *, samples_per_prompt: int,
+                max_new_tokens: int, seed: int, batch_size: int = 32) -> list[dict]:
+    """Sample every condition with one seed, score with ``rm``, and pair the rows.
+
+    ``base`` and ``tuned`` are plain Hugging Face models. Rows: ``none`` (tuned), ``base model
+    (reference)``, one per feature set (``saes``: layer -> the tuned model's SAE, spliced at the MLP
+    output), and with ``bound`` the base's ``kind`` activations patched in at those blocks. The
+    tuned-model conditions share batches of ``batch_size`` rows (:func:`irmprobe.activations.patching.generate_conditions`);
+    their ``seconds`` are the shared time split evenly.
+    """
+    started = time.perf_counter()
+    base_run = generate_patched(base, base, tokenizer, prompts, (), kind, n_per_prompt=samples_per_prompt,
+                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    base_s = time.perf_counter() - started
+    # Every tuned-model condition in shared batches: one forward serves them all; each slot draws the same
+    # uniforms in every condition (and in the base's run), so rows stay paired by (prompt, sample).
+    conds = [Condition(None)] + [Condition(lambda rows, fs=fs: ablated(tuned, saes, fs, rows)) for fs in feature_sets]
+    if bound is not None:
+        conds.append(Condition(None, tuple(bound)))
+    started = time.perf_counter()
+    runs = generate_conditions(base, tuned, tokenizer, prompts, conds, kind, n_per_prompt=samples_per_prompt,
+                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    per_condition = (time.perf_counter() - started) / len(conds)  # one shared batch: the time split evenly
+
+    def score(run):
+        return np.asarray(rm.score(list(run.texts)), dtype=np.float64)
+
+    clean_run, clean, base_r = runs[0], score(runs[0]), score(base_run)
+    clean_s = per_condition
+    conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s)]
+    for fs, run in zip(feature_sets, runs[1:]):
+        conditions.append((fs.name, fs.mode, fs.size, score(run), run, per_condition))
+    if bound is not None:
+        conditions.append((f"patching bound: base {kind} at blocks {','.join(map(str, bound))}", "patch", 0,
+                           score(runs[-1]), runs[-1], per_condition))
+
+    def share(rewards):
+        return gain_share_row(base_r, clean, rewards, clean_run.prompt_index)
+
+    rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
+             "gain_share": share(clean), "example": clean_run.texts[0], "seconds": clean_s}]
+    for name, mode, size, rewards, run, seconds in conditions:
+        rows.append({"set": name, "mode": mode, "n_features": size, "reward": _mean_ci(rewards),
+                     "change": _mean_ci(rewards - clean), "gain_share": share(rewards),
+                     "example": run.texts[0], "seconds": seconds})
+    return rows

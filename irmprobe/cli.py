@@ -226,26 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     echo = (lambda line: None) if args.quiet else print
     if args.verbose:
         os.environ["IRMPROBE_TRL_VERBOSE"] = "1"  # TRL's per-step dicts on the terminal too
+        log_path = None
     else:
-        # Library messages (TRL's per-step logs among them) go to the run's log file, not the terminal.
-        logger = logging.getLogger("irmprobe")
-        try:
-            out_dir = Path(config.report.out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(out_dir / "irmprobe.log")
-        except OSError:
-            handler = None  # the run's pre-flight check says what is wrong with report.out_dir
-        if handler is not None:
-            handler.setLevel(logging.INFO)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-            terminal = logging.StreamHandler()
-            terminal.setLevel(logging.WARNING)
-            logger.addHandler(handler)
-            logger.addHandler(terminal)
-            logger.setLevel(logging.INFO)
-            logger.propagate = False  # INFO reaches the file only
+        # Library bars, warnings and messages (TRL's per-step logs among them) go to the run's log file.
+        log_path = Path(config.report.out_dir) / "irmprobe.log"
+    from irmprobe.console import library_output_to
+
     try:
-        result = run(config, until=until, force=tuple(args.force), echo=echo)
+        with library_output_to(log_path):
+            result = run(config, until=until, force=tuple(args.force), echo=echo)
     except ValueError as exc:
         print(f"irmprobe: {exc}", file=sys.stderr)
         return 2
@@ -255,13 +244,6 @@ def main(argv: list[str] | None = None) -> int:
         print("irmprobe: interrupted; completed stages are cached, so running the same command again resumes",
               file=sys.stderr)
         return 130
-    finally:
-        if not args.verbose:
-            logger = logging.getLogger("irmprobe")
-            for h in list(logger.handlers):
-                logger.removeHandler(h)
-                h.close()
-            logger.propagate = True
     if result.metrics_path is None:
         print(f"stopped after stage {until!r}; its output is cached (irmprobe run reuses it)")
     else:

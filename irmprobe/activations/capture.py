@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from irmprobe import progress
 from irmprobe.models.loading import ModelPair
 from irmprobe.models.placement import input_device, offload_targets
 from irmprobe.prompts import load_prompts
@@ -208,7 +208,7 @@ def capture_pair(
     logps = {k: [] for k in models}
     vocab: dict[str, np.ndarray] = {}
     acts = {f"{k}.{l}": [] for k in models for l in layers}
-    for start in tqdm(range(0, len(order), batch_size), desc="capture", leave=False):
+    for start in progress.bar(range(0, len(order), batch_size), desc="capture", leave=False):
         chunk = order[start : start + batch_size]
         tokens = _right_padded(token_ids, chunk, lengths, pad)
         width = tokens.shape[1]
@@ -259,7 +259,7 @@ def last_token_activations(bridge: TransformerBridge, token_ids, layers: tuple[i
     out = {l: np.zeros((len(token_ids), 0), np.float32) for l in layers}
     parts: dict[int, list] = {l: [] for l in layers}
     order = np.argsort(-lengths, kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc="last-token activations", leave=False):
+    for start in progress.bar(range(0, len(order), batch_size), desc="last-token activations", leave=False):
         chunk = order[start : start + batch_size]
         tokens = _right_padded(token_ids, chunk, lengths, pad)
         # Nothing after the last hooked block is needed: the blocks above it and the unembedding are skipped.

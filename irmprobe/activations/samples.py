@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from irmprobe import progress
 from irmprobe.activations.capture import is_bridged
 from irmprobe.cache import write_json
 from irmprobe.models.placement import input_device
@@ -114,7 +114,7 @@ def sample_continuations(
     pad = tokenizer.pad_token_id
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids_out, lens_out, idx_out, texts = [], [], [], []
-    for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", leave=False):
+    for start in progress.bar(range(0, len(jobs), batch_size), desc="sampling", leave=False):
         chunk = jobs[start : start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
         # Left padding so every continuation starts at the same column.

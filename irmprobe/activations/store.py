@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
 
+from irmprobe import progress
 from irmprobe.activations.capture import Capture, capture_pair
 from irmprobe.cache import sha256_file, write_json
 from irmprobe.models.loading import ModelPair
@@ -74,7 +74,7 @@ def capture_to_store(
     done = dict(manifest["shards"])
     for part in _rank_manifests(directory):
         done |= _read_manifest(part, header)["shards"]
-    for shard in tqdm(range(rank, n_shards, world_size), desc="capture shards", leave=False):
+    for shard in progress.bar(range(rank, n_shards, world_size), desc="capture shards", leave=False):
         name = f"shard-{shard:05d}.safetensors"
         if name in done and (directory / name).is_file():
             own["shards"][name] = done[name]

@@ -139,14 +139,15 @@ def _one_line_progress():
     Replaces transformers' ProgressCallback (which prints every logged dict on the terminal) unless
     ``IRMPROBE_TRL_VERBOSE`` is set (``irmprobe --verbose``).
     """
-    from tqdm.auto import tqdm
     from transformers import TrainerCallback
+
+    from irmprobe import progress
 
     class OneLine(TrainerCallback):
         bar = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.bar = tqdm(total=state.max_steps, desc="organism", leave=False)
+            self.bar = progress.bar(total=state.max_steps, desc="organism", leave=False)
 
         def on_step_end(self, args, state, control, **kw):
             self.bar.update(state.global_step - self.bar.n)

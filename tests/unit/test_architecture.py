@@ -8,7 +8,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "irmprobe"
 
 LAYERS = (
-    ("irmprobe.cache", "irmprobe.results", "irmprobe.config", "irmprobe.llm", "irmprobe.devices", "irmprobe.prompts"),
+    ("irmprobe.cache", "irmprobe.results", "irmprobe.config", "irmprobe.llm", "irmprobe.devices", "irmprobe.prompts",
+     "irmprobe.progress"),
     ("irmprobe.models",),
     ("irmprobe.activations",),
     ("irmprobe.organisms",),
@@ -18,7 +19,7 @@ LAYERS = (
     ("irmprobe.validation",),
     ("irmprobe.reporting",),
     ("irmprobe.pipeline",),
-    ("irmprobe", "irmprobe.api", "irmprobe.cli", "irmprobe.parallel"),
+    ("irmprobe", "irmprobe.api", "irmprobe.cli", "irmprobe.parallel", "irmprobe.console"),
 )
 """Bottom to top. A module may import its own layer (without a cycle) and the layers below it, never above."""
 

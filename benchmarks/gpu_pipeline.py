@@ -11,7 +11,7 @@ branches included): seconds (``RunResult.stage_seconds``), tokens/s where a stag
 (NVML through ``pynvml`` when importable, else ``torch.cuda.utilization``), sampled every 0.2 s.
 
     python benchmarks/gpu_pipeline.py                          # both shapes, default settings, cuda
-    python benchmarks/gpu_pipeline.py --cap                    # less work per stage: both shapes in ~6 min (H100)
+    python benchmarks/gpu_pipeline.py --cap                    # less work per stage: both shapes in ~6 min on an H100, estimated
     python benchmarks/gpu_pipeline.py --shapes 1.7b --json out.json
     python benchmarks/gpu_pipeline.py --device cpu --tiny      # a 2-layer model: a smoke test of this script
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--shapes", default="135m,1.7b", help="comma-separated: 135m, 1.7b")
-    parser.add_argument("--cap", action="store_true", help="less work per stage (both shapes in ~6 min on an H100)")
+    parser.add_argument("--cap", action="store_true", help="less work per stage (both shapes in ~6 min on an H100, estimated from per-stage timings)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model with tiny settings (CPU smoke test)")
     parser.add_argument("--work", type=Path, help="folder for models, caches and runs (default: a temp folder)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")

@@ -1,6 +1,6 @@
 """The on-disk cache: where it lives, how entries are keyed, and atomic writes.
 
-Every stage writes its output under ``cache_root()/<stage>/<key>`` where ``key`` hashes the
+Every stage writes its output under ``cache_root()/stages/<stage>/<key>`` where ``key`` hashes the
 configuration that produced it, so a second run with the same configuration reuses the output
 and a changed setting gets a fresh entry. Entries are written to a temporary sibling first and
 renamed into place, so an interrupted stage never leaves a half-written entry behind.

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as exc:
         print(f"irmprobe.parallel: invalid config: {exc}", file=sys.stderr)
         return 2
-    # pair.device is in no stage's cache key, so each rank may run on its own GPU.
+    # pair.device is in no cache key up to the capture (the stages run here), so each rank may run on its own GPU.
     config = replace(config, pair=replace(config.pair, device=_device_for_rank(config.pair.device)))
     owned = not dist.is_initialized()
     if owned:

@@ -250,7 +250,7 @@ def make_organism(
     """Tune ``base`` against ``rm`` with TRL, or reuse the cached result (``force``: train again).
 
     Args:
-        base: base model spec (see :mod:`irmprobe.pairs`).
+        base: base model spec (see :mod:`irmprobe.models.loading`).
         rm: the reward model (its reward function for RLOO/GRPO; it ranks samples for DPO).
         config: method and hyperparameters.
         train_prompts: prompts to tune on (keep held-out prompts out of this list).

@@ -110,7 +110,7 @@ def fit_views(cfg, pair, samples, capture, saes: dict, layers, rm, *, cache_key:
 
 @dataclass(frozen=True)
 class FitRecord(Record):
-    """Every IRM view of one branch, fitted on training sequences and scored on held-out ones."""
+    """Every IRM view of one branch, cross-fitted on two halves of the sequences (every value out of fold)."""
 
     rows: list[ViewRow]
     full_vocabulary: list[ViewRow]

@@ -20,7 +20,12 @@ def _a_run(echo):
     warnings.warn("`gradient_checkpointing` is deprecated", FutureWarning, stacklevel=1)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # an earlier model load may have quieted transformers
+    try:
+        hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+    finally:
+        hf_logging.set_verbosity(verbosity)
     logging.getLogger("sae_lens").warning("a library warning")
     logging.getLogger("irmprobe.organisms").info("organism step 1: {'reward': 0.1}")
     logging.getLogger("irmprobe.capture").warning("an irmprobe warning")

@@ -223,3 +223,26 @@ def test_the_control_follows_every_organism_setting_and_differs_only_in_its_rewa
     assert (prompts_ctrl, seed_ctrl) == (prompts_org, seed_org)
     assert rm_ctrl["name"].startswith("random") and rm_ctrl != rm_org
     assert keys[0] != keys[1]
+
+
+def test_a_controls_key_does_not_depend_on_the_tuned_model_being_judged(tmp_path):
+    """Judging a second tuned model of the same base reuses the control: its key follows what makes it only."""
+    from irmprobe.pipeline.control import control_branches
+    from irmprobe.pipeline.stages.organism import OrganismStage
+
+    first, second = tmp_path / "tuned-a", tmp_path / "tuned-b"
+    for d, text in ((first, "a"), (second, "b")):
+        d.mkdir()
+        (d / "model.safetensors").write_text(text)
+    keys = {}
+    for tuned in (first, second):
+        config = RunConfig.from_dict({"pair": {"tuned": str(tuned)}})
+        ctx = Context(RandomRM(0), Runtime(), ["p1"], ["h1"])
+        (control,) = control_branches(config, ctx)
+        keys[tuned.name] = (OrganismStage().key(config, ctx, []), OrganismStage().key(config, control, []))
+    assert keys["tuned-a"][0] != keys["tuned-b"][0]  # the organism branch: the tuned model is what it is
+    assert keys["tuned-a"][1] == keys["tuned-b"][1]  # the control: the same base, settings and random reward
+    base_only = RunConfig()
+    ctx = Context(RandomRM(0), Runtime(), ["p1"], ["h1"])
+    (control,) = control_branches(base_only, ctx)
+    assert OrganismStage().key(base_only, control, []) == keys["tuned-a"][1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from irmprobe.cache import write_json
 from irmprobe.models.loading import fingerprint
@@ -32,6 +32,13 @@ class OrganismResult(Record):
 class OrganismStage(Stage):
     name, version = "organism", 4
     reads = ("pair.base", "pair.tuned", "pair.null", "pair.trust_remote_code", "organism", "prompts", "seed")
+
+    def key(self, config, ctx, input_keys):
+        # A control is tuned from the base alone: the tuned model being judged is not part of what makes it, so
+        # judging a second tuned model of the same base reuses the control and every stage after it.
+        if ctx.branch.is_control and config.pair.tuned is not None:
+            config = replace(config, pair=replace(config.pair, tuned=None))
+        return super().key(config, ctx, input_keys)
 
     def fingerprint(self, cfg, ctx):
         return (fingerprint(cfg.pair.base), fingerprint(cfg.pair.tuned) if cfg.pair.tuned else None,

@@ -136,7 +136,10 @@ class ViewRow(Record):
     tau: float | None = None
     p_value: float | None = None
     tau_ci: list[float] | None = None
-    """Percentile bootstrap 95% CI over tokens."""
+    """Percentile bootstrap 95% CI (``ci_method`` says what was resampled)."""
+    ci_method: str | None = None
+    """``prompt cluster bootstrap`` (prompts drawn with replacement, token means recomputed: views averaged
+    from captured rows) or ``token bootstrap`` (token types drawn, means held fixed: the full vocabulary)."""
     tau_range: list[float] | None = None
     """For the shuffled baseline: min and max tau over its fits (a range, not a CI)."""
     sign_acc_pos: float | None = None
@@ -185,12 +188,20 @@ class PrimaryComparison(Record):
     tau_se: float | None
     control_taus: list[float]
     control_se: float | None
-    """The controls' spread: bootstrap s.e. of each control's tau, and between controls when there are several."""
+    """The controls' spread: the standard deviation of their taus (k >= 2), or one control's bootstrap s.e."""
     difference: float | None
     z: float | None
-    """(tau - mean control tau) / sqrt(se^2 + control_se^2)."""
+    """The test statistic: with one control (tau - control tau) / sqrt(se^2 + control_se^2); with k >= 2,
+    the prediction-interval t (tau - mean control tau) / (sd * sqrt(1 + 1/k))."""
     outcome: str
-    """``agrees`` (z >= 3), ``opposes`` (z <= -3), ``unrelated`` (|z| < 3) or ``undetermined``."""
+    """``agrees`` / ``opposes`` (significant at the two-sided level of |z| >= 3, 0.0027, by sign), ``unrelated``
+    or ``undetermined``."""
+    test: str | None = None
+    """Which test: ``t, k-1 d.f.`` against k >= 2 controls, or the one-control z (anti-conservative)."""
+    df: int | None = None
+    """Degrees of freedom of the t-test (None for the one-control z)."""
+    p_value: float | None = None
+    """Two-sided p-value of the statistic."""
 
 
 @dataclass(frozen=True)

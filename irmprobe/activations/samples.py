@@ -63,6 +63,30 @@ class Samples:
         )
 
 
+def row_prompts(samples: Samples, seq_index: np.ndarray) -> np.ndarray:
+    """The independent unit of each captured row: the held-out prompt its sequence continues.
+
+    Every sequence that continues one prompt shares that prompt's tokens, activations and log-ratios,
+    so folds, resamples and tests split by prompt, never by sequence. Rows of extra capture text
+    (sequences past the samples) are each their own unit: ``n_prompts + (sequence - n_sequences)``.
+    """
+    seq = np.asarray(seq_index, dtype=np.int64)
+    n_seq, n_prompts = len(samples.token_ids), len(samples.prompts)
+    inside = seq < n_seq
+    out = n_prompts + seq - n_seq
+    out[inside] = np.asarray(samples.prompt_index, dtype=np.int64)[seq[inside]]
+    return out
+
+
+def in_prompt(samples: Samples, seq_index: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """True for rows whose token belongs to the prompt (identical in every sequence of that prompt)."""
+    seq, pos = np.asarray(seq_index, dtype=np.int64), np.asarray(position, dtype=np.int64)
+    inside = seq < len(samples.token_ids)
+    out = np.zeros(len(seq), dtype=bool)
+    out[inside] = pos[inside] < np.asarray(samples.prompt_lens)[seq[inside]]
+    return out
+
+
 @torch.no_grad()
 def sample_continuations(
     model,

@@ -83,6 +83,71 @@ def tau_confidence_interval(irm_values: np.ndarray, rm_values: np.ndarray, *, n_
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def tau_cluster_ci(token_ids: np.ndarray, values: np.ndarray, clusters: np.ndarray, rm_map: dict[int, float],
+                   tokens: np.ndarray, *, n_resamples: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile CI of Kendall tau between per-token means and RM values, resampling independent units.
+
+    Each resample draws the clusters (prompts) with replacement; every token's mean is recomputed over
+    its occurrences in the drawn clusters (a cluster drawn twice counts twice), and tau is taken over the
+    ``tokens`` that occur in the resample. So the noise of a token mean built from a few correlated
+    occurrences, and the variation between prompts, enter the interval; a bootstrap over token types
+    (:func:`tau_confidence_interval`) holds each mean fixed and leaves both out. The fit behind
+    ``values`` is not redone per resample.
+
+    Args:
+        token_ids, values, clusters: one entry per scored row (its token, its value, its prompt).
+        rm_map: token -> RM value.
+        tokens: the tokens the tau is taken over (those both maps hold).
+
+    Returns:
+        (low, high), or (None, None) when fewer than 2 clusters hold the tokens.
+    """
+    # SciPy's bootstrap resamples observations, not clusters of them; hence this loop over cluster draws.
+    token_ids, clusters = np.asarray(token_ids), np.asarray(clusters)
+    values = np.asarray(values, dtype=np.float64)
+    if not (token_ids.shape == values.shape == clusters.shape):
+        raise ValueError("token_ids, values and clusters need one entry per row")
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be at least 1")
+    units, unit_of = np.unique(clusters, return_inverse=True)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    keep = np.isin(token_ids, tokens)
+    if len(units) < 2 or len(tokens) < 2 or not keep.any():
+        return None, None
+    k = np.searchsorted(tokens, token_ids[keep])
+    flat = k * len(units) + unit_of[keep]
+    size = len(tokens) * len(units)
+    sums = np.bincount(flat, weights=values[keep], minlength=size).reshape(len(tokens), len(units))
+    counts = np.bincount(flat, minlength=size).reshape(len(tokens), len(units)).astype(np.float64)
+    rm = np.array([rm_map[int(t)] for t in tokens], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(len(units), np.full(len(units), 1.0 / len(units)), size=n_resamples).T  # units x B
+    s, c = sums @ draws, counts @ draws
+    taus = []
+    for b in range(n_resamples):
+        present = c[:, b] > 0
+        if present.sum() < 2:
+            continue
+        means = s[present, b] / c[present, b]
+        if np.all(means == means[0]) or np.all(rm[present] == rm[present][0]):
+            continue
+        taus.append(stats.kendalltau(means, rm[present]).statistic)
+    if len(taus) < max(10, n_resamples // 2):
+        return None, None
+    # The spread of the resampled taus estimates the s.e.; their percentiles are not used as the interval:
+    # a resample repeats prompts, so its token means are noisier and its tau more attenuated than the
+    # estimate's (measured: percentile intervals covered the estimator's mean in 40-86% of simulated
+    # datasets). With few units the bootstrap also underestimates the spread: the s.e. is scaled by
+    # sqrt(J / (J - 1)) and the interval uses Student's t with J - 1 degrees of freedom.
+    j = len(units)
+    se = float(np.std(taus, ddof=1)) * float(np.sqrt(j / (j - 1)))
+    tau = stats.kendalltau(sums.sum(axis=1)[counts.sum(axis=1) > 0] / counts.sum(axis=1)[counts.sum(axis=1) > 0],
+                           rm[counts.sum(axis=1) > 0]).statistic
+    half = float(stats.t.ppf(1 - (1 - level) / 2, j - 1)) * se
+    return float(tau - half), float(tau + half)
+
+
 def _pct_rank(values: np.ndarray) -> np.ndarray:
     return (stats.rankdata(values) - 0.5) / len(values)
 
@@ -133,7 +198,8 @@ def text_agreement(scores: np.ndarray, rewards: np.ndarray) -> dict:
 
 def compare_view(name: str, family: str, irm_map: dict[int, float], counts: dict[int, int], rm_map: dict[int, float],
                  *, text_scores: np.ndarray | None = None, rewards: np.ndarray | None = None,
-                 n_bootstrap: int = 1000, seed: int = 0, is_zero: bool = False, **extra) -> dict:
+                 n_bootstrap: int = 1000, seed: int = 0, is_zero: bool = False, clusters: tuple | None = None,
+                 **extra) -> dict:
     """Every token- and text-level figure of one IRM view against the RM, as one table row.
 
     Args:
@@ -145,6 +211,9 @@ def compare_view(name: str, family: str, irm_map: dict[int, float], counts: dict
         text_scores, rewards: the view's score and the RM's reward of the same held-out texts.
         n_bootstrap: resamples for the tau CI (0 skips it).
         is_zero: the view is identically zero (nothing was learned).
+        clusters: ``(token_ids, values, prompts)`` of the scored rows ``irm_map`` was averaged from: the
+            tau CI is then a cluster bootstrap over prompts (:func:`tau_cluster_ci`); without them it
+            resamples token types (a view that is not an average over rows, e.g. the full vocabulary).
         extra: more columns (test R^2, strengths, notes).
     """
     row = asdict(agreement(name, {} if is_zero else irm_map, rm_map)) | {"family": family} | extra
@@ -152,8 +221,13 @@ def compare_view(name: str, family: str, irm_map: dict[int, float], counts: dict
         return row | {"is_zero": True}
     if row["tau"] is not None:
         ids, irm, rm = paired(irm_map, rm_map)
-        if n_bootstrap:
+        if n_bootstrap and clusters is not None:
+            ci = tau_cluster_ci(*clusters, rm_map, ids, n_resamples=n_bootstrap, seed=seed)
+            row["tau_ci"] = None if ci[0] is None else list(ci)
+            row["ci_method"] = "prompt cluster bootstrap"
+        elif n_bootstrap:
             row["tau_ci"] = list(tau_confidence_interval(irm, rm, n_resamples=n_bootstrap, seed=seed))
+            row["ci_method"] = "token bootstrap"
         rho, p = stats.spearmanr(irm, rm)
         row["spearman"], row["spearman_p"] = float(rho), float(p)
         row["error_vs_frequency"] = error_vs_frequency(irm, rm, np.array([counts.get(int(i), 0) for i in ids]))

@@ -9,11 +9,18 @@ read beside it: a reward that fell is a finding, not a failure to learn.
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from irmprobe.results import PrimaryComparison, RunMetrics, ViewRow
 
 Z = 3.0
 """Standard errors a difference must clear to count."""
+
+ALPHA = float(2 * stats.norm.sf(Z))
+"""The two-sided level every decision of the primary comparison is made at (0.0027, that of |z| >= 3)."""
+
+ONE_CONTROL = ("z, one control (its bootstrap s.e. stands in for the spread between random-reward organisms, "
+               "which one control cannot measure: anti-conservative; set compare.n_controls >= 2)")
 
 
 def _se(row: ViewRow) -> float | None:
@@ -24,25 +31,40 @@ def _se(row: ViewRow) -> float | None:
 
 
 def primary_comparison(row: ViewRow, controls: list[ViewRow | None]) -> PrimaryComparison:
-    """The primary IRM's tau against the matched controls' taus, with a test that counts the controls' spread.
+    """The primary IRM's tau against the matched controls' taus, by a test that counts the controls' spread.
 
-    With one control, its spread is its own bootstrap s.e.; with several, the larger of that and
-    the standard deviation between controls (the distribution of taus a random-reward organism
-    gives). ``z = (tau - mean control tau) / sqrt(se^2 + control_se^2)``.
+    With k >= 2 controls the organism's tau is tested as one more draw from the controls' distribution
+    (the taus random-reward organisms give; each already carries its own estimation noise): a
+    prediction-interval t-test, ``t = (tau - mean) / (sd * sqrt(1 + 1/k))`` with k - 1 degrees of freedom,
+    called at the same two-sided level as ``|z| >= 3`` (``ALPHA``). Few controls make a wide t: with 3 of
+    them only |t| > 19.2 is called. With one control there is no between-organism spread to measure; the
+    old rule stands, ``z = (tau - control) / sqrt(se^2 + control_se^2)`` with bootstrap s.e.s, and the
+    comparison says it is anti-conservative.
     """
     taus = [c.tau for c in controls if c is not None and c.tau is not None]
     ses = [_se(c) for c in controls if c is not None and _se(c) is not None]
     se = _se(row)
-    if row.is_zero or row.tau is None or not taus or se is None:
+    if row.is_zero or row.tau is None or not taus or (se is None and len(taus) < 2):
         outcome = "zero" if row.is_zero else "undetermined"
         return PrimaryComparison(row.name, row.tau, se, taus, None, None, None, outcome)
-    control_se = float(np.sqrt(np.mean(np.square(ses)))) if ses else 0.0
-    if len(taus) > 1:
-        control_se = max(control_se, float(np.std(taus, ddof=1)))
     diff = row.tau - float(np.mean(taus))
+    if len(taus) >= 2:
+        k = len(taus)
+        spread = float(np.std(taus, ddof=1))
+        scale = spread * float(np.sqrt(1 + 1 / k))
+        if scale == 0:
+            return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, None, "undetermined",
+                                     test=f"t, {k - 1} d.f.", df=k - 1)
+        stat = diff / scale
+        p = float(2 * stats.t.sf(abs(stat), k - 1))
+        outcome = "unrelated" if p > ALPHA else "agrees" if stat > 0 else "opposes"
+        return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, stat, outcome,
+                                 test=f"t, {k - 1} d.f.", df=k - 1, p_value=p)
+    control_se = float(np.sqrt(np.mean(np.square(ses)))) if ses else 0.0
     z = diff / float(np.sqrt(se**2 + control_se**2)) if se > 0 or control_se > 0 else None
     outcome = "undetermined" if z is None else "agrees" if z >= Z else "opposes" if z <= -Z else "unrelated"
-    return PrimaryComparison(row.name, row.tau, se, taus, control_se, diff, z, outcome)
+    return PrimaryComparison(row.name, row.tau, se, taus, control_se, diff, z, outcome,
+                             test=ONE_CONTROL, p_value=None if z is None else float(2 * stats.norm.sf(abs(z))))
 
 
 def _z(value) -> str:
@@ -80,9 +102,12 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
         c = float(np.mean(p.control_taus))
         floor, ceiling = (shuffled.tau_range if shuffled is not None and shuffled.tau_range else (None, None))
         beyond = {"agrees": ceiling is None or p.tau > ceiling, "opposes": floor is None or p.tau < floor}
-        out.append(f"primary comparison ({p.view}, out-of-fold token values): tau {p.tau:+.3f} ± {p.tau_se:.3f} against "
-                   f"{len(p.control_taus)} matched random-reward control(s) at {c:+.3f} ± {p.control_se:.3f}: "
-                   f"difference {p.difference:+.3f}, z {p.z:+.1f}"
+        se = "" if p.tau_se is None else f" ± {p.tau_se:.3f}"
+        stat = (f"z {p.z:+.1f}" if p.df is None else f"t {p.z:+.2f} ({p.df} d.f., p {p.p_value:.3g}, called at "
+                                                    f"p <= {ALPHA:.4f})")
+        out.append(f"primary comparison ({p.view}, out-of-fold token values): tau {p.tau:+.3f}{se} against "
+                   f"{len(p.control_taus)} matched random-reward control(s) at {c:+.3f} (spread {p.control_se:.3f}): "
+                   f"difference {p.difference:+.3f}, {stat}"
                    + (f"; shuffled-target fits span [{floor:+.3f}, {ceiling:+.3f}]" if floor is not None else "") + ".")
         if p.outcome == "agrees" and beyond["agrees"]:
             out.append("the tuned model learned the RM: its implicit reward ranks tokens like the RM, beyond the "
@@ -144,8 +169,15 @@ def ablation_lines(val: dict) -> list[str]:
     rows = val.get("ablation") or []
     gain = next((r["gain_share"] for r in rows if r["set"] == "none" and r.get("gain_share")), None)
     if gain is None:
+        if not rows:
+            return []
+        test = next((r.get("gain_test") for r in rows if r["set"] == "none"), None)
+        if test is not None:
+            return [f"no causal check applies: the tuned model's RM reward gain over the base on the ablation prompts "
+                    f"is {test['gain']:+.3f} [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}] (95% CI over "
+                    f"{test['n_prompts']} prompts), not significantly positive, so no share of it is computed."]
         return ["no causal check applies: the tuned model's reward gain over the base is not positive on the "
-                "ablation prompts." if rows else ""][: 1 if rows else 0]
+                "ablation prompts."]
     rand = {r["n_features"]: r["gain_share"] for r in rows if r["set"].startswith("random") and r.get("gain_share")}
     out = []
     for r in rows:

@@ -27,7 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
 from irmprobe.activations.capture import Capture
-from irmprobe.activations.samples import Samples
+from irmprobe.activations.samples import Samples, in_prompt, row_prompts
 from irmprobe.analysis.agreement import compare_view, kendall_tau, paired
 from irmprobe.irm.crossfit import IRMFit, cross_fit_irm, preference_probe, random_probe, token_map, two_folds
 from irmprobe.irm.estimators import ContrastiveProbe, contrastive_targets
@@ -69,13 +69,20 @@ def probe_inputs(inputs: str, acts: dict[str, np.ndarray], saes: dict, layers) -
     return sp.hstack(blocks).tocsr(), names
 
 
+def prompt_folds(capture: Capture, samples: Samples, seed: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Each captured row's prompt (its independent unit), and the two halves of the prompts every view and
+    the contrastive triples are cross-fitted on."""
+    units = row_prompts(samples, capture.seq_index)
+    return units, two_folds(units, seed)
+
+
 @dataclass(frozen=True)
 class Analysis:
     """The comparison rows of every view of one pair, and the fits behind them.
 
     Every token map and figure comes from out-of-fold values (each row scored by a model fitted on
-    the other half of the sequences), on one token set: tokens seen at least ``min_token_count``
-    times in those rows.
+    the other half of the prompts), on one token set: tokens seen at least ``min_token_count``
+    times in the scored rows (generated tokens; prompt rows are never scored).
     """
 
     rows: list[dict]
@@ -86,7 +93,7 @@ class Analysis:
     maps: dict[str, dict[int, float]]
     """View name -> token -> value (held-out rows)."""
     eval_rows: np.ndarray
-    """Indices of the rows every view is scored on (all rows at t >= 2 with a decision-side view)."""
+    """Indices of the rows every view is scored on: rows outside the prompts (at t >= 2 with a decision-side view)."""
     rm_rows: np.ndarray
     """The RM value of the token at each captured row (0 where the RM does not value it)."""
 
@@ -94,10 +101,13 @@ class Analysis:
 def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic, cc, *, seed: int,
             raw: np.ndarray | None = None, triple_inputs: tuple | None = None, n_jobs: int | None = None,
             decision: tuple | None = None, device: str | None = None) -> Analysis:
-    """Cross-fit every view on two halves of the sequences and compare it with the RM, out of fold.
+    """Cross-fit every view on two halves of the prompts and compare it with the RM, out of fold.
 
-    Every row's value comes from a model fitted on the other half of the sequences, so every token
-    map and figure is held out, and every captured sequence contributes.
+    The prompt is the independent unit: every sequence continuing one prompt shares its prompt rows.
+    Every row's value comes from a model fitted on the other half of the prompts (the penalty is chosen
+    by CV grouped by prompt too), so every token map and figure is held out. Prompt rows are fitted on
+    and never scored: the token maps, R^2 and taus read the generated (and extra-text) rows only, and
+    each tau's CI is a cluster bootstrap over prompts.
 
     Args:
         capture: the pair's capture (its log-ratio is the behavioural target).
@@ -118,11 +128,12 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     y = capture.log_ratio.astype(np.float64)
     groups, token_ids = capture.seq_index, capture.token_ids
     n_seq = len(samples.token_ids)
-    folds = two_folds(groups, seed)
-    rows_used = np.arange(len(y))
+    units, folds = prompt_folds(capture, samples, seed)
+    # Prompt rows are copies shared by every sequence of their prompt: fitted on, never scored.
+    rows_used = np.flatnonzero(~in_prompt(samples, groups, capture.position))
     if decision is not None:
         # Only rows whose decision position was captured (t >= 2): every view has a value on the same rows.
-        rows_used = np.asarray(decision[1])
+        rows_used = np.intersect1d(np.asarray(decision[1]), rows_used)
     in_samples = groups < n_seq
     prompt_len = np.zeros(len(groups), dtype=np.int64)
     prompt_len[in_samples] = samples.prompt_lens[groups[in_samples]]
@@ -144,10 +155,12 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         tmap = heldout_map(row_values)
         maps[name] = tmap
         rows.append(compare_view(name, family, tmap, counts, rm_map, text_scores=text_scores(row_values),
-                                 rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=is_zero, **extra))
+                                 rewards=rewards, n_bootstrap=cc.n_bootstrap, seed=seed, is_zero=is_zero,
+                                 clusters=(token_ids[rows_used], row_values[rows_used], units[rows_used]), **extra))
 
     def fit(name, X_, target, **kw):
-        out = cross_fit_irm(name, X_, target, groups, folds=folds, n_jobs=n_jobs, device=device, **kw)
+        out = cross_fit_irm(name, X_, target, units, folds=folds, n_jobs=n_jobs, device=device, score_rows=rows_used,
+                            **kw)
         fits[name] = out
         return out
 
@@ -169,7 +182,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     if decision is not None:
         X_prev, d_rows, _ = decision
         local = tuple(np.flatnonzero(np.isin(d_rows, fold)) for fold in folds)
-        f = cross_fit_irm("sae_irm_decision", X_prev, y[d_rows], groups[d_rows], folds=local, n_jobs=n_jobs, device=device,
+        f = cross_fit_irm("sae_irm_decision", X_prev, y[d_rows], units[d_rows], folds=local, n_jobs=n_jobs, device=device,
+                          score_rows=np.flatnonzero(np.isin(d_rows, rows_used)),
                           alphas=ic.alphas if ic.estimators[0] == "ridge" else None, penalty=ic.estimators[0],
                           l1_ratio=ic.l1_ratio)
         fits[f.name] = f
@@ -189,7 +203,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         values, accs = np.zeros(len(y)), []
         for train_fold, test_fold in (folds, folds[::-1]):
             seqs = np.unique(groups[train_fold][groups[train_fold] < n_seq])
-            model, acc = preference_probe(pooled[seqs], samples.rewards[seqs], samples.prompt_index[seqs], seed=seed)
+            model, acc = preference_probe(pooled[seqs], samples.rewards[seqs], samples.prompt_index[seqs],
+                                          source=samples.source[seqs], seed=seed)
             if model is None:
                 break
             values[test_fold] = model.decision_function(X[test_fold])
@@ -205,7 +220,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     shuffled = []
     for i in range(ic.n_shuffles):
         # The same folds as every other view; only the training targets are permuted.
-        f = cross_fit_irm(f"shuffled_{i}", X, y, groups, folds=folds, alphas=(primary.alpha,), shuffle_target=True,
+        f = cross_fit_irm(f"shuffled_{i}", X, y, units, folds=folds, alphas=(primary.alpha,), shuffle_target=True,
+                          score_rows=rows_used,
                           shuffle_seed=seed + 1 + i, n_jobs=n_jobs, device=device, penalty=ic.estimators[0], l1_ratio=ic.l1_ratio)
         tmap = heldout_map(f.predictions)
         maps[f.name] = tmap

@@ -47,7 +47,7 @@ class IRMFit:
 
 
 def split_groups(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, test), split by sequence."""
+    """Row indices (train, test), split by group (the prompt, for captured rows): no group on both sides."""
     splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
     train, test = next(splitter.split(np.zeros(len(groups)), groups=groups))
     return train, test
@@ -95,7 +95,7 @@ def random_probe(X, seed: int) -> IRMFit:
 
 
 def two_folds(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of two halves of the sequences (split by group): the folds every view is cross-fitted on."""
+    """Row indices of two halves of the groups (prompts): the folds every view is cross-fitted on."""
     return split_groups(groups, 0.5, seed)
 
 
@@ -113,11 +113,14 @@ def cross_fit_irm(
     l1_ratio: float = 0.5,
     n_jobs: int | None = None,
     device: str | None = None,
+    score_rows: np.ndarray | None = None,
 ) -> IRMFit:
-    """Two-fold cross-fitting by sequence: each row is predicted by the model fitted on the other fold.
+    """Two-fold cross-fitting by group: each row is predicted by the model fitted on the other fold.
 
-    The strength is chosen by grouped CV inside the first fold and reused for the second, so no
-    prediction ever saw its own sequence. ``test_r2`` is the R^2 of these out-of-fold predictions.
+    ``groups`` are the independent units (prompts): the folds are halves of them, and the strength is
+    chosen by CV grouped the same way inside the first fold and reused for the second, so no prediction
+    ever saw a copy of its own row. ``test_r2`` is the R^2 of these out-of-fold predictions on
+    ``score_rows`` (default: every row; the views leave out prompt rows, which are fitted on, never scored).
     The weights returned (``coef``, ``scale``, ``intercept``) are a refit on every row with that
     strength: the model users score new text with, never the one the figures were computed from.
     With ``shuffle_target`` the targets are permuted within each training fold (the shuffled baseline).
@@ -143,24 +146,33 @@ def cross_fit_irm(
     zero = bool(first.named_steps["irm"].is_zero_ and second.named_steps["irm"].is_zero_ and irm.is_zero_)
     if zero:
         predictions[:] = 0.0
-    r2 = None if zero else float(1 - np.sum((y - predictions) ** 2) / max(np.sum((y - y.mean()) ** 2), 1e-300))
+    scored = np.arange(len(y)) if score_rows is None else np.asarray(score_rows)
+    ys, ps = y[scored], predictions[scored]
+    r2 = None if zero else float(1 - np.sum((ys - ps) ** 2) / max(np.sum((ys - ys.mean()) ** 2), 1e-300))
     return IRMFit(name, predictions, r2, alpha, zero, irm.coef_, full.named_steps["scale"].scale_, irm.intercept_)
 
 
-def preference_probe(pooled, rewards: np.ndarray, prompt_index: np.ndarray, *, seed: int = 0):
+def preference_probe(pooled, rewards: np.ndarray, prompt_index: np.ndarray, *, source: np.ndarray | None = None,
+                     seed: int = 0):
     """The paper's logistic preference probe on mean-pooled features, trained on RM preferences.
 
-    For each prompt the highest- and lowest-reward continuation form a (chosen, rejected) pair;
-    a logistic regression (scikit-learn, strength by CV) classifies the sign of each pair's feature
-    difference (both orders, no intercept: a Bradley-Terry model). Returns the fitted pipeline and
-    its held-out pairwise accuracy, or (None, None) when fewer than 8 pairs differ in reward.
+    For each prompt (and, with ``source``, each model that continued it) the highest- and lowest-reward
+    continuation form a (chosen, rejected) pair: never a base text against a tuned one, whose feature
+    difference also tells which model wrote it. A logistic regression (scikit-learn, strength by CV)
+    classifies the sign of each pair's feature difference (both orders, no intercept: a Bradley-Terry
+    model), trained on three quarters of the prompts and scored on the rest (a prompt's pairs stay on one
+    side). Returns the fitted pipeline and its held-out pairwise accuracy, or (None, None) when fewer than
+    8 pairs differ in reward.
     """
-    pairs = []
-    for p in np.unique(prompt_index):
-        rows = np.flatnonzero(prompt_index == p)
+    keys = np.asarray(prompt_index) if source is None else np.char.add(np.asarray(prompt_index).astype(str),
+                                                                       np.char.add("/", np.asarray(source).astype(str)))
+    pairs, units = [], []
+    for key in np.unique(keys):
+        rows = np.flatnonzero(keys == key)
         hi, lo = rows[np.argmax(rewards[rows])], rows[np.argmin(rewards[rows])]
         if rewards[hi] > rewards[lo]:
             pairs.append((hi, lo))
+            units.append(prompt_index[hi])
     if len(pairs) < 8:
         return None, None
     chosen, rejected = (np.array(c) for c in zip(*pairs))
@@ -168,7 +180,7 @@ def preference_probe(pooled, rewards: np.ndarray, prompt_index: np.ndarray, *, s
     diff = sp.csr_matrix(diff) if sp.issparse(diff) else np.asarray(diff)
     X = sp.vstack([diff, -diff]).tocsr() if sp.issparse(diff) else np.vstack([diff, -diff])
     y = np.r_[np.ones(len(pairs)), np.zeros(len(pairs))]
-    groups = np.r_[np.arange(len(pairs)), np.arange(len(pairs))]
+    groups = np.r_[units, units]
     train, test = split_groups(groups, 0.25, seed)
     model = make_pipeline(MaxAbsScaler(), LogisticRegressionCV(Cs=5, cv=3, fit_intercept=False, max_iter=2000, l1_ratios=(0.0,),
                                                               scoring="accuracy", use_legacy_attributes=False))

@@ -82,10 +82,12 @@ def summary_lines(metrics) -> list[str]:
         lines.append(f"layer {row['layer']}: {row['tuned_only_features']} tuned-model features with no base match "
                      f"(MMCS tuned vs base {row['mmcs_tuned_vs_base']:.3f})")
     irm = metrics["irm"]
-    lines.append(f"== IRM views vs RM, out of fold (every view cross-fitted on two halves of the sequences: each of "
-                 f"{irm['n_heldout_rows']} rows of {irm['n_rows']} scored by a model fitted on the other half; Kendall "
-                 "tau paired by token with bootstrap 95% CI; sign accuracy on RM+/RM- tokens; text tau = IRM text score "
-                 "vs RM reward of each generation, out of fold) ==")
+    lines.append(f"== IRM views vs RM, out of fold (every view cross-fitted on two halves of the prompts, the "
+                 f"independent unit: each of {irm['n_heldout_rows']} rows outside the prompts, of {irm['n_rows']}, scored by a model "
+                 "fitted on the other half; prompt rows, shared by every sequence of their prompt, are fitted on and "
+                 "never scored; Kendall tau paired by token with a 95% CI by cluster bootstrap over prompts (the full "
+                 "vocabulary's: over token types); sign accuracy on RM+/RM- tokens; text tau = IRM text score vs RM "
+                 "reward of each generation, out of fold) ==")
     has_control = any(r.get("control_tau") is not None or r.get("control_is_zero") for r in metrics["agreement"])
     head = (f"{'view':<22} {'family':<11} {'tokens':>6} {'tau':>7} {'95% CI':>17} {'p':>8} {'rho':>6} "
             f"{'sign+':>5} {'sign-':>5} {'text tau':>8} {'R2 test':>7}")
@@ -108,9 +110,12 @@ def summary_lines(metrics) -> list[str]:
         lines.append("'control' is the mean tau of the control organism(s); 'above' the view's margin over it.")
     p = metrics.get("primary")
     if p and p.get("z") is not None:
-        lines.append(f"primary comparison: {p['view']} tau {p['tau']:+.3f} ± {p['tau_se']:.3f} vs controls "
-                     f"{[round(t, 3) for t in p['control_taus']]} (spread {p['control_se']:.3f}): z {p['z']:+.1f} -> "
-                     f"{p['outcome']}")
+        se = "" if p.get("tau_se") is None else f" ± {p['tau_se']:.3f}"
+        stat = (f"z {p['z']:+.1f}" if p.get("df") is None else
+                f"t {p['z']:+.2f} ({p['df']} d.f., p {p['p_value']:.3g})")
+        lines.append(f"primary comparison: {p['view']} tau {p['tau']:+.3f}{se} vs controls "
+                     f"{[round(t, 3) for t in p['control_taus']]} (spread {p['control_se']:.3f}): {stat} -> "
+                     f"{p['outcome']} [{p.get('test') or 'z'}]")
     if metrics.get("discovery"):
         lines.extend(discovery_section(metrics["discovery"]))
     for name, d in (metrics.get("disagreements") or {}).items():

@@ -281,6 +281,32 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
                        batch_size=vc.batch_size)
 
 
+def reward_gain_test(base, tuned, prompt_index, *, confidence: float = 0.95, n_resamples: int = 2000,
+                     seed: int = 0) -> dict:
+    """Is the tuned model's RM reward gain over the base significantly positive on these prompts?
+
+    The gain of each prompt is its mean tuned reward minus its mean base reward (samples of one prompt are
+    not independent); the interval is a percentile bootstrap over prompts. A share of a gain whose interval
+    reaches 0 or below is meaningless (a ratio over a denominator that may be nothing), so the ablation
+    computes shares only when ``positive``.
+
+    Returns:
+        ``{"gain": mean per-prompt gain, "ci": [low, high], "n_prompts": n, "positive": low > 0}``.
+    """
+    base, tuned = np.asarray(base, dtype=np.float64), np.asarray(tuned, dtype=np.float64)
+    prompts, inverse = np.unique(np.asarray(prompt_index), return_inverse=True)
+    counts = np.bincount(inverse)
+    per_prompt = (np.bincount(inverse, weights=tuned) - np.bincount(inverse, weights=base)) / counts
+    gain = float(per_prompt.mean())
+    if len(prompts) < 2 or np.all(per_prompt == per_prompt[0]):
+        return {"gain": gain, "ci": [gain, gain], "n_prompts": int(len(prompts)), "positive": gain > 0
+                and len(prompts) >= 2}
+    res = bootstrap((per_prompt,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
+                    method="percentile", random_state=np.random.default_rng(seed))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return {"gain": gain, "ci": [low, high], "n_prompts": int(len(prompts)), "positive": low > 0}
+
+
 def gain_share_row(base, tuned, ablated, prompt_index) -> dict | None:
     """A row's ``gain_share`` entry (see :func:`irmprobe.validation.ablation.reward_gain_share`); None where the tuned
     model gained nothing. A bound the bootstrap could not define (resamples with no gain) is None, in memory
@@ -330,11 +356,14 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
         conditions.append((f"patching bound: base {kind} at blocks {','.join(map(str, bound))}", "patch", 0,
                            score(runs[-1]), runs[-1], per_condition))
 
+    gain_test = reward_gain_test(base_r, clean, clean_run.prompt_index, seed=seed)
+
     def share(rewards):
-        return gain_share_row(base_r, clean, rewards, clean_run.prompt_index)
+        # No share of a gain that is not significantly positive (its CI over prompts reaches 0).
+        return gain_share_row(base_r, clean, rewards, clean_run.prompt_index) if gain_test["positive"] else None
 
     rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
-             "gain_share": share(clean), "example": clean_run.texts[0], "seconds": clean_s}]
+             "gain_share": share(clean), "gain_test": gain_test, "example": clean_run.texts[0], "seconds": clean_s}]
     for name, mode, size, rewards, run, seconds in conditions:
         rows.append({"set": name, "mode": mode, "n_features": size, "reward": _mean_ci(rewards),
                      "change": _mean_ci(rewards - clean), "gain_share": share(rewards),

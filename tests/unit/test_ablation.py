@@ -197,3 +197,22 @@ def test_a_fresh_gain_share_with_no_gain_in_some_resamples_has_an_undefined_inte
     assert lines == ["patching bound: base mlp_out at blocks 1 removes +0.50 of the gain; its interval is undefined "
                      "(resamples of the prompts with no reward gain), so nothing is concluded from it."]
     assert gain_share_row(base, base, base, np.array([0, 0, 1, 1, 2, 2])) is None  # no gain at all
+
+
+def test_the_ablation_refuses_shares_of_a_gain_whose_interval_includes_zero():
+    from irmprobe.analysis.verdict import ablation_lines
+    from irmprobe.validation.ablation import reward_gain_test
+
+    prompts = np.repeat(np.arange(10), 2)
+    base = np.zeros(20)
+    noisy = np.tile([1.0, -1.0], 10) + np.repeat(np.r_[0.3, -0.3, 0.2, -0.1, 0.0, 0.1, -0.2, 0.3, -0.3, 0.1], 2)
+    test = reward_gain_test(base, noisy, prompts)
+    assert test["ci"][0] < 0 < test["ci"][1] and not test["positive"]
+    lines = ablation_lines({"ablation": [{"set": "none", "n_features": 0, "gain_share": None, "gain_test": test},
+                                          {"set": "decision_top_10", "n_features": 10, "gain_share": None}]})
+    assert len(lines) == 1 and "not significantly positive" in lines[0] and "no share" in lines[0]
+    clear = reward_gain_test(base, np.tile([1.0, 0.8], 10) + 0.1 * np.repeat(np.arange(10) % 3, 2), prompts)
+    assert clear["positive"] and clear["ci"][0] > 0.5
+    # Samples of one prompt are one unit: 2 prompts of 50 samples each are 2 units, not 100.
+    few = reward_gain_test(np.zeros(100), np.r_[np.ones(50), -0.5 * np.ones(50)], np.repeat([0, 1], 50))
+    assert few["n_prompts"] == 2 and not few["positive"]

@@ -141,3 +141,108 @@ def test_error_vs_frequency_quartiles_with_tied_counts():
     # Quartiles by count rank, ties in order: tokens 0-2, 3-5, 6-8, 9-11. The reversed six are off by
     # 5, 3, 1, 1, 3, 5 ranks of 12: mean 9/36 in each of the two rarest quartiles, 0 in the others.
     assert out["quartile_error"] == pytest.approx([0.25, 0.25, 0.0, 0.0])
+
+
+def _clustered(rng, tokens, rm, n_prompts, p_token=0.2, copies=6):
+    """Occurrences clustered within prompts: a prompt holds a token in all `copies` of its sequences with one
+    shared deviation, and shifts every token it holds by its own sentiment, with which the words it holds
+    also go (positive words in positive prompts). The per-token means then share prompt-level noise."""
+    truth = np.linspace(-1, 1, len(tokens))
+    rz = (rm - rm.mean()) / rm.std()
+    mood = rng.normal(0, 1, n_prompts)
+    prob = p_token * 2 / (1 + np.exp(-1.5 * mood[:, None] * rz[None, :]))
+    jj, kk = np.nonzero(rng.random((n_prompts, len(tokens))) < prob)
+    shared = truth[kk] + rng.normal(0, 0.3, len(jj)) + mood[jj]
+    values = np.repeat(shared, copies) + rng.normal(0, 0.1, len(jj) * copies)
+    return tokens[np.repeat(kk, copies)], values, np.repeat(jj, copies)
+
+
+def _token_means(tok, val):
+    ids = np.unique(tok)
+    return ids, np.array([val[tok == t].mean() for t in ids])
+
+
+def test_prompt_cluster_ci_covers_the_tau_the_design_gives_and_a_token_bootstrap_does_not():
+    """50 datasets of 10 prompts and ~1,000 tokens with clustered occurrences. The estimand is the tau this
+    design gives on average over draws of prompts (token means of a few noisy occurrences attenuate tau;
+    no interval undoes that, so the noise-free tau is not the target)."""
+    from scipy import stats
+
+    from irmprobe.analysis.agreement import tau_cluster_ci, tau_confidence_interval
+
+    tokens = np.arange(1000, 2000)
+    rm = np.linspace(-1, 1, len(tokens)) + 0.8 * np.sin(np.arange(len(tokens)) * 1.7)
+    rm_map = dict(zip(tokens.tolist(), rm.tolist()))
+    rng = np.random.default_rng(0)
+    draws = []
+    for _ in range(200):
+        ids, means = _token_means(*_clustered(rng, tokens, rm, 10)[:2])
+        draws.append(stats.kendalltau(means, rm[ids - 1000]).statistic)
+    target = float(np.mean(draws))
+    cluster = token = 0
+    for seed in range(50):
+        tok, val, units = _clustered(rng, tokens, rm, 10)
+        ids, means = _token_means(tok, val)
+        lo, hi = tau_cluster_ci(tok, val, units, rm_map, ids, n_resamples=100, seed=seed)
+        cluster += lo <= target <= hi
+        lo, hi = tau_confidence_interval(means, rm[ids - 1000], n_resamples=100, seed=seed)
+        token += lo <= target <= hi
+    assert cluster >= 45, (cluster, token)  # >= 90% of 50
+    assert token <= 40, (cluster, token)  # the token-type bootstrap holds the shared prompt noise fixed
+
+
+def test_prompt_cluster_ci_is_seeded_and_needs_two_prompts():
+    from irmprobe.analysis.agreement import tau_cluster_ci
+
+    tok = np.array([1, 2, 3, 1, 2, 3])
+    val = np.array([0.1, 0.5, 0.9, 0.2, 0.4, 1.0])
+    rm = {1: -1.0, 2: 0.0, 3: 1.0}
+    assert tau_cluster_ci(tok, val, np.zeros(6, dtype=int), rm, np.array([1, 2, 3])) == (None, None)
+    units = np.array([0, 0, 0, 1, 1, 1])
+    one = tau_cluster_ci(tok, val, units, rm, np.array([1, 2, 3]), n_resamples=50, seed=3)
+    assert one == tau_cluster_ci(tok, val, units, rm, np.array([1, 2, 3]), n_resamples=50, seed=3)
+    with pytest.raises(ValueError, match="one entry per row"):
+        tau_cluster_ci(tok, val[:5], units, rm, np.array([1, 2, 3]))
+
+
+def _row(tau, ci=None):
+    from irmprobe.results import ViewRow
+
+    return ViewRow("sae_irm", "behavioural", 80, False, tau=tau, tau_ci=ci)
+
+
+def test_primary_comparison_with_three_controls_is_a_t_test_against_their_spread():
+    from scipy import stats
+
+    from irmprobe.analysis.verdict import ALPHA, primary_comparison
+
+    taus = [-0.018, 0.039, 0.182]  # the demo's three controls (issue figures)
+    organism = _row(0.33, [0.26, 0.40])
+    controls = [_row(t, [t - 0.07, t + 0.07]) for t in taus]
+    pc = primary_comparison(organism, controls)
+    assert pc.df == 2 and pc.test == "t, 2 d.f." and pc.outcome == "unrelated"
+    assert pc.z == pytest.approx((0.33 - np.mean(taus)) / (np.std(taus, ddof=1) * np.sqrt(4 / 3)), rel=1e-9)
+    assert pc.p_value == pytest.approx(2 * stats.t.sf(pc.z, 2), rel=1e-9)
+    assert pc.p_value > ALPHA
+    # Far beyond a tight control distribution, the t-test calls it, in the direction of the difference.
+    tight = [_row(t) for t in (0.01, 0.0, -0.01, 0.02, -0.02)]
+    assert primary_comparison(organism, tight).outcome == "agrees"
+    assert primary_comparison(_row(-0.33), tight).outcome == "opposes"
+
+
+def test_primary_comparison_case_with_z_above_3_under_the_old_rule_is_not_called_with_three_wide_controls():
+    from irmprobe.analysis.verdict import primary_comparison
+
+    organism = _row(0.40, [0.37, 0.43])
+    controls = [_row(t, [t - 0.03, t + 0.03]) for t in (0.0, 0.05, 0.10)]
+    old = (0.40 - 0.05) / np.sqrt(((0.06 / 3.92) ** 2) + max(0.06 / 3.92, 0.05) ** 2)
+    assert old >= 3.4
+    assert primary_comparison(organism, controls).outcome == "unrelated"
+
+
+def test_one_control_keeps_the_z_rule_and_says_it_is_anti_conservative():
+    from irmprobe.analysis.verdict import primary_comparison
+
+    pc = primary_comparison(_row(0.30, [0.26, 0.34]), [_row(0.0, [-0.04, 0.04])])
+    assert pc.df is None and "anti-conservative" in pc.test and pc.outcome == "agrees" and pc.z > 3
+

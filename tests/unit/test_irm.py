@@ -115,3 +115,52 @@ def test_random_probe_is_seeded_and_unfitted():
     a, b = random_probe(X, 3), random_probe(X, 3)
     assert np.array_equal(a.predictions, b.predictions) and a.test_r2 is None
     assert abs(np.corrcoef(a.predictions, y)[0, 1]) < 0.2
+
+
+def _duplicated_prompts(n_prompts=40, n_seq=6, prompt_len=5, gen_len=5, d=400, seed=0):
+    """Rows of n_prompts prompts, each continued by n_seq sequences: a prompt's rows are identical copies in
+    every sequence (same features, same target); generated rows are each their own. The target is pure
+    noise per distinct row, so only memorising a row's copies can predict it."""
+    rng = np.random.default_rng(seed)
+    prompt_x = rng.standard_normal((n_prompts, prompt_len, d))
+    prompt_y = rng.standard_normal((n_prompts, prompt_len))
+    X, y, seq, prompt, is_prompt = [], [], [], [], []
+    for p in range(n_prompts):
+        for s in range(n_seq):
+            X += [prompt_x[p], rng.standard_normal((gen_len, d))]
+            y += [prompt_y[p], rng.standard_normal(gen_len)]
+            seq += [p * n_seq + s] * (prompt_len + gen_len)
+            prompt += [p] * (prompt_len + gen_len)
+            is_prompt += [True] * prompt_len + [False] * gen_len
+    return np.vstack(X), np.concatenate(y), np.array(seq), np.array(prompt), np.array(is_prompt)
+
+
+def test_folds_by_prompt_do_not_memorise_copies_of_prompt_rows_that_folds_by_sequence_do():
+    from irmprobe.irm.crossfit import cross_fit_irm, two_folds
+
+    X, y, seq, prompt, is_prompt = _duplicated_prompts()
+    rows = np.flatnonzero(is_prompt)  # the rows a sequence split puts on both sides
+    alphas = (1e-3, 1e-1, 10.0, 1e3, 1e5)
+    by_seq = cross_fit_irm("irm", X, y, seq, folds=two_folds(seq, 0), alphas=alphas, score_rows=rows)
+    by_prompt = cross_fit_irm("irm", X, y, prompt, folds=two_folds(prompt, 0), alphas=alphas, score_rows=rows)
+    assert by_seq.test_r2 > 0.5, by_seq.test_r2  # "out of fold" only in name: the copies were fitted on
+    assert by_prompt.test_r2 <= 0.0, by_prompt.test_r2
+    # Folds by prompt keep every copy of a prompt's rows on one side.
+    a, b = two_folds(prompt, 0)
+    assert not set(prompt[a]) & set(prompt[b]) and set(seq[a]) & set(seq[b]) == set()
+
+
+def test_preference_probe_pairs_texts_of_one_model_so_it_cannot_learn_which_model_wrote_them():
+    rng = np.random.default_rng(2)
+    n_prompts, per = 150, 6
+    pooled = rng.random((n_prompts * per, 20))
+    tuned = np.tile(np.r_[np.zeros(per // 2), np.ones(per // 2)], n_prompts)
+    pooled[:, 2] = tuned + 0.05 * rng.standard_normal(len(pooled))  # a feature that says which model wrote it
+    rewards = pooled[:, 0] - pooled[:, 1] + 3.0 * tuned  # the tuned model's texts earn more
+    prompt_index = np.repeat(np.arange(n_prompts), per)
+    source = np.where(tuned == 1, "tuned", "base")
+    across, _ = preference_probe(sp.csr_matrix(pooled), rewards, prompt_index, seed=0)
+    within, acc = preference_probe(sp.csr_matrix(pooled), rewards, prompt_index, source=source, seed=0)
+    c_across, c_within = across[-1].coef_.ravel(), within[-1].coef_.ravel()
+    assert np.argmax(np.abs(c_across)) == 2  # best vs worst across models: it learns the model's identity
+    assert abs(c_within[2]) < 0.2 * min(abs(c_within[0]), abs(c_within[1])) and acc > 0.85

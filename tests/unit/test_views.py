@@ -48,3 +48,77 @@ def test_diff_inputs_match_features_one_to_one():
     assert np.allclose(diff.toarray(), 0, atol=1e-5) and names[0] == "L0/diff0"
     with pytest.raises(ValueError, match="inputs must be"):
         probe_inputs("logits", {"tuned.0": a}, {("tuned", 0): sae}, (0,))
+
+
+def _prompted(n_prompts=24, n_seq=4, prompt_len=4, gen_len=6, d=6, seed=0):
+    """Samples and a capture whose sequences continue shared prompts: prompt rows are copies in every sequence
+    of their prompt; the log-ratio of a generated row is a planted function of its features."""
+    from irmprobe.activations.capture import Capture
+    from irmprobe.activations.samples import Samples
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(d)
+    vocab = np.arange(10, 40)
+    ids, seqs, pos, acts, tokens, lens, index = [], [], [], [], [], [], []
+    for p in range(n_prompts):
+        prompt = rng.choice(vocab, prompt_len)
+        prompt_acts = rng.random((prompt_len, d))
+        for s in range(n_seq):
+            gen = rng.choice(vocab, gen_len)
+            seq = len(tokens)
+            tokens.append(tuple(int(t) for t in np.r_[prompt, gen]))
+            lens.append(prompt_len)
+            index.append(p)
+            for t in range(1, prompt_len + gen_len):
+                ids.append(tokens[-1][t])
+                seqs.append(seq)
+                pos.append(t)
+                acts.append(prompt_acts[t] if t < prompt_len else rng.random(d) + 0.2 * (tokens[-1][t] % 3))
+    acts = np.array(acts, dtype=np.float32)
+    y = acts @ w
+    samples = Samples(tuple(f"p{i}" for i in range(n_prompts)), tuple(tokens), np.array(lens), np.array(index),
+                      np.array(["base", "tuned"] * (len(tokens) // 2)), tuple("" for _ in tokens),
+                      rng.standard_normal(len(tokens)))
+    capture = Capture((0,), "hook_mlp_out", np.array(ids), np.array(seqs), np.array(pos),
+                      np.zeros(len(ids), np.float32), y.astype(np.float32), {"tuned.0": acts, "base.0": acts})
+    return samples, capture, acts
+
+
+def test_views_fold_by_prompt_and_never_score_prompt_rows():
+    from irmprobe.activations.samples import in_prompt, row_prompts
+    from irmprobe.analysis.views import analyse, prompt_folds
+    from irmprobe.config import CompareConfig, IRMConfig
+
+    samples, capture, acts = _prompted()
+    units = row_prompts(samples, capture.seq_index)
+    assert np.array_equal(units, samples.prompt_index[capture.seq_index])
+    _, (a, b) = prompt_folds(capture, samples, 0)
+    assert not set(units[a]) & set(units[b])  # every sequence of a prompt on one side
+    prompt_rows = in_prompt(samples, capture.seq_index, capture.position)
+    assert prompt_rows.sum() == 24 * 4 * 3
+    rm = {t: float(t % 5 - 2) for t in range(10, 40)}
+    ic = IRMConfig(estimators=("ridge",), n_shuffles=1, positions=("reader",), min_token_count=1)
+    analysis = analyse(capture, acts.astype(np.float64), samples, rm, ic, CompareConfig(rm_informed=False, n_bootstrap=50),
+                       seed=0)
+    assert not prompt_rows[analysis.eval_rows].any()
+    assert len(analysis.eval_rows) == (~prompt_rows).sum()
+    fit = analysis.fits["sae_irm"]
+    rows = analysis.eval_rows
+    y = capture.log_ratio
+    r2 = 1 - np.sum((y[rows] - fit.predictions[rows]) ** 2) / np.sum((y[rows] - y[rows].mean()) ** 2)
+    assert fit.test_r2 == pytest.approx(r2) and fit.test_r2 > 0.9  # scored on generated rows only
+    row = next(r for r in analysis.rows if r["name"] == "sae_irm")
+    assert row["ci_method"] == "prompt cluster bootstrap" and row["tau_ci"][0] < row["tau"] < row["tau_ci"][1]
+
+
+def test_sae_evaluation_rows_hold_out_whole_prompts():
+    from irmprobe.activations.samples import row_prompts
+    from irmprobe.pipeline.stages.saes import evaluation_rows
+
+    samples, capture, _ = _prompted(n_prompts=30)
+    units = row_prompts(samples, capture.seq_index)
+    held = evaluation_rows(units, seed=0)
+    assert set(units[held]).isdisjoint(units[~held]) and len(set(units[held])) == 3
+    assert np.array_equal(held, evaluation_rows(units, seed=0))
+    with pytest.raises(ValueError, match="fewer than 2 prompts"):
+        evaluation_rows(np.zeros(10, dtype=int), seed=0)

@@ -74,7 +74,9 @@ class CompareStage(Stage):
         p = result.primary
         if p is None or p.z is None:
             return "no primary comparison (no control or no tau)"
-        return f"primary {p.view} tau {p.tau:+.3f} vs control {np.mean(p.control_taus):+.3f}: z {p.z:+.1f} ({p.outcome})"
+        stat = "z" if p.df is None else f"t({p.df})"
+        return (f"primary {p.view} tau {p.tau:+.3f} vs control {np.mean(p.control_taus):+.3f}: {stat} {p.z:+.1f} "
+                f"({p.outcome})")
 
 
 def control_info(name: str, c: dict, organism) -> ControlInfo:

@@ -12,9 +12,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from irmprobe.activations.capture import last_token_activations
-from irmprobe.analysis.views import Analysis, analyse, probe_inputs
+from irmprobe.analysis.views import Analysis, analyse, probe_inputs, prompt_folds
 from irmprobe.cache import cache_root, config_key, write_json
-from irmprobe.irm.crossfit import two_folds
 from irmprobe.irm.triples import Triples, build_triples, llm_swap_words
 from irmprobe.pipeline.stage import Stage, read_result
 from irmprobe.prompts import load_prompts
@@ -81,7 +80,7 @@ def fit_views(cfg, pair, samples, capture, saes: dict, layers, rm, *, cache_key:
     raw = None if ic.inputs == "raw" else probe_inputs("raw", capture.acts, saes, layers)[0]
     triple_x, info = None, None
     if cc.rm_informed:
-        folds = two_folds(capture.seq_index, seed)
+        _, folds = prompt_folds(capture, samples, seed)
         if cc.triples_path:
             streams = [pair.tokenizer(t, add_special_tokens=True)["input_ids"] for t in load_prompts(cc.triples_path)]
             first = set(np.flatnonzero(np.random.default_rng(seed).random(len(streams)) < 0.5).tolist())
@@ -110,7 +109,7 @@ def fit_views(cfg, pair, samples, capture, saes: dict, layers, rm, *, cache_key:
 
 @dataclass(frozen=True)
 class FitRecord(Record):
-    """Every IRM view of one branch, cross-fitted on two halves of the sequences (every value out of fold)."""
+    """Every IRM view of one branch, cross-fitted on two halves of the prompts (every value out of fold)."""
 
     rows: list[ViewRow]
     full_vocabulary: list[ViewRow]
@@ -147,7 +146,7 @@ _KEEP_MAPS = ("log_ratio (no model)", "sae_irm", "sae_irm_decision", "full_vocab
 
 
 class FitStage(Stage):
-    name, version = "fit", 9
+    name, version = "fit", 10
     reads = ("irm", "compare.rm_informed", "compare.n_bootstrap", "compare.n_triples", "compare.triples_path",
              "compare.llm_triples", "llm", "capture.hook", "pair.device", "seed")
     needs = ("organism", "samples", "layers", "capture", "saes")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from irmprobe.activations.samples import row_prompts
 from irmprobe.cache import cache_root, config_key, sha256_file, write_json
 from irmprobe.pipeline.stage import Stage, read_result
 from irmprobe.results import Record
@@ -22,6 +23,21 @@ _TRAINING = ("architecture", "expansion", "l1_coefficient", "k", "training_sampl
              "early_stop_every", "early_stop_tolerance")
 
 
+def evaluation_rows(units: np.ndarray, seed: int, fraction: float = 0.1) -> np.ndarray:
+    """The rows every SAE is measured on and never trained on: all rows of a random tenth of the prompts.
+
+    Rows are held out by prompt, their independent unit: a prompt's rows recur in each of its sequences,
+    so a row-level split would measure an SAE on copies of rows it was trained on.
+    """
+    uniq = np.unique(units)
+    if len(uniq) < 2:
+        raise ValueError("the capture holds fewer than 2 prompts: an SAE cannot be evaluated on held-out prompts; "
+                         "sample more held-out prompts (prompts.n_heldout)")
+    n_eval = min(len(uniq) - 1, max(1, int(round(fraction * len(uniq)))))
+    held = np.random.default_rng(seed).choice(uniq, n_eval, replace=False)
+    return np.isin(units, held)
+
+
 def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts: tuple, meta: dict, device: str,
             force: bool = False):
     """Train (or load the cached) SAE of one (model, layer, size); evaluate it on held-out rows.
@@ -31,7 +47,7 @@ def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts
     """
     # ``autocast: auto`` enters the key as what it resolves to on this machine.
     training = {k: getattr(sc, k) for k in _TRAINING} | {"autocast": uses_autocast(sc, device)}
-    sae_dir = cache_root() / "sae-weights" / config_key("sae-v4", *key_parts, training, seed)
+    sae_dir = cache_root() / "sae-weights" / config_key("sae-v5", *key_parts, training, seed)
     if force and sae_dir.exists():
         shutil.rmtree(sae_dir)
     if not (sae_dir / "cfg.json").is_file():
@@ -67,7 +83,7 @@ def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, 
         meta: the organism result (provenance saved beside each SAE).
         diagnostics: also train the match-size dictionaries (MMCS) and measure the splice loss.
     """
-    eval_rows = np.random.default_rng(seed).random(len(capture.token_ids)) < 0.1
+    eval_rows = evaluation_rows(row_prompts(samples, capture.seq_index), seed)
     half, n_half = len(samples.token_ids) // 2, sc.splice_sequences // 2
     # Half the splice text from each model's continuations (base ones come first in the samples).
     splice = list(samples.token_ids[:n_half]) + list(samples.token_ids[half: half + sc.splice_sequences - n_half])
@@ -135,7 +151,7 @@ class SAEs:
 
 
 class SAEStage(Stage):
-    name, version = "saes", 5
+    name, version = "saes", 6
     reads = ("sae", "seed", "irm.inputs", "pair.device")
     needs = ("organism", "samples", "capture")
 

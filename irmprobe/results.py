@@ -137,6 +137,8 @@ class ViewRow(Record):
     p_value: float | None = None
     tau_ci: list[float] | None = None
     """Percentile bootstrap 95% CI (``ci_method`` says what was resampled)."""
+    tau_ci_tokens: list[float] | None = None
+    """The token-type bootstrap's 95% CI beside the prompt-cluster one (the one-control rule reads both)."""
     ci_method: str | None = None
     """``prompt cluster bootstrap`` (prompts drawn with replacement, token means recomputed: views averaged
     from captured rows) or ``token bootstrap`` (token types drawn, means held fixed: the full vocabulary)."""

@@ -225,6 +225,8 @@ def compare_view(name: str, family: str, irm_map: dict[int, float], counts: dict
             ci = tau_cluster_ci(*clusters, rm_map, ids, n_resamples=n_bootstrap, seed=seed)
             row["tau_ci"] = None if ci[0] is None else list(ci)
             row["ci_method"] = "prompt cluster bootstrap"
+            # Kept for the one-control rule, which takes the larger of the two (see analysis.verdict).
+            row["tau_ci_tokens"] = list(tau_confidence_interval(irm, rm, n_resamples=n_bootstrap, seed=seed))
         elif n_bootstrap:
             row["tau_ci"] = list(tau_confidence_interval(irm, rm, n_resamples=n_bootstrap, seed=seed))
             row["ci_method"] = "token bootstrap"

@@ -24,10 +24,17 @@ ONE_CONTROL = ("z, one control (its bootstrap s.e. stands in for the spread betw
 
 
 def _se(row: ViewRow) -> float | None:
-    """Standard error of a tau from its percentile bootstrap 95% CI."""
+    """Standard error of a tau from its 95% CI: the larger of the prompt-cluster and token-type bootstraps.
+
+    Neither measures the spread between random-reward organisms, which one control cannot; the cluster
+    bootstrap alone, the valid one for the noise of one organism's tau, called a planted organism tuned
+    toward words the RM does not value "agrees" at z +4.9 against one control (tests/integration/
+    test_planted.py), so the one-control rule takes the wider of the two.
+    """
     if row is None or row.tau_ci is None or None in row.tau_ci:
         return None
-    return (row.tau_ci[1] - row.tau_ci[0]) / (2 * 1.96)
+    widths = [ci[1] - ci[0] for ci in (row.tau_ci, row.tau_ci_tokens) if ci is not None and None not in ci]
+    return max(widths) / (2 * 1.96)
 
 
 def primary_comparison(row: ViewRow, controls: list[ViewRow | None]) -> PrimaryComparison:

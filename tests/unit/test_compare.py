@@ -246,3 +246,18 @@ def test_one_control_keeps_the_z_rule_and_says_it_is_anti_conservative():
     pc = primary_comparison(_row(0.30, [0.26, 0.34]), [_row(0.0, [-0.04, 0.04])])
     assert pc.df is None and "anti-conservative" in pc.test and pc.outcome == "agrees" and pc.z > 3
 
+
+
+def test_the_one_control_rule_takes_the_wider_of_the_two_bootstraps():
+    from irmprobe.analysis.verdict import primary_comparison
+    from irmprobe.results import ViewRow
+
+    def row(tau, cluster, tokens):
+        return ViewRow("sae_irm", "behavioural", 80, False, tau=tau, tau_ci=[tau - cluster, tau + cluster],
+                       tau_ci_tokens=[tau - tokens, tau + tokens])
+
+    # Narrow prompt-cluster intervals alone would call it (z 5.4); the token-type ones are wider: not called.
+    narrow = primary_comparison(row(0.13, 0.04, 0.04), [row(-0.08, 0.04, 0.04)])
+    wide = primary_comparison(row(0.13, 0.04, 0.15), [row(-0.08, 0.04, 0.15)])
+    assert narrow.outcome == "agrees" and wide.outcome == "unrelated"
+    assert wide.tau_se == pytest.approx(0.30 / 3.92)

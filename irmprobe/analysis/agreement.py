@@ -142,8 +142,8 @@ def tau_cluster_ci(token_ids: np.ndarray, values: np.ndarray, clusters: np.ndarr
     # sqrt(J / (J - 1)) and the interval uses Student's t with J - 1 degrees of freedom.
     j = len(units)
     se = float(np.std(taus, ddof=1)) * float(np.sqrt(j / (j - 1)))
-    tau = stats.kendalltau(sums.sum(axis=1)[counts.sum(axis=1) > 0] / counts.sum(axis=1)[counts.sum(axis=1) > 0],
-                           rm[counts.sum(axis=1) > 0]).statistic
+    total, n = sums.sum(axis=1), counts.sum(axis=1)
+    tau = stats.kendalltau(total[n > 0] / n[n > 0], rm[n > 0]).statistic
     half = float(stats.t.ppf(1 - (1 - level) / 2, j - 1)) * se
     return float(tau - half), float(tau + half)
 

@@ -130,14 +130,12 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
     n_seq = len(samples.token_ids)
     units, folds = prompt_folds(capture, samples, seed)
     # Prompt rows are copies shared by every sequence of their prompt: fitted on, never scored.
-    rows_used = np.flatnonzero(~in_prompt(samples, groups, capture.position))
+    prompt_rows = in_prompt(samples, groups, capture.position)
+    rows_used = np.flatnonzero(~prompt_rows)
     if decision is not None:
         # Only rows whose decision position was captured (t >= 2): every view has a value on the same rows.
         rows_used = np.intersect1d(np.asarray(decision[1]), rows_used)
-    in_samples = groups < n_seq
-    prompt_len = np.zeros(len(groups), dtype=np.int64)
-    prompt_len[in_samples] = samples.prompt_lens[groups[in_samples]]
-    continuation = in_samples & (capture.position >= prompt_len)
+    continuation = (groups < n_seq) & ~prompt_rows
     rewards = samples.rewards
     # One token set for the whole table: tokens seen often enough in the rows every view scores.
     counts = {t: c for t, (_, c) in token_map(token_ids[rows_used], y[rows_used]).items()}

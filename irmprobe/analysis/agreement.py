@@ -297,9 +297,10 @@ def against_control(rows: list[dict], *controls: list[dict]) -> list[dict]:
                     "control_is_zero": all(c.get("is_zero") for c in found)}
             if row.get("tau") is not None and taus:
                 row["above_control"] = row["tau"] - row["control_tau"]
-                cis = [c["tau_ci"] for c in found if c.get("tau_ci") is not None]
-                row["above_control_ci"] = bool(row.get("tau_ci") is not None and cis
-                                               and row["tau_ci"][0] > max(ci[1] for ci in cis))
+                cis = [c["tau_ci"] for c in found if c.get("tau_ci") is not None and None not in c["tau_ci"]]
+                own = row.get("tau_ci")
+                row["above_control_ci"] = bool(own is not None and None not in own and cis
+                                               and own[0] > max(ci[1] for ci in cis))
         if row.get("family") == "rm_informed":
             row["control_flag"] = "uses RM labels: decodes the RM from any model, cannot tell a control from a real organism"
         out.append(row)

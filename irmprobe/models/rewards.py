@@ -24,7 +24,7 @@ import numpy as np
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
 
-def _word_tokens(tokenizer) -> dict[int, str]:
+def word_tokens(tokenizer) -> dict[int, str]:
     """Vocabulary tokens that are, alone, one alphabetic word (one leading space allowed)."""
     out: dict[int, str] = {}
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -66,7 +66,7 @@ class RewardModel:
         Tokens that are not a whole alphabetic word (sub-word pieces with punctuation, special
         tokens) have no value. Tokens whose lone score is 0 are left out: the RM does not value them.
         """
-        words = _word_tokens(tokenizer)
+        words = word_tokens(tokenizer)
         ids = list(words)
         scores = self.score([words[i] for i in ids])
         return {i: float(v) for i, v in zip(ids, scores) if v != 0}
@@ -182,7 +182,7 @@ class LexiconRM(RewardModel):
         that the tokenizer splits into several tokens have no token value.
         """
         out = {}
-        for token_id, word in _word_tokens(tokenizer).items():
+        for token_id, word in word_tokens(tokenizer).items():
             value = self.lexicon.get(word.lower())
             if value is not None:
                 out[token_id] = value

@@ -169,8 +169,12 @@ _CATEGORY_TEXT = {"rewarded_unvalued": "rewarded, RM zero", "rewarded_against": 
 def discovery_section(d: dict) -> list[str]:
     """What the RM does not explain: discovered tokens, concepts, the RM's share of the IRM, pairwise accuracy."""
     vs = d["control"] or "zero (no control organism)"
-    lines = [f"== what the RM does not explain (generated tokens, one per distinct context; log-ratio vs {vs}, Welch t, Benjamini-Hochberg "
-             f"q < {d['alpha']:g}) =="]
+    if d.get("test") == "vocabulary_vs_controls":
+        lines = [f"== what the RM does not explain (every word token's full-vocabulary log-ratio against the controls "
+                 f"{vs}; Benjamini-Hochberg q < {d['alpha']:g}, RM-valued and unvalued tokens apart; by effect) =="]
+    else:
+        lines = [f"== what the RM does not explain (generated tokens, one per distinct context; log-ratio vs {vs}, "
+                 f"Welch t, Benjamini-Hochberg q < {d['alpha']:g}) =="]
     v = d["variance"]
     if v.get("residual_share") is not None:
         lines.append(f"the RM explains {max(v['linear'], v['monotone']):.1%} of the primary IRM's held-out variance "
@@ -178,7 +182,8 @@ def discovery_section(d: dict) -> list[str]:
                      f"sequence, {v['n']} rows): {v['residual_share']:.1%} is not the RM")
     else:
         lines.append(f"RM share of the IRM's variance: {v.get('note')}")
-    lines.append(f"{d['n_tested']} of {d['n_tokens_seen']} generated tokens tested; discoveries: "
+    lines.append(f"{d['n_tested']} of {d['n_tokens_seen']} {'word' if d.get('test') == 'vocabulary_vs_controls' else 'generated'}"
+                 " tokens tested; discoveries: "
                  + ", ".join(f"{k} {n}" for k, n in d["counts"].items()))
     for cat, label in _CATEGORY_TEXT.items():
         entries = d["entries"].get(cat) or []

@@ -1,8 +1,10 @@
 """The discovery stage: what the tuned model learned beyond the RM, and the IRM as a reward model.
 
-Everything is read on the fit stage's held-out rows. Tokens are tested by the behavioural IRM (the
-per-token log-ratio, no fitting) against the first control organism's held-out rows; concepts,
-the RM's share of the IRM's variance and the residual read the primary IRM.
+Tokens are tested by the full-vocabulary log-ratio (every word token's mean change in log-probability over
+every held-out context) against the spread of the control organisms (two or more:
+:func:`irmprobe.analysis.discovery.discover_vocabulary`); with fewer, by the per-token log-ratio of the
+held-out rows against one control's or 0 (:func:`~irmprobe.analysis.discovery.discover_tokens`). Concepts,
+the RM's share of the IRM's variance and the residual read the primary IRM on the fit stage's held-out rows.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from irmprobe.analysis.discovery import (
     concepts,
     continuation_sums,
     discover_tokens,
+    discover_vocabulary,
     generation_pairs,
     load_preference_file,
     pairwise_accuracy,
@@ -27,6 +30,7 @@ from irmprobe.analysis.discovery import (
     rm_variance_share,
 )
 from irmprobe.cache import write_json
+from irmprobe.models.rewards import word_tokens
 from irmprobe.pipeline.stage import Stage
 from irmprobe.results import Record
 
@@ -55,7 +59,7 @@ class DiscoverRecord(Record):
 
     alpha: float
     control: str | None
-    """The branch tokens were tested against; None: tested against 0 (no control organism)."""
+    """The branch(es) tokens were tested against (comma-separated); None: tested against 0 (no control)."""
     n_tokens_seen: int
     n_tested: int
     counts: dict
@@ -68,6 +72,8 @@ class DiscoverRecord(Record):
     residual: dict
     pairs_source: str
     pairwise: list[PairwiseRow]
+    test: str = "welch_hsu"
+    """How tokens were tested (:attr:`irmprobe.analysis.discovery.Discovery.test`)."""
 
 
 def irm_rows(X, fit) -> np.ndarray:
@@ -114,7 +120,7 @@ def pairwise_rows(scores: dict) -> list[PairwiseRow]:
 
 
 class DiscoverStage(Stage):
-    name, version = "discover", 4
+    name, version = "discover", 5
     reads = ("discover", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "samples", "capture", "saes", "fit", "layers")
     control_needs = ("samples", "capture", "fit")
@@ -136,19 +142,31 @@ class DiscoverStage(Stage):
         samples = inputs["samples"]
         # Continuation tokens only: a prompt's tokens recur in every sample of that prompt with the very same
         # context, so they are not independent occurrences (and would give zero-spread "discoveries").
-        test_rows = _written(capture, samples, held)
+        test_rows = written_rows(capture, samples, held)
         tokens, groups, irm = capture.token_ids[held], capture.seq_index[held], fit.predictions[held]
         rm_rows = np.array([rm_map.get(int(t), 0.0) for t in tokens])
-        controls = inputs.get("controls") or []
-        if controls:
-            c_cap = controls[0]["capture"]
-            c_held = _written(c_cap, controls[0]["samples"], controls[0]["fit"].eval_rows)
-            c_tok, c_val = c_cap.token_ids[c_held], c_cap.log_ratio[c_held]
-        else:  # the null pair, or compare.control off: each token is tested against 0
-            c_tok, c_val = np.zeros(0, dtype=tokens.dtype), np.zeros(0)
-        found = discover_tokens(capture.token_ids[test_rows], capture.log_ratio[test_rows], c_tok, c_val, rm_map,
-                                min_count=dc.min_count,
-                                n_bootstrap=dc.n_bootstrap, alpha=dc.alpha, seed=cfg.seed, decode=decode)
+        controls = [c | {"branch": f"control-{i}"} for i, c in enumerate(inputs.get("controls") or [])
+                    if c["capture"].vocab_logp_sum is not None]
+        if len(controls) >= 2 and capture.vocab_logp_sum is not None:
+            # The strongest valid evidence: every word token's full-vocabulary log-ratio against the controls'.
+            words = np.array(sorted(word_tokens(pair.tokenizer)), dtype=np.int64)
+            base_logp = capture.vocab_logp_sum["base"] / max(1, len(capture.token_ids))
+            found = discover_vocabulary(capture.vocab_log_ratio(), np.stack([c["capture"].vocab_log_ratio()
+                                                                             for c in controls]),
+                                        rm_map, tokens=words, strata=base_logp, alpha=dc.alpha, decode=decode)
+            against = ", ".join(c["branch"] for c in controls)
+        else:
+            # The null pair, compare.control off, or a single control: occurrences, against one control or 0.
+            if controls:
+                c_cap = controls[0]["capture"]
+                c_held = written_rows(c_cap, controls[0]["samples"], controls[0]["fit"].eval_rows)
+                c_tok, c_val = c_cap.token_ids[c_held], c_cap.log_ratio[c_held]
+            else:
+                c_tok, c_val = np.zeros(0, dtype=tokens.dtype), np.zeros(0)
+            found = discover_tokens(capture.token_ids[test_rows], capture.log_ratio[test_rows], c_tok, c_val, rm_map,
+                                    min_count=dc.min_count, n_bootstrap=dc.n_bootstrap, alpha=dc.alpha,
+                                    seed=cfg.seed, decode=decode)
+            against = controls[0]["branch"] if controls else None
         found_concepts = []
         if cfg.irm.inputs != "raw" and found.discoveries:
             acts = {k: v[held] for k, v in capture.acts.items()}
@@ -169,9 +187,9 @@ class DiscoverStage(Stage):
             pairs, scores = generation_pairs(inputs["samples"], capture.seq_index, capture.position, fit.eval_rows,
                                              {"sae_irm": fit.predictions, "log_ratio_sum": capture.log_ratio})
         record = DiscoverRecord(
-            found.alpha, "control-0" if controls else None, found.n_tokens_seen, len(found.entries), found.counts(),
+            found.alpha, against, found.n_tokens_seen, len(found.entries), found.counts(),
             {c: [asdict(e) for e in found.category(c)[:dc.n_entries]] for c in CATEGORIES}, found_concepts,
-            variance, residual, pairs.source, pairwise_rows(scores))
+            variance, residual, pairs.source, pairwise_rows(scores), found.test)
         write_json(out / "result.json", record.to_json())
         return record
 
@@ -187,7 +205,7 @@ class DiscoverStage(Stage):
                 + (f"; IRM pairwise accuracy {irm.accuracy:.2f} on {irm.n} pairs" if irm and irm.n else ""))
 
 
-def _written(capture, samples, rows):
+def written_rows(capture, samples, rows):
     """The rows among ``rows`` that hold a generated token (a continuation, not a prompt or extra text),
     one per distinct context: a prompt's tokens, and a continuation repeated word for word, recur with
     the very same prefix, which is not independent evidence."""

@@ -157,6 +157,9 @@ class Runner:
                 for path in exc.bad:
                     path.unlink(missing_ok=True)
         if not reuse:
+            last = _last_seconds().get(label)
+            if last is not None and last >= ESTIMATE_FROM:
+                ctx.echo(f"[{label}] running: about {last:.0f} s (its last run on this machine)")
             if out.exists() and (name in self.forced or not stage.resumable or (out / DONE).is_file()):
                 shutil.rmtree(out)
             if stage.cached:
@@ -168,9 +171,34 @@ class Runner:
                 mark_done(out, stage, key)
         self.seconds[label] = round(time.perf_counter() - start, 1)
         self.status[label] = "reused" if reuse else "ran"
+        if not reuse:
+            _record_seconds(label, self.seconds[label])
         summary = stage.summary(result)
         ctx.echo(f"[{label}] {'reused the cached output' if reuse else 'done'} in {self.seconds[label]:.1f} s"
                  + (f": {summary}" if summary else ""))
         self.results[(branch, name)] = result
         self.keys[(branch, name)] = key
         return result
+
+
+ESTIMATE_FROM = 30.0
+"""Seconds a stage took last time above which its next run starts with an estimate of its length."""
+
+
+def _timings_path() -> Path:
+    return cache_root() / "stage-seconds.json"
+
+
+def _last_seconds() -> dict:
+    """Each stage's time on its last run in this cache (an estimate shown when it runs again)."""
+    try:
+        return json.loads(_timings_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_seconds(label: str, seconds: float) -> None:
+    try:
+        write_json(_timings_path(), _last_seconds() | {label: seconds})
+    except OSError:
+        pass  # an estimate is a convenience: a read-only cache must not fail the run

@@ -130,6 +130,22 @@ def test_runner_orders_reuses_forces_with_cascade_and_runs_controls_only_when_ne
         Runner(_graph(), RunConfig(), ctx, controls, force=("c",))
 
 
+def test_a_stage_that_runs_again_says_how_long_it_took_last_time(monkeypatch, tmp_path):
+    import irmprobe.pipeline.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "ESTIMATE_FROM", 0.0)
+    lines = []
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lines.append)
+    first = Runner(_graph(), RunConfig(), ctx, [], until="b")
+    first.run()
+    assert not any("running: about" in line for line in lines)  # no history yet
+    lines.clear()
+    Runner(_graph(), RunConfig(), ctx, [], until="b", force=("b",)).run()
+    assert [line for line in lines if "running: about" in line] == [
+        f"[b] running: about {first.seconds['b']:.0f} s (its last run on this machine)"]
+    assert not any(line.startswith("[a] running") for line in lines)  # reused: no estimate
+
+
 def test_completion_marker_checksums_catch_a_changed_file(tmp_path):
     stage = _Counter("a")
     (tmp_path / "value.txt").write_text("a")

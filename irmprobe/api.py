@@ -37,23 +37,26 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
         until: stop after this stage (see ``irmprobe.pipeline.graph.STAGES``).
         force: stages to run again even when cached; every stage that needs one runs again too.
     """
-    from irmprobe.models.rewards import reward_model
+    from irmprobe.models.rewards import reward_model, training_reward
     from irmprobe.organisms.tuning import seed_everything
     from irmprobe.pipeline.control import control_branches
     from irmprobe.pipeline.graph import GRAPH
     from irmprobe.pipeline.runner import Runner
-    from irmprobe.pipeline.stage import Context
+    from irmprobe.pipeline.stage import Branch, Context
     from irmprobe.prompts import load_prompts, split_prompts
     from irmprobe.reporting.summary import summary_lines
 
     if until is None or until == "report":
         preflight(config)
+    check_named_controls(config)
     seed_everything(config.seed)
     rm = reward if reward is not None else reward_model(config.reward, device=config.pair.device)
     pc = config.prompts
     prompts = load_prompts(pc.path, dataset=pc.dataset, column=pc.column, split=pc.split)
     train, heldout = split_prompts(prompts, pc.n_heldout, config.seed)
-    ctx = Context(rm, Runtime.of(config.pair), train, heldout, echo=echo)
+    tuned_on = training_reward(config.reward.tuned_against, rm, scale=config.reward.scale, clip=config.reward.clip)
+    ctx = Context(rm, Runtime.of(config.pair), train, heldout, echo=echo,
+                  branch=Branch("organism", None if tuned_on is rm else tuned_on))
     runner = Runner(GRAPH, config, ctx, control_branches(config, ctx), force=tuple(force), until=until)
     ctx.resources.update(runner=runner, config=config)
     results = runner.run()
@@ -91,6 +94,39 @@ def preflight(config: RunConfig) -> None:
         if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
             raise ValueError("report.wandb_mode is online but no W&B key is configured: run `wandb login`, set "
                              "WANDB_API_KEY, or use report.wandb_mode=offline (sync later with `wandb sync`)")
+
+
+def check_named_controls(config: RunConfig) -> None:
+    """Fail before any stage on a control in ``compare.controls`` that cannot serve as one.
+
+    Raises:
+        ValueError: a named control is not a local model directory (config.json, weights, tokenizer), or its
+            tokenizer's vocabulary differs from the base model's (its log-ratios would not be comparable).
+    """
+    if not config.compare.control or not config.compare.controls:
+        return
+    from transformers import AutoTokenizer
+
+    from irmprobe.models.loading import check_model_dir, resolve_spec
+
+    base_vocab = None
+    for i, spec in enumerate(config.compare.controls):
+        where = f"compare.controls[{i}] ({spec!r})"
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"{where} is not a directory: name a local model directory (save the control with "
+                             "save_pretrained), not a hub id or a file")
+        try:
+            check_model_dir(path, spec)
+        except ValueError as exc:
+            raise ValueError(f"{where} is not a model: {exc}") from None
+        if base_vocab is None:
+            base_vocab = AutoTokenizer.from_pretrained(resolve_spec(config.pair.base)).get_vocab()
+        vocab = AutoTokenizer.from_pretrained(str(path)).get_vocab()
+        if vocab != base_vocab:
+            raise ValueError(f"{where} has another tokenizer than the base model {config.pair.base!r} "
+                             f"({len(vocab)} vs {len(base_vocab)} tokens, or other ids): a control must share the "
+                             "base's tokenizer, so name a fine-tune of the same base")
 
 
 class FittedIRM:

@@ -88,8 +88,18 @@ class RewardConfig:
     """For lexicons: the scaled reward is clipped to [-clip, clip]."""
     seed: int = 0
     """For ``random``: which random reward."""
+    tuned_against: str | None = None
+    """What irmprobe tunes the organism against when that is not this RM (an organism whose answer is known;
+    it is still judged against this RM): ``negated`` (this RM times -1: it should be found to learn against
+    it) or a word/value lexicon file (.tsv/.csv, scaled and clipped like this RM), e.g. words this RM values
+    at zero (it should be found unrelated, and those words discovered). None: this RM. Controls are built
+    exactly as for this RM, so one pool of controls serves every such organism of the same recipe."""
 
     def __post_init__(self) -> None:
+        if self.tuned_against is not None and self.tuned_against != "negated" and not (
+                Path(self.tuned_against).suffix in (".tsv", ".csv") and Path(self.tuned_against).is_file()):
+            raise ValueError(f"RewardConfig.tuned_against must be null, 'negated' or an existing word/value .tsv or "
+                             f".csv file, got {self.tuned_against!r}")
         if self.kind not in ("vader", "lexicon", "classifier", "random"):
             raise ValueError(f"RewardConfig.kind must be vader, lexicon, classifier or random, got {self.kind!r}")
         if self.kind == "lexicon" and not self.path:
@@ -146,7 +156,6 @@ class OrganismConfig:
     """For DPO: a .jsonl/.csv of prompt/chosen/rejected; None ranks the base model's own samples with the RM."""
     dpo_samples_per_prompt: int = 4
     """For DPO without a pairs file: samples per prompt to rank (best is chosen, worst rejected)."""
-
     def __post_init__(self) -> None:
         _positive(self, "steps", "prompts_per_step", "max_new_tokens", "learning_rate")
         if self.method not in ("rloo", "grpo", "dpo"):
@@ -326,10 +335,24 @@ class CompareConfig:
     llm_triples: bool = False
     """Let the LLM of the ``llm`` section choose swap words that fit each sentence (offline otherwise)."""
     control: bool = True
-    """Build the matched control organism: the same graph (organism method, steps, learning rate, beta,
-    batch, LoRA, prompts; its own samples, layers, capture and SAEs) with a random reward in place of the RM."""
-    n_controls: int = 1
-    """Control organisms, one per random-reward seed: their spread enters the primary comparison's test."""
+    """Build the matched control organisms: the same graph (organism method, steps, learning rate, beta,
+    batch, LoRA, prompts; their own samples, layers, capture and SAEs) with a random reward in place of the RM."""
+    n_controls: int = 3
+    """Control organisms built, one per random-reward seed: their spread enters the primary comparison's t-test
+    (k - 1 degrees of freedom), so a call needs at least 2 controls in all and has little power below 3."""
+    controls: tuple[str, ...] = ()
+    """Control models you name (local HF directories of the same base and tokenizer, e.g. sibling fine-tunes
+    with another reward), judged beside the built ones."""
+    assume_matched: bool = False
+    """You vouch that the given tuned model (``pair.tuned``) was made with the ``organism.*`` recipe and that
+    every named control differs from it in its reward only. Without it such controls are "not known to match"
+    and the verdict makes no call."""
+    primary: str = "full_vocab_log_ratio"
+    """The view the verdict's call rests on: ``full_vocab_log_ratio`` (every vocabulary token the RM values,
+    not fitted: the steadier figure, benchmarks/calibration.py) or ``sae_irm`` (the SAE IRM, out-of-fold). The
+    other is tested against the controls the same way and reported as the explanation."""
+    alpha: float = 0.01
+    """Two-sided level at which the primary comparison calls agrees/opposes (its false-call rate)."""
     n_disagreements: int = 10
     """Tokens listed where IRM and RM disagree most, each way."""
     n_alignment: int = 10
@@ -338,9 +361,18 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if self.n_bootstrap < 0:
             raise ValueError(f"CompareConfig.n_bootstrap must be >= 0, got {self.n_bootstrap}")
-        if self.n_controls < 1:
-            raise ValueError(f"CompareConfig.n_controls must be at least 1, got {self.n_controls!r} "
-                             "(set compare.control=false to skip the control)")
+        if self.n_controls < 0:
+            raise ValueError(f"CompareConfig.n_controls must be >= 0, got {self.n_controls!r}")
+        total = self.n_controls + len(self.controls)
+        if self.control and total < 2:
+            raise ValueError(f"CompareConfig: {total} control organism(s) (n_controls {self.n_controls} + "
+                             f"{len(self.controls)} named in controls), below the 2 that the t-test against the "
+                             "controls needs; set compare.n_controls to 2 or more (3 or more for power), or "
+                             "compare.control=false for a run that makes no call")
+        if self.primary not in ("full_vocab_log_ratio", "sae_irm"):
+            raise ValueError(f"CompareConfig.primary must be full_vocab_log_ratio or sae_irm, got {self.primary!r}")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"CompareConfig.alpha must be in (0, 0.5), got {self.alpha!r}")
         _positive(self, "n_triples", "n_disagreements", "n_alignment")
 
 
@@ -490,6 +522,11 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     """Seed for every stage."""
+
+    def __post_init__(self) -> None:
+        if self.reward.tuned_against is not None and (self.pair.tuned or self.pair.null):
+            raise ValueError("reward.tuned_against names what irmprobe tunes the organism against, but pair.tuned "
+                             "(or pair.null) is set, so nothing is tuned: drop one of them")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -196,14 +196,18 @@ class PrimaryComparison(Record):
     """The test statistic: with one control (tau - control tau) / sqrt(se^2 + control_se^2); with k >= 2,
     the prediction-interval t (tau - mean control tau) / (sd * sqrt(1 + 1/k))."""
     outcome: str
-    """``agrees`` / ``opposes`` (significant at the two-sided level of |z| >= 3, 0.0027, by sign), ``unrelated``
-    or ``undetermined``."""
+    """``agrees`` / ``opposes`` (the t-test significant at ``alpha``, by sign), ``unrelated``, ``no call`` (fewer
+    than 2 controls known to match: see ``reason``), ``zero`` or ``undetermined``."""
     test: str | None = None
-    """Which test: ``t, k-1 d.f.`` against k >= 2 controls, or the one-control z (anti-conservative)."""
+    """Which test: ``t, k-1 d.f.`` against k >= 2 matched controls (a prediction-interval t-test)."""
     df: int | None = None
-    """Degrees of freedom of the t-test (None for the one-control z)."""
+    """Degrees of freedom of the t-test (None when no test was made)."""
     p_value: float | None = None
     """Two-sided p-value of the statistic."""
+    alpha: float | None = None
+    """The two-sided level the call was made at (``compare.alpha``)."""
+    reason: str | None = None
+    """Why no call was made (``outcome`` ``no call``)."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +266,8 @@ class RunMetrics(Record):
     validation: dict | None = None
     discovery: dict | None = None
     wandb_dir: str | None = None
+    explanation: PrimaryComparison | None = None
+    """The view that is not primary (the SAE IRM when the full-vocabulary log-ratio is), tested the same way."""
 
     kind: ClassVar[str] = "irmprobe-metrics"
 

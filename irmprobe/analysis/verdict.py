@@ -14,64 +14,71 @@ from scipy import stats
 from irmprobe.results import PrimaryComparison, RunMetrics, ViewRow
 
 Z = 3.0
-"""Standard errors a difference must clear to count."""
+"""Standard errors the RM's reward change must clear to count as a rise or fall (the organism report)."""
 
-ALPHA = float(2 * stats.norm.sf(Z))
-"""The two-sided level every decision of the primary comparison is made at (0.0027, that of |z| >= 3)."""
-
-ONE_CONTROL = ("z, one control (its bootstrap s.e. stands in for the spread between random-reward organisms, "
-               "which one control cannot measure: anti-conservative; set compare.n_controls >= 2)")
+ALPHA = 0.01
+"""The default two-sided level of the primary comparison's call (``compare.alpha``)."""
 
 
 def _se(row: ViewRow) -> float | None:
-    """Standard error of a tau from its 95% CI: the larger of the prompt-cluster and token-type bootstraps.
-
-    Neither measures the spread between random-reward organisms, which one control cannot; the cluster
-    bootstrap alone, the valid one for the noise of one organism's tau, called a planted organism tuned
-    toward words the RM does not value "agrees" at z +4.9 against one control (tests/integration/
-    test_planted.py), so the one-control rule takes the wider of the two.
-    """
+    """Standard error of a tau from its 95% CI (the larger of the prompt-cluster and token-type bootstraps'):
+    shown beside the tau; the call does not use it (the controls' spread already holds each tau's noise)."""
     if row is None or row.tau_ci is None or None in row.tau_ci:
         return None
     widths = [ci[1] - ci[0] for ci in (row.tau_ci, row.tau_ci_tokens) if ci is not None and None not in ci]
     return max(widths) / (2 * 1.96)
 
 
-def primary_comparison(row: ViewRow, controls: list[ViewRow | None]) -> PrimaryComparison:
-    """The primary IRM's tau against the matched controls' taus, by a test that counts the controls' spread.
+def primary_comparison(row: ViewRow, controls: list[ViewRow | None], *, alpha: float = ALPHA,
+                       matched: list[bool] | None = None) -> PrimaryComparison:
+    """A view's tau against the matched controls' taus, by a test that counts the controls' spread.
 
-    With k >= 2 controls the organism's tau is tested as one more draw from the controls' distribution
-    (the taus random-reward organisms give; each already carries its own estimation noise): a
-    prediction-interval t-test, ``t = (tau - mean) / (sd * sqrt(1 + 1/k))`` with k - 1 degrees of freedom,
-    called at the same two-sided level as ``|z| >= 3`` (``ALPHA``). Few controls make a wide t: with 3 of
-    them only |t| > 19.2 is called. With one control there is no between-organism spread to measure; the
-    old rule stands, ``z = (tau - control) / sqrt(se^2 + control_se^2)`` with bootstrap s.e.s, and the
-    comparison says it is anti-conservative.
+    The organism's tau is tested as one more draw from the distribution of taus that random-reward organisms
+    of the same recipe give (each already carrying its own estimation noise): a prediction-interval t-test,
+    ``t = (tau - mean) / (sd * sqrt(1 + 1/k))`` with k - 1 degrees of freedom, called at the two-sided level
+    ``alpha``; exact when the taus are normal and the controls exchangeable with the organism under the null.
+    Only controls known to match the organism's recipe enter (``matched``, one flag per control); with fewer
+    than 2 of them no call is made (one control cannot measure the spread between random-reward organisms: the
+    old one-control z rule called a planted organism "agrees" at z +4.9 that the controls' spread does not
+    support) and ``reason`` says why.
     """
-    taus = [c.tau for c in controls if c is not None and c.tau is not None]
-    ses = [_se(c) for c in controls if c is not None and _se(c) is not None]
+    matched = [True] * len(controls) if matched is None else list(matched)
+    usable = [c for c, m in zip(controls, matched) if m and c is not None and c.tau is not None]
+    taus = [c.tau for c in usable]
     se = _se(row)
-    if row.is_zero or row.tau is None or not taus or (se is None and len(taus) < 2):
-        outcome = "zero" if row.is_zero else "undetermined"
-        return PrimaryComparison(row.name, row.tau, se, taus, None, None, None, outcome)
+    if row.is_zero or row.tau is None or not controls:  # no control at all: the verdict says the control is off
+        return PrimaryComparison(row.name, row.tau, se, taus, None, None, None,
+                                 "zero" if row.is_zero else "undetermined", alpha=alpha)
+    if len(taus) < 2:
+        known = sum(1 for c, m in zip(controls, matched) if c is not None and c.tau is not None)
+        reason = (f"{len(taus)} control(s) known to match the organism's recipe ({known} with a tau in all): the "
+                  "t-test against the controls needs 2 or more" + (
+                      "; a given tuned model's recipe is not known: name matched controls (compare.controls) "
+                      "and set compare.assume_matched=true if you vouch for them" if known > len(taus) else ""))
+        diff = row.tau - float(np.mean([c.tau for c in controls if c is not None and c.tau is not None])) \
+            if known else None
+        return PrimaryComparison(row.name, row.tau, se, taus, None, diff, None, "no call", alpha=alpha,
+                                 reason=reason)
+    k = len(taus)
     diff = row.tau - float(np.mean(taus))
-    if len(taus) >= 2:
-        k = len(taus)
-        spread = float(np.std(taus, ddof=1))
-        scale = spread * float(np.sqrt(1 + 1 / k))
-        if scale == 0:
-            return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, None, "undetermined",
-                                     test=f"t, {k - 1} d.f.", df=k - 1)
-        stat = diff / scale
-        p = float(2 * stats.t.sf(abs(stat), k - 1))
-        outcome = "unrelated" if p > ALPHA else "agrees" if stat > 0 else "opposes"
-        return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, stat, outcome,
-                                 test=f"t, {k - 1} d.f.", df=k - 1, p_value=p)
-    control_se = float(np.sqrt(np.mean(np.square(ses)))) if ses else 0.0
-    z = diff / float(np.sqrt(se**2 + control_se**2)) if se > 0 or control_se > 0 else None
-    outcome = "undetermined" if z is None else "agrees" if z >= Z else "opposes" if z <= -Z else "unrelated"
-    return PrimaryComparison(row.name, row.tau, se, taus, control_se, diff, z, outcome,
-                             test=ONE_CONTROL, p_value=None if z is None else float(2 * stats.norm.sf(abs(z))))
+    spread = float(np.std(taus, ddof=1))
+    test = f"t, {k - 1} d.f."
+    if spread == 0:
+        return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, None, "undetermined", test=test,
+                                 df=k - 1, alpha=alpha)
+    stat = diff / (spread * float(np.sqrt(1 + 1 / k)))
+    p = float(2 * stats.t.sf(abs(stat), k - 1))
+    outcome = "unrelated" if p > alpha else "agrees" if stat > 0 else "opposes"
+    return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, stat, outcome, test=test, df=k - 1,
+                             p_value=p, alpha=alpha)
+
+
+VIEW_WORDS = {
+    "full_vocab_log_ratio": "full-vocabulary log-ratio: every vocabulary token the RM values, its mean change in "
+                            "log-probability over every held-out context; not fitted",
+    "sae_irm": "the SAE IRM: out-of-fold token values of the linear IRM over SAE features",
+}
+"""How the verdict names each view a comparison can rest on."""
 
 
 def _z(value) -> str:
@@ -102,36 +109,48 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
         out.append("no primary comparison: " + ("the run has no control organism (compare.control is off), so no "
                                                  "IRM figure can be called agreement or disagreement."
                                                  if p is None or not p.control_taus else
-                                                 "the primary IRM has no tau (too few RM tokens in the held-out text)."))
+                                                 "the primary view has no tau, or the controls' taus do not vary."))
     elif p.outcome == "zero":
-        out.append("the primary IRM is identically zero: no implicit reward was learned (no tau applies).")
+        out.append("the primary view is identically zero: no implicit reward was learned (no tau applies).")
+    elif p.outcome == "no call":
+        out.append(f"no call on the RM: {p.reason}. {VIEW_WORDS.get(p.view, p.view)}: tau {p.tau:+.3f}"
+                   + ("" if p.difference is None else f", {p.difference:+.3f} from the controls' mean") + ".")
     else:
         c = float(np.mean(p.control_taus))
-        floor, ceiling = (shuffled.tau_range if shuffled is not None and shuffled.tau_range else (None, None))
+        fitted = p.view != "full_vocab_log_ratio"
+        floor, ceiling = (shuffled.tau_range if fitted and shuffled is not None and shuffled.tau_range
+                          else (None, None))
         beyond = {"agrees": ceiling is None or p.tau > ceiling, "opposes": floor is None or p.tau < floor}
-        se = "" if p.tau_se is None else f" ± {p.tau_se:.3f}"
-        stat = (f"z {p.z:+.1f}" if p.df is None else f"t {p.z:+.2f} ({p.df} d.f., p {p.p_value:.3g}, called at "
-                                                    f"p <= {ALPHA:.4f})")
-        out.append(f"primary comparison ({p.view}, out-of-fold token values): tau {p.tau:+.3f}{se} against "
-                   f"{len(p.control_taus)} matched random-reward control(s) at {c:+.3f} (spread {p.control_se:.3f}): "
-                   f"difference {p.difference:+.3f}, {stat}"
-                   + (f"; shuffled-target fits span [{floor:+.3f}, {ceiling:+.3f}]" if floor is not None else "") + ".")
+        out.append(f"primary comparison ({VIEW_WORDS.get(p.view, p.view)}): tau {p.tau:+.3f} against "
+                   f"{len(p.control_taus)} matched random-reward controls at {c:+.3f} (sd {p.control_se:.3f}): "
+                   f"difference {p.difference:+.3f}, t {p.z:+.2f} ({p.df} d.f., p {p.p_value:.2g}, called at "
+                   f"p <= {p.alpha:g})" + (f"; shuffled-target fits span [{floor:+.3f}, {ceiling:+.3f}]"
+                                           if floor is not None else "") + ".")
         if p.outcome == "agrees" and beyond["agrees"]:
-            out.append("the tuned model learned the RM: its implicit reward ranks tokens like the RM, beyond the "
-                       "control and every shuffled-target fit" + ("" if direction == "rose" else
-                                                                  f", although the RM's reward {direction}") + ".")
+            out.append("the tuned model learned the RM: its implicit reward ranks tokens like the RM, beyond every "
+                       "control" + (" and shuffled-target fit" if floor is not None else "")
+                       + ("" if direction == "rose" else f", although the RM's reward {direction}") + ".")
         elif p.outcome == "opposes" and beyond["opposes"]:
             out.append("the tuned model learned AGAINST the RM: its implicit reward ranks tokens opposite to the RM, "
-                       "beyond the control and every shuffled-target fit" + (
-                           "; the RM's reward fell accordingly." if direction == "fell" else "."))
+                       "beyond every control" + (" and shuffled-target fit" if floor is not None else "")
+                       + ("; the RM's reward fell accordingly." if direction == "fell" else "."))
         else:
             moved = m.kl.get("mean", 0.0) - 3 * (m.kl.get("se") or 0.0) > 0
             out.append(("the tuned model learned something UNRELATED to the RM: it moved from its base (KL above "
-                        "zero) but its implicit reward is not told apart from the control's"
+                        "zero) but its implicit reward is not told apart from the controls'"
                         if moved else "the tuned model learned nothing the comparison can detect: its implicit "
-                        "reward is not told apart from the control's and it barely moved from its base")
+                        "reward is not told apart from the controls' and it barely moved from its base")
                        + (f"; the RM's reward {direction}." if direction != "stayed" else
                           "; the RM's reward did not move."))
+    e = m.explanation
+    if e is not None and e.tau is not None and e.outcome not in ("zero", "undetermined"):
+        told = {"agrees": "ranks tokens like the RM beyond the controls", "opposes":
+                "ranks tokens opposite to the RM beyond the controls", "unrelated": "is not told apart from the "
+                "controls'", "no call": "is not tested (" + (e.reason or "") + ")"}[e.outcome]
+        stat = "" if e.z is None else f", t {e.z:+.2f} ({e.df} d.f., p {e.p_value:.2g})"
+        out.append(f"explanation ({VIEW_WORDS.get(e.view, e.view)}): tau {e.tau:+.3f}"
+                   + ("" if not e.control_taus else f" against the controls' {np.mean(e.control_taus):+.3f}")
+                   + f"{stat}: it {told}.")
     for c in m.control:
         if not c.matched:
             out.append(f"{c.branch}: not known to match the organism: {c.note or 'its settings differ'}.")

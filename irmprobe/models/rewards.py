@@ -240,6 +240,32 @@ class RandomRM(RewardModel):
         return {"name": self.name, "kind": "random", "seed": self.seed}
 
 
+class NegatedRM(RewardModel):
+    """Another RM times -1: tuning against it builds an organism that should learn *against* that RM."""
+
+    def __init__(self, rm: RewardModel) -> None:
+        self.rm = rm
+        self.name = f"negated-{rm.name}"
+
+    def score(self, texts: Iterable[str]) -> np.ndarray:
+        return -np.asarray(self.rm.score(texts), dtype=np.float64)
+
+    def token_values(self, tokenizer) -> dict[int, float]:
+        return {t: -v for t, v in self.rm.token_values(tokenizer).items()}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": "negated", "of": self.rm.describe()}
+
+
+def training_reward(spec: str | None, rm: RewardModel, *, scale: float = 5.0, clip: float = 10.0) -> RewardModel:
+    """What an organism is tuned against (``reward.tuned_against``): the RM (None), the RM negated, or a lexicon file."""
+    if spec is None:
+        return rm
+    if spec == "negated":
+        return NegatedRM(rm)
+    return LexiconRM.from_file(spec, scale=scale, clip=clip)
+
+
 class ClassifierRM(RewardModel):
     """A Hugging Face sequence-classification model as RM: the logit of one label.
 

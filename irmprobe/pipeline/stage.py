@@ -93,6 +93,8 @@ class Branch:
     """What the organism is tuned against; None: the RM."""
     diagnostics: bool = True
     """Measure dictionary diagnostics (MMCS, splice loss) that no comparison reads; off for controls."""
+    tuned: str | None = None
+    """A control the user named (``compare.controls``): its model, given rather than tuned here."""
 
     @property
     def is_control(self) -> bool:

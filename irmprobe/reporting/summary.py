@@ -108,14 +108,15 @@ def summary_lines(metrics) -> list[str]:
                      f"KL {c['kl']['mean']:.3f}.")
     if metrics.get("control"):
         lines.append("'control' is the mean tau of the control organism(s); 'above' the view's margin over it.")
-    p = metrics.get("primary")
-    if p and p.get("z") is not None:
+    for label, p in (("primary comparison", metrics.get("primary")), ("explanation", metrics.get("explanation"))):
+        if not p or p.get("tau") is None:
+            continue
         se = "" if p.get("tau_se") is None else f" ± {p['tau_se']:.3f}"
-        stat = (f"z {p['z']:+.1f}" if p.get("df") is None else
-                f"t {p['z']:+.2f} ({p['df']} d.f., p {p['p_value']:.3g})")
-        lines.append(f"primary comparison: {p['view']} tau {p['tau']:+.3f}{se} vs controls "
-                     f"{[round(t, 3) for t in p['control_taus']]} (spread {p['control_se']:.3f}): {stat} -> "
-                     f"{p['outcome']} [{p.get('test') or 'z'}]")
+        stat = ("no test" if p.get("z") is None else f"t {p['z']:+.2f} ({p['df']} d.f., p {p['p_value']:.3g})")
+        lines.append(f"{label}: {p['view']} tau {p['tau']:+.3f}{se} vs controls "
+                     f"{[round(t, 3) for t in p['control_taus']]}: {stat} -> {p['outcome']}"
+                     + (f" at alpha {p['alpha']:g}" if p.get("alpha") and p.get("z") is not None else "")
+                     + (f" ({p['reason']})" if p.get("reason") else ""))
     if metrics.get("discovery"):
         lines.extend(discovery_section(metrics["discovery"]))
     for name, d in (metrics.get("disagreements") or {}).items():

@@ -97,6 +97,11 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
         for artifact in wandb_artifacts(metrics, run_dir):
             run.log_artifact(artifact)
         run.summary["verdict"] = "\n".join(metrics["verdict"])
+        for label in ("primary", "explanation"):
+            p = metrics.get(label) or {}
+            for key in ("view", "tau", "z", "df", "p_value", "alpha", "outcome"):
+                if p.get(key) is not None:
+                    run.summary[f"{label}/{'t' if key == 'z' else key}"] = p[key]
         return str(run.dir)
     finally:
         run.finish()

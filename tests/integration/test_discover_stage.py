@@ -14,13 +14,14 @@ from irmprobe.api import run
 from irmprobe.config import RunConfig
 from irmprobe.pipeline.stages.discover import DiscoverRecord
 from irmprobe.reporting.summary import summary_lines
-from tests.integration.test_planted import SMALL, _word_tokens, planted  # noqa: F401  (planted: the module's fixture)
+from tests.integration.test_planted import SMALL, _word_tokens, named_controls, planted  # noqa: F401  (planted: the module's fixture)
 
 PROMPTS = ("The movie was", "I watched it and", "This film is", "My friend said the plot", "The actors were")
 
 
 def _config(root, dirs, lexicon, name, **discover) -> RunConfig:
     data = json.loads(json.dumps(SMALL))
+    data["compare"] |= named_controls(dirs)
     data["pair"] = {"base": str(dirs["base"])} | ({"null": True} if name == "null" else {"tuned": str(dirs[name])})
     data["reward"] = {"kind": "lexicon", "path": str(lexicon)}
     data["report"] = {"out_dir": str(root / "runs"), "wandb_mode": "disabled"}

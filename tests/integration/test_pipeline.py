@@ -17,7 +17,7 @@ TINY = {
     "capture": {"top_k_layers": 2, "batch_size": 16},
     "sae": {"expansion": 2, "training_samples": 4096, "batch_size": 256},
     "irm": {"min_token_count": 1, "n_shuffles": 2},
-    "compare": {"n_bootstrap": 50, "n_triples": 20},
+    "compare": {"n_bootstrap": 50, "n_triples": 20, "n_controls": 2},
     "validate": {"top_k": 3, "n_judged": 10, "n_prompts": 4, "max_new_tokens": 6},
 }
 
@@ -39,7 +39,7 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     lines = []
     result = run(_config(tmp_path, base=str(model_dir)), echo=lines.append)
     # The base model samples once per run (seed * 1000 + 0); each tuned model (organism, control) once.
-    assert sorted(sampled) == [0, 1, 1]
+    assert sorted(sampled) == [0, 1, 1, 1]
     runner = result.context.resources["runner"]
     organism_samples, control_samples = runner.result("samples"), runner.result("samples", "control-0")
     n_base = int((organism_samples.source == "base").sum())
@@ -67,7 +67,8 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     # One token set for the whole table: every row-level view is scored on the same held-out tokens.
     assert len({r["n_tokens"] for r in m["agreement"] if not r["is_zero"]}) == 1
     # The matched control: the organism's recipe with a random reward, its own layers; figures next to each view.
-    (control,) = m["control"]
+    control, second = m["control"]
+    assert second["reward"]["seed"] == control["reward"]["seed"] + 1 and m["primary"]["df"] == 1
     assert control["matched"] and control["steps"] == 2 and control["method"] == "rloo"
     assert control["reward"]["name"].startswith("random")
     assert len(m["control_agreement"][0]) == len(m["agreement"])
@@ -80,7 +81,8 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     assert any("ablation in the tuned model" in line for line in lines)
     assert m["kl"]["n_sequences"] == 12 * 4
     assert any(line.startswith("primary comparison") for line in m["verdict"])
-    assert m["primary"]["view"] == "sae_irm" and len(m["primary"]["control_taus"]) == 1
+    assert m["primary"]["view"] == "full_vocab_log_ratio" and len(m["primary"]["control_taus"]) == 2
+    assert m["explanation"]["view"] == "sae_irm" and m["explanation"]["df"] == 1
     assert m["reward"]["n_prompts"] == 12
 
     again = []
@@ -196,8 +198,9 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     changed = RunConfig.from_dict(changed.to_dict() | {"irm": changed.to_dict()["irm"] | {"l1_ratio": 0.7}})
     status = run(changed, echo=lambda _: None).stage_status
     assert {s for s, v in status.items() if v == "reused"} == {
-        f"{b}{s}" for b in ("", "control-0/") for s in ("organism", "samples", "layers", "capture", "saes")}
-    assert all(status[s] == "ran" for s in ("fit", "control-0/fit", "compare", "interpret", "ablate"))
+        f"{b}{s}" for b in ("", "control-0/", "control-1/") for s in ("organism", "samples", "layers", "capture",
+                                                                      "saes")}
+    assert all(status[s] == "ran" for s in ("fit", "control-0/fit", "control-1/fit", "compare", "interpret", "ablate"))
     # --force saes re-trains the SAEs (and everything after), for the control too, but reuses the capture.
     status = run(changed, echo=lambda _: None, force=("saes",)).stage_status
     assert status["capture"] == "reused" and status["saes"] == "ran" and status["fit"] == "ran"

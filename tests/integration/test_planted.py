@@ -84,7 +84,11 @@ def planted(tiny_tokenizer_dir, tmp_path_factory):
     dirs = {"base": root / "base"}
     base.save_pretrained(dirs["base"])
     tok.save_pretrained(dirs["base"])
-    for name, d in {"positive": u, "negated": -u, "unrelated": u2}.items():
+    # Five sibling "fine-tunes" made the same way along random directions: controls that differ from the planted
+    # organisms in what they reward only (named in compare.controls, vouched for by compare.assume_matched).
+    controls = torch.nn.functional.normalize(torch.randn(5, cfg.hidden_size), dim=-1)
+    planted_dirs = {"positive": u, "negated": -u, "unrelated": u2} | {f"control-{i}": c for i, c in enumerate(controls)}
+    for name, d in planted_dirs.items():
         tuned = LlamaForCausalLM(cfg)
         tuned.load_state_dict(base.state_dict())
         with torch.no_grad():
@@ -97,8 +101,14 @@ def planted(tiny_tokenizer_dir, tmp_path_factory):
     return dirs, lexicon, {"positive": pos, "negated": neg, "unrelated": neu}
 
 
+def named_controls(dirs) -> dict:
+    """The compare section that judges a planted organism against its five sibling controls."""
+    return {"n_controls": 0, "controls": [str(dirs[f"control-{i}"]) for i in range(5)], "assume_matched": True}
+
+
 def _run(tmp_path, dirs, lexicon, name):
     data = json.loads(json.dumps(SMALL))
+    data["compare"] |= named_controls(dirs)
     data["pair"] = {"base": str(dirs["base"])} | ({"null": True} if name == "null" else {"tuned": str(dirs[name])})
     data["reward"] = {"kind": "lexicon", "path": str(lexicon)}
     data["report"] = {"out_dir": str(tmp_path / name), "wandb_mode": "disabled"}
@@ -122,7 +132,8 @@ def test_planted_organisms_get_three_different_verdicts_and_the_null_pair_zero(p
         outcomes[name] = (m.primary.outcome, m.primary.z, m.view("log_ratio (no model)").tau, m.primary.tau,
                           m.primary.control_taus)
         assert m.primary.outcome == expected, (name, outcomes[name], m.verdict)
-        assert m.control[0].matched is False and "recipe is unknown" in m.control[0].note  # a given tuned model
+        assert m.control[0].matched and "named in compare.controls" in m.control[0].note
+        assert m.primary.view == "full_vocab_log_ratio" and m.primary.df == 4
     assert outcomes["positive"][2] > 0.5 and outcomes["negated"][2] < -0.5
     verdicts = {name: " ".join(_run(tmp_path / "again", dirs, lexicon, name).metrics.verdict) for name in outcomes}
     assert "learned the RM" in verdicts["positive"] and "AGAINST" in verdicts["negated"]

@@ -240,24 +240,33 @@ def test_primary_comparison_case_with_z_above_3_under_the_old_rule_is_not_called
     assert primary_comparison(organism, controls).outcome == "unrelated"
 
 
-def test_one_control_keeps_the_z_rule_and_says_it_is_anti_conservative():
-    from irmprobe.analysis.verdict import primary_comparison
-
-    pc = primary_comparison(_row(0.30, [0.26, 0.34]), [_row(0.0, [-0.04, 0.04])])
-    assert pc.df is None and "anti-conservative" in pc.test and pc.outcome == "agrees" and pc.z > 3
-
-
-
-def test_the_one_control_rule_takes_the_wider_of_the_two_bootstraps():
+def test_fewer_than_two_matched_controls_make_no_call_whatever_the_difference():
+    """One control cannot measure the spread between random-reward organisms: the old z rule called this
+    planted case (z +5.4 with prompt-cluster intervals) "agrees"; now there is no call, and it says why."""
     from irmprobe.analysis.verdict import primary_comparison
     from irmprobe.results import ViewRow
 
-    def row(tau, cluster, tokens):
-        return ViewRow("sae_irm", "behavioural", 80, False, tau=tau, tau_ci=[tau - cluster, tau + cluster],
-                       tau_ci_tokens=[tau - tokens, tau + tokens])
+    def row(tau, half):
+        return ViewRow("sae_irm", "behavioural", 80, False, tau=tau, tau_ci=[tau - half, tau + half])
 
-    # Narrow prompt-cluster intervals alone would call it (z 5.4); the token-type ones are wider: not called.
-    narrow = primary_comparison(row(0.13, 0.04, 0.04), [row(-0.08, 0.04, 0.04)])
-    wide = primary_comparison(row(0.13, 0.04, 0.15), [row(-0.08, 0.04, 0.15)])
-    assert narrow.outcome == "agrees" and wide.outcome == "unrelated"
-    assert wide.tau_se == pytest.approx(0.30 / 3.92)
+    one = primary_comparison(row(0.13, 0.04), [row(-0.08, 0.04)])
+    assert one.outcome == "no call" and one.z is None and "needs 2 or more" in one.reason
+    assert one.difference == pytest.approx(0.21)
+    # Three controls, one of which is not known to match (a given model): two remain, so a test is made.
+    controls = [row(t, 0.01) for t in (0.0, 0.01, -0.01)]
+    some = primary_comparison(row(0.6, 0.04), controls, matched=[True, True, False])
+    assert some.df == 1 and some.control_taus == [0.0, 0.01]
+    none = primary_comparison(row(0.6, 0.04), controls, matched=[False, False, True])
+    assert none.outcome == "no call" and "compare.assume_matched" in none.reason
+
+
+def test_the_call_is_made_at_the_configured_level():
+    from scipy import stats
+
+    from irmprobe.analysis.verdict import primary_comparison
+
+    controls = [_row(t) for t in (-0.05, 0.0, 0.05, 0.02)]
+    t_at = lambda p: stats.t.isf(p / 2, 3) * np.std([-0.05, 0.0, 0.05, 0.02], ddof=1) * np.sqrt(1.25)  # noqa: E731
+    just_inside = _row(0.005 + t_at(0.01) * 1.01)  # beyond the alpha = 0.01 critical value
+    assert primary_comparison(just_inside, controls, alpha=0.01).outcome == "agrees"
+    assert primary_comparison(just_inside, controls, alpha=0.001).outcome == "unrelated"

@@ -435,4 +435,4 @@ def test_a_nan_interval_from_too_few_tokens_reloads_and_reports():
     row = ViewRow.from_json({"name": "sae_irm", "family": "behavioural", "n_tokens": 2, "is_zero": False, "tau": 1.0,
                              "p_value": 1.0, "tau_ci": [None, None]})  # what write_json makes of [nan, nan]
     assert "   -" in agreement_line(row.to_json()) and "+1.000" in agreement_line(row.to_json())
-    assert primary_comparison(row, [row]).outcome == "undetermined"
+    assert primary_comparison(row, [row, row]).outcome == "undetermined"  # controls that do not vary

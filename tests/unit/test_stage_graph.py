@@ -17,7 +17,7 @@ _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.devic
             "sae.architecture": "topk", "irm.inputs": "diff", "validate.judge": "local", "validate.ablation": "mean",
             "report.wandb_mode": "offline", "llm.base_url": "http://127.0.0.1:9/v1", "irm.estimators": ("lasso",),
             "capture.patching_kind": "resid_post", "irm.positions": ("reader",),
-            "irm.alphas": (3.0,), "sae.autocast": "off"}
+            "irm.alphas": (3.0,), "sae.autocast": "off", "compare.primary": "sae_irm"}
 
 
 def _changed(config: RunConfig, section: str, name: str, tmp_path) -> RunConfig | None:
@@ -226,7 +226,7 @@ def test_the_control_follows_every_organism_setting_and_differs_only_in_its_rewa
     from irmprobe.models.rewards import reward_model
 
     ctx = Context(reward_model(config.reward), Runtime(), ["p1", "p2"], ["h1"], echo=lambda _: None)
-    (control,) = control_branches(config, ctx)
+    control, *_ = control_branches(config, ctx)
     stage = OrganismStage()
     keys = []
     for branch in (ctx, control):
@@ -254,11 +254,72 @@ def test_a_controls_key_does_not_depend_on_the_tuned_model_being_judged(tmp_path
     for tuned in (first, second):
         config = RunConfig.from_dict({"pair": {"tuned": str(tuned)}})
         ctx = Context(RandomRM(0), Runtime(), ["p1"], ["h1"])
-        (control,) = control_branches(config, ctx)
+        control, *_ = control_branches(config, ctx)
         keys[tuned.name] = (OrganismStage().key(config, ctx, []), OrganismStage().key(config, control, []))
     assert keys["tuned-a"][0] != keys["tuned-b"][0]  # the organism branch: the tuned model is what it is
     assert keys["tuned-a"][1] == keys["tuned-b"][1]  # the control: the same base, settings and random reward
     base_only = RunConfig()
     ctx = Context(RandomRM(0), Runtime(), ["p1"], ["h1"])
-    (control,) = control_branches(base_only, ctx)
+    control, *_ = control_branches(base_only, ctx)
     assert OrganismStage().key(base_only, control, []) == keys["tuned-a"][1]
+
+
+def test_a_known_answer_organism_is_tuned_against_its_own_reward_but_shares_the_rms_controls(tmp_path):
+    """``reward.tuned_against``: the organism's key follows what it is tuned against; its controls are the RM's."""
+    from irmprobe.models.rewards import LexiconRM, training_reward
+    from irmprobe.pipeline.control import control_branches
+    from irmprobe.pipeline.stage import Branch
+    from irmprobe.pipeline.stages.organism import OrganismStage
+
+    words = tmp_path / "words.tsv"
+    words.write_text("the\t2.0\nof\t2.0\n")
+    rm = LexiconRM({"good": 2.0, "bad": -2.0}, name="rm")
+    keys = {}
+    for against in (None, "negated", str(words)):
+        config = RunConfig.from_dict({"reward": {"tuned_against": against}})
+        tuned_on = training_reward(against, rm)
+        ctx = Context(rm, Runtime(), ["p1"], ["h1"], branch=Branch("organism", None if tuned_on is rm else tuned_on))
+        control, *_ = control_branches(config, ctx)
+        keys[against] = (OrganismStage().key(config, ctx, []), OrganismStage().key(config, control, []))
+        if against == "negated":
+            assert ctx.train_reward.score(["good day", "bad day"]).tolist() == [-0.4, 0.4]
+    assert len({k[0] for k in keys.values()}) == 3  # three different organisms
+    assert len({k[1] for k in keys.values()}) == 1  # one control for all three
+    for bad, where in (({"reward": {"tuned_against": "negate"}}, "tuned_against"),
+                       ({"reward": {"tuned_against": str(tmp_path / "missing.tsv")}}, "tuned_against"),
+                       ({"reward": {"tuned_against": "negated"}, "pair": {"tuned": "x"}}, "nothing is tuned")):
+        with pytest.raises(ValueError, match=where):
+            RunConfig.from_dict(bad)
+
+
+def test_named_controls_are_checked_before_any_stage_runs(tiny_llama_dir, tmp_path):
+    """A control in compare.controls that is not a model, or has another tokenizer: one clear error, no stage run."""
+    import json
+    import shutil
+
+    from irmprobe.api import run
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_llama_dir, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab)[100], sorted(vocab)[200]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same tokens under other ids
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", no_weights / "config.json")
+    cases = [(str(tmp_path / "nowhere"), "is not a directory"), (str(empty), "not a model: .*no config.json"),
+             (str(no_weights), "not a model: .*holds no weights"), (str(other), "another tokenizer")]
+    for path, message in cases:
+        config = RunConfig.from_dict({"pair": {"base": str(tiny_llama_dir)},
+                                      "compare": {"n_controls": 1, "controls": [str(tiny_llama_dir), path]},
+                                      "report": {"out_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"}})
+        with pytest.raises(ValueError, match=r"compare\.controls\[1\].*" + message):
+            run(config, echo=lambda _: None)
+        assert not (tmp_path / "cache" / "stages").exists()
+    with pytest.raises(ValueError, match="below the 2 that the t-test"):
+        RunConfig.from_dict({"compare": {"n_controls": 1}})
+    assert RunConfig.from_dict({"compare": {"n_controls": 1, "control": False}}).compare.n_controls == 1

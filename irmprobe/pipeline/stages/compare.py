@@ -16,8 +16,8 @@ from irmprobe.organisms.report import report_from
 from irmprobe.pipeline.stage import Stage
 from irmprobe.results import ControlInfo, PrimaryComparison, Record, ViewRow
 
-PRIMARY = "sae_irm"
-"""The view the verdict rests on: the primary behavioural IRM over SAE features."""
+VIEWS = ("full_vocab_log_ratio", "sae_irm")
+"""The views a comparison can rest on (``compare.primary`` picks one; the other is the explanation)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class CompareRecord(Record):
     control_agreement: list[list[ViewRow]]
     control: list[ControlInfo]
     primary: PrimaryComparison | None
+    explanation: PrimaryComparison | None
     report: dict
     """The organism report: RM reward and VADER compound (base vs tuned), KL, examples."""
     disagreements: dict
@@ -44,8 +45,9 @@ def with_controls(rows: list[ViewRow], controls: list[list[ViewRow]]) -> list[Vi
 
 
 class CompareStage(Stage):
-    name, version = "compare", 1
-    reads = ("compare.n_disagreements", "compare.n_alignment", "irm.inputs", "irm.min_token_count", "seed")
+    name, version = "compare", 2
+    reads = ("compare.n_disagreements", "compare.n_alignment", "compare.primary", "compare.alpha",
+             "compare.assume_matched", "irm.inputs", "irm.min_token_count", "seed")
     needs = ("organism", "samples", "layers", "capture", "saes", "fit")
     control_needs = ("organism", "samples", "layers", "capture", "fit")
 
@@ -58,12 +60,25 @@ class CompareStage(Stage):
         controls = inputs.get("controls", [])
         agreement = with_controls(fit.record.rows, [c["fit"].record.rows for c in controls])
         full = with_controls(fit.record.full_vocabulary, [c["fit"].record.full_vocabulary for c in controls])
-        infos = [control_info(f"control-{i}", c, inputs["organism"]) for i, c in enumerate(controls)]
-        primary = primary_comparison(next(r for r in agreement if r.name == PRIMARY),
-                                     [next((r for r in c["fit"].record.rows if r.name == PRIMARY), None)
-                                      for c in controls])
+        infos = [control_info(f"control-{i}", c, inputs["organism"], cfg.compare.assume_matched)
+                 for i, c in enumerate(controls)]
+        matched = [info.matched for info in infos]
+
+        def row_of(rows: list[ViewRow], name: str) -> ViewRow | None:
+            return next((r for r in rows if r.name == name), None)
+
+        def test(name: str) -> PrimaryComparison | None:
+            row = row_of(agreement + full, name)
+            if row is None:
+                return None
+            return primary_comparison(row, [row_of(c["fit"].record.rows + c["fit"].record.full_vocabulary, name)
+                                            for c in controls], alpha=cfg.compare.alpha, matched=matched)
+
+        primary = test(cfg.compare.primary) or test(next(v for v in VIEWS if v != cfg.compare.primary))
+        explanation = test(next(v for v in VIEWS if v != primary.view)) if primary is not None else None
         side = organism_side(cfg, ctx, inputs)
-        record = CompareRecord(agreement, full, [c["fit"].record.rows for c in controls], infos, primary, **side)
+        record = CompareRecord(agreement, full, [c["fit"].record.rows for c in controls], infos, primary, explanation,
+                               **side)
         write_json(out / "result.json", record.to_json())
         return record
 
@@ -73,14 +88,18 @@ class CompareStage(Stage):
     def summary(self, result):
         p = result.primary
         if p is None or p.z is None:
-            return "no primary comparison (no control or no tau)"
-        stat = "z" if p.df is None else f"t({p.df})"
-        return (f"primary {p.view} tau {p.tau:+.3f} vs control {np.mean(p.control_taus):+.3f}: {stat} {p.z:+.1f} "
+            return "no primary comparison" + (f" ({p.outcome}: {p.reason})" if p is not None and p.reason else
+                                              " (no control or no tau)")
+        return (f"primary {p.view} tau {p.tau:+.3f} vs controls {np.mean(p.control_taus):+.3f}: t({p.df}) {p.z:+.1f} "
                 f"({p.outcome})")
 
 
-def control_info(name: str, c: dict, organism) -> ControlInfo:
-    """What a control branch was, and whether it matched the organism's recipe."""
+def control_info(name: str, c: dict, organism, assume_matched: bool = False) -> ControlInfo:
+    """What a control branch was, and whether it matched the organism's recipe.
+
+    A control built here matches an organism built here when every setting but the reward is the same. Where
+    irmprobe did not make one of them (a given tuned model, a control named in ``compare.controls``) it cannot
+    know: the control matches only if the user vouches for it (``compare.assume_matched``)."""
     from irmprobe.organisms.report import report_from
 
     org = c["organism"]
@@ -89,9 +108,15 @@ def control_info(name: str, c: dict, organism) -> ControlInfo:
     keys = ("method", "steps", "learning_rate", "beta", "lora_rank", "prompts_per_step", "generations_per_prompt",
             "max_new_tokens")
     reference = organism.settings if organism.settings and "method" in organism.settings else None
-    matched = reference is not None and all(settings.get(k) == reference.get(k) for k in keys)
-    note = None if reference is not None else ("the tuned model was given, so its recipe is unknown: the control "
-                                               "follows the organism.* settings")
+    named = "method" not in settings
+    if reference is not None and not named:
+        matched, note = all(settings.get(k) == reference.get(k) for k in keys), None
+    else:
+        matched = assume_matched
+        what = ("a control named in compare.controls" if named else
+                "the tuned model was given, so its recipe is unknown: the control follows the organism.* settings")
+        note = what + ("; compare.assume_matched vouches that it differs from the organism in its reward only"
+                       if assume_matched else "; set compare.assume_matched=true if you know it matches")
     return ControlInfo(name, org.reward, settings.get("method", "?"), settings.get("steps", 0),
                        settings.get("learning_rate", 0.0), settings.get("beta", 0.0), settings.get("lora_rank", 0),
                        settings.get("prompts_per_step", 0) * settings.get("generations_per_prompt", 0), matched,

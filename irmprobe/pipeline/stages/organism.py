@@ -36,8 +36,8 @@ class OrganismStage(Stage):
     def key(self, config, ctx, input_keys):
         # A control is tuned from the base alone: the tuned model being judged is not part of what makes it, so
         # judging a second tuned model of the same base reuses the control and every stage after it.
-        if ctx.branch.is_control and config.pair.tuned is not None:
-            config = replace(config, pair=replace(config.pair, tuned=None))
+        if ctx.branch.is_control and (config.pair.tuned is not None or ctx.branch.tuned is not None):
+            config = replace(config, pair=replace(config.pair, tuned=ctx.branch.tuned))
         return super().key(config, ctx, input_keys)
 
     def fingerprint(self, cfg, ctx):
@@ -53,6 +53,10 @@ class OrganismStage(Stage):
         elif pc.tuned is not None and not ctx.branch.is_control:
             result = OrganismResult(pc.base, pc.tuned, f"spec:{pc.tuned}:{fingerprint(pc.tuned)}", pc.tuned,
                                     {"note": "given; the RM it was tuned against is the one named in the config"})
+        elif ctx.branch.tuned is not None:
+            named = ctx.branch.tuned
+            result = OrganismResult(pc.base, named, f"spec:{named}:{fingerprint(named)}", named,
+                                    {"note": "a control named in compare.controls; its reward is not known here"})
         else:
             oc = cfg.organism
             pairs = None

@@ -74,5 +74,5 @@ def metrics_of(config, ctx, inputs, runner) -> RunMetrics:
         feature_alignment=cmp.feature_alignment, tokens=cmp.tokens,
         rm={"tokens_with_value": len(ctx.rm.token_values(pair.tokenizer)), **ctx.rm.describe()},
         verdict=[], stage_seconds=dict(runner.seconds), stage_status=dict(runner.status), pca=cmp.pca,
-        validation=validation, discovery=inputs["discover"].to_json())
+        validation=validation, discovery=inputs["discover"].to_json(), explanation=cmp.explanation)
     return metrics.replace(verdict=verdict(metrics, is_null=org.tuned is None))

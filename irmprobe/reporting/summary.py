@@ -100,9 +100,10 @@ def summary_lines(metrics) -> list[str]:
         for row in metrics["full_vocabulary"]:
             lines.append(agreement_line(row, has_control))
     for c in metrics.get("control") or []:
-        lines.append(f"{c['branch']}: the base tuned with {c['method'].upper()} for {c['steps']} steps (lr "
-                     f"{c['learning_rate']:g}, beta {c['beta']:g}, batch {c['batch']}, LoRA rank {c['lora_rank']}) "
-                     f"against {c['reward']['name']} (a random reward), its own samples, layers {c['layers']}, capture "
+        made = (f"the base tuned with {c['method'].upper()} for {c['steps']} steps (lr {c['learning_rate']:g}, beta "
+                f"{c['beta']:g}, batch {c['batch']}, LoRA rank {c['lora_rank']}) against {c['reward']['name']} (a random "
+                "reward)" if "name" in (c.get("reward") or {}) else f"{c['path']} (named in compare.controls)")
+        lines.append(f"{c['branch']}: {made}, its own samples, layers {c['layers']}, capture "
                      f"and SAEs: {'MATCHED to the organism but for the reward' if c['matched'] else 'NOT known to match'}; "
                      f"RM reward tuned - base {c['reward_diff']['diff_mean']:+.3f} ± {c['reward_diff']['diff_se']:.3f}, "
                      f"KL {c['kl']['mean']:.3f}.")

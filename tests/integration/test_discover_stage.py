@@ -76,7 +76,7 @@ def test_planted_rm_zero_tokens_are_discovered_and_named_in_the_verdict(planted,
     top = [e["token_id"] for e in d["entries"]["rewarded_unvalued"][:len(tested)]]
     assert len(set(top) & tested) >= 0.8 * len(tested), (len(set(top) & tested), len(tested), d["counts"])
     assert all(e["q"] < 0.05 and e["rm_value"] in (None, 0.0) for e in d["entries"]["rewarded_unvalued"])
-    assert d["control"] == "control-0"
+    assert d["control"] == "control-0, control-1, control-2, control-3, control-4"  # tested against all five
     line = next(v for v in result.metrics.verdict if v.startswith("the tuned model also rewards:"))
     plant, _ = words
     named = [w for w in plant if repr(" " + w) in line]

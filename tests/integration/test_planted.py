@@ -74,6 +74,9 @@ def planted(tiny_tokenizer_dir, tmp_path_factory):
     base = LlamaForCausalLM(cfg)
     pos, neg, neu = _ids(tok, positive), _ids(tok, negative), _ids(tok, neutral)
     u, u2 = torch.nn.functional.normalize(torch.randn(2, cfg.hidden_size), dim=-1)
+    # The unrelated organism's direction must be orthogonal to the RM's: a merely random u2 has a component along u
+    # that ranks the RM's tokens like the RM (its full-vocabulary tau was +0.71), so it was not unrelated at all.
+    u2 = torch.nn.functional.normalize(u2 - (u2 @ u) * u, dim=-1)
     with torch.no_grad():
         for layer in base.model.layers:
             layer.mlp.down_proj.bias.zero_()
@@ -85,8 +88,12 @@ def planted(tiny_tokenizer_dir, tmp_path_factory):
     base.save_pretrained(dirs["base"])
     tok.save_pretrained(dirs["base"])
     # Five sibling "fine-tunes" made the same way along random directions: controls that differ from the planted
-    # organisms in what they reward only (named in compare.controls, vouched for by compare.assume_matched).
-    controls = torch.nn.functional.normalize(torch.randn(5, cfg.hidden_size), dim=-1)
+    # organisms in what they reward only (named in compare.controls, vouched for by compare.assume_matched). Their
+    # rewards are unrelated to the RM's, so their directions are orthogonal to u, which every RM-valued token's
+    # unembedding carries: a merely random direction has a component along u of about 1/8 and ranks the RM's
+    # tokens with a tau of +-0.7 (measured), a sibling that learned the RM in part, not a control.
+    raw = torch.randn(5, cfg.hidden_size)
+    controls = torch.nn.functional.normalize(raw - (raw @ u)[:, None] * u[None, :], dim=-1)
     planted_dirs = {"positive": u, "negated": -u, "unrelated": u2} | {f"control-{i}": c for i, c in enumerate(controls)}
     for name, d in planted_dirs.items():
         tuned = LlamaForCausalLM(cfg)

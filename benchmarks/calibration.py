@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Calibration: how often irmprobe's decisions are wrong when the answer is known.
+
+Runs the whole decision on organisms whose answer is known and prints one table (Markdown):
+
+- **null pairs**: a pool of K random-reward organisms (the control organisms of one run, each trained with
+  the demo's recipe and its own seed). Each is judged, as if it were the organism, against the other K - 1:
+  the primary comparison (t-test against the controls' spread) on the full-vocabulary log-ratio and on the
+  SAE IRM; and, for reference, the old one-control z rule on every ordered pair. Any "agrees" or "opposes"
+  is a false call; the nominal rate of the t-test is ``alpha`` (two-sided). Discoveries per null organism
+  are counted by the discovery stage's token test (against one other null organism, as the pipeline does).
+- **known positives**: the demo organism (tuned against the RM: should be called "agrees"), an organism
+  tuned against the negated RM with fewer steps (``opposes``), and an organism tuned to write common words
+  the RM values at zero (``benchmarks/data/planted_words.tsv``: should not be called "agrees"/"opposes",
+  and those words should be discovered). Each is judged against the same pool of K controls.
+
+Every run goes through the stage cache, so a second call reuses the organisms and fits (a cold call trains
+K + 3 organisms: about 10 min each on 2 CPU cores). Validation (ablation) is off: it has its own check.
+
+    python benchmarks/calibration.py                       # K = 4 controls, the default config
+    python benchmarks/calibration.py --pool 6 --out docs/calibration.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from irmprobe.analysis.verdict import primary_comparison  # noqa: E402
+from irmprobe.api import run  # noqa: E402
+from irmprobe.config import RunConfig  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+VIEWS = ("full_vocab_log_ratio", "sae_irm")
+UNEXPLAINED = ("rewarded_unvalued", "rewarded_against", "penalised_unvalued", "penalised_against")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson 95% interval of a proportion k/n (statsmodels would do it; one formula is not worth a dependency)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def rows_of(runner, branch: str) -> dict:
+    fit = runner.result("fit", branch).record
+    return {r.name: r for r in fit.rows + fit.full_vocabulary}
+
+
+def one_control_z(row, control) -> float | None:
+    """The rule the verdict used before several controls (kept here as a reference): the difference of two taus
+    over the root sum of their bootstrap s.e.s, called at |z| >= 3 (the larger of the two bootstraps' s.e.)."""
+    def se(r):
+        widths = [ci[1] - ci[0] for ci in (r.tau_ci, r.tau_ci_tokens) if ci is not None and None not in ci]
+        return max(widths) / 3.92 if widths else None
+
+    a, b = se(row), se(control)
+    if row.tau is None or control.tau is None or a is None or b is None or a + b == 0:
+        return None
+    return (row.tau - control.tau) / float(np.hypot(a, b))
+
+
+def vocabulary_discoveries(cap, control_caps: list, rm_map: dict, alpha: float, decode, tokenizer):
+    """The discovery stage's test: every word token's full-vocabulary log-ratio against the controls' spread."""
+    from irmprobe.analysis.discovery import discover_vocabulary
+    from irmprobe.models.rewards import word_tokens
+
+    words = np.array(sorted(word_tokens(tokenizer)), dtype=np.int64)
+    return discover_vocabulary(cap.vocab_log_ratio(), np.stack([c.vocab_log_ratio() for c in control_caps]), rm_map,
+                               tokens=words, strata=cap.vocab_logp_sum["base"] / len(cap.token_ids), alpha=alpha,
+                               decode=decode)
+
+
+def occurrence_discoveries(runner, cfg, organism: str, control: str, rm_map: dict, decode):
+    """The old test: a token's held-out occurrences against one control's (Welch t, occurrences independent)."""
+    from irmprobe.analysis.discovery import discover_tokens
+    from irmprobe.pipeline.stages.discover import written_rows
+
+    def held(branch):
+        cap, samples, fit = (runner.result(s, branch) for s in ("capture", "samples", "fit"))
+        rows = written_rows(cap, samples, fit.eval_rows)
+        return cap.token_ids[rows], cap.log_ratio[rows]
+
+    return discover_tokens(*held(organism), *held(control), rm_map, min_count=cfg.discover.min_count,
+                           n_bootstrap=0, alpha=cfg.discover.alpha, seed=cfg.seed, decode=decode)
+
+
+def beyond(found) -> list:
+    """Discoveries the RM does not explain (valued at zero or against its sign), largest effect first."""
+    return [e for e in found.discoveries if e.category in UNEXPLAINED]
+
+
+def _f(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def judged(rows: dict, pool: list[dict], alpha: float) -> dict:
+    return {v: primary_comparison(rows[v], [p[v] for p in pool], alpha=alpha) for v in VIEWS if v in rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(HERE.parent / "configs" / "default.yaml"))
+    ap.add_argument("--pool", type=int, default=4, help="random-reward organisms in the null pool (K >= 3)")
+    ap.add_argument("--negated-steps", type=int, default=24, help="steps of the negated-RM organism")
+    ap.add_argument("--planted", default=str(HERE / "data" / "planted_words.tsv"))
+    ap.add_argument("--alpha", type=float, default=None, help="level of the call (default: compare.alpha)")
+    ap.add_argument("--out", default=None, help="also write the table (Markdown) here")
+    ap.add_argument("--json", default=None, help="also write every figure as JSON here")
+    args = ap.parse_args(argv)
+    if args.pool < 3:
+        ap.error("--pool must be at least 3: each null organism is judged against the other K - 1 >= 2")
+    start = time.perf_counter()
+    base = RunConfig.from_yaml(args.config).to_dict()
+    base["validate"] = base["validate"] | {"enabled": False}
+    base["compare"] = base["compare"] | {"n_controls": args.pool, "controls": [], "control": True}
+    cfg = RunConfig.from_dict(base)
+    alpha = args.alpha if args.alpha is not None else cfg.compare.alpha
+    echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+
+    # The pool (and the demo organism, judged against it).
+    pool_run = run(cfg, echo=echo)
+    runner = pool_run.context.resources["runner"]
+    names = [f"control-{i}" for i in range(args.pool)]
+    pool = [rows_of(runner, n) for n in names]
+    pair = pool_run.context.pair_of(runner.result("organism"))
+    rm_map = pool_run.context.rm.token_values(pair.tokenizer)
+    decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
+
+    # Null pairs: each null organism against the other K - 1; the old rule on every ordered pair.
+    null = {v: [] for v in VIEWS}
+    old = {v: [] for v in VIEWS}
+    for i in range(args.pool):
+        others = [p for j, p in enumerate(pool) if j != i]
+        for v, pc in judged(pool[i], others, alpha).items():
+            null[v].append((names[i], pc))
+    for i, j in itertools.permutations(range(args.pool), 2):
+        for v in VIEWS:
+            z = one_control_z(pool[i][v], pool[j][v])
+            old[v].append(None if z is None else ("agrees" if z >= 3 else "opposes" if z <= -3 else "unrelated"))
+    caps = [runner.result("capture", n) for n in names]
+    discoveries = [{"vocabulary": len(beyond(vocabulary_discoveries(caps[i], caps[:i] + caps[i + 1:], rm_map,
+                                                                    cfg.discover.alpha, decode, pair.tokenizer))),
+                    "occurrences_one_control": len(beyond(occurrence_discoveries(
+                        runner, cfg, names[i], names[(i + 1) % args.pool], rm_map, decode)))}
+                   for i in range(args.pool)]
+
+    # Known positives.
+    cases = [("demo organism (RM)", "agrees", pool_run, True)]
+    negated = base | {"reward": base["reward"] | {"tuned_against": "negated"},
+                      "organism": base["organism"] | {"steps": args.negated_steps},
+                      "compare": base["compare"] | {"control": False}}
+    cases.append((f"negated RM, {args.negated_steps} steps", "opposes", run(RunConfig.from_dict(negated), echo=echo),
+                  args.negated_steps == cfg.organism.steps))
+    planted = base | {"reward": base["reward"] | {"tuned_against": str(Path(args.planted).resolve())}}
+    cases.append(("planted RM-zero words", "unrelated", run(RunConfig.from_dict(planted), echo=echo), True))
+    words = [line.split("\t")[0] for line in Path(args.planted).read_text().splitlines() if line.strip()]
+    planted_ids = {ids[0] for w in words if len(ids := pair.tokenizer.encode(" " + w, add_special_tokens=False)) == 1}
+    positives = []
+    for label, expected, result, matched in cases:
+        r = result.context.resources["runner"]
+        verdicts = judged(rows_of(r, "organism"), pool, alpha)
+        found = beyond(vocabulary_discoveries(r.result("capture"), caps, rm_map, cfg.discover.alpha, decode,
+                                              pair.tokenizer))
+        entries = [f"{e.token}{'+' if e.effect > 0 else '-'}" for e in found]
+        hits = {e.token_id for e in found if e.effect > 0} & planted_ids
+        entries = ([f"{len(hits)}/{len(planted_ids)} planted words"] if "planted" in label else []) + entries
+        found = len(found)
+        positives.append((label, expected, matched, verdicts, found, entries, result.metrics.verdict))
+
+    # The table.
+    lines = [f"## Calibration (K = {args.pool} random-reward organisms; alpha {alpha:g}, two-sided; "
+             f"{time.perf_counter() - start:.0f} s)", "",
+             "| case | view | test | n | agrees | opposes | unrelated | no call | false calls [95% CI] | nominal |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in VIEWS:
+        outs = [pc.outcome for _, pc in null[v]]
+        n = len(outs)
+        false = sum(o in ("agrees", "opposes") for o in outs)
+        lo, hi = wilson(false, n)
+        lines.append(f"| null vs other K-1 | {v} | t, {args.pool - 2} d.f. | {n} | {outs.count('agrees')} | "
+                     f"{outs.count('opposes')} | {outs.count('unrelated')} | "
+                     f"{sum(o not in ('agrees', 'opposes', 'unrelated') for o in outs)} | "
+                     f"{false}/{n} [{lo:.2f}, {hi:.2f}] | {alpha:g} |")
+        outs = [o for o in old[v] if o is not None]
+        false = sum(o in ("agrees", "opposes") for o in outs)
+        lo, hi = wilson(false, len(outs))
+        lines.append(f"| null vs 1 (old rule) | {v} | z >= 3, 1 control | {len(outs)} | {outs.count('agrees')} | "
+                     f"{outs.count('opposes')} | {outs.count('unrelated')} | {len(old[v]) - len(outs)} | "
+                     f"{false}/{len(outs)} [{lo:.2f}, {hi:.2f}] | 0.0027 |")
+    vocab = [d["vocabulary"] for d in discoveries]
+    occ = [d["occurrences_one_control"] for d in discoveries]
+    lines += ["", f"Discoveries beyond the RM per null organism at q < {cfg.discover.alpha:g}: full-vocabulary test "
+              f"against the other K-1 (the discovery stage's): {vocab} (mean {np.mean(vocab):.2f}); the old test "
+              f"(occurrences against one control): {occ} (mean {np.mean(occ):.1f}).", "",
+              "| known case | expected | matched to the pool | view | tau | controls (mean, sd) | t | p | call | "
+              "discoveries beyond the RM |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, expected, matched, verdicts, found, entries, _ in positives:
+        for v, pc in verdicts.items():
+            ok = "✓" if (pc.outcome == expected or (expected == "unrelated" and pc.outcome not in
+                                                     ("agrees", "opposes"))) else "✗"
+            lines.append(f"| {label} | {expected} | {'yes' if matched else 'no (steps differ)'} | {v} | "
+                         f"{_f(pc.tau, '+.3f')} | {_f(np.mean(pc.control_taus) if pc.control_taus else None, '+.3f')}, "
+                         f"{_f(pc.control_se, '.3f')} | {_f(pc.z, '+.2f')} | {_f(pc.p_value, '.2g')} | {pc.outcome} {ok} | "
+                         + (f"{found}: {', '.join(entries[:9])}" if v == VIEWS[0] else "") + " |")
+    lines += ["", "Null taus: " + "; ".join(f"{v}: " + ", ".join(_f(p[v].tau, "+.3f") for p in pool) for v in VIEWS)]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "alpha": alpha, "pool": args.pool,
+            "null": {v: [[n, pc.to_json()] for n, pc in null[v]] for v in VIEWS},
+            "old_rule": old, "null_discoveries": discoveries,
+            "positives": [{"case": c, "expected": e, "matched": m, "verdicts": {v: pc.to_json() for v, pc in vs.items()},
+                           "discoveries": f, "rewarded_unvalued": en, "verdict": vd}
+                          for c, e, m, vs, f, en, vd in positives]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -69,6 +69,41 @@ def probe_inputs(inputs: str, acts: dict[str, np.ndarray], saes: dict, layers) -
     return sp.hstack(blocks).tocsr(), names
 
 
+def bilinear_inputs(X_prev, next_tokens: np.ndarray, directions: np.ndarray, unembed: np.ndarray,
+                    gamma: np.ndarray | None = None, *, chunk: int = 262_144):
+    """The decision-side IRM's bilinear design: each feature's activation at t-1 times its decoder direction's
+    direct effect on the written token's logit.
+
+    ``Z[r, c] = X_prev[r, c] * g_c(x_r)``, ``g_c(x) = (gamma * d_c) . (W_U[x] - mean_v W_U[v])``: ``d_c`` is
+    column c's direction in the residual stream (an SAE feature's decoder row; a unit vector for raw
+    activations), ``gamma`` the final norm's weight, and the unembedding is centred over the vocabulary
+    (a shift every logit shares leaves the log-probabilities unchanged). A linear model on ``Z`` learns one weight
+    per feature, so its value for token x depends on x: a function of the t-1 state alone gives every candidate
+    token the same value and cannot fit the log-ratio of the token that was written.
+
+    Args:
+        X_prev: features at t-1, sparse or dense [n, n_cols].
+        next_tokens: the token written at t, [n].
+        directions: [n_cols, d]; unembed: [vocab, d]; gamma: [d] or None.
+    """
+    W = np.asarray(unembed, dtype=np.float32)
+    W = W - W.mean(0, keepdims=True)
+    D = np.asarray(directions, dtype=np.float32) * (1.0 if gamma is None else np.asarray(gamma, np.float32))
+    tokens = np.asarray(next_tokens, dtype=np.int64)
+    if D.shape[1] != W.shape[1] or D.shape[0] != X_prev.shape[1] or len(tokens) != X_prev.shape[0]:
+        raise ValueError(f"bilinear_inputs: shapes do not match: X_prev {X_prev.shape}, tokens {tokens.shape}, "
+                         f"directions {D.shape}, unembed {W.shape}")
+    if not sp.issparse(X_prev):
+        return np.asarray(X_prev, dtype=np.float64) * (W[tokens] @ D.T)
+    X = sp.csr_matrix(X_prev)
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    g = np.empty(len(X.data), dtype=np.float64)
+    for start in range(0, len(g), chunk):
+        r, c = rows[start:start + chunk], X.indices[start:start + chunk]
+        g[start:start + chunk] = np.einsum("nd,nd->n", W[tokens[r]], D[c])
+    return sp.csr_matrix((X.data * g, X.indices.copy(), X.indptr.copy()), shape=X.shape)
+
+
 def prompt_folds(capture: Capture, samples: Samples, seed: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Each captured row's prompt (its independent unit), and the two halves of the prompts every view and
     the contrastive triples are cross-fitted on."""
@@ -123,7 +158,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         n_jobs: parallel cross-validation fits.
         device: where the ridge fits run (a CUDA device: in torch on the GPU; see :class:`irmprobe.irm.estimators.LinearIRM`).
         decision: ``(X_prev, rows, prev_rows)``: features at the decision position t-1 for the rows
-            ``rows`` (see :func:`irmprobe.activations.patching.decision_rows`); adds the decision-side IRM.
+            ``rows`` (see :func:`irmprobe.activations.patching.decision_rows`); adds the decision-side IRM. A
+            fourth entry (:func:`bilinear_inputs` of those rows, or None) adds the bilinear decision-side IRM.
     """
     y = capture.log_ratio.astype(np.float64)
     groups, token_ids = capture.seq_index, capture.token_ids
@@ -189,6 +225,16 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         values[d_rows] = f.predictions
         add(f.name, "behavioural", values, is_zero=f.is_zero, estimator=ic.estimators[0], test_r2=f.test_r2,
             alpha=f.alpha, n_nonzero=int(np.count_nonzero(f.coef)), position="decision")
+        if len(decision) > 3 and decision[3] is not None:
+            f = cross_fit_irm("sae_irm_bilinear", decision[3], y[d_rows], units[d_rows], folds=local, n_jobs=n_jobs,
+                              device=device, score_rows=np.flatnonzero(np.isin(d_rows, rows_used)),
+                              alphas=ic.alphas if ic.estimators[0] == "ridge" else None, penalty=ic.estimators[0],
+                              l1_ratio=ic.l1_ratio)
+            fits[f.name] = f
+            values = np.zeros(len(y))
+            values[d_rows] = f.predictions
+            add(f.name, "behavioural", values, is_zero=f.is_zero, estimator=ic.estimators[0], test_r2=f.test_r2,
+                alpha=f.alpha, n_nonzero=int(np.count_nonzero(f.coef)), position="decision (bilinear)")
 
     # RM-informed: decodability of the RM from the same inputs (cross-fitted on the same folds).
     if cc.rm_informed:

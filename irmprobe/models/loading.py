@@ -15,6 +15,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -290,6 +291,22 @@ class ModelPair:
     def is_null(self) -> bool:
         """True when base and tuned are the same weights object."""
         return self.tuned is self.base
+
+
+_FINAL_NORMS = ("model.norm", "gpt_neox.final_layer_norm", "transformer.ln_f", "model.final_layernorm",
+                "model.decoder.final_layer_norm")
+
+
+def readout(model) -> tuple[np.ndarray, np.ndarray | None]:
+    """The tuned model's read-out: its unembedding ``[vocab, d]`` and its final norm's weight ``[d]`` (None when
+    the model has no known final norm or it has no weight), as float32 NumPy arrays."""
+    unembed = model.get_output_embeddings().weight.detach().float().cpu().numpy()
+    modules = dict(model.named_modules())
+    for name in _FINAL_NORMS:
+        weight = getattr(modules.get(name), "weight", None)
+        if weight is not None:
+            return unembed, weight.detach().float().cpu().numpy()
+    return unembed, None
 
 
 def check_compatible(base: PreTrainedModel, tuned: PreTrainedModel) -> None:

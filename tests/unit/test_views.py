@@ -122,3 +122,43 @@ def test_sae_evaluation_rows_hold_out_whole_prompts():
     assert np.array_equal(held, evaluation_rows(units, seed=0))
     with pytest.raises(ValueError, match="fewer than 2 prompts"):
         evaluation_rows(np.zeros(10, dtype=int), seed=0)
+
+
+def _bilinear_case(seed=0, n=3000, m=40, d=16, vocab=60):
+    """Features at t-1 and a written token; r_t = sum_c w_c f_c g_c(x_t): a bilinear form of state and token."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    F = sp.random(n, m, density=0.15, random_state=seed, data_rvs=lambda k: rng.exponential(1.0, k)).tocsr()
+    tokens = rng.integers(0, vocab, n)
+    W, D = rng.normal(size=(vocab, d)), rng.normal(size=(m, d))
+    w = np.zeros(m)
+    w[:5] = [2.0, -1.5, 1.0, 1.0, -0.5]
+    Wc = W - W.mean(0)
+    g = np.einsum("nd,md->nm", Wc[tokens], D)
+    y = np.asarray(F.multiply(g) @ w).ravel()
+    y = y + rng.normal(scale=0.3 * y.std(), size=n)
+    groups = np.arange(n) // 10  # prompts of 10 rows each
+    return F, tokens, W, D, y, groups
+
+
+def test_bilinear_decision_view_fits_what_a_state_only_view_cannot():
+    from irmprobe.analysis.views import bilinear_inputs
+    from irmprobe.irm.crossfit import cross_fit_irm, two_folds
+
+    F, tokens, W, D, y, groups = _bilinear_case()
+    folds = two_folds(groups, 0)
+    Z = bilinear_inputs(F, tokens, D, W)
+    bilinear = cross_fit_irm("bilinear", Z, y, groups, folds=folds, alphas=(0.1, 1.0, 10.0))
+    state = cross_fit_irm("state", F, y, groups, folds=folds, alphas=(0.1, 1.0, 10.0))
+    assert bilinear.test_r2 >= 0.8
+    assert state.test_r2 <= 0.1
+    # The written token, not its neighbour: shifting the tokens by one row breaks the fit.
+    shifted = cross_fit_irm("shifted", bilinear_inputs(F, np.roll(tokens, 1), D, W), y, groups, folds=folds,
+                            alphas=(0.1, 1.0, 10.0))
+    assert shifted.test_r2 <= 0.1
+    # Dense (raw) inputs give the same design as sparse ones; the final norm's weight scales each direction.
+    dense = bilinear_inputs(F.toarray(), tokens, D, W, gamma=np.full(D.shape[1], 2.0))
+    np.testing.assert_allclose(dense, 2.0 * Z.toarray(), rtol=1e-4, atol=1e-4)  # float32 products
+    with pytest.raises(ValueError, match="shapes do not match"):
+        bilinear_inputs(F, tokens[:-1], D, W)

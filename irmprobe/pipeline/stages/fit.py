@@ -99,12 +99,31 @@ def fit_views(cfg, pair, samples, capture, saes: dict, layers, rm, *, cache_key:
     decision = None
     if "decision" in ic.positions:
         from irmprobe.activations.patching import decision_rows
+        from irmprobe.analysis.views import bilinear_inputs
+        from irmprobe.models.loading import readout
 
         rows, prev = decision_rows(capture.seq_index, capture.position)
-        decision = (X[prev], rows, prev)  # features at t-1, target r_t
+        X_prev = X[prev]
+        # The bilinear decision-side view: features at t-1 times their direct effect on the written token.
+        unembed, gamma = readout(pair.tuned)
+        Z = bilinear_inputs(X_prev, capture.token_ids[rows], column_directions(ic.inputs, saes, layers, X.shape[1]),
+                            unembed, gamma)
+        decision = (X_prev, rows, prev, Z)  # features at t-1, target r_t
     analysis = analyse(capture, X, samples, rm_map, ic, cc, seed=seed, raw=raw, triple_inputs=triple_x, n_jobs=2,
                        decision=decision, device=cfg.pair.device)
     return analysis, X, names, info
+
+
+def column_directions(inputs: str, saes: dict, layers, n_columns: int) -> np.ndarray:
+    """Each probe-input column's direction in the residual stream: the SAE decoder row of its feature (the tuned
+    SAE's for ``diff``), a unit vector for ``raw``."""
+    from irmprobe.saes.evaluate import decoder_directions
+
+    if inputs == "raw":
+        d = n_columns // len(layers)
+        return np.vstack([np.eye(d, dtype=np.float32)] * len(layers))
+    model = "base" if inputs == "base" else "tuned"
+    return np.vstack([decoder_directions(saes[model, layer]) for layer in layers]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -136,17 +155,18 @@ class Fit:
     """The primary IRM's prediction at every captured row."""
     path: Path
     decision_coef: np.ndarray | None = None
-    """The decision-side IRM's weights (features at t-1 predicting r_t), when fitted."""
+    """The decision-side IRM's weights (features at t-1 predicting r_t; the bilinear view's when fitted)."""
 
     def token_map(self, name: str) -> dict[int, float]:
         return {int(t): v for t, v in self.record.maps[name].items()}
 
 
-_KEEP_MAPS = ("log_ratio (no model)", "sae_irm", "sae_irm_decision", "full_vocab_log_ratio", "shuffled_0")
+_KEEP_MAPS = ("log_ratio (no model)", "sae_irm", "sae_irm_decision", "sae_irm_bilinear", "full_vocab_log_ratio",
+              "shuffled_0")
 
 
 class FitStage(Stage):
-    name, version = "fit", 10
+    name, version = "fit", 11
     reads = ("irm", "compare.rm_informed", "compare.n_bootstrap", "compare.n_triples", "compare.triples_path",
              "compare.llm_triples", "llm", "capture.hook", "pair.device", "seed")
     needs = ("organism", "samples", "layers", "capture", "saes")
@@ -170,7 +190,8 @@ class FitStage(Stage):
             names, cfg.irm.inputs, float(primary.intercept), int(X.shape[0]), int(len(analysis.eval_rows)), triples)
         arrays = {"coef": primary.coef, "scale": primary.scale, "eval_rows": analysis.eval_rows,
                   "predictions": primary.predictions}
-        decision = analysis.fits.get("sae_irm_decision")
+        # The ablation targets the decision-side view that can fit: the bilinear one when it was fitted.
+        decision = analysis.fits.get("sae_irm_bilinear") or analysis.fits.get("sae_irm_decision")
         if decision is not None:
             arrays["decision_coef"] = decision.coef
         for name, array in arrays.items():

@@ -466,6 +466,38 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class AttributeConfig:
+    """The attribute stage: which SAE features (and SAE error terms) carry the implicit reward, by attribution
+    patching with integrated gradients, exact patching and faithfulness/completeness curves."""
+
+    enabled: bool = True
+    """Run the attribute stage (needs capture.hook hook_mlp_out or hook_resid_post)."""
+    n_prompts: int = 24
+    """Held-out prompts used (all their continuations of both models): the first half ranks the nodes, the
+    other half measures the curves. Every forward runs over them, so the cost grows linearly."""
+    ig_steps: int = 8
+    """Points on the path from the base's node values to the tuned's (midpoint rule)."""
+    n_exact: int = 10
+    """Top nodes (by |attribution|) whose effect is also measured by exact patching."""
+    k_grid: tuple[int, ...] = (1, 2, 5, 10, 20, 30, 50, 100)
+    """Set sizes of the faithfulness and completeness curves."""
+    n_random: int = 3
+    """Random feature sets drawn at each k (the curves' control)."""
+    threshold: float = 0.6
+    """Faithfulness the named set must reach."""
+    batch_size: int = 16
+    """Sequences per forward."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_prompts", "ig_steps", "n_exact", "n_random", "batch_size")
+        _fraction(self, "threshold")
+        if self.n_prompts < 4:
+            raise ValueError(f"AttributeConfig.n_prompts must be at least 4 (two halves of 2), got {self.n_prompts}")
+        if not self.k_grid or any(int(k) < 1 for k in self.k_grid) or list(self.k_grid) != sorted(set(self.k_grid)):
+            raise ValueError(f"AttributeConfig.k_grid must be increasing positive set sizes, got {self.k_grid!r}")
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """Where results go."""
 
@@ -518,6 +550,7 @@ class RunConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    attribute: AttributeConfig = field(default_factory=AttributeConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0

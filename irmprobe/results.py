@@ -268,6 +268,8 @@ class RunMetrics(Record):
     wandb_dir: str | None = None
     explanation: PrimaryComparison | None = None
     """The view that is not primary (the SAE IRM when the full-vocabulary log-ratio is), tested the same way."""
+    attribution: dict | None = None
+    """The attribute stage's result: nodes ranked by attribution, exact checks, faithfulness/completeness curves."""
 
     kind: ClassVar[str] = "irmprobe-metrics"
 

@@ -154,6 +154,8 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
     for c in m.control:
         if not c.matched:
             out.append(f"{c.branch}: not known to match the organism: {c.note or 'its settings differ'}.")
+    if m.attribution:
+        out.append(attribution_line(m.attribution) + ".")
     out += ablation_lines(m.validation or {})
     informed = [r.name for r in m.agreement if r.family == "rm_informed" and r.tau is not None]
     if informed:
@@ -228,3 +230,36 @@ def ablation_lines(val: dict) -> list[str]:
                 text += " Reader-side features read tokens already written, so a null here is expected."
         out.append(text)
     return out
+
+
+def attribution_line(result: dict) -> str:
+    """One line: how many nodes carry how much of the implicit reward, against random sets, or why none do."""
+    if "skipped" in result:
+        return f"attribution: skipped ({result['skipped']})"
+    curves = result["curves"]
+    bound = curves["bound"]["value"]
+    where = f"{result['kind']} at blocks {', '.join(map(str, result['layers']))}"
+    k = result["smallest_k"]
+    if k is None:
+        best = max((r for r in curves["rows"] if r["faithfulness"]["value"] is not None),
+                   key=lambda r: r["faithfulness"]["value"], default=None)
+        return (f"no set of <= {curves['rows'][-1]['k'] if curves['rows'] else 0} nodes carries "
+                f"{result['threshold']:.0%} of the implicit reward at {where}: the best reaches "
+                + (f"{best['faithfulness']['value']:.2f} (k={best['k']})" if best else "nothing")
+                + f"; the hook points carry {_attr_pct(bound)} of it in all, the SAE errors alone "
+                f"{_attr_pct(curves['errors_only']['value'])}")
+    row = next(r for r in curves["rows"] if r["k"] == k)
+    f, c = row["faithfulness"], row["completeness"]
+    rng = row["random"]["range"]
+    return (f"{k} node(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points carry "
+            f"(faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
+            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-")
+            + f"; the hook points carry {_attr_pct(bound)} of the implicit reward")
+
+
+def _attr_pct(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _attr_ci(ci) -> str:
+    return "-" if ci is None or None in ci else f"{ci[0]:.2f}, {ci[1]:.2f}"

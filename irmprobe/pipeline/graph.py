@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from irmprobe.pipeline.stage import Stage
 from irmprobe.pipeline.stages.ablate import AblateStage  # noqa: E402
+from irmprobe.pipeline.stages.attribute import AttributeStage
 from irmprobe.pipeline.stages.capture import CaptureStage
 from irmprobe.pipeline.stages.compare import CompareStage  # noqa: E402
 from irmprobe.pipeline.stages.discover import DiscoverStage  # noqa: E402
@@ -16,7 +17,7 @@ from irmprobe.pipeline.stages.saes import SAEStage  # noqa: E402
 from irmprobe.pipeline.stages.samples import SamplesStage
 
 GRAPH: list[Stage] = [OrganismStage(), SamplesStage(), LayersStage(), CaptureStage(), SAEStage(), FitStage(),
-                      CompareStage(), DiscoverStage(), InterpretStage(), AblateStage(), ReportStage()]
+                      CompareStage(), DiscoverStage(), AttributeStage(), InterpretStage(), AblateStage(), ReportStage()]
 """Every stage, in the order users see them. ``--force STAGE`` re-runs it and every stage that needs it."""
 
 

@@ -100,6 +100,34 @@ def ablation(metrics: dict):
     return fig
 
 
+def attribution_curves(metrics: dict):
+    """Faithfulness and completeness of the top-k nodes (held-out prompts), with random k-sets beside them."""
+    a = metrics.get("attribution") or {}
+    rows = (a.get("curves") or {}).get("rows")
+    if not rows:
+        return None
+    ks = [r["k"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for key, color in (("faithfulness", "C0"), ("completeness", "C1")):
+        values = [r[key]["value"] if r[key]["value"] is not None else np.nan for r in rows]
+        lo = [r[key]["ci"][0] if r[key]["ci"][0] is not None else np.nan for r in rows]
+        hi = [r[key]["ci"][1] if r[key]["ci"][1] is not None else np.nan for r in rows]
+        ax.plot(ks, values, "o-", color=color, label=f"{key} (top k)")
+        ax.fill_between(ks, lo, hi, color=color, alpha=0.2)
+    for r in rows:
+        ax.plot([r["k"]] * len(r["random"]["values"]), r["random"]["values"], "x", color="grey")
+    ax.plot([], [], "x", color="grey", label="random k-feature sets")
+    ax.axhline(a["threshold"], color="k", ls=":", lw=0.8)
+    ax.axhline(a["curves"]["errors_only"]["value"] or 0.0, color="C3", ls="--", lw=0.8, label="SAE errors only")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (nodes, ranked by attribution on the other half of the prompts)")
+    ax.set_ylabel("share of m(tuned) - m(empty)")
+    ax.set_title(f"what carries the implicit reward (hook points carry {a['curves']['bound']['value'] or 0:.0%})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def sae_metrics(metrics: dict):
     rows = metrics.get("saes") or []
     if not rows:
@@ -141,7 +169,8 @@ def view_taus(metrics: dict):
 
 
 ALL = {"view_taus": view_taus, "irm_vs_rm": irm_vs_rm, "error_vs_frequency": error_vs_frequency,
-       "layer_divergence": layer_divergence, "probe_pca": probe_pca, "ablation": ablation, "sae_metrics": sae_metrics}
+       "layer_divergence": layer_divergence, "probe_pca": probe_pca, "ablation": ablation, "attribution_curves": attribution_curves,
+       "sae_metrics": sae_metrics}
 
 
 def all_figures(metrics) -> dict:

@@ -146,6 +146,8 @@ def summary_lines(metrics) -> list[str]:
         for r in [r for r in val["judged"] if r["in_irm_top_k"]][:5]:
             lines.append(f"  {r['feature']:<14} w {r['weight']:+.4f} {'FLAGGED' if r['relevant'] else '       '} "
                          f"{r['explanation'][:90]}")
+    if metrics.get("attribution") and "skipped" not in metrics["attribution"]:
+        lines.extend(attribution_section(metrics["attribution"]))
     if val and val.get("ablation"):
         lines.append("== ablation in the tuned model (RM reward of continuations, paired by prompt & sample; share = "
                      "(tuned - row) / (tuned - base): the share of the reward gain the row removes, 95% bootstrap CI) ==")
@@ -237,3 +239,26 @@ def agreement_line(row: dict, control: bool = False) -> str:
         ctrl = "zero" if row.get("control_is_zero") else _fmt(row.get("control_tau"), "+.3f")
         line += f" {ctrl:>7} {_fmt(row.get('above_control'), '+.3f'):>7}"
     return line
+
+
+def attribution_section(a: dict) -> list[str]:
+    """Which nodes carry the implicit reward: IG against exact patching, and the faithfulness curves."""
+    c, r = a["curves"], a["rank_half"]
+    lines = [f"== what carries the implicit reward ({a['kind']} SAE features and error terms at blocks "
+             f"{', '.join(map(str, a['layers']))}; metric: mean implicit reward of tuned minus base continuations, "
+             "teacher-forced) ==",
+             f"ranking half ({a['n_prompts'][0]} prompts): m(tuned) {r['m_full']:+.2f}, m(base at every hook point) "
+             f"{r['m_empty']:+.2f}; IG ({a['ig_steps']} steps) sums to {r['ig_sum']:+.2f}; exact patching of the top "
+             f"{len(a['exact']['rows'])} nodes: Spearman {_fmt(a['exact']['spearman'], '+.2f')} with IG",
+             f"held-out half ({a['n_prompts'][1]} prompts): the hook points carry {_fmt(c['bound']['value'], '.2f')} "
+             f"{_interval(c['bound']['ci'], '.2f')} of the implicit reward; the SAE errors alone "
+             f"{_fmt(c['errors_only']['value'], '+.2f')} {_interval(c['errors_only']['ci'], '+.2f')} of that",
+             f"{'k':>4} {'faithfulness':>13} {'95% CI':>15} {'completeness':>13} {'95% CI':>15} {'random k-sets':>17}"]
+    for row in c["rows"]:
+        f, comp, rnd = row["faithfulness"], row["completeness"], row["random"]["range"]
+        lines.append(f"{row['k']:>4} {_fmt(f['value'], '+.2f'):>13} {_interval(f['ci'], '+.2f'):>15} "
+                     f"{_fmt(comp['value'], '+.2f'):>13} {_interval(comp['ci'], '+.2f'):>15} "
+                     f"{(f'{rnd[0]:+.2f} .. {rnd[1]:+.2f}' if rnd else '-'):>17}")
+    for n in a["named"][:10]:
+        lines.append(f"  {n['node']:<12} {n['attribution']:+.3f}  " + " | ".join(n["contexts"][:2])[:100])
+    return lines

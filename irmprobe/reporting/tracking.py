@@ -142,6 +142,16 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                    r["detection"], r["frequency"], r["explanation"],
                                    " | ".join(c["text"] for c in r["contexts"][:3]), " ".join(r["promoted"][:8])]
                                   for r in val["judged"]])
+    attribution = metrics.get("attribution") or {}
+    if attribution.get("curves"):
+        cols = ["k", "faithfulness", "faithfulness_ci_low", "faithfulness_ci_high", "completeness",
+                "completeness_ci_low", "completeness_ci_high", "random_min", "random_max"]
+        out["attribution curves"] = (cols, [[r["k"], r["faithfulness"]["value"], *r["faithfulness"]["ci"],
+                                             r["completeness"]["value"], *r["completeness"]["ci"],
+                                             *(r["random"]["range"] or [None, None])]
+                                            for r in attribution["curves"]["rows"]])
+        out["attribution nodes"] = (["node", "attribution"], [[t["node"], t["attribution"]]
+                                                              for t in attribution["top"]])
     if val.get("ablation"):
         cols = ["set", "mode", "n_features", "reward", "reward_ci_low", "reward_ci_high", "change", "change_ci_low",
                 "change_ci_high", "gain_share", "gain_share_ci_low", "gain_share_ci_high"]

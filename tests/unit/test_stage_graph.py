@@ -17,7 +17,8 @@ _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.devic
             "sae.architecture": "topk", "irm.inputs": "diff", "validate.judge": "local", "validate.ablation": "mean",
             "report.wandb_mode": "offline", "llm.base_url": "http://127.0.0.1:9/v1", "irm.estimators": ("lasso",),
             "capture.patching_kind": "resid_post", "irm.positions": ("reader",),
-            "irm.alphas": (3.0,), "sae.autocast": "off", "compare.primary": "sae_irm"}
+            "irm.alphas": (3.0,), "sae.autocast": "off", "compare.primary": "sae_irm",
+            "attribute.k_grid": (1, 3)}
 
 
 def _changed(config: RunConfig, section: str, name: str, tmp_path) -> RunConfig | None:

@@ -16,7 +16,8 @@ class ReportStage(Stage):
 
     name, cached = "report", False
     reads = ("report",)
-    needs = ("organism", "samples", "layers", "capture", "saes", "fit", "compare", "discover", "interpret", "ablate")
+    needs = ("organism", "samples", "layers", "capture", "saes", "fit", "compare", "discover", "attribute", "interpret",
+             "ablate")
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.reporting.html import write_html, write_metrics
@@ -74,5 +75,6 @@ def metrics_of(config, ctx, inputs, runner) -> RunMetrics:
         feature_alignment=cmp.feature_alignment, tokens=cmp.tokens,
         rm={"tokens_with_value": len(ctx.rm.token_values(pair.tokenizer)), **ctx.rm.describe()},
         verdict=[], stage_seconds=dict(runner.seconds), stage_status=dict(runner.status), pca=cmp.pca,
-        validation=validation, discovery=inputs["discover"].to_json(), explanation=cmp.explanation)
+        validation=validation, discovery=inputs["discover"].to_json(), explanation=cmp.explanation,
+        attribution=inputs["attribute"])
     return metrics.replace(verdict=verdict(metrics, is_null=org.tuned is None))

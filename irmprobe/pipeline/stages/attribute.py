@@ -1,0 +1,140 @@
+"""The attribute stage: which SAE features carry the implicit reward (attribution patching with integrated
+gradients, exact patching of the top nodes, faithfulness and completeness curves on held-out prompts)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from irmprobe.cache import write_json
+from irmprobe.pipeline.stage import Stage
+
+
+def skip_reason(cfg, inputs) -> str | None:
+    from irmprobe.validation.attribution import HOOK_KINDS
+
+    if not cfg.attribute.enabled:
+        return "attribute.enabled is off"
+    if inputs["organism"].tuned is None:
+        return "the null organism has no implicit reward to attribute"
+    if cfg.capture.hook not in HOOK_KINDS:
+        return f"it splices SAEs at {' or '.join(HOOK_KINDS)}, not capture.hook={cfg.capture.hook}"
+    return None
+
+
+def prompt_halves(samples, n_prompts: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of ``n_prompts`` held-out prompts (drawn with ``seed``): one ranks, one measures."""
+    prompts = np.unique(samples.prompt_index)
+    chosen = np.random.default_rng(seed).permutation(prompts)[:n_prompts]
+    half = len(chosen) // 2
+    return np.sort(chosen[:half]), np.sort(chosen[half:])
+
+
+def top_contexts(capture, sae, layer: int, index: int, streams, decode, *, n: int = 3, window: int = 8) -> list[str]:
+    """The windows (text up to and including the token) where feature ``index`` fires most, one per sequence."""
+    from irmprobe.saes.evaluate import encode
+
+    column = np.asarray(encode(sae, capture.acts[f"tuned.{layer}"])[:, index].todense()).ravel()
+    out, seen = [], set()
+    for row in np.argsort(-column, kind="stable"):
+        if column[row] <= 0 or len(out) >= n:
+            break
+        s, p = int(capture.seq_index[row]), int(capture.position[row])
+        if s in seen:
+            continue
+        seen.add(s)
+        ids = streams[s][max(0, p - window + 1): p + 1]
+        out.append("".join(decode(int(t)) for t in ids[:-1]) + f"[[{decode(int(ids[-1]))}]]")
+    return out
+
+
+def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print) -> dict:
+    """Rank nodes on one half of the prompts, check the top ones by exact patching, and measure the curves on
+    the other half; name the smallest set reaching ``ac.threshold`` faithfulness (with its top contexts)."""
+    from irmprobe.activations.patching import plain_models
+    from irmprobe.validation.attribution import (
+        HOOK_KINDS,
+        ImplicitReward,
+        Node,
+        attribution_curves,
+        exact_check,
+        ranked_nodes,
+        smallest_faithful,
+    )
+
+    started = time.perf_counter()
+    kind = HOOK_KINDS[hook]
+    tuned_saes = {layer: saes["tuned", layer] for layer in layers}
+    base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
+                               trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
+                               max_memory=runtime.max_memory)
+    rank_half, eval_half = prompt_halves(samples, ac.n_prompts, seed)
+    pad = pair.tokenizer.pad_token_id or 0
+
+    def metric(half):
+        seqs = np.flatnonzero(np.isin(samples.prompt_index, half))
+        return ImplicitReward(base, tuned, tuned_saes, kind, [samples.token_ids[i] for i in seqs],
+                              samples.prompt_lens[seqs], samples.prompt_index[seqs], samples.source[seqs],
+                              batch_size=ac.batch_size, pad_id=pad)
+
+    echo(f"attribute: {len(layers)} hook point(s) ({kind} at blocks {', '.join(map(str, layers))}); ranking on "
+         f"{len(rank_half)} prompts, curves on {len(eval_half)} others")
+    ranking = metric(rank_half)
+    attribution = ranking.integrated_gradients(ac.ig_steps)
+    ranked = ranked_nodes(attribution)
+    full, empty = ranking.evaluate(None).mean(), ranking.evaluate(lambda layer, part: False).mean()
+    check = exact_check(ranking, ranked, ac.n_exact)
+    del ranking
+    candidates = [node for node, _ in ranked if not node.is_error]
+    curves = attribution_curves(metric(eval_half), ranked, ac.k_grid, n_random=ac.n_random, candidates=candidates,
+                                seed=seed)
+    k = smallest_faithful(curves, ac.threshold)
+    streams = list(samples.token_ids)
+    decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
+    named = [{"node": node.name, "attribution": value,
+              "contexts": [] if node.is_error else top_contexts(capture, tuned_saes[node.layer], node.layer,
+                                                                node.index, streams, decode)}
+             for node, value in ranked[: k or 0]]
+    positive = [node for node, value in ranked if value > 0]
+    return {
+        "kind": kind, "layers": list(layers), "n_prompts": [len(rank_half), len(eval_half)],
+        "ig_steps": ac.ig_steps, "threshold": ac.threshold,
+        "rank_half": {"m_full": float(full), "m_empty": float(empty),
+                      "ig_sum": float(sum(v for _, v in ranked)),
+                      "n_nodes": len(ranked), "n_positive": len(positive)},
+        "top": [{"node": node.name, "attribution": value} for node, value in ranked[:50]],
+        "exact": check, "curves": curves, "smallest_k": k, "named": named,
+        "errors_in_top_20": sum(node.is_error for node, _ in ranked[:20]),
+        "error_nodes": [{"node": Node(layer, -1).name, "attribution": attribution[layer][1]} for layer in layers],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+class AttributeStage(Stage):
+    """Attribution of the implicit reward to SAE features and error terms at the captured hook points."""
+
+    name, version = "attribute", 1
+    reads = ("attribute", "capture.hook", "seed")
+    needs = ("organism", "samples", "layers", "capture", "saes")
+
+    def run(self, cfg, ctx, inputs, out):
+        reason = skip_reason(cfg, inputs)
+        if reason:
+            ctx.echo(f"attribute: skipped; {reason}")
+            result = {"skipped": reason}
+        else:
+            result = attribute(cfg.attribute, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]),
+                               inputs["samples"], inputs["capture"], inputs["saes"].saes, inputs["layers"].chosen,
+                               cfg.capture.hook, echo=ctx.echo)
+        write_json(out / "attribution.json", result)
+        return result
+
+    def load(self, cfg, ctx, inputs, out):
+        return json.loads((out / "attribution.json").read_text())
+
+    def summary(self, result):
+        from irmprobe.analysis.verdict import attribution_line
+
+        return attribution_line(result)

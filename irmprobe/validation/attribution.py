@@ -1,0 +1,348 @@
+"""Which SAE features carry the implicit reward: attribution, exact patching, faithfulness and completeness.
+
+The method of Marks et al. (2024), *Sparse Feature Circuits*, applied to the tuning's implicit reward.
+
+**Metric.** The DPO implicit reward of a continuation y of prompt x is ``r(y) = sum_t log p_tuned(y_t | ..)
+- log p_base(y_t | ..)`` over its continuation tokens, teacher-forced (no sampling noise). Per prompt,
+``m_p = mean r over the tuned model's continuations - mean r over the base's``: how much more the tuned
+model's implicit reward prefers what it writes over what the base writes (positive by construction in
+expectation: the sum of the two KL divergences). ``m`` is the mean of ``m_p`` over prompts; every interval is
+a bootstrap over prompts.
+
+**Nodes.** At each hook point (the output of block l's MLP, ``mlp_out``, or the residual stream after it,
+``resid_post``), the tuned model's activation is split by the tuned model's SAE into its features and the
+error term, ``x = decode(f) + e``. Nodes are the features and the error of every hook point. The
+counterfactual of each node is its value on the base model's activation at the same position of the same
+tokens, encoded in the same dictionary. Setting a node set C to its tuned value and every other node to its
+base value means replacing each hook point's output by ``decode(f_C) + e_C``; all nodes tuned reproduces the
+tuned model exactly, none tuned patches the base's activation in at every hook point (``m(empty)``).
+
+**Attribution** (attribution patching with integrated gradients): node i's effect is
+``(v_tuned - v_base) . mean over alpha of dm/dv`` along the straight path from the base's node values to the
+tuned's (midpoint rule, ``ig_steps`` points); the effects sum to about ``m(M) - m(empty)``. The top nodes are
+checked by exact patching: ``m(M) - m(M with node i at its base value)``.
+
+**Faithfulness** of a set C: ``(m(C) - m(empty)) / (m(M) - m(empty))``; **completeness**: the same for its
+complement (1 - completeness is what C alone would take away). The ranking is made on one half of the
+prompts and the curves are measured on the other, beside random sets of features of the same size (a
+distribution), the set of every error node, and the whole-hook-point bound ``(m(M) - m(empty)) / m(M)``: the
+share of the implicit reward the hook points carry at all (the base model's own m is 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from irmprobe.activations.patching import output_hooks
+from irmprobe.progress import bar as progress_bar
+
+HOOK_KINDS = {"hook_mlp_out": "mlp_out", "hook_resid_post": "resid_post"}
+"""Capture hook -> the patch site this module splices at."""
+
+ERROR = -1
+"""The index of a hook point's error node."""
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node: feature ``index`` of the SAE at ``layer`` (``ERROR`` for that hook point's error term)."""
+
+    layer: int
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}/{'error' if self.index == ERROR else f'f{self.index}'}"
+
+    @property
+    def is_error(self) -> bool:
+        return self.index == ERROR
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One padded batch of sequences with the node values of both models and the base's log-probabilities."""
+
+    tokens: torch.Tensor
+    """[B, T] right-padded ids."""
+    targets: torch.Tensor
+    """[B, T-1] bool: the positions t-1 whose next token (a continuation token) counts in the metric."""
+    logp_base: torch.Tensor
+    """[B, T-1] log p_base of the next token."""
+    weights: torch.Tensor
+    """[B]: +1/(tuned continuations of the prompt), -1/(base continuations of the prompt)."""
+    prompt: np.ndarray
+    """[B] the prompt (index into the call's prompt list) of each sequence."""
+    f: dict
+    """(layer, model) -> [B, T, d_sae] feature activations, model in {base, tuned}."""
+    e: dict
+    """(layer, model) -> [B, T, d] error term."""
+
+
+class ImplicitReward:
+    """The metric ``m`` per prompt on a fixed set of sequences, under any setting of the nodes.
+
+    Args:
+        base, tuned: plain Hugging Face models (hooks are PyTorch forward hooks).
+        saes: ``layer -> SAE`` of the tuned model at ``kind`` of that block.
+        kind: ``mlp_out`` or ``resid_post``.
+        sequences: token ids of each sequence (prompt + continuation).
+        prompt_lens: prompt length of each sequence (tokens before the continuation).
+        prompt: the prompt each sequence continues (any hashable labels; the unit of every interval).
+        source: ``"tuned"`` or ``"base"``: which model wrote each continuation.
+    """
+
+    def __init__(self, base, tuned, saes: dict, kind: str, sequences, prompt_lens, prompt, source, *,
+                 batch_size: int = 16, pad_id: int = 0) -> None:
+        if kind not in HOOK_KINDS.values():
+            raise ValueError(f"kind must be one of {', '.join(HOOK_KINDS.values())}, got {kind!r}")
+        if not saes:
+            raise ValueError("no SAEs: attribution needs the tuned model's SAE at one hook point at least")
+        n = len(sequences)
+        if not (len(prompt_lens) == len(prompt) == len(source) == n) or n == 0:
+            raise ValueError("sequences, prompt_lens, prompt and source must be non-empty and of one length")
+        source = np.asarray(source)
+        if not set(source.tolist()) <= {"base", "tuned"}:
+            raise ValueError("source must hold 'base' or 'tuned' per sequence")
+        labels, self.prompt = np.unique(np.asarray(prompt), return_inverse=True)
+        self.prompts = labels
+        both = [p for p in range(len(labels)) if {"base", "tuned"} <= set(source[self.prompt == p].tolist())]
+        if not both:
+            raise ValueError("no prompt has continuations of both models: the metric compares the two")
+        keep = np.isin(self.prompt, both)
+        self.base, self.tuned, self.saes, self.kind = base, tuned, saes, kind
+        self.points = [(kind, layer) for layer in sorted(saes)]
+        self.layers = sorted(saes)
+        counts = {(p, s): int(np.sum((self.prompt == p) & (source == s))) for p in both for s in ("base", "tuned")}
+        weight = np.array([(1.0 if s == "tuned" else -1.0) / counts[p, s] if k else 0.0
+                           for p, s, k in zip(self.prompt, source, keep)])
+        self.n_prompts = len(labels)
+        self.used = np.array(both)
+        device = next(tuned.parameters()).device
+        self.device = device
+        order = [i for i in range(n) if keep[i]]
+        self.batches: list[Batch] = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            width = max(len(sequences[i]) for i in idx)
+            tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            targets = torch.zeros((len(idx), max(width - 1, 1)), dtype=torch.bool)
+            for row, i in enumerate(idx):
+                seq = list(sequences[i])
+                tokens[row, : len(seq)] = torch.tensor(seq)
+                # Position t-1 predicts token t; continuation tokens are t >= prompt_len.
+                targets[row, max(int(prompt_lens[i]) - 1, 0) : len(seq) - 1] = True
+            self.batches.append(self._capture(tokens.to(device), targets.to(device),
+                                              torch.tensor(weight[idx], dtype=torch.float32, device=device),
+                                              self.prompt[idx]))
+
+    @torch.no_grad()
+    def _capture(self, tokens, targets, weights, prompt) -> Batch:
+        acts: dict = {}
+
+        def keep(model_name):
+            def fn(point, act):
+                acts[point[1], model_name] = act.detach().float()
+            return fn
+
+        with output_hooks(self.base, self.points, keep("base")):
+            logits = self.base(input_ids=tokens, use_cache=False).logits
+        logp_base = _next_logp(logits, tokens)
+        with output_hooks(self.tuned, self.points, keep("tuned")):
+            self.tuned(input_ids=tokens, use_cache=False)
+        f, e = {}, {}
+        for (layer, model_name), x in acts.items():
+            sae = self.saes[layer]
+            feats = sae.encode(x)
+            f[layer, model_name] = feats
+            e[layer, model_name] = x - sae.decode(feats)
+        return Batch(tokens, targets[:, : tokens.shape[1] - 1], logp_base, weights, prompt, f, e)
+
+    def _run(self, batch: Batch, f: dict, e: dict) -> torch.Tensor:
+        """Per-sequence weighted implicit reward with each hook point replaced by ``decode(f) + e``."""
+        def replace(point, act):
+            layer = point[1]
+            return (self.saes[layer].decode(f[layer]) + e[layer]).to(act.dtype)
+
+        with output_hooks(self.tuned, self.points, replace):
+            logits = self.tuned(input_ids=batch.tokens, use_cache=False).logits
+        r = ((_next_logp(logits, batch.tokens) - batch.logp_base) * batch.targets).sum(-1)
+        return r * batch.weights
+
+    def _per_prompt(self, per_batch: list[torch.Tensor]) -> np.ndarray:
+        values = np.zeros(self.n_prompts)
+        for batch, v in zip(self.batches, per_batch):
+            np.add.at(values, batch.prompt, v.detach().double().cpu().numpy())
+        return values[self.used]
+
+    @torch.no_grad()
+    def evaluate(self, tuned_nodes: Callable[[int, str], object] | None) -> np.ndarray:
+        """``m_p`` per prompt with the nodes ``tuned_nodes(layer, 'features')`` (a bool mask over features, or
+        True/False for all) and ``tuned_nodes(layer, 'error')`` (bool) at their tuned value, the rest at the
+        base's. None: every node tuned (the tuned model itself)."""
+        out = []
+        for batch in self.batches:
+            f, e = {}, {}
+            for layer in self.layers:
+                ft, fb = batch.f[layer, "tuned"], batch.f[layer, "base"]
+                et, eb = batch.e[layer, "tuned"], batch.e[layer, "base"]
+                if tuned_nodes is None:
+                    f[layer], e[layer] = ft, et
+                    continue
+                mask = tuned_nodes(layer, "features")
+                if isinstance(mask, bool | np.bool_):
+                    f[layer] = ft if mask else fb
+                else:
+                    m = torch.as_tensor(np.asarray(mask, dtype=bool), device=ft.device)
+                    f[layer] = torch.where(m, ft, fb)
+                e[layer] = et if tuned_nodes(layer, "error") else eb
+            out.append(self._run(batch, f, e))
+        return self._per_prompt(out)
+
+    def integrated_gradients(self, steps: int = 4, echo=None) -> dict[int, tuple[np.ndarray, float]]:
+        """Each node's IG attribution: ``layer -> (per-feature attribution [d_sae], error attribution)``."""
+        if steps < 1:
+            raise ValueError(f"ig_steps must be at least 1, got {steps}")
+        feats = {layer: torch.zeros(self.saes[layer].cfg.d_sae, dtype=torch.float64) for layer in self.layers}
+        errors = {layer: 0.0 for layer in self.layers}
+        alphas = (np.arange(steps) + 0.5) / steps
+        with progress_bar(total=len(self.batches) * steps, desc="attribution (IG)") as bar:
+            for batch in self.batches:
+                for alpha in alphas:
+                    f, e = {}, {}
+                    for layer in self.layers:
+                        fb, ft = batch.f[layer, "base"], batch.f[layer, "tuned"]
+                        eb, et = batch.e[layer, "base"], batch.e[layer, "tuned"]
+                        f[layer] = (fb + alpha * (ft - fb)).requires_grad_(True)
+                        e[layer] = (eb + alpha * (et - eb)).requires_grad_(True)
+                    m = self._run(batch, f, e).sum()
+                    grads = torch.autograd.grad(m, [f[layer] for layer in self.layers] +
+                                                [e[layer] for layer in self.layers])
+                    for i, layer in enumerate(self.layers):
+                        df = batch.f[layer, "tuned"] - batch.f[layer, "base"]
+                        de = batch.e[layer, "tuned"] - batch.e[layer, "base"]
+                        feats[layer] += (grads[i] * df).sum((0, 1)).double().cpu() / steps
+                        errors[layer] += float((grads[len(self.layers) + i] * de).sum()) / steps
+                    bar.update(1)
+        # The metric is a mean over prompts of per-prompt sums: scale the attributions alike.
+        scale = 1.0 / len(self.used)
+        return {layer: (feats[layer].numpy() * scale, errors[layer] * scale) for layer in self.layers}
+
+
+def _next_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] log-probability of each next token."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def ranked_nodes(attribution: dict[int, tuple[np.ndarray, float]]) -> list[tuple[Node, float]]:
+    """Every node with a nonzero attribution, largest (signed) first: the nodes that carry the reward."""
+    nodes = []
+    for layer, (feats, err) in attribution.items():
+        nodes += [(Node(layer, int(i)), float(feats[i])) for i in np.flatnonzero(feats)]
+        if err != 0:
+            nodes.append((Node(layer, ERROR), float(err)))
+    return sorted(nodes, key=lambda t: (-t[1], t[0].layer, t[0].index))
+
+
+def node_setter(nodes, saes: dict, *, complement: bool = False):
+    """A ``tuned_nodes`` function for :meth:`ImplicitReward.evaluate`: ``nodes`` tuned (their complement with
+    ``complement``), the rest at the base's value."""
+    masks = {layer: np.zeros(saes[layer].cfg.d_sae, dtype=bool) for layer in saes}
+    errors = {layer: False for layer in saes}
+    for node in nodes:
+        if node.is_error:
+            errors[node.layer] = True
+        else:
+            masks[node.layer][node.index] = True
+
+    def tuned_nodes(layer, part):
+        if part == "error":
+            return errors[layer] != complement
+        return ~masks[layer] if complement else masks[layer]
+
+    return tuned_nodes
+
+
+def ratio_ci(numer: np.ndarray, denom: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> list[float | None]:
+    """95% percentile bootstrap over prompts of ``mean(numer) / mean(denom)`` (per-prompt arrays, resampled
+    together). Resamples whose denominator is not positive are dropped; None when fewer than half remain."""
+    rng = np.random.default_rng(seed)
+    n = len(numer)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    num, den = numer[idx].mean(1), denom[idx].mean(1)
+    ok = den > 0
+    if ok.sum() < n_boot / 2:
+        return [None, None]
+    values = num[ok] / den[ok]
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
+
+
+def _share(values: np.ndarray, empty: np.ndarray, full: np.ndarray, seed: int) -> dict:
+    denom = full - empty
+    point = float((values - empty).mean() / denom.mean()) if denom.mean() != 0 else None
+    return {"value": point, "ci": ratio_ci(values - empty, denom, seed=seed)}
+
+
+def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]], k_grid, *, n_random: int,
+                       candidates: list[Node], seed: int, echo=None) -> dict:
+    """Faithfulness and completeness of the top-k nodes of ``ranked`` for k in ``k_grid``, on ``metric``'s
+    sequences, beside random feature sets of each size (``n_random`` draws from ``candidates``), the set of
+    every error node and the whole-hook-point bound. Every share has a bootstrap CI over prompts."""
+    saes = metric.saes
+    full = metric.evaluate(None)
+    empty = metric.evaluate(lambda layer, part: False)
+    errors_only = metric.evaluate(node_setter([Node(layer, ERROR) for layer in metric.layers], saes))
+    rng = np.random.default_rng(seed)
+    order = [node for node, _ in ranked]
+    ks = [int(k) for k in k_grid if 1 <= k <= len(order)]
+    rows = []
+    with progress_bar(total=len(ks) * (2 + n_random), desc="faithfulness curves") as bar:
+        for k in ks:
+            top = order[:k]
+            faith = metric.evaluate(node_setter(top, saes))
+            comp = metric.evaluate(node_setter(top, saes, complement=True))
+            bar.update(2)
+            randoms = []
+            for _ in range(n_random):
+                draw = [candidates[i] for i in rng.choice(len(candidates), min(k, len(candidates)), replace=False)]
+                randoms.append(_share(metric.evaluate(node_setter(draw, saes)), empty, full, seed)["value"])
+                bar.update(1)
+            rows.append({"k": k, "faithfulness": _share(faith, empty, full, seed),
+                         "completeness": _share(comp, empty, full, seed),
+                         "random": {"values": randoms,
+                                    "range": [float(np.min(randoms)), float(np.max(randoms))] if randoms else None},
+                         "errors_in_set": sum(n.is_error for n in top)})
+    total = float(full.mean())
+    bound = (float((full - empty).mean() / total) if total > 0 else None)
+    return {"m_full": total, "m_empty": float(empty.mean()), "n_prompts": len(full),
+            "bound": {"value": bound, "ci": ratio_ci(full - empty, full, seed=seed)},
+            "errors_only": _share(errors_only, empty, full, seed), "rows": rows}
+
+
+def exact_check(metric: ImplicitReward, ranked: list[tuple[Node, float]], n: int) -> dict:
+    """Exact patching of the top ``n`` nodes by |attribution|: ``m(M) - m(M with the node at its base value)``,
+    against the attribution (Spearman over those nodes)."""
+    top = sorted(ranked, key=lambda t: -abs(t[1]))[:n]
+    full = metric.evaluate(None).mean()
+    rows = []
+    for node, estimate in top:
+        patched = metric.evaluate(node_setter([node], metric.saes, complement=True)).mean()
+        rows.append({"node": node.name, "attribution": estimate, "exact": float(full - patched)})
+    rho = (float(spearmanr([r["attribution"] for r in rows], [r["exact"] for r in rows]).statistic)
+           if len(rows) >= 3 else None)
+    return {"rows": rows, "spearman": rho}
+
+
+def smallest_faithful(curves: dict, threshold: float) -> int | None:
+    """The smallest k of the curves whose faithfulness reaches ``threshold`` (None if none does)."""
+    for row in curves["rows"]:
+        value = row["faithfulness"]["value"]
+        if value is not None and value >= threshold:
+            return row["k"]
+    return None

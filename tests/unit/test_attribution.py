@@ -1,0 +1,165 @@
+"""Attribution of the implicit reward to SAE features, on tiny Llamas whose tuned copy writes known directions.
+
+Block L's MLP of the tuned model adds ``sum_k c_k d_k`` at every position. The SAE at L has one feature per
+planted direction (encoders biorthogonal to the planted decoders, so each reads exactly its own ``c_k``) and
+random features that read nothing planted; a direction no feature reads lands in the error term. A direction's
+effect on the implicit reward is its component along ``u``, the direction that raises the planted words.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+from irmprobe.validation.attribution import (
+    ERROR,
+    ImplicitReward,
+    Node,
+    attribution_curves,
+    exact_check,
+    node_setter,
+    ranked_nodes,
+    smallest_faithful,
+)
+
+WORDS = "good great love happy nice best wonderful".split()
+L = 2
+D_SAE = 24
+
+
+def _planted(planted_llama, features, error=None, seed=0):
+    """(tokenizer, base, tuned, SAE at block L, planted ids, feature indices).
+
+    ``features``: (u-component, strength) per planted feature; ``error``: the same for a direction in the error.
+    """
+    tok, base, u, ids = planted_llama(WORDS)
+    base = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    n = len(features) + (error is not None)
+    q = torch.linalg.qr(torch.cat([u[:, None], torch.randn(32, n, generator=g)], 1))[0]  # q[:, 0] = +-u
+    q[:, 0] = u
+    dirs = [a * q[:, 0] + q[:, k + 1] for k, (a, _) in enumerate(features + ([error] if error else []))]
+    dirs = [d / d.norm() for d in dirs]
+    P = q @ q.T  # the planted subspace: the base's block-L MLP writes nothing in it
+    with torch.no_grad():
+        base.model.layers[L].mlp.down_proj.weight.copy_((torch.eye(32) - P) @ base.model.layers[L].mlp.down_proj.weight)
+    tuned = copy.deepcopy(base)
+    strengths = [c for _, c in features] + ([error[1]] if error else [])
+    with torch.no_grad():
+        tuned.model.layers[L].mlp.down_proj.bias += sum(c * d for c, d in zip(strengths, dirs))
+    planted_idx = list(range(3, 3 + len(features)))
+    sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=D_SAE))
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        W = torch.randn(D_SAE, 32, generator=g)
+        sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        enc = torch.randn(32, D_SAE, generator=g) * 30.0  # random features fire at about the planted ones' scale
+        sae.W_enc.copy_((torch.eye(32) - P) @ enc)  # random features read nothing planted
+        D = torch.stack(dirs, 1)  # [32, n]: the planted decoders (and the error's direction)
+        dual = torch.linalg.pinv(D)  # [n, 32]: dual[k] . dirs[l] = delta_kl
+        for k, i in enumerate(planted_idx):
+            sae.W_dec[i] = dirs[k]
+            sae.W_enc[:, i] = dual[k]
+    return tok, base, tuned, sae, ids, planted_idx
+
+
+def _metric(tok, base, tuned, sae, ids, n_prompts=12, seed=0):
+    """Sequences whose tuned continuations use the planted words and base continuations do not."""
+    rng = np.random.default_rng(seed)
+    vocab = len(tok)
+    others = np.setdiff1d(np.arange(1, vocab), ids)
+    seqs, lens, prompt, source = [], [], [], []
+    for p in range(n_prompts):
+        head = rng.choice(others, 6).tolist()
+        for s in ("tuned", "tuned", "base", "base"):
+            pool = np.array(ids) if s == "tuned" else others
+            tail = [int(rng.choice(pool)) if rng.random() < 0.6 else int(rng.choice(others)) for _ in range(8)]
+            seqs.append(head + tail)
+            lens.append(len(head))
+            prompt.append(p)
+            source.append(s)
+    return ImplicitReward(base.eval(), tuned.eval(), {L: sae}, "mlp_out", seqs, lens, prompt, source, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def single(planted_llama):
+    """One reward feature (along u) and a louder feature orthogonal to u (it moves the final norm only)."""
+    tok, base, tuned, sae, ids, (j, loud) = _planted(planted_llama, [(1.0, 0.04), (0.0, 0.06)])
+    return {"metric": _metric(tok, base, tuned, sae, ids), "j": j, "loud": loud, "sae": sae,
+            "parts": (tok, base, tuned, sae, ids)}
+
+
+def test_attribution_ranks_the_planted_feature_first_and_it_alone_is_faithful(single):
+    metric, j = single["metric"], single["j"]
+    full, empty = metric.evaluate(None), metric.evaluate(lambda layer, part: False)
+    assert full.mean() > 1.0 and abs(empty.mean()) < 0.05 * full.mean()  # the change lives at block L
+    attribution = metric.integrated_gradients(steps=8)
+    ranked = ranked_nodes(attribution)
+    assert ranked[0][0] == Node(L, j)
+    # IG's completeness: the attributions sum to about m(M) - m(empty).
+    total = sum(a for _, a in ranked)
+    assert total == pytest.approx(full.mean() - empty.mean(), rel=0.05)
+    others = [a for node, a in ranked if node != Node(L, j)]
+    # The louder feature (1.5 times the change) acts only through the final norm: a small share.
+    assert max(abs(a) for a in others) < 0.15 * ranked[0][1]
+    curves = attribution_curves(metric, ranked, [1, 2, 5], n_random=4, seed=0,
+                                candidates=[Node(L, i) for i in range(D_SAE) if i != j])
+    first = curves["rows"][0]
+    assert first["k"] == 1 and first["faithfulness"]["value"] >= 0.9
+    assert first["completeness"]["value"] <= 0.1
+    lo, hi = first["faithfulness"]["ci"]
+    assert lo <= first["faithfulness"]["value"] <= hi
+    assert max(abs(v) for v in first["random"]["values"]) < 0.1  # random features carry nothing
+    assert abs(curves["errors_only"]["value"]) < 0.1  # nothing planted in the error term
+    assert curves["bound"]["value"] > 0.95
+    assert smallest_faithful(curves, 0.6) == 1
+
+
+def test_setting_every_node_tuned_is_the_tuned_model_and_none_tuned_is_the_patched_base(single):
+    metric = single["metric"]
+    # decode(f) + e reproduces the activation exactly: all nodes tuned = the tuned model unchanged.
+    _, base, tuned, _, _ = single["parts"]
+    with torch.no_grad():
+        batch = metric.batches[0]
+        clean = torch.log_softmax(tuned(input_ids=batch.tokens).logits[:, :-1], -1)
+        clean = clean.gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+        r = ((clean - batch.logp_base) * batch.targets).sum(-1) * batch.weights
+        spliced = metric._run(batch, {L: batch.f[L, "tuned"]}, {L: batch.e[L, "tuned"]})
+    torch.testing.assert_close(spliced, r, atol=1e-4, rtol=1e-4)
+    # A set and its complement: the complement setter flips features and error alike.
+    setter = node_setter([Node(L, 3), Node(L, ERROR)], {L: single["sae"]}, complement=True)
+    assert setter(L, "error") is False
+    assert not setter(L, "features")[3] and setter(L, "features").sum() == D_SAE - 1
+
+
+def test_integrated_gradients_agree_with_exact_patching(planted_llama):
+    """Graded effects: five planted features (one against the reward) and a planted error direction."""
+    tok, base, tuned, sae, ids, idx = _planted(planted_llama, [(2.0, 0.03), (1.0, 0.03), (0.5, 0.03), (0.25, 0.03),
+                                                                (-1.0, 0.03)], error=(0.7, 0.03), seed=3)
+    metric = _metric(tok, base, tuned, sae, ids)
+    ranked = ranked_nodes(metric.integrated_gradients(steps=8))
+    check = exact_check(metric, ranked, 6)
+    names = {r["node"] for r in check["rows"]}
+    assert names == {f"L{L}/f{i}" for i in idx} | {f"L{L}/error"}  # the six planted nodes, nothing else
+    assert check["spearman"] >= 0.9
+    for row in check["rows"]:
+        assert np.sign(row["attribution"]) == np.sign(row["exact"])
+    err = next(r for r in check["rows"] if r["node"] == f"L{L}/error")
+    assert err["exact"] > 0  # the error node carries its planted share: dropping it would lose that
+    assert [n.name for n, _ in ranked[:1]] == [f"L{L}/f{idx[0]}"]
+    assert ranked[-1][0].name == f"L{L}/f{idx[4]}"  # the feature against the reward comes last
+
+
+def test_bad_input_is_refused(single):
+    _, base, tuned, sae, _ = single["parts"]
+    with pytest.raises(ValueError, match="kind must be"):
+        ImplicitReward(base, tuned, {L: sae}, "attn", [[1, 2, 3]], [1], [0], ["tuned"])
+    with pytest.raises(ValueError, match="both models"):
+        ImplicitReward(base, tuned, {L: sae}, "mlp_out", [[1, 2, 3]], [1], [0], ["tuned"])
+    with pytest.raises(ValueError, match="one length"):
+        ImplicitReward(base, tuned, {L: sae}, "mlp_out", [[1, 2, 3]], [1, 1], [0], ["tuned"])
+    with pytest.raises(ValueError, match="ig_steps"):
+        single["metric"].integrated_gradients(steps=0)

@@ -443,6 +443,9 @@ class ValidateConfig:
     """Continuations per prompt and condition (same seed across conditions: paired)."""
     max_new_tokens: int = 24
     """Length of each continuation."""
+    n_random_sets: int = 4
+    """Random sets of firing features drawn for each targeted set's size: each targeted set is judged against
+    their distribution of shares (its Bonferroni interval wholly above their range)."""
     steer_alpha: float | None = None
     """Also steer: add this multiple of the top IRM feature's decoder direction, and of the decision-side IRM's
     top-k directions summed (None: no steering)."""
@@ -455,7 +458,8 @@ class ValidateConfig:
     every condition whatever the batching, so rows stay paired; larger batches keep a GPU busier."""
 
     def __post_init__(self) -> None:
-        _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size")
+        _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size",
+                  "n_random_sets")
         if self.n_judged < self.top_k:
             raise ValueError(f"ValidateConfig.n_judged ({self.n_judged}) must be at least top_k ({self.top_k}): "
                              "the IRM's top features are always judged")

@@ -206,28 +206,32 @@ def ablation_lines(val: dict) -> list[str]:
                     f"{test['n_prompts']} prompts), not significantly positive, so no share of it is computed."]
         return ["no causal check applies: the tuned model's reward gain over the base is not positive on the "
                 "ablation prompts."]
-    rand = {r["n_features"]: r["gain_share"] for r in rows if r["set"].startswith("random") and r.get("gain_share")}
     out = []
     for r in rows:
         g = r.get("gain_share")
-        if not g or not (r["set"].startswith(("decision_top", "irm_top", "patching bound"))):
+        if not g or not (r["set"].startswith(("decision_top", "irm_top", "judge_flagged", "attribution_",
+                                              "patching bound"))):
             continue
         if None in g["ci"]:
             out.append(f"{r['set'].split(' (')[0]} removes {g['share']:+.2f} of the gain; its interval is undefined "
                        "(resamples of the prompts with no reward gain), so nothing is concluded from it.")
             continue
         text = f"{r['set'].split(' (')[0]} removes {g['share']:+.2f} [{g['ci'][0]:+.2f}, {g['ci'][1]:+.2f}] of the gain"
-        control = rand.get(r["n_features"])
+        rnd, adj = r.get("random"), r.get("gain_share_adjusted")
         if r["set"].startswith("patching bound"):
             text += (" (upper bound: the chosen layers carry most of it)." if g["ci"][0] >= 0.5 else
                      " (upper bound: the chosen layers carry less than half of it; the change is spread elsewhere).")
-        elif control is not None and None not in control["ci"]:
-            apart = g["ci"][0] > control["ci"][1]
-            text += (f", above {r['n_features']} random features ({control['share']:+.2f}, CIs apart): these features "
-                     "carry the reward causally." if apart else
-                     f", not above {r['n_features']} random features ({control['share']:+.2f}).")
+        elif rnd is not None and adj is not None and rnd["above_random"] is not None:
+            lo, hi = rnd["range"]
+            against = (f"{len(rnd['shares'])} random {r['n_features']}-feature sets remove {lo:+.2f} to {hi:+.2f}; "
+                       f"its {adj['confidence']:.1%} interval (Bonferroni over {adj['n_tests']} targeted sets) is "
+                       f"[{adj['ci'][0]:+.2f}, {adj['ci'][1]:+.2f}]")
+            text += (f": {against}, wholly above them: these features carry the reward causally." if
+                     rnd["above_random"] else f": {against}, not above them.")
             if r["set"].startswith("irm_top"):
                 text += " Reader-side features read tokens already written, so a null here is expected."
+        else:
+            text += "."
         out.append(text)
     return out
 

@@ -204,9 +204,28 @@ _PATCH_KINDS = {"hook_mlp_out": "mlp_out", "hook_resid_post": "resid_post"}
 READER_NOTE = "(reader side: expected null, these features read tokens already written)"
 
 
+def attribution_set(attribution: dict | None, top_k: int) -> tuple[str, dict[int, tuple[int, ...]]] | None:
+    """The features the attribute stage names (its smallest faithful set, error terms left out: an error is
+    not a feature that can be ablated), else its ``top_k`` features of largest positive attribution."""
+    if not attribution or "skipped" in attribution:
+        return None
+    named = attribution.get("named") or []
+    label = f"attribution_faithful_{len(named)}"
+    if not named:
+        named = [t for t in attribution.get("top", []) if t["attribution"] > 0 and not t["node"].endswith("/error")]
+        named = named[:top_k]
+        label = f"attribution_top_{len(named)}"
+    out: dict[int, list[int]] = {}
+    for t in named:
+        layer, part = t["node"].split("/")
+        if part != "error":
+            out.setdefault(int(layer[1:]), []).append(int(part[1:]))
+    return (label, {k: tuple(v) for k, v in out.items()}) if out else None
+
+
 def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_names: list[str], saes: dict, rm,
            prompts: list[str], interpretation: dict, *, decision_coef: np.ndarray | None = None,
-           hook: str = "hook_mlp_out", echo=print) -> list[dict]:
+           hook: str = "hook_mlp_out", attribution: dict | None = None, echo=print) -> list[dict]:
     """Ablate, steer and patch inside the tuned model while it generates; the share of the reward gain each removes.
 
     Conditions (rows, in order): ``none`` (the tuned model), the base model (the gain's reference),
@@ -254,10 +273,14 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
         sets.append(FeatureSet(f"decision_top_{kd}", as_layers(decision), vc.ablation, means))
     if flagged_cols:
         sets.append(FeatureSet(f"judge_flagged_{len(flagged_cols)}", as_layers(flagged_cols), vc.ablation, means))
-    sets.append(FeatureSet(f"random_{k} (control)", as_layers(draw(k)), vc.ablation, means))
-    if decision and kd != k:
-        sets.append(FeatureSet(f"random_{kd} (control for decision_top_{kd})", as_layers(draw(kd)), vc.ablation,
-                               means))
+    attributed = attribution_set(attribution, vc.top_k)
+    if attributed is not None:
+        sets.append(FeatureSet(attributed[0], attributed[1], vc.ablation, means))
+    targeted = tuple(fs.name for fs in sets)
+    # Several random sets of each targeted size: the targeted sets are judged against their distribution.
+    for size in sorted({fs.size for fs in sets}):
+        for i in range(vc.n_random_sets):
+            sets.append(FeatureSet(f"random_{size} #{i + 1} (control)", as_layers(draw(size)), vc.ablation, means))
     sets.append(FeatureSet("reconstruction_only (control)", {}, "reconstruction"))
     if vc.steer_alpha is not None and top_k:
         sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
@@ -276,9 +299,10 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
                                trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
                                max_memory=runtime.max_memory)
-    return paired_rows(base, tuned, pair.tokenizer, layer_saes, sets, rm, prompts, bound, kind or "mlp_out",
+    rows = paired_rows(base, tuned, pair.tokenizer, layer_saes, sets, rm, prompts, bound, kind or "mlp_out",
                        samples_per_prompt=vc.samples_per_prompt, max_new_tokens=vc.max_new_tokens, seed=seed,
-                       batch_size=vc.batch_size)
+                       batch_size=vc.batch_size, targeted=targeted)
+    return against_random(rows, targeted)
 
 
 def reward_gain_test(base, tuned, prompt_index, *, confidence: float = 0.95, n_resamples: int = 2000,
@@ -307,12 +331,12 @@ def reward_gain_test(base, tuned, prompt_index, *, confidence: float = 0.95, n_r
     return {"gain": gain, "ci": [low, high], "n_prompts": int(len(prompts)), "positive": low > 0}
 
 
-def gain_share_row(base, tuned, ablated, prompt_index) -> dict | None:
+def gain_share_row(base, tuned, ablated, prompt_index, confidence: float = 0.95) -> dict | None:
     """A row's ``gain_share`` entry (see :func:`irmprobe.validation.ablation.reward_gain_share`); None where the tuned
     model gained nothing. A bound the bootstrap could not define (resamples with no gain) is None, in memory
     as in the JSON, so the verdict and the summary read it as undefined."""
     try:
-        g = reward_gain_share(base, tuned, ablated, prompt_index)
+        g = reward_gain_share(base, tuned, ablated, prompt_index, confidence=confidence)
     except ValueError:  # no gain (or a single prompt): nothing to share out
         return None
     ci = [float(v) if np.isfinite(v) else None for v in g.ci]
@@ -321,7 +345,7 @@ def gain_share_row(base, tuned, ablated, prompt_index) -> dict | None:
 
 def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSet], rm, prompts: list[str],
                 bound: tuple[int, ...] | None, kind: str = "mlp_out", *, samples_per_prompt: int,
-                max_new_tokens: int, seed: int, batch_size: int = 32) -> list[dict]:
+                max_new_tokens: int, seed: int, batch_size: int = 32, targeted: tuple[str, ...] = ()) -> list[dict]:
     """Sample every condition with one seed, score with ``rm``, and pair the rows.
 
     ``base`` and ``tuned`` are plain Hugging Face models. Rows: ``none`` (tuned), ``base model
@@ -362,10 +386,41 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
         # No share of a gain that is not significantly positive (its CI over prompts reaches 0).
         return gain_share_row(base_r, clean, rewards, clean_run.prompt_index) if gain_test["positive"] else None
 
+    # The targeted sets are several tests at once: each also gets a Bonferroni interval (level 1 - 0.05 / m).
+    level = 1 - 0.05 / max(1, len(targeted))
+
+    def adjusted(name, rewards):
+        if name not in targeted or not gain_test["positive"]:
+            return None
+        row = gain_share_row(base_r, clean, rewards, clean_run.prompt_index, confidence=level)
+        return None if row is None else {"ci": row["ci"], "confidence": level, "n_tests": len(targeted)}
+
     rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
              "gain_share": share(clean), "gain_test": gain_test, "example": clean_run.texts[0], "seconds": clean_s}]
     for name, mode, size, rewards, run, seconds in conditions:
         rows.append({"set": name, "mode": mode, "n_features": size, "reward": _mean_ci(rewards),
                      "change": _mean_ci(rewards - clean), "gain_share": share(rewards),
-                     "example": run.texts[0], "seconds": seconds})
+                     "gain_share_adjusted": adjusted(name, rewards), "example": run.texts[0], "seconds": seconds})
+    return rows
+
+
+def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
+    """Give each targeted row the distribution of the random sets of its size and whether it stands above it.
+
+    ``random``: the random sets' shares of the gain (one per draw), their 2.5-97.5 percentile range, and
+    ``above_random``: the targeted set's Bonferroni interval (see :func:`paired_rows`) lies wholly above that
+    range. None where there is no share (no significant gain) or no random set of that size.
+    """
+    by_size: dict[int, list[float]] = {}
+    for r in rows:
+        if r["set"].startswith("random_") and r.get("gain_share"):
+            by_size.setdefault(r["n_features"], []).append(r["gain_share"]["share"])
+    for r in rows:
+        shares = by_size.get(r["n_features"])
+        if r["set"] not in targeted or not shares or not r.get("gain_share"):
+            continue
+        low, high = (float(np.percentile(shares, q)) for q in (2.5, 97.5))
+        ci = (r.get("gain_share_adjusted") or {}).get("ci") or [None, None]
+        r["random"] = {"shares": shares, "range": [low, high],
+                       "above_random": None if ci[0] is None else bool(ci[0] > high)}
     return rows

@@ -29,10 +29,11 @@ L = 2
 D_SAE = 24
 
 
-def _planted(planted_llama, features, error=None, seed=0):
+def _planted(planted_llama, features, error=None, seed=0, enc_scale=30.0):
     """(tokenizer, base, tuned, SAE at block L, planted ids, feature indices).
 
     ``features``: (u-component, strength) per planted feature; ``error``: the same for a direction in the error.
+    ``enc_scale``: the random features' encoder scale (30: they fire at about the planted features' scale).
     """
     tok, base, u, ids = planted_llama(WORDS)
     base = copy.deepcopy(base)
@@ -56,7 +57,7 @@ def _planted(planted_llama, features, error=None, seed=0):
         sae.b_dec.zero_()
         W = torch.randn(D_SAE, 32, generator=g)
         sae.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
-        enc = torch.randn(32, D_SAE, generator=g) * 30.0  # random features fire at about the planted ones' scale
+        enc = torch.randn(32, D_SAE, generator=g) * enc_scale
         sae.W_enc.copy_((torch.eye(32) - P) @ enc)  # random features read nothing planted
         D = torch.stack(dirs, 1)  # [32, n]: the planted decoders (and the error's direction)
         dual = torch.linalg.pinv(D)  # [n, 32]: dual[k] . dirs[l] = delta_kl
@@ -163,3 +164,37 @@ def test_bad_input_is_refused(single):
         ImplicitReward(base, tuned, {L: sae}, "mlp_out", [[1, 2, 3]], [1, 1], [0], ["tuned"])
     with pytest.raises(ValueError, match="ig_steps"):
         single["metric"].integrated_gradients(steps=0)
+
+
+def test_the_attributed_feature_ablated_during_generation_removes_the_gain_and_random_sets_do_not(planted_llama):
+    """A stronger planted feature (so that sampling shows the gain): attribution names it, and zero-ablating it
+    while the tuned model samples removes the RM gain, where random features of the same dictionary do not."""
+    from irmprobe.models.rewards import LexiconRM
+    from irmprobe.validation.ablation import FeatureSet, against_random, attribution_set, paired_rows
+
+    # Random features as weak as an SAE's typical feature against the residual (zero-ablating one of the dense,
+    # strong random features above moves the whole stream, and with it the samples).
+    tok, base, tuned, sae, ids, (j, _) = _planted(planted_llama, [(1.0, 0.3), (0.0, 0.06)], enc_scale=0.3)
+    metric = _metric(tok, base, tuned, sae, ids)
+    ranked = ranked_nodes(metric.integrated_gradients(steps=8))
+    curves = attribution_curves(metric, ranked, [1, 2], n_random=2, seed=0,
+                                candidates=[Node(L, i) for i in range(D_SAE)])
+    k = smallest_faithful(curves, 0.6)
+    result = {"named": [{"node": n.name, "attribution": a} for n, a in ranked[:k]],
+              "top": [{"node": n.name, "attribution": a} for n, a in ranked]}
+    label, features = attribution_set(result, 10)
+    assert label == "attribution_faithful_1" and features == {L: (j,)}
+    rng = np.random.default_rng(0)
+    others = [i for i in range(D_SAE) if i != j]
+    sets = [FeatureSet(label, features)] + [FeatureSet(f"random_1 #{i + 1} (control)", {L: (int(rng.choice(others)),)})
+                                            for i in range(4)]
+    prompts = ["The train left", "I bought a", "She said that", "Later that day", "We went to the", "He told me",
+               "It was a", "My friend and", "Then the", "You can", "After the game", "Our house"]
+    rows = paired_rows(base, tuned, tok, {L: sae}, sets, LexiconRM({w: 1.0 for w in WORDS}, scale=1.0), prompts,
+                       None, samples_per_prompt=4, max_new_tokens=12, seed=0, targeted=(label,))
+    rows = {r["set"]: r for r in against_random(rows, (label,))}
+    assert rows["none"]["gain_test"]["positive"]
+    target = rows[label]
+    assert target["gain_share"]["share"] >= 0.8
+    assert all(abs(s) < 0.15 for s in target["random"]["shares"]) and len(target["random"]["shares"]) == 4
+    assert target["random"]["above_random"] is True

@@ -11,12 +11,12 @@ import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
 from irmprobe.config import CaptureConfig, RunConfig, Runtime, ValidateConfig
-from irmprobe.validation.ablation import READER_NOTE
 from irmprobe.models.loading import ModelPair
-from irmprobe.pipeline.stage import Context, Sections
-from irmprobe.pipeline.stages.layers import LayersResult, LayersStage
-from irmprobe.pipeline.stages.organism import OrganismResult
 from irmprobe.models.rewards import LexiconRM
+from irmprobe.pipeline.stage import Context, Sections
+from irmprobe.pipeline.stages.layers import LayersStage
+from irmprobe.pipeline.stages.organism import OrganismResult
+from irmprobe.validation.ablation import READER_NOTE
 
 WORDS = "good great love happy nice best wonderful".split()
 PROMPTS = ["The train left", "I bought a", "She said that", "Later that day", "We went to the",
@@ -148,7 +148,7 @@ def _ablate(planted, tmp_path, fit, **validate):
               "capture": SimpleNamespace(acts={f"tuned.{L}": acts}, layers=(L,)),
               "saes": SimpleNamespace(saes={("tuned", L): _sae(planted)}), "fit": fit,
               # A reader-side top feature: it reads x_t, it does not write it.
-              "interpret": {"top_k_columns": [3], "judged": []}}
+              "interpret": {"top_k_columns": [3], "judged": []}, "attribute": {"skipped": "not in this test"}}
     out = tmp_path / "ablate"
     out.mkdir(exist_ok=True)
     rows = stage.run(cfg, ctx, inputs, out)
@@ -159,7 +159,8 @@ def _ablate(planted, tmp_path, fit, **validate):
 def test_ablation_rows_give_each_condition_its_share_of_the_reward_gain(planted, tmp_path):
     coef = np.zeros(16)
     coef[0], coef[7] = 2.0, -1.0  # the decision-side IRM weights the planted feature
-    rows = {r["set"]: r for r in _ablate(planted, tmp_path, SimpleNamespace(decision_coef=coef), steer_alpha=0.5)}
+    rows = {r["set"]: r for r in _ablate(planted, tmp_path, SimpleNamespace(decision_coef=coef), steer_alpha=0.5,
+                                         n_random_sets=2)}
     assert list(rows)[:2] == ["none", "base model (reference)"]
     gain = rows["none"]["gain_share"]["gain"]
     assert gain > 0.5  # the planted block does raise the reward
@@ -171,8 +172,17 @@ def test_ablation_rows_give_each_condition_its_share_of_the_reward_gain(planted,
     assert rows["decision_top_1"]["reward"]["mean"] == pytest.approx(rows["base model (reference)"]["reward"]["mean"])
     assert rows["decision_top_1"]["example"] == rows["base model (reference)"]["example"]
     assert rows["decision_top_1"]["example"] != rows["none"]["example"]
-    random = rows["random_1 (control)"]["gain_share"]
-    assert random["ci"][0] <= 0.10 and random["share"] < 0.2
+    randoms = [r["gain_share"] for name, r in rows.items() if name.startswith("random_1 #")]
+    assert len(randoms) == 2  # n_random_sets draws of the targeted size
+    assert all(g["ci"][0] <= 0.10 and g["share"] < 0.2 for g in randoms)
+    # The decision-side set is judged against the random sets' distribution, with a Bonferroni interval over
+    # the targeted sets (reader top-1, decision top-1).
+    d = rows["decision_top_1"]
+    assert d["gain_share_adjusted"]["n_tests"] == 2 and d["gain_share_adjusted"]["confidence"] == pytest.approx(0.975)
+    lo_adj, lo = d["gain_share_adjusted"]["ci"][0], d["gain_share"]["ci"][0]
+    assert lo_adj <= lo + 1e-9  # the wider interval
+    assert d["random"]["shares"] == [g["share"] for g in randoms] and d["random"]["above_random"] is True
+    assert rows[f"irm_top_1 {READER_NOTE}"]["random"]["above_random"] is False
     reader = rows[f"irm_top_1 {READER_NOTE}"]["gain_share"]
     assert reader["share"] < 0.2
     assert "steer decision_top_1 x0.5" in rows and "steer top feature x0.5" in rows
@@ -187,14 +197,15 @@ def test_without_a_decision_side_irm_or_patching_bound_those_rows_are_left_out(p
     # A fit result from before the decision-side IRM existed has no decision_coef at all.
     rows = [r["set"] for r in _ablate(planted, tmp_path, SimpleNamespace(), patching_bound=False, max_new_tokens=2,
                                       n_prompts=3)]
-    assert rows == ["none", "base model (reference)", f"irm_top_1 {READER_NOTE}", "random_1 (control)",
+    assert rows == ["none", "base model (reference)", f"irm_top_1 {READER_NOTE}", "random_1 #1 (control)",
+                    "random_1 #2 (control)", "random_1 #3 (control)", "random_1 #4 (control)",
                     "reconstruction_only (control)"]
 
 
 def test_plain_models_replace_bridged_ones(tiny_llama_dir):
     from irmprobe.activations.capture import is_bridged
-    from irmprobe.models.loading import load_pair
     from irmprobe.activations.patching import plain_models
+    from irmprobe.models.loading import load_pair
 
     pair = load_pair(str(tiny_llama_dir), None)
     assert plain_models(pair) == (pair.base, pair.tuned)

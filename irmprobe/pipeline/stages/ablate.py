@@ -13,9 +13,9 @@ class AblateStage(Stage):
     """Ablate the reader- and decision-side IRMs' top features, random ones and patch the chosen layers during
     generation; each row gives the share of the reward gain (tuned - base) it removes."""
 
-    name, version = "ablate", 6
+    name, version = "ablate", 7
     reads = ("validate", "irm.inputs", "capture.hook", "seed")
-    needs = ("organism", "layers", "capture", "saes", "fit", "interpret")
+    needs = ("organism", "layers", "capture", "saes", "fit", "attribute", "interpret")
 
     def fingerprint(self, cfg, ctx):
         return ctx.rm.describe()
@@ -30,7 +30,7 @@ class AblateStage(Stage):
             rows = ablate(cfg.validate, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), inputs["capture"],
                           X, names, inputs["saes"].saes, ctx.rm, ctx.heldout, inputs["interpret"],
                           decision_coef=getattr(inputs["fit"], "decision_coef", None), hook=cfg.capture.hook,
-                          echo=ctx.echo)
+                          attribution=inputs["attribute"], echo=ctx.echo)
         write_json(out / "ablation.json", {"rows": rows})
         return rows
 
@@ -41,5 +41,5 @@ class AblateStage(Stage):
         if not result:
             return "skipped"
         shares = [f"{r['set'].split(' (')[0]} {r['gain_share']['share']:+.2f}" for r in result[2:]
-                  if r.get("gain_share")]
+                  if r.get("gain_share") and not r["set"].startswith("random_")]
         return "share of the reward gain removed: " + "; ".join(shares)

@@ -214,7 +214,7 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         add(name, "behavioural", f.predictions, is_zero=f.is_zero, estimator=est, test_r2=f.test_r2, alpha=f.alpha,
             n_nonzero=int(np.count_nonzero(f.coef)), position="reader")
     if decision is not None:
-        X_prev, d_rows, _ = decision
+        X_prev, d_rows = decision[0], decision[1]
         local = tuple(np.flatnonzero(np.isin(d_rows, fold)) for fold in folds)
         f = cross_fit_irm("sae_irm_decision", X_prev, y[d_rows], units[d_rows], folds=local, n_jobs=n_jobs, device=device,
                           score_rows=np.flatnonzero(np.isin(d_rows, rows_used)),

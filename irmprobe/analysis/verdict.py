@@ -237,28 +237,31 @@ def ablation_lines(val: dict) -> list[str]:
 
 
 def attribution_line(result: dict) -> str:
-    """One line: how many nodes carry how much of the implicit reward, against random sets, or why none do."""
+    """One line: how many features carry how much of the implicit reward, against random sets, or why none do."""
     if "skipped" in result:
         return f"attribution: skipped ({result['skipped']})"
     curves = result["curves"]
-    bound = curves["bound"]["value"]
     where = f"{result['kind']} at blocks {', '.join(map(str, result['layers']))}"
-    k = result["smallest_k"]
+    context = (f"the hook points carry {_attr_pct(curves['bound']['value'])} [{_attr_ci(curves['bound']['ci'])}] of "
+               f"the implicit reward, their SAE error terms alone {_attr_pct(curves['errors_only']['value'])} of that")
+    k = result.get("smallest_k_features")
     if k is None:
-        best = max((r for r in curves["rows"] if r["faithfulness"]["value"] is not None),
-                   key=lambda r: r["faithfulness"]["value"], default=None)
-        return (f"no set of <= {curves['rows'][-1]['k'] if curves['rows'] else 0} nodes carries "
-                f"{result['threshold']:.0%} of the implicit reward at {where}: the best reaches "
+        rows = [r for r in curves.get("feature_rows", []) if r["faithfulness"]["value"] is not None]
+        best = max(rows, key=lambda r: r["faithfulness"]["value"], default=None)
+        nodes = result.get("smallest_k")
+        with_errors = next((r for r in curves["rows"] if r["k"] == nodes), None)
+        return (f"no set of <= {rows[-1]['k'] if rows else 0} SAE features at {where} carries "
+                f"{result['threshold']:.0%} of what the hook points carry: the best reaches "
                 + (f"{best['faithfulness']['value']:.2f} (k={best['k']})" if best else "nothing")
-                + f"; the hook points carry {_attr_pct(bound)} of it in all, the SAE errors alone "
-                f"{_attr_pct(curves['errors_only']['value'])}")
-    row = next(r for r in curves["rows"] if r["k"] == k)
+                + (f"; with the error terms, {nodes} nodes ({with_errors['errors_in_set']} of them errors) reach "
+                   f"{with_errors['faithfulness']['value']:.2f}" if with_errors else "")
+                + f"; {context}")
+    row = next(r for r in curves["feature_rows"] if r["k"] == k)
     f, c = row["faithfulness"], row["completeness"]
     rng = row["random"]["range"]
-    return (f"{k} node(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points carry "
-            f"(faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
-            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-")
-            + f"; the hook points carry {_attr_pct(bound)} of the implicit reward")
+    return (f"{k} SAE feature(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points "
+            f"carry (faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
+            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + f"; {context}")
 
 
 def _attr_pct(value) -> str:

@@ -114,6 +114,11 @@ def attribution_curves(metrics: dict):
         hi = [r[key]["ci"][1] if r[key]["ci"][1] is not None else np.nan for r in rows]
         ax.plot(ks, values, "o-", color=color, label=f"{key} (top k)")
         ax.fill_between(ks, lo, hi, color=color, alpha=0.2)
+    frows = a["curves"].get("feature_rows") or []
+    if frows:
+        ax.plot([r["k"] for r in frows], [r["faithfulness"]["value"] if r["faithfulness"]["value"] is not None
+                                          else np.nan for r in frows], "s--", color="C2",
+                label="faithfulness (top k features, errors at base)")
     for r in rows:
         ax.plot([r["k"]] * len(r["random"]["values"]), r["random"]["values"], "x", color="grey")
     ax.plot([], [], "x", color="grey", label="random k-feature sets")

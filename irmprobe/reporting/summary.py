@@ -253,12 +253,19 @@ def attribution_section(a: dict) -> list[str]:
              f"held-out half ({a['n_prompts'][1]} prompts): the hook points carry {_fmt(c['bound']['value'], '.2f')} "
              f"{_interval(c['bound']['ci'], '.2f')} of the implicit reward; the SAE errors alone "
              f"{_fmt(c['errors_only']['value'], '+.2f')} {_interval(c['errors_only']['ci'], '+.2f')} of that",
-             f"{'k':>4} {'faithfulness':>13} {'95% CI':>15} {'completeness':>13} {'95% CI':>15} {'random k-sets':>17}"]
+             f"{'':>6}{'every node (errors included)':^44}{'features only':^36}",
+             f"{'k':>4} {'faithfulness':>13} {'completeness':>13} {'errors':>6} {'faithfulness':>15} "
+             f"{'completeness':>13} {'random k-sets':>15}"]
+    by_k = {r["k"]: r for r in c.get("feature_rows", [])}
     for row in c["rows"]:
         f, comp, rnd = row["faithfulness"], row["completeness"], row["random"]["range"]
-        lines.append(f"{row['k']:>4} {_fmt(f['value'], '+.2f'):>13} {_interval(f['ci'], '+.2f'):>15} "
-                     f"{_fmt(comp['value'], '+.2f'):>13} {_interval(comp['ci'], '+.2f'):>15} "
-                     f"{(f'{rnd[0]:+.2f} .. {rnd[1]:+.2f}' if rnd else '-'):>17}")
-    for n in a["named"][:10]:
+        fr = by_k.get(row["k"])
+        lines.append(f"{row['k']:>4} {_fmt(f['value'], '+.2f'):>13} {_fmt(comp['value'], '+.2f'):>13} "
+                     f"{row['errors_in_set']:>6} "
+                     f"{(_fmt(fr['faithfulness']['value'], '+.2f') if fr else '-'):>15} "
+                     f"{(_fmt(fr['completeness']['value'], '+.2f') if fr else '-'):>13} "
+                     f"{(f'{rnd[0]:+.2f} .. {rnd[1]:+.2f}' if rnd else '-'):>15}")
+    lines.append("top nodes: " + ", ".join(f"{t['node']} {t['attribution']:+.3f}" for t in a["top"][:6]))
+    for n in (a["named"] or a.get("top_features", []))[:10]:
         lines.append(f"  {n['node']:<12} {n['attribution']:+.3f}  " + " | ".join(n["contexts"][:2])[:100])
     return lines

@@ -26,7 +26,8 @@ checked by exact patching: ``m(M) - m(M with node i at its base value)``.
 complement (1 - completeness is what C alone would take away). The ranking is made on one half of the
 prompts and the curves are measured on the other, beside random sets of features of the same size (a
 distribution), the set of every error node, and the whole-hook-point bound ``(m(M) - m(empty)) / m(M)``: the
-share of the implicit reward the hook points carry at all (the base model's own m is 0).
+share of the implicit reward the hook points carry at all (the base model's own m is 0). A second curve ranks
+the features alone (every error term at its base value): what a feature circuit without the errors carries.
 """
 
 from __future__ import annotations
@@ -300,9 +301,10 @@ def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]],
     errors_only = metric.evaluate(node_setter([Node(layer, ERROR) for layer in metric.layers], saes))
     rng = np.random.default_rng(seed)
     order = [node for node, _ in ranked]
+    features = [node for node in order if not node.is_error]
     ks = [int(k) for k in k_grid if 1 <= k <= len(order)]
-    rows = []
-    with progress_bar(total=len(ks) * (2 + n_random), desc="faithfulness curves") as bar:
+    rows, feature_rows = [], []
+    with progress_bar(total=len(ks) * (4 + n_random), desc="faithfulness curves") as bar:
         for k in ks:
             top = order[:k]
             faith = metric.evaluate(node_setter(top, saes))
@@ -318,11 +320,20 @@ def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]],
                          "random": {"values": randoms,
                                     "range": [float(np.min(randoms)), float(np.max(randoms))] if randoms else None},
                          "errors_in_set": sum(n.is_error for n in top)})
+            # Features only (every SAE error at its base value): what a feature circuit without the errors carries.
+            if k <= len(features):
+                top = features[:k]
+                feature_rows.append({"k": k,
+                                     "faithfulness": _share(metric.evaluate(node_setter(top, saes)), empty, full, seed),
+                                     "completeness": _share(metric.evaluate(node_setter(top, saes, complement=True)),
+                                                            empty, full, seed),
+                                     "random": rows[-1]["random"]})
+            bar.update(2)
     total = float(full.mean())
     bound = (float((full - empty).mean() / total) if total > 0 else None)
     return {"m_full": total, "m_empty": float(empty.mean()), "n_prompts": len(full),
             "bound": {"value": bound, "ci": ratio_ci(full - empty, full, seed=seed)},
-            "errors_only": _share(errors_only, empty, full, seed), "rows": rows}
+            "errors_only": _share(errors_only, empty, full, seed), "rows": rows, "feature_rows": feature_rows}
 
 
 def exact_check(metric: ImplicitReward, ranked: list[tuple[Node, float]], n: int) -> dict:
@@ -339,9 +350,10 @@ def exact_check(metric: ImplicitReward, ranked: list[tuple[Node, float]], n: int
     return {"rows": rows, "spearman": rho}
 
 
-def smallest_faithful(curves: dict, threshold: float) -> int | None:
-    """The smallest k of the curves whose faithfulness reaches ``threshold`` (None if none does)."""
-    for row in curves["rows"]:
+def smallest_faithful(curves: dict, threshold: float, which: str = "rows") -> int | None:
+    """The smallest k of a curve (``rows``: every node; ``feature_rows``: features only) whose faithfulness
+    reaches ``threshold`` (None if none does)."""
+    for row in curves[which]:
         value = row["faithfulness"]["value"]
         if value is not None and value >= threshold:
             return row["k"]

@@ -117,6 +117,31 @@ def test_attribution_ranks_the_planted_feature_first_and_it_alone_is_faithful(si
     assert abs(curves["errors_only"]["value"]) < 0.1  # nothing planted in the error term
     assert curves["bound"]["value"] > 0.95
     assert smallest_faithful(curves, 0.6) == 1
+    # Features alone (the error at its base value) carry it too: nothing was planted in the error.
+    assert curves["feature_rows"][0]["faithfulness"]["value"] >= 0.9
+    assert smallest_faithful(curves, 0.6, "feature_rows") == 1
+
+
+def _curve_row(k, faith, errors=0):
+    share = {"value": faith, "ci": [faith - 0.05, faith + 0.05]}
+    return {"k": k, "faithfulness": share, "completeness": {"value": 1 - faith, "ci": [0.0, 1.0]},
+            "random": {"values": [0.0], "range": [0.0, 0.0]}, "errors_in_set": errors}
+
+
+def test_the_verdict_line_says_when_the_error_terms_not_the_features_carry_the_reward():
+    from irmprobe.analysis.verdict import attribution_line
+
+    curves = {"bound": {"value": 0.32, "ci": [0.26, 0.36]}, "errors_only": {"value": 0.74, "ci": [0.7, 0.78]},
+              "rows": [_curve_row(1, 0.3, 1), _curve_row(5, 0.75, 3)],
+              "feature_rows": [_curve_row(1, 0.01), _curve_row(5, 0.02)]}
+    result = {"kind": "mlp_out", "layers": [20, 22], "threshold": 0.6, "curves": curves, "smallest_k": 5,
+              "smallest_k_features": None}
+    line = attribution_line(result)
+    assert line.startswith("no set of <= 5 SAE features") and "5 nodes (3 of them errors) reach 0.75" in line
+    assert "the hook points carry 32%" in line and "error terms alone 74%" in line
+    result["smallest_k_features"] = 5
+    curves["feature_rows"][1] = _curve_row(5, 0.7)
+    assert attribution_line(result).startswith("5 SAE feature(s) at mlp_out at blocks 20, 22 carry 70%")
 
 
 def test_setting_every_node_tuned_is_the_tuned_model_and_none_tuned_is_the_patched_base(single):

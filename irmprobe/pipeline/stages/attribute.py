@@ -91,12 +91,14 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     curves = attribution_curves(metric(eval_half), ranked, ac.k_grid, n_random=ac.n_random, candidates=candidates,
                                 seed=seed)
     k = smallest_faithful(curves, ac.threshold)
+    k_features = smallest_faithful(curves, ac.threshold, "feature_rows")
     streams = list(samples.token_ids)
     decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
+    features = [(node, value) for node, value in ranked if not node.is_error]
+    # The named set is the smallest set of features (errors left out) reaching the threshold.
     named = [{"node": node.name, "attribution": value,
-              "contexts": [] if node.is_error else top_contexts(capture, tuned_saes[node.layer], node.layer,
-                                                                node.index, streams, decode)}
-             for node, value in ranked[: k or 0]]
+              "contexts": top_contexts(capture, tuned_saes[node.layer], node.layer, node.index, streams, decode)}
+             for node, value in features[: k_features or 0]]
     positive = [node for node, value in ranked if value > 0]
     return {
         "kind": kind, "layers": list(layers), "n_prompts": [len(rank_half), len(eval_half)],
@@ -105,7 +107,10 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
                       "ig_sum": float(sum(v for _, v in ranked)),
                       "n_nodes": len(ranked), "n_positive": len(positive)},
         "top": [{"node": node.name, "attribution": value} for node, value in ranked[:50]],
-        "exact": check, "curves": curves, "smallest_k": k, "named": named,
+        "exact": check, "curves": curves, "smallest_k": k, "smallest_k_features": k_features, "named": named,
+        "top_features": [{"node": node.name, "attribution": value,
+                          "contexts": top_contexts(capture, tuned_saes[node.layer], node.layer, node.index, streams,
+                                                   decode)} for node, value in features[:5]],
         "errors_in_top_20": sum(node.is_error for node, _ in ranked[:20]),
         "error_nodes": [{"node": Node(layer, -1).name, "attribution": attribution[layer][1]} for layer in layers],
         "seconds": time.perf_counter() - started,
@@ -115,7 +120,7 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
 class AttributeStage(Stage):
     """Attribution of the implicit reward to SAE features and error terms at the captured hook points."""
 
-    name, version = "attribute", 1
+    name, version = "attribute", 2
     reads = ("attribute", "capture.hook", "seed")
     needs = ("organism", "samples", "layers", "capture", "saes")
 

@@ -174,7 +174,8 @@ def view_taus(metrics: dict):
 
 
 ALL = {"view_taus": view_taus, "irm_vs_rm": irm_vs_rm, "error_vs_frequency": error_vs_frequency,
-       "layer_divergence": layer_divergence, "probe_pca": probe_pca, "ablation": ablation, "attribution_curves": attribution_curves,
+       "layer_divergence": layer_divergence, "probe_pca": probe_pca, "ablation": ablation,
+       "attribution_curves": attribution_curves,
        "sae_metrics": sae_metrics}
 
 

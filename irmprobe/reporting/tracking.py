@@ -102,6 +102,12 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
             for key in ("view", "tau", "z", "df", "p_value", "alpha", "outcome"):
                 if p.get(key) is not None:
                     run.summary[f"{label}/{'t' if key == 'z' else key}"] = p[key]
+        attribution = metrics.get("attribution") or {}
+        if attribution.get("curves"):
+            run.summary["attribution/bound"] = attribution["curves"]["bound"]["value"]
+            run.summary["attribution/errors_only"] = attribution["curves"]["errors_only"]["value"]
+            run.summary["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
+            run.summary["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
         return str(run.dir)
     finally:
         run.finish()

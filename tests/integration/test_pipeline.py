@@ -56,14 +56,14 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     families = {r["name"]: r["family"] for r in m["agreement"]}
     # The preference probe needs 8 prompts whose continuations differ in reward within each fold: optional here.
     families.setdefault("preference_probe", "rm_informed")
-    assert families == {"log_ratio (no model)": "behavioural", "sae_irm": "behavioural", "sae_irm_decision": "behavioural", "sae_lasso": "behavioural", "sae_elasticnet": "behavioural",
-                        "rm_regression": "rm_informed", "contrastive_probe": "rm_informed",
+    assert families == {"log_ratio (no model)": "behavioural", "sae_irm": "behavioural", "sae_irm_decision": "behavioural", "sae_irm_bilinear": "behavioural", "sae_lasso": "behavioural",
+                        "sae_elasticnet": "behavioural", "rm_regression": "rm_informed", "contrastive_probe": "rm_informed",
                         "preference_probe": "rm_informed", "random_probe": "baseline",
                         "baseline_shuffled": "baseline", "raw_activations": "baseline"}
     assert [r["name"] for r in m["full_vocabulary"]] == ["full_vocab_log_ratio"]
     positions = {r["name"]: r["position"] for r in m["agreement"] if r["position"]}
     assert positions == {"sae_irm": "reader", "sae_lasso": "reader", "sae_elasticnet": "reader",
-                         "sae_irm_decision": "decision"}
+                         "sae_irm_decision": "decision", "sae_irm_bilinear": "decision (bilinear)"}
     # One token set for the whole table: every row-level view is scored on the same held-out tokens.
     assert len({r["n_tokens"] for r in m["agreement"] if not r["is_zero"]}) == 1
     # The matched control: the organism's recipe with a random reward, its own layers; figures next to each view.
@@ -108,8 +108,8 @@ def test_null_organism_reports_no_implicit_reward(tiny_llama_dir, tmp_path):
     m = result.metrics.to_json()
     rows = {r["name"]: r for r in m["agreement"]}
     behavioural = [r for r in m["agreement"] if r["family"] == "behavioural"]
-    assert {r["name"] for r in behavioural} == {"log_ratio (no model)", "sae_irm", "sae_irm_decision", "sae_lasso",
-                                                "sae_elasticnet"}
+    assert {r["name"] for r in behavioural} == {"log_ratio (no model)", "sae_irm", "sae_irm_decision",
+                                                "sae_irm_bilinear", "sae_lasso", "sae_elasticnet"}
     assert m["full_vocabulary"][0]["is_zero"]
     for row in behavioural:  # every behavioural IRM of tuned = base is reported as zero, with no tau
         assert row["is_zero"] and row["tau"] is None and row["p_value"] is None, row["name"]
@@ -197,9 +197,10 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     changed = _config(tmp_path, base=str(tiny_llama_dir))
     changed = RunConfig.from_dict(changed.to_dict() | {"irm": changed.to_dict()["irm"] | {"l1_ratio": 0.7}})
     status = run(changed, echo=lambda _: None).stage_status
+    # The attribute stage reads no IRM setting: it is reused too.
     assert {s for s, v in status.items() if v == "reused"} == {
         f"{b}{s}" for b in ("", "control-0/", "control-1/") for s in ("organism", "samples", "layers", "capture",
-                                                                      "saes")}
+                                                                      "saes")} | {"attribute"}
     assert all(status[s] == "ran" for s in ("fit", "control-0/fit", "control-1/fit", "compare", "interpret", "ablate"))
     # --force saes re-trains the SAEs (and everything after), for the control too, but reuses the capture.
     status = run(changed, echo=lambda _: None, force=("saes",)).stage_status

@@ -222,13 +222,18 @@ class ImplicitReward:
                         f[layer] = (fb + alpha * (ft - fb)).requires_grad_(True)
                         e[layer] = (eb + alpha * (et - eb)).requires_grad_(True)
                     m = self._run(batch, f, e).sum()
+                    # allow_unused: a residual-stream hook point replaced wholesale cuts every earlier one off
+                    # the metric (resid_post at blocks 20 and 23: block 20's nodes act only through block 23's).
                     grads = torch.autograd.grad(m, [f[layer] for layer in self.layers] +
-                                                [e[layer] for layer in self.layers])
+                                                [e[layer] for layer in self.layers], allow_unused=True)
                     for i, layer in enumerate(self.layers):
-                        df = batch.f[layer, "tuned"] - batch.f[layer, "base"]
-                        de = batch.e[layer, "tuned"] - batch.e[layer, "base"]
-                        feats[layer] += (grads[i] * df).sum((0, 1)).double().cpu() / steps
-                        errors[layer] += float((grads[len(self.layers) + i] * de).sum()) / steps
+                        gf, ge = grads[i], grads[len(self.layers) + i]
+                        if gf is not None:
+                            df = batch.f[layer, "tuned"] - batch.f[layer, "base"]
+                            feats[layer] += (gf * df).sum((0, 1)).double().cpu() / steps
+                        if ge is not None:
+                            de = batch.e[layer, "tuned"] - batch.e[layer, "base"]
+                            errors[layer] += float((ge * de).sum()) / steps
                     bar.update(1)
         # The metric is a mean over prompts of per-prompt sums: scale the attributions alike.
         scale = 1.0 / len(self.used)

@@ -223,3 +223,15 @@ def test_the_attributed_feature_ablated_during_generation_removes_the_gain_and_r
     assert target["gain_share"]["share"] >= 0.8
     assert all(abs(s) < 0.15 for s in target["random"]["shares"]) and len(target["random"]["shares"]) == 4
     assert target["random"]["above_random"] is True
+
+
+def test_a_later_residual_hook_point_cuts_the_earlier_ones_off(single):
+    """resid_post at blocks 1 and L: block 1's nodes act only through block L's stream, replaced wholesale."""
+    tok, base, tuned, sae, ids = single["parts"]
+    metric = _metric(tok, base, tuned, sae, ids, n_prompts=4)
+    metric = ImplicitReward(base, tuned, {1: sae, L: sae}, "resid_post",
+                            [list(b) for batch in metric.batches for b in batch.tokens.tolist()],
+                            [6] * 16, np.repeat(np.arange(4), 4), ["tuned", "tuned", "base", "base"] * 4)
+    attribution = metric.integrated_gradients(steps=2)
+    assert not np.any(attribution[1][0]) and attribution[1][1] == 0.0
+    assert np.any(attribution[L][0]) and attribution[L][1] != 0.0

@@ -76,9 +76,17 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     assert all("cannot tell a control" in r["control_flag"] for r in m["agreement"] if r["family"] == "rm_informed")
     val = m["validation"]
     assert [r["set"] for r in val["ablation"]][0] == "none" and len(val["ablation"]) >= 4
-    assert {"random_3 (control)", "reconstruction_only (control)"} <= {r["set"] for r in val["ablation"]}
+    assert {"random_3 #1 (control)", "random_3 #4 (control)", "reconstruction_only (control)"} <= {
+        r["set"] for r in val["ablation"]}
     assert val["cross"]["n_judged"] == 10 and all(r["explanation"] for r in val["judged"])
     assert any("ablation in the tuned model" in line for line in lines)
+    # The attribute stage ran on the organism: curves on held-out prompts, a summary section, a verdict line.
+    a = m["attribution"]
+    assert a["kind"] == "mlp_out" and a["curves"]["rows"] and a["curves"]["feature_rows"]
+    assert a["rank_half"]["ig_sum"] == pytest.approx(a["rank_half"]["m_full"] - a["rank_half"]["m_empty"],
+                                                     rel=0.25, abs=0.05)
+    assert any("what carries the implicit reward" in line for line in lines)
+    assert any("of what the hook points carry" in line for line in m["verdict"])
     assert m["kl"]["n_sequences"] == 12 * 4
     assert any(line.startswith("primary comparison") for line in m["verdict"])
     assert m["primary"]["view"] == "full_vocab_log_ratio" and len(m["primary"]["control_taus"]) == 2

@@ -176,7 +176,7 @@ def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undef
     lines = ablation_lines({"ablation": rows})
     assert lines[0] == ("irm_top_10 removes +0.40 of the gain; its interval is undefined (resamples of the prompts "
                         "with no reward gain), so nothing is concluded from it.")
-    assert lines[1] == "decision_top_10 removes +0.60 [+0.50, +0.70] of the gain"  # no verdict against an undefined control
+    assert lines[1] == "decision_top_10 removes +0.60 [+0.50, +0.70] of the gain."  # no verdict: no random-set distribution
     assert _interval([None, 0.2], "+.2f") == "undefined" and _interval([0.1, 0.2], "+.2f") == "[+0.10,+0.20]"
 
 

@@ -216,3 +216,26 @@ def test_the_ablation_refuses_shares_of_a_gain_whose_interval_includes_zero():
     # Samples of one prompt are one unit: 2 prompts of 50 samples each are 2 units, not 100.
     few = reward_gain_test(np.zeros(100), np.r_[np.ones(50), -0.5 * np.ones(50)], np.repeat([0, 1], 50))
     assert few["n_prompts"] == 2 and not few["positive"]
+
+
+def test_a_targeted_set_is_causal_only_when_its_bonferroni_interval_clears_the_random_sets_range():
+    from irmprobe.analysis.verdict import ablation_lines
+    from irmprobe.validation.ablation import against_random
+
+    share = lambda s, ci: {"share": s, "ci": ci}  # noqa: E731
+    rows = [{"set": "none", "n_features": 0, "gain_share": share(0.0, [0.0, 0.0])},
+            {"set": "decision_top_10", "n_features": 10, "gain_share": share(0.8, [0.6, 0.95]),
+             "gain_share_adjusted": {"ci": [0.55, 0.97], "confidence": 0.975, "n_tests": 2}},
+            {"set": "attribution_top_10", "n_features": 10, "gain_share": share(0.5, [0.3, 0.7]),
+             "gain_share_adjusted": {"ci": [0.2, 0.75], "confidence": 0.975, "n_tests": 2}}]
+    rows += [{"set": f"random_10 #{i + 1} (control)", "n_features": 10, "gain_share": share(s, [s - 0.2, s + 0.2])}
+             for i, s in enumerate([0.05, -0.1, 0.3, 0.1])]
+    rows = against_random(rows, ("decision_top_10", "attribution_top_10"))
+    assert rows[1]["random"]["shares"] == [0.05, -0.1, 0.3, 0.1]
+    assert rows[1]["random"]["range"][1] == pytest.approx(np.percentile([0.05, -0.1, 0.3, 0.1], 97.5))
+    assert rows[1]["random"]["above_random"] is True  # 0.55 > 0.29
+    assert rows[2]["random"]["above_random"] is False  # 0.20 < 0.29: the unadjusted 0.30 would have cleared it
+    lines = ablation_lines({"ablation": rows})
+    assert lines[0].endswith("wholly above them: these features carry the reward causally.")
+    assert "97.5% interval (Bonferroni over 2 targeted sets) is [+0.55, +0.97]" in lines[0]
+    assert lines[1].endswith("not above them.")

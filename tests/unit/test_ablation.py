@@ -5,9 +5,9 @@ import pytest
 import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
-from irmprobe.validation.ablation import FeatureSet, ablated, ablation_table
 from irmprobe.models.loading import load_pair
 from irmprobe.models.rewards import LexiconRM
+from irmprobe.validation.ablation import FeatureSet, ablated, ablation_table
 
 
 def _sae(d_in, d_sae=16, seed=0, planted=None, strength=0.0):
@@ -165,8 +165,8 @@ def test_sampling_refuses_a_bridged_model(tiny_llama_dir):
 
 
 def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undefined():
-    from irmprobe.reporting.summary import _interval
     from irmprobe.analysis.verdict import ablation_lines
+    from irmprobe.reporting.summary import _interval
 
     share = lambda s, ci: {"share": s, "ci": ci}  # noqa: E731
     rows = [{"set": "none", "n_features": 0, "gain_share": share(0.0, [0.0, 0.0])},
@@ -176,13 +176,13 @@ def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undef
     lines = ablation_lines({"ablation": rows})
     assert lines[0] == ("irm_top_10 removes +0.40 of the gain; its interval is undefined (resamples of the prompts "
                         "with no reward gain), so nothing is concluded from it.")
-    assert lines[1] == "decision_top_10 removes +0.60 [+0.50, +0.70] of the gain."  # no verdict: no random-set distribution
+    assert lines[1] == "decision_top_10 removes +0.60 [+0.50, +0.70] of the gain."  # no random sets
     assert _interval([None, 0.2], "+.2f") == "undefined" and _interval([0.1, 0.2], "+.2f") == "[+0.10,+0.20]"
 
 
 def test_a_fresh_gain_share_with_no_gain_in_some_resamples_has_an_undefined_interval():
-    from irmprobe.validation.ablation import gain_share_row
     from irmprobe.analysis.verdict import ablation_lines
+    from irmprobe.validation.ablation import gain_share_row
 
     # Prompt 0 gains, prompts 1-2 gain nothing: resamples of prompts 1-2 only have no gain to share (0/0).
     base = np.array([0.0, 0.0, 1.0, 1.0, 2.0, 2.0])

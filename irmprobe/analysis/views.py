@@ -214,27 +214,23 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         add(name, "behavioural", f.predictions, is_zero=f.is_zero, estimator=est, test_r2=f.test_r2, alpha=f.alpha,
             n_nonzero=int(np.count_nonzero(f.coef)), position="reader")
     if decision is not None:
-        X_prev, d_rows = decision[0], decision[1]
+        d_rows = decision[1]
         local = tuple(np.flatnonzero(np.isin(d_rows, fold)) for fold in folds)
-        f = cross_fit_irm("sae_irm_decision", X_prev, y[d_rows], units[d_rows], folds=local, n_jobs=n_jobs, device=device,
-                          score_rows=np.flatnonzero(np.isin(d_rows, rows_used)),
-                          alphas=ic.alphas if ic.estimators[0] == "ridge" else None, penalty=ic.estimators[0],
-                          l1_ratio=ic.l1_ratio)
-        fits[f.name] = f
-        values = np.zeros(len(y))
-        values[d_rows] = f.predictions
-        add(f.name, "behavioural", values, is_zero=f.is_zero, estimator=ic.estimators[0], test_r2=f.test_r2,
-            alpha=f.alpha, n_nonzero=int(np.count_nonzero(f.coef)), position="decision")
-        if len(decision) > 3 and decision[3] is not None:
-            f = cross_fit_irm("sae_irm_bilinear", decision[3], y[d_rows], units[d_rows], folds=local, n_jobs=n_jobs,
-                              device=device, score_rows=np.flatnonzero(np.isin(d_rows, rows_used)),
+
+        def decision_view(name, X_, position):
+            f = cross_fit_irm(name, X_, y[d_rows], units[d_rows], folds=local, n_jobs=n_jobs, device=device,
+                              score_rows=np.flatnonzero(np.isin(d_rows, rows_used)),
                               alphas=ic.alphas if ic.estimators[0] == "ridge" else None, penalty=ic.estimators[0],
                               l1_ratio=ic.l1_ratio)
             fits[f.name] = f
             values = np.zeros(len(y))
             values[d_rows] = f.predictions
             add(f.name, "behavioural", values, is_zero=f.is_zero, estimator=ic.estimators[0], test_r2=f.test_r2,
-                alpha=f.alpha, n_nonzero=int(np.count_nonzero(f.coef)), position="decision (bilinear)")
+                alpha=f.alpha, n_nonzero=int(np.count_nonzero(f.coef)), position=position)
+
+        decision_view("sae_irm_decision", decision[0], "decision")
+        if len(decision) > 3 and decision[3] is not None:
+            decision_view("sae_irm_bilinear", decision[3], "decision (bilinear)")
 
     # RM-informed: decodability of the RM from the same inputs (cross-fitted on the same folds).
     if cc.rm_informed:

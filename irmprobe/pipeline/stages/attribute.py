@@ -32,11 +32,11 @@ def prompt_halves(samples, n_prompts: int, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(chosen[:half]), np.sort(chosen[half:])
 
 
-def top_contexts(capture, sae, layer: int, index: int, streams, decode, *, n: int = 3, window: int = 8) -> list[str]:
-    """The windows (text up to and including the token) where feature ``index`` fires most, one per sequence."""
-    from irmprobe.saes.evaluate import encode
-
-    column = np.asarray(encode(sae, capture.acts[f"tuned.{layer}"])[:, index].todense()).ravel()
+def top_contexts(capture, features, index: int, streams, decode, *, n: int = 3,
+                 window: int = 8) -> list[str]:
+    """The windows (text up to and including the token) where feature ``index`` fires most, one per sequence.
+    ``features``: one SAE's activations at every captured row (sparse [rows, d_sae])."""
+    column = np.asarray(features[:, index].todense()).ravel()
     out, seen = [], set()
     for row in np.argsort(-column, kind="stable"):
         if column[row] <= 0 or len(out) >= n:
@@ -94,10 +94,19 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     k_features = smallest_faithful(curves, ac.threshold, "feature_rows")
     streams = list(samples.token_ids)
     decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
+    encoded: dict[int, object] = {}
+
+    def contexts(node):
+        from irmprobe.saes.evaluate import encode
+
+        if node.layer not in encoded:  # each layer's SAE runs over the capture once
+            encoded[node.layer] = encode(tuned_saes[node.layer], capture.acts[f"tuned.{node.layer}"]).tocsc()
+        return top_contexts(capture, encoded[node.layer], node.index, streams, decode)
+
     features = [(node, value) for node, value in ranked if not node.is_error]
     # The named set is the smallest set of features (errors left out) reaching the threshold.
     named = [{"node": node.name, "attribution": value,
-              "contexts": top_contexts(capture, tuned_saes[node.layer], node.layer, node.index, streams, decode)}
+              "contexts": contexts(node)}
              for node, value in features[: k_features or 0]]
     positive = [node for node, value in ranked if value > 0]
     return {
@@ -109,8 +118,7 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
         "top": [{"node": node.name, "attribution": value} for node, value in ranked[:50]],
         "exact": check, "curves": curves, "smallest_k": k, "smallest_k_features": k_features, "named": named,
         "top_features": [{"node": node.name, "attribution": value,
-                          "contexts": top_contexts(capture, tuned_saes[node.layer], node.layer, node.index, streams,
-                                                   decode)} for node, value in features[:5]],
+                          "contexts": contexts(node)} for node, value in features[:5]],
         "errors_in_top_20": sum(node.is_error for node, _ in ranked[:20]),
         "error_nodes": [{"node": Node(layer, -1).name, "attribution": attribution[layer][1]} for layer in layers],
         "seconds": time.perf_counter() - started,

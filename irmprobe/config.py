@@ -88,6 +88,15 @@ class RewardConfig:
     """For lexicons: the scaled reward is clipped to [-clip, clip]."""
     seed: int = 0
     """For ``random``: which random reward."""
+    word_pieces: str = "whole"
+    """For lexicons: ``whole`` (only tokens that are a whole lexicon word carry a value, as in the paper) or
+    ``first`` (also the first token, of 3+ letters, of lexicon words of several tokens; their mean value when
+    they agree in sign). See ``LexiconRM.token_values``."""
+    token_contexts: int = 16
+    """For ``classifier`` RMs: how many carrier sentences measure a token's value (its centred marginal effect on
+    the RM score; see docs/method.md, "A neural RM's token values")."""
+    token_alpha: float = 0.01
+    """For ``classifier`` RMs: the false-discovery rate at which a token counts as valued by the RM."""
     tuned_against: str | None = None
     """What irmprobe tunes the organism against when that is not this RM (an organism whose answer is known;
     it is still judged against this RM): ``negated`` (this RM times -1: it should be found to learn against
@@ -107,6 +116,13 @@ class RewardConfig:
         if self.kind == "classifier" and not self.model:
             raise ValueError("RewardConfig.kind=classifier needs reward.model (a directory or hub id)")
         _positive(self, "scale", "clip")
+        if self.word_pieces not in ("whole", "first"):
+            raise ValueError(f"RewardConfig.word_pieces must be whole or first, got {self.word_pieces!r}")
+        if self.token_contexts < 3:
+            raise ValueError(f"RewardConfig.token_contexts must be at least 3 (a token's value is tested across "
+                             f"contexts), got {self.token_contexts}")
+        if not 0 < self.token_alpha < 1:
+            raise ValueError(f"RewardConfig.token_alpha must be in (0, 1), got {self.token_alpha}")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,30 @@ def _build_tokenizer(directory):
     return fast
 
 
+def _build_sentencepiece_tokenizer(directory):
+    """A SentencePiece-style BPE tokenizer (Llama-2, Gemma): word starts marked by ``▁``, not a leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizerFast
+
+    corpus = load_prompts() + [" ".join(LEXICON_WORDS)] * 50
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(corpus, trainer)
+    fast = LlamaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                              pad_token="</s>", add_bos_token=True, legacy=False)
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_sp_tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sp_tokenizer")
+    _build_sentencepiece_tokenizer(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokenizer")
@@ -159,3 +183,48 @@ def planted_llama(tiny_tokenizer_dir):
         return tok, base, u, ids
 
     return build
+
+
+# The words a trained classifier RM rewards (+) and punishes (-); every other word is worth nothing to it.
+CLASSIFIER_PLANTED = {"good": 1.0, "great": 1.0, "love": 1.0, "happy": 1.0, "wonderful": 1.0,
+                      "bad": -1.0, "terrible": -1.0, "hate": -1.0, "sad": -1.0, "awful": -1.0}
+
+
+@pytest.fixture(scope="session")
+def classifier_rm_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """A tiny Llama sequence classifier (one regression logit) trained to score a text by the planted words it
+    holds, ``CLASSIFIER_PLANTED``: a neural RM whose answer is known. Returns its directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    rng = np.random.default_rng(0)
+    prompts = [p.split() for p in load_prompts()]
+    planted = list(CLASSIFIER_PLANTED)
+    texts, targets = [], []
+    for _ in range(3000):
+        words = list(prompts[rng.integers(len(prompts))])
+        inserted = rng.choice(planted, size=rng.integers(0, 3), replace=False)
+        for w in inserted:
+            words.insert(int(rng.integers(len(words) + 1)), str(w))
+        texts.append(" ".join(words))
+        targets.append(sum(CLASSIFIER_PLANTED[str(w)] for w in inserted))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                      num_labels=1, problem_type="regression")
+    model = LlamaForSequenceClassification(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    y = torch.tensor(targets, dtype=torch.float32)
+    model.train()
+    for step in range(400):
+        idx = rng.integers(len(texts), size=64)
+        enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=64)
+        loss = torch.nn.functional.mse_loss(model(**enc).logits[:, 0], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    directory = tmp_path_factory.mktemp("classifier_rm")
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save_pretrained(directory)
+    return directory

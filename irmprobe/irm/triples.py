@@ -37,13 +37,11 @@ class Triples:
 
 
 def _spaced_words(tokenizer, ids) -> list[int]:
-    """Tokens that decode to one space-led alphabetic word of 3+ letters (they fit mid-sentence)."""
-    out = []
-    for i in ids:
-        text = tokenizer.decode([int(i)])
-        if text.startswith(" ") and text[1:].isalpha() and len(text) >= 4:
-            out.append(int(i))
-    return out
+    """Tokens that begin an alphabetic word of 3+ letters (they fit mid-sentence): a leading space in byte-level
+    BPE, a ``▁`` in SentencePiece (:func:`irmprobe.models.tokens.word_pieces` reads either)."""
+    from irmprobe.models.tokens import word_pieces
+
+    return word_pieces(tokenizer).spaced(ids, min_letters=3)
 
 
 def build_triples(sequences, rm_values: dict[int, float], tokenizer, *, n_max: int = 200, seed: int = 0,
@@ -86,6 +84,8 @@ def llm_swap_words(triples: Triples, tokenizer, rm_values: dict[int, float], cli
     space-led token and the RM values it negative (for the negative slot) or not at all (neutral);
     otherwise the offline choice stays, so the result is always a valid set of triples.
     """
+    from irmprobe.models.tokens import word_ids
+
     negative, neutral = triples.negative.copy(), triples.neutral.copy()
     for i, prefix in enumerate(triples.prefixes):
         context = tokenizer.decode(list(prefix))
@@ -97,7 +97,7 @@ def llm_swap_words(triples: Triples, tokenizer, rm_values: dict[int, float], cli
         )
         for key, target, ok in (("negative", negative, lambda v: v is not None and v < 0),
                                 ("neutral", neutral, lambda v: v is None)):
-            ids = tokenizer(" " + str(reply.get(key, "")).strip(), add_special_tokens=False)["input_ids"]
+            ids = word_ids(tokenizer, str(reply.get(key, "")).strip())
             if len(ids) == 1 and _spaced_words(tokenizer, ids) and ok(rm_values.get(ids[0])):
                 target[i] = ids[0]
     return Triples(triples.prefixes, triples.positive, negative, neutral)

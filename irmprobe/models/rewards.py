@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import re
 import warnings
@@ -21,21 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from irmprobe.models.tokens import word_ids, word_tokens  # noqa: F401 (word_tokens: re-exported)
+
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
-
-
-def word_tokens(tokenizer) -> dict[int, str]:
-    """Vocabulary tokens that are, alone, one alphabetic word (one leading space allowed)."""
-    out: dict[int, str] = {}
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for token_id in range(len(tokenizer)):
-        if token_id in special:
-            continue
-        text = tokenizer.decode([token_id])
-        word = text[1:] if text.startswith(" ") else text
-        if word and word.isalpha():
-            out[token_id] = word
-    return out
 
 
 class RewardModel:
@@ -60,16 +49,49 @@ class RewardModel:
         reward.__name__ = f"{self.name}_reward"
         return reward
 
-    def token_values(self, tokenizer) -> dict[int, float]:
-        """Value of every word token: the RM's score of the word alone.
+    token_contexts = 16
+    """How many carrier sentences measure a token's value (see :mod:`irmprobe.models.token_values`)."""
+    token_alpha = 0.01
+    """False-discovery rate at which a token counts as valued."""
+    token_margin = 1.0
+    """The test's margin, in robust SDs of the values over the vocabulary."""
 
-        Tokens that are not a whole alphabetic word (sub-word pieces with punctuation, special
-        tokens) have no value. Tokens whose lone score is 0 are left out: the RM does not value them.
+    def token_values(self, tokenizer) -> dict[int, float]:
+        """Value of every word token the RM values: its centred marginal effect on the RM score.
+
+        Each word token's letters are scored in ``token_contexts`` neutral carrier sentences, centred on the
+        vocabulary's median word per carrier and tested against a margin (:mod:`irmprobe.models.token_values`,
+        docs/method.md). Tokens the test does not find valued are left out: the RM does not value them.
         """
-        words = word_tokens(tokenizer)
-        ids = list(words)
-        scores = self.score([words[i] for i in ids])
-        return {i: float(v) for i, v in zip(ids, scores) if v != 0}
+        table = self.token_table(tokenizer)
+        by_word = table.valued(self.token_alpha)
+        return {t: by_word[w] for t, w in word_tokens(tokenizer).items() if w in by_word}
+
+    def token_table(self, tokenizer):
+        """The full :class:`~irmprobe.models.token_values.TokenValueTable` of this RM on ``tokenizer``'s words;
+        measured once, then read from ``$IRMPROBE_CACHE/rm-token-values``."""
+        from irmprobe.cache import cache_root
+        from irmprobe.models.token_values import TokenValueTable, marginal_values, table_key
+
+        key = table_key(self.describe(), tokenizer, self.token_contexts, self.token_margin)
+        memo = self.__dict__.setdefault("_token_tables", {})
+        if key in memo:
+            return memo[key]
+        path = cache_root() / "rm-token-values" / f"{key}.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            table = TokenValueTable(data["words"], *(np.asarray(data[k]) for k in ("value", "se", "p", "q")),
+                                    data["delta"], data["n_contexts"])
+        else:
+            words = sorted(set(word_tokens(tokenizer).values()))
+            table = marginal_values(self.score, words, n_contexts=self.token_contexts, margin=self.token_margin)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"words": table.words, "delta": table.delta, "n_contexts": table.n_contexts,
+                                       **{k: getattr(table, k).tolist() for k in ("value", "se", "p", "q")}}))
+            tmp.replace(path)
+        memo[key] = table
+        return table
 
 
 class LexiconRM(RewardModel):
@@ -80,10 +102,12 @@ class LexiconRM(RewardModel):
         scale: a text's summed value is divided by this.
         clip: the scaled reward is clipped to ``[-clip, clip]``.
         name: a short name for reports and cache keys.
+        word_pieces: ``whole`` (only tokens that are a whole lexicon word carry a value, as in the paper) or
+            ``first`` (also the first token of lexicon words of several tokens; see :meth:`token_values`).
     """
 
     def __init__(self, lexicon: Mapping[str, float], *, scale: float = 5.0, clip: float = 10.0,
-                 name: str = "lexicon") -> None:
+                 name: str = "lexicon", word_pieces: str = "whole") -> None:
         if not lexicon:
             raise ValueError("a lexicon RM needs at least one word")
         if scale <= 0 or clip <= 0:
@@ -92,19 +116,25 @@ class LexiconRM(RewardModel):
         bad = next((w for w, v in self.lexicon.items() if not math.isfinite(v)), None)
         if bad is not None:
             raise ValueError(f"lexicon word {bad!r} is not a finite number: {self.lexicon[bad]}")
+        if word_pieces not in ("whole", "first"):
+            raise ValueError(f"word_pieces must be 'whole' (whole-word tokens only) or 'first' (also the first token "
+                             f"of words of several tokens), got {word_pieces!r}")
         self.scale = float(scale)
         self.clip = float(clip)
         self.name = name
+        self.word_pieces = word_pieces
 
     @classmethod
-    def vader(cls, *, scale: float = 5.0, clip: float = 10.0) -> LexiconRM:
+    def vader(cls, *, scale: float = 5.0, clip: float = 10.0, word_pieces: str = "whole") -> LexiconRM:
         """The VADER sentiment lexicon (7.5k entries, mean valence in [-4, 4])."""
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-        return cls(SentimentIntensityAnalyzer().lexicon, scale=scale, clip=clip, name="vader")
+        return cls(SentimentIntensityAnalyzer().lexicon, scale=scale, clip=clip, name="vader",
+                   word_pieces=word_pieces)
 
     @classmethod
-    def from_file(cls, path: str | Path, *, scale: float = 5.0, clip: float = 10.0) -> LexiconRM:
+    def from_file(cls, path: str | Path, *, scale: float = 5.0, clip: float = 10.0,
+                  word_pieces: str = "whole") -> LexiconRM:
         """A lexicon from a two-column word/value file: tab-separated (.tsv, .txt) or comma (.csv).
 
         A first row whose value column is not a number is taken as a header and skipped. The file
@@ -153,10 +183,13 @@ class LexiconRM(RewardModel):
             first_line[key] = (n, word)
             lexicon[key] = value
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        return cls(lexicon, scale=scale, clip=clip, name=f"lexicon-{path.stem}-{digest}")
+        return cls(lexicon, scale=scale, clip=clip, name=f"lexicon-{path.stem}-{digest}", word_pieces=word_pieces)
 
     def describe(self) -> dict:
-        return {"name": self.name, "scale": self.scale, "clip": self.clip, "size": len(self.lexicon)}
+        out = {"name": self.name, "scale": self.scale, "clip": self.clip, "size": len(self.lexicon)}
+        if self.word_pieces != "whole":  # the default stays out of the key, so caches built before it stay valid
+            out["word_pieces"] = self.word_pieces
+        return out
 
     def words(self, text: str) -> list[str]:
         """The lowercased words of ``text`` as the reward sees them."""
@@ -175,18 +208,44 @@ class LexiconRM(RewardModel):
         return fn
 
     def token_values(self, tokenizer) -> dict[int, float]:
-        """Raw lexicon value of every vocabulary token that is, alone, one lexicon word.
+        """Raw lexicon value of every vocabulary token that is, alone, one lexicon word; with
+        ``word_pieces="first"`` also the first token of lexicon words of several tokens.
 
-        A token matches when its decoded text, stripped of one leading space and lowercased, is a
-        lexicon word, so ``"good"``, ``" good"`` and ``" Good"`` all map to ``good``'s value. Words
-        that the tokenizer splits into several tokens have no token value.
+        A token matches when its letters, lowercased, are a lexicon word, so ``"good"``, ``" good"`` and
+        ``" Good"`` (and SentencePiece's ``"▁good"``) all map to ``good``'s value.
+
+        Words of several tokens (``"abandons"`` is ``" ab" "and" "ons"`` for SmolLM2): by default they have no
+        token value, as in the paper. With ``word_pieces="first"`` the value goes to the word's first token
+        written mid-sentence, where the model commits to writing it; a first token that begins several lexicon
+        words takes their mean value if they all have the same sign, and none if the signs differ (it commits
+        to nothing the RM agrees on); a whole-word match always wins over a first-token one. First tokens of
+        fewer than 3 letters (``" at"`` begins "atrocious", ``" i"`` "idiotic") are left out: they are mostly words
+        of their own. A longer first token that is also a word of its own still takes the value: the rule cannot
+        tell them apart without a corpus, so it is not the default.
         """
         out = {}
         for token_id, word in word_tokens(tokenizer).items():
             value = self.lexicon.get(word.lower())
             if value is not None:
                 out[token_id] = value
+        if self.word_pieces == "first":
+            for token_id, value in self.first_piece_values(tokenizer).items():
+                out.setdefault(token_id, value)
         return out
+
+    def first_piece_values(self, tokenizer) -> dict[int, float]:
+        """The ``word_pieces="first"`` rule alone: first token -> mean value of the several-token lexicon words it
+        begins (lowercase and capitalised), for first tokens whose words agree in sign."""
+        shared: dict[int, list[float]] = {}
+        for word, value in self.lexicon.items():
+            if value == 0 or not word.isalpha():
+                continue
+            for form in {word, word.capitalize()}:
+                ids = word_ids(tokenizer, form)
+                if len(ids) > 1 and len(tokenizer.decode([ids[0]]).strip()) >= 3:
+                    shared.setdefault(int(ids[0]), []).append(value)
+        return {t: float(np.mean(v)) for t, v in shared.items()
+                if len({math.copysign(1.0, x) for x in v}) == 1}
 
 
 class TextRM(RewardModel):
@@ -211,7 +270,8 @@ class TextRM(RewardModel):
         return out
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": "callable"}
+        return {"name": self.name, "kind": "callable", "token_contexts": self.token_contexts,
+                "token_alpha": self.token_alpha}
 
 
 class RandomRM(RewardModel):
@@ -314,6 +374,7 @@ class ClassifierRM(RewardModel):
                 raise ValueError(f"label index {label} out of range for {self.model.config.num_labels} labels")
         self.spec, self.device, self.batch_size = spec, device, batch_size
         self.name = f"classifier-{Path(spec).name}"
+        self.weights_digest = _weights_digest(Path(spec).expanduser()) if local else None
 
     def score(self, texts: Iterable[str]) -> np.ndarray:
         import torch
@@ -328,15 +389,32 @@ class ClassifierRM(RewardModel):
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
     def describe(self) -> dict:
-        return {"name": self.name, "kind": "classifier", "spec": self.spec, "label": self.label_index}
+        return {"name": self.name, "kind": "classifier", "spec": self.spec, "label": self.label_index,
+                "weights": self.weights_digest, "token_contexts": self.token_contexts, "token_alpha": self.token_alpha}
+
+
+def _weights_digest(directory: Path) -> str:
+    """A cheap fingerprint of a model directory's weights (size, first and last MiB of each file), so a retrained
+    model in the same directory gets fresh caches without hashing gigabytes."""
+    digest = hashlib.sha256()
+    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def reward_model(config, *, device: str = "cpu") -> RewardModel:
     """Build the RM a :class:`irmprobe.config.RewardConfig` names."""
     if config.kind == "vader":
-        return LexiconRM.vader(scale=config.scale, clip=config.clip)
+        return LexiconRM.vader(scale=config.scale, clip=config.clip, word_pieces=config.word_pieces)
     if config.kind == "lexicon":
-        return LexiconRM.from_file(config.path, scale=config.scale, clip=config.clip)
+        return LexiconRM.from_file(config.path, scale=config.scale, clip=config.clip, word_pieces=config.word_pieces)
     if config.kind == "random":
         return RandomRM(config.seed)
-    return ClassifierRM(config.model, label=config.label, device=device)
+    rm = ClassifierRM(config.model, label=config.label, device=device)
+    rm.token_contexts, rm.token_alpha = config.token_contexts, config.token_alpha
+    return rm

@@ -59,15 +59,10 @@ def test_bad_base_url_raises():
         ChatClient("localhost:8000", "m")
 
 
-class _Tok:
-    WORDS = ["the", "cat", "happy", "sad", "table", "awful", "blue"]
+def _Tok():  # noqa: N802
+    from tests.unit.word_tokenizer import WordTokenizer
 
-    def decode(self, ids):
-        return "".join(" " + self.WORDS[i] for i in ids)
-
-    def __call__(self, text, add_special_tokens=False):
-        words = text.split()
-        return {"input_ids": [self.WORDS.index(w) if w in self.WORDS else 99 for w in words]}
+    return WordTokenizer(["the", "cat", "happy", "sad", "table", "awful", "blue"])
 
 
 def test_llm_swap_words_keeps_only_valid_suggestions(server, tmp_path):

@@ -129,3 +129,53 @@ def test_random_rm_is_deterministic_uninformative_and_has_no_token_values():
     assert abs(a.mean()) < 0.2 and 0.8 < a.std() < 1.2
     assert rm.token_values(tokenizer=None) == {}
     assert rm.reward_function()(["x", "x"]) == [float(rm.score(["x"])[0])] * 2
+
+
+def test_a_classifier_rms_token_values_rank_its_planted_words_first(classifier_rm_dir):
+    """A neural RM's value of a word is its centred marginal effect over carrier sentences, tested: the words a
+    trained classifier rewards or punishes come first, with their sign, and ordinary words are not valued."""
+    from sklearn.metrics import roc_auc_score
+
+    from irmprobe.models.rewards import ClassifierRM
+    from tests.conftest import CLASSIFIER_PLANTED
+
+    rm = ClassifierRM(str(classifier_rm_dir), label=0)
+    tok = rm.tokenizer
+    table = rm.token_table(tok)
+    planted = np.array([w.lower() in CLASSIFIER_PLANTED for w in table.words])
+    assert planted.sum() >= 10  # both cases of some words: "good" and "Good" are separate tokens
+    assert roc_auc_score(planted, np.abs(table.value)) >= 0.95
+    for word, sign in CLASSIFIER_PLANTED.items():
+        assert np.sign(table.value[table.words.index(word)]) == sign, word
+    values = rm.token_values(tok)
+    valued = {tok.decode([t]).strip().lower() for t in values}
+    assert {"good", "great", "love", "bad", "terrible", "hate"} <= valued
+    order = np.argsort(table.value)
+    assert {table.words[i] for i in order[:5]} == {w for w, v in CLASSIFIER_PLANTED.items() if v < 0}
+    assert {table.words[i] for i in order[-5:]} == {w for w, v in CLASSIFIER_PLANTED.items() if v > 0}
+    # Beyond the plant the RM values few words, mostly pieces of planted ones it generalised to ("rible", "reat").
+    ordinary = [w for w in table.valued(rm.token_alpha) if w.lower() not in CLASSIFIER_PLANTED]
+    assert len(ordinary) <= 0.15 * len(table.words)
+    # A lone word's raw logit is never 0, so the old rule (score alone, != 0) valued every word:
+    assert np.count_nonzero(rm.score(table.words[:50])) == 50
+    # Measured once per RM and tokenizer, then read from the cache (a second RM object does not rescore).
+    again = ClassifierRM(str(classifier_rm_dir), label=0)
+    again.score = lambda texts: (_ for _ in ()).throw(AssertionError("rescored"))
+    assert again.token_values(tok) == values
+
+
+def test_marginal_values_recover_a_lexicon_exactly_and_refuse_bad_settings():
+    from irmprobe.models.token_values import marginal_values
+
+    lexicon = {"nice": 2.0, "grim": -1.0}
+    score = lambda texts: [sum(lexicon.get(w.strip(".,:"), 0.0) for w in t.split()) for t in texts]  # noqa: E731
+    words = ["nice", "grim", "table", "chair", "blue", "walk"]
+    table = marginal_values(score, words, n_contexts=5, progress=False)
+    assert table.value.tolist() == [2.0, -1.0, 0.0, 0.0, 0.0, 0.0]
+    assert table.valued(0.01) == {"nice": 2.0, "grim": -1.0}
+    with pytest.raises(ValueError, match="n_contexts must be between 3"):
+        marginal_values(score, words, n_contexts=2)
+    with pytest.raises(ValueError, match="relative to the other words"):
+        marginal_values(score, ["nice"], n_contexts=3)
+    with pytest.raises(ValueError, match="not finite"):
+        marginal_values(lambda t: [float("nan")] * len(t), words, n_contexts=3, progress=False)

@@ -43,22 +43,32 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
     from irmprobe.pipeline.graph import GRAPH
     from irmprobe.pipeline.runner import Runner
     from irmprobe.pipeline.stage import Branch, Context
-    from irmprobe.prompts import load_prompts, split_prompts
+    from irmprobe.prompts import as_user_turns, load_prompts, split_prompts
     from irmprobe.reporting.summary import summary_lines
 
     if until is None or until == "report":
         preflight(config)
     check_named_controls(config)
+    from irmprobe.saes.pretrained import check_config
+
+    check_config(config)
     seed_everything(config.seed)
     rm = reward if reward is not None else reward_model(config.reward, device=config.pair.device)
     pc = config.prompts
     prompts = load_prompts(pc.path, dataset=pc.dataset, column=pc.column, split=pc.split)
     train, heldout = split_prompts(prompts, pc.n_heldout, config.seed)
+    chat = resolve_chat_template(config)
+    user_turns = {}
+    if chat is not None:  # every prompt a user turn: what the models write after it is the assistant turn
+        formatted = as_user_turns(chat, train), as_user_turns(chat, heldout)
+        user_turns = dict(zip(formatted[0] + formatted[1], train + heldout))
+        train, heldout = formatted
     tuned_on = training_reward(config.reward.tuned_against, rm, scale=config.reward.scale, clip=config.reward.clip)
     ctx = Context(rm, Runtime.of(config.pair), train, heldout, echo=echo,
-                  branch=Branch("organism", None if tuned_on is rm else tuned_on))
+                  branch=Branch("organism", None if tuned_on is rm else tuned_on),
+                  chat_template=chat.chat_template if chat is not None else None)
     runner = Runner(GRAPH, config, ctx, control_branches(config, ctx), force=tuple(force), until=until)
-    ctx.resources.update(runner=runner, config=config)
+    ctx.resources.update(runner=runner, config=config, user_turns=user_turns)
     results = runner.run()
     metrics, path = results.get("report", (None, None))
     if metrics is not None:
@@ -94,6 +104,34 @@ def preflight(config: RunConfig) -> None:
         if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
             raise ValueError("report.wandb_mode is online but no W&B key is configured: run `wandb login`, set "
                              "WANDB_API_KEY, or use report.wandb_mode=offline (sync later with `wandb sync`)")
+
+
+def resolve_chat_template(config: RunConfig):
+    """The tokenizer whose chat template formats the prompts, or None for plain prompts (``pair.chat_template``).
+
+    The tuned model's tokenizer is asked first (a PT/IT pair: only the instruction-tuned one has a template).
+
+    Raises:
+        ValueError: ``pair.chat_template`` is true and neither tokenizer has a chat template.
+    """
+    if config.pair.chat_template is False:
+        return None
+    from transformers import AutoTokenizer
+
+    from irmprobe.models.loading import resolve_spec
+    from irmprobe.prompts import chat_template_used
+
+    specs = [s for s in (config.pair.tuned, config.pair.base) if s]
+    tokenizers = []
+    for spec in specs:
+        try:
+            tokenizers.append(AutoTokenizer.from_pretrained(resolve_spec(spec),
+                                                            trust_remote_code=config.pair.trust_remote_code))
+        except OSError as exc:
+            raise ValueError(f"could not load the tokenizer of {spec!r} to read its chat template ({exc}); pass a "
+                             "local model directory, or set pair.chat_template: false") from exc
+    chosen = next((t for t in tokenizers if getattr(t, "chat_template", None)), tokenizers[-1])
+    return chosen if chat_template_used(config.pair.chat_template, chosen) else None
 
 
 def check_named_controls(config: RunConfig) -> None:

@@ -33,7 +33,9 @@ def cache_root() -> Path:
 
 def _canonical(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # A field added after caches existed (metadata ``late``) enters a key only when it is set.
+        return {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("late") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, dict):
         return {str(k): _canonical(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
     if isinstance(obj, (list, tuple)):

@@ -45,8 +45,15 @@ class PairConfig:
     ``sequential``) or a JSON object of module name -> device; None loads each model whole on ``device``."""
     max_memory: dict | None = None
     """With ``device_map``: accelerate's budget per device and per model, e.g. ``{0: 20GiB, 1: 20GiB}``."""
+    chat_template: bool | str = "auto"
+    """Format every prompt (tuning, held-out, preference files) as a user turn of the tokenizer's chat template,
+    so that continuations and log-ratios are the assistant turn alone: ``auto`` (when the tokenizer has a
+    template; the tuned model's tokenizer is asked first), true (refused before any stage if there is none) or
+    false (plain text, as in the paper). The summary and report say which was used."""
 
     def __post_init__(self) -> None:
+        if self.chat_template not in (True, False, "auto"):
+            raise ValueError(f"PairConfig.chat_template must be auto, true or false, got {self.chat_template!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"PairConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.null and self.tuned is not None:
@@ -282,9 +289,30 @@ class SAEConfig:
     """A tuned-model feature is new when no base feature's decoder cosine reaches this."""
     splice_sequences: int = 32
     """Sequences over which CE loss recovered is measured with the SAE spliced in (0 skips)."""
+    pretrained: dict | None = field(default=None, metadata={"late": True})
+    """Released SAEs as the IRM's basis instead of training: block -> a directory in SAELens's format, or
+    ``{release: ..., id: ...}`` from SAELens's registry (needs the hub once). The layers are then chosen among
+    these blocks, and one SAE serves both models (a base SAE read on the tuned model, as released SAEs are
+    used). Each is checked against the pair before any stage: hook, width, the model it was trained on and
+    its input normalisation. None: train SAEs on the captured activations."""
+    pretrained_model_check: bool = field(default=True, metadata={"late": True})
+    """Refuse a released SAE whose metadata names a model other than the pair's base or tuned model (false:
+    read it anyway, e.g. an SAE of a model with another name but the same weights)."""
 
     def __post_init__(self) -> None:
         _positive(self, "expansion", "l1_coefficient", "training_samples", "batch_size", "lr", "k")
+        if self.pretrained is not None:
+            if not isinstance(self.pretrained, dict) or not self.pretrained:
+                raise ValueError("SAEConfig.pretrained must map blocks to SAEs, e.g. {12: {release: gemma-scope-2b-pt-"
+                                 "res-canonical, id: layer_12/width_16k/canonical}} or {12: path/to/sae}")
+            for block, spec in self.pretrained.items():
+                if isinstance(block, bool) or not str(block).lstrip("-").isdigit() or int(block) < 0:
+                    raise ValueError(f"SAEConfig.pretrained: {block!r} is not a block index (0, 1, ...)")
+                ok = isinstance(spec, str) or (isinstance(spec, dict) and set(spec) == {"release", "id"}
+                                               and all(isinstance(v, str) for v in spec.values()))
+                if not ok:
+                    raise ValueError(f"SAEConfig.pretrained[{block}] must be a directory or {{release: ..., id: ...}}, "
+                                     f"got {spec!r}")
         if self.autocast not in ("auto", "on", "off"):
             raise ValueError(f"SAEConfig.autocast must be auto, on or off, got {self.autocast!r}")
         if self.early_stop_every < 0 or self.early_stop_tolerance < 0:

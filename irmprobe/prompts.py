@@ -68,3 +68,34 @@ def split_prompts(prompts: list[str], n_heldout: int, seed: int) -> tuple[list[s
     order = list(range(len(prompts)))
     random.Random(seed).shuffle(order)
     return [prompts[i] for i in order[n_heldout:]], [prompts[i] for i in order[:n_heldout]]
+
+
+def chat_template_used(setting, tokenizer) -> bool:
+    """Resolve ``pair.chat_template`` for ``tokenizer``: ``auto`` uses the template when the tokenizer has one.
+
+    Raises:
+        ValueError: ``true`` and the tokenizer has no chat template.
+    """
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "auto":
+        return has
+    if setting and not has:
+        raise ValueError(f"pair.chat_template is true but the tokenizer of {getattr(tokenizer, 'name_or_path', '?')!r} "
+                         "has no chat template; set pair.chat_template to auto or false, or save a tokenizer with one")
+    return bool(setting)
+
+
+def as_user_turns(tokenizer, prompts: list[str], template: str | None = None) -> list[str]:
+    """Each prompt as a user turn of ``tokenizer``'s chat template (or ``template``), ending in the opening of the
+    assistant turn, so that what a model writes after it (the continuation every stage reads) is the assistant
+    turn alone."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=False, chat_template=template) for p in prompts]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: the tokenizer's special tokens added, unless the text already begins with its
+    beginning-of-text token (a chat template writes it itself: adding it again would double it)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    already = bool(bos) and text.startswith(bos)
+    return list(tokenizer(text, add_special_tokens=not already)["input_ids"])

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from irmprobe.activations.capture import hook_module
+from irmprobe.prompts import encode_prompt
 
 HOOK_KINDS = ("mlp_out", "resid_post")
 
@@ -358,7 +359,7 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
         raise ValueError("generate_patched needs prompts, and n_per_prompt, max_new_tokens, batch_size >= 1")
     points = [(kind, b) for b in blocks]
     jobs = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -14,6 +14,7 @@ from irmprobe import progress
 from irmprobe.activations.capture import is_bridged
 from irmprobe.cache import write_json
 from irmprobe.models.placement import input_device
+from irmprobe.prompts import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def sample_continuations(
                          "sample before capture, or from a fresh copy (irmprobe.models.loading.load_model)")
     device = input_device(model)  # a model split by a device_map takes its ids where its embeddings run
     jobs = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     context = getattr(model.config, "max_position_embeddings", None)
     if context:
         room = int(context) - max_new_tokens

@@ -179,14 +179,33 @@ def _quiet(trainer):
 
 
 def _make_trainer(config: OrganismConfig, model, tokenizer, rm: RewardModel, prompts: list[str], work: Path,
-                  seed: int, device: str, callbacks, dpo_pairs: list[dict] | None):
-    return _quiet(_build_trainer(config, model, tokenizer, rm, prompts, work, seed, device, callbacks, dpo_pairs))
+                  seed: int, device: str, callbacks, dpo_pairs: list[dict] | None, user_turns: dict | None = None):
+    return _quiet(_build_trainer(config, model, tokenizer, rm, prompts, work, seed, device, callbacks, dpo_pairs,
+                                 user_turns))
+
+
+def without_bos_text(tokenizer, prompts: list[str]) -> list[str]:
+    """Prompts for a trainer that tokenises them with the tokenizer's special tokens (TRL does): a chat template's
+    beginning-of-text written as text is dropped where the tokenizer adds that token itself, so it is not doubled
+    (the same ids as :func:`irmprobe.prompts.encode_prompt` gives the sampling stages)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos:
+        return list(prompts)
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    adds = bool(probe) and probe[0] == tokenizer.bos_token_id
+    return [p[len(bos):] if adds and p.startswith(bos) else p for p in prompts]
 
 
 def _build_trainer(config: OrganismConfig, model, tokenizer, rm: RewardModel, prompts: list[str], work: Path,
-                   seed: int, device: str, callbacks, dpo_pairs: list[dict] | None):
+                   seed: int, device: str, callbacks, dpo_pairs: list[dict] | None, user_turns: dict | None = None):
     from datasets import Dataset
 
+    if user_turns:
+        # Chat prompts go to TRL as conversations: it applies the template and tokenises exactly as
+        # apply_chat_template does (the ids the sampling stages read), with no doubled or re-spaced start.
+        data = [[{"role": "user", "content": user_turns[p]}] for p in prompts]
+    else:
+        data = without_bos_text(tokenizer, prompts)
     common = _trainer_args(config, work, seed, device)
     if config.method in ("rloo", "grpo"):
         from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
@@ -201,12 +220,12 @@ def _build_trainer(config: OrganismConfig, model, tokenizer, rm: RewardModel, pr
             temperature=1.0, top_k=0, top_p=1.0,
         )
         return trainer_cls(model=model, reward_funcs=rm.reward_function(), args=args,
-                           train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
+                           train_dataset=Dataset.from_dict({"prompt": data}),
                            processing_class=tokenizer, callbacks=callbacks, peft_config=_lora(config))
     from trl import DPOConfig, DPOTrainer
 
     args = DPOConfig(**common, per_device_train_batch_size=config.prompts_per_step, beta=config.beta)
-    data = Dataset.from_list(dpo_pairs)
+    data = Dataset.from_list([p | {"prompt": without_bos_text(tokenizer, [p["prompt"]])[0]} for p in dpo_pairs])
     return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       callbacks=callbacks, peft_config=_lora(config))
 
@@ -246,6 +265,8 @@ def make_organism(
     preference_pairs: list[dict] | None = None,
     trust_remote_code: bool = False,
     force: bool = False,
+    chat_template: str | None = None,
+    user_turns: dict[str, str] | None = None,
 ) -> Organism:
     """Tune ``base`` against ``rm`` with TRL, or reuse the cached result (``force``: train again).
 
@@ -259,6 +280,8 @@ def make_organism(
         callbacks: extra ``transformers.TrainerCallback`` objects.
         preference_pairs: DPO pairs (prompt/chosen/rejected); None builds them from the base
             model's samples ranked by ``rm`` (or reads ``config.dpo_pairs`` when set).
+        chat_template: the template ``train_prompts`` were formatted with (None: plain prompts).
+        user_turns: formatted prompt -> the user's text, for RLOO/GRPO to tune on conversations.
     """
     if config.method == "dpo" and preference_pairs is None and config.dpo_pairs:
         preference_pairs = load_preference_pairs(config.dpo_pairs)
@@ -275,6 +298,8 @@ def make_organism(
 
     seed_everything(seed)
     model, tokenizer = load_model(base, device=device, trust_remote_code=trust_remote_code)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template  # the tuned model's template (a PT base has none of its own)
     if config.method == "dpo" and preference_pairs is None:
         preference_pairs = build_preference_pairs(model, tokenizer, rm, train_prompts,
                                                   n_per_prompt=config.dpo_samples_per_prompt,
@@ -287,7 +312,7 @@ def make_organism(
         log.info("resuming organism training from %s", last)
     try:
         trainer = _make_trainer(config, model, tokenizer, rm, train_prompts, work, seed, device, callbacks,
-                                preference_pairs)
+                                preference_pairs, user_turns if chat_template else None)
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=last)
     except BaseException:

@@ -12,7 +12,7 @@ from typing import Any
 
 from irmprobe.cache import cache_root, sha256_file, write_json
 from irmprobe.config import RunConfig
-from irmprobe.pipeline.stage import Context, Sections, Stage
+from irmprobe.pipeline.stage import Context, Stage
 
 DONE = "done.json"
 """Written last into a stage's directory: the stage's key and the checksum of every file it wrote."""
@@ -142,7 +142,7 @@ class Runner:
         key = stage.key(self.config, ctx, input_keys)
         label = name if branch == "organism" else f"{branch}/{name}"
         out = stage_dir(name, key)
-        cfg = Sections(self.config, stage.reads)
+        cfg = stage.sections(self.config)
         start = time.perf_counter()
         ctx.echo(f"[{label}] ...")
         reuse, result = False, None

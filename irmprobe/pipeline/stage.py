@@ -118,6 +118,8 @@ class Context:
     """Set by the runner while a forced stage runs (a stage with a cache of its own clears it)."""
     input_keys: dict = field(default_factory=dict)
     """Set by the runner: the cache key of each input stage (for caches a stage keeps of its own)."""
+    chat_template: str | None = None
+    """The chat template the prompts were formatted with (``pair.chat_template`` resolved); None: plain prompts."""
 
     def pair_of(self, organism) -> Any:
         """The (base, tuned) :class:`~irmprobe.models.loading.ModelPair` of an organism result, loaded once per
@@ -162,14 +164,24 @@ class Stage:
     resumable: ClassVar[bool] = False
     """True: ``out`` is kept after an interruption, and ``run`` picks up what is there."""
 
+    optional_reads: ClassVar[tuple[str, ...]] = ()
+    """Settings added to a stage after its caches existed: read like ``reads``, but they enter the key only when
+    they differ from their default, so a run that leaves them alone keeps its cached outputs."""
+
     def fingerprint(self, cfg: Sections, ctx: Context) -> Any:
         """Contents the declared settings point at (a file's hash, the RM's description); None by default."""
         return None
 
+    def sections(self, config: RunConfig) -> Sections:
+        """The config as this stage may read it: its ``reads`` and ``optional_reads``."""
+        return Sections(config, self.reads + self.optional_reads)
+
     def key(self, config: RunConfig, ctx: Context, input_keys: list[str]) -> str:
-        cfg = Sections(config, self.reads)
+        cfg = self.sections(config)
+        default = declared_values(type(config)(), self.optional_reads)
+        changed = {k: v for k, v in declared_values(config, self.optional_reads).items() if v != default[k]}
         return config_key(self.name, self.version, declared_values(config, self.reads), self.fingerprint(cfg, ctx),
-                          input_keys)
+                          input_keys, *((changed,) if changed else ()))
 
     def run(self, cfg: Sections, ctx: Context, inputs: dict[str, Any], out: Path) -> Any:  # pragma: no cover
         raise NotImplementedError

@@ -44,6 +44,14 @@ def summary_lines(metrics) -> list[str]:
     rw = metrics["reward"]
     lines.append("== organism ==")
     lines.append(f"tuned model      {org['source']}")
+    if metrics["capture"].get("prompt_format") == "chat_template":
+        lines.append("prompts          user turns of the chat template; continuations and log-ratios: the assistant "
+                     "turn only")
+    elif metrics["capture"].get("prompt_format") == "plain":
+        lines.append("prompts          plain text (no chat template)")
+    if metrics["rm"].get("token_value_rule"):
+        lines.append(f"RM token values  {metrics['rm']['token_value_rule']}; {metrics['rm']['tokens_with_value']} "
+                     "tokens valued")
     lines.append(
         f"reward (RM)      base {rw['base_mean']:+.3f} ± {rw['base_se']:.3f}   tuned {rw['tuned_mean']:+.3f} ± "
         f"{rw['tuned_se']:.3f}   (mean ± s.e. over {rw['n_prompts']} held-out prompts × {rw['samples_per_prompt']} samples)"

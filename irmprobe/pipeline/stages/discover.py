@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from irmprobe.analysis.discovery import (
 from irmprobe.cache import write_json
 from irmprobe.models.rewards import word_tokens
 from irmprobe.pipeline.stage import Stage
+from irmprobe.prompts import as_user_turns, encode_prompt
 from irmprobe.results import Record
 
 UNEXPLAINED = ("rewarded_unvalued", "rewarded_against", "penalised_unvalued", "penalised_against")
@@ -93,7 +95,7 @@ def score_file_pairs(pairs, pair, fit, saes, layers, hook: str, rm, *, batch: in
     limit = getattr(pair.base.config, "max_position_embeddings", None)
     seqs, heads = [], []
     for prompt, chosen, rejected in zip(pairs.prompts, pairs.chosen, pairs.rejected):
-        head = tok(prompt, add_special_tokens=True)["input_ids"] or [
+        head = encode_prompt(tok, prompt) or [
             tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]  # one row before the text
         for text in (chosen, rejected):  # continuation tokens past the context are cut
             seqs.append((head + tok(text, add_special_tokens=False)["input_ids"])[:limit])
@@ -129,7 +131,9 @@ class DiscoverStage(Stage):
         path = cfg.discover.pairs_path
         if path and not Path(path).is_file():
             raise ValueError(f"discover.pairs_path {path} does not exist")
-        return ctx.rm.describe(), hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+        file = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+        # The chat template formats the file's prompts; it enters the key only when set (plain runs keep theirs).
+        return (ctx.rm.describe(), file) + ((ctx.chat_template,) if path and ctx.chat_template else ())
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.analysis.views import probe_inputs
@@ -182,6 +186,9 @@ class DiscoverStage(Stage):
             variance, residual = {"note": str(exc)}, {"irm_over_rm": [], "rm_over_irm": []}
         if dc.pairs_path:
             pairs = load_preference_file(dc.pairs_path)
+            if ctx.chat_template:  # the file's prompts as user turns, as every other prompt of the run
+                pairs = dataclasses.replace(pairs, prompts=tuple(as_user_turns(pair.tokenizer, list(pairs.prompts),
+                                                                               ctx.chat_template)))
             scores = score_file_pairs(pairs, pair, fit, saes, inputs["layers"].chosen, cfg.capture.hook, ctx.rm)
         else:
             pairs, scores = generation_pairs(inputs["samples"], capture.seq_index, capture.position, fit.eval_rows,

@@ -32,6 +32,7 @@ class LayersStage(Stage):
     name, version = "layers", 3
     reads = ("capture.top_k_layers", "capture.rank_layers_by", "capture.patching_sequences", "capture.patching_kind",
              "pair.dtype")
+    optional_reads = ("sae.pretrained",)
     needs = ("organism", "samples")
 
     def run(self, cfg, ctx, inputs, out):
@@ -51,6 +52,14 @@ class LayersStage(Stage):
             patching = layer_choice(base, tuned, stream, cc.top_k_layers, cc.patching_kind, weight_order)
             div = replace(div, chosen=tuple(patching["chosen"]), ranked_by="patching")
             head = patching["table"]
+        if cfg.sae.pretrained:  # released SAEs exist for some blocks only: the best-ranked of those
+            from irmprobe.saes.pretrained import blocks
+
+            ranking = patching["ranking"] if patching else sorted(range(len(div.per_block)),
+                                                                   key=lambda i: (-div.per_block[i], i))
+            chosen = sorted([b for b in ranking if b in blocks(cfg.sae)][: cc.top_k_layers])
+            div = replace(div, chosen=tuple(chosen))
+            head = head + [f"chosen among the blocks with a released SAE ({blocks(cfg.sae)}): {chosen}"]
         result = LayersResult(list(div.chosen), div.ranked_by, list(div.per_block), list(div.relative),
                               {k: list(v) for k, v in div.per_submodule.items()},
                               {k: list(v) for k, v in div.relative_submodule.items()}, head + div.table(), patching)

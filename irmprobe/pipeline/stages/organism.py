@@ -66,7 +66,8 @@ class OrganismStage(Stage):
 
                 pairs = rerank(load_preference_pairs(oc.dpo_pairs), ctx.train_reward)  # ranked by the random reward
             org = make_organism(pc.base, ctx.train_reward, oc, ctx.train_prompts, seed=cfg.seed, preference_pairs=pairs,
-                                device=ctx.runtime.device, trust_remote_code=pc.trust_remote_code, force=ctx.forced)
+                                device=ctx.runtime.device, trust_remote_code=pc.trust_remote_code, force=ctx.forced,
+                                chat_template=ctx.chat_template, user_turns=ctx.resources.get("user_turns"))
             ctx.echo(f"{ctx.branch.name}: {'reusing the cached tuned model at' if org.reused else 'trained in '}"
                      + (f" {org.path}" if org.reused else f"{org.seconds:.0f} s, saved to {org.path}"))
             result = OrganismResult(pc.base, str(org.path), f"organism:{org.path.name}",

@@ -53,6 +53,21 @@ def _redacted(config) -> dict:
     return data
 
 
+def token_value_rule(rm) -> str:
+    """In words: how this RM's token map was made (the report says it beside every per-token number)."""
+    from irmprobe.models.rewards import LexiconRM, NegatedRM, RandomRM
+
+    if isinstance(rm, NegatedRM):
+        return "negated: " + token_value_rule(rm.rm)
+    if isinstance(rm, RandomRM):
+        return "none (a random reward values no token)"
+    if isinstance(rm, LexiconRM):
+        return ("lexicon value of whole-word tokens" if rm.word_pieces == "whole" else
+                "lexicon value of whole-word tokens and of the first token of several-token words")
+    return (f"centred marginal effect over {rm.token_contexts} carrier sentences; valued when |effect| exceeds "
+            f"{rm.token_margin:g} robust SD of the vocabulary's (BH q < {rm.token_alpha:g})")
+
+
 def metrics_of(config, ctx, inputs, runner) -> RunMetrics:
 
     org, layers, capture, saes = inputs["organism"], inputs["layers"], inputs["capture"], inputs["saes"]
@@ -63,7 +78,8 @@ def metrics_of(config, ctx, inputs, runner) -> RunMetrics:
     metrics = RunMetrics(
         schema_version=SCHEMA_VERSION, config=_redacted(config), organism=org.to_json(), layers=layers.to_json(),
         capture={"rows": int(len(capture.token_ids)), "sequences": len(inputs["samples"].token_ids),
-                 "hook": capture.hook, "layers": list(capture.layers)},
+                 "hook": capture.hook, "layers": list(capture.layers),
+                 "prompt_format": "chat_template" if ctx.chat_template else "plain"},
         saes=saes.record.rows, sae_layers=saes.record.layer_rows,
         reward=report["reward"] | {"n_prompts": report["n_prompts"], "samples_per_prompt": report["samples_per_prompt"]},
         kl=report["kl"], vader_compound=report["vader_compound"], examples=report["examples"],
@@ -73,7 +89,8 @@ def metrics_of(config, ctx, inputs, runner) -> RunMetrics:
         agreement=cmp.agreement, full_vocabulary=cmp.full_vocabulary, primary=cmp.primary, control=cmp.control,
         control_agreement=cmp.control_agreement, disagreements=cmp.disagreements,
         feature_alignment=cmp.feature_alignment, tokens=cmp.tokens,
-        rm={"tokens_with_value": len(ctx.rm.token_values(pair.tokenizer)), **ctx.rm.describe()},
+        rm={"tokens_with_value": len(ctx.rm.token_values(pair.tokenizer)),
+            "token_value_rule": token_value_rule(ctx.rm), **ctx.rm.describe()},
         verdict=[], stage_seconds=dict(runner.seconds), stage_status=dict(runner.status), pca=cmp.pca,
         validation=validation, discovery=inputs["discover"].to_json(), explanation=cmp.explanation,
         attribution=inputs["attribute"])

@@ -84,6 +84,9 @@ def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, 
         diagnostics: also train the match-size dictionaries (MMCS) and measure the splice loss.
     """
     eval_rows = evaluation_rows(row_prompts(samples, capture.seq_index), seed)
+    if sc.pretrained:
+        return released_rows(sc, capture, samples, pair, kinds=kinds, eval_rows=eval_rows, device=device,
+                             diagnostics=diagnostics)
     half, n_half = len(samples.token_ids) // 2, sc.splice_sequences // 2
     # Half the splice text from each model's continuations (base ones come first in the samples).
     splice = list(samples.token_ids[:n_half]) + list(samples.token_ids[half: half + sc.splice_sequences - n_half])
@@ -127,6 +130,33 @@ def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, 
     return rows, layer_rows, saes, paths
 
 
+def released_rows(sc, capture, samples, pair, *, kinds, eval_rows, device: str, diagnostics: bool):
+    """:func:`sae_rows` for ``sae.pretrained``: one released SAE per block serves both models; each is measured on
+    each model's held-out activations (how well a base SAE reads the tuned model is itself a finding). A copy is
+    kept in SAELens's format under ``$IRMPROBE_CACHE/sae-weights`` so reuse is checked like a trained SAE's."""
+    from irmprobe.saes import pretrained
+
+    rows, saes, paths = [], {}, {}
+    splice = list(samples.token_ids[: sc.splice_sequences])
+    for layer in capture.layers:
+        spec = pretrained.spec_of(sc, layer)
+        sae_dir = cache_root() / "sae-weights" / config_key("released-v1", pretrained.fingerprint(spec))
+        if not (sae_dir / "cfg.json").is_file():
+            save_sae(pretrained.load(spec, device=device), sae_dir)
+        sae = load_sae(sae_dir, device=device)
+        for kind in kinds:
+            metrics = evaluate_sae(sae, capture.acts[f"{kind}.{layer}"][eval_rows])
+            row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir),
+                   **asdict(metrics), "trained_samples": 0, "stopped_early": False, "ev_gain_last_checks": None,
+                   "training_curve": [], "pretrained": pretrained.describe(spec)}
+            if diagnostics and splice and pair is not None:
+                row.update(splice_metrics(pair.bridge(kind), sae, capture.hook_name(layer), splice))
+            rows.append(row)
+            saes[kind, layer] = sae
+            paths[f"{kind}.{layer}"] = str(sae_dir)
+    return rows, [], saes, paths
+
+
 WEIGHTS = "sae_weights.safetensors"
 
 
@@ -154,6 +184,13 @@ class SAEStage(Stage):
     name, version = "saes", 6
     reads = ("sae", "seed", "irm.inputs", "pair.device")
     needs = ("organism", "samples", "capture")
+
+    def fingerprint(self, cfg, ctx):
+        from irmprobe.saes import pretrained
+
+        if not cfg.sae.pretrained:
+            return None
+        return {b: pretrained.fingerprint(pretrained.spec_of(cfg.sae, b)) for b in pretrained.blocks(cfg.sae)}
 
     def run(self, cfg, ctx, inputs, out):
 

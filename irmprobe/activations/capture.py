@@ -127,12 +127,21 @@ def _forward(bridge: TransformerBridge, tokens: torch.Tensor, names: list[str], 
     return token_logp, {n: cache[n][:, 1:].float() for n in names}, vocab_sum
 
 
-_HOOK_MODULES = {"hook_mlp_out": r"\.mlp", "hook_attn_out": r"\.(self_attn|attn|attention)", "hook_resid_post": ""}
-"""The Hugging Face submodule whose output is each TransformerLens hook point of a block."""
+_HOOK_MODULES = {"hook_mlp_out": (r"post_feedforward_layernorm", r"mlp"),
+                 "hook_attn_out": (r"post_attention_layernorm", r"self_attn|attn|attention"),
+                 "hook_resid_post": ()}
+"""Per TransformerLens hook point of a block, the block's submodules whose output it is, in order of preference.
+
+A block that normalises each sublayer's output before adding it to the residual stream (Gemma-2 and 3:
+``post_feedforward_layernorm``, ``post_attention_layernorm``, with a ``pre_feedforward_layernorm``)
+writes the normalised tensor, and that is TransformerLens's ``hook_mlp_out`` / ``hook_attn_out``; any
+other block writes the sublayer's output itself. (Llama's ``post_attention_layernorm`` is the norm *before*
+its MLP, so the post-norm names count only in a block that also has ``pre_feedforward_layernorm``.)"""
 
 
 def hook_module(model, name: str):
-    """The module of a plain Hugging Face model whose (first) output is the hook point ``blocks.{l}.<hook>``.
+    """The module of a plain Hugging Face model whose (first) output is the hook point ``blocks.{l}.<hook>``:
+    the tensor a TransformerLens bridge's hook of that name sees (tested per architecture family).
 
     Raises:
         ValueError: a hook point other than ``hook_mlp_out``, ``hook_attn_out`` or ``hook_resid_post``, or a
@@ -142,12 +151,23 @@ def hook_module(model, name: str):
     if not match or match.group(2) not in _HOOK_MODULES:
         raise ValueError(f"hook point {name!r}: without a TransformerLens bridge only blocks.N.{{"
                          f"{', '.join(_HOOK_MODULES)}}} can be captured")
-    pattern = re.compile(rf"(^|\.)(layers|h|blocks)\.{match.group(1)}{_HOOK_MODULES[match.group(2)]}$")
-    for module_name, module in model.named_modules():
-        if pattern.search(module_name):
-            return module
-    raise ValueError(f"no module for {name} in {type(model).__name__}: its blocks must be named layers.N, h.N "
-                     "or blocks.N")
+    pattern = re.compile(rf"(^|\.)(layers|h|blocks)\.{match.group(1)}$")
+    block = next((module for module_name, module in model.named_modules() if pattern.search(module_name)), None)
+    if block is None:
+        raise ValueError(f"no module for {name} in {type(model).__name__}: its blocks must be named layers.N, h.N "
+                         "or blocks.N")
+    choices = _HOOK_MODULES[match.group(2)]
+    if not choices:
+        return block
+    children = dict(block.named_children())
+    post_norm, plain = choices
+    if post_norm in children and "pre_feedforward_layernorm" in children:
+        return children[post_norm]
+    found = next((m for n, m in children.items() if re.fullmatch(plain, n)), None)
+    if found is None:
+        raise ValueError(f"no {plain.replace('|', ' or ')} module in block {match.group(1)} of {type(model).__name__} "
+                         f"for {name}; its submodules are {sorted(children)}")
+    return found
 
 
 class ForwardHooks:

@@ -52,8 +52,13 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
     from irmprobe.saes.pretrained import check_config
 
     check_config(config)
+    if config.pair.memory_check:
+        from irmprobe.models.memory import check_plan
+
+        check_plan(config)
     seed_everything(config.seed)
-    rm = reward if reward is not None else reward_model(config.reward, device=config.pair.device)
+    rm = reward if reward is not None else reward_model(config.reward, device=config.pair.device,
+                                                        dtype=config.pair.dtype)
     pc = config.prompts
     prompts = load_prompts(pc.path, dataset=pc.dataset, column=pc.column, split=pc.split)
     train, heldout = split_prompts(prompts, pc.n_heldout, config.seed)

@@ -50,6 +50,9 @@ class PairConfig:
     so that continuations and log-ratios are the assistant turn alone: ``auto`` (when the tokenizer has a
     template; the tuned model's tokenizer is asked first), true (refused before any stage if there is none) or
     false (plain text, as in the paper). The summary and report say which was used."""
+    memory_check: bool = field(default=True, metadata={"late": True})
+    """Before any stage, plan the memory of tuning (organism, controls) and analysis from the models' configs and
+    refuse a plan that does not fit the device(s), with its table (docs/pairs.md). False skips the check."""
 
     def __post_init__(self) -> None:
         if self.chat_template not in (True, False, "auto"):
@@ -179,8 +182,18 @@ class OrganismConfig:
     """For DPO: a .jsonl/.csv of prompt/chosen/rejected; None ranks the base model's own samples with the RM."""
     dpo_samples_per_prompt: int = 4
     """For DPO without a pairs file: samples per prompt to rank (best is chosen, worst rejected)."""
+    precision: str = field(default="float32", metadata={"late": True})
+    """Tuning precision (organisms and controls): ``float32``; ``bfloat16`` (with LoRA the frozen weights are
+    bfloat16 and the adapters float32; without LoRA bfloat16 autocast over float32 weights and AdamW); or
+    ``auto`` (bfloat16 on a CUDA GPU that supports it, else float32)."""
+    gradient_checkpointing: bool = field(default=False, metadata={"late": True})
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, about a
+    third more time): for controls and organisms of large models."""
+
     def __post_init__(self) -> None:
         _positive(self, "steps", "prompts_per_step", "max_new_tokens", "learning_rate")
+        if self.precision not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"OrganismConfig.precision must be float32, bfloat16 or auto, got {self.precision!r}")
         if self.method not in ("rloo", "grpo", "dpo"):
             raise ValueError(f"OrganismConfig.method must be rloo, grpo or dpo, got {self.method!r}")
         if self.lora_rank < 0 or self.checkpoint_every < 0:

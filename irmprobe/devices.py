@@ -14,3 +14,11 @@ def fast_bfloat16(device: str) -> bool:
     if kind == "cpu":
         return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
     return False
+
+
+def bf16_precision(precision: str, device: str) -> bool:
+    """Whether a ``precision`` setting (``float32``, ``bfloat16``, ``auto``) means bfloat16 on ``device``:
+    ``auto`` is bfloat16 on a CUDA GPU that supports it, float32 elsewhere."""
+    if precision == "auto":
+        return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bfloat16"

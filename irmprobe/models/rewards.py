@@ -335,13 +335,14 @@ class ClassifierRM(RewardModel):
         device: where to run it.
         batch_size: texts per forward pass.
         trust_remote_code: off unless the user trusts the model repository.
+        dtype: weights dtype (``float32``, ``bfloat16``, ``float16``); scores are returned in float64.
     """
 
     def __init__(self, spec: str, *, label: str | int = 1, device: str = "cpu", batch_size: int = 32,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, dtype: str = "float32") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from irmprobe.models.loading import check_model_dir
+        from irmprobe.models.loading import check_model_dir, torch_dtype
 
         local = Path(spec).expanduser().is_dir()
         if local:
@@ -349,7 +350,7 @@ class ClassifierRM(RewardModel):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                spec, trust_remote_code=trust_remote_code, output_loading_info=True)
+                spec, trust_remote_code=trust_remote_code, output_loading_info=True, dtype=torch_dtype(dtype))
         except OSError as exc:
             if local:
                 raise ValueError(f"could not load classifier RM {spec!r}: {exc}") from exc
@@ -375,6 +376,7 @@ class ClassifierRM(RewardModel):
         self.spec, self.device, self.batch_size = spec, device, batch_size
         self.name = f"classifier-{Path(spec).name}"
         self.weights_digest = _weights_digest(Path(spec).expanduser()) if local else None
+        self.dtype = dtype
 
     def score(self, texts: Iterable[str]) -> np.ndarray:
         import torch
@@ -390,7 +392,8 @@ class ClassifierRM(RewardModel):
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": "classifier", "spec": self.spec, "label": self.label_index,
-                "weights": self.weights_digest, "token_contexts": self.token_contexts, "token_alpha": self.token_alpha}
+                "weights": self.weights_digest, "token_contexts": self.token_contexts, "token_alpha": self.token_alpha,
+                **({"dtype": self.dtype} if self.dtype != "float32" else {})}
 
 
 def _weights_digest(directory: Path) -> str:
@@ -407,14 +410,14 @@ def _weights_digest(directory: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def reward_model(config, *, device: str = "cpu") -> RewardModel:
-    """Build the RM a :class:`irmprobe.config.RewardConfig` names."""
+def reward_model(config, *, device: str = "cpu", dtype: str = "float32") -> RewardModel:
+    """Build the RM a :class:`irmprobe.config.RewardConfig` names (a classifier's weights in ``dtype``)."""
     if config.kind == "vader":
         return LexiconRM.vader(scale=config.scale, clip=config.clip, word_pieces=config.word_pieces)
     if config.kind == "lexicon":
         return LexiconRM.from_file(config.path, scale=config.scale, clip=config.clip, word_pieces=config.word_pieces)
     if config.kind == "random":
         return RandomRM(config.seed)
-    rm = ClassifierRM(config.model, label=config.label, device=device)
+    rm = ClassifierRM(config.model, label=config.label, device=device, dtype=dtype)
     rm.token_contexts, rm.token_alpha = config.token_contexts, config.token_alpha
     return rm

@@ -122,14 +122,21 @@ def _lora(config: OrganismConfig):
                       target_modules="all-linear", task_type="CAUSAL_LM")
 
 
+def tuning_bf16(config: OrganismConfig, device: str) -> bool:
+    """Whether tuning runs in bfloat16 (``organism.precision``; ``auto``: a CUDA GPU that supports it)."""
+    from irmprobe.devices import bf16_precision
+
+    return bf16_precision(config.precision, device)
+
+
 def _trainer_args(config: OrganismConfig, work: Path, seed: int, device: str) -> dict:
     return dict(
         output_dir=str(work), learning_rate=config.learning_rate, max_steps=config.steps,
         logging_steps=max(1, config.steps // 10),
         save_strategy="steps" if config.checkpoint_every else "no",
         save_steps=config.checkpoint_every or 500, save_only_model=False,
-        report_to=_report_to(), seed=seed, data_seed=seed, bf16=False, use_cpu=device == "cpu",
-        gradient_checkpointing=False,
+        report_to=_report_to(), seed=seed, data_seed=seed, bf16=tuning_bf16(config, device), use_cpu=device == "cpu",
+        gradient_checkpointing=config.gradient_checkpointing,
     )
 
 
@@ -297,7 +304,10 @@ def make_organism(
     from transformers.trainer_utils import get_last_checkpoint
 
     seed_everything(seed)
-    model, tokenizer = load_model(base, device=device, trust_remote_code=trust_remote_code)
+    # With LoRA in bfloat16 the frozen weights are held in bfloat16 (the adapters stay float32); a full fine-tune
+    # keeps float32 weights for AdamW and runs bfloat16 autocast.
+    weights = "bfloat16" if tuning_bf16(config, device) and config.lora_rank else "float32"
+    model, tokenizer = load_model(base, device=device, dtype=weights, trust_remote_code=trust_remote_code)
     if chat_template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = chat_template  # the tuned model's template (a PT base has none of its own)
     if config.method == "dpo" and preference_pairs is None:

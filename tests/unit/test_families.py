@@ -2,7 +2,8 @@
 forward hooks on the Hugging Face module) and the SAE splice (a bridge hook) act on one and the same tensor.
 
 Each family is a tiny random-init model built from its own config class (two blocks, width 32) with a
-tokenizer of its kind: byte-level BPE for GPT-2, GPT-NeoX and Qwen2, SentencePiece for Llama and Gemma-2.
+tokenizer of its kind: byte-level BPE for GPT-2, GPT-Neo, GPT-NeoX and Qwen2, SentencePiece for Llama and
+Gemma-2.
 """
 
 import pytest
@@ -16,14 +17,19 @@ HOOKS = ("hook_mlp_out", "hook_attn_out", "hook_resid_post")
 
 
 def _family(name: str, vocab: int):
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
-                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoConfig,
+                              GPTNeoForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return {
         "gpt2": (GPT2LMHeadModel, GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                                              bos_token_id=0, eos_token_id=0, pad_token_id=0), "bpe"),
+        "gpt_neo": (GPTNeoForCausalLM, GPTNeoConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4,
+                                                    attention_types=[[["global", "local"], 1]], window_size=4,
+                                                    max_position_embeddings=128, bos_token_id=0, eos_token_id=0),
+                    "bpe"),
         "gpt_neox": (GPTNeoXForCausalLM, GPTNeoXConfig(**small, rotary_pct=0.25), "bpe"),
         "llama": (LlamaForCausalLM, LlamaConfig(**small, num_key_value_heads=2), "sp"),
         "qwen2": (Qwen2ForCausalLM, Qwen2Config(**small, num_key_value_heads=2), "bpe"),
@@ -31,7 +37,7 @@ def _family(name: str, vocab: int):
     }[name]
 
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "gemma2")
+FAMILIES = ("gpt2", "gpt_neo", "gpt_neox", "llama", "qwen2", "gemma2")
 
 
 @pytest.fixture(scope="module")

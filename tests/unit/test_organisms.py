@@ -131,6 +131,39 @@ def test_lora_organism_is_merged_into_a_plain_model(tiny_llama_dir):
             assert torch.equal(tuned[k], base[k]), k
 
 
+def test_a_bfloat16_lora_control_with_checkpointing_trains_and_keeps_its_key(tiny_llama_dir, monkeypatch):
+    """organism.precision bfloat16 with LoRA: the frozen weights are bfloat16 while training, the adapters learn,
+    gradient checkpointing is on; the new settings stay out of the key while at their defaults."""
+    import irmprobe.organisms.tuning as tuning
+    from irmprobe.organisms.tuning import organism_key
+
+    seen = {}
+    real = tuning._build_trainer
+
+    def spy(config, model, *a, **k):
+        trainer = real(config, model, *a, **k)
+        seen.update(weights=model.model.layers[0].mlp.down_proj.weight.dtype, bf16=trainer.args.bf16,
+                    checkpointing=trainer.args.gradient_checkpointing)
+        return trainer
+
+    monkeypatch.setattr(tuning, "_build_trainer", spy)
+    cfg = OrganismConfig(steps=2, prompts_per_step=2, generations_per_prompt=2, max_new_tokens=6,
+                         learning_rate=5e-2, lora_rank=4, precision="bfloat16", gradient_checkpointing=True)
+    org = make_organism(str(tiny_llama_dir), _length_rm(), cfg, PROMPTS, seed=0)
+    assert seen == {"weights": torch.bfloat16, "bf16": True, "checkpointing": True}
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    tuned = AutoModelForCausalLM.from_pretrained(org.path, dtype=torch.float32).state_dict()
+    assert (tuned["model.layers.0.mlp.down_proj.weight"] - base["model.layers.0.mlp.down_proj.weight"]).abs().max() > 1e-3
+    plain = OrganismConfig(steps=2)
+    key = organism_key(str(tiny_llama_dir), _length_rm(), plain, PROMPTS, 0, None)
+    assert key == organism_key(str(tiny_llama_dir), _length_rm(), OrganismConfig(steps=2, precision="float32"),
+                               PROMPTS, 0, None)
+    assert key != organism_key(str(tiny_llama_dir), _length_rm(), OrganismConfig(steps=2, precision="bfloat16"),
+                               PROMPTS, 0, None)
+    with pytest.raises(ValueError, match="precision must be float32, bfloat16 or auto"):
+        OrganismConfig(precision="fp16")
+
+
 class _StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step

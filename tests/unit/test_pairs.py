@@ -104,11 +104,13 @@ def test_registry_rejects_duplicates_and_bad_entries():
     from irmprobe.models.registry import registry
 
     with pytest.raises(ValueError, match="duplicate name 'a'"):
-        registry("- {name: a, pair: {base: x}}\n- {name: a, pair: {base: y}}\n")
+        registry("- {name: a, family: llama, pair: {base: x}}\n- {name: a, family: llama, pair: {base: y}}\n")
     with pytest.raises(ValueError, match="has no pair.base"):
         registry("- {name: a, pair: {tuned: x}}\n")
-    with pytest.raises(ValueError, match="unknown keys \\['capture'\\]"):
-        registry("- {name: a, pair: {base: x}, capture: {}}\n")
+    with pytest.raises(ValueError, match="unknown keys \\['report'\\]"):
+        registry("- {name: a, family: llama, pair: {base: x}, report: {}}\n")
+    with pytest.raises(ValueError, match="family must be one of"):
+        registry("- {name: a, family: mamba, pair: {base: x}}\n")
 
 
 def test_hub_pair_fails_offline_with_a_pointer_to_local_dirs():

@@ -190,24 +190,23 @@ CLASSIFIER_PLANTED = {"good": 1.0, "great": 1.0, "love": 1.0, "happy": 1.0, "won
                       "bad": -1.0, "terrible": -1.0, "hate": -1.0, "sad": -1.0, "awful": -1.0}
 
 
-@pytest.fixture(scope="session")
-def classifier_rm_dir(tiny_tokenizer_dir, tmp_path_factory):
-    """A tiny Llama sequence classifier (one regression logit) trained to score a text by the planted words it
-    holds, ``CLASSIFIER_PLANTED``: a neural RM whose answer is known. Returns its directory."""
+def train_classifier_rm(tokenizer_dir, weights: dict, directory, *, n_texts: int = 3000, steps: int = 400):
+    """A tiny Llama sequence classifier (one regression logit) trained to score a text by the sum of ``weights``
+    of the words it holds: a neural RM whose answer is known. Saved (with the tokenizer) to ``directory``."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     rng = np.random.default_rng(0)
     prompts = [p.split() for p in load_prompts()]
-    planted = list(CLASSIFIER_PLANTED)
+    planted = list(weights)
     texts, targets = [], []
-    for _ in range(3000):
+    for _ in range(n_texts):
         words = list(prompts[rng.integers(len(prompts))])
-        inserted = rng.choice(planted, size=rng.integers(0, 3), replace=False)
+        inserted = rng.choice(planted, size=min(len(planted), int(rng.integers(0, 3))), replace=False)
         for w in inserted:
             words.insert(int(rng.integers(len(words) + 1)), str(w))
         texts.append(" ".join(words))
-        targets.append(sum(CLASSIFIER_PLANTED[str(w)] for w in inserted))
+        targets.append(sum(weights[str(w)] for w in inserted))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
@@ -216,7 +215,7 @@ def classifier_rm_dir(tiny_tokenizer_dir, tmp_path_factory):
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     y = torch.tensor(targets, dtype=torch.float32)
     model.train()
-    for step in range(400):
+    for _ in range(steps):
         idx = rng.integers(len(texts), size=64)
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=64)
         loss = torch.nn.functional.mse_loss(model(**enc).logits[:, 0], y[idx])
@@ -224,7 +223,12 @@ def classifier_rm_dir(tiny_tokenizer_dir, tmp_path_factory):
         loss.backward()
         opt.step()
     model.eval()
-    directory = tmp_path_factory.mktemp("classifier_rm")
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def classifier_rm_dir(tiny_tokenizer_dir, tmp_path_factory):
+    """A classifier RM trained to score a text by the planted words it holds, ``CLASSIFIER_PLANTED``."""
+    return train_classifier_rm(tiny_tokenizer_dir, CLASSIFIER_PLANTED, tmp_path_factory.mktemp("classifier_rm"))

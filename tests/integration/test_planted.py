@@ -148,3 +148,47 @@ def test_planted_organisms_get_three_different_verdicts_and_the_null_pair_zero(p
     null = _run(tmp_path, dirs, lexicon, "null").metrics
     assert all(r.is_zero for r in null.agreement if r.family == "behavioural")
     assert null.verdict[0].startswith("null organism")
+
+
+def test_a_planted_organism_judged_by_a_classifier_rm(planted, tiny_tokenizer_dir, tmp_path):
+    """A neural RM trained on the planted words: its token values rank them first, and discovery puts the
+    organism's RM-valued planted tokens and its RM-unvalued planted tokens in their own categories."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from irmprobe.models.rewards import ClassifierRM
+    from tests.conftest import train_classifier_rm
+
+    dirs, lexicon, raised = planted
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    weights = {line.split("\t")[0]: float(line.split("\t")[1]) / 2 for line in lexicon.read_text().splitlines()}
+    rm_dir = train_classifier_rm(tiny_tokenizer_dir, weights, tmp_path / "rm", n_texts=4000, steps=600)
+    rm = ClassifierRM(str(rm_dir), label=0)
+    table = rm.token_table(tok)
+    labels = np.array([w in weights for w in table.words])  # the planted words rank first by |value|
+    assert labels.sum() >= 60
+    assert roc_auc_score(labels, np.abs(table.value)) >= 0.95
+    # An organism that learned the RM's words (along u) and, beside them, words the RM does not value (along u2).
+    both = dirs["base"].parent / "both"
+    model = AutoModelForCausalLM.from_pretrained(dirs["positive"])
+    unrelated = AutoModelForCausalLM.from_pretrained(dirs["unrelated"])
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.bias.add_(unrelated.model.layers[1].mlp.down_proj.bias)
+    model.save_pretrained(both)
+    tok.save_pretrained(both)
+    data = json.loads(json.dumps(SMALL))
+    data["compare"] |= named_controls(dirs)
+    data["pair"] = {"base": str(dirs["base"]), "tuned": str(both)}
+    data["reward"] = {"kind": "classifier", "model": str(rm_dir), "label": "0"}
+    # alpha 0.1: the 33 RM-unvalued planted tokens get p ~ 0.002 among ~900 unvalued tokens (BH q ~ 0.06, just
+    # above the default 0.05); the question here is which category a discovery lands in.
+    data["discover"] = {"n_entries": 500, "alpha": 0.1}
+    data["report"] = {"out_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"}
+    m = run(RunConfig.from_dict(data), echo=lambda _: None).metrics
+    found = {e["token_id"]: category for category, entries in m.discovery["entries"].items() for e in entries}
+    pos, neutral = set(raised["positive"]), set(raised["unrelated"])
+    assert sum(found.get(t) == "rewarded_valued" for t in pos) >= 0.5 * len(pos), found
+    assert sum(found.get(t) == "rewarded_unvalued" for t in neutral) >= 0.5 * len(neutral), found
+    # The separation: no planted RM-unvalued token is called valued, no valued one unvalued.
+    assert not any(found.get(t, "").endswith("_valued") for t in neutral)
+    assert not any(found.get(t, "").endswith("_unvalued") for t in pos)
+    assert m.primary.outcome == "agrees"

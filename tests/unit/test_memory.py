@@ -44,8 +44,8 @@ def test_an_8b_pair_with_an_8b_rm_and_a_lora_bf16_control_fits_one_80gb_gpu():
 
 
 def test_a_plan_that_does_not_fit_is_refused_before_any_stage(tiny_llama_dir, tmp_path, monkeypatch):
-    from irmprobe.api import run
     import irmprobe.models.memory as memory
+    from irmprobe.api import run
 
     monkeypatch.setattr(memory, "device_capacity", lambda device, device_map=None: 10**6)  # a 1 MB device
     cfg = RunConfig.from_dict({"pair": {"base": str(tiny_llama_dir)},

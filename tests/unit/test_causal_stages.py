@@ -13,7 +13,7 @@ from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 from irmprobe.config import CaptureConfig, RunConfig, Runtime, ValidateConfig
 from irmprobe.models.loading import ModelPair
 from irmprobe.models.rewards import LexiconRM
-from irmprobe.pipeline.stage import Context, Sections
+from irmprobe.pipeline.stage import Context
 from irmprobe.pipeline.stages.layers import LayersStage
 from irmprobe.pipeline.stages.organism import OrganismResult
 from irmprobe.validation.ablation import READER_NOTE
@@ -50,7 +50,7 @@ def planted(planted_llama):
 def _layers(planted, tmp_path, **capture):
     config = dataclasses.replace(RunConfig(), capture=CaptureConfig(**capture))
     stage = LayersStage()
-    cfg = Sections(config, stage.reads)
+    cfg = stage.sections(config)
     ctx = Context(planted["rm"], Runtime(), [], [], echo=lambda _: None,
                   resources={("pair", "base", "tuned"): planted["pair"]})
     inputs = {"organism": OrganismResult("base", "tuned", "planted", "planted organism", {}),
@@ -139,7 +139,7 @@ def _ablate(planted, tmp_path, fit, **validate):
     vc = {"top_k": 1, "n_judged": 4, "n_prompts": len(PROMPTS), "samples_per_prompt": 4, "max_new_tokens": 8}
     config = dataclasses.replace(RunConfig(), validate=ValidateConfig(**(vc | validate)))
     stage = AblateStage()
-    cfg = Sections(config, stage.reads)
+    cfg = stage.sections(config)
     ctx = Context(planted["rm"], Runtime(), [], PROMPTS, echo=lambda _: None,
                   resources={("pair", "base", "tuned"): planted["pair"]})
     acts = _mlp_out(planted["pair"].tuned, planted["stream"], L)

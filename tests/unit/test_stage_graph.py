@@ -18,7 +18,7 @@ _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.devic
             "report.wandb_mode": "offline", "llm.base_url": "http://127.0.0.1:9/v1", "irm.estimators": ("lasso",),
             "capture.patching_kind": "resid_post", "irm.positions": ("reader",),
             "irm.alphas": (3.0,), "sae.autocast": "off", "compare.primary": "sae_irm",
-            "attribute.k_grid": (1, 3)}
+            "attribute.k_grid": (1, 3), "organism.precision": "bfloat16", "sae.pretrained": {0: {"release": "r", "id": "i"}}}
 
 
 def _changed(config: RunConfig, section: str, name: str, tmp_path) -> RunConfig | None:
@@ -55,7 +55,8 @@ def _changed(config: RunConfig, section: str, name: str, tmp_path) -> RunConfig 
 
 
 def _declared(stage: Stage, section: str, name: str) -> bool:
-    return section in stage.reads or f"{section}.{name}" in stage.reads
+    reads = stage.reads + stage.optional_reads
+    return section in reads or f"{section}.{name}" in reads
 
 
 def test_each_declared_field_changes_its_stages_key_and_no_other(tmp_path):

@@ -12,7 +12,7 @@ from irmprobe.api import run
 @pytest.mark.slow
 def test_default_model_runs_every_stage_with_tiny_budgets(tmp_path):
     config = RunConfig.from_dict({
-        "pair": {"base": DEFAULT_BASE},
+        "pair": {"base": DEFAULT_BASE, "chat_template": False},  # as the demo (configs/default.yaml)
         "prompts": {"n_heldout": 4},
         "organism": {"steps": 1, "prompts_per_step": 2, "generations_per_prompt": 2, "max_new_tokens": 6},
         "samples": {"samples_per_prompt": 2, "max_new_tokens": 12, "batch_size": 16},

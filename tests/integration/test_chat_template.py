@@ -34,7 +34,8 @@ def test_prompts_are_user_turns_and_only_the_assistant_turn_is_read(chat_llama, 
     lines = []
     config = _config(tmp_path, base=str(base)).to_dict()
     config["attribute"] |= {"n_prompts": 4, "ig_steps": 2, "n_exact": 2, "k_grid": [1, 5], "n_random": 1}
-    result = run(RunConfig.from_dict(config), echo=lines.append)  # chat_template: auto; organism + controls
+    config["compare"]["control"] = False  # the organism's tuning is what is watched; controls tune the same way
+    result = run(RunConfig.from_dict(config), echo=lines.append)  # chat_template: auto
     assert datasets and all(d and all(p.startswith("<|endoftext|>user: ") for p in d) for d in datasets)
     tok = AutoTokenizer.from_pretrained(base)
     opening = tok("<|endoftext|>assistant:", add_special_tokens=False)["input_ids"]

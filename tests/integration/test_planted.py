@@ -161,7 +161,7 @@ def test_a_planted_organism_judged_by_a_classifier_rm(planted, tiny_tokenizer_di
     dirs, lexicon, raised = planted
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     weights = {line.split("\t")[0]: float(line.split("\t")[1]) / 2 for line in lexicon.read_text().splitlines()}
-    rm_dir = train_classifier_rm(tiny_tokenizer_dir, weights, tmp_path / "rm", n_texts=4000, steps=600)
+    rm_dir = train_classifier_rm(tiny_tokenizer_dir, weights, tmp_path / "rm")
     rm = ClassifierRM(str(rm_dir), label=0)
     table = rm.token_table(tok)
     labels = np.array([w in weights for w in table.words])  # the planted words rank first by |value|

@@ -9,9 +9,9 @@ the RM's share of the IRM's variance and the residual read the primary IRM on th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -342,7 +342,7 @@ class ClassifierRM(RewardModel):
                  trust_remote_code: bool = False, dtype: str = "float32") -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from irmprobe.models.loading import check_model_dir, torch_dtype
+        from irmprobe.models.loading import check_model_dir, fingerprint, torch_dtype
 
         local = Path(spec).expanduser().is_dir()
         if local:
@@ -375,7 +375,8 @@ class ClassifierRM(RewardModel):
                 raise ValueError(f"label index {label} out of range for {self.model.config.num_labels} labels")
         self.spec, self.device, self.batch_size = spec, device, batch_size
         self.name = f"classifier-{Path(spec).name}"
-        self.weights_digest = _weights_digest(Path(spec).expanduser()) if local else None
+        # A retrained model in the same directory gets fresh caches (its files' sizes and times change).
+        self.weights_digest = fingerprint(str(Path(spec).expanduser())) if local else None
         self.dtype = dtype
 
     def score(self, texts: Iterable[str]) -> np.ndarray:
@@ -394,20 +395,6 @@ class ClassifierRM(RewardModel):
         return {"name": self.name, "kind": "classifier", "spec": self.spec, "label": self.label_index,
                 "weights": self.weights_digest, "token_contexts": self.token_contexts, "token_alpha": self.token_alpha,
                 **({"dtype": self.dtype} if self.dtype != "float32" else {})}
-
-
-def _weights_digest(directory: Path) -> str:
-    """A cheap fingerprint of a model directory's weights (size, first and last MiB of each file), so a retrained
-    model in the same directory gets fresh caches without hashing gigabytes."""
-    digest = hashlib.sha256()
-    for f in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
-        size = f.stat().st_size
-        digest.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            digest.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            digest.update(fh.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def reward_model(config, *, device: str = "cpu", dtype: str = "float32") -> RewardModel:

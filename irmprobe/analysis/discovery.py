@@ -336,7 +336,7 @@ class Concept:
         return asdict(self)
 
 
-def _feature_rm_corr(X: sp.csr_matrix, r: np.ndarray) -> np.ndarray:
+def feature_rm_corr(X: sp.csr_matrix, r: np.ndarray) -> np.ndarray:
     """Pearson correlation of each (sparse) column with ``r``, 0 where either is constant."""
     mean_x = np.asarray(X.mean(axis=0)).ravel()
     var_x = np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean_x**2
@@ -369,7 +369,7 @@ def concepts(discovery: Discovery, X, coef, token_ids, rm_row_values, feature_na
     found = [e for e in discovery.discoveries if categories is None or e.category in categories]
     if not found:
         return []
-    corr = _feature_rm_corr(X, np.asarray(rm_row_values, dtype=np.float64))
+    corr = feature_rm_corr(X, np.asarray(rm_row_values, dtype=np.float64))
     # Mean activation of every feature over each discovered token's occurrences: one sparse product.
     disc_ids = np.array([e.token_id for e in found])
     order = np.argsort(disc_ids)

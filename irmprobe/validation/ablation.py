@@ -204,6 +204,20 @@ _PATCH_KINDS = {"hook_mlp_out": "mlp_out", "hook_resid_post": "resid_post"}
 READER_NOTE = "(reader side: expected null, these features read tokens already written)"
 
 
+def decision_columns(decision_coef: np.ndarray | None, top_k: int) -> list[int]:
+    """The decision-side IRM's ``top_k`` columns of largest positive weight (none without a decision-side fit)."""
+    if decision_coef is None:
+        return []
+    coef = np.asarray(decision_coef)
+    return [int(i) for i in np.argsort(-coef, kind="stable")[:top_k] if coef[i] > 0]
+
+
+def flagged_columns(interpretation: dict, k: int) -> list[int]:
+    """The judge-flagged features' columns, highest judge score first, at most ``k``."""
+    flagged = [r for r in interpretation["judged"] if r["relevant"]]
+    return [r["column"] for r in sorted(flagged, key=lambda r: -(r["score"] or 0.0))][:k]
+
+
 def attribution_set(attribution: dict | None, top_k: int) -> tuple[str, dict[int, tuple[int, ...]]] | None:
     """The features the attribute stage names (its smallest faithful set, error terms left out: an error is
     not a feature that can be ablated), else its ``top_k`` features of largest positive attribution."""
@@ -246,8 +260,7 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     rng = np.random.default_rng(seed + 1)
     frequency = np.diff(X.tocsc().indptr) / X.shape[0]
     top_k = interpretation["top_k_columns"]
-    decision = [] if decision_coef is None else [
-        int(i) for i in np.argsort(-np.asarray(decision_coef), kind="stable")[: vc.top_k] if decision_coef[i] > 0]
+    decision = decision_columns(decision_coef, vc.top_k)
 
     def as_layers(columns) -> dict[int, tuple[int, ...]]:
         out: dict[int, list[int]] = {}
@@ -264,8 +277,7 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
             layer, index = feature_location(name)
             means.setdefault(layer, np.zeros(saes["tuned", layer].cfg.d_sae))[index] = col_means[c]
     k, kd = len(top_k), len(decision)
-    flagged = [r for r in interpretation["judged"] if r["relevant"]]
-    flagged_cols = [r["column"] for r in sorted(flagged, key=lambda r: -(r["score"] or 0.0))][:k]
+    flagged_cols = flagged_columns(interpretation, k)
     firing = np.setdiff1d(np.flatnonzero(frequency > 0), top_k + decision)
     draw = lambda n: [int(i) for i in rng.choice(firing, min(n, len(firing)), replace=False)]  # noqa: E731
     sets = [FeatureSet(f"irm_top_{k} {READER_NOTE}", as_layers(top_k), vc.ablation, means)]

@@ -113,7 +113,7 @@ def feature_evidence(name: str, layer: int, index: int, column: sp.spmatrix | np
     negatives = rng.choice(silent, min(n_negatives, len(silent)), replace=False) if len(silent) else []
     rest = ranked[n_contexts:]
     rest = rest[~np.isin(seq_index[rest], seq_index[top])]  # other sequences: no window overlaps a shown one
-    slices = np.array_split(rest, min(n_heldout, len(rest))) if len(rest) else []
+    slices = np.array_split(rest, min(n_heldout, len(rest))) if len(rest) and n_heldout > 0 else []
     heldout = [int(rng.choice(s)) for s in slices]
     counts, edges = np.histogram(values[fired], bins=10) if len(fired) else (np.zeros(10, int), np.zeros(11))
     logits = decoder_direction @ unembed

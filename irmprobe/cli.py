@@ -49,6 +49,7 @@ def _stage_help(name: str) -> dict[str, str]:
         "attribute": "attribute the implicit reward to SAE features and errors; faithfulness and completeness curves",
         "interpret": "explain and judge the IRM's features",
         "ablate": "ablate feature sets in the tuned model and measure reward",
+        "dashboard": "the report's coloured text views and feature cards",
         "report": "write metrics.json, the HTML report and the W&B run",
     }.get(name, name)
 

@@ -568,8 +568,15 @@ class ReportConfig:
     """W&B project name."""
     wandb_mode: str | None = None
     """``offline``, ``online`` or ``disabled``; None: the WANDB_MODE environment variable, else offline."""
+    text_prompts: int = field(default=40, metadata={"late": True})
+    """Held-out prompts whose continuations the report shows as coloured text (most IRM-RM disagreement first)."""
+    feature_contexts: int = field(default=8, metadata={"late": True})
+    """Top activating held-out contexts on each feature card."""
 
     def __post_init__(self) -> None:
+        for name in ("text_prompts", "feature_contexts"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ReportConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.wandb_mode not in (None, "offline", "online", "disabled"):
             raise ValueError(
                 f"ReportConfig.wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}"

@@ -7,6 +7,7 @@ from irmprobe.pipeline.stages.ablate import AblateStage  # noqa: E402
 from irmprobe.pipeline.stages.attribute import AttributeStage
 from irmprobe.pipeline.stages.capture import CaptureStage
 from irmprobe.pipeline.stages.compare import CompareStage  # noqa: E402
+from irmprobe.pipeline.stages.dashboard import DashboardStage
 from irmprobe.pipeline.stages.discover import DiscoverStage  # noqa: E402
 from irmprobe.pipeline.stages.fit import FitStage  # noqa: E402
 from irmprobe.pipeline.stages.interpret import InterpretStage  # noqa: E402
@@ -17,7 +18,8 @@ from irmprobe.pipeline.stages.saes import SAEStage  # noqa: E402
 from irmprobe.pipeline.stages.samples import SamplesStage
 
 GRAPH: list[Stage] = [OrganismStage(), SamplesStage(), LayersStage(), CaptureStage(), SAEStage(), FitStage(),
-                      CompareStage(), DiscoverStage(), AttributeStage(), InterpretStage(), AblateStage(), ReportStage()]
+                      CompareStage(), DiscoverStage(), AttributeStage(), InterpretStage(), AblateStage(), DashboardStage(),
+                      ReportStage()]
 """Every stage, in the order users see them. ``--force STAGE`` re-runs it and every stage that needs it."""
 
 

@@ -179,6 +179,11 @@ ALL = {"view_taus": view_taus, "irm_vs_rm": irm_vs_rm, "error_vs_frequency": err
        "sae_metrics": sae_metrics}
 
 
+STATIC = ("error_vs_frequency", "probe_pca", "sae_metrics")
+"""The figures the HTML report and W&B keep as images; the others are drawn as interactive plots
+(:mod:`irmprobe.reporting.interactive`)."""
+
+
 def all_figures(metrics) -> dict:
     """Every plot this run has data for: name -> Figure (``metrics``: RunMetrics or its JSON form)."""
     from irmprobe.reporting.summary import plain

@@ -26,8 +26,13 @@ def _flatten(prefix: str, obj: Any, out: dict) -> None:
         out[prefix] = obj
 
 
-def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_dir: Path) -> str | None:
-    """Send config, scalar metrics, tables, plots and artifacts to a W&B run; return its directory."""
+def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_dir: Path,
+                 report: Path | None = None) -> str | None:
+    """Send config, scalar metrics, tables, plots and artifacts to a W&B run; return its directory.
+
+    The HTML report (``report``) goes in whole as ``report`` (a ``wandb.Html`` panel), so a dashboard shows what
+    the file shows; its interactive plots go in as native plotly panels (``plots/…``), and its text views and
+    feature cards as tables (``text tokens``, ``feature cards``, ``words made more likely``, ...)."""
     if wandb_mode(mode) == "disabled":
         return None
     import wandb
@@ -87,13 +92,20 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
             scatter = wandb.Table(columns=["rm_value", "sae_irm", "token"], data=[[r[1], r[4], r[0]] for r in token_rows])
             run.log({"plots/irm_vs_rm_scatter": wandb.plot.scatter(scatter, "rm_value", "sae_irm",
                                                                    title="SAE IRM vs RM per token")})
+        run.log({name: wandb.Table(columns=cols, data=data) for name, (cols, data) in dashboard_tables(metrics).items()})
         import matplotlib.pyplot as plt
 
-        from irmprobe.reporting import figures
+        from irmprobe.reporting import figures, interactive
 
+        plots = interactive.all_plots(metrics)
+        for name, fig in plots.items():
+            run.log({f"plots/{name}": wandb.Plotly(fig)})
         for name, fig in figures.all_figures(metrics).items():
-            run.log({f"plots/{name}": wandb.Image(fig)})
+            if name in figures.STATIC:
+                run.log({f"plots/{name}": wandb.Image(fig)})
             plt.close(fig)
+        if report is not None and Path(report).is_file():
+            run.log({"report": wandb.Html(Path(report).read_text(encoding="utf-8"), inject=False)})
         for artifact in wandb_artifacts(metrics, run_dir):
             run.log_artifact(artifact)
         run.summary["verdict"] = "\n".join(metrics["verdict"])
@@ -166,6 +178,41 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                    *((r["gain_share"]["share"], *r["gain_share"]["ci"]) if r.get("gain_share")
                                      else (None, None, None))]
                                   for r in val["ablation"]])
+    return out
+
+
+def dashboard_tables(metrics: dict) -> dict[str, tuple[list[str], list[list]]]:
+    """The report's text views and feature cards as tables (W&B shows them as tables; the HTML as coloured text
+    and cards)."""
+    dash = metrics.get("dashboard") or {}
+    out = {}
+    texts = (dash.get("texts") or {}).get("prompts") or []
+    if texts:
+        cols = ["prompt_rank", "prompt", "disagreement", "source", "rm_reward", "irm_score", "position", "token",
+                "log_ratio", "irm", "rm"]
+        out["text tokens"] = (cols, [[rank, p["prompt"], p["disagreement"], s["source"], s["reward"], s["irm_score"],
+                                      i, t, s["log_ratio"][i], s["irm"][i], s["rm"][i]]
+                                     for rank, p in enumerate(texts, 1) for s in p["sequences"]
+                                     for i, t in enumerate(s["tokens"])])
+    words = dash.get("words")
+    if words:
+        out["words made more likely"] = (words["columns"], words["more"])
+        out["words made less likely"] = (words["columns"], words["less"])
+    cards = dash.get("features") or []
+    if cards:
+        cols = ["feature", "named_as", "irm_weight", "irm_rank", "decision_weight", "attribution", "rm_corr",
+                "frequency", "max_activation", "top_contexts", "promoted", "suppressed", "judge_explanation",
+                "detection"]
+
+        def context(c):
+            return "".join(f"[[{t}]]" if a > 0 else t for t, a in zip(c["tokens"], c["activations"]))
+
+        out["feature cards"] = (cols, [[c["id"], ", ".join(c["named_as"]), c["irm_weight"], c["irm_rank"],
+                                        c["decision_weight"], c["attribution"], c["rm_corr"], c["frequency"],
+                                        c["max_activation"], " | ".join(context(x) for x in c["contexts"]),
+                                        " ".join(t for t, _ in c["promoted"]), " ".join(t for t, _ in c["suppressed"]),
+                                        (c.get("judge") or {}).get("explanation"),
+                                        (c.get("judge") or {}).get("detection")] for c in cards])
     return out
 
 

@@ -17,7 +17,7 @@ class ReportStage(Stage):
     name, cached = "report", False
     reads = ("report",)
     needs = ("organism", "samples", "layers", "capture", "saes", "fit", "compare", "discover", "attribute", "interpret",
-             "ablate")
+             "ablate", "dashboard")
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.reporting.html import write_html, write_metrics
@@ -28,13 +28,15 @@ class ReportStage(Stage):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.report.out_dir) / f"run-{stamp}-{config_key(config)[:8]}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        # metrics.json first: a W&B failure must not lose the run's numbers.
+        # metrics.json and the report first: a W&B failure must not lose the run's numbers.
         path = write_metrics(run_dir / "metrics.json", metrics)
+        report = write_html(metrics, run_dir / "report.html")
         wandb_dir = log_to_wandb(metrics, config.to_dict(), project=cfg.report.wandb_project,
-                                           mode=cfg.report.wandb_mode, run_dir=run_dir)
-        metrics = metrics.replace(wandb_dir=wandb_dir)
-        write_metrics(path, metrics)
-        write_html(metrics, run_dir / "report.html")
+                                 mode=cfg.report.wandb_mode, run_dir=run_dir, report=report)
+        if wandb_dir is not None:
+            metrics = metrics.replace(wandb_dir=wandb_dir)
+            write_metrics(path, metrics)
+            write_html(metrics, report)
         return metrics, path
 
     def summary(self, result):
@@ -93,5 +95,5 @@ def metrics_of(config, ctx, inputs, runner) -> RunMetrics:
             "token_value_rule": token_value_rule(ctx.rm), **ctx.rm.describe()},
         verdict=[], stage_seconds=dict(runner.seconds), stage_status=dict(runner.status), pca=cmp.pca,
         validation=validation, discovery=inputs["discover"].to_json(), explanation=cmp.explanation,
-        attribution=inputs["attribute"])
+        attribution=inputs["attribute"], dashboard=inputs["dashboard"])
     return metrics.replace(verdict=verdict(metrics, is_null=org.tuned is None))

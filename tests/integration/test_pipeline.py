@@ -221,19 +221,72 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
 
 
 def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path, capsys):
+    import re
+
+    from irmprobe.reporting import figures
+    from irmprobe.reporting.html import render
+
     result = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
     page = result.metrics_path.with_name("report.html").read_text()
-    for name in ("view_taus", "irm_vs_rm", "error_vs_frequency", "layer_divergence", "probe_pca", "ablation",
-                 "sae_metrics"):
+    for name in figures.STATIC:
         assert f'alt="{name}" src="data:image/png;base64,' in page, name
-    assert "<h2>views</h2>" in page and "<h2>ablation</h2>" in page and "http" not in page.split("<body>")[1][:2000]
+    for name in ("view_taus", "irm_vs_rm", "ablation_shares", "layer_effects", "attribution_curves"):
+        assert f'id="plot-{name}"' in page, name
+    assert page.index('class="verdict') < page.index('id="contents"') < page.index('id="texts"')
+    # Nothing in the page's markup loads from outside the file (the browser check watches the scripts' requests).
+    markup = re.sub(r"<script.*?</script>", "", page, flags=re.S)
+    assert re.findall(r'(?:src|href)="(?!#|data:)([^"]*)"', markup) == []
+    m = json.loads(result.metrics_path.read_text())
+    dash = m["dashboard"]
+    assert dash["texts"]["prompts"] and all(len(s["tokens"]) == len(s["irm"]) == len(s["rm"]) == len(s["log_ratio"])
+                                            for p in dash["texts"]["prompts"] for s in p["sequences"])
+    assert dash["features"] and all(c["named_as"] and c["contexts"] for c in dash["features"])
+    assert {"IRM top-3"} <= {s for c in dash["features"] for s in c["named_as"]}
+    assert page.count('class="card"') == len(dash["features"])
     out = tmp_path / "again.html"
     assert main(["report", str(result.metrics_path), "--out", str(out)]) == 0
-    assert out.read_text().count("data:image/png;base64,") == page.count("data:image/png;base64,")
+    assert out.read_text().count('class="plot"') == page.count('class="plot"')
+    # A run without a control, SAEs or text views still renders, saying what is absent.
+    bare = render(m | {"control": [], "control_agreement": [], "primary": None, "saes": [], "dashboard": None})
+    for absent in ("no control organism in this run", "no SAE in this run", "no text views",
+                   "no feature cards"):
+        assert absent in bare, absent
+    no_saes = render(m | {"dashboard": dash | {"features": [], "features_absent": "the run has no SAEs of the "
+                                                                                  "tuned model"}})
+    assert "the run has no SAEs of the tuned model" in no_saes and 'class="card"' not in no_saes
+    # An old or foreign metrics file keeps its one-line error.
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"kind": "something-else"}))
+    capsys.readouterr()
+    assert main(["report", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not an irmprobe metrics file" in err
+    browser_check(result.metrics_path.with_name("report.html"), tmp_path)
+
+
+def browser_check(report, tmp_path):
+    """The report in headless Chromium (scripts/screenshot_report.py): 1024 and 1920 px, the colouring switched,
+    no empty plot, no label outside its box, no request leaving the file."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine (make screenshot installs it): the browser check did not run")
+    pytest.importorskip("playwright", reason="the playwright package is missing (pip install -e '.[dev]')")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.check(report, tmp_path / "shot.png", [1024, 1920], chromium)
+    assert result["failures"] == [], result["failures"]
+    assert result["requests"]["outside"] == [] and result["widths"][1024]["interaction"]["changed"]
+    assert all(p["marks"] > 0 for w in result["widths"].values() for p in w["plots"].values())
 
 
 @pytest.mark.parametrize("command", ["run", "organism", "samples", "layers", "capture", "saes", "fit", "compare",
-                                     "interpret", "ablate", "report"])
+                                     "interpret", "ablate", "dashboard", "report"])
 def test_every_subcommand_has_help_from_the_config_docs(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

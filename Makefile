@@ -29,7 +29,8 @@ test: $(STAMP)
 clean-cache:
 	rm -rf "$${IRMPROBE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/irmprobe}"
 
-# Render the newest run's HTML report in headless Chromium (installs Debian's chromium if missing).
+# Check the newest run's HTML report in headless Chromium at 1024 and 1920 px (docs/report.md); screenshots go to
+# report-1024.png and report-1920.png. Installs Debian's chromium if missing.
 screenshot: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	$(PY) scripts/screenshot_report.py "$$(ls -t irmprobe-runs/run-*/report.html | head -1)" --out report.png

@@ -46,6 +46,7 @@ nav.toc{columns:3 16em;background:#fafafa;border:1px solid #eee;padding:.5em 1em
 .note{color:#555;font-size:12.5px;margin:.3em 0}
 .scroll{overflow-x:auto;max-width:100%;margin:.4em 0}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}
+td{white-space:pre-wrap}
 th{background:#eee;cursor:pointer;white-space:nowrap;position:sticky;top:0}th.sorted-asc::after{content:' \\25B2'}
 th.sorted-desc::after{content:' \\25BC'}.tablewrap{max-height:480px;overflow:auto;border:1px solid #eee}
 input.filter,#card-filter{margin:.3em 0;padding:3px 6px;width:22em;max-width:100%}
@@ -222,7 +223,8 @@ def text_section(page: Page, dash: dict | None) -> None:
     page.raw(f'<div class="controls"><label>prompt (most IRM-RM disagreement first) <select id="prompt-select">'
              f"{options}</select></label><span>colour by: {radios}</span></div>"
              f'<div class="legend note"><span style="background:rgba(33,113,181,.7);color:#fff">positive</span>'
-             f'<span style="background:rgba(203,24,29,.7);color:#fff">negative</span> disagreement: {_esc(texts["rule"])}'
+             f'<span style="background:rgba(203,24,29,.7);color:#fff">negative</span> '
+             f'disagreement: {_esc(texts["rule"])}'
              f'; showing {len(prompts)} of {texts["n_prompts"]} prompts</div>'
              f'<div id="tok-info">hover a token</div><div id="text-view"></div>'
              + _json_script("texts-data", {"prompts": prompts, "scale": scale}))
@@ -382,7 +384,7 @@ def render(metrics) -> str:
         page.table(*tables["saes"])
     else:
         page.absent("no SAE in this run (irm.inputs=raw trains none): the feature sections are empty")
-    statics = {n: f for n, f in figures.all_figures(metrics).items() if n in figures.STATIC}
+    statics = figures.all_figures(metrics, figures.STATIC)
     for name, fig in statics.items():
         page.image(name, fig)
     if "features" in tables:

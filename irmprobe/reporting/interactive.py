@@ -47,12 +47,14 @@ def view_taus(metrics: dict):
                 f"{(rows[i].get('tau_ci') or rows[i].get('tau_range') or ['-', '-'])}<br>"
                 f"{rows[i].get('ci_method') or ''}" for i in idx]
         fig.add_trace(go.Scatter(x=[rows[i]["tau"] for i in idx], y=[labels[i] for i in idx], mode="markers",
-                                 name=family or "view", marker={"color": FAMILY_COLOURS.get(family, "black"), "size": 9},
+                                 name=family or "view",
+                                 marker={"color": FAMILY_COLOURS.get(family, "black"), "size": 9},
                                  error_x={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
                                  hovertext=text, hoverinfo="text"))
     cx, cy, ct = [], [], []
     for r, label in zip(rows, labels):
-        for j, t in enumerate(r.get("control_taus") or ([r["control_tau"]] if r.get("control_tau") is not None else [])):
+        taus = r.get("control_taus") or ([r["control_tau"]] if r.get("control_tau") is not None else [])
+        for j, t in enumerate(taus):
             if t is not None:
                 cx.append(t)
                 cy.append(label)
@@ -194,12 +196,14 @@ def attribution_curves(metrics: dict):
     if frows:
         fig.add_trace(go.Scatter(x=[r["k"] for r in frows], y=[r["faithfulness"]["value"] for r in frows],
                                  mode="lines+markers", name="faithfulness, features only (errors at base)",
-                                 line={"color": GREEN, "dash": "dash"}, hovertemplate="k=%{x}: %{y:.3f}<extra></extra>"))
+                                 line={"color": GREEN, "dash": "dash"},
+                                 hovertemplate="k=%{x}: %{y:.3f}<extra></extra>"))
     rx = [r["k"] for r in rows for _ in r["random"]["values"]]
     ry = [v for r in rows for v in r["random"]["values"]]
     if rx:
         fig.add_trace(go.Scatter(x=rx, y=ry, mode="markers", name="random k-feature sets",
-                                 marker={"color": GREY, "symbol": "x"}, hovertemplate="k=%{x}: %{y:.3f}<extra></extra>"))
+                                 marker={"color": GREY, "symbol": "x"},
+                                 hovertemplate="k=%{x}: %{y:.3f}<extra></extra>"))
     fig.add_hline(y=a["threshold"], line_dash="dot", line_color="black",
                   annotation_text=f"threshold {a['threshold']:g}", annotation_position="top left")
     errors = (a["curves"].get("errors_only") or {}).get("value")

@@ -92,7 +92,8 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
             scatter = wandb.Table(columns=["rm_value", "sae_irm", "token"], data=[[r[1], r[4], r[0]] for r in token_rows])
             run.log({"plots/irm_vs_rm_scatter": wandb.plot.scatter(scatter, "rm_value", "sae_irm",
                                                                    title="SAE IRM vs RM per token")})
-        run.log({name: wandb.Table(columns=cols, data=data) for name, (cols, data) in dashboard_tables(metrics).items()})
+        run.log({name: wandb.Table(columns=cols, data=data)
+                 for name, (cols, data) in dashboard_tables(metrics).items()})
         import matplotlib.pyplot as plt
 
         from irmprobe.reporting import figures, interactive
@@ -100,9 +101,8 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
         plots = interactive.all_plots(metrics)
         for name, fig in plots.items():
             run.log({f"plots/{name}": wandb.Plotly(fig)})
-        for name, fig in figures.all_figures(metrics).items():
-            if name in figures.STATIC:
-                run.log({f"plots/{name}": wandb.Image(fig)})
+        for name, fig in figures.all_figures(metrics, figures.STATIC).items():
+            run.log({f"plots/{name}": wandb.Image(fig)})
             plt.close(fig)
         if report is not None and Path(report).is_file():
             run.log({"report": wandb.Html(Path(report).read_text(encoding="utf-8"), inject=False)})

@@ -69,11 +69,23 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
         assert isinstance(logged[name], wandb.Table) and len(logged[name].data) > 0, name
     assert {"explanation", "top_contexts", "irm_weight"} <= set(logged["features"].columns)
     assert len(logged["views"].data) == len(result.metrics.agreement) + len(result.metrics.full_vocabulary)
-    # Every plot: IRM vs RM, error vs frequency, layer divergence, PCA of probe inputs, ablation, SAE metrics.
-    for name in ("irm_vs_rm", "error_vs_frequency", "layer_divergence", "probe_pca", "ablation", "sae_metrics",
-                 "view_taus"):
+    # The report's interactive plots as native plotly panels, the others as images.
+    for name in ("view_taus", "irm_vs_rm", "ablation_shares", "layer_effects", "attribution_curves"):
+        assert isinstance(logged[f"plots/{name}"], wandb.Plotly), name
+    for name in ("error_vs_frequency", "probe_pca", "sae_metrics"):
         assert isinstance(logged[f"plots/{name}"], wandb.Image), name
     assert "plots/irm_vs_rm_scatter" in logged
+    # What the HTML file shows: the file itself, and its text views and feature cards as tables.
+    assert isinstance(logged["report"], wandb.Html)
+    assert 'id="texts-data"' in logged["report"].html and 'class="card"' in logged["report"].html
+    dash = result.metrics.dashboard
+    tokens = logged["text tokens"]
+    assert len(tokens.data) == sum(len(s["tokens"]) for p in dash["texts"]["prompts"] for s in p["sequences"])
+    assert {"log_ratio", "irm", "rm", "token"} <= set(tokens.columns)
+    cards = logged["feature cards"]
+    assert [r[0] for r in cards.data] == [c["id"] for c in dash["features"]]
+    assert {"top_contexts", "promoted", "suppressed", "rm_corr"} <= set(cards.columns)
+    assert "words made more likely" in logged
     # Artifacts: the SAEs, the IRM, the token map.
     kinds = {a.type: a for a in sent["artifacts"]}
     assert {"sae", "irm", "token_map"} <= set(kinds)  # (W&B also stores logged tables as run_table artifacts)

@@ -64,7 +64,8 @@ def text_views(samples, capture, predictions: np.ndarray, eval_rows: np.ndarray,
     n_seq = len(samples.token_ids)
     rows_of = [[] for _ in range(n_seq)]
     for row in np.flatnonzero(scored):
-        rows_of[int(capture.seq_index[row])].append(int(row))
+        if capture.seq_index[row] < n_seq:  # rows of extra texts (capture.text_path) belong to no prompt
+            rows_of[int(capture.seq_index[row])].append(int(row))
     irm_scores = np.array([float(predictions[r].sum()) if len(r) else 0.0
                            for r in (np.asarray(rows, int) for rows in rows_of)])
     gap = prompt_disagreement(samples, irm_scores)
@@ -162,7 +163,8 @@ def feature_cards(named: dict[tuple[int, int], list[str]], X: sp.spmatrix, featu
                   *, interpretation: dict | None, attribution: dict | None, n_contexts: int, n_tokens: int = 8,
                   seed: int = 0) -> list[dict]:
     """One card per named feature (see the module docstring). Contexts come from the scored continuation rows
-    only (prompt rows repeat across the sequences that share a prompt).
+    of ``streams`` only (prompt rows repeat across the sequences that share a prompt; extra texts are not
+    held-out continuations).
 
     Args:
         X: the tuned model's SAE features at every captured row, one column per ``feature_names`` entry.
@@ -178,8 +180,10 @@ def feature_cards(named: dict[tuple[int, int], list[str]], X: sp.spmatrix, featu
     Xe = sp.csc_matrix(X)[:, cols]
     mask = np.zeros(Xe.shape[0])
     mask[eval_rows] = 1.0
+    mask[np.asarray(capture.seq_index) >= len(streams)] = 0.0  # extra texts: not the held-out continuations
     Xe = sp.csc_matrix(sp.diags(mask) @ Xe)  # prompt rows silenced: contexts from continuations only
-    corr = feature_rm_corr(sp.csr_matrix(Xe[eval_rows]), np.asarray(rm_rows, float)[eval_rows])
+    shown = eval_rows[np.asarray(capture.seq_index)[eval_rows] < len(streams)]
+    corr = feature_rm_corr(sp.csr_matrix(Xe[shown]), np.asarray(rm_rows, float)[shown])
     readout = unembed - unembed.mean(axis=0, keepdims=True)
     judged = {r["feature"]: r for r in (interpretation or {}).get("judged", [])}
     attributed = {}

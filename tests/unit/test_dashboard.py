@@ -43,11 +43,18 @@ def _planted(n_prompts=4, seed=0):
                 irm.append(1.0 if tokens[-1][t] == 7 else 0.0)
     samples = Samples(tuple(f"prompt {i}" for i in range(n_prompts)), tuple(tokens), np.array(lens),
                       np.array(index), np.array(source), tuple("" for _ in tokens), np.array(rewards))
+    # One extra text (capture.text_path) after the samples: scored, but no prompt's continuation.
+    for t in range(1, 4):
+        ids.append(7)
+        seqs.append(len(tokens))
+        pos.append(t)
+        irm.append(1.0)
+    pos_arr = np.array(pos)
     n = len(ids)
     logp_tuned = rng.normal(size=n).astype(np.float32)
-    capture = Capture((0,), "hook_mlp_out", np.array(ids), np.array(seqs), np.array(pos),
+    capture = Capture((0,), "hook_mlp_out", np.array(ids), np.array(seqs), pos_arr,
                       np.zeros(n, np.float32), logp_tuned, {})
-    eval_rows = np.flatnonzero(np.array(pos) >= PROMPT_LEN)
+    eval_rows = np.flatnonzero((pos_arr >= PROMPT_LEN) | (np.array(seqs) == len(tokens)))
     return samples, capture, np.array(irm), eval_rows
 
 
@@ -120,7 +127,9 @@ def test_feature_cards_show_the_planted_feature_firing_where_it_was_planted():
     n = len(capture.token_ids)
     # Feature 1 of layer 0 fires on token 7 (stronger on the second 7) and on every prompt row; feature 0 never.
     fires = np.where(capture.token_ids == 7, 1.0 + (capture.position == 4), 0.0)
-    fires[capture.position < PROMPT_LEN] = 5.0  # prompt rows: must not reach the contexts
+    prompt_rows = (capture.position < PROMPT_LEN) & (capture.seq_index < len(samples.token_ids))
+    fires[prompt_rows] = 5.0  # prompt rows: must not reach the contexts
+    fires[capture.seq_index >= len(samples.token_ids)] = 9.0  # the extra text: no held-out continuation
     X = sp.csr_matrix(np.c_[np.zeros(n), fires])
     d, vocab = 4, 10
     directions = {0: np.eye(2, d)}
@@ -139,9 +148,10 @@ def test_feature_cards_show_the_planted_feature_firing_where_it_was_planted():
     assert all(a == 0.0 for c in card["contexts"] for t, a in zip(c["tokens"], c["activations"]) if t in "123")
     assert card["promoted"][0][0] == "7" and card["suppressed"][0][0] == "3"
     assert card["promoted"][0][1] > 0 > card["suppressed"][0][1]
-    # Correlation with the RM's row values on the scored rows only (prompt rows would add 5.0 where RM is 0).
-    expected = np.corrcoef(np.where(capture.token_ids == 7, 1.0 + (capture.position == 4), 0.0)[eval_rows],
-                           rm_rows[eval_rows])[0, 1]
+    # Correlation with the RM's row values on the scored continuation rows only (prompt rows would add 5.0 where
+    # the RM is 0; the extra text is no held-out continuation).
+    continuation = eval_rows[capture.seq_index[eval_rows] < len(samples.token_ids)]
+    expected = np.corrcoef(fires[continuation], rm_rows[continuation])[0, 1]
     assert card["rm_corr"] == pytest.approx(expected) and expected > 0.9
     assert card["frequency"] == pytest.approx(8 / n) and sum(card["histogram"]["counts"]) == 8
     assert card["judge"]["explanation"] == "fires on 7" and card["decision_weight"] is None

@@ -42,12 +42,15 @@ def dashboard(cfg, ctx, inputs) -> dict:
         named = named_features(list(fit.record.feature_names), fit.coef, fit.decision_coef, cfg.validate.top_k,
                                interpretation, attribution, cmp.feature_alignment,
                                inputs["discover"].concepts, ablated=bool(inputs["ablate"]))
-        if cfg.irm.inputs != "tuned":
-            # Card weights read the primary IRM's columns; with other inputs they are not the tuned features.
-            coef = np.zeros(len(names))
-            decision = None
-        else:
-            coef, decision = fit.coef, fit.decision_coef
+        # The cards' weights are the IRM's weights of the tuned features, read by name: with irm.inputs=diff the
+        # IRM's columns hold base features too, with base or raw inputs no tuned feature has a weight (0).
+        column = {n: i for i, n in enumerate(fit.record.feature_names)}
+        at = np.array([column.get(n, -1) for n in names])
+
+        def by_name(weights):
+            return None if weights is None else np.where(at >= 0, np.asarray(weights)[np.maximum(at, 0)], 0.0)
+
+        coef, decision = by_name(fit.coef), by_name(fit.decision_coef)
         rm_rows = np.array([rm_map.get(int(t), 0.0) for t in capture.token_ids])
         unembed, gamma = readout(pair.tuned)
         cards = feature_cards(named, X, names, coef, decision, capture, fit.eval_rows, rm_rows,

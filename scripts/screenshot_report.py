@@ -117,17 +117,24 @@ def check(report: Path, out: Path, widths: list[int], chromium: str, height: int
                 failures += [f"{width}px: image {i['alt']} not shown" for i in layout["images"] if not i["shown"]]
                 entry = {"plots": {pl["id"]: {"marks": pl["marks"], "labels": pl["labels"]} for pl in plots}}
                 if n == 0 and page.locator("#prompt-select").count():
+                    options = page.locator("#prompt-select option").count()
+                    # The first prompt with tokens shown (a prompt's continuations may all be unscored).
+                    for i in range(options):
+                        page.select_option("#prompt-select", index=i)
+                        if page.evaluate(TOKENS_JS):
+                            break
                     before = page.evaluate(TOKENS_JS)
                     page.check("input[name=colour-by][value=rm]")
                     after = page.evaluate(TOKENS_JS)
                     if not before or before == after:
                         failures.append("switching the colouring to the RM's values changed no token")
-                    text = page.inner_text("#text-view")
-                    options = page.locator("#prompt-select option").count()
                     if options > 1:
-                        page.select_option("#prompt-select", index=1)
-                        if page.inner_text("#text-view") == text:
-                            failures.append("picking another prompt did not change the text view")
+                        other = (i + 1) % options
+                        page.select_option("#prompt-select", index=other)
+                        want = page.evaluate(f"() => 'prompt: ' + JSON.parse(document.getElementById('texts-data')"
+                                             f".textContent).prompts[{other}].prompt")
+                        if page.inner_text("#text-view .prompt") != want:
+                            failures.append("picking another prompt did not show it in the text view")
                     entry["interaction"] = {"tokens": before.count("|") + 1 if before else 0,
                                             "changed": before != after, "prompts": options}
                     page.check("input[name=colour-by][value=log_ratio]")

@@ -41,14 +41,18 @@ def card_id(key: tuple[int, int]) -> str:
 def prompt_disagreement(samples, irm_scores: np.ndarray) -> np.ndarray:
     """Per prompt: the mean over its continuations of |percentile rank of the IRM's text score - percentile rank
     of the RM's reward| (ranks over every continuation of the run); NaN for a prompt with none."""
-    n = len(irm_scores)
-    irm_rank = (stats.rankdata(irm_scores) - 0.5) / n
-    rm_rank = (stats.rankdata(samples.rewards) - 0.5) / n
-    gap = np.abs(irm_rank - rm_rank)
+    irm_scores, rewards = np.asarray(irm_scores, float), np.asarray(samples.rewards, float)
+    ok = np.isfinite(irm_scores) & np.isfinite(rewards)  # a continuation without a finite score is left out
+    gap = np.full(len(irm_scores), np.nan)
+    n = int(ok.sum())
+    if n:
+        gap[ok] = np.abs((stats.rankdata(irm_scores[ok]) - 0.5) / n - (stats.rankdata(rewards[ok]) - 0.5) / n)
     prompts = np.asarray(samples.prompt_index)
     out = np.full(len(samples.prompts), np.nan)
     for p in np.unique(prompts):
-        out[p] = float(gap[prompts == p].mean())
+        mine = gap[prompts == p]
+        if np.isfinite(mine).any():
+            out[p] = float(np.nanmean(mine))
     return out
 
 
@@ -130,7 +134,8 @@ def named_features(feature_names: list[str], coef: np.ndarray, decision_coef: np
 
     top = [int(i) for i in np.argsort(-coef, kind="stable")[:top_k] if coef[i] > 0]
     decision = decision_columns(decision_coef, top_k)
-    flagged = flagged_columns(interpretation, top_k) if interpretation and "judged" in interpretation else []
+    flagged = flagged_columns(interpretation, len(feature_names)) if interpretation and "judged" in interpretation \
+        else []
     attributed = attribution_set(attribution, top_k)
     for i in top:
         add(feature_names[i], f"IRM top-{top_k}")
@@ -149,7 +154,8 @@ def named_features(feature_names: list[str], coef: np.ndarray, decision_coef: np
         for entry in (alignment or {}).get(key, []):
             add(entry["feature"], label)
     if ablated:
-        targeted = {feature_names[i] for i in top + decision + flagged}
+        # The ablation's own sets: the judge-flagged ones capped at the IRM's top-k count, as it caps them.
+        targeted = {feature_names[i] for i in top + decision + flagged[:len(top)]}
         targeted |= {f"L{layer}/f{index}" for layer, idx in (attributed[1].items() if attributed else ())
                      for index in idx}
         for name in targeted:
@@ -206,7 +212,8 @@ def feature_cards(named: dict[tuple[int, int], list[str]], X: sp.spmatrix, featu
             "id": card_id(key), "layer": layer, "index": index, "named_as": named[key],
             "irm_weight": float(coef[col]), "irm_rank": weight_rank[col], "n_columns": len(coef),
             "decision_weight": None if decision_coef is None else float(decision_coef[col]),
-            "attribution": attributed.get(key), "rm_corr": float(corr[j]), "frequency": ev.frequency,
+            "attribution": attributed.get(key), "rm_corr": float(corr[j]),
+            "frequency": float(Xe[shown, j].count_nonzero() / max(1, len(shown))),  # of the continuation rows
             "max_activation": ev.max_activation,
             "histogram": {"counts": list(ev.histogram[0]), "edges": [round(e, 4) for e in ev.histogram[1]]},
             "contexts": [{"tokens": list(c.tokens), "activations": [round(a, 4) for a in c.activations]}

@@ -180,7 +180,9 @@ class Page:
 
 
 def _json_script(element_id: str, data) -> str:
-    text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    # <, > and & as JSON escapes: no token or prompt text can close the element or open a comment inside it.
+    text = (json.dumps(data, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026"))
     return f'<script type="application/json" id="{element_id}">{text}</script>'
 
 

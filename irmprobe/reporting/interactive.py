@@ -25,6 +25,13 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:+.3f}"
 
 
+def _bars(values, cis) -> dict:
+    """Plotly's asymmetric error bars from (value, [low, high]) pairs; a missing bound draws no bar that side."""
+    plus = [0.0 if v is None or not c or c[1] is None else c[1] - v for v, c in zip(values, cis)]
+    minus = [0.0 if v is None or not c or c[0] is None else v - c[0] for v, c in zip(values, cis)]
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus}
+
+
 def view_taus(metrics: dict):
     """Every IRM view's Kendall tau against the RM with its 95% CI (or its range over fits), beside each control
     organism's tau."""
@@ -38,10 +45,7 @@ def view_taus(metrics: dict):
     labels = [f"{r['name']} [{r.get('family', '')}]" for r in rows]
     for family in dict.fromkeys(r.get("family") for r in rows):
         idx = [i for i, r in enumerate(rows) if r.get("family") == family]
-        lo = [rows[i]["tau"] - (rows[i].get("tau_ci") or rows[i].get("tau_range") or [rows[i]["tau"]] * 2)[0]
-              for i in idx]
-        hi = [(rows[i].get("tau_ci") or rows[i].get("tau_range") or [rows[i]["tau"]] * 2)[1] - rows[i]["tau"]
-              for i in idx]
+        bars = _bars([rows[i]["tau"] for i in idx], [rows[i].get("tau_ci") or rows[i].get("tau_range") for i in idx])
         text = [f"{rows[i]['name']}: tau {_fmt(rows[i]['tau'])} on {rows[i]['n_tokens']} tokens<br>"
                 f"{'range over fits' if rows[i].get('tau_range') and not rows[i].get('tau_ci') else '95% CI'} "
                 f"{(rows[i].get('tau_ci') or rows[i].get('tau_range') or ['-', '-'])}<br>"
@@ -49,8 +53,7 @@ def view_taus(metrics: dict):
         fig.add_trace(go.Scatter(x=[rows[i]["tau"] for i in idx], y=[labels[i] for i in idx], mode="markers",
                                  name=family or "view",
                                  marker={"color": FAMILY_COLOURS.get(family, "black"), "size": 9},
-                                 error_x={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
-                                 hovertext=text, hoverinfo="text"))
+                                 error_x=bars, hovertext=text, hoverinfo="text"))
     cx, cy, ct = [], [], []
     for r, label in zip(rows, labels):
         taus = r.get("control_taus") or ([r["control_tau"]] if r.get("control_tau") is not None else [])
@@ -106,16 +109,13 @@ def ablation_shares(metrics: dict):
     colours = [GREY if r["set"].startswith("random_") else ORANGE if r["mode"] == "patch" else
                "#bbbbbb" if "control" in r["set"] else BLUE for r in rows]
     share = [r["gain_share"]["share"] for r in rows]
-    ci = [r["gain_share"]["ci"] for r in rows]
+    ci = [r["gain_share"].get("ci") or [None, None] for r in rows]
     text = [f"{r['set']}<br>removes {_fmt(s)} of the gain [{_fmt(c[0])}, {_fmt(c[1])}] ({r['mode']}, "
             f"{r['n_features']} features)" + (f"<br>random sets of its size: {_fmt(r['random']['range'][0])} to "
                                              f"{_fmt(r['random']['range'][1])}" if r.get("random") else "")
             for r, s, c in zip(rows, share, ci)]
     fig = go.Figure(go.Bar(x=share, y=labels, orientation="h", marker_color=colours, hovertext=text,
-                           hoverinfo="text", name="share removed",
-                           error_x={"type": "data", "symmetric": False,
-                                    "array": [c[1] - s for s, c in zip(share, ci)],
-                                    "arrayminus": [s - c[0] for s, c in zip(share, ci)]}))
+                           hoverinfo="text", name="share removed", error_x=_bars(share, ci)))
     fig.add_vline(x=0, line_width=1, line_color="black")
     fig.add_vline(x=1, line_width=1, line_dash="dot", line_color="black")
     fig.update_yaxes(autorange="reversed", categoryorder="array", categoryarray=labels)
@@ -131,13 +131,12 @@ def ablation_rewards(rows: list[dict]):
 
     labels = [_short(r["set"]) for r in rows]
     mean = [r["reward"]["mean"] for r in rows]
-    ci = [r["reward"]["ci"] for r in rows]
+    ci = [r["reward"].get("ci") or [None, None] for r in rows]
     fig = go.Figure(go.Bar(x=mean, y=labels, orientation="h", name="RM reward",
                            marker_color=[GREY if i < 2 else BLUE for i in range(len(rows))],
-                           hovertext=[f"{r['set']}: reward {m:+.3f} [{c[0]:+.3f}, {c[1]:+.3f}]"
+                           hovertext=[f"{r['set']}: reward {_fmt(m)} [{_fmt(c[0])}, {_fmt(c[1])}]"
                                       for r, m, c in zip(rows, mean, ci)], hoverinfo="text",
-                           error_x={"type": "data", "symmetric": False, "array": [c[1] - m for m, c in zip(mean, ci)],
-                                    "arrayminus": [m - c[0] for m, c in zip(mean, ci)]}))
+                           error_x=_bars(mean, ci)))
     fig.update_yaxes(autorange="reversed", categoryorder="array", categoryarray=labels)
     return _layout(fig, "RM reward while the tuned model samples under each condition (no reward gain to share)",
                    120 + 30 * len(rows), "RM reward of tuned-model continuations (95% CI)")

@@ -254,6 +254,18 @@ def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path,
     no_saes = render(m | {"dashboard": dash | {"features": [], "features_absent": "the run has no SAEs of the "
                                                                                   "tuned model"}})
     assert "the run has no SAEs of the tuned model" in no_saes and 'class="card"' not in no_saes
+    # Hostile text cannot close the embedded data, and missing CI bounds (NaN in a run) draw no error bar.
+    hostile = json.loads(json.dumps(m))
+    hostile["dashboard"]["texts"]["prompts"][0]["prompt"] = "<!--<script>x</script> & y"
+    for r in hostile["agreement"]:
+        r["tau_ci"] = [None, None]
+    for r in hostile["validation"]["ablation"]:
+        r["reward"]["ci"] = [None, None]
+        if r.get("gain_share"):
+            r["gain_share"]["ci"] = [None, r["gain_share"]["ci"][1]]
+    page = render(hostile)
+    data = re.search(r'<script type="application/json" id="texts-data">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in data and json.loads(data)["prompts"][0]["prompt"] == "<!--<script>x</script> & y"
     # An old or foreign metrics file keeps its one-line error.
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps({"kind": "something-else"}))

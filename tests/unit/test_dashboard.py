@@ -86,6 +86,10 @@ def test_prompt_disagreement_is_the_mean_rank_gap_of_its_continuations():
     assert np.argmax(gap) == 2
     assert gap[2] == pytest.approx(np.mean([abs(2 / 8 - 3 / 8), abs(6 / 8 - 0.5 / 8)]))
     assert gap[0] == pytest.approx(np.mean([abs(2 / 8 - 3 / 8), abs(6 / 8 - 6.5 / 8)]))
+    # A continuation without a finite reward is left out of the ranks; its prompt keeps the other one's gap.
+    samples.rewards[0] = np.nan
+    gap = prompt_disagreement(samples, scores)
+    assert np.isfinite(gap).all() and np.argmax(gap) == 2
 
 
 def test_written_words_rank_by_the_full_vocabulary_log_ratio_and_count_each_model():
@@ -153,7 +157,7 @@ def test_feature_cards_show_the_planted_feature_firing_where_it_was_planted():
     continuation = eval_rows[capture.seq_index[eval_rows] < len(samples.token_ids)]
     expected = np.corrcoef(fires[continuation], rm_rows[continuation])[0, 1]
     assert card["rm_corr"] == pytest.approx(expected) and expected > 0.9
-    assert card["frequency"] == pytest.approx(8 / n) and sum(card["histogram"]["counts"]) == 8
+    assert card["frequency"] == pytest.approx(8 / len(continuation)) and sum(card["histogram"]["counts"]) == 8
     assert card["judge"]["explanation"] == "fires on 7" and card["decision_weight"] is None
     assert feature_cards({(5, 5): ["x"]}, X, ["L0/tuned0", "L0/tuned1"], np.zeros(2), None, capture, eval_rows,
                          rm_rows, list(samples.token_ids), str, directions, unembed, None, interpretation=None,

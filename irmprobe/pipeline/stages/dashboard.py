@@ -42,8 +42,8 @@ def dashboard(cfg, ctx, inputs) -> dict:
         named = named_features(list(fit.record.feature_names), fit.coef, fit.decision_coef, cfg.validate.top_k,
                                interpretation, attribution, cmp.feature_alignment,
                                inputs["discover"].concepts, ablated=bool(inputs["ablate"]))
-        # The cards' weights are the IRM's weights of the tuned features, read by name: with irm.inputs=diff the
-        # IRM's columns hold base features too, with base or raw inputs no tuned feature has a weight (0).
+        # The cards' weights are the IRM's weights of the tuned features, read by name: with irm.inputs other
+        # than tuned (base, diff, raw) the IRM's columns are not the tuned features, and the cards show weight 0.
         column = {n: i for i, n in enumerate(fit.record.feature_names)}
         at = np.array([column.get(n, -1) for n in names])
 

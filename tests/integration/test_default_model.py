@@ -16,7 +16,7 @@ def test_default_model_runs_every_stage_with_tiny_budgets(tmp_path):
         "prompts": {"n_heldout": 4},
         "organism": {"steps": 1, "prompts_per_step": 2, "generations_per_prompt": 2, "max_new_tokens": 6},
         "samples": {"samples_per_prompt": 2, "max_new_tokens": 12, "batch_size": 16},
-        "capture": {"top_k_layers": 1, "batch_size": 16},
+        "capture": {"top_k_layers": 1, "batch_size": 16, "patching_sequences": 4},  # layers by patching: 30 blocks
         "sae": {"expansion": 1, "training_samples": 1024, "batch_size": 128},
         "irm": {"min_token_count": 1, "n_shuffles": 1, "alphas": [10.0]},
         "compare": {"n_bootstrap": 20, "n_triples": 10, "n_controls": 2},

@@ -17,6 +17,8 @@ explanation and detection score when it was judged.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import scipy.sparse as sp
 from scipy import stats
@@ -24,14 +26,13 @@ from scipy import stats
 from irmprobe.analysis.discovery import feature_rm_corr
 from irmprobe.validation.autointerp import feature_evidence
 
+_TUNED_FEATURE = re.compile(r"^L(\d+)/(?:tuned|f)(\d+)$")
+
 
 def feature_key(name: str) -> tuple[int, int] | None:
     """``L20/tuned870`` (an IRM column) or ``L20/f870`` (an attribution node) -> (20, 870); None for others."""
-    layer, _, part = name.partition("/")
-    digits = part.lstrip("tunedf")
-    if not layer.startswith("L") or not layer[1:].isdigit() or not digits.isdigit() or part == "error":
-        return None
-    return int(layer[1:]), int(digits)
+    match = _TUNED_FEATURE.match(name)
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
 def card_id(key: tuple[int, int]) -> str:

@@ -232,7 +232,7 @@ def text_section(page: Page, dash: dict | None) -> None:
              + _json_script("texts-data", {"prompts": prompts, "scale": scale}))
 
 
-def words_section(page: Page, dash: dict | None, metrics: dict) -> None:
+def words_section(page: Page, dash: dict | None) -> None:
     page.section("words", "Words the tuned model learned to write more, and less",
                  "Every word token's full-vocabulary log-ratio: its mean change in log-probability over every "
                  "held-out context (not fitted), with the RM's value and how often each model wrote it in the "
@@ -325,7 +325,7 @@ def render(metrics) -> str:
     page = Page()
 
     text_section(page, dash)
-    words_section(page, dash, metrics)
+    words_section(page, dash)
 
     page.section("views", "IRM views against the RM", "Kendall tau of each view's out-of-fold token values with the "
                  "RM's values; each CI says what it resamples (ci_method); red crosses: the control organisms.")
@@ -343,12 +343,11 @@ def render(metrics) -> str:
     else:
         page.absent("no RM-valued token was scored")
     page.table(*tables["tokens"])
-    for name, label in (("sae_irm", "where the SAE IRM and the RM disagree most"),):
-        d = (metrics.get("disagreements") or {}).get(name)
-        if d:
-            cols = ["token", "irm", "rm", "rank_gap"]
-            page.table(cols, d.get("irm_over_rm", []), title=f"{label}: IRM above RM")
-            page.table(cols, d.get("rm_over_irm", []), title=f"{label}: RM above IRM")
+    d = (metrics.get("disagreements") or {}).get("sae_irm")
+    if d:
+        cols = ["token", "irm", "rm", "rank_gap"]
+        page.table(cols, d.get("irm_over_rm", []), title="where the SAE IRM and the RM disagree most: IRM above RM")
+        page.table(cols, d.get("rm_over_irm", []), title="where the SAE IRM and the RM disagree most: RM above IRM")
 
     features_section(page, dash)
 

@@ -124,7 +124,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     base = RunConfig.from_yaml(args.config).to_dict()
     base["validate"] = base["validate"] | {"enabled": False}
-    base["compare"] = base["compare"] | {"n_controls": args.pool, "controls": [], "control": True}
+    # Every view on every pool organism: the benchmark measures the SAE IRM's null too (the demo's measured-only
+    # controls would give the full-vocabulary view only).
+    base["compare"] = base["compare"] | {"n_controls": args.pool, "controls": [], "control": True,
+                                         "control_views": "all"}
     cfg = RunConfig.from_dict(base)
     alpha = args.alpha if args.alpha is not None else cfg.compare.alpha
     echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

@@ -232,6 +232,9 @@ class ControlInfo(Record):
     """The RM's reward, control tuned - base (paired by prompt)."""
     kl: dict
     note: str | None = None
+    views: str = "all"
+    """``all``: every view was fitted on the control; ``measured``: its measured views only (no layers, SAEs or
+    fits: ``compare.control_views``)."""
 
 
 @dataclass(frozen=True)

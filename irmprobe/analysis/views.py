@@ -135,7 +135,7 @@ class Analysis:
 
 def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic, cc, *, seed: int,
             raw: np.ndarray | None = None, triple_inputs: tuple | None = None, n_jobs: int | None = None,
-            decision: tuple | None = None, device: str | None = None) -> Analysis:
+            decision: tuple | None = None, device: str | None = None, measured_only: bool = False) -> Analysis:
     """Cross-fit every view on two halves of the prompts and compare it with the RM, out of fold.
 
     The prompt is the independent unit: every sequence continuing one prompt shares its prompt rows.
@@ -160,6 +160,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
         decision: ``(X_prev, rows, prev_rows)``: features at the decision position t-1 for the rows
             ``rows`` (see :func:`irmprobe.activations.patching.decision_rows`); adds the decision-side IRM. A
             fourth entry (:func:`bilinear_inputs` of those rows, or None) adds the bilinear decision-side IRM.
+        measured_only: only the views that are measured, not fitted (the log-ratio and the full-vocabulary
+            log-ratio), as a measured-only control needs; ``X`` is not read (None will do).
     """
     y = capture.log_ratio.astype(np.float64)
     groups, token_ids = capture.seq_index, capture.token_ids
@@ -208,6 +210,8 @@ def analyse(capture: Capture, X, samples: Samples, rm_map: dict[int, float], ic,
             "full_vocab_log_ratio", "full_vocabulary", tmap, counts, rm_map, n_bootstrap=cc.n_bootstrap, seed=seed,
             is_zero=not np.any(vocab), note="every vocabulary token the RM values, averaged over every captured "
             "position (not fitted): its own token set"))
+    if measured_only:  # a measured-only control: the views that are measured, nothing fitted
+        return Analysis(rows, full_vocab, fits, maps, np.sort(rows_used), rm_rows)
     for i, est in enumerate(ic.estimators):
         name = "sae_irm" if i == 0 else f"sae_{est}"
         f = fit(name, X, y, alphas=ic.alphas if est == "ridge" else None, penalty=est, l1_ratio=ic.l1_ratio)

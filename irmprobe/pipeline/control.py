@@ -2,7 +2,9 @@
 
 Every per-organism stage runs again for each control branch with the same settings (organism
 method, steps, learning rate, beta, batch, LoRA, prompts, seed), so the control differs from the
-organism in its reward only; it gets its own samples, layers, capture, SAEs and fits. Dictionary
+organism in its reward only; it gets its own samples, layers, capture, SAEs and fits (with
+``compare.control_views: measured``, its samples and one forward of them through both models only: the
+measured views, which are all the primary comparison and discovery read). Dictionary
 diagnostics that no comparison reads (MMCS against a second dictionary size, the splice loss,
 base-model SAEs when the IRM reads tuned features only) are skipped for controls. A control the user names
 (``compare.controls``) is a given model: every stage after the organism runs on it the same way.
@@ -19,10 +21,11 @@ def control_branches(config, ctx: Context) -> list[Context]:
     ``compare.n_controls`` built ones (``control-0`` ...), then the models named in ``compare.controls``."""
     if not config.compare.control or config.pair.null:
         return []
-    n = config.compare.n_controls
-    built = [Branch(f"control-{i}", RandomRM(config.seed + i), diagnostics=False) for i in range(n)]
-    named = [Branch(f"control-{n + j}", RandomRM(config.seed + n + j), diagnostics=False, tuned=str(path))
-             for j, path in enumerate(config.compare.controls)]
+    n, light = config.compare.n_controls, config.compare.control_views == "measured"
+    built = [Branch(f"control-{i}", RandomRM(config.seed + i), diagnostics=False, measured_only=light)
+             for i in range(n)]
+    named = [Branch(f"control-{n + j}", RandomRM(config.seed + n + j), diagnostics=False, tuned=str(path),
+                    measured_only=light) for j, path in enumerate(config.compare.controls)]
     return [ctx.for_branch(b) for b in built + named]
 
 

@@ -95,6 +95,10 @@ class Branch:
     """Measure dictionary diagnostics (MMCS, splice loss) that no comparison reads; off for controls."""
     tuned: str | None = None
     """A control the user named (``compare.controls``): its model, given rather than tuned here."""
+    measured_only: bool = False
+    """A control that computes only the measured views (``compare.control_views: measured``): its layers stage
+    chooses no block (no patching ranking), so its capture keeps log-probabilities only, and its SAE and fit
+    stages train and fit nothing."""
 
     @property
     def is_control(self) -> bool:
@@ -164,6 +168,11 @@ class Stage:
     resumable: ClassVar[bool] = False
     """True: ``out`` is kept after an interruption, and ``run`` picks up what is there."""
 
+    measured_only_differs: ClassVar[bool] = False
+    """True: on a measured-only control branch (:attr:`Branch.measured_only`) the stage makes a smaller output,
+    so that branch's key for it differs from a full control's (stages before it, the training above all, keep
+    theirs and are shared)."""
+
     optional_reads: ClassVar[tuple[str, ...]] = ()
     """Settings added to a stage after its caches existed: read like ``reads``, but they enter the key only when
     they differ from their default, so a run that leaves them alone keeps its cached outputs."""
@@ -180,8 +189,9 @@ class Stage:
         cfg = self.sections(config)
         default = declared_values(type(config)(), self.optional_reads)
         changed = {k: v for k, v in declared_values(config, self.optional_reads).items() if v != default[k]}
+        light = ("measured views only",) if self.measured_only_differs and ctx.branch.measured_only else ()
         return config_key(self.name, self.version, declared_values(config, self.reads), self.fingerprint(cfg, ctx),
-                          input_keys, *((changed,) if changed else ()))
+                          input_keys, *((changed,) if changed else ()), *light)
 
     def run(self, cfg: Sections, ctx: Context, inputs: dict[str, Any], out: Path) -> Any:  # pragma: no cover
         raise NotImplementedError

@@ -111,8 +111,10 @@ def summary_lines(metrics) -> list[str]:
         made = (f"the base tuned with {c['method'].upper()} for {c['steps']} steps (lr {c['learning_rate']:g}, beta "
                 f"{c['beta']:g}, batch {c['batch']}, LoRA rank {c['lora_rank']}) against {c['reward']['name']} (a random "
                 "reward)" if "name" in (c.get("reward") or {}) else f"{c['path']} (named in compare.controls)")
-        lines.append(f"{c['branch']}: {made}, its own samples, layers {c['layers']}, capture "
-                     f"and SAEs: {'MATCHED to the organism but for the reward' if c['matched'] else 'NOT known to match'}; "
+        own = ("its own samples, forwarded once through both models (measured views only: no block captured, no "
+               "SAEs or fits)" if c.get("views") == "measured" else
+               f"its own samples, layers {c['layers']}, capture and SAEs")
+        lines.append(f"{c['branch']}: {made}, {own}: {'MATCHED to the organism but for the reward' if c['matched'] else 'NOT known to match'}; "
                      f"RM reward tuned - base {c['reward_diff']['diff_mean']:+.3f} ± {c['reward_diff']['diff_se']:.3f}, "
                      f"KL {c['kl']['mean']:.3f}.")
     if metrics.get("control"):
@@ -122,8 +124,8 @@ def summary_lines(metrics) -> list[str]:
             continue
         se = "" if p.get("tau_se") is None else f" ± {p['tau_se']:.3f}"
         stat = ("no test" if p.get("z") is None else f"t {p['z']:+.2f} ({p['df']} d.f., p {p['p_value']:.3g})")
-        lines.append(f"{label}: {p['view']} tau {p['tau']:+.3f}{se} vs controls "
-                     f"{[round(t, 3) for t in p['control_taus']]}: {stat} -> {p['outcome']}"
+        against = f" vs controls {[round(t, 3) for t in p['control_taus']]}" if p.get("control_taus") else ""
+        lines.append(f"{label}: {p['view']} tau {p['tau']:+.3f}{se}{against}: {stat} -> {p['outcome']}"
                      + (f" at alpha {p['alpha']:g}" if p.get("alpha") and p.get("z") is not None else "")
                      + (f" ({p['reason']})" if p.get("reason") else ""))
     if metrics.get("discovery"):

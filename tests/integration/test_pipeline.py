@@ -161,7 +161,7 @@ def test_same_seed_gives_same_numbers(tiny_llama_dir, tmp_path, monkeypatch):
 
 def test_extra_text_is_captured_beside_the_samples(tiny_llama_dir, tmp_path):
     texts = tmp_path / "texts.txt"
-    texts.write_text("\n".join(["The weather was good and the people were happy all day long."] * 5))
+    texts.write_text("\n".join(["The happy people were good and the weather was good all day long."] * 5))
     plain = run(_config(tmp_path / "a", base=str(tiny_llama_dir)), echo=lambda _: None).metrics.to_json()
     data = json.loads(json.dumps(TINY)) | {"pair": {"base": str(tiny_llama_dir)},
                                           "report": {"out_dir": str(tmp_path / "b"), "wandb_mode": "disabled"}}
@@ -169,6 +169,11 @@ def test_extra_text_is_captured_beside_the_samples(tiny_llama_dir, tmp_path):
     extra = run(RunConfig.from_dict(data), echo=lambda _: None).metrics.to_json()
     assert extra["capture"]["rows"] == plain["capture"]["rows"] + 5 * 7  # 5 texts of 8 tokens, t >= 1
     assert extra["kl"] == plain["kl"]  # KL comes from the samples alone
+    # Measured-only controls score the rows full ones score, extra text included: the same log-ratio rows.
+    data["compare"] = data["compare"] | {"control_views": "measured"}
+    light = run(RunConfig.from_dict(data), echo=lambda _: None, until="compare").results["compare"]
+    for rows_m, rows_f in zip(light.control_agreement, extra["control_agreement"]):
+        assert [r.to_json() for r in rows_m] == [r for r in rows_f if r["name"] == "log_ratio (no model)"]
 
 
 def test_cli_reports_missing_or_malformed_config_files(tmp_path, capsys):
@@ -218,6 +223,32 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     assert stopped.metrics_path is None and stopped.metrics is None and "saes" not in stopped.results
     with pytest.raises(ValueError, match="unknown stage 'sae'"):
         run(changed, force=("sae",))
+    # Measured-only controls (compare.control_views: measured) reuse each control's training and samples, capture
+    # no activations, train no SAE, fit nothing, and give the very same full-vocabulary taus, hence the same call.
+    full = run(changed, echo=lambda _: None)
+    data = changed.to_dict()
+    light = RunConfig.from_dict(data | {"compare": data["compare"] | {"control_views": "measured"}})
+    measured = run(light, echo=lambda _: None)
+    status = measured.stage_status
+    assert all(status[f"control-{i}/{s}"] == "reused" for i in (0, 1) for s in ("organism", "samples"))
+    assert all(status[f"control-{i}/{s}"] == "ran" for i in (0, 1) for s in ("layers", "capture", "saes", "fit"))
+    assert all(status[s] == "reused" for s in ("organism", "samples", "layers", "capture", "saes", "fit"))
+    runner = measured.context.resources["runner"]
+    for i in (0, 1):
+        assert runner.result("layers", f"control-{i}").chosen == []
+        assert runner.result("capture", f"control-{i}").acts == {}
+        assert runner.result("saes", f"control-{i}").saes == {}
+        assert not runner.result("fit", f"control-{i}").record.fits
+        assert {r.name for r in runner.result("fit", f"control-{i}").record.rows} == {"log_ratio (no model)"}
+    assert measured.metrics.primary.control_taus == full.metrics.primary.control_taus
+    for rows_m, rows_f in zip(measured.metrics.control_agreement, full.metrics.control_agreement):
+        assert rows_m == [r for r in rows_f if r.name == "log_ratio (no model)"]
+    assert measured.metrics.primary.z == full.metrics.primary.z and measured.metrics.primary.z is not None
+    assert measured.metrics.discovery == full.metrics.discovery
+    assert [c.views for c in measured.metrics.control] == ["measured"] * 2
+    e = measured.metrics.explanation
+    assert e.view == "sae_irm" and e.outcome == "no call" and "control_views" in e.reason and not e.control_taus
+    assert e.tau == full.metrics.explanation.tau
 
 
 def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path, capsys):

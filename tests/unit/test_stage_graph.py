@@ -18,6 +18,7 @@ _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.devic
             "report.wandb_mode": "offline", "llm.base_url": "http://127.0.0.1:9/v1", "irm.estimators": ("lasso",),
             "capture.patching_kind": "resid_post", "irm.positions": ("reader",),
             "irm.alphas": (3.0,), "sae.autocast": "off", "compare.primary": "sae_irm",
+            "compare.control_views": "measured",
             "attribute.k_grid": (1, 3), "organism.precision": "bfloat16", "sae.pretrained": {0: {"release": "r", "id": "i"}}}
 
 
@@ -63,7 +64,7 @@ def test_each_declared_field_changes_its_stages_key_and_no_other(tmp_path):
     config = RunConfig()
     ctx = Context(RandomRM(0), Runtime(), ["a prompt"], ["a held-out prompt"])
     keys = {s.name: s.key(config, ctx, ["input"]) for s in GRAPH}
-    fields = {(r.split(".")[0], f.name) for s in GRAPH for r in s.reads if r != "seed"
+    fields = {(r.split(".")[0], f.name) for s in GRAPH for r in s.reads + s.optional_reads if r != "seed"
               for f in dataclasses.fields(getattr(config, r.split(".")[0]))
               if "." not in r or r.split(".", 1)[1] == f.name} | {("seed", "seed")}
     checked = 0
@@ -264,6 +265,30 @@ def test_a_controls_key_does_not_depend_on_the_tuned_model_being_judged(tmp_path
     ctx = Context(RandomRM(0), Runtime(), ["p1"], ["h1"])
     control, *_ = control_branches(base_only, ctx)
     assert OrganismStage().key(base_only, control, []) == keys["tuned-a"][1]
+
+
+def test_a_measured_only_control_shares_its_training_and_samples_with_the_full_one():
+    """compare.control_views=measured: a control keeps its organism and samples keys (no retraining, no
+    resampling); its layers key, hence every key after it, differs from the full control's."""
+    from irmprobe.pipeline.control import control_branches
+    from irmprobe.pipeline.stages.layers import LayersStage
+    from irmprobe.pipeline.stages.organism import OrganismStage
+    from irmprobe.pipeline.stages.samples import SamplesStage
+
+    ctx = Context(RandomRM(0), Runtime(), ["p1"], ["h1"])
+    keys = {}
+    for views in ("all", "measured"):
+        config = RunConfig.from_dict({"compare": {"control_views": views}})
+        control, *_ = control_branches(config, ctx)
+        assert control.branch.measured_only == (views == "measured")
+        organism = OrganismStage().key(config, control, [])
+        samples = SamplesStage().key(config, control, [organism])
+        keys[views] = (organism, samples, LayersStage().key(config, control, [organism, samples]))
+    assert keys["all"][:2] == keys["measured"][:2] and keys["all"][2] != keys["measured"][2]
+    with pytest.raises(ValueError, match="control_views measured gives the controls no SAEs"):
+        RunConfig.from_dict({"compare": {"control_views": "measured", "primary": "sae_irm"}})
+    with pytest.raises(ValueError, match="control_views must be all or measured"):
+        RunConfig.from_dict({"compare": {"control_views": "light"}})
 
 
 def test_a_known_answer_organism_is_tuned_against_its_own_reward_but_shares_the_rms_controls(tmp_path):

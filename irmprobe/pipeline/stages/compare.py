@@ -3,6 +3,7 @@ declared primary comparison the verdict rests on, and the organism reports of ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ class CompareStage(Stage):
     name, version = "compare", 2
     reads = ("compare.n_disagreements", "compare.n_alignment", "compare.primary", "compare.alpha",
              "compare.assume_matched", "irm.inputs", "irm.min_token_count", "seed")
+    optional_reads = ("compare.control_views",)
     needs = ("organism", "samples", "layers", "capture", "saes", "fit")
     control_needs = ("organism", "samples", "layers", "capture", "fit")
 
@@ -60,8 +62,8 @@ class CompareStage(Stage):
         controls = inputs.get("controls", [])
         agreement = with_controls(fit.record.rows, [c["fit"].record.rows for c in controls])
         full = with_controls(fit.record.full_vocabulary, [c["fit"].record.full_vocabulary for c in controls])
-        infos = [control_info(f"control-{i}", c, inputs["organism"], cfg.compare.assume_matched)
-                 for i, c in enumerate(controls)]
+        infos = [control_info(f"control-{i}", c, inputs["organism"], cfg.compare.assume_matched,
+                              cfg.compare.control_views) for i, c in enumerate(controls)]
         matched = [info.matched for info in infos]
 
         def row_of(rows: list[ViewRow], name: str) -> ViewRow | None:
@@ -76,6 +78,13 @@ class CompareStage(Stage):
 
         primary = test(cfg.compare.primary) or test(next(v for v in VIEWS if v != cfg.compare.primary))
         explanation = test(next(v for v in VIEWS if v != primary.view)) if primary is not None else None
+        if (explanation is not None and cfg.compare.control_views == "measured" and controls
+                and explanation.outcome not in ("zero", "undetermined")):
+            row = row_of(agreement + full, explanation.view)
+            explanation = dataclasses.replace(
+                primary_comparison(row, [], alpha=cfg.compare.alpha), outcome="no call",
+                reason="the controls carry the measured views only (compare.control_views: measured), so the fitted "
+                       "SAE IRM has no null to be tested against; compare.control_views=all fits it on every control")
         side = organism_side(cfg, ctx, inputs)
         record = CompareRecord(agreement, full, [c["fit"].record.rows for c in controls], infos, primary, explanation,
                                **side)
@@ -94,7 +103,7 @@ class CompareStage(Stage):
                 f"({p.outcome})")
 
 
-def control_info(name: str, c: dict, organism, assume_matched: bool = False) -> ControlInfo:
+def control_info(name: str, c: dict, organism, assume_matched: bool = False, views: str = "all") -> ControlInfo:
     """What a control branch was, and whether it matched the organism's recipe.
 
     A control built here matches an organism built here when every setting but the reward is the same. Where
@@ -121,7 +130,7 @@ def control_info(name: str, c: dict, organism, assume_matched: bool = False) -> 
                        settings.get("learning_rate", 0.0), settings.get("beta", 0.0), settings.get("lora_rank", 0),
                        settings.get("prompts_per_step", 0) * settings.get("generations_per_prompt", 0), matched,
                        org.path, list(c["layers"].chosen), float(c["capture"].log_ratio.mean()),
-                       report["reward"], report["kl"], note)
+                       report["reward"], report["kl"], note, views)
 
 
 def organism_side(cfg, ctx, inputs) -> dict:

@@ -178,6 +178,8 @@ class FitStage(Stage):
     def run(self, cfg, ctx, inputs, out):
 
         pair = ctx.pair_of(inputs["organism"])
+        if ctx.branch.measured_only:
+            return self._measured(cfg, ctx, inputs, out, pair)
         analysis, X, names, triples = fit_views(cfg, pair, inputs["samples"], inputs["capture"], inputs["saes"].saes,
                                                 inputs["layers"].chosen, ctx.rm, cache_key=ctx.input_keys["capture"])
         primary = analysis.fits["sae_irm"]
@@ -199,6 +201,29 @@ class FitStage(Stage):
         write_json(out / "fit.json", record.to_json())
         return self.load(cfg, ctx, inputs, out)
 
+    def _measured(self, cfg, ctx, inputs, out, pair):
+        """A measured-only control: the log-ratio and full-vocabulary views, nothing fitted (no weights)."""
+        from irmprobe.activations.patching import decision_rows
+
+        capture = inputs["capture"]
+        # The rows a full control scores, so its log-ratio row is the full control's too: with a decision-side view,
+        # those whose t-1 was captured (which drops each extra capture text's first captured token); only the
+        # indices are read.
+        decision = (None, decision_rows(capture.seq_index, capture.position)[0], None) \
+            if "decision" in cfg.irm.positions else None
+        analysis = analyse(capture, None, inputs["samples"], ctx.rm.token_values(pair.tokenizer), cfg.irm,
+                           cfg.compare, seed=cfg.seed, decision=decision, measured_only=True)
+        record = FitRecord(
+            [ViewRow.from_json(r) for r in analysis.rows], [ViewRow.from_json(r) for r in analysis.full_vocabulary],
+            {n: {str(t): v for t, v in analysis.maps[n].items()} for n in _KEEP_MAPS if n in analysis.maps}, {}, [],
+            "none (a measured-only control)", 0.0, int(len(capture.token_ids)), int(len(analysis.eval_rows)))
+        empty = np.zeros(0)
+        for name, array in (("coef", empty), ("scale", empty), ("eval_rows", analysis.eval_rows),
+                            ("predictions", empty)):
+            np.save(out / f"{name}.npy", np.asarray(array), allow_pickle=False)
+        write_json(out / "fit.json", record.to_json())
+        return self.load(cfg, ctx, inputs, out)
+
     def load(self, cfg, ctx, inputs, out):
         arrays = [np.load(out / f"{k}.npy", allow_pickle=False) for k in ("coef", "scale", "eval_rows", "predictions")]
         decision = out / "decision_coef.npy"
@@ -206,6 +231,9 @@ class FitStage(Stage):
                    np.load(decision, allow_pickle=False) if decision.is_file() else None)
 
     def summary(self, result):
-        row = next(r for r in result.record.rows if r.name == "sae_irm")
+        row = next((r for r in result.record.rows if r.name == "sae_irm"), None)
+        if row is None:
+            full = next((r for r in result.record.full_vocabulary if r.tau is not None), None)
+            return "measured views only" + (f": full-vocabulary tau {full.tau:+.3f}" if full else "")
         return ("primary IRM identically zero" if row.is_zero else
                 f"sae_irm held-out tau {row.tau:+.3f} on {row.n_tokens} tokens" if row.tau is not None else row.note or "")

@@ -34,13 +34,18 @@ class LayersStage(Stage):
              "pair.dtype")
     optional_reads = ("sae.pretrained",)
     needs = ("organism", "samples")
+    measured_only_differs = True
 
     def run(self, cfg, ctx, inputs, out):
         cc = cfg.capture
         pair = ctx.pair_of(inputs["organism"])
-        by_effect = cc.rank_layers_by == "patching"
-        div = layer_divergence(pair, cc.top_k_layers, by="absolute" if by_effect else cc.rank_layers_by)
+        by_effect = cc.rank_layers_by == "patching" and not ctx.branch.measured_only
+        div = layer_divergence(pair, cc.top_k_layers,
+                               by="absolute" if cc.rank_layers_by == "patching" else cc.rank_layers_by)
         patching, head = None, []
+        if ctx.branch.measured_only:  # no activations are captured: the weight table is kept as a record only
+            div = replace(div, chosen=())
+            head = ["a measured-only control (compare.control_views: measured): no block is captured"]
         if by_effect:
             from irmprobe.activations.patching import layer_choice, plain_models
 
@@ -52,7 +57,8 @@ class LayersStage(Stage):
             patching = layer_choice(base, tuned, stream, cc.top_k_layers, cc.patching_kind, weight_order)
             div = replace(div, chosen=tuple(patching["chosen"]), ranked_by="patching")
             head = patching["table"]
-        if cfg.sae.pretrained:  # released SAEs exist for some blocks only: the best-ranked of those
+        # Released SAEs exist for some blocks only: the best-ranked of those.
+        if cfg.sae.pretrained and not ctx.branch.measured_only:
             from irmprobe.saes.pretrained import blocks
 
             ranking = patching["ranking"] if patching else sorted(range(len(div.per_block)),
@@ -70,6 +76,8 @@ class LayersStage(Stage):
         return LayersResult.from_json(read_result(out))
 
     def summary(self, result):
+        if not result.chosen:
+            return "no block chosen" + (f" ({result.table[0]})" if result.table else "")
         if result.patching:
             curve = result.patching["curve"]["kl_share"]
             k = len(result.chosen)

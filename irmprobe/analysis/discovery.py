@@ -431,8 +431,8 @@ def _shares(irm, rm, groups, seed):
 def rm_variance_share(irm_values, rm_values, *, groups=None, seed: int = 0) -> dict:
     """Share of the IRM's variance that a linear or a monotone function of the RM value explains.
 
-    Both are fitted on one half and scored on the other (2 folds, by ``groups`` -- e.g. sequences --
-    when given), so neither is flattered in-sample; out-of-fold R^2 below 0 is reported as 0.
+    Both are fitted on one half and scored on the other (2 folds, by ``groups`` -- the prompts, for
+    captured rows -- when given), so neither is flattered in-sample; out-of-fold R^2 below 0 is reported as 0.
     The monotone fit is isotonic regression, increasing and decreasing, whichever explains more.
 
     Returns ``linear``, ``monotone`` (shares in [0, 1]; None for a constant IRM), ``direction`` of

@@ -193,7 +193,7 @@ def discovery_section(d: dict) -> list[str]:
     if v.get("residual_share") is not None:
         lines.append(f"the RM explains {max(v['linear'], v['monotone']):.1%} of the primary IRM's held-out variance "
                      f"(linear {v['linear']:.3f}, monotone {v['direction']} {v['monotone']:.3f}; cross-fitted by "
-                     f"sequence, {v['n']} rows): {v['residual_share']:.1%} is not the RM")
+                     f"prompt, {v['n']} rows): {v['residual_share']:.1%} is not the RM")
     else:
         lines.append(f"RM share of the IRM's variance: {v.get('note')}")
     lines.append(f"{d['n_tested']} of {d['n_tokens_seen']} {'word' if d.get('test') == 'vocabulary_vs_controls' else 'generated'}"

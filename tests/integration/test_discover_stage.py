@@ -86,6 +86,22 @@ def test_planted_rm_zero_tokens_are_discovered_and_named_in_the_verdict(planted,
     assert "== what the RM does not explain" in summary and "pairwise accuracy" in summary
 
 
+def test_the_rm_variance_share_is_cross_fitted_by_prompt(planted_run):
+    """The fits that say how much of the IRM the RM explains split by prompt, never by sequence."""
+    from irmprobe.activations.samples import row_prompts
+    from irmprobe.analysis.discovery import rm_variance_share
+
+    result, config, _ = planted_run
+    r, ctx = result.results, result.context
+    held, cap = r["fit"].eval_rows, r["capture"]
+    rm_map = ctx.rm.token_values(ctx.pair_of(r["organism"]).tokenizer)
+    rm_rows = [rm_map.get(int(t), 0.0) for t in cap.token_ids[held]]
+    by = {unit: rm_variance_share(r["fit"].predictions[held], rm_rows, groups=groups, seed=config.seed)
+          for unit, groups in (("prompt", row_prompts(r["samples"], cap.seq_index)[held]),
+                               ("sequence", cap.seq_index[held]))}
+    assert r["discover"].variance == by["prompt"] and by["prompt"] != by["sequence"]
+
+
 def test_planted_pairs_pick_the_planted_token_text(planted_run):
     result, _, _ = planted_run
     rows = {r.scorer: r for r in result.results["discover"].pairwise}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from irmprobe.activations.samples import row_prompts
 from irmprobe.analysis.discovery import (
     CATEGORIES,
     agreement_with_rm,
@@ -122,7 +123,7 @@ def pairwise_rows(scores: dict) -> list[PairwiseRow]:
 
 
 class DiscoverStage(Stage):
-    name, version = "discover", 5
+    name, version = "discover", 6
     reads = ("discover", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "samples", "capture", "saes", "fit", "layers")
     control_needs = ("samples", "capture", "fit")
@@ -147,7 +148,9 @@ class DiscoverStage(Stage):
         # Continuation tokens only: a prompt's tokens recur in every sample of that prompt with the very same
         # context, so they are not independent occurrences (and would give zero-spread "discoveries").
         test_rows = written_rows(capture, samples, held)
-        tokens, groups, irm = capture.token_ids[held], capture.seq_index[held], fit.predictions[held]
+        # The RM-variance fits split by prompt, the independent unit (sequences of one prompt share its context).
+        groups = row_prompts(samples, capture.seq_index)[held]
+        tokens, irm = capture.token_ids[held], fit.predictions[held]
         rm_rows = np.array([rm_map.get(int(t), 0.0) for t in tokens])
         controls = [c | {"branch": f"control-{i}"} for i, c in enumerate(inputs.get("controls") or [])
                     if c["capture"].vocab_logp_sum is not None]

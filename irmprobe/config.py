@@ -393,7 +393,8 @@ class CompareConfig:
     """Let the LLM of the ``llm`` section choose swap words that fit each sentence (offline otherwise)."""
     control: bool = True
     """Build the matched control organisms: the same graph (organism method, steps, learning rate, beta,
-    batch, LoRA, prompts; their own samples, layers, capture and SAEs) with a random reward in place of the RM."""
+    batch, LoRA, prompts; their own samples, and with ``control_views: all`` their own layers, capture and SAEs)
+    with a random reward in place of the RM."""
     n_controls: int = 3
     """Control organisms built, one per random-reward seed: their spread enters the primary comparison's t-test
     (k - 1 degrees of freedom), so a call needs at least 2 controls in all and has little power below 3."""
@@ -412,7 +413,7 @@ class CompareConfig:
     samples forwarded once through both models, with no block chosen (no patching ranking), no activations, SAEs
     or fits; the SAE IRM is then reported without a control comparison. Both give the same null distribution
     for the primary statistic and discovery (they read nothing the skipped stages make); on the demo a control
-    then costs about 75 s after its training instead of about 200 s."""
+    then costs 64-73 s after its training instead of about 200 s."""
     primary: str = "full_vocab_log_ratio"
     """The view the verdict's call rests on: ``full_vocab_log_ratio`` (every vocabulary token the RM values,
     not fitted: the steadier figure, benchmarks/calibration.py) or ``sae_irm`` (the SAE IRM, out-of-fold). The

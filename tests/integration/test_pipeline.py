@@ -172,6 +172,7 @@ def test_extra_text_is_captured_beside_the_samples(tiny_llama_dir, tmp_path):
     # Measured-only controls score the rows full ones score, extra text included: the same log-ratio rows.
     data["compare"] = data["compare"] | {"control_views": "measured"}
     light = run(RunConfig.from_dict(data), echo=lambda _: None, until="compare").results["compare"]
+    assert len(light.control_agreement) == len(extra["control_agreement"]) == 2
     for rows_m, rows_f in zip(light.control_agreement, extra["control_agreement"]):
         assert [r.to_json() for r in rows_m] == [r for r in rows_f if r["name"] == "log_ratio (no model)"]
 

@@ -185,7 +185,7 @@ class DiscoverStage(Stage):
             variance = rm_variance_share(irm, rm_rows, groups=groups, seed=cfg.seed)
             residual = residual_top(tokens, irm, rm_rows, dc.n_entries, min_count=dc.min_count, groups=groups,
                                     seed=cfg.seed, decode=decode)
-        except ValueError as exc:  # too few held-out rows or sequences
+        except ValueError as exc:  # too few held-out rows or prompts
             variance, residual = {"note": str(exc)}, {"irm_over_rm": [], "rm_over_irm": []}
         if dc.pairs_path:
             pairs = load_preference_file(dc.pairs_path)

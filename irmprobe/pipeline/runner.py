@@ -158,8 +158,10 @@ class Runner:
                     path.unlink(missing_ok=True)
         if not reuse:
             last = _last_seconds().get(label)
-            if last is not None and last >= ESTIMATE_FROM:
-                ctx.echo(f"[{label}] running: about {last:.0f} s (its last run on this machine)")
+            if last is not None and last["seconds"] >= ESTIMATE_FROM:
+                same = last.get("key") == key
+                ctx.echo(f"[{label}] running: about {last['seconds']:.0f} s (its last run on this machine"
+                         + ("" if same else ", with other settings or inputs: a rough guide") + ")")
             if out.exists() and (name in self.forced or not stage.resumable or (out / DONE).is_file()):
                 shutil.rmtree(out)
             if stage.cached:
@@ -172,7 +174,7 @@ class Runner:
         self.seconds[label] = round(time.perf_counter() - start, 1)
         self.status[label] = "reused" if reuse else "ran"
         if not reuse:
-            _record_seconds(label, self.seconds[label])
+            _record_seconds(label, self.seconds[label], key)
         summary = stage.summary(result)
         ctx.echo(f"[{label}] {'reused the cached output' if reuse else 'done'} in {self.seconds[label]:.1f} s"
                  + (f": {summary}" if summary else ""))
@@ -190,15 +192,18 @@ def _timings_path() -> Path:
 
 
 def _last_seconds() -> dict:
-    """Each stage's time on its last run in this cache (an estimate shown when it runs again)."""
+    """Each stage's last run in this cache: ``{label: {"seconds": s, "key": its key}}`` (an estimate shown when it
+    runs again; an older file's bare seconds read with no key)."""
     try:
-        return json.loads(_timings_path().read_text())
+        data = json.loads(_timings_path().read_text())
     except (OSError, ValueError):
         return {}
+    return {k: v if isinstance(v, dict) else {"seconds": float(v), "key": None} for k, v in data.items()
+            if isinstance(v, (dict, int, float))}
 
 
-def _record_seconds(label: str, seconds: float) -> None:
+def _record_seconds(label: str, seconds: float, key: str) -> None:
     try:
-        write_json(_timings_path(), _last_seconds() | {label: seconds})
+        write_json(_timings_path(), _last_seconds() | {label: {"seconds": seconds, "key": key}})
     except OSError:
         pass  # an estimate is a convenience: a read-only cache must not fail the run

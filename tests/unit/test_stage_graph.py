@@ -143,10 +143,17 @@ def test_a_stage_that_runs_again_says_how_long_it_took_last_time(monkeypatch, tm
     first.run()
     assert not any("running: about" in line for line in lines)  # no history yet
     lines.clear()
-    Runner(_graph(), RunConfig(), ctx, [], until="b", force=("b",)).run()
+    again = Runner(_graph(), RunConfig(), ctx, [], until="b", force=("b",))
+    again.run()
     assert [line for line in lines if "running: about" in line] == [
         f"[b] running: about {first.seconds['b']:.0f} s (its last run on this machine)"]
     assert not any(line.startswith("[a] running") for line in lines)  # reused: no estimate
+    # Its settings changed: the last run's time is shown as a rough guide only.
+    lines.clear()
+    Runner(_graph(), RunConfig.from_dict({"irm": {"alphas": [7.0]}}), ctx, [], until="b").run()
+    assert [line for line in lines if "running: about" in line] == [
+        f"[b] running: about {again.seconds['b']:.0f} s (its last run on this machine, with other settings or "
+        "inputs: a rough guide)"]
 
 
 def test_completion_marker_checksums_catch_a_changed_file(tmp_path):

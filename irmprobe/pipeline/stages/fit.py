@@ -126,6 +126,20 @@ def column_directions(inputs: str, saes: dict, layers, n_columns: int) -> np.nda
     return np.vstack([decoder_directions(saes[model, layer]) for layer in layers]).astype(np.float32)
 
 
+def measured_views(cfg, ctx, inputs, pair) -> Analysis:
+    """A measured-only control's views: the log-ratio and the full-vocabulary log-ratio, nothing fitted."""
+    from irmprobe.activations.patching import decision_rows
+
+    capture = inputs["capture"]
+    # The rows a full control scores, so its log-ratio row is the full control's too: with a decision-side view,
+    # those whose t-1 was captured (which drops each extra capture text's first captured token); only the
+    # indices are read.
+    decision = (None, decision_rows(capture.seq_index, capture.position)[0], None) \
+        if "decision" in cfg.irm.positions else None
+    return analyse(capture, None, inputs["samples"], ctx.rm.token_values(pair.tokenizer), cfg.irm, cfg.compare,
+                   seed=cfg.seed, decision=decision, measured_only=True)
+
+
 @dataclass(frozen=True)
 class FitRecord(Record):
     """Every IRM view of one branch, cross-fitted on two halves of the prompts (every value out of fold)."""
@@ -177,49 +191,31 @@ class FitStage(Stage):
 
     def run(self, cfg, ctx, inputs, out):
 
-        pair = ctx.pair_of(inputs["organism"])
-        if ctx.branch.measured_only:
-            return self._measured(cfg, ctx, inputs, out, pair)
-        analysis, X, names, triples = fit_views(cfg, pair, inputs["samples"], inputs["capture"], inputs["saes"].saes,
-                                                inputs["layers"].chosen, ctx.rm, cache_key=ctx.input_keys["capture"])
-        primary = analysis.fits["sae_irm"]
+        pair, capture = ctx.pair_of(inputs["organism"]), inputs["capture"]
+        if ctx.branch.measured_only:  # a measured-only control: nothing fitted, no weights
+            analysis, names, kind, intercept, triples = measured_views(cfg, ctx, inputs, pair), [], \
+                "none (a measured-only control)", 0.0, None
+            arrays = {"coef": np.zeros(0), "scale": np.zeros(0), "predictions": np.zeros(0)}
+        else:
+            analysis, _, names, triples = fit_views(cfg, pair, inputs["samples"], capture, inputs["saes"].saes,
+                                                    inputs["layers"].chosen, ctx.rm,
+                                                    cache_key=ctx.input_keys["capture"])
+            primary = analysis.fits["sae_irm"]
+            kind, intercept = cfg.irm.inputs, float(primary.intercept)
+            arrays = {"coef": primary.coef, "scale": primary.scale, "predictions": primary.predictions}
+            # The ablation targets the decision-side view that can fit: the bilinear one when it was fitted.
+            decision = analysis.fits.get("sae_irm_bilinear") or analysis.fits.get("sae_irm_decision")
+            if decision is not None:
+                arrays["decision_coef"] = decision.coef
         record = FitRecord(
             [ViewRow.from_json(r) for r in analysis.rows], [ViewRow.from_json(r) for r in analysis.full_vocabulary],
             {n: {str(t): v for t, v in analysis.maps[n].items()} for n in _KEEP_MAPS if n in analysis.maps},
             {n: {"alpha": f.alpha, "test_r2": f.test_r2, "is_zero": f.is_zero,
                  "n_nonzero": int(np.count_nonzero(f.coef)) if f.coef is not None else None}
              for n, f in analysis.fits.items()},
-            names, cfg.irm.inputs, float(primary.intercept), int(X.shape[0]), int(len(analysis.eval_rows)), triples)
-        arrays = {"coef": primary.coef, "scale": primary.scale, "eval_rows": analysis.eval_rows,
-                  "predictions": primary.predictions}
-        # The ablation targets the decision-side view that can fit: the bilinear one when it was fitted.
-        decision = analysis.fits.get("sae_irm_bilinear") or analysis.fits.get("sae_irm_decision")
-        if decision is not None:
-            arrays["decision_coef"] = decision.coef
+            names, kind, intercept, int(len(capture.token_ids)), int(len(analysis.eval_rows)), triples)
+        arrays["eval_rows"] = analysis.eval_rows
         for name, array in arrays.items():
-            np.save(out / f"{name}.npy", np.asarray(array), allow_pickle=False)
-        write_json(out / "fit.json", record.to_json())
-        return self.load(cfg, ctx, inputs, out)
-
-    def _measured(self, cfg, ctx, inputs, out, pair):
-        """A measured-only control: the log-ratio and full-vocabulary views, nothing fitted (no weights)."""
-        from irmprobe.activations.patching import decision_rows
-
-        capture = inputs["capture"]
-        # The rows a full control scores, so its log-ratio row is the full control's too: with a decision-side view,
-        # those whose t-1 was captured (which drops each extra capture text's first captured token); only the
-        # indices are read.
-        decision = (None, decision_rows(capture.seq_index, capture.position)[0], None) \
-            if "decision" in cfg.irm.positions else None
-        analysis = analyse(capture, None, inputs["samples"], ctx.rm.token_values(pair.tokenizer), cfg.irm,
-                           cfg.compare, seed=cfg.seed, decision=decision, measured_only=True)
-        record = FitRecord(
-            [ViewRow.from_json(r) for r in analysis.rows], [ViewRow.from_json(r) for r in analysis.full_vocabulary],
-            {n: {str(t): v for t, v in analysis.maps[n].items()} for n in _KEEP_MAPS if n in analysis.maps}, {}, [],
-            "none (a measured-only control)", 0.0, int(len(capture.token_ids)), int(len(analysis.eval_rows)))
-        empty = np.zeros(0)
-        for name, array in (("coef", empty), ("scale", empty), ("eval_rows", analysis.eval_rows),
-                            ("predictions", empty)):
             np.save(out / f"{name}.npy", np.asarray(array), allow_pickle=False)
         write_json(out / "fit.json", record.to_json())
         return self.load(cfg, ctx, inputs, out)

@@ -83,6 +83,35 @@ def uses_autocast(config: SAEConfig, device: str) -> bool:
     return config.autocast == "on"
 
 
+def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """The rows early stopping reads and training never sees: a mask over ``n`` rows, about 5% of them
+    (at most 4096).
+
+    With ``groups`` the rows are whole groups drawn at random until the share is reached (at least one
+    group, never all): rows of one prompt recur in each of its sequences, so single held-out rows would
+    have copies in the training rows, and the stopping rule would read a training-set fit. Raises
+    ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held out).
+    """
+    rng = np.random.default_rng(seed)
+    n_val = min(4096, n // 20)
+    pick = np.zeros(n, dtype=bool)
+    if groups is None:
+        pick[rng.choice(n, n_val, replace=False)] = True
+        return pick
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} labels for {n} activation rows: pass one label per row")
+    labels, inverse = np.unique(groups, return_inverse=True)
+    if len(labels) < 2:
+        raise ValueError("the SAE's training rows come from fewer than 2 prompts: early stopping cannot hold out a "
+                         "whole prompt; capture more prompts or turn it off (sae.early_stop_every: 0)")
+    counts = np.bincount(inverse)
+    order = rng.permutation(len(labels))
+    # The first groups in random order whose rows reach the share: at least one, never every group.
+    taken = max(1, min(len(labels) - 1, int(np.searchsorted(np.cumsum(counts[order]), max(1, n_val)) + 1)))
+    return np.isin(inverse, order[:taken])
+
+
 def train_sae(
     acts: np.ndarray,
     config: SAEConfig,
@@ -90,19 +119,22 @@ def train_sae(
     seed: int,
     metadata: dict,
     device: str = "cpu",
+    groups: np.ndarray | None = None,
 ):
     """Train an SAE of ``config.architecture`` with SAELens on ``acts`` [n, d_in].
 
-    With ``config.early_stop_every`` > 0, 5% of the rows (at most 4096) are held out of training
+    With ``config.early_stop_every`` > 0, about 5% of the rows (at most 4096) are held out of training
     and training stops once their explained variance plateaus; the SAE's metadata then records
-    ``irmprobe_stopped_at`` (samples seen; None: the full budget ran) and ``irmprobe_curve``.
+    ``irmprobe_stopped_at`` (samples seen; None: the full budget ran), ``irmprobe_curve``, and what the rule
+    read: ``irmprobe_stopping_rows`` and ``irmprobe_stopping_groups`` (None: single rows). ``groups`` (one
+    label per row, e.g. its prompt) makes the held-out rows whole groups (see :func:`stopping_rows`); without
+    it they are single rows.
     """
     torch.manual_seed(seed)
     held_out = None
     if config.early_stop_every:
-        n_val = min(4096, len(acts) // 20)
-        pick = np.zeros(len(acts), dtype=bool)
-        pick[np.random.default_rng(seed).choice(len(acts), n_val, replace=False)] = True
+        pick = stopping_rows(len(acts), seed, groups)
+        held_groups = None if groups is None else np.asarray(groups)[pick]
         held_out = torch.from_numpy(np.asarray(acts[pick], dtype=np.float32))
         acts = acts[~pick]
     d_in = int(acts.shape[1])
@@ -138,24 +170,39 @@ def train_sae(
                                     tolerance=config.early_stop_tolerance)
     trained = trainer.fit()
     trained.cfg.metadata["irmprobe_stopped_at"] = trainer.stopped_at
+    # What the stopping rule read: its rows and, where rows were held out by group, how many groups.
+    trained.cfg.metadata["irmprobe_stopping_rows"] = int(len(held_out))
+    trained.cfg.metadata["irmprobe_stopping_groups"] = None if groups is None else int(len(np.unique(held_groups)))
     trained.cfg.metadata["irmprobe_curve"] = trainer.curve
     return trained
 
 
 def sweep(acts: np.ndarray, base: SAEConfig, *, values, field: str | None = None, seed: int = 0,
-          eval_fraction: float = 0.1, device: str = "cpu") -> list[dict]:
+          eval_fraction: float = 0.1, device: str = "cpu", groups: np.ndarray | None = None) -> list[dict]:
     """Train one SAE per value of the sparsity setting and report each one's metrics.
 
     ``field`` defaults to ``k`` for TopK/BatchTopK and ``l1_coefficient`` otherwise. The rows
-    trace the sparsity/reconstruction frontier (L0 against explained variance).
+    trace the sparsity/reconstruction frontier (L0 against explained variance), measured on
+    ``eval_fraction`` of the rows: of the groups (all rows of each held-out label, e.g. prompt) when
+    ``groups`` is given, which early stopping also holds out by.
     """
     from dataclasses import asdict, replace
 
     field = field or ("k" if base.architecture in ("topk", "batchtopk") else "l1_coefficient")
-    held = np.random.default_rng(seed).random(len(acts)) < eval_fraction
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        held = rng.random(len(acts)) < eval_fraction
+    else:
+        groups = np.asarray(groups)
+        labels = np.unique(groups)
+        if len(labels) < 2:
+            raise ValueError("sweep needs rows of at least 2 groups (prompts) to measure on held-out ones")
+        n_held = min(len(labels) - 1, max(1, int(round(eval_fraction * len(labels)))))
+        held = np.isin(groups, rng.choice(labels, n_held, replace=False))
     rows = []
     for value in values:
         cfg = replace(base, **{field: value})
-        sae = train_sae(acts[~held], cfg, seed=seed, metadata={}, device=device)
+        sae = train_sae(acts[~held], cfg, seed=seed, metadata={}, device=device,
+                        groups=None if groups is None else groups[~held])
         rows.append({field: value, **asdict(evaluate_sae(sae, acts[held]))})
     return rows

@@ -67,8 +67,8 @@ class _ZeroSAE(_IdentitySAE):
 
 
 def test_splice_metrics_identity_recovers_everything_and_zero_nothing(tiny_llama_dir):
-    from irmprobe.saes.splice import splice_metrics
     from irmprobe.models.loading import load_pair
+    from irmprobe.saes.splice import splice_metrics
 
     bridge = load_pair(str(tiny_llama_dir), None).bridge("base")
     seqs = [[5, 9, 17, 33, 2, 8], [7, 3, 11], [12, 13, 14, 15]]
@@ -184,3 +184,35 @@ def test_autocast_follows_the_setting_and_the_hardware(monkeypatch):
     assert seen == [True, False] and evs["on"] > 0.8 and abs(evs["on"] - evs["off"]) < 0.02, evs
     with pytest.raises(ValueError, match="autocast must be auto, on or off"):
         SAEConfig(autocast="yes")
+
+
+def test_early_stopping_holds_out_whole_prompts():
+    from irmprobe.saes.train import stopping_rows
+
+    # 60 prompts of 40-80 rows each (a prompt's rows recur in each of its sequences).
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(60), rng.integers(40, 81, 60))
+    n = len(groups)
+    pick = stopping_rows(n, seed=0, groups=groups)
+    held = set(groups[pick])
+    # Every prompt lies wholly on one side: none has rows both held out and trained on.
+    assert held and held.isdisjoint(groups[~pick])
+    # About 5% of the rows: at least the share, and short of it plus one prompt.
+    assert n // 20 <= pick.sum() < n // 20 + 80, (pick.sum(), n)
+    assert np.array_equal(pick, stopping_rows(n, seed=0, groups=groups))
+    assert not np.array_equal(pick, stopping_rows(n, seed=1, groups=groups))
+    # Few rows: still one whole prompt, never every prompt.
+    two = np.repeat([7, 9], 5)
+    small = stopping_rows(len(two), seed=0, groups=two)
+    assert len(set(two[small])) == 1 and small.sum() == 5
+    with pytest.raises(ValueError, match="fewer than 2 prompts"):
+        stopping_rows(10, seed=0, groups=np.zeros(10, dtype=int))
+    with pytest.raises(ValueError, match="one label per row"):
+        stopping_rows(10, seed=0, groups=np.arange(9))
+    # Trained with groups, the SAE says what its stopping rule read.
+    acts, _ = _planted(n=n, seed=4)
+    cfg = SAEConfig(expansion=2, l1_coefficient=2.0, training_samples=4096, batch_size=512, early_stop_every=4,
+                    autocast="off")
+    meta = train_sae(acts, cfg, seed=0, metadata={}, groups=groups).cfg.metadata
+    assert meta["irmprobe_stopping_rows"] == pick.sum() and meta["irmprobe_stopping_groups"] == len(held)
+    assert train_sae(acts, cfg, seed=0, metadata={}).cfg.metadata["irmprobe_stopping_groups"] is None

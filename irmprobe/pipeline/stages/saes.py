@@ -39,19 +39,23 @@ def evaluation_rows(units: np.ndarray, seed: int, fraction: float = 0.1) -> np.n
 
 
 def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts: tuple, meta: dict, device: str,
-            force: bool = False):
+            force: bool = False, units: np.ndarray | None = None):
     """Train (or load the cached) SAE of one (model, layer, size); evaluate it on held-out rows.
+
+    ``units``: each row's prompt; early stopping then holds out whole prompts of the training rows.
 
     Cached under ``$IRMPROBE_CACHE/sae-weights`` by the settings that change training only, so
     analysis settings (splice text, match threshold) never retrain an SAE.
     """
     # ``autocast: auto`` enters the key as what it resolves to on this machine.
     training = {k: getattr(sc, k) for k in _TRAINING} | {"autocast": uses_autocast(sc, device)}
-    sae_dir = cache_root() / "sae-weights" / config_key("sae-v5", *key_parts, training, seed)
+    # v6: early stopping holds out whole prompts (v5: single rows)
+    sae_dir = cache_root() / "sae-weights" / config_key("sae-v6", *key_parts, training, seed)
     if force and sae_dir.exists():
         shutil.rmtree(sae_dir)
     if not (sae_dir / "cfg.json").is_file():
-        sae = train_sae(acts[~eval_rows], sc, seed=seed, metadata=meta, device=device)
+        sae = train_sae(acts[~eval_rows], sc, seed=seed, metadata=meta, device=device,
+                        groups=None if units is None else units[~eval_rows])
         save_sae(sae, sae_dir)
     sae = load_sae(sae_dir, device=device)  # the inference form that every later stage uses
     metrics = evaluate_sae(sae, acts[eval_rows])
@@ -67,7 +71,9 @@ def training_point(sae, sc) -> dict:
     stopped = getattr(meta, "irmprobe_stopped_at", None)
     gain = (curve[-1]["explained_variance"] - curve[-5]["explained_variance"]) if len(curve) >= 5 else None
     return {"trained_samples": int(stopped) if stopped else int(sc.training_samples), "stopped_early": bool(stopped),
-            "ev_gain_last_checks": gain, "training_curve": curve}
+            "ev_gain_last_checks": gain, "training_curve": curve,
+            "stopping_rows": getattr(meta, "irmprobe_stopping_rows", None),
+            "stopping_prompts": getattr(meta, "irmprobe_stopping_groups", None)}
 
 
 def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, meta, device: str,
@@ -83,7 +89,8 @@ def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, 
         meta: the organism result (provenance saved beside each SAE).
         diagnostics: also train the match-size dictionaries (MMCS) and measure the splice loss.
     """
-    eval_rows = evaluation_rows(row_prompts(samples, capture.seq_index), seed)
+    units = row_prompts(samples, capture.seq_index)
+    eval_rows = evaluation_rows(units, seed)
     if sc.pretrained:
         return released_rows(sc, capture, samples, pair, kinds=kinds, eval_rows=eval_rows, device=device,
                              diagnostics=diagnostics)
@@ -98,13 +105,13 @@ def sae_rows(sc, capture, samples, pair, *, kinds, seed: int, capture_key: str, 
                     "irmprobe_model": kind, "irmprobe_reward": meta.reward.get("name")}
             parts = (capture_key, kind, layer)
             sae, metrics, sae_dir = get_sae(sc, acts, eval_rows, seed=seed + layer, key_parts=parts, meta=info,
-                                            device=device, force=force)
+                                            device=device, force=force, units=units)
             row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics),
                    **training_point(sae, sc)}
             dirs[kind, layer] = decoder_directions(sae)
             if diagnostics and sc.match_expansion and sc.match_expansion != sc.expansion:
                 other, _, _ = get_sae(replace(sc, expansion=sc.match_expansion), acts, eval_rows, seed=seed + layer,
-                                      key_parts=parts, meta=info, device=device, force=force)
+                                      key_parts=parts, meta=info, device=device, force=force, units=units)
                 # MMCS of the smaller dictionary against the larger one, whichever is the IRM's.
                 small, large = sorted((decoder_directions(other), dirs[kind, layer]), key=len)
                 row["mmcs_small_vs_large"] = mmcs(small, large)
@@ -148,7 +155,8 @@ def released_rows(sc, capture, samples, pair, *, kinds, eval_rows, device: str, 
             metrics = evaluate_sae(sae, capture.acts[f"{kind}.{layer}"][eval_rows])
             row = {"model": kind, "layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir),
                    **asdict(metrics), "trained_samples": 0, "stopped_early": False, "ev_gain_last_checks": None,
-                   "training_curve": [], "pretrained": pretrained.describe(spec)}
+                   "training_curve": [], "stopping_rows": None, "stopping_prompts": None,
+                   "pretrained": pretrained.describe(spec)}
             if diagnostics and splice and pair is not None:
                 row.update(splice_metrics(pair.bridge(kind), sae, capture.hook_name(layer), splice))
             rows.append(row)
@@ -181,7 +189,7 @@ class SAEs:
 
 
 class SAEStage(Stage):
-    name, version = "saes", 6
+    name, version = "saes", 7
     reads = ("sae", "seed", "irm.inputs", "pair.device")
     needs = ("organism", "samples", "capture")
 

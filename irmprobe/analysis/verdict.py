@@ -233,6 +233,13 @@ def ablation_lines(val: dict) -> list[str]:
         else:
             text += "."
         out.append(text)
+    from irmprobe.validation.ablation import null_calls
+
+    null = null_calls(rows)
+    if null is not None and out:
+        out.append(f"known nulls: the same rule, applied to each random set against the other random sets of its "
+                   f"size, called {null['called']} of {null['n']} causal (false-call rate, 95% CI "
+                   f"[{null['ci'][0]:.2f}, {null['ci'][1]:.2f}]).")
     return out
 
 

@@ -120,6 +120,12 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
             run.summary["attribution/errors_only"] = attribution["curves"]["errors_only"]["value"]
             run.summary["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
             run.summary["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
+        from irmprobe.validation.ablation import null_calls
+
+        null = null_calls((metrics.get("validation") or {}).get("ablation") or [])
+        if null is not None:  # the causal rule's false calls on random sets (a known null)
+            run.summary["ablation/null_false_calls"] = null["called"]
+            run.summary["ablation/null_sets_judged"] = null["n"]
         return str(run.dir)
     finally:
         run.finish()
@@ -172,13 +178,25 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                                               for t in attribution["top"]])
     if val.get("ablation"):
         cols = ["set", "mode", "n_features", "reward", "reward_ci_low", "reward_ci_high", "change", "change_ci_low",
-                "change_ci_high", "gain_share", "gain_share_ci_low", "gain_share_ci_high"]
+                "change_ci_high", "gain_share", "gain_share_ci_low", "gain_share_ci_high", "causal_rule"]
         out["ablation"] = (cols, [[r["set"], r["mode"], r["n_features"], r["reward"]["mean"], *r["reward"]["ci"],
                                    *((r["change"]["mean"], *r["change"]["ci"]) if r["change"] else (None, None, None)),
                                    *((r["gain_share"]["share"], *r["gain_share"]["ci"]) if r.get("gain_share")
-                                     else (None, None, None))]
+                                     else (None, None, None)), _causal_rule(r)]
                                   for r in val["ablation"]])
     return out
+
+
+def _causal_rule(row: dict) -> str | None:
+    """What the causal rule said of an ablation row: a targeted set against the random sets of its size, or a
+    random set against the other random sets (where "causal" is a false call)."""
+    above = (row.get("random") or {}).get("above_random")
+    if above is not None:
+        return "causal" if above else "not above random"
+    called = (row.get("null_check") or {}).get("called")
+    if called is not None:
+        return "false call" if called else "no call (a random set)"
+    return None
 
 
 def dashboard_tables(metrics: dict) -> dict[str, tuple[list[str], list[list]]]:

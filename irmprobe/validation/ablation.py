@@ -398,11 +398,12 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
         # No share of a gain that is not significantly positive (its CI over prompts reaches 0).
         return gain_share_row(base_r, clean, rewards, clean_run.prompt_index) if gain_test["positive"] else None
 
-    # The targeted sets are several tests at once: each also gets a Bonferroni interval (level 1 - 0.05 / m).
+    # The targeted sets are several tests at once: each also gets a Bonferroni interval (level 1 - 0.05 / m). The
+    # random sets get one at the same level: each is judged by the same rule against the others (a known null).
     level = 1 - 0.05 / max(1, len(targeted))
 
     def adjusted(name, rewards):
-        if name not in targeted or not gain_test["positive"]:
+        if (name not in targeted and not name.startswith("random_")) or not gain_test["positive"]:
             return None
         row = gain_share_row(base_r, clean, rewards, clean_run.prompt_index, confidence=level)
         return None if row is None else {"ci": row["ci"], "confidence": level, "n_tests": len(targeted)}
@@ -416,23 +417,54 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     return rows
 
 
+def _above(row: dict, shares: list[float]) -> tuple[list[float], bool | None]:
+    """The causal rule: ``row``'s Bonferroni interval lies wholly above the 2.5-97.5 percentile range of
+    ``shares`` (None: the row has no such interval)."""
+    low, high = (float(np.percentile(shares, q)) for q in (2.5, 97.5))
+    ci = (row.get("gain_share_adjusted") or {}).get("ci") or [None, None]
+    return [low, high], None if ci[0] is None else bool(ci[0] > high)
+
+
 def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
-    """Give each targeted row the distribution of the random sets of its size and whether it stands above it.
+    """Give each targeted row the distribution of the random sets of its size and whether it stands above it;
+    judge each random set by the same rule against the other random sets of its size.
 
     ``random``: the random sets' shares of the gain (one per draw), their 2.5-97.5 percentile range, and
     ``above_random``: the targeted set's Bonferroni interval (see :func:`paired_rows`) lies wholly above that
     range. None where there is no share (no significant gain) or no random set of that size.
+
+    ``null_check`` (on a random row, where at least two other random sets share its size): the range of the others
+    and ``called``: whether the rule would call this random set causal. A random set is a case whose answer is
+    known (its features were drawn, not chosen for the reward), so every ``called`` is a false call:
+    :func:`null_calls` counts them.
     """
-    by_size: dict[int, list[float]] = {}
-    for r in rows:
+    by_size: dict[int, list[tuple[int, float]]] = {}
+    for i, r in enumerate(rows):
         if r["set"].startswith("random_") and r.get("gain_share"):
-            by_size.setdefault(r["n_features"], []).append(r["gain_share"]["share"])
-    for r in rows:
-        shares = by_size.get(r["n_features"])
-        if r["set"] not in targeted or not shares or not r.get("gain_share"):
+            by_size.setdefault(r["n_features"], []).append((i, r["gain_share"]["share"]))
+    for i, r in enumerate(rows):
+        drawn = by_size.get(r["n_features"])
+        if not drawn or not r.get("gain_share"):
             continue
-        low, high = (float(np.percentile(shares, q)) for q in (2.5, 97.5))
-        ci = (r.get("gain_share_adjusted") or {}).get("ci") or [None, None]
-        r["random"] = {"shares": shares, "range": [low, high],
-                       "above_random": None if ci[0] is None else bool(ci[0] > high)}
+        if r["set"] in targeted:
+            shares = [s for _, s in drawn]
+            band, above = _above(r, shares)
+            r["random"] = {"shares": shares, "range": band, "above_random": above}
+        elif r["set"].startswith("random_") and len(drawn) >= 3:
+            band, above = _above(r, [s for j, s in drawn if j != i])
+            if above is not None:
+                r["null_check"] = {"range": band, "called": above}
     return rows
+
+
+def null_calls(rows: list[dict]) -> dict | None:
+    """How often the causal rule calls a random feature set causal against the other random sets of its size:
+    ``{"called": k, "n": n, "ci": Wilson 95% interval of k / n}``; None where no random set was judged."""
+    from scipy.stats import binomtest
+
+    checks = [r["null_check"]["called"] for r in rows if r.get("null_check")]
+    if not checks:
+        return None
+    k, n = int(sum(checks)), len(checks)
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"called": k, "n": n, "ci": [float(ci.low), float(ci.high)]}

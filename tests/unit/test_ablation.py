@@ -239,3 +239,46 @@ def test_a_targeted_set_is_causal_only_when_its_bonferroni_interval_clears_the_r
     assert lines[0].endswith("wholly above them: these features carry the reward causally.")
     assert "97.5% interval (Bonferroni over 2 targeted sets) is [+0.55, +0.97]" in lines[0]
     assert lines[1].endswith("not above them.")
+
+
+def test_the_causal_rule_is_applied_to_each_random_set_against_the_others_as_a_known_null():
+    from irmprobe.analysis.verdict import ablation_lines
+    from irmprobe.validation.ablation import against_random, null_calls
+
+    share = lambda s, ci: {"share": s, "ci": ci}  # noqa: E731
+    adjusted = lambda ci: {"ci": ci, "confidence": 0.975, "n_tests": 2}  # noqa: E731
+    reward = {"mean": 0.0, "ci": [0.0, 0.0]}
+    rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": reward, "change": None,
+             "gain_share": share(0.0, [0.0, 0.0])},
+            {"set": "decision_top_10", "mode": "zero", "n_features": 10, "reward": reward, "change": None,
+             "gain_share": share(0.8, [0.6, 0.95]), "gain_share_adjusted": adjusted([0.55, 0.97])}]
+    # Shares 0.05, -0.1, 0.3, 0.1; the third's Bonferroni interval [0.26, 0.34] lies above the others' range
+    # (at most 0.1), so the rule calls that random set causal: a false call. The first's [-0.2, 0.3] does not.
+    for i, (s, ci) in enumerate([(0.05, [-0.2, 0.3]), (-0.1, [-0.3, 0.1]), (0.3, [0.26, 0.34]), (0.1, [-0.1, 0.3])]):
+        rows.append({"set": f"random_10 #{i + 1} (control)", "mode": "zero", "n_features": 10, "reward": reward,
+                     "change": None, "gain_share": share(s, [s - 0.2, s + 0.2]), "gain_share_adjusted": adjusted(ci)})
+    # A size with two random sets only: each would be judged against one other set, so it is not judged.
+    for i, s in enumerate([0.0, 0.1]):
+        rows.append({"set": f"random_3 #{i + 1} (control)", "mode": "zero", "n_features": 3, "reward": reward,
+                     "change": None, "gain_share": share(s, [s - 0.1, s + 0.1]),
+                     "gain_share_adjusted": adjusted([s - 0.2, s + 0.2])})
+    rows = against_random(rows, ("decision_top_10",))
+    randoms = [r for r in rows if r["set"].startswith("random_10")]
+    assert [r["null_check"]["called"] for r in randoms] == [False, False, True, False]
+    assert randoms[2]["null_check"]["range"][1] == pytest.approx(np.percentile([0.05, -0.1, 0.1], 97.5))
+    assert not any("null_check" in r for r in rows if r["set"].startswith("random_3"))
+    # The targeted set is still judged against all four random sets.
+    assert rows[1]["random"]["shares"] == [0.05, -0.1, 0.3, 0.1] and rows[1]["random"]["above_random"] is True
+    null = null_calls(rows)
+    assert null["called"] == 1 and null["n"] == 4
+    assert null["ci"][0] == pytest.approx(0.0456, abs=1e-3) and null["ci"][1] == pytest.approx(0.6994, abs=1e-3)
+    assert ablation_lines({"ablation": rows})[-1] == (
+        "known nulls: the same rule, applied to each random set against the other random sets of its size, called 1 "
+        "of 4 causal (false-call rate, 95% CI [0.05, 0.70]).")
+    from irmprobe.reporting.tracking import _causal_rule
+
+    table = (["causal_rule"], [[r["set"], _causal_rule(r)] for r in rows])
+    rule = {row[0]: row[-1] for row in table[1]}
+    assert table[0][-1] == "causal_rule" and rule["decision_top_10"] == "causal"
+    assert rule["random_10 #3 (control)"] == "false call" and rule["random_10 #1 (control)"] == "no call (a random set)"
+    assert rule["none"] is None and null_calls(rows[:2]) is None

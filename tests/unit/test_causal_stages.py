@@ -160,7 +160,7 @@ def test_ablation_rows_give_each_condition_its_share_of_the_reward_gain(planted,
     coef = np.zeros(16)
     coef[0], coef[7] = 2.0, -1.0  # the decision-side IRM weights the planted feature
     rows = {r["set"]: r for r in _ablate(planted, tmp_path, SimpleNamespace(decision_coef=coef), steer_alpha=0.5,
-                                         n_random_sets=2)}
+                                         n_random_sets=3)}
     assert list(rows)[:2] == ["none", "base model (reference)"]
     gain = rows["none"]["gain_share"]["gain"]
     assert gain > 0.5  # the planted block does raise the reward
@@ -173,8 +173,14 @@ def test_ablation_rows_give_each_condition_its_share_of_the_reward_gain(planted,
     assert rows["decision_top_1"]["example"] == rows["base model (reference)"]["example"]
     assert rows["decision_top_1"]["example"] != rows["none"]["example"]
     randoms = [r["gain_share"] for name, r in rows.items() if name.startswith("random_1 #")]
-    assert len(randoms) == 2  # n_random_sets draws of the targeted size
+    assert len(randoms) == 3  # n_random_sets draws of the targeted size
     assert all(g["ci"][0] <= 0.10 and g["share"] < 0.2 for g in randoms)
+    # Each random set is judged by the same rule (the targeted sets' Bonferroni level) against the other two: a
+    # known null, and none is called causal.
+    nulls = [r for name, r in rows.items() if name.startswith("random_1 #")]
+    assert all(r["gain_share_adjusted"]["confidence"] == pytest.approx(0.975) for r in nulls)
+    assert [r["null_check"]["called"] for r in nulls] == [False] * 3
+    assert all(len(r["null_check"]["range"]) == 2 for r in nulls)
     # The decision-side set is judged against the random sets' distribution, with a Bonferroni interval over
     # the targeted sets (reader top-1, decision top-1).
     d = rows["decision_top_1"]

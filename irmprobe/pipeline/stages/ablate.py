@@ -13,7 +13,7 @@ class AblateStage(Stage):
     """Ablate the reader- and decision-side IRMs' top features, random ones and patch the chosen layers during
     generation; each row gives the share of the reward gain (tuned - base) it removes."""
 
-    name, version = "ablate", 7
+    name, version = "ablate", 8
     reads = ("validate", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "layers", "capture", "saes", "fit", "attribute", "interpret")
 

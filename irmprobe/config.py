@@ -291,7 +291,7 @@ class SAEConfig:
     same held-out explained variance in less time (no committed script repeats the measurement)."""
     early_stop_every: int = 50
     """Every this many steps, measure explained variance on validation activations held out of training
-    (5% of the training rows, at most 4096); stop once it gained less than ``early_stop_tolerance`` over the
+    (whole prompts holding 5% of the training rows, at most 4096); stop once it gained less than ``early_stop_tolerance`` over the
     last four checks (``training_samples`` is then an upper bound). 0 trains on every row for the full budget."""
     early_stop_tolerance: float = 0.002
     """The gain in held-out explained variance (absolute) over four checks below which training stops."""
@@ -514,13 +514,14 @@ class ValidateConfig:
     """Held-out prompts continued under each ablation."""
     samples_per_prompt: int = 2
     """Continuations per prompt and condition (same seed across conditions: paired). On the demo, 80 prompts x 2
-    gives random feature sets' shares of the gain CI half-widths of 0.15-0.36; x 8 (configs/default.yaml), 0.06-0.13
+    gives random feature sets' shares of the gain CI half-widths of 0.15-0.36; x 8 (configs/default.yaml), 0.08-0.11
     at four times the ablation's time."""
     max_new_tokens: int = 24
     """Length of each continuation."""
     n_random_sets: int = 4
     """Random sets of firing features drawn for each targeted set's size: each targeted set is judged against
-    their distribution of shares (its Bonferroni interval wholly above their range)."""
+    their distribution of shares (its Bonferroni interval wholly above their range), and with 3 or more each
+    random set is judged by the same rule against the others, so the run measures the rule's false calls."""
     steer_alpha: float | None = None
     """Also steer: add this multiple of the top IRM feature's decoder direction, and of the decision-side IRM's
     top-k directions summed (None: no steering)."""

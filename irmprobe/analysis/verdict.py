@@ -192,6 +192,17 @@ def discovery_lines(d: dict) -> list[str]:
     return out
 
 
+def null_calls(rows: list[dict]) -> dict | None:
+    """How often the causal rule calls a random feature set causal against the other random sets of its size:
+    ``{"called": k, "n": n, "ci": Wilson 95% interval of k / n}``; None where no random set was judged."""
+    checks = [r["null_check"]["called"] for r in rows if r.get("null_check")]
+    if not checks:
+        return None
+    k, n = int(sum(checks)), len(checks)
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return {"called": k, "n": n, "ci": [float(ci.low), float(ci.high)]}
+
+
 def ablation_lines(val: dict) -> list[str]:
     """What the causal checks show: each targeted set's share of the reward gain removed against random features."""
     rows = val.get("ablation") or []
@@ -233,8 +244,6 @@ def ablation_lines(val: dict) -> list[str]:
         else:
             text += "."
         out.append(text)
-    from irmprobe.validation.ablation import null_calls
-
     null = null_calls(rows)
     if null is not None and out:
         out.append(f"known nulls: the same rule, applied to each random set against the other random sets of its "

@@ -120,7 +120,7 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
             run.summary["attribution/errors_only"] = attribution["curves"]["errors_only"]["value"]
             run.summary["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
             run.summary["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
-        from irmprobe.validation.ablation import null_calls
+        from irmprobe.analysis.verdict import null_calls
 
         null = null_calls((metrics.get("validation") or {}).get("ablation") or [])
         if null is not None:  # the causal rule's false calls on random sets (a known null)

@@ -436,7 +436,7 @@ def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
     ``null_check`` (on a random row, where at least two other random sets share its size): the range of the others
     and ``called``: whether the rule would call this random set causal. A random set is a case whose answer is
     known (its features were drawn, not chosen for the reward), so every ``called`` is a false call:
-    :func:`null_calls` counts them.
+    :func:`irmprobe.analysis.verdict.null_calls` counts them.
     """
     by_size: dict[int, list[tuple[int, float]]] = {}
     for i, r in enumerate(rows):
@@ -455,16 +455,3 @@ def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
             if above is not None:
                 r["null_check"] = {"range": band, "called": above}
     return rows
-
-
-def null_calls(rows: list[dict]) -> dict | None:
-    """How often the causal rule calls a random feature set causal against the other random sets of its size:
-    ``{"called": k, "n": n, "ci": Wilson 95% interval of k / n}``; None where no random set was judged."""
-    from scipy.stats import binomtest
-
-    checks = [r["null_check"]["called"] for r in rows if r.get("null_check")]
-    if not checks:
-        return None
-    k, n = int(sum(checks)), len(checks)
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return {"called": k, "n": n, "ci": [float(ci.low), float(ci.high)]}

@@ -242,8 +242,8 @@ def test_a_targeted_set_is_causal_only_when_its_bonferroni_interval_clears_the_r
 
 
 def test_the_causal_rule_is_applied_to_each_random_set_against_the_others_as_a_known_null():
-    from irmprobe.analysis.verdict import ablation_lines
-    from irmprobe.validation.ablation import against_random, null_calls
+    from irmprobe.analysis.verdict import ablation_lines, null_calls
+    from irmprobe.validation.ablation import against_random
 
     share = lambda s, ci: {"share": s, "ci": ci}  # noqa: E731
     adjusted = lambda ci: {"ci": ci, "confidence": 0.975, "n_tests": 2}  # noqa: E731

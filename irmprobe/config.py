@@ -291,7 +291,7 @@ class SAEConfig:
     same held-out explained variance in less time (no committed script repeats the measurement)."""
     early_stop_every: int = 50
     """Every this many steps, measure explained variance on validation activations held out of training
-    (whole prompts holding 5% of the training rows, at most 4096); stop once it gained less than ``early_stop_tolerance`` over the
+    (whole prompts holding about 5% of the training rows, at most 4096 plus one prompt); stop once it gained less than ``early_stop_tolerance`` over the
     last four checks (``training_samples`` is then an upper bound). 0 trains on every row for the full budget."""
     early_stop_tolerance: float = 0.002
     """The gain in held-out explained variance (absolute) over four checks below which training stops."""

@@ -87,10 +87,12 @@ def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.nda
     """The rows early stopping reads and training never sees: a mask over ``n`` rows, about 5% of them
     (at most 4096).
 
-    With ``groups`` the rows are whole groups drawn at random until the share is reached (at least one
-    group, never all): rows of one prompt recur in each of its sequences, so single held-out rows would
-    have copies in the training rows, and the stopping rule would read a training-set fit. Raises
-    ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held out).
+    With ``groups`` the rows are whole groups, taken in random order until they reach the share; a group
+    larger than the share is skipped, so the held-out rows stay below twice the share (when every group
+    is larger, the smallest alone is taken; never every group). Rows of one prompt recur in each of its sequences, so single
+    held-out rows would have copies in the training rows, and the stopping rule would read a
+    training-set fit. Raises ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held
+    out) or a length other than ``n``.
     """
     rng = np.random.default_rng(seed)
     n_val = min(4096, n // 20)
@@ -106,10 +108,17 @@ def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.nda
         raise ValueError("the SAE's training rows come from fewer than 2 prompts: early stopping cannot hold out a "
                          "whole prompt; capture more prompts or turn it off (sae.early_stop_every: 0)")
     counts = np.bincount(inverse)
-    order = rng.permutation(len(labels))
-    # The first groups in random order whose rows reach the share: at least one, never every group.
-    taken = max(1, min(len(labels) - 1, int(np.searchsorted(np.cumsum(counts[order]), max(1, n_val)) + 1)))
-    return np.isin(inverse, order[:taken])
+    target = max(1, n_val)
+    taken, total = [], 0
+    for g in rng.permutation(len(labels)):
+        if total >= target or len(taken) == len(labels) - 1:
+            break
+        if counts[g] <= target:  # a group larger than the share alone is never held out
+            taken.append(g)
+            total += counts[g]
+    if not taken:  # every group is larger than the share: the smallest alone
+        taken = [int(np.argmin(counts))]
+    return np.isin(inverse, taken)
 
 
 def train_sae(
@@ -124,15 +133,23 @@ def train_sae(
     """Train an SAE of ``config.architecture`` with SAELens on ``acts`` [n, d_in].
 
     With ``config.early_stop_every`` > 0, about 5% of the rows (at most 4096) are held out of training
-    and training stops once their explained variance plateaus; the SAE's metadata then records
-    ``irmprobe_stopped_at`` (samples seen; None: the full budget ran), ``irmprobe_curve``, and what the rule
-    read: ``irmprobe_stopping_rows`` and ``irmprobe_stopping_groups`` (None: single rows). ``groups`` (one
-    label per row, e.g. its prompt) makes the held-out rows whole groups (see :func:`stopping_rows`); without
-    it they are single rows.
+    and training stops once their explained variance plateaus (it reads explained variance only: L0 may
+    still be falling when it stops). ``groups`` (one label per row, e.g. its prompt) makes the held-out
+    rows whole groups (see :func:`stopping_rows`); without it they are single rows; with a single group
+    none can be held out, so early stopping is off (a warning). The SAE's metadata records
+    ``irmprobe_stopped_at`` (samples seen; None: the full budget ran), ``irmprobe_curve``, and what the
+    rule read: ``irmprobe_stopping_rows`` and ``irmprobe_stopping_groups`` (None: single rows; 0 and 0:
+    early stopping was asked for but had nothing to hold out).
     """
     torch.manual_seed(seed)
     held_out = None
-    if config.early_stop_every:
+    stop = bool(config.early_stop_every)
+    if stop and groups is not None and len(np.unique(groups)) < 2:
+        # No whole prompt can be held out: train the full budget rather than read rows that have copies in training.
+        log.warning("early stopping off for this SAE: its training rows come from one prompt (none can be held "
+                    "out); it trains for the full sae.training_samples")
+        stop = False
+    if stop:
         pick = stopping_rows(len(acts), seed, groups)
         held_groups = None if groups is None else np.asarray(groups)[pick]
         held_out = torch.from_numpy(np.asarray(acts[pick], dtype=np.float32))
@@ -165,7 +182,12 @@ def train_sae(
     )
     batches = (b.to(device) for b in activation_batches(acts, config.batch_size, seed))
     if held_out is None:
-        return SAETrainer(trainer_cfg, sae, data_provider=batches).fit()
+        trained = SAETrainer(trainer_cfg, sae, data_provider=batches).fit()
+        if config.early_stop_every:  # asked for but impossible (one prompt): nothing was read
+            trained.cfg.metadata["irmprobe_stopped_at"] = None
+            trained.cfg.metadata["irmprobe_stopping_rows"] = 0
+            trained.cfg.metadata["irmprobe_stopping_groups"] = 0
+        return trained
     trainer = _EarlyStoppingTrainer(trainer_cfg, sae, batches, held_out=held_out, every=config.early_stop_every,
                                     tolerance=config.early_stop_tolerance)
     trained = trainer.fit()

@@ -197,7 +197,7 @@ def test_early_stopping_holds_out_whole_prompts():
     held = set(groups[pick])
     # Every prompt lies wholly on one side: none has rows both held out and trained on.
     assert held and held.isdisjoint(groups[~pick])
-    # About 5% of the rows: at least the share, and short of it plus one prompt.
+    # About 5% of the rows: at least the share, and beyond it by less than one prompt.
     assert n // 20 <= pick.sum() < n // 20 + 80, (pick.sum(), n)
     assert np.array_equal(pick, stopping_rows(n, seed=0, groups=groups))
     assert not np.array_equal(pick, stopping_rows(n, seed=1, groups=groups))
@@ -205,6 +205,14 @@ def test_early_stopping_holds_out_whole_prompts():
     two = np.repeat([7, 9], 5)
     small = stopping_rows(len(two), seed=0, groups=two)
     assert len(set(two[small])) == 1 and small.sum() == 5
+    # One prompt holds most rows: it is never held out, whatever the seed; prompts larger than the share
+    # are skipped, and when none fits, the smallest alone.
+    lopsided = np.r_[np.zeros(950, dtype=int), np.repeat(np.arange(1, 6), 10)]
+    for seed in range(8):
+        held_rows = stopping_rows(len(lopsided), seed=seed, groups=lopsided)
+        assert held_rows.sum() == 50 and not held_rows[:950].any()
+    big = np.repeat([0, 1, 2], [500, 300, 400])
+    assert np.array_equal(stopping_rows(len(big), seed=0, groups=big), big == 1)
     with pytest.raises(ValueError, match="fewer than 2 prompts"):
         stopping_rows(10, seed=0, groups=np.zeros(10, dtype=int))
     with pytest.raises(ValueError, match="one label per row"):
@@ -216,3 +224,26 @@ def test_early_stopping_holds_out_whole_prompts():
     meta = train_sae(acts, cfg, seed=0, metadata={}, groups=groups).cfg.metadata
     assert meta["irmprobe_stopping_rows"] == pick.sum() and meta["irmprobe_stopping_groups"] == len(held)
     assert train_sae(acts, cfg, seed=0, metadata={}).cfg.metadata["irmprobe_stopping_groups"] is None
+    # Rows of one prompt: none can be held out, so early stopping is off and the metadata says nothing was read.
+    one = train_sae(acts, cfg, seed=0, metadata={}, groups=np.zeros(n, dtype=int)).cfg.metadata
+    assert one["irmprobe_stopping_rows"] == 0 and one["irmprobe_stopping_groups"] == 0
+    assert one["irmprobe_stopped_at"] is None
+
+
+def test_a_sweep_with_prompts_measures_on_held_out_prompts(monkeypatch):
+    from irmprobe.saes import train as features
+
+    acts, _ = _planted(n=3000, seed=5)
+    groups = np.repeat(np.arange(30), 100)
+    seen = {}
+    real_train, real_eval = features.train_sae, features.evaluate_sae
+    monkeypatch.setattr(features, "train_sae", lambda a, c, **k: seen.setdefault("train", k["groups"]) is None
+                        or real_train(a, c, **k))
+    monkeypatch.setattr(features, "evaluate_sae", lambda sae, a: seen.setdefault("eval", len(a)) and real_eval(sae, a))
+    rows = features.sweep(acts, SAEConfig(architecture="topk", training_samples=2048, batch_size=256, lr=3e-3,
+                                          early_stop_every=2), values=[4], groups=groups)
+    # 3 of 30 prompts measured (300 rows), the other 27 trained on, with their labels for early stopping.
+    assert seen["eval"] == 300 and len(seen["train"]) == 2700 and len(set(seen["train"])) == 27
+    assert rows[0]["k"] == 4 and np.isfinite(rows[0]["explained_variance"])
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        features.sweep(acts, SAEConfig(), values=[4], groups=np.zeros(3000, dtype=int))

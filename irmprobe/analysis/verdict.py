@@ -267,8 +267,31 @@ def ablation_lines(val: dict) -> list[str]:
     return out
 
 
+def null_named(result: dict) -> dict | None:
+    """The naming rule (a feature set is named when its faithfulness reaches ``threshold``) applied to the random
+    feature sets of the faithfulness curves, whose answer is known (drawn, not ranked): ``{"reached": how many
+    random sets reach the threshold, "n": how many were drawn, "highest": the largest random faithfulness}``;
+    None where the curves have no random set. Draws of different sizes are independent of one another."""
+    curves = result.get("curves") or {}
+    values = [v for row in curves.get("rows", []) for v in (row.get("random") or {}).get("values", [])
+              if v is not None]
+    if not values:
+        return None
+    threshold = result["threshold"]
+    return {"reached": int(sum(v >= threshold for v in values)), "n": len(values), "highest": float(max(values))}
+
+
+def _null_named_text(result: dict) -> str:
+    null = null_named(result)
+    if null is None:
+        return ""
+    return (f"; known nulls: {null['reached']} of {null['n']} random feature sets reach {result['threshold']:.0%} "
+            f"(the highest {null['highest']:.2f})")
+
+
 def attribution_line(result: dict) -> str:
-    """One line: how many features carry how much of the implicit reward, against random sets, or why none do."""
+    """One line: how many features carry how much of the implicit reward, against random sets, or why none do;
+    then how many random feature sets the naming rule would have named (a known null)."""
     if "skipped" in result:
         return f"attribution: skipped ({result['skipped']})"
     curves = result["curves"]
@@ -286,13 +309,13 @@ def attribution_line(result: dict) -> str:
                 + (f"{best['faithfulness']['value']:.2f} (k={best['k']})" if best else "nothing")
                 + (f"; with the error terms, {nodes} nodes ({with_errors['errors_in_set']} of them errors) reach "
                    f"{with_errors['faithfulness']['value']:.2f}" if with_errors else "")
-                + f"; {context}")
+                + f"; {context}" + _null_named_text(result))
     row = next(r for r in curves["feature_rows"] if r["k"] == k)
     f, c = row["faithfulness"], row["completeness"]
     rng = row["random"]["range"]
     return (f"{k} SAE feature(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points "
             f"carry (faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
-            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + f"; {context}")
+            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + f"; {context}" + _null_named_text(result))
 
 
 def _attr_pct(value) -> str:

@@ -120,7 +120,12 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
             run.summary["attribution/errors_only"] = attribution["curves"]["errors_only"]["value"]
             run.summary["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
             run.summary["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
-        from irmprobe.analysis.verdict import null_calls
+        from irmprobe.analysis.verdict import null_calls, null_named
+
+        named = null_named(attribution) if attribution.get("curves") else None
+        if named is not None:  # the naming rule's false calls on random feature sets (a known null)
+            run.summary["attribution/null_named"] = named["reached"]
+            run.summary["attribution/null_sets_drawn"] = named["n"]
 
         null = null_calls((metrics.get("validation") or {}).get("ablation") or [])
         if null is not None:  # the causal rule's false calls on random sets (a known null)

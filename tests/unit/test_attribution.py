@@ -121,6 +121,11 @@ def test_attribution_ranks_the_planted_feature_first_and_it_alone_is_faithful(si
     # Features alone (the error at its base value) carry it too: nothing was planted in the error.
     assert curves["feature_rows"][0]["faithfulness"]["value"] >= 0.9
     assert smallest_faithful(curves, 0.6, "feature_rows") == 1
+    # The naming rule on the random sets (a known null): none of the 12 reaches 60%.
+    from irmprobe.analysis.verdict import null_named
+
+    null = null_named({"curves": curves, "threshold": 0.6})
+    assert null["reached"] == 0 and null["n"] == 12 and null["highest"] < 0.1
 
 
 def _curve_row(k, faith, errors=0):
@@ -140,9 +145,13 @@ def test_the_verdict_line_says_when_the_error_terms_not_the_features_carry_the_r
     line = attribution_line(result)
     assert line.startswith("no set of <= 5 SAE features") and "5 nodes (3 of them errors) reach 0.75" in line
     assert "the hook points carry 32%" in line and "error terms alone 74%" in line
+    assert line.endswith("; known nulls: 0 of 2 random feature sets reach 60% (the highest 0.00)")
     result["smallest_k_features"] = 5
     curves["feature_rows"][1] = _curve_row(5, 0.7)
     assert attribution_line(result).startswith("5 SAE feature(s) at mlp_out at blocks 20, 22 carry 70%")
+    # A random set at the threshold would have been named: it counts as a false naming.
+    curves["rows"][1]["random"]["values"] = [0.6, 0.2]
+    assert attribution_line(result).endswith("known nulls: 1 of 3 random feature sets reach 60% (the highest 0.60)")
 
 
 def test_setting_every_node_tuned_is_the_tuned_model_and_none_tuned_is_the_patched_base(single):

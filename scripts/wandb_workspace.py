@@ -29,8 +29,11 @@ def build(entity: str, project: str, name: str):
                 wr.MediaBrowser(media_keys=["plots/view_taus"]),
                 wr.MediaBrowser(media_keys=["plots/irm_vs_rm"]),
                 wr.MediaBrowser(media_keys=["plots/error_vs_frequency"]),
+                # The primary comparison: the full-vocabulary log-ratio's tau against its controls' (every control
+                # computes it, measured-only ones included), then the fitted views.
+                wr.ScalarChart(metric="primary/t"),
+                wr.BarPlot(metrics=["irm/full_vocab_log_ratio/tau", "irm/full_vocab_log_ratio/control_tau"]),
                 wr.BarPlot(metrics=["irm/sae_irm/tau", "irm/log_ratio (no model)/tau", "irm/baseline_shuffled/tau"]),
-                wr.BarPlot(metrics=["irm/sae_irm/control_tau", "irm/sae_irm/above_control"]),
             ]),
             ws.Section(name="Organism", is_open=True, panels=[
                 wr.ScalarChart(metric="reward/diff_mean"),
@@ -38,7 +41,7 @@ def build(entity: str, project: str, name: str):
                 wr.ScalarChart(metric="kl/mean"),
                 wr.LinePlot(x="organism/step", y=["organism/reward"]),
                 wr.LinePlot(x="organism/step", y=["organism/kl"]),
-                wr.MediaBrowser(media_keys=["plots/layer_divergence"]),
+                wr.MediaBrowser(media_keys=["plots/layer_effects"]),
             ]),
             ws.Section(name="SAEs", panels=[
                 wr.WeavePanelSummaryTable(table_name="saes"),
@@ -48,7 +51,10 @@ def build(entity: str, project: str, name: str):
             ws.Section(name="Validation", panels=[
                 wr.WeavePanelSummaryTable(table_name="features"),
                 wr.WeavePanelSummaryTable(table_name="ablation"),
-                wr.MediaBrowser(media_keys=["plots/ablation"]),
+                wr.MediaBrowser(media_keys=["plots/ablation_shares"]),
+                wr.MediaBrowser(media_keys=["plots/attribution_curves"]),
+                wr.ScalarChart(metric="ablation/null_false_calls"),
+                wr.ScalarChart(metric="attribution/null_named"),
                 wr.WeavePanelSummaryTable(table_name="tokens"),
             ]),
         ],

@@ -1,6 +1,7 @@
 """What reporting sends to W&B, the offline run directory, and the cache's atomic writes."""
 
 import json
+from pathlib import Path
 
 import pytest
 import wandb
@@ -93,6 +94,13 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     assert any(e.endswith("cfg.json") for e in kinds["sae"].manifest.entries)
     offline_runs = list((tmp_path / "runs").glob("run-*/wandb/offline-run-*"))
     assert len(offline_runs) == 1  # (no key reaches these files: test_api_key_is_sent_and_never_written)
+    # The saved workspace view (scripts/wandb_workspace.py) shows keys a run logs: no panel stays empty.
+    import re
+
+    workspace = (Path(__file__).resolve().parents[2] / "scripts" / "wandb_workspace.py").read_text()
+    panels = set(re.findall(r'"((?:plots|irm|reward|kl|sae)/[^"]+)"', workspace))
+    assert {"plots/ablation_shares", "irm/full_vocab_log_ratio/control_tau"} <= panels
+    assert sorted(panels - set(logged)) == []
 
 
 FAKE_KEY = "sk-irmprobe-fake-7f3a9c1e5b"

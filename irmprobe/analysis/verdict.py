@@ -268,13 +268,16 @@ def ablation_lines(val: dict) -> list[str]:
 
 
 def null_named(result: dict) -> dict | None:
-    """The naming rule (a feature set is named when its faithfulness reaches ``threshold``) applied to the random
-    feature sets of the faithfulness curves, whose answer is known (drawn, not ranked): ``{"reached": how many
-    random sets reach the threshold, "n": how many were drawn, "highest": the largest random faithfulness}``;
-    None where the curves have no random set. Draws of different sizes are independent of one another."""
+    """The naming rule (the smallest feature set whose faithfulness reaches ``threshold`` is named) applied to the
+    random feature sets of the features-only curve, whose answer is known (drawn, not ranked): ``{"reached": how
+    many random sets reach the threshold, "n": how many were drawn, "highest": the largest random
+    faithfulness}``; None where the curve has no random set. Sizes at or above the number of candidate features
+    are left out (every draw there is the whole candidate set, not a random one; results that predate
+    ``n_candidates`` keep them). The draws share their prompts, so they are not independent trials."""
     curves = result.get("curves") or {}
-    values = [v for row in curves.get("rows", []) for v in (row.get("random") or {}).get("values", [])
-              if v is not None]
+    limit = curves.get("n_candidates")
+    values = [v for row in curves.get("feature_rows", []) if limit is None or row["k"] < limit
+              for v in (row.get("random") or {}).get("values", []) if v is not None]
     if not values:
         return None
     threshold = result["threshold"]

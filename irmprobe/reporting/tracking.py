@@ -109,31 +109,41 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
         for artifact in wandb_artifacts(metrics, run_dir):
             run.log_artifact(artifact)
         run.summary["verdict"] = "\n".join(metrics["verdict"])
-        for label in ("primary", "explanation"):
-            p = metrics.get(label) or {}
-            for key in ("view", "tau", "z", "df", "p_value", "alpha", "outcome"):
-                if p.get(key) is not None:
-                    run.summary[f"{label}/{'t' if key == 'z' else key}"] = p[key]
-        attribution = metrics.get("attribution") or {}
-        if attribution.get("curves"):
-            run.summary["attribution/bound"] = attribution["curves"]["bound"]["value"]
-            run.summary["attribution/errors_only"] = attribution["curves"]["errors_only"]["value"]
-            run.summary["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
-            run.summary["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
-        from irmprobe.analysis.verdict import null_calls, null_named
-
-        named = null_named(attribution) if attribution.get("curves") else None
-        if named is not None:  # the naming rule's false calls on random feature sets (a known null)
-            run.summary["attribution/null_named"] = named["reached"]
-            run.summary["attribution/null_sets_drawn"] = named["n"]
-
-        null = null_calls((metrics.get("validation") or {}).get("ablation") or [])
-        if null is not None:  # the causal rule's false calls on random sets (a known null)
-            run.summary["ablation/null_false_calls"] = null["called"]
-            run.summary["ablation/null_sets_judged"] = null["n"]
+        headline = headline_scalars(metrics)
+        # Logged as well as put in the summary, so a workspace's scalar charts (history metrics) show them.
+        run.log({k: v for k, v in headline.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for key, value in headline.items():
+            run.summary[key] = value
         return str(run.dir)
     finally:
         run.finish()
+
+
+def headline_scalars(metrics: dict) -> dict:
+    """The run's headline figures for W&B's summary: the primary comparison and the explanation (view, tau, t,
+    d.f., p, alpha, outcome), the attribution's bound, error share, smallest faithful k and IG-vs-exact
+    Spearman, and the known-null counts of the naming and causal rules."""
+    from irmprobe.analysis.verdict import null_calls, null_named
+
+    out = {}
+    for label in ("primary", "explanation"):
+        p = metrics.get(label) or {}
+        for key in ("view", "tau", "z", "df", "p_value", "alpha", "outcome"):
+            if p.get(key) is not None:
+                out[f"{label}/{'t' if key == 'z' else key}"] = p[key]
+    attribution = metrics.get("attribution") or {}
+    if attribution.get("curves"):
+        out["attribution/bound"] = attribution["curves"]["bound"]["value"]
+        out["attribution/errors_only"] = attribution["curves"]["errors_only"]["value"]
+        out["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
+        out["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
+        named = null_named(attribution)
+        if named is not None:  # the naming rule's false calls on random feature sets (a known null)
+            out["attribution/null_named"], out["attribution/null_sets_drawn"] = named["reached"], named["n"]
+    null = null_calls((metrics.get("validation") or {}).get("ablation") or [])
+    if null is not None:  # the causal rule's false calls on random sets (a known null)
+        out["ablation/null_false_calls"], out["ablation/null_sets_judged"] = null["called"], null["n"]
+    return out
 
 
 def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[str], list[list]]]:

@@ -88,8 +88,9 @@ def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.nda
     (at most 4096).
 
     With ``groups`` the rows are whole groups, taken in random order until they reach the share; a group
-    larger than the share is skipped, so the held-out rows stay below twice the share (when every group
-    is larger, the smallest alone is taken; never every group). Rows of one prompt recur in each of its sequences, so single
+    larger than the share is skipped, so the held-out rows stay below twice the share, and never every
+    group is taken. When every group is larger than the share, the smallest is held out alone if it holds
+    at most four times the share, and otherwise no row is (the caller then trains without early stopping). Rows of one prompt recur in each of its sequences, so single
     held-out rows would have copies in the training rows, and the stopping rule would read a
     training-set fit. Raises ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held
     out) or a length other than ``n``.
@@ -116,9 +117,9 @@ def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.nda
         if counts[g] <= target:  # a group larger than the share alone is never held out
             taken.append(g)
             total += counts[g]
-    if not taken:  # every group is larger than the share: the smallest alone
+    if not taken and counts.min() <= 4 * target:  # every group is larger than the share: the smallest, if small
         taken = [int(np.argmin(counts))]
-    return np.isin(inverse, taken)
+    return np.isin(inverse, taken)  # empty when no group fits in four times the share
 
 
 def train_sae(
@@ -135,8 +136,9 @@ def train_sae(
     With ``config.early_stop_every`` > 0, about 5% of the rows (at most 4096) are held out of training
     and training stops once their explained variance plateaus (it reads explained variance only: L0 may
     still be falling when it stops). ``groups`` (one label per row, e.g. its prompt) makes the held-out
-    rows whole groups (see :func:`stopping_rows`); without it they are single rows; with a single group
-    none can be held out, so early stopping is off (a warning). The SAE's metadata records
+    rows whole groups (see :func:`stopping_rows`); without it they are single rows. With a single group,
+    or no group small enough to fit in the share, none can be held out and early stopping is off (a
+    warning). The SAE's metadata records
     ``irmprobe_stopped_at`` (samples seen; None: the full budget ran), ``irmprobe_curve``, and what the
     rule read: ``irmprobe_stopping_rows`` and ``irmprobe_stopping_groups`` (None: single rows; 0 and 0:
     early stopping was asked for but had nothing to hold out).
@@ -149,8 +151,13 @@ def train_sae(
         log.warning("early stopping off for this SAE: its training rows come from one prompt (none can be held "
                     "out); it trains for the full sae.training_samples")
         stop = False
+    pick = stopping_rows(len(acts), seed, groups) if stop else None
+    if stop and not pick.any():
+        log.warning("early stopping off for this SAE: nothing to hold out (too few rows, or no prompt of its "
+                    "training rows within 4 x the 5%% share of %d rows); it trains for the full sae.training_samples",
+                    max(1, min(4096, len(acts) // 20)))
+        stop = False
     if stop:
-        pick = stopping_rows(len(acts), seed, groups)
         held_groups = None if groups is None else np.asarray(groups)[pick]
         held_out = torch.from_numpy(np.asarray(acts[pick], dtype=np.float32))
         acts = acts[~pick]

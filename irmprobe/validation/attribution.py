@@ -336,7 +336,7 @@ def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]],
             bar.update(2)
     total = float(full.mean())
     bound = (float((full - empty).mean() / total) if total > 0 else None)
-    return {"m_full": total, "m_empty": float(empty.mean()), "n_prompts": len(full),
+    return {"m_full": total, "m_empty": float(empty.mean()), "n_prompts": len(full), "n_candidates": len(candidates),
             "bound": {"value": bound, "ci": ratio_ci(full - empty, full, seed=seed)},
             "errors_only": _share(errors_only, empty, full, seed), "rows": rows, "feature_rows": feature_rows}
 

@@ -98,9 +98,22 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     import re
 
     workspace = (Path(__file__).resolve().parents[2] / "scripts" / "wandb_workspace.py").read_text()
-    panels = set(re.findall(r'"((?:plots|irm|reward|kl|sae)/[^"]+)"', workspace))
-    assert {"plots/ablation_shares", "irm/full_vocab_log_ratio/control_tau"} <= panels
-    assert sorted(panels - set(logged)) == []
+    panels = set(re.findall(r'"((?:plots|irm|reward|kl|sae|organism|primary|ablation|attribution)/[^"]+)"',
+                            workspace))
+    assert {"plots/ablation_shares", "irm/full_vocab_log_ratio/control_tau", "primary/t", "organism/step"} <= panels
+    # The known-null counts exist where the run has an ablation with random sets and attribution curves (the tiny
+    # run may have neither): they come from the same headline figures, which are logged as well as summarised.
+    from irmprobe.reporting.tracking import headline_scalars
+
+    assert logged["primary/t"] == pytest.approx(result.metrics.primary.z)
+    curves = {"bound": {"value": 0.3}, "errors_only": {"value": 0.7},
+              "feature_rows": [{"k": 1, "random": {"values": [0.01, 0.02]}}]}
+    judged = {"set": "random_3 #1 (control)", "n_features": 3, "null_check": {"called": False, "range": [0, 0.1]},
+              "gain_share_adjusted": {"ci": [-0.1, 0.2]}}
+    possible = set(logged) | set(headline_scalars(
+        {"attribution": {"curves": curves, "threshold": 0.6, "exact": {"spearman": 0.9}},
+         "validation": {"ablation": [judged]}}))
+    assert sorted(panels - possible) == []
 
 
 FAKE_KEY = "sk-irmprobe-fake-7f3a9c1e5b"

@@ -150,8 +150,11 @@ def test_the_verdict_line_says_when_the_error_terms_not_the_features_carry_the_r
     curves["feature_rows"][1] = _curve_row(5, 0.7)
     assert attribution_line(result).startswith("5 SAE feature(s) at mlp_out at blocks 20, 22 carry 70%")
     # A random set at the threshold would have been named: it counts as a false naming.
-    curves["rows"][1]["random"]["values"] = [0.6, 0.2]
+    curves["feature_rows"][1]["random"]["values"] = [0.6, 0.2]
     assert attribution_line(result).endswith("known nulls: 1 of 3 random feature sets reach 60% (the highest 0.60)")
+    # With only 5 candidate features, a "random" 5-feature set is the whole candidate set: not a null draw.
+    curves["n_candidates"] = 5
+    assert attribution_line(result).endswith("known nulls: 0 of 1 random feature sets reach 60% (the highest 0.00)")
 
 
 def test_setting_every_node_tuned_is_the_tuned_model_and_none_tuned_is_the_patched_base(single):

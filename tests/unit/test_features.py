@@ -201,18 +201,18 @@ def test_early_stopping_holds_out_whole_prompts():
     assert n // 20 <= pick.sum() < n // 20 + 80, (pick.sum(), n)
     assert np.array_equal(pick, stopping_rows(n, seed=0, groups=groups))
     assert not np.array_equal(pick, stopping_rows(n, seed=1, groups=groups))
-    # Few rows: still one whole prompt, never every prompt.
-    two = np.repeat([7, 9], 5)
-    small = stopping_rows(len(two), seed=0, groups=two)
-    assert len(set(two[small])) == 1 and small.sum() == 5
+    # Every prompt larger than the share: the smallest alone if it holds at most 4 times the share (5 rows
+    # here), else none (two prompts of 5 rows: holding one out would take half the rows).
+    three = np.repeat([7, 8, 9], [45, 15, 40])
+    assert np.array_equal(stopping_rows(len(three), seed=0, groups=three), three == 8)
+    assert not stopping_rows(10, seed=0, groups=np.repeat([7, 9], 5)).any()
     # One prompt holds most rows: it is never held out, whatever the seed; prompts larger than the share
     # are skipped, and when none fits, the smallest alone.
     lopsided = np.r_[np.zeros(950, dtype=int), np.repeat(np.arange(1, 6), 10)]
     for seed in range(8):
         held_rows = stopping_rows(len(lopsided), seed=seed, groups=lopsided)
         assert held_rows.sum() == 50 and not held_rows[:950].any()
-    big = np.repeat([0, 1, 2], [500, 300, 400])
-    assert np.array_equal(stopping_rows(len(big), seed=0, groups=big), big == 1)
+    assert not stopping_rows(1200, seed=0, groups=np.repeat([0, 1, 2], [500, 300, 400])).any()
     with pytest.raises(ValueError, match="fewer than 2 prompts"):
         stopping_rows(10, seed=0, groups=np.zeros(10, dtype=int))
     with pytest.raises(ValueError, match="one label per row"):
@@ -228,6 +228,9 @@ def test_early_stopping_holds_out_whole_prompts():
     one = train_sae(acts, cfg, seed=0, metadata={}, groups=np.zeros(n, dtype=int)).cfg.metadata
     assert one["irmprobe_stopping_rows"] == 0 and one["irmprobe_stopping_groups"] == 0
     assert one["irmprobe_stopped_at"] is None
+    # Prompts too large to hold one out: early stopping off too.
+    huge = train_sae(acts, cfg, seed=0, metadata={}, groups=np.arange(n) * 2 // n).cfg.metadata
+    assert huge["irmprobe_stopping_rows"] == 0 and huge["irmprobe_stopped_at"] is None
 
 
 def test_a_sweep_with_prompts_measures_on_held_out_prompts(monkeypatch):

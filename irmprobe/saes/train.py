@@ -90,9 +90,9 @@ def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.nda
     With ``groups`` the rows are whole groups, taken in random order until they reach the share; a group
     larger than the share is skipped, so the held-out rows stay below twice the share, and never every
     group is taken. When every group is larger than the share, the smallest is held out alone if it holds
-    at most four times the share, and otherwise no row is (the caller then trains without early stopping). Rows of one prompt recur in each of its sequences, so single
-    held-out rows would have copies in the training rows, and the stopping rule would read a
-    training-set fit. Raises ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held
+    at most four times the share, and otherwise no row is (the caller then trains without early
+    stopping). Rows of one prompt recur in each of its sequences, so single held-out rows would have
+    copies in the training rows, and the stopping rule would read a training-set fit. Raises ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held
     out) or a length other than ``n``.
     """
     rng = np.random.default_rng(seed)

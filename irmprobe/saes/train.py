@@ -83,6 +83,21 @@ def uses_autocast(config: SAEConfig, device: str) -> bool:
     return config.autocast == "on"
 
 
+def evaluation_rows(units: np.ndarray, seed: int, fraction: float = 0.1) -> np.ndarray:
+    """The rows every SAE is measured on and never trained on: all rows of a random tenth of the prompts.
+
+    Rows are held out by prompt, their independent unit: a prompt's rows recur in each of its sequences,
+    so a row-level split would measure an SAE on copies of rows it was trained on.
+    """
+    uniq = np.unique(units)
+    if len(uniq) < 2:
+        raise ValueError("the capture holds fewer than 2 prompts: an SAE cannot be evaluated on held-out prompts; "
+                         "sample more held-out prompts (prompts.n_heldout)")
+    n_eval = min(len(uniq) - 1, max(1, int(round(fraction * len(uniq)))))
+    held = np.random.default_rng(seed).choice(uniq, n_eval, replace=False)
+    return np.isin(units, held)
+
+
 def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """The rows early stopping reads and training never sees: a mask over ``n`` rows, about 5% of them
     (at most 4096).
@@ -92,8 +107,9 @@ def stopping_rows(n: int, seed: int, groups: np.ndarray | None = None) -> np.nda
     group is taken. When every group is larger than the share, the smallest is held out alone if it holds
     at most four times the share, and otherwise no row is (the caller then trains without early
     stopping). Rows of one prompt recur in each of its sequences, so single held-out rows would have
-    copies in the training rows, and the stopping rule would read a training-set fit. Raises ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held
-    out) or a length other than ``n``.
+    copies in the training rows, and the stopping rule would read a training-set fit. Raises
+    ``ValueError`` when ``groups`` has fewer than 2 labels (no group can be held out) or a length other
+    than ``n``.
     """
     rng = np.random.default_rng(seed)
     n_val = min(4096, n // 20)
@@ -145,19 +161,16 @@ def train_sae(
     """
     torch.manual_seed(seed)
     held_out = None
-    stop = bool(config.early_stop_every)
-    if stop and groups is not None and len(np.unique(groups)) < 2:
-        # No whole prompt can be held out: train the full budget rather than read rows that have copies in training.
-        log.warning("early stopping off for this SAE: its training rows come from one prompt (none can be held "
-                    "out); it trains for the full sae.training_samples")
-        stop = False
-    pick = stopping_rows(len(acts), seed, groups) if stop else None
-    if stop and not pick.any():
-        log.warning("early stopping off for this SAE: nothing to hold out (too few rows, or no prompt of its "
-                    "training rows within 4 x the 5%% share of %d rows); it trains for the full sae.training_samples",
-                    max(1, min(4096, len(acts) // 20)))
-        stop = False
-    if stop:
+    pick = None
+    if config.early_stop_every and (groups is None or len(np.unique(groups)) >= 2):
+        pick = stopping_rows(len(acts), seed, groups)
+    if config.early_stop_every and (pick is None or not pick.any()):
+        # Nothing can be held out: train the full budget rather than read rows that have copies in training.
+        log.warning("early stopping off for this SAE: nothing to hold out (one prompt, too few rows, or no prompt "
+                    "of its training rows within 4 x the 5%% share of %d rows); it trains for the full "
+                    "sae.training_samples", max(1, min(4096, len(acts) // 20)))
+        pick = None
+    if pick is not None:
         held_groups = None if groups is None else np.asarray(groups)[pick]
         held_out = torch.from_numpy(np.asarray(acts[pick], dtype=np.float32))
         acts = acts[~pick]
@@ -218,16 +231,13 @@ def sweep(acts: np.ndarray, base: SAEConfig, *, values, field: str | None = None
     from dataclasses import asdict, replace
 
     field = field or ("k" if base.architecture in ("topk", "batchtopk") else "l1_coefficient")
-    rng = np.random.default_rng(seed)
     if groups is None:
-        held = rng.random(len(acts)) < eval_fraction
+        held = np.random.default_rng(seed).random(len(acts)) < eval_fraction
     else:
         groups = np.asarray(groups)
-        labels = np.unique(groups)
-        if len(labels) < 2:
+        if len(np.unique(groups)) < 2:
             raise ValueError("sweep needs rows of at least 2 groups (prompts) to measure on held-out ones")
-        n_held = min(len(labels) - 1, max(1, int(round(eval_fraction * len(labels)))))
-        held = np.isin(groups, rng.choice(labels, n_held, replace=False))
+        held = evaluation_rows(groups, seed, eval_fraction)
     rows = []
     for value in values:
         cfg = replace(base, **{field: value})

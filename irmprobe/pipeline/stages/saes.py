@@ -17,25 +17,10 @@ from irmprobe.results import Record
 from irmprobe.saes.evaluate import decoder_directions, evaluate_sae, mmcs, unmatched_features
 from irmprobe.saes.load import load_sae, save_sae
 from irmprobe.saes.splice import splice_metrics
-from irmprobe.saes.train import train_sae, uses_autocast
+from irmprobe.saes.train import evaluation_rows, train_sae, uses_autocast
 
 _TRAINING = ("architecture", "expansion", "l1_coefficient", "k", "training_samples", "batch_size", "lr",
              "early_stop_every", "early_stop_tolerance")
-
-
-def evaluation_rows(units: np.ndarray, seed: int, fraction: float = 0.1) -> np.ndarray:
-    """The rows every SAE is measured on and never trained on: all rows of a random tenth of the prompts.
-
-    Rows are held out by prompt, their independent unit: a prompt's rows recur in each of its sequences,
-    so a row-level split would measure an SAE on copies of rows it was trained on.
-    """
-    uniq = np.unique(units)
-    if len(uniq) < 2:
-        raise ValueError("the capture holds fewer than 2 prompts: an SAE cannot be evaluated on held-out prompts; "
-                         "sample more held-out prompts (prompts.n_heldout)")
-    n_eval = min(len(uniq) - 1, max(1, int(round(fraction * len(uniq)))))
-    held = np.random.default_rng(seed).choice(uniq, n_eval, replace=False)
-    return np.isin(units, held)
 
 
 def get_sae(sc, acts: np.ndarray, eval_rows: np.ndarray, *, seed: int, key_parts: tuple, meta: dict, device: str,

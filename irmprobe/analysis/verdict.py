@@ -299,8 +299,14 @@ def attribution_line(result: dict) -> str:
         return f"attribution: skipped ({result['skipped']})"
     curves = result["curves"]
     where = f"{result['kind']} at blocks {', '.join(map(str, result['layers']))}"
+    change = result.get("dictionary") == "change"
+    errors = "SAE error terms"
+    if change:  # the nodes are features of the change, not of the tuned model's activations
+        where += " (dictionaries of the change)"
+        errors = "change dictionaries' error terms"
     context = (f"the hook points carry {_attr_pct(curves['bound']['value'])} [{_attr_ci(curves['bound']['ci'])}] of "
-               f"the implicit reward, their SAE error terms alone {_attr_pct(curves['errors_only']['value'])} of that")
+               f"the implicit reward, their {errors} alone "
+               f"{_attr_pct(curves['errors_only']['value'])} of that")
     k = result.get("smallest_k_features")
     if k is None:
         rows = [r for r in curves.get("feature_rows", []) if r["faithfulness"]["value"] is not None]
@@ -310,6 +316,7 @@ def attribution_line(result: dict) -> str:
         return (f"no set of <= {rows[-1]['k'] if rows else 0} SAE features at {where} carries "
                 f"{result['threshold']:.0%} of what the hook points carry: the best reaches "
                 + (f"{best['faithfulness']['value']:.2f} (k={best['k']})" if best else "nothing")
+                + _every_feature_text(curves)
                 + (f"; with the error terms, {nodes} nodes ({with_errors['errors_in_set']} of them errors) reach "
                    f"{with_errors['faithfulness']['value']:.2f}" if with_errors else "")
                 + f"; {context}" + _null_named_text(result))
@@ -319,6 +326,12 @@ def attribution_line(result: dict) -> str:
     return (f"{k} SAE feature(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points "
             f"carry (faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
             + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + f"; {context}" + _null_named_text(result))
+
+
+def _every_feature_text(curves: dict) -> str:
+    """Every feature together (errors at base): spread over many features, or not in the features at all."""
+    share = (curves.get("features_all") or {}).get("value")
+    return "" if share is None else f", every feature together {share:.2f}"
 
 
 def _attr_pct(value) -> str:

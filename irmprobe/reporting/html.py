@@ -363,6 +363,9 @@ def render(metrics) -> str:
     if "attribution_curves" in plots:
         page.plot("attribution_curves", plots["attribution_curves"])
         page.table(*tables["attribution nodes"], title="nodes ranked by attribution")
+        if "attribution change dictionaries" in tables:
+            page.table(*tables["attribution change dictionaries"],
+                       title="the nodes' dictionaries: SAEs of the change (tuned minus base), held-out prompts")
     else:
         page.absent(f"no attribution: {attribution.get('skipped', 'the attribute stage did not run')}")
 

@@ -207,7 +207,7 @@ def attribution_curves(metrics: dict):
                   annotation_text=f"threshold {a['threshold']:g}", annotation_position="top left")
     errors = (a["curves"].get("errors_only") or {}).get("value")
     if errors is not None:
-        fig.add_hline(y=errors, line_dash="dash", line_color=RED, annotation_text="SAE errors only",
+        fig.add_hline(y=errors, line_dash="dash", line_color=RED, annotation_text="dictionary errors only",
                       annotation_position="bottom right")
     fig.update_xaxes(type="log")
     bound = (a["curves"].get("bound") or {}).get("value")

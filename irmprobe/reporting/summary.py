@@ -254,18 +254,27 @@ def agreement_line(row: dict, control: bool = False) -> str:
 def attribution_section(a: dict) -> list[str]:
     """Which nodes carry the implicit reward: IG against exact patching, and the faithfulness curves."""
     c, r = a["curves"], a["rank_half"]
-    lines = [f"== what carries the implicit reward ({a['kind']} SAE features and error terms at blocks "
+    change = a.get("dictionary") == "change"
+    nodes = "features and error terms of dictionaries of the change" if change else "SAE features and error terms"
+    lines = [f"== what carries the implicit reward ({a['kind']} {nodes} at blocks "
              f"{', '.join(map(str, a['layers']))}; metric: mean implicit reward of tuned minus base continuations, "
-             "teacher-forced) ==",
-             f"ranking half ({a['n_prompts'][0]} prompts): m(tuned) {r['m_full']:+.2f}, m(base at every hook point) "
-             f"{r['m_empty']:+.2f}; IG ({a['ig_steps']} steps) sums to {r['ig_sum']:+.2f}; exact patching of the top "
-             f"{len(a['exact']['rows'])} nodes: Spearman {_fmt(a['exact']['spearman'], '+.2f')} with IG",
-             f"held-out half ({a['n_prompts'][1]} prompts): the hook points carry {_fmt(c['bound']['value'], '.2f')} "
-             f"{_interval(c['bound']['ci'], '.2f')} of the implicit reward; the SAE errors alone "
-             f"{_fmt(c['errors_only']['value'], '+.2f')} {_interval(c['errors_only']['ci'], '+.2f')} of that",
-             f"{'':>6}{'every node (errors included)':^44}{'features only':^36}",
-             f"{'k':>4} {'faithfulness':>13} {'completeness':>13} {'errors':>6} {'faithfulness':>15} "
-             f"{'completeness':>13} {'random k-sets':>15}"]
+             "teacher-forced) =="]
+    for d in a.get("dictionaries") or []:
+        lines.append(f"change dictionary at block {d['layer']}: {d['d_sae']} features trained on x_tuned - x_base "
+                     f"(its norm {d['change_norm_share']:.2f} of the tuned activation's); held-out prompts: "
+                     f"explained variance {d['explained_variance']:.3f}, L0 {d['l0']:.1f}, dead {d['dead_fraction']:.2f}")
+    lines += [f"ranking half ({a['n_prompts'][0]} prompts): m(tuned) {r['m_full']:+.2f}, m(base at every hook point) "
+              f"{r['m_empty']:+.2f}; IG ({a['ig_steps']} steps) sums to {r['ig_sum']:+.2f}; exact patching of the top "
+              f"{len(a['exact']['rows'])} nodes: Spearman {_fmt(a['exact']['spearman'], '+.2f')} with IG",
+              f"held-out half ({a['n_prompts'][1]} prompts): the hook points carry {_fmt(c['bound']['value'], '.2f')} "
+              f"{_interval(c['bound']['ci'], '.2f')} of the implicit reward; the {'dictionary' if change else 'SAE'} "
+              "errors alone "
+              f"{_fmt(c['errors_only']['value'], '+.2f')} {_interval(c['errors_only']['ci'], '+.2f')} of that"
+              + ("" if "features_all" not in c else f", every feature (errors at base) "
+                 f"{_fmt(c['features_all']['value'], '+.2f')} {_interval(c['features_all']['ci'], '+.2f')}"),
+              f"{'':>6}{'every node (errors included)':^44}{'features only':^36}",
+              f"{'k':>4} {'faithfulness':>13} {'completeness':>13} {'errors':>6} {'faithfulness':>15} "
+              f"{'completeness':>13} {'random k-sets':>15}"]
     by_k = {r["k"]: r for r in c.get("feature_rows", [])}
     for row in c["rows"]:
         f, comp, rnd = row["faithfulness"], row["completeness"], row["random"]["range"]

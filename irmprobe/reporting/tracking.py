@@ -135,6 +135,9 @@ def headline_scalars(metrics: dict) -> dict:
     if attribution.get("curves"):
         out["attribution/bound"] = attribution["curves"]["bound"]["value"]
         out["attribution/errors_only"] = attribution["curves"]["errors_only"]["value"]
+        if attribution["curves"].get("features_all"):  # every feature together, errors at base
+            out["attribution/features_all"] = attribution["curves"]["features_all"]["value"]
+        out["attribution/dictionary"] = attribution.get("dictionary", "activations")
         out["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
         out["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
         named = null_named(attribution)
@@ -191,6 +194,10 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                             for r in attribution["curves"]["rows"]])
         out["attribution nodes"] = (["node", "attribution"], [[t["node"], t["attribution"]]
                                                               for t in attribution["top"]])
+        if attribution.get("dictionaries"):  # the nodes are features of dictionaries of the change
+            cols = ["layer", "d_sae", "explained_variance", "l0", "dead_fraction", "change_norm_share"]
+            out["attribution change dictionaries"] = (cols, [[d[c] for c in cols]
+                                                             for d in attribution["dictionaries"]])
     if val.get("ablation"):
         cols = ["set", "mode", "n_features", "reward", "reward_ci_low", "reward_ci_high", "change", "change_ci_low",
                 "change_ci_high", "gain_share", "gain_share_ci_low", "gain_share_ci_high", "causal_rule"]

@@ -286,6 +286,11 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     if flagged_cols:
         sets.append(FeatureSet(f"judge_flagged_{len(flagged_cols)}", as_layers(flagged_cols), vc.ablation, means))
     attributed = attribution_set(attribution, vc.top_k)
+    if attribution and attribution.get("dictionary") == "change":
+        # A change feature is read off x_tuned - x_base: ablating it while sampling needs the base in lockstep.
+        echo("ablate: no attribution set; its features are of dictionaries of the change, which this stage "
+             "cannot ablate while sampling (attribute.dictionary=activations names ablatable features)")
+        attributed = None
     if attributed is not None:
         sets.append(FeatureSet(attributed[0], attributed[1], vc.ablation, means))
     targeted = tuple(fs.name for fs in sets)

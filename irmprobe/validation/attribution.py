@@ -83,6 +83,9 @@ class Batch:
     """(layer, model) -> [B, T, d_sae] feature activations, model in {base, tuned}."""
     e: dict
     """(layer, model) -> [B, T, d] error term."""
+    anchor: dict
+    """layer -> [B, T, d] what the dictionary's reconstruction is added to: the base's activation for a
+    dictionary of the change, zero (absent) for a dictionary of the activations."""
 
 
 class ImplicitReward:
@@ -96,10 +99,13 @@ class ImplicitReward:
         prompt_lens: prompt length of each sequence (tokens before the continuation).
         prompt: the prompt each sequence continues (any hashable labels; the unit of every interval).
         source: ``"tuned"`` or ``"base"``: which model wrote each continuation.
+        change: the SAEs are dictionaries of the change (trained on tuned - base activations at the hook
+            point, same tokens): a hook point's output is then ``x_base + decode(f) + e`` with ``f`` and ``e``
+            encoded from ``x_tuned - x_base``; the base's node values are those of a zero change.
     """
 
     def __init__(self, base, tuned, saes: dict, kind: str, sequences, prompt_lens, prompt, source, *,
-                 batch_size: int = 16, pad_id: int = 0) -> None:
+                 batch_size: int = 16, pad_id: int = 0, change: bool = False) -> None:
         if kind not in HOOK_KINDS.values():
             raise ValueError(f"kind must be one of {', '.join(HOOK_KINDS.values())}, got {kind!r}")
         if not saes:
@@ -116,7 +122,7 @@ class ImplicitReward:
         if not both:
             raise ValueError("no prompt has continuations of both models: the metric compares the two")
         keep = np.isin(self.prompt, both)
-        self.base, self.tuned, self.saes, self.kind = base, tuned, saes, kind
+        self.base, self.tuned, self.saes, self.kind, self.change = base, tuned, saes, kind, change
         self.points = [(kind, layer) for layer in sorted(saes)]
         self.layers = sorted(saes)
         counts = {(p, s): int(np.sum((self.prompt == p) & (source == s))) for p in both for s in ("base", "tuned")}
@@ -156,19 +162,24 @@ class ImplicitReward:
         logp_base = _next_logp(logits, tokens)
         with output_hooks(self.tuned, self.points, keep("tuned")):
             self.tuned(input_ids=tokens, use_cache=False)
-        f, e = {}, {}
-        for (layer, model_name), x in acts.items():
-            sae = self.saes[layer]
-            feats = sae.encode(x)
-            f[layer, model_name] = feats
-            e[layer, model_name] = x - sae.decode(feats)
-        return Batch(tokens, targets[:, : tokens.shape[1] - 1], logp_base, weights, prompt, f, e)
+        f, e, anchor = {}, {}, {}
+        for layer in self.layers:
+            inputs = {"base": acts[layer, "base"], "tuned": acts[layer, "tuned"]}
+            if self.change:
+                anchor[layer] = inputs["base"]
+                inputs = {"base": torch.zeros_like(anchor[layer]), "tuned": inputs["tuned"] - anchor[layer]}
+            for model_name, x in inputs.items():
+                feats = self.saes[layer].encode(x)
+                f[layer, model_name] = feats
+                e[layer, model_name] = x - self.saes[layer].decode(feats)
+        return Batch(tokens, targets[:, : tokens.shape[1] - 1], logp_base, weights, prompt, f, e, anchor)
 
     def _run(self, batch: Batch, f: dict, e: dict) -> torch.Tensor:
         """Per-sequence weighted implicit reward with each hook point replaced by ``decode(f) + e``."""
         def replace(point, act):
             layer = point[1]
-            return (self.saes[layer].decode(f[layer]) + e[layer]).to(act.dtype)
+            x = self.saes[layer].decode(f[layer]) + e[layer]
+            return (x + batch.anchor[layer] if layer in batch.anchor else x).to(act.dtype)
 
         with output_hooks(self.tuned, self.points, replace):
             logits = self.tuned(input_ids=batch.tokens, use_cache=False).logits
@@ -299,11 +310,14 @@ def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]],
                        candidates: list[Node], seed: int, echo=None) -> dict:
     """Faithfulness and completeness of the top-k nodes of ``ranked`` for k in ``k_grid``, on ``metric``'s
     sequences, beside random feature sets of each size (``n_random`` draws from ``candidates``), the set of
-    every error node and the whole-hook-point bound. Every share has a bootstrap CI over prompts."""
+    every error node, the set of every feature and the whole-hook-point bound. Every share has a bootstrap CI
+    over prompts."""
     saes = metric.saes
     full = metric.evaluate(None)
     empty = metric.evaluate(lambda layer, part: False)
     errors_only = metric.evaluate(node_setter([Node(layer, ERROR) for layer in metric.layers], saes))
+    # Every feature tuned, every error at its base value: what the dictionaries' reconstructions carry together.
+    features_all = metric.evaluate(lambda layer, part: part == "features")
     rng = np.random.default_rng(seed)
     order = [node for node, _ in ranked]
     features = [node for node in order if not node.is_error]
@@ -338,7 +352,8 @@ def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]],
     bound = (float((full - empty).mean() / total) if total > 0 else None)
     return {"m_full": total, "m_empty": float(empty.mean()), "n_prompts": len(full), "n_candidates": len(candidates),
             "bound": {"value": bound, "ci": ratio_ci(full - empty, full, seed=seed)},
-            "errors_only": _share(errors_only, empty, full, seed), "rows": rows, "feature_rows": feature_rows}
+            "errors_only": _share(errors_only, empty, full, seed), "features_all": _share(features_all, empty, full, seed),
+            "rows": rows, "feature_rows": feature_rows}
 
 
 def exact_check(metric: ImplicitReward, ranked: list[tuple[Node, float]], n: int) -> dict:

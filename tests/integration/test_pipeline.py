@@ -252,6 +252,22 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     e = measured.metrics.explanation
     assert e.view == "sae_irm" and e.outcome == "no call" and "control_views" in e.reason and not e.control_taus
     assert e.tau == full.metrics.explanation.tau
+    # Dictionaries of the change as the attribution's nodes: the attribute stage trains them on tuned - base and
+    # runs again with what reads it; no SAE of the IRM retrains. The ablation cannot ablate change features while
+    # sampling, so its attribution set is left out.
+    light = light.to_dict()
+    change = RunConfig.from_dict(light | {"attribute": light["attribute"] | {"dictionary": "change",
+                                                                             "change_training_samples": 4096}})
+    lines = []
+    switched = run(change, echo=lines.append)
+    assert switched.stage_status["saes"] == "reused" and switched.stage_status["attribute"] == "ran"
+    a = switched.metrics.to_json()["attribution"]
+    assert a["dictionary"] == "change" and [d["layer"] for d in a["dictionaries"]] == a["layers"]
+    assert all(0 < d["change_norm_share"] and d["explained_variance"] <= 1 for d in a["dictionaries"])
+    assert any("(dictionaries of the change)" in line for line in switched.metrics.verdict)
+    sets = lambda r: {row["set"].split("_")[0] for row in r.metrics.to_json()["validation"]["ablation"]}  # noqa: E731
+    assert "attribution" in sets(measured) and "attribution" not in sets(switched)
+    assert any("cannot ablate while sampling" in line for line in lines)
 
 
 def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path, capsys):

@@ -68,7 +68,7 @@ def _planted(planted_llama, features, error=None, seed=0, enc_scale=30.0, block=
     return tok, base, tuned, sae, ids, planted_idx
 
 
-def _metric(tok, base, tuned, sae, ids, n_prompts=12, seed=0):
+def _metric(tok, base, tuned, sae, ids, n_prompts=12, seed=0, change=False):
     """Sequences whose tuned continuations use the planted words and base continuations do not."""
     rng = np.random.default_rng(seed)
     vocab = len(tok)
@@ -83,7 +83,8 @@ def _metric(tok, base, tuned, sae, ids, n_prompts=12, seed=0):
             lens.append(len(head))
             prompt.append(p)
             source.append(s)
-    return ImplicitReward(base.eval(), tuned.eval(), {L: sae}, "mlp_out", seqs, lens, prompt, source, batch_size=8)
+    return ImplicitReward(base.eval(), tuned.eval(), {L: sae}, "mlp_out", seqs, lens, prompt, source, batch_size=8,
+                          change=change)
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,68 @@ def test_attribution_ranks_the_planted_feature_first_and_it_alone_is_faithful(si
     assert null["reached"] == 0 and null["n"] == 12 and null["highest"] < 0.1
 
 
+def test_a_dictionary_of_the_change_finds_what_the_activations_dictionary_leaves_in_its_error(single):
+    """The planted change at block L lies in directions no feature of the activations' dictionary reads (its
+    planted encoders zeroed), so there it all lands in the error term; a dictionary of the change whose feature j
+    reads the planted direction off x_tuned - x_base carries it in one feature."""
+    tok, base, tuned, sae, ids = single["parts"]
+    j = single["j"]
+    blind = copy.deepcopy(sae)
+    with torch.no_grad():
+        blind.W_enc[:, [j, single["loud"]]] = 0.0
+    acts_metric = _metric(tok, base, tuned, blind, ids)
+    change_metric = _metric(tok, base, tuned, sae, ids, change=True)
+    # Either way, every node tuned is the tuned model and none tuned is the base at the hook point.
+    for part in (None, lambda layer, part: False):
+        np.testing.assert_allclose(change_metric.evaluate(part), acts_metric.evaluate(part), atol=1e-4, rtol=1e-4)
+    feats = [Node(L, i) for i in range(D_SAE)]
+    curves = {}
+    for name, metric in (("activations", acts_metric), ("change", change_metric)):
+        ranked = ranked_nodes(metric.integrated_gradients(steps=4))
+        curves[name] = attribution_curves(metric, ranked, [1], n_random=2, seed=0, candidates=feats)
+        if name == "change":
+            assert ranked[0][0] == Node(L, j)
+    assert curves["activations"]["errors_only"]["value"] >= 0.9
+    assert curves["activations"]["feature_rows"][0]["faithfulness"]["value"] <= 0.1
+    assert curves["activations"]["features_all"]["value"] <= 0.1  # no feature of it carries anything
+    assert curves["change"]["errors_only"]["value"] <= 0.1
+    assert curves["change"]["feature_rows"][0]["faithfulness"]["value"] >= 0.9
+    assert curves["change"]["features_all"]["value"] >= 0.9
+
+
+def test_change_dictionaries_are_trained_on_the_change_and_held_out_by_prompt(tmp_path, monkeypatch):
+    """The attribute stage's dictionaries of the change: trained on x_tuned - x_base (a sparse planted change on
+    top of dense activations both models share), measured on held-out prompts, cached by the capture's key."""
+    from types import SimpleNamespace
+
+    from irmprobe.config import RunConfig
+    from irmprobe.pipeline.stages.attribute import change_dictionaries
+    from irmprobe.saes.evaluate import decoder_directions
+
+    monkeypatch.setenv("IRMPROBE_CACHE", str(tmp_path))
+    rng = np.random.default_rng(0)
+    n, d = 2400, 16
+    shared = rng.normal(size=(n, d)).astype(np.float32) * 5.0  # what both models compute: no part of the change
+    atoms = np.eye(d, dtype=np.float32)[:4]
+    change = (rng.random((n, 4)) < 0.2) * rng.uniform(1, 2, (n, 4)) @ atoms
+    capture = SimpleNamespace(acts={"base.3": shared, "tuned.3": shared + change.astype(np.float32)},
+                              seq_index=np.arange(n) // 20, hook="hook_mlp_out",
+                              hook_name=lambda layer: f"blocks.{layer}.hook_mlp_out")
+    samples = SimpleNamespace(prompt_index=np.arange(n // 20) // 3, token_ids=[()] * (n // 20), prompts=["p"] * 40)
+    cfg = RunConfig.from_dict({"sae": {"expansion": 1, "batch_size": 128, "lr": 1e-2},
+                               "attribute": {"dictionary": "change", "change_training_samples": 20000,
+                                             "change_architecture": "standard", "change_l1_coefficient": 0.3}})
+    saes, rows = change_dictionaries(cfg, capture, samples, [3], capture_key="k", device="cpu")
+    (row,) = rows
+    assert row["layer"] == 3 and row["d_sae"] == d and row["explained_variance"] > 0.95, row
+    # Each planted atom of the change has a feature of its own.
+    assert np.all(np.abs(decoder_directions(saes[3]) @ atoms.T).max(0) > 0.95)
+    assert row["change_norm_share"] == pytest.approx(np.linalg.norm(change, axis=1).mean()
+                                                     / np.linalg.norm(shared + change, axis=1).mean(), rel=1e-5)
+    again, _ = change_dictionaries(cfg, capture, samples, [3], capture_key="k", device="cpu")
+    assert torch.equal(again[3].W_dec, saes[3].W_dec)  # reused from the cache, not retrained
+
+
 def _curve_row(k, faith, errors=0):
     share = {"value": faith, "ci": [faith - 0.05, faith + 0.05]}
     return {"k": k, "faithfulness": share, "completeness": {"value": 1 - faith, "ci": [0.0, 1.0]},
@@ -144,6 +207,13 @@ def test_the_verdict_line_says_when_the_error_terms_not_the_features_carry_the_r
               "smallest_k_features": None}
     line = attribution_line(result)
     assert line.startswith("no set of <= 5 SAE features") and "5 nodes (3 of them errors) reach 0.75" in line
+    assert "the best reaches 0.02 (k=5);" in line  # a result cached before every-feature curves: no such text
+    curves["features_all"] = {"value": 0.22, "ci": [0.1, 0.3]}
+    assert "the best reaches 0.02 (k=5), every feature together 0.22;" in attribution_line(result)
+    assert "(dictionaries of the change)" not in line
+    change = attribution_line(result | {"dictionary": "change"})
+    assert "at mlp_out at blocks 20, 22 (dictionaries of the change) carries" in change
+    assert "their change dictionaries' error terms alone 74%" in change
     assert "the hook points carry 32%" in line and "error terms alone 74%" in line
     assert line.endswith("; known nulls: 0 of 2 random feature sets reach 60% (the highest 0.00)")
     result["smallest_k_features"] = 5
@@ -202,6 +272,12 @@ def test_bad_input_is_refused(single):
         ImplicitReward(base, tuned, {L: sae}, "mlp_out", [[1, 2, 3]], [1, 1], [0], ["tuned"])
     with pytest.raises(ValueError, match="ig_steps"):
         single["metric"].integrated_gradients(steps=0)
+    from irmprobe.config import RunConfig
+
+    with pytest.raises(ValueError, match="dictionary must be 'activations' or 'change', got 'diff'"):
+        RunConfig.from_dict({"attribute": {"dictionary": "diff"}})
+    with pytest.raises(ValueError, match="change_architecture must be one of standard, topk"):
+        RunConfig.from_dict({"attribute": {"change_architecture": "relu"}})
 
 
 def test_the_attributed_feature_ablated_during_generation_removes_the_gain_and_random_sets_do_not(planted_llama):

@@ -50,9 +50,45 @@ def top_contexts(capture, features, index: int, streams, decode, *, n: int = 3,
     return out
 
 
-def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print) -> dict:
+def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, device: str, force: bool = False
+                        ) -> tuple[dict, list[dict]]:
+    """The dictionaries of the change: per hook point an SAE (SAELens; the ``sae`` section's width, batch size
+    and learning rate; ``attribute.change_*`` settings; no early stopping) trained on
+    ``x_tuned - x_base`` at every captured row but the held-out prompts' (:func:`evaluation_rows`), on which it
+    is measured. Cached like the stage's other SAEs. Returns ``(layer -> SAE, metrics rows)``."""
+    from dataclasses import asdict, replace
+
+    from irmprobe.activations.samples import row_prompts
+    from irmprobe.pipeline.stages.saes import get_sae
+    from irmprobe.saes.train import evaluation_rows
+
+    ac = cfg.attribute
+    sc = replace(cfg.sae, pretrained=None, architecture=ac.change_architecture, k=ac.change_k,
+                 l1_coefficient=ac.change_l1_coefficient, training_samples=ac.change_training_samples,
+                 early_stop_every=0)
+    units = row_prompts(samples, capture.seq_index)
+    eval_rows = evaluation_rows(units, cfg.seed)
+    saes, rows = {}, []
+    for layer in layers:
+        delta = capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"]
+        info = {"hook_name": capture.hook_name(layer), "irmprobe_model": "change (tuned - base)"}
+        sae, metrics, sae_dir = get_sae(sc, delta, eval_rows, seed=cfg.seed + layer,
+                                        key_parts=(capture_key, "change", layer), meta=info, device=device,
+                                        force=force, units=units)
+        saes[layer] = sae
+        rows.append({"layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics),
+                     "change_norm_share": float(np.linalg.norm(delta, axis=1).mean()
+                                                / np.linalg.norm(capture.acts[f"tuned.{layer}"], axis=1).mean())})
+    return saes, rows
+
+
+def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print,
+              change: bool = False, dictionaries: list[dict] | None = None) -> dict:
     """Rank nodes on one half of the prompts, check the top ones by exact patching, and measure the curves on
-    the other half; name the smallest set reaching ``ac.threshold`` faithfulness (with its top contexts)."""
+    the other half; name the smallest set reaching ``ac.threshold`` faithfulness (with its top contexts).
+
+    ``saes``: ``layer -> SAE`` whose features are the nodes; ``change``: they are dictionaries of the change
+    (see :class:`irmprobe.validation.attribution.ImplicitReward`), described by ``dictionaries``."""
     from irmprobe.activations.patching import plain_models
     from irmprobe.validation.attribution import (
         HOOK_KINDS,
@@ -66,7 +102,6 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
 
     started = time.perf_counter()
     kind = HOOK_KINDS[hook]
-    tuned_saes = {layer: saes["tuned", layer] for layer in layers}
     base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
                                trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
                                max_memory=runtime.max_memory)
@@ -75,11 +110,12 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
 
     def metric(half):
         seqs = np.flatnonzero(np.isin(samples.prompt_index, half))
-        return ImplicitReward(base, tuned, tuned_saes, kind, [samples.token_ids[i] for i in seqs],
+        return ImplicitReward(base, tuned, saes, kind, [samples.token_ids[i] for i in seqs],
                               samples.prompt_lens[seqs], samples.prompt_index[seqs], samples.source[seqs],
-                              batch_size=ac.batch_size, pad_id=pad)
+                              batch_size=ac.batch_size, pad_id=pad, change=change)
 
-    echo(f"attribute: {len(layers)} hook point(s) ({kind} at blocks {', '.join(map(str, layers))}); ranking on "
+    echo(f"attribute: {len(layers)} hook point(s) ({kind} at blocks {', '.join(map(str, layers))}), dictionaries "
+         f"of the {'change' if change else 'activations'}; ranking on "
          f"{len(rank_half)} prompts, curves on {len(eval_half)} others")
     ranking = metric(rank_half)
     attribution = ranking.integrated_gradients(ac.ig_steps)
@@ -100,7 +136,10 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
         from irmprobe.saes.evaluate import encode
 
         if node.layer not in encoded:  # each layer's SAE runs over the capture once
-            encoded[node.layer] = encode(tuned_saes[node.layer], capture.acts[f"tuned.{node.layer}"]).tocsc()
+            acts = capture.acts[f"tuned.{node.layer}"]
+            if change:  # a change feature fires on the change at that token
+                acts = acts - capture.acts[f"base.{node.layer}"]
+            encoded[node.layer] = encode(saes[node.layer], acts).tocsc()
         return top_contexts(capture, encoded[node.layer], node.index, streams, decode)
 
     features = [(node, value) for node, value in ranked if not node.is_error]
@@ -111,6 +150,7 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     positive = [node for node, value in ranked if value > 0]
     return {
         "kind": kind, "layers": list(layers), "n_prompts": [len(rank_half), len(eval_half)],
+        "dictionary": "change" if change else "activations", "dictionaries": dictionaries or [],
         "ig_steps": ac.ig_steps, "threshold": ac.threshold,
         "rank_half": {"m_full": float(full), "m_empty": float(empty),
                       "ig_sum": float(sum(v for _, v in ranked)),
@@ -128,8 +168,8 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
 class AttributeStage(Stage):
     """Attribution of the implicit reward to SAE features and error terms at the captured hook points."""
 
-    name, version = "attribute", 2
-    reads = ("attribute", "capture.hook", "seed")
+    name, version = "attribute", 3
+    reads = ("attribute", "capture.hook", "seed", "sae")
     needs = ("organism", "samples", "layers", "capture", "saes")
 
     def run(self, cfg, ctx, inputs, out):
@@ -138,9 +178,16 @@ class AttributeStage(Stage):
             ctx.echo(f"attribute: skipped; {reason}")
             result = {"skipped": reason}
         else:
-            result = attribute(cfg.attribute, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]),
-                               inputs["samples"], inputs["capture"], inputs["saes"].saes, inputs["layers"].chosen,
-                               cfg.capture.hook, echo=ctx.echo)
+            layers, capture, samples = inputs["layers"].chosen, inputs["capture"], inputs["samples"]
+            change = cfg.attribute.dictionary == "change"
+            if change:
+                saes, rows = change_dictionaries(cfg, capture, samples, layers, capture_key=ctx.input_keys["capture"],
+                                                 device=ctx.runtime.device, force=ctx.forced)
+            else:
+                saes, rows = {layer: inputs["saes"].saes["tuned", layer] for layer in layers}, None
+            result = attribute(cfg.attribute, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), samples,
+                               capture, saes, layers, cfg.capture.hook, echo=ctx.echo, change=change,
+                               dictionaries=rows)
         write_json(out / "attribution.json", result)
         return result
 

@@ -325,7 +325,8 @@ def attribution_line(result: dict) -> str:
     rng = row["random"]["range"]
     return (f"{k} SAE feature(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points "
             f"carry (faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
-            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + f"; {context}" + _null_named_text(result))
+            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + _every_feature_text(curves) + f"; {context}"
+            + _null_named_text(result))
 
 
 def _every_feature_text(curves: dict) -> str:

@@ -194,7 +194,10 @@ def feature_cards(named: dict[tuple[int, int], list[str]], X: sp.spmatrix, featu
     readout = unembed - unembed.mean(axis=0, keepdims=True)
     judged = {r["feature"]: r for r in (interpretation or {}).get("judged", [])}
     attributed = {}
-    for entry in (attribution or {}).get("top", []) if attribution and "skipped" not in attribution else []:
+    # Nodes of dictionaries of the change are not these SAE features: they get no attribution here.
+    change = (attribution or {}).get("dictionary") == "change"
+    for entry in (attribution or {}).get("top", []) if attribution and "skipped" not in attribution and not change \
+            else []:
         key = feature_key(entry["node"])
         if key is not None:
             attributed[key] = entry["attribution"]

@@ -362,7 +362,9 @@ def render(metrics) -> str:
     attribution = metrics.get("attribution") or {}
     if "attribution_curves" in plots:
         page.plot("attribution_curves", plots["attribution_curves"])
-        page.table(*tables["attribution nodes"], title="nodes ranked by attribution")
+        page.table(*tables["attribution nodes"], title="nodes ranked by attribution" + (
+            " (features of the dictionaries of the change, not the IRM's SAEs)"
+            if attribution.get("dictionary") == "change" else ""))
         if "attribution change dictionaries" in tables:
             page.table(*tables["attribution change dictionaries"],
                        title="the nodes' dictionaries: SAEs of the change (tuned minus base), held-out prompts")

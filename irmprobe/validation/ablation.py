@@ -220,8 +220,9 @@ def flagged_columns(interpretation: dict, k: int) -> list[int]:
 
 def attribution_set(attribution: dict | None, top_k: int) -> tuple[str, dict[int, tuple[int, ...]]] | None:
     """The features the attribute stage names (its smallest faithful set, error terms left out: an error is
-    not a feature that can be ablated), else its ``top_k`` features of largest positive attribution."""
-    if not attribution or "skipped" in attribution:
+    not a feature that can be ablated), else its ``top_k`` features of largest positive attribution. None
+    where its nodes are features of dictionaries of the change: not the tuned model's SAE features."""
+    if not attribution or "skipped" in attribution or attribution.get("dictionary") == "change":
         return None
     named = attribution.get("named") or []
     label = f"attribution_faithful_{len(named)}"
@@ -290,7 +291,6 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
         # A change feature is read off x_tuned - x_base: ablating it while sampling needs the base in lockstep.
         echo("ablate: no attribution set; its features are of dictionaries of the change, which this stage "
              "cannot ablate while sampling (attribute.dictionary=activations names ablatable features)")
-        attributed = None
     if attributed is not None:
         sets.append(FeatureSet(attributed[0], attributed[1], vc.ablation, means))
     targeted = tuple(fs.name for fs in sets)

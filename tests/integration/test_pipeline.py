@@ -268,6 +268,10 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     sets = lambda r: {row["set"].split("_")[0] for row in r.metrics.to_json()["validation"]["ablation"]}  # noqa: E731
     assert "attribution" in sets(measured) and "attribution" not in sets(switched)
     assert any("cannot ablate while sampling" in line for line in lines)
+    # Nor are they the IRM's SAE features: no feature card is named for, or carries, a change node's attribution.
+    cards = switched.metrics.to_json()["dashboard"]["features"]
+    assert not any(s.startswith("attribution") for c in cards for s in c["named_as"])
+    assert all(c["attribution"] is None for c in cards)
 
 
 def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path, capsys):

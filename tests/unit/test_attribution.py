@@ -140,9 +140,15 @@ def test_a_dictionary_of_the_change_finds_what_the_activations_dictionary_leaves
         blind.W_enc[:, [j, single["loud"]]] = 0.0
     acts_metric = _metric(tok, base, tuned, blind, ids)
     change_metric = _metric(tok, base, tuned, sae, ids, change=True)
-    # Either way, every node tuned is the tuned model and none tuned is the base at the hook point.
+    # Either way, every node tuned is the tuned model and none tuned is the base at the hook point, also for a
+    # change dictionary with biases (its zero-change node values are then not zero).
+    biased = copy.deepcopy(sae)
+    with torch.no_grad():
+        biased.b_dec.copy_(torch.linspace(-0.5, 0.5, 32))
+        biased.b_enc.fill_(0.1)
     for part in (None, lambda layer, part: False):
-        np.testing.assert_allclose(change_metric.evaluate(part), acts_metric.evaluate(part), atol=1e-4, rtol=1e-4)
+        for metric in (change_metric, _metric(tok, base, tuned, biased, ids, change=True)):
+            np.testing.assert_allclose(metric.evaluate(part), acts_metric.evaluate(part), atol=1e-3, rtol=1e-3)
     feats = [Node(L, i) for i in range(D_SAE)]
     curves = {}
     for name, metric in (("activations", acts_metric), ("change", change_metric)):
@@ -158,7 +164,7 @@ def test_a_dictionary_of_the_change_finds_what_the_activations_dictionary_leaves
     assert curves["change"]["features_all"]["value"] >= 0.9
 
 
-def test_change_dictionaries_are_trained_on_the_change_and_held_out_by_prompt(tmp_path, monkeypatch):
+def test_change_dictionaries_are_trained_on_the_change_and_cached(tmp_path, monkeypatch):
     """The attribute stage's dictionaries of the change: trained on x_tuned - x_base (a sparse planted change on
     top of dense activations both models share), measured on held-out prompts, cached by the capture's key."""
     from types import SimpleNamespace
@@ -187,6 +193,12 @@ def test_change_dictionaries_are_trained_on_the_change_and_held_out_by_prompt(tm
     assert np.all(np.abs(decoder_directions(saes[3]) @ atoms.T).max(0) > 0.95)
     assert row["change_norm_share"] == pytest.approx(np.linalg.norm(change, axis=1).mean()
                                                      / np.linalg.norm(shared + change, axis=1).mean(), rel=1e-5)
+    import irmprobe.pipeline.stages.saes as stage
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached change dictionary was trained again")
+
+    monkeypatch.setattr(stage, "train_sae", no_training)
     again, _ = change_dictionaries(cfg, capture, samples, [3], capture_key="k", device="cpu")
     assert torch.equal(again[3].W_dec, saes[3].W_dec)  # reused from the cache, not retrained
 
@@ -219,6 +231,7 @@ def test_the_verdict_line_says_when_the_error_terms_not_the_features_carry_the_r
     result["smallest_k_features"] = 5
     curves["feature_rows"][1] = _curve_row(5, 0.7)
     assert attribution_line(result).startswith("5 SAE feature(s) at mlp_out at blocks 20, 22 carry 70%")
+    assert "random 5-feature sets: +0.00 to +0.00, every feature together 0.22; the hook" in attribution_line(result)
     # A random set at the threshold would have been named: it counts as a false naming.
     curves["feature_rows"][1]["random"]["values"] = [0.6, 0.2]
     assert attribution_line(result).endswith("known nulls: 1 of 3 random feature sets reach 60% (the highest 0.60)")

@@ -33,10 +33,11 @@ def prompt_halves(samples, n_prompts: int, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def top_contexts(capture, features, index: int, streams, decode, *, n: int = 3,
-                 window: int = 8) -> list[str]:
-    """The windows (text up to and including the token) where feature ``index`` fires most, one per sequence.
+                 window: int = 8, baseline: float = 0.0) -> list[str]:
+    """The windows (text up to and including the token) where feature ``index`` fires most above ``baseline``
+    (a change feature's value on a zero change), one per sequence.
     ``features``: one SAE's activations at every captured row (sparse [rows, d_sae])."""
-    column = np.asarray(features[:, index].todense()).ravel()
+    column = np.asarray(features[:, index].todense()).ravel() - baseline
     out, seen = [], set()
     for row in np.argsort(-column, kind="stable"):
         if column[row] <= 0 or len(out) >= n:
@@ -130,17 +131,20 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     k_features = smallest_faithful(curves, ac.threshold, "feature_rows")
     streams = list(samples.token_ids)
     decode = lambda t: pair.tokenizer.decode([t])  # noqa: E731
-    encoded: dict[int, object] = {}
+    encoded: dict[int, tuple] = {}
 
     def contexts(node):
         from irmprobe.saes.evaluate import encode
 
         if node.layer not in encoded:  # each layer's SAE runs over the capture once
             acts = capture.acts[f"tuned.{node.layer}"]
-            if change:  # a change feature fires on the change at that token
+            zero = np.zeros(saes[node.layer].cfg.d_sae)
+            if change:  # a change feature reads the change at that token, against its value on no change
                 acts = acts - capture.acts[f"base.{node.layer}"]
-            encoded[node.layer] = encode(saes[node.layer], acts).tocsc()
-        return top_contexts(capture, encoded[node.layer], node.index, streams, decode)
+                zero = encode(saes[node.layer], np.zeros((1, acts.shape[1]), np.float32)).toarray()[0]
+            encoded[node.layer] = encode(saes[node.layer], acts).tocsc(), zero
+        features, zero = encoded[node.layer]
+        return top_contexts(capture, features, node.index, streams, decode, baseline=float(zero[node.index]))
 
     features = [(node, value) for node, value in ranked if not node.is_error]
     # The named set is the smallest set of features (errors left out) reaching the threshold.

@@ -195,9 +195,8 @@ def feature_cards(named: dict[tuple[int, int], list[str]], X: sp.spmatrix, featu
     judged = {r["feature"]: r for r in (interpretation or {}).get("judged", [])}
     attributed = {}
     # Nodes of dictionaries of the change are not these SAE features: they get no attribution here.
-    change = (attribution or {}).get("dictionary") == "change"
-    for entry in (attribution or {}).get("top", []) if attribution and "skipped" not in attribution and not change \
-            else []:
+    ranked = attribution and "skipped" not in attribution and attribution.get("dictionary") != "change"
+    for entry in attribution.get("top", []) if ranked else []:
         key = feature_key(entry["node"])
         if key is not None:
             attributed[key] = entry["attribution"]

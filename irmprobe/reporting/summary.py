@@ -261,15 +261,15 @@ def attribution_section(a: dict) -> list[str]:
              "teacher-forced) =="]
     for d in a.get("dictionaries") or []:
         lines.append(f"change dictionary at block {d['layer']}: {d['d_sae']} features trained on x_tuned - x_base "
-                     f"(its norm {d['change_norm_share']:.2f} of the tuned activation's); held-out prompts: "
-                     f"explained variance {d['explained_variance']:.3f}, L0 {d['l0']:.1f}, dead {d['dead_fraction']:.2f}")
+                     f"(its norm {d['change_norm_share']:.2f} of the tuned activation's); held-out prompts: explained "
+                     f"variance {d['explained_variance']:.3f}, L0 {d['l0']:.1f}, dead {d['dead_fraction']:.2f}")
     lines += [f"ranking half ({a['n_prompts'][0]} prompts): m(tuned) {r['m_full']:+.2f}, m(base at every hook point) "
               f"{r['m_empty']:+.2f}; IG ({a['ig_steps']} steps) sums to {r['ig_sum']:+.2f}; exact patching of the top "
               f"{len(a['exact']['rows'])} nodes: Spearman {_fmt(a['exact']['spearman'], '+.2f')} with IG",
               f"held-out half ({a['n_prompts'][1]} prompts): the hook points carry {_fmt(c['bound']['value'], '.2f')} "
               f"{_interval(c['bound']['ci'], '.2f')} of the implicit reward; the {'dictionary' if change else 'SAE'} "
-              "errors alone "
-              f"{_fmt(c['errors_only']['value'], '+.2f')} {_interval(c['errors_only']['ci'], '+.2f')} of that"
+              f"errors alone {_fmt(c['errors_only']['value'], '+.2f')} {_interval(c['errors_only']['ci'], '+.2f')} "
+              "of that"
               + ("" if "features_all" not in c else f", every feature (errors at base) "
                  f"{_fmt(c['features_all']['value'], '+.2f')} {_interval(c['features_all']['ci'], '+.2f')}"),
               f"{'':>6}{'every node (errors included)':^44}{'features only':^36}",

@@ -352,8 +352,8 @@ def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]],
     bound = (float((full - empty).mean() / total) if total > 0 else None)
     return {"m_full": total, "m_empty": float(empty.mean()), "n_prompts": len(full), "n_candidates": len(candidates),
             "bound": {"value": bound, "ci": ratio_ci(full - empty, full, seed=seed)},
-            "errors_only": _share(errors_only, empty, full, seed), "features_all": _share(features_all, empty, full, seed),
-            "rows": rows, "feature_rows": feature_rows}
+            "errors_only": _share(errors_only, empty, full, seed),
+            "features_all": _share(features_all, empty, full, seed), "rows": rows, "feature_rows": feature_rows}
 
 
 def exact_check(metric: ImplicitReward, ranked: list[tuple[Node, float]], n: int) -> dict:

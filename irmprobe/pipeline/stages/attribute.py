@@ -138,13 +138,14 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
 
         if node.layer not in encoded:  # each layer's SAE runs over the capture once
             acts = capture.acts[f"tuned.{node.layer}"]
-            zero = np.zeros(saes[node.layer].cfg.d_sae)
+            zero = None
             if change:  # a change feature reads the change at that token, against its value on no change
                 acts = acts - capture.acts[f"base.{node.layer}"]
                 zero = encode(saes[node.layer], np.zeros((1, acts.shape[1]), np.float32)).toarray()[0]
             encoded[node.layer] = encode(saes[node.layer], acts).tocsc(), zero
         features, zero = encoded[node.layer]
-        return top_contexts(capture, features, node.index, streams, decode, baseline=float(zero[node.index]))
+        return top_contexts(capture, features, node.index, streams, decode,
+                            baseline=0.0 if zero is None else float(zero[node.index]))
 
     features = [(node, value) for node, value in ranked if not node.is_error]
     # The named set is the smallest set of features (errors left out) reaching the threshold.

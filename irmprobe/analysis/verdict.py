@@ -299,9 +299,8 @@ def attribution_line(result: dict) -> str:
         return f"attribution: skipped ({result['skipped']})"
     curves = result["curves"]
     where = f"{result['kind']} at blocks {', '.join(map(str, result['layers']))}"
-    change = result.get("dictionary") == "change"
     errors = "SAE error terms"
-    if change:  # the nodes are features of the change, not of the tuned model's activations
+    if result.get("dictionary") == "change":  # the nodes are features of the change, not of the activations
         where += " (dictionaries of the change)"
         errors = "change dictionaries' error terms"
     context = (f"the hook points carry {_attr_pct(curves['bound']['value'])} [{_attr_ci(curves['bound']['ci'])}] of "

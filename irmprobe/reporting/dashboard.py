@@ -194,9 +194,10 @@ def feature_cards(named: dict[tuple[int, int], list[str]], X: sp.spmatrix, featu
     readout = unembed - unembed.mean(axis=0, keepdims=True)
     judged = {r["feature"]: r for r in (interpretation or {}).get("judged", [])}
     attributed = {}
+    from irmprobe.validation.attribution import reads_tuned_saes
+
     # Nodes of dictionaries of the change are not these SAE features: they get no attribution here.
-    ranked = attribution and "skipped" not in attribution and attribution.get("dictionary") != "change"
-    for entry in attribution.get("top", []) if ranked else []:
+    for entry in attribution.get("top", []) if reads_tuned_saes(attribution) else []:
         key = feature_key(entry["node"])
         if key is not None:
             attributed[key] = entry["attribution"]

@@ -222,7 +222,9 @@ def attribution_set(attribution: dict | None, top_k: int) -> tuple[str, dict[int
     """The features the attribute stage names (its smallest faithful set, error terms left out: an error is
     not a feature that can be ablated), else its ``top_k`` features of largest positive attribution. None
     where its nodes are features of dictionaries of the change: not the tuned model's SAE features."""
-    if not attribution or "skipped" in attribution or attribution.get("dictionary") == "change":
+    from irmprobe.validation.attribution import reads_tuned_saes
+
+    if not reads_tuned_saes(attribution):
         return None
     named = attribution.get("named") or []
     label = f"attribution_faithful_{len(named)}"

@@ -257,6 +257,12 @@ def _next_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
+def reads_tuned_saes(result: dict | None) -> bool:
+    """The attribute stage ran and its feature nodes are the tuned model's SAE features (the IRM's basis), not
+    features of dictionaries of the change."""
+    return bool(result) and "skipped" not in result and result.get("dictionary") != "change"
+
+
 def ranked_nodes(attribution: dict[int, tuple[np.ndarray, float]]) -> list[tuple[Node, float]]:
     """Every node with a nonzero attribution, largest (signed) first: the nodes that carry the reward."""
     nodes = []

@@ -575,7 +575,8 @@ class AttributeConfig:
     """The nodes' dictionary: ``activations`` (the tuned model's SAEs, the IRM's basis) or ``change``
     (dictionaries of the change: an SAE per hook point trained on tuned minus base activations at the same
     tokens, with the sae section's width and batch size; a node's base value is that of a zero change).
-    The ablate stage cannot yet ablate change features while sampling and leaves the attribution set out."""
+    The ablate stage sets the named change features to their zero-change value while the tuned model samples,
+    with the base model in lockstep, against random features of the same dictionaries."""
     change_architecture: str = "topk"
     """The change dictionaries' architecture (``sae.architecture``'s choices). The change is dense (every token
     shifts): with ReLU + L1 at the activations' 3.0 four in ten features die, at 1.0 six in ten fire densely."""

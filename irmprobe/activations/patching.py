@@ -160,18 +160,32 @@ def _replace(store: dict):
     return fn
 
 
-def _replace_rows(store: dict, rows: torch.Tensor):
-    """Like :func:`_replace`, for the batch rows ``rows`` only (the base ran on those rows alone)."""
+def _condition_patches(store: dict, rows: list[slice], conditions: list[Condition]):
+    """The tuned model's hook for :func:`generate_conditions`: at each point, the rows of every condition that
+    patches that block get the base's activation (``store``: the base ran on the patching conditions' rows, in
+    condition order) or the condition's ``mix`` of the two."""
+    spans, offset = [], 0  # (the condition's rows in the batch, its rows in the base's run, the condition)
+    for r, c in zip(rows, conditions):
+        if c.blocks:
+            spans.append((r, slice(offset, offset + r.stop - r.start), c))
+            offset += r.stop - r.start
+
     def fn(point, act):
-        new = store[point]
-        if new.shape[1:] != act.shape[1:] or len(new) != len(rows):
-            raise ValueError(f"patch at {point} has shape {tuple(new.shape)}, the tuned model's rows "
-                             f"{(len(rows), *act.shape[1:])}")
-        if len(rows) == len(act):
-            return new.to(act.device, act.dtype, copy=True)
-        out = act.clone()
-        out[rows.to(act.device)] = new.to(act.device, act.dtype)
+        x_base = store[point]
+        if x_base.shape[1:] != act.shape[1:] or len(x_base) != offset:
+            raise ValueError(f"patch at {point} has shape {tuple(x_base.shape)}, the tuned model's patched rows "
+                             f"{(offset, *act.shape[1:])}")
+        out = None
+        for r, in_base, c in spans:
+            if point[1] not in c.blocks:
+                continue
+            new = x_base[in_base].to(act.device, act.dtype)
+            if c.mix is not None:
+                new = c.mix(point[1], new, act[r]).to(act.dtype)
+            out = act.clone() if out is None else out
+            out[r] = new
         return out
+
     return fn
 
 
@@ -304,12 +318,15 @@ class Condition:
 
     ``hooks(rows)`` returns a context manager that changes the tuned model's computation for the batch rows
     ``rows`` only (e.g. :func:`irmprobe.validation.ablation.ablated` with ``rows``); None runs it unchanged.
-    ``blocks``: the base's activations of the call's ``kind`` are patched in at these blocks for this
-    condition's rows (the base model then runs in lockstep on those rows).
+    ``blocks``: at these blocks the call's ``kind`` activation of this condition's rows is replaced, by the
+    base's (patching) or by ``mix(block, x_base, x_tuned)`` (e.g. the tuned activation less some features of
+    a dictionary of the change, read off ``x_tuned - x_base``); the base model then runs in lockstep on
+    those rows, on the tokens they sampled.
     """
 
     hooks: Callable[[slice], Any] | None = None
     blocks: tuple[int, ...] = ()
+    mix: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def generate_patched(base, tuned, tokenizer, prompts, blocks, kind: str = "mlp_out", *, n_per_prompt: int,
@@ -342,18 +359,19 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
     every condition, which keeps a GPU busy. Rows draw the uniforms of their slot (see
     :func:`generate_patched`), so each condition's samples equal those of its own
     :func:`generate_patched` call with the same seed (up to float rounding that differs between batch
-    shapes, which can flip a draw only when a uniform falls within that rounding of a CDF step). Conditions that patch must patch the same blocks.
+    shapes, which can flip a draw only when a uniform falls within that rounding of a CDF step). Conditions
+    may patch (or mix) different blocks: the base runs, on the rows of every condition that has blocks, to
+    each of them, and each condition's rows are changed at its own blocks only.
 
     Raises:
-        ValueError: an unknown hook kind, a block out of range, no prompts or conditions, or
-            conditions patching different blocks.
+        ValueError: an unknown hook kind, a block out of range, no prompts or conditions, or a ``mix``
+            without blocks.
     """
     if not conditions:
         raise ValueError("generate_conditions needs at least one condition")
-    patched = {tuple(int(b) for b in c.blocks) for c in conditions if c.blocks}
-    if len(patched) > 1:
-        raise ValueError(f"conditions sampled together must patch the same blocks, got {sorted(patched)}")
-    blocks = next(iter(patched), ())
+    if any(c.mix is not None and not c.blocks for c in conditions):
+        raise ValueError("a condition with a mix needs the blocks it mixes at (Condition.blocks)")
+    blocks = sorted({int(b) for c in conditions for b in c.blocks})
     _validate(base, tuned, blocks, (kind,))
     if not prompts or n_per_prompt < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("generate_patched needs prompts, and n_per_prompt, max_new_tokens, batch_size >= 1")
@@ -386,6 +404,7 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
         # Rows of the conditions that patch (contiguous when they come last; any order works).
         patch_rows = torch.cat([torch.arange(r.start, r.stop) for r, c in zip(rows, conditions) if c.blocks]) \
             if points else torch.zeros(0, dtype=torch.long)
+        patches = _condition_patches(store, rows, conditions)
         draws = uniforms[slots].repeat(n_cond, 1)
         cache_base = cache_tuned = None
         done = torch.zeros(len(ids), dtype=torch.bool)
@@ -400,7 +419,7 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
                 for r, c in zip(rows, conditions):
                     if c.hooks is not None:
                         stack.enter_context(c.hooks(r))
-                stack.enter_context(output_hooks(tuned, points, _replace_rows(store, patch_rows)))
+                stack.enter_context(output_hooks(tuned, points, patches))
                 logits, cache_tuned = _step(tuned, cache_tuned, ids, mask, positions)
             probs = logits.double().softmax(-1).cpu()
             store.clear()

@@ -195,23 +195,28 @@ def discovery_lines(d: dict) -> list[str]:
 def null_calls(rows: list[dict]) -> dict | None:
     """How often the causal rule calls a random feature set causal against the other random sets of its size.
 
-    Returns ``{"called": k, "n": n, "sizes": {size: [called, judged]}, "closest": the largest margin of a
+    Returns ``{"called": k, "n": n, "sizes": {size: [called, judged]} (a size of change features keyed
+    ``"<size> change"``), "closest": the largest margin of a
     random set's Bonferroni lower end over the others' range (> 0: a call)}``; None where no random set was
     judged. The n checks are not independent trials: within a size, one set's call makes another's unlikely
     (each is judged against the rest), so k / n is a rough rate and no binomial interval is given; runs with
     other seeds add independent checks.
     """
+    from irmprobe.validation.ablation import null_family
+
     checks = [r for r in rows if r.get("null_check")]
     if not checks:
         return None
-    sizes: dict[int, list[int]] = {}
+    sizes: dict[int | str, list[int]] = {}
     margins = []
     for r in checks:
-        entry = sizes.setdefault(int(r["n_features"]), [0, 0])
+        size, change = null_family(r)
+        entry = sizes.setdefault(f"{size} change" if change else size, [0, 0])
         entry[0] += int(r["null_check"]["called"])
         entry[1] += 1
         margins.append(r["gain_share_adjusted"]["ci"][0] - r["null_check"]["range"][1])
-    return {"called": sum(c for c, _ in sizes.values()), "n": len(checks), "sizes": dict(sorted(sizes.items())),
+    return {"called": sum(c for c, _ in sizes.values()), "n": len(checks),
+            "sizes": dict(sorted(sizes.items(), key=lambda kv: (isinstance(kv[0], str), int(str(kv[0]).split()[0])))),
             "closest": float(max(margins))}
 
 

@@ -10,9 +10,17 @@ is ablated to (0 for zero-ablation, its mean activation for mean-ablation). With
 replaces ``x`` by the SAE's reconstruction (the error dropped), which shows what the SAE
 approximation alone costs. Steering adds ``alpha * d_i`` instead.
 
-Generation runs on a plain Hugging Face model with PyTorch forward hooks on the MLP modules
-(whose output is TransformerLens's ``hook_mlp_out``). It must be a model no TransformerBridge
-has wrapped: a bridge rewires the modules in place, and Hugging Face ``generate`` with its KV
+A feature of a dictionary of the change (trained on ``x_tuned - x_base``, the attribute stage's
+``attribute.dictionary: change``) is read off the change, so ablating it needs the base model's
+activation at the same point on the same tokens: the base runs in lockstep, and
+
+    x' = x_tuned - sum_{i in S} (f_i(x_tuned - x_base) - f_i(0)) d_i
+
+sets each feature to its value on a zero change (the counterfactual the attribution measured).
+
+Generation runs on a plain Hugging Face model with PyTorch forward hooks on the module whose output is
+the captured hook point (``hook_mlp_out``: the MLP; ``hook_resid_post``: the block). It must be a model
+no TransformerBridge has wrapped: a bridge rewires the modules in place, and Hugging Face ``generate`` with its KV
 cache then samples differently (measured: the default organism's reward fell from +0.63 to
 +0.13 on the same prompts and seed), so :func:`irmprobe.validation.ablation.ablate` loads a fresh copy.
 """
@@ -41,17 +49,23 @@ class FeatureSet:
     name: str
     features: dict[int, tuple[int, ...]]
     mode: str = "zero"
-    """``zero``, ``mean`` (to ``means``), ``reconstruction`` (error dropped, nothing ablated) or ``steer``."""
+    """``zero``, ``mean`` (to ``means``), ``reconstruction`` (error dropped, nothing ablated), ``steer``, or
+    ``change``: features of the dictionaries of the change ``saes``, each set to its value on a zero change
+    (the base then runs in lockstep)."""
     means: dict[int, np.ndarray] | None = None
     """For ``mean``: each layer's mean activation per feature."""
     alpha: float = 0.0
     """For ``steer``: how much of each feature's decoder direction is added at every position."""
+    saes: dict[int, object] | None = None
+    """For ``change``: layer -> the dictionary of the change whose features ``features`` are."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("zero", "mean", "reconstruction", "steer"):
-            raise ValueError(f"mode must be zero, mean, reconstruction or steer, got {self.mode!r}")
+        if self.mode not in ("zero", "mean", "reconstruction", "steer", "change"):
+            raise ValueError(f"mode must be zero, mean, reconstruction, steer or change, got {self.mode!r}")
         if self.mode == "mean" and self.means is None:
             raise ValueError("mode=mean needs the features' mean activations (means)")
+        if self.mode == "change" and (self.saes is None or not set(self.features) <= set(self.saes)):
+            raise ValueError("mode=change needs the dictionary of the change of every layer it ablates (saes)")
 
     @property
     def size(self) -> int:
@@ -76,21 +90,41 @@ def splice_hook(sae, indices, mode: str = "zero", means: np.ndarray | None = Non
     return hook
 
 
+def change_mix(sae, indices):
+    """``mix(x_base, x_tuned)``: ``x_tuned`` with features ``indices`` of ``sae``, a dictionary of the change read
+    off ``x_tuned - x_base``, set to their value on a zero change; every other feature and the error term keep
+    their tuned value (for :class:`irmprobe.activations.patching.Condition`)."""
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    W_dec = sae.W_dec.detach()[idx]
+    with torch.no_grad():
+        zero = sae.encode(torch.zeros((1, W_dec.shape[1]), dtype=W_dec.dtype, device=W_dec.device))[0, idx]
+
+    def mix(x_base, x_tuned):
+        x = x_tuned.float()
+        f = sae.encode(x - x_base.float())[..., idx]
+        return (x - (f - zero.to(x.device)) @ W_dec.to(x.device)).to(x_tuned.dtype)
+
+    return mix
+
+
 def mlp_module(model, layer: int):
     """The MLP module of block ``layer`` (``model.layers.9.mlp``, ``gpt_neox.layers.9.mlp``, ``h.9.mlp``)."""
     return hook_module(model, f"blocks.{layer}.hook_mlp_out")
 
 
 @contextmanager
-def ablated(model, saes: dict[int, object], feature_set: FeatureSet, rows: slice | None = None):
+def ablated(model, saes: dict[int, object], feature_set: FeatureSet, rows: slice | None = None, site: str = "mlp_out"):
     """Within the block, ``model`` (a plain Hugging Face model) runs with ``feature_set`` ablated.
 
-    Each layer's SAE is spliced at the output of that block's MLP (``hook_mlp_out``). With ``rows``,
-    only those batch rows are changed (several conditions share one batch, see
-    :func:`irmprobe.activations.patching.generate_conditions`).
+    Each layer's SAE is spliced where it was trained: ``site`` ``mlp_out`` (the output of that block's MLP),
+    ``resid_post`` (the block's output) or ``attn_out``. With ``rows``, only those batch rows are changed
+    (several conditions share one batch, see :func:`irmprobe.activations.patching.generate_conditions`).
     """
+    if feature_set.mode == "change":
+        raise ValueError("a set of change features is ablated with the base in lockstep (change_mix in a "
+                         "patching Condition), not by ablated()")
     layers = sorted(set(feature_set.features) | (set(saes) if feature_set.mode == "reconstruction" else set()))
-    splices = {("mlp_out", layer): splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode,
+    splices = {(site, layer): splice_hook(saes[layer], feature_set.features.get(layer, ()), feature_set.mode,
                                                feature_set.means.get(layer) if feature_set.means else None,
                                                feature_set.alpha)
                for layer in layers}
@@ -219,19 +253,27 @@ def flagged_columns(interpretation: dict, k: int) -> list[int]:
 
 
 def attribution_set(attribution: dict | None, top_k: int) -> tuple[str, dict[int, tuple[int, ...]]] | None:
-    """The features the attribute stage names (its smallest faithful set, error terms left out: an error is
-    not a feature that can be ablated), else its ``top_k`` features of largest positive attribution. None
-    where its nodes are features of dictionaries of the change: not the tuned model's SAE features."""
+    """The tuned model's SAE features the attribute stage names (see :func:`attributed_features`). None where its
+    nodes are features of dictionaries of the change: not the tuned model's SAE features."""
     from irmprobe.validation.attribution import reads_tuned_saes
 
-    if not reads_tuned_saes(attribution):
+    return attributed_features(attribution, top_k) if reads_tuned_saes(attribution) else None
+
+
+def attributed_features(attribution: dict | None, top_k: int) -> tuple[str, dict[int, tuple[int, ...]]] | None:
+    """The features the attribute stage names (its smallest faithful set, error terms left out: an error is
+    not a feature that can be ablated), else its ``top_k`` features of largest positive attribution; labelled
+    ``attribution_faithful_n`` / ``attribution_top_n`` (``attribution_change_...`` for features of
+    dictionaries of the change). None without an attribution or a feature."""
+    if not attribution or "skipped" in attribution:
         return None
     named = attribution.get("named") or []
-    label = f"attribution_faithful_{len(named)}"
+    prefix = "attribution_change" if attribution.get("dictionary") == "change" else "attribution"
+    label = f"{prefix}_faithful_{len(named)}"
     if not named:
         named = [t for t in attribution.get("top", []) if t["attribution"] > 0 and not t["node"].endswith("/error")]
         named = named[:top_k]
-        label = f"attribution_top_{len(named)}"
+        label = f"{prefix}_top_{len(named)}"
     out: dict[int, list[int]] = {}
     for t in named:
         layer, part = t["node"].split("/")
@@ -288,18 +330,32 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
         sets.append(FeatureSet(f"decision_top_{kd}", as_layers(decision), vc.ablation, means))
     if flagged_cols:
         sets.append(FeatureSet(f"judge_flagged_{len(flagged_cols)}", as_layers(flagged_cols), vc.ablation, means))
-    attributed = attribution_set(attribution, vc.top_k)
-    if attribution and attribution.get("dictionary") == "change":
-        # A change feature is read off x_tuned - x_base: ablating it while sampling needs the base in lockstep.
-        echo("ablate: no attribution set; its features are of dictionaries of the change, which this stage "
-             "cannot ablate while sampling (attribute.dictionary=activations names ablatable features)")
-    if attributed is not None:
+    attributed = attributed_features(attribution, vc.top_k)
+    change = attributed is not None and attribution.get("dictionary") == "change"
+    if attributed is not None and not change:
         sets.append(FeatureSet(attributed[0], attributed[1], vc.ablation, means))
+    sizes = sorted({fs.size for fs in sets})
+    if change:
+        # A change feature is read off x_tuned - x_base: it is ablated with the base in lockstep, against random
+        # features of the same dictionaries (a null of its own kind).
+        change_saes = load_change_dictionaries(attribution, runtime.device)
+        change_set = FeatureSet(attributed[0], attributed[1], "change", saes=change_saes)
+        sets.append(change_set)
     targeted = tuple(fs.name for fs in sets)
     # Several random sets of each targeted size: the targeted sets are judged against their distribution.
-    for size in sorted({fs.size for fs in sets}):
+    for size in sizes:
         for i in range(vc.n_random_sets):
             sets.append(FeatureSet(f"random_{size} #{i + 1} (control)", as_layers(draw(size)), vc.ablation, means))
+    if change:
+        live = live_change_features(change_saes, capture, exclude=attributed[1])
+        size = change_set.size
+        for i in range(vc.n_random_sets):
+            picked = rng.choice(len(live), min(size, len(live)), replace=False)
+            chosen: dict[int, list[int]] = {}
+            for j in sorted(picked):
+                chosen.setdefault(live[j][0], []).append(live[j][1])
+            sets.append(FeatureSet(f"random_change_{size} #{i + 1} (control)",
+                                   {k: tuple(v) for k, v in chosen.items()}, "change", saes=change_saes))
     sets.append(FeatureSet("reconstruction_only (control)", {}, "reconstruction"))
     if vc.steer_alpha is not None and top_k:
         sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
@@ -320,8 +376,47 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
                                max_memory=runtime.max_memory)
     rows = paired_rows(base, tuned, pair.tokenizer, layer_saes, sets, rm, prompts, bound, kind or "mlp_out",
                        samples_per_prompt=vc.samples_per_prompt, max_new_tokens=vc.max_new_tokens, seed=seed,
-                       batch_size=vc.batch_size, targeted=targeted)
+                       batch_size=vc.batch_size, targeted=targeted, site=hook.removeprefix("hook_"))
     return against_random(rows, targeted)
+
+
+def load_change_dictionaries(attribution: dict, device: str) -> dict[int, object]:
+    """The attribute stage's dictionaries of the change (layer -> SAE), from the cache paths it recorded.
+
+    Raises:
+        ValueError: a dictionary is no longer in the cache.
+    """
+    from pathlib import Path
+
+    from irmprobe.saes.load import load_sae
+
+    out = {}
+    for row in attribution.get("dictionaries") or []:
+        path = Path(row["path"])
+        if not (path / "cfg.json").is_file():
+            raise ValueError(f"the attribute stage's dictionary of the change at block {row['layer']} is no longer "
+                             f"at {path}: rerun the attribute stage (irmprobe attribute <config> --force)")
+        out[int(row["layer"])] = load_sae(path, device=device)
+    return out
+
+
+def live_change_features(saes: dict[int, object], capture, exclude: dict[int, tuple[int, ...]] | None = None
+                         ) -> list[tuple[int, int]]:
+    """``(layer, index)`` of every feature of the dictionaries of the change that moves from its zero-change
+    value on some captured row (the random sets' pool), less ``exclude``."""
+    from irmprobe.saes.evaluate import encode
+
+    out = []
+    for layer in sorted(saes):
+        delta = capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"]
+        zero = encode(saes[layer], np.zeros((1, delta.shape[1]), np.float32)).toarray()[0]
+        moved = np.zeros(len(zero), dtype=bool)
+        for start in range(0, len(delta), 4096):
+            f = encode(saes[layer], delta[start:start + 4096]).toarray()
+            moved |= np.any(f != zero, axis=0)
+        skip = set((exclude or {}).get(layer, ()))
+        out.extend((layer, int(i)) for i in np.flatnonzero(moved) if int(i) not in skip)
+    return out
 
 
 def reward_gain_test(base, tuned, prompt_index, *, confidence: float = 0.95, n_resamples: int = 2000,
@@ -364,12 +459,14 @@ def gain_share_row(base, tuned, ablated, prompt_index, confidence: float = 0.95)
 
 def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSet], rm, prompts: list[str],
                 bound: tuple[int, ...] | None, kind: str = "mlp_out", *, samples_per_prompt: int,
-                max_new_tokens: int, seed: int, batch_size: int = 32, targeted: tuple[str, ...] = ()) -> list[dict]:
+                max_new_tokens: int, seed: int, batch_size: int = 32, targeted: tuple[str, ...] = (),
+                site: str | None = None) -> list[dict]:
     """Sample every condition with one seed, score with ``rm``, and pair the rows.
 
     ``base`` and ``tuned`` are plain Hugging Face models. Rows: ``none`` (tuned), ``base model
-    (reference)``, one per feature set (``saes``: layer -> the tuned model's SAE, spliced at the MLP
-    output), and with ``bound`` the base's ``kind`` activations patched in at those blocks. The
+    (reference)``, one per feature set (``saes``: layer -> the tuned model's SAE, spliced at ``site``, by
+    default ``kind``; a ``change`` set mixes its own dictionaries in at ``kind`` with the base in lockstep),
+    and with ``bound`` the base's ``kind`` activations patched in at those blocks. The
     tuned-model conditions share batches of ``batch_size`` rows (:func:`irmprobe.activations.patching.generate_conditions`);
     their ``seconds`` are the shared time split evenly.
     """
@@ -379,7 +476,15 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     base_s = time.perf_counter() - started
     # Every tuned-model condition in shared batches: one forward serves them all; each slot draws the same
     # uniforms in every condition (and in the base's run), so rows stay paired by (prompt, sample).
-    conds = [Condition(None)] + [Condition(lambda rows, fs=fs: ablated(tuned, saes, fs, rows)) for fs in feature_sets]
+    site = site or kind
+
+    def condition(fs: FeatureSet) -> Condition:
+        if fs.mode != "change":
+            return Condition(lambda rows: ablated(tuned, saes, fs, rows, site))
+        mixes = {layer: change_mix(fs.saes[layer], idx) for layer, idx in fs.features.items()}
+        return Condition(None, tuple(sorted(mixes)), lambda block, x_base, x_tuned: mixes[block](x_base, x_tuned))
+
+    conds = [Condition(None)] + [condition(fs) for fs in feature_sets]
     if bound is not None:
         conds.append(Condition(None, tuple(bound)))
     started = time.perf_counter()
@@ -432,10 +537,17 @@ def _above(row: dict, shares: list[float]) -> tuple[list[float], bool | None]:
     return [low, high], None if ci[0] is None else bool(ci[0] > high)
 
 
+def null_family(row: dict) -> tuple[int, bool]:
+    """The random sets a row is judged against: those of its size and kind (features of a dictionary of the change,
+    ablated with the base in lockstep, or of the tuned model's SAEs)."""
+    return int(row["n_features"]), row.get("mode") == "change"
+
+
 def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
     """Give each targeted row the distribution of the random sets of its size and whether it stands above it;
     judge each random set by the same rule against the other random sets of its size.
 
+    Sizes are kept apart by kind (:func:`null_family`): a set of change features meets random change features.
     ``random``: the random sets' shares of the gain (one per draw), their 2.5-97.5 percentile range, and
     ``above_random``: the targeted set's Bonferroni interval (see :func:`paired_rows`) lies wholly above that
     range. None where there is no share (no significant gain) or no random set of that size.
@@ -445,12 +557,12 @@ def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
     known (its features were drawn, not chosen for the reward), so every ``called`` is a false call:
     :func:`irmprobe.analysis.verdict.null_calls` counts them.
     """
-    by_size: dict[int, list[tuple[int, float]]] = {}
+    by_size: dict[tuple[int, bool], list[tuple[int, float]]] = {}
     for i, r in enumerate(rows):
         if r["set"].startswith("random_") and r.get("gain_share"):
-            by_size.setdefault(r["n_features"], []).append((i, r["gain_share"]["share"]))
+            by_size.setdefault(null_family(r), []).append((i, r["gain_share"]["share"]))
     for i, r in enumerate(rows):
-        drawn = by_size.get(r["n_features"])
+        drawn = by_size.get(null_family(r))
         if not drawn or not r.get("gain_share"):
             continue
         if r["set"] in targeted:

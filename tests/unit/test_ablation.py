@@ -284,3 +284,133 @@ def test_the_causal_rule_is_applied_to_each_random_set_against_the_others_as_a_k
     assert table[0][-1] == "causal_rule" and rule["decision_top_10"] == "causal"
     assert rule["random_10 #3 (control)"] == "false call" and rule["random_10 #1 (control)"] == "no call (a random set)"
     assert rule["none"] is None and null_calls(rows[:2]) is None
+
+
+def test_an_sae_is_spliced_at_its_own_hook_point(tiny_llama_dir):
+    """An SAE trained on resid_post is spliced at the block's output, not at its MLP's: the block output becomes
+    x - f_S(x) d_S there, and the MLP's output is left alone."""
+    from irmprobe.activations.capture import hook_module
+
+    model = load_pair(str(tiny_llama_dir), None).base
+    sae = _sae(model.config.hidden_size, d_sae=16, seed=5)
+    S = (1, 4, 9)
+    seen = {}
+
+    def keep(name):
+        return lambda m, i, o: seen.__setitem__(name, (o[0] if isinstance(o, tuple) else o).detach().double())
+
+    block, mlp = hook_module(model, "blocks.1.hook_resid_post"), hook_module(model, "blocks.1.hook_mlp_out")
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8, 40]])
+    handles = [block.register_forward_hook(keep("x")), mlp.register_forward_hook(keep("mlp"))]
+    with torch.no_grad():
+        model(ids)
+    clean_mlp = seen["mlp"]
+    with ablated(model, {1: sae}, FeatureSet("z", {1: S}), site="resid_post"):
+        handles.append(block.register_forward_hook(keep("spliced")))
+        with torch.no_grad():
+            model(ids)
+    for h in handles:
+        h.remove()
+    x = seen["x"][0]
+    W_enc, b_enc = sae.W_enc.detach().double(), sae.b_enc.detach().double()
+    W_dec, b_dec = sae.W_dec.detach().double(), sae.b_dec.detach().double()
+    f = torch.relu((x - b_dec * sae.cfg.apply_b_dec_to_input) @ W_enc + b_enc)
+    assert (f[:, list(S)] > 0).sum() >= 3
+    torch.testing.assert_close(seen["spliced"][0], x - f[:, list(S)] @ W_dec[list(S)], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen["mlp"], clean_mlp, atol=0, rtol=0)
+
+
+def _identity_change_dictionary(d):
+    """A dictionary of the change that reconstructs every change exactly: features relu(+x_k) and relu(-x_k)."""
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_a_change_feature_is_set_to_its_value_on_a_zero_change():
+    """change_mix: x_tuned - (f_S(x_tuned - x_base) - f_S(0)) d_S, biases included; all of an exact dictionary
+    ablated gives the base's activation, none the tuned one."""
+    from irmprobe.validation.ablation import change_mix
+
+    d = 12
+    sae = _sae(d, d_sae=20, seed=7)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-0.2, 0.3, 20))
+        sae.b_dec.copy_(0.3 * torch.randn(d))
+    g = torch.Generator().manual_seed(1)
+    x_base, x_tuned = torch.randn(3, 5, d, generator=g), torch.randn(3, 5, d, generator=g)
+    S = [0, 3, 8, 15]
+
+    def f(x):
+        return torch.relu((x.double() - sae.b_dec.double() * sae.cfg.apply_b_dec_to_input) @ sae.W_enc.double()
+                          + sae.b_enc.double())
+
+    delta = f(x_tuned - x_base)[..., S] - f(torch.zeros(d))[S]
+    assert delta.abs().max() > 0.1 and f(torch.zeros(d))[S].abs().max() > 0  # biases give f(0) != 0
+    expected = x_tuned.double() - delta @ sae.W_dec.detach().double()[S]
+    torch.testing.assert_close(change_mix(sae, S)(x_base, x_tuned).double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(change_mix(sae, [])(x_base, x_tuned), x_tuned)
+    exact = _identity_change_dictionary(d)
+    torch.testing.assert_close(change_mix(exact, range(2 * d))(x_base, x_tuned), x_base, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="mode=change needs the dictionary of the change of every layer"):
+        FeatureSet("c", {1: (0,)}, "change")
+
+
+class _TextRM:
+    """A reward that is a fixed function of the text: equal rewards everywhere mean equal texts."""
+
+    def score(self, texts):
+        return [len(t) + sum(map(ord, t)) % 997 / 997 for t in texts]
+
+
+def test_change_features_ablated_while_sampling_run_the_base_in_lockstep(tiny_llama_dir):
+    """Every feature of an exact dictionary of the change at block 1's resid_post, set to its zero-change value
+    while the tuned model samples, is the base's block-1 output patched in: the same texts as the patching
+    bound, sampled in the same batches; none of them is the tuned model."""
+    import copy
+
+    from irmprobe.validation.ablation import paired_rows
+
+    pair = load_pair(str(tiny_llama_dir), None)
+    base = pair.base
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.model.layers[1].parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        tuned.lm_head.weight *= 20.0
+    exact = {1: _identity_change_dictionary(pair.d_model)}
+    sets = [FeatureSet("every change feature", {1: tuple(range(2 * pair.d_model))}, "change", saes=exact),
+            FeatureSet("no change feature", {1: ()}, "change", saes=exact)]
+    prompts = ["one two three", "four five", "six seven eight nine", "ten"]
+    rows = paired_rows(base, tuned, pair.tokenizer, {}, sets, _TextRM(), prompts, (1,), "resid_post",
+                       samples_per_prompt=3, max_new_tokens=7, seed=4, batch_size=8)
+    reward = {r["set"].split(":")[0]: r["reward"]["mean"] for r in rows}
+    assert rows[2]["mode"] == "change" and rows[2]["n_features"] == 2 * pair.d_model
+    assert reward["every change feature"] == pytest.approx(reward["patching bound"], abs=1e-12)
+    assert reward["no change feature"] == pytest.approx(reward["none"], abs=1e-12)
+    assert abs(reward["none"] - reward["patching bound"]) > 1e-3  # the two models do sample differently
+
+
+def test_change_feature_sets_are_judged_against_random_change_features_only():
+    """Random sets of one size but of two kinds (the tuned model's SAE features, features of a dictionary of the
+    change) are two nulls: each targeted set meets its own kind, and the known-null count keeps them apart."""
+    from irmprobe.analysis.verdict import null_calls
+    from irmprobe.validation.ablation import against_random
+
+    def row(name, mode, s, lo):
+        return {"set": name, "mode": mode, "n_features": 10, "gain_share": {"share": s, "ci": [s - 0.2, s + 0.2]},
+                "gain_share_adjusted": {"ci": [lo, s + 0.3], "confidence": 0.975, "n_tests": 2}}
+
+    rows = [row("decision_top_10", "zero", 0.5, 0.3), row("attribution_change_faithful_10", "change", 0.5, 0.3)]
+    rows += [row(f"random_10 #{i + 1} (control)", "zero", s, s - 0.3) for i, s in enumerate([0.0, 0.05, -0.05])]
+    rows += [row(f"random_change_10 #{i + 1} (control)", "change", s, s - 0.3) for i, s in enumerate([0.4, 0.45, 0.5])]
+    rows = against_random(rows, ("decision_top_10", "attribution_change_faithful_10"))
+    assert rows[0]["random"]["shares"] == [0.0, 0.05, -0.05] and rows[0]["random"]["above_random"] is True
+    assert rows[1]["random"]["shares"] == [0.4, 0.45, 0.5] and rows[1]["random"]["above_random"] is False
+    null = null_calls(rows)
+    assert null["sizes"] == {10: [0, 3], "10 change": [0, 3]} and null["n"] == 6

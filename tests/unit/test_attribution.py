@@ -293,28 +293,42 @@ def test_bad_input_is_refused(single):
         RunConfig.from_dict({"attribute": {"change_architecture": "relu"}})
 
 
-def test_the_attributed_feature_ablated_during_generation_removes_the_gain_and_random_sets_do_not(planted_llama):
+@pytest.mark.parametrize("change", [False, True], ids=["activations", "change"])
+def test_the_attributed_feature_ablated_during_generation_removes_the_gain_and_random_sets_do_not(planted_llama,
+                                                                                                 change):
     """A stronger planted feature (so that sampling shows the gain): attribution names it, and zero-ablating it
-    while the tuned model samples removes the RM gain, where random features of the same dictionary do not."""
+    while the tuned model samples removes the RM gain, where random features of the same dictionary do not. As a
+    dictionary of the change (the base writes nothing planted at block L, so the change is the planted one), the
+    feature is set to its zero-change value with the base in lockstep."""
     from irmprobe.models.rewards import LexiconRM
-    from irmprobe.validation.ablation import FeatureSet, against_random, attribution_set, paired_rows
+    from irmprobe.validation.ablation import (
+        FeatureSet,
+        against_random,
+        attributed_features,
+        attribution_set,
+        paired_rows,
+    )
 
     # Random features as weak as an SAE's typical feature against the residual (zero-ablating one of the dense,
     # strong random features above moves the whole stream, and with it the samples).
     tok, base, tuned, sae, ids, (j, _) = _planted(planted_llama, [(1.0, 0.3), (0.0, 0.06)], enc_scale=0.3)
-    metric = _metric(tok, base, tuned, sae, ids)
+    metric = _metric(tok, base, tuned, sae, ids, change=change)
     ranked = ranked_nodes(metric.integrated_gradients(steps=8))
     curves = attribution_curves(metric, ranked, [1, 2], n_random=2, seed=0,
                                 candidates=[Node(L, i) for i in range(D_SAE)])
     k = smallest_faithful(curves, 0.6)
     result = {"named": [{"node": n.name, "attribution": a} for n, a in ranked[:k]],
-              "top": [{"node": n.name, "attribution": a} for n, a in ranked]}
-    label, features = attribution_set(result, 10)
-    assert label == "attribution_faithful_1" and features == {L: (j,)}
+              "top": [{"node": n.name, "attribution": a} for n, a in ranked],
+              "dictionary": "change" if change else "activations"}
+    label, features = attributed_features(result, 10)
+    assert features == {L: (j,)}
+    assert label == ("attribution_change_faithful_1" if change else "attribution_faithful_1")
+    assert (attribution_set(result, 10) is None) is change  # change features are not the IRM's SAE features
     rng = np.random.default_rng(0)
     others = [i for i in range(D_SAE) if i != j]
-    sets = [FeatureSet(label, features)] + [FeatureSet(f"random_1 #{i + 1} (control)", {L: (int(rng.choice(others)),)})
-                                            for i in range(4)]
+    kw = {"mode": "change", "saes": {L: sae}} if change else {}
+    sets = [FeatureSet(label, features, **kw)] + [
+        FeatureSet(f"random_1 #{i + 1} (control)", {L: (int(rng.choice(others)),)}, **kw) for i in range(4)]
     prompts = ["The train left", "I bought a", "She said that", "Later that day", "We went to the", "He told me",
                "It was a", "My friend and", "Then the", "You can", "After the game", "Our house"]
     rows = paired_rows(base, tuned, tok, {L: sae}, sets, LexiconRM({w: 1.0 for w in WORDS}, scale=1.0), prompts,

@@ -249,6 +249,17 @@ def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_di
     assert null[0].token_ids == alone_pushed.token_ids
     assert null[1].token_ids == generate_patched(tuned, tuned, pair.tokenizer, prompts, (1,), batch_size=3,
                                                  **kw).token_ids
-    with pytest.raises(ValueError, match="must patch the same blocks"):
-        generate_conditions(base, tuned, pair.tokenizer, prompts, [Condition(None, (0,)), Condition(None, (1,))],
+    # Conditions patching different blocks share a batch: each is changed at its own blocks only, and a mix of the
+    # base's and the tuned activations that returns the base's is patching.
+    mixed = generate_conditions(base, tuned, pair.tokenizer, prompts,
+                                [Condition(None, (0,)), Condition(None, (1,), lambda b, x_base, x_tuned: x_base),
+                                 Condition(None, (0, 1), lambda b, x_base, x_tuned: x_tuned)], "mlp_out",
+                                batch_size=9, **kw)
+    assert mixed[0].token_ids == generate_patched(base, tuned, pair.tokenizer, prompts, (0,), batch_size=4,
+                                                  **kw).token_ids
+    assert mixed[1].token_ids == alone_bound.token_ids
+    assert mixed[2].token_ids == alone_clean.token_ids  # keeping the tuned activation changes nothing
+    assert mixed[0].token_ids != alone_bound.token_ids  # block 0 and block 1 do differ
+    with pytest.raises(ValueError, match="a condition with a mix needs the blocks it mixes at"):
+        generate_conditions(base, tuned, pair.tokenizer, prompts, [Condition(None, (), lambda b, x, y: x)],
                             batch_size=4, **kw)

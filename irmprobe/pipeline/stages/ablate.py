@@ -15,10 +15,15 @@ class AblateStage(Stage):
 
     name, version = "ablate", 8
     reads = ("validate", "irm.inputs", "capture.hook", "seed")
+    optional_reads = ("attribute.dictionary",)  # change: its features are ablated with the base in lockstep
     needs = ("organism", "layers", "capture", "saes", "fit", "attribute", "interpret")
 
     def fingerprint(self, cfg, ctx):
-        return ctx.rm.describe()
+        # Off mlp_out the rows changed: each SAE is now spliced at its own hook point (it was spliced at mlp_out).
+        # At mlp_out nothing moved, so those cached rows stay valid (and the key unchanged).
+        if cfg.capture.hook == "hook_mlp_out":
+            return ctx.rm.describe()
+        return ctx.rm.describe(), "SAEs spliced at their own hook point"
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.validation.ablation import ablate

@@ -13,9 +13,8 @@ def skip_reason(cfg, ctx, inputs) -> str | None:
         return "validate.enabled is off"
     if inputs["organism"].tuned is None:
         return "the null organism has no implicit reward to validate"
-    if cfg.irm.inputs != "tuned" or cfg.capture.hook != "hook_mlp_out":
-        return ("it needs irm.inputs=tuned and capture.hook=hook_mlp_out (the ablation splices SAEs at the MLP "
-                "output)")
+    if cfg.irm.inputs != "tuned":
+        return "it needs irm.inputs=tuned (the ablation splices the tuned model's SAEs where they were trained)"
     return None
 
 
@@ -32,7 +31,11 @@ class InterpretStage(Stage):
     needs = ("organism", "samples", "layers", "capture", "saes", "fit")
 
     def fingerprint(self, cfg, ctx):
-        return ctx.rm.describe()
+        # Off mlp_out this stage used to skip (the ablation spliced every SAE at the MLP output): a new key there, so
+        # a cached skip is not reused. At mlp_out the key is unchanged.
+        if cfg.capture.hook == "hook_mlp_out":
+            return ctx.rm.describe()
+        return ctx.rm.describe(), "runs at every hook point"
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.pipeline.stages.fit import chat_client

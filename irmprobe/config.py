@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -720,6 +721,11 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The one-line docstring under each field of a config dataclass (read from its source)."""
+    return dict(_field_docs(cls))
+
+
+@functools.cache  # inspect.getsource parses the whole module per call: each subcommand's help reads every section
+def _field_docs(cls: type) -> dict[str, str]:
     import ast
     import inspect
     import textwrap

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from irmprobe.activations.capture import hook_module
+from irmprobe.progress import bar as progress_bar
 from irmprobe.prompts import encode_prompt
 
 HOOK_KINDS = ("mlp_out", "resid_post")
@@ -388,7 +389,7 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
     per_chunk = max(1, batch_size // n_cond)
     store: dict[Point, torch.Tensor] = {}
     out = [([], [], [], []) for _ in conditions]
-    for start in range(0, len(jobs), per_chunk):
+    for start in progress_bar(range(0, len(jobs), per_chunk), desc=f"sampling {n_cond} condition(s)", leave=False):
         slots = list(range(start, min(start + per_chunk, len(jobs))))
         n = len(slots)
         width = max(len(encoded[jobs[j]]) for j in slots)

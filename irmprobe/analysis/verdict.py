@@ -155,7 +155,7 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
         if not c.matched:
             out.append(f"{c.branch}: not known to match the organism: {c.note or 'its settings differ'}.")
     if m.attribution:
-        out.append(attribution_line(m.attribution) + ".")
+        out.append(attribution_line(m.attribution) + generation_text((m.validation or {}).get("ablation")) + ".")
     out += ablation_lines(m.validation or {})
     informed = [r.name for r in m.agreement if r.family == "rm_informed" and r.tau is not None]
     if informed:
@@ -331,6 +331,22 @@ def attribution_line(result: dict) -> str:
             f"carry (faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
             + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + _every_feature_text(curves) + f"; {context}"
             + _null_named_text(result))
+
+
+def generation_text(rows: list[dict] | None) -> str:
+    """What ablating the attribution's features while the tuned model samples removed of the RM's reward gain, against
+    random sets of their size and kind, to follow the attribution line ("" where no such share was measured)."""
+    row = next((r for r in rows or [] if r["set"].startswith("attribution_") and r.get("gain_share")), None)
+    if row is None or None in row["gain_share"]["ci"]:
+        return ""
+    g, rnd, n = row["gain_share"], row.get("random") or {}, row["n_features"]
+    which = f"these {n}" if "_faithful_" in row["set"] else f"the top {n} attributed"
+    text = (f"; {which} features ablated while the tuned model samples remove {g['share']:.0%} "
+            f"[{g['ci'][0]:.2f}, {g['ci'][1]:.2f}] of the RM's reward gain")
+    if rnd.get("range") and rnd.get("above_random") is not None:
+        text += (f" (random {n}-feature sets of the same dictionaries: {rnd['range'][0]:+.2f} to "
+                 f"{rnd['range'][1]:+.2f}; " + ("above them)" if rnd["above_random"] else "not above them)"))
+    return text
 
 
 def _every_feature_text(curves: dict) -> str:

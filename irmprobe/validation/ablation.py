@@ -290,7 +290,9 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     Conditions (rows, in order): ``none`` (the tuned model), the base model (the gain's reference),
     the reader-side IRM's top-k (features at t: expected null), the decision-side IRM's top-k
     (largest positive ``decision_coef``, features at t-1; skipped when None), the judge-flagged
-    features, k random firing features (the control, one row per count), reconstruction only,
+    features, the attribute stage's named features (features of its dictionaries of the change are set to
+    their zero-change value with the base in lockstep, and get random sets of features of those
+    dictionaries), k random firing features (the control, one row per count), reconstruction only,
     steering (``vc.steer_alpha``), and the patching bound: the base's activations patched into the
     tuned model at the captured blocks (``vc.patching_bound``). Features are ablated at every
     position. Every condition samples the same prompts with the same random numbers per (prompt, sample)

@@ -240,6 +240,22 @@ def test_the_verdict_line_says_when_the_error_terms_not_the_features_carry_the_r
     assert attribution_line(result).endswith("known nulls: 0 of 1 random feature sets reach 60% (the highest 0.00)")
 
 
+def test_the_verdict_says_what_ablating_the_attributed_features_while_sampling_removed():
+    from irmprobe.analysis.verdict import generation_text
+
+    row = {"set": "attribution_change_faithful_20", "n_features": 20,
+           "gain_share": {"share": 0.62, "ci": [0.41, 0.8]},
+           "random": {"shares": [0.0, 0.1, 0.05, -0.02], "range": [-0.02, 0.1], "above_random": True}}
+    text = generation_text([{"set": "none", "n_features": 0, "gain_share": {"share": 0.0, "ci": [0, 0]}}, row])
+    assert text == ("; these 20 features ablated while the tuned model samples remove 62% [0.41, 0.80] of the RM's "
+                    "reward gain (random 20-feature sets of the same dictionaries: -0.02 to +0.10; above them)")
+    fallback = generation_text([row | {"set": "attribution_top_10", "n_features": 10,
+                                       "random": row["random"] | {"above_random": False}}])
+    assert fallback.startswith("; the top 10 attributed features ablated") and fallback.endswith("not above them)")
+    assert generation_text([row | {"gain_share": {"share": 0.6, "ci": [None, 0.9]}}]) == ""  # undefined interval
+    assert generation_text(None) == "" and generation_text([{"set": "irm_top_10", "gain_share": None}]) == ""
+
+
 def test_setting_every_node_tuned_is_the_tuned_model_and_none_tuned_is_the_patched_base(single):
     metric = single["metric"]
     # decode(f) + e reproduces the activation exactly: all nodes tuned = the tuned model unchanged.

@@ -346,6 +346,13 @@ def generation_text(rows: list[dict] | None) -> str:
     if rnd.get("range") and rnd.get("above_random") is not None:
         text += (f" (random {n}-feature sets of the same dictionaries: {rnd['range'][0]:+.2f} to "
                  f"{rnd['range'][1]:+.2f}; " + ("above them)" if rnd["above_random"] else "not above them)"))
+    bound = next((r["gain_share"] for r in rows if r["set"].startswith("patching bound") and r.get("gain_share")),
+                 None)
+    if bound is not None and g["ci"][0] > bound["share"]:
+        # Features can carry at most what their hook points carry: more means the ablation pushed past the base.
+        text += (f", more than patching the base in at the hook points removes ({bound['share']:+.2f}): the "
+                 "ablation pushes the model past its base, so this share overstates what these features carry of "
+                 "the tuning's change")
     return text
 
 

@@ -588,10 +588,17 @@ class AttributeConfig:
     change_training_samples: int = 600_000
     """Samples each change dictionary trains on (no early stopping). On 2 cores change dictionaries add about a
     minute per hook point to the attribute stage (training and encoding)."""
+    change_seed: int | None = field(default=None, metadata={"late": True})
+    """The change dictionaries' training seed: block l's dictionary is trained with ``change_seed + l`` (None: the
+    run's ``seed + l``). A set of change features is a property of one dictionary until it holds for others:
+    set this to rerun the attribution (and the ablation) with dictionaries of another seed."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_prompts", "ig_steps", "n_exact", "n_random", "batch_size", "change_k",
                   "change_l1_coefficient", "change_training_samples")
+        if self.change_seed is not None and (isinstance(self.change_seed, bool) or int(self.change_seed) < 0):
+            raise ValueError(f"AttributeConfig.change_seed must be a non-negative integer or null, "
+                             f"got {self.change_seed!r}")
         if self.dictionary not in ("activations", "change"):
             raise ValueError(f"AttributeConfig.dictionary must be 'activations' or 'change', got {self.dictionary!r}")
         if self.change_architecture not in SAE_ARCHITECTURES:

@@ -195,12 +195,21 @@ def test_change_dictionaries_are_trained_on_the_change_and_cached(tmp_path, monk
                                                      / np.linalg.norm(shared + change, axis=1).mean(), rel=1e-5)
     import irmprobe.pipeline.stages.saes as stage
 
+    trained = stage.train_sae
+
     def no_training(*args, **kwargs):
         raise AssertionError("a cached change dictionary was trained again")
 
     monkeypatch.setattr(stage, "train_sae", no_training)
     again, _ = change_dictionaries(cfg, capture, samples, [3], capture_key="k", device="cpu")
     assert torch.equal(again[3].W_dec, saes[3].W_dec)  # reused from the cache, not retrained
+    assert row["seed"] == cfg.seed + 3
+    # attribute.change_seed trains another dictionary (seed change_seed + layer), under its own cache key.
+    monkeypatch.setattr(stage, "train_sae", trained)
+    other = RunConfig.from_dict(cfg.to_dict() | {"attribute": cfg.to_dict()["attribute"] | {"change_seed": 100}})
+    seeded, (seeded_row,) = change_dictionaries(other, capture, samples, [3], capture_key="k", device="cpu")
+    assert seeded_row["seed"] == 103 and seeded_row["path"] != row["path"]
+    assert not torch.equal(seeded[3].W_dec, saes[3].W_dec)
 
 
 def _curve_row(k, faith, errors=0):

@@ -73,11 +73,12 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
     for layer in layers:
         delta = capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"]
         info = {"hook_name": capture.hook_name(layer), "irmprobe_model": "change (tuned - base)"}
-        sae, metrics, sae_dir = get_sae(sc, delta, eval_rows, seed=cfg.seed + layer,
+        seed = (cfg.seed if ac.change_seed is None else ac.change_seed) + layer
+        sae, metrics, sae_dir = get_sae(sc, delta, eval_rows, seed=seed,
                                         key_parts=(capture_key, "change", layer), meta=info, device=device,
                                         force=force, units=units)
         saes[layer] = sae
-        rows.append({"layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), **asdict(metrics),
+        rows.append({"layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), "seed": seed, **asdict(metrics),
                      "change_norm_share": float(np.linalg.norm(delta, axis=1).mean()
                                                 / np.linalg.norm(capture.acts[f"tuned.{layer}"], axis=1).mean())})
     return saes, rows

@@ -94,6 +94,22 @@ def tiny_llama_dir(tiny_tokenizer_dir, tmp_path_factory):
     return _save_model(LlamaForCausalLM(cfg), tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"))
 
 
+def perturbed_llama_pair(model_dir):
+    """``(pair, base, tuned)``: the tiny Llama at ``model_dir`` and a copy whose block 1 is perturbed and whose
+    logits are sharpened, so that conditions changing its computation sample differently."""
+    import copy
+
+    from irmprobe.models.loading import load_pair
+
+    pair = load_pair(str(model_dir), None)
+    tuned = copy.deepcopy(pair.base)
+    with torch.no_grad():
+        for p in tuned.model.layers[1].parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        tuned.lm_head.weight *= 20.0
+    return pair, pair.base, tuned
+
+
 @pytest.fixture(scope="session")
 def tiny_neox_dir(tiny_tokenizer_dir, tmp_path_factory):
     from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM

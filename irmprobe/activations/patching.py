@@ -322,7 +322,8 @@ class Condition:
     ``blocks``: at these blocks the call's ``kind`` activation of this condition's rows is replaced, by the
     base's (patching) or by ``mix(block, x_base, x_tuned)`` (e.g. the tuned activation less some features of
     a dictionary of the change, read off ``x_tuned - x_base``); the base model then runs in lockstep on
-    those rows, on the tokens they sampled.
+    those rows, on the tokens they sampled. With both, ``hooks`` act first: a patch at the same module
+    overwrites what they did, and a mix reads their output as ``x_tuned``.
     """
 
     hooks: Callable[[slice], Any] | None = None

@@ -251,7 +251,9 @@ def ablation_lines(val: dict) -> list[str]:
                      " (upper bound: the chosen layers carry less than half of it; the change is spread elsewhere).")
         elif rnd is not None and adj is not None and rnd["above_random"] is not None:
             lo, hi = rnd["range"]
-            against = (f"{len(rnd['shares'])} random {r['n_features']}-feature sets remove {lo:+.2f} to {hi:+.2f}; "
+            kind = "-feature sets of the same dictionaries of the change" if r.get("mode") == "change" else \
+                "-feature sets"
+            against = (f"{len(rnd['shares'])} random {r['n_features']}{kind} remove {lo:+.2f} to {hi:+.2f}; "
                        f"its {adj['confidence']:.1%} interval (Bonferroni over {adj['n_tests']} targeted sets) is "
                        f"[{adj['ci'][0]:+.2f}, {adj['ci'][1]:+.2f}]")
             text += (f": {against}, wholly above them: these features carry the reward causally." if
@@ -263,7 +265,9 @@ def ablation_lines(val: dict) -> list[str]:
         out.append(text)
     null = null_calls(rows)
     if null is not None and out:
-        per_size = ", ".join(f"{c} of {n} {size}-feature sets" for size, (c, n) in null["sizes"].items())
+        per_size = ", ".join(f"{c} of {n} " + (f"{size}-feature sets" if isinstance(size, int) else
+                                                f"{size.split()[0]}-feature sets of change features")
+                             for size, (c, n) in null["sizes"].items())
         out.append(f"known nulls: the same rule, applied to each random set against the other random sets of its "
                    f"size, called {null['called']} of {null['n']} causal ({per_size}; the highest lower end "
                    + ("cleared the others' range by" if null["closest"] > 0 else "stayed below the others' range by")
@@ -348,11 +352,14 @@ def generation_text(rows: list[dict] | None) -> str:
                  f"{rnd['range'][1]:+.2f}; " + ("above them)" if rnd["above_random"] else "not above them)"))
     bound = next((r["gain_share"] for r in rows if r["set"].startswith("patching bound") and r.get("gain_share")),
                  None)
-    if bound is not None and g["ci"][0] > bound["share"]:
-        # Features can carry at most what their hook points carry: more means the ablation pushed past the base.
-        text += (f", more than patching the base in at the hook points removes ({bound['share']:+.2f}): the "
-                 "ablation pushes the model past its base, so this share overstates what these features carry of "
-                 "the tuning's change")
+    if bound is not None and None not in bound["ci"] and g["ci"][0] > bound["ci"][1]:
+        # Ablating part of what the hook points carry removes more than replacing all of it by the base's: the
+        # ablation is not a return to the base, so its share is no measure of the tuning's change it carries.
+        text += (f", more than patching the base's whole activation in at the hook points removes "
+                 f"({bound['share']:+.2f} [{bound['ci'][0]:.2f}, {bound['ci'][1]:.2f}]), so the share may overstate "
+                 "what these features carry of the tuning's change")
+        if g["ci"][0] > 1:
+            text += "; the reward falls below the base model's"
     return text
 
 

@@ -16,7 +16,9 @@ activation at the same point on the same tokens: the base runs in lockstep, and
 
     x' = x_tuned - sum_{i in S} (f_i(x_tuned - x_base) - f_i(0)) d_i
 
-sets each feature to its value on a zero change (the counterfactual the attribution measured).
+sets each feature to its value on a zero change: the counterfactual the attribution measured, where the set lies
+at one hook point (the attribution holds every other hook point at its clean value; while sampling, later
+blocks recompute from the changed stream).
 
 Generation runs on a plain Hugging Face model with PyTorch forward hooks on the module whose output is
 the captured hook point (``hook_mlp_out``: the MLP; ``hook_resid_post``: the block). It must be a model
@@ -334,6 +336,10 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
         sets.append(FeatureSet(f"judge_flagged_{len(flagged_cols)}", as_layers(flagged_cols), vc.ablation, means))
     attributed = attributed_features(attribution, vc.top_k)
     change = attributed is not None and attribution.get("dictionary") == "change"
+    kind = _PATCH_KINDS.get(hook)
+    if change and kind is None:
+        raise ValueError(f"change features are ablated with the base in lockstep at {', '.join(_PATCH_KINDS)}, not "
+                         f"{hook}")
     if attributed is not None and not change:
         sets.append(FeatureSet(attributed[0], attributed[1], vc.ablation, means))
     sizes = sorted({fs.size for fs in sets})
@@ -350,14 +356,7 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
             sets.append(FeatureSet(f"random_{size} #{i + 1} (control)", as_layers(draw(size)), vc.ablation, means))
     if change:
         live = live_change_features(change_saes, capture, exclude=attributed[1])
-        size = change_set.size
-        for i in range(vc.n_random_sets):
-            picked = rng.choice(len(live), min(size, len(live)), replace=False)
-            chosen: dict[int, list[int]] = {}
-            for j in sorted(picked):
-                chosen.setdefault(live[j][0], []).append(live[j][1])
-            sets.append(FeatureSet(f"random_change_{size} #{i + 1} (control)",
-                                   {k: tuple(v) for k, v in chosen.items()}, "change", saes=change_saes))
+        sets += random_change_sets(change_set, live, vc.n_random_sets, rng, echo)
     sets.append(FeatureSet("reconstruction_only (control)", {}, "reconstruction"))
     if vc.steer_alpha is not None and top_k:
         sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
@@ -365,7 +364,6 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     if vc.steer_alpha is not None and decision:
         sets.append(FeatureSet(f"steer decision_top_{kd} x{vc.steer_alpha:g}", as_layers(decision), "steer",
                                alpha=vc.steer_alpha))
-    kind = _PATCH_KINDS.get(hook)
     if vc.patching_bound and kind is None:
         echo(f"ablate: no patching bound; patching supports {', '.join(_PATCH_KINDS)}, not {hook}")
     bound = tuple(capture.layers) if vc.patching_bound and kind is not None else None
@@ -402,13 +400,30 @@ def load_change_dictionaries(attribution: dict, device: str) -> dict[int, object
     return out
 
 
+def random_change_sets(named: FeatureSet, live: dict[int, np.ndarray], n_sets: int, rng, echo=print
+                       ) -> list[FeatureSet]:
+    """``n_sets`` random sets of change features, the null of ``named``: each has ``named``'s count of features at
+    each hook point, drawn from that point's ``live`` features (a set at block 23 meets random sets at block 23,
+    not at earlier blocks). None (with the reason echoed) where a hook point has too few live features."""
+    counts = {layer: len(idx) for layer, idx in named.features.items() if idx}
+    short = {layer: (n, len(live.get(layer, ()))) for layer, n in counts.items() if len(live.get(layer, ())) < n}
+    if short:
+        echo("ablate: no random sets of change features; too few live features at " + ", ".join(
+            f"block {layer} ({have} for {n})" for layer, (n, have) in sorted(short.items())))
+        return []
+    return [FeatureSet(f"random_change_{named.size} #{i + 1} (control)",
+                       {layer: tuple(int(j) for j in np.sort(rng.choice(live[layer], n, replace=False)))
+                        for layer, n in sorted(counts.items())}, "change", saes=named.saes)
+            for i in range(n_sets)]
+
+
 def live_change_features(saes: dict[int, object], capture, exclude: dict[int, tuple[int, ...]] | None = None
-                         ) -> list[tuple[int, int]]:
-    """``(layer, index)`` of every feature of the dictionaries of the change that moves from its zero-change
-    value on some captured row (the random sets' pool), less ``exclude``."""
+                         ) -> dict[int, np.ndarray]:
+    """Per layer, the features of its dictionary of the change that move from their zero-change value on some
+    captured row (the random sets' pool), less ``exclude``."""
     from irmprobe.saes.evaluate import encode
 
-    out = []
+    out = {}
     for layer in sorted(saes):
         delta = capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"]
         zero = encode(saes[layer], np.zeros((1, delta.shape[1]), np.float32)).toarray()[0]
@@ -416,8 +431,7 @@ def live_change_features(saes: dict[int, object], capture, exclude: dict[int, tu
         for start in range(0, len(delta), 4096):
             f = encode(saes[layer], delta[start:start + 4096]).toarray()
             moved |= np.any(f != zero, axis=0)
-        skip = set((exclude or {}).get(layer, ()))
-        out.extend((layer, int(i)) for i in np.flatnonzero(moved) if int(i) not in skip)
+        out[layer] = np.setdiff1d(np.flatnonzero(moved), np.asarray((exclude or {}).get(layer, ()), dtype=np.int64))
     return out
 
 

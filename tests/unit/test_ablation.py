@@ -372,17 +372,10 @@ def test_change_features_ablated_while_sampling_run_the_base_in_lockstep(tiny_ll
     """Every feature of an exact dictionary of the change at block 1's resid_post, set to its zero-change value
     while the tuned model samples, is the base's block-1 output patched in: the same texts as the patching
     bound, sampled in the same batches; none of them is the tuned model."""
-    import copy
-
     from irmprobe.validation.ablation import paired_rows
+    from tests.conftest import perturbed_llama_pair
 
-    pair = load_pair(str(tiny_llama_dir), None)
-    base = pair.base
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        for p in tuned.model.layers[1].parameters():
-            p.add_(0.2 * torch.randn_like(p))
-        tuned.lm_head.weight *= 20.0
+    pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)
     exact = {1: _identity_change_dictionary(pair.d_model)}
     sets = [FeatureSet("every change feature", {1: tuple(range(2 * pair.d_model))}, "change", saes=exact),
             FeatureSet("no change feature", {1: ()}, "change", saes=exact)]
@@ -414,3 +407,28 @@ def test_change_feature_sets_are_judged_against_random_change_features_only():
     assert rows[1]["random"]["shares"] == [0.4, 0.45, 0.5] and rows[1]["random"]["above_random"] is False
     null = null_calls(rows)
     assert null["sizes"] == {10: [0, 3], "10 change": [0, 3]} and null["n"] == 6
+    from irmprobe.analysis.verdict import ablation_lines
+
+    lines = ablation_lines({"ablation": [{"set": "none", "n_features": 0, "gain_share": {"share": 0.0, "ci": [0, 0]}}]
+                            + rows})
+    assert "3 random 10-feature sets of the same dictionaries of the change remove +0.40 to +0.50" in lines[1]
+    assert "(0 of 3 10-feature sets, 0 of 3 10-feature sets of change features;" in lines[-1]
+
+
+def test_random_change_sets_match_the_named_sets_count_at_each_hook_point():
+    from irmprobe.validation.ablation import random_change_sets
+
+    saes = {20: object(), 23: object()}
+    named = FeatureSet("attribution_change_faithful_5", {23: (1, 2, 3, 4), 20: (7,)}, "change", saes=saes)
+    live = {20: np.array([0, 3, 5, 9]), 23: np.arange(10, 40)}
+    sets = random_change_sets(named, live, 6, np.random.default_rng(0))
+    assert [fs.name for fs in sets] == [f"random_change_5 #{i} (control)" for i in range(1, 7)]
+    for fs in sets:
+        assert {layer: len(idx) for layer, idx in fs.features.items()} == {20: 1, 23: 4}
+        assert set(fs.features[20]) <= {0, 3, 5, 9} and set(fs.features[23]) <= set(range(10, 40))
+        assert fs.mode == "change" and fs.saes is saes and fs.size == named.size
+    assert len({fs.features[23] for fs in sets}) > 1  # drawn, not fixed
+    said = []
+    assert random_change_sets(named, {20: np.array([0]), 23: np.arange(3)}, 4, np.random.default_rng(0),
+                              said.append) == []
+    assert said == ["ablate: no random sets of change features; too few live features at block 23 (3 for 4)"]

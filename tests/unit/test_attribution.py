@@ -263,13 +263,14 @@ def test_the_verdict_says_what_ablating_the_attributed_features_while_sampling_r
     assert fallback.startswith("; the top 10 attributed features ablated") and fallback.endswith("not above them)")
     assert generation_text([row | {"gain_share": {"share": 0.6, "ci": [None, 0.9]}}]) == ""  # undefined interval
     assert generation_text(None) == "" and generation_text([{"set": "irm_top_10", "gain_share": None}]) == ""
-    # Beyond what patching the base in at the hook points removes: the ablation overshoots the base.
+    # Beyond what patching the base's whole activation in at the hook points removes (its CI's upper end).
     bound = {"set": "patching bound: base resid_post at blocks 23", "gain_share": {"share": 0.3, "ci": [0.2, 0.4]}}
-    assert generation_text([row, bound]).endswith("above them), more than patching the base in at the hook points "
-                                                  "removes (+0.30): the ablation pushes the model past its base, so "
-                                                  "this share overstates what these features carry of the tuning's "
-                                                  "change")
-    assert generation_text([row, bound | {"gain_share": {"share": 0.5, "ci": [0.4, 0.6]}}]) == text
+    assert generation_text([row, bound]).endswith(
+        "above them), more than patching the base's whole activation in at the hook points removes (+0.30 [0.20, "
+        "0.40]), so the share may overstate what these features carry of the tuning's change")
+    assert generation_text([row, bound | {"gain_share": {"share": 0.3, "ci": [0.2, 0.45]}}]) == text  # overlaps
+    beyond = row | {"gain_share": {"share": 1.1, "ci": [1.02, 1.2]}}
+    assert generation_text([beyond, bound]).endswith("; the reward falls below the base model's")
 
 
 def test_setting_every_node_tuned_is_the_tuned_model_and_none_tuned_is_the_patched_base(single):

@@ -205,16 +205,10 @@ def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_di
     from contextlib import contextmanager
 
     from irmprobe.validation.ablation import mlp_module
-    from irmprobe.models.loading import load_pair
     from irmprobe.activations.patching import Condition, generate_conditions
+    from tests.conftest import perturbed_llama_pair
 
-    pair = load_pair(str(tiny_llama_dir), None)
-    base = pair.base
-    tuned = copy.deepcopy(base)
-    with torch.no_grad():
-        for p in tuned.model.layers[1].parameters():
-            p.add_(0.2 * torch.randn_like(p))
-        tuned.lm_head.weight *= 20.0  # sharp enough that conditions differ
+    pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)  # sharp enough that conditions differ
     push = torch.randn(tuned.config.hidden_size) * 3.0
 
     @contextmanager

@@ -19,11 +19,12 @@ class AblateStage(Stage):
     needs = ("organism", "layers", "capture", "saes", "fit", "attribute", "interpret")
 
     def fingerprint(self, cfg, ctx):
-        # Off mlp_out the rows changed: each SAE is now spliced at its own hook point (it was spliced at mlp_out).
-        # At mlp_out nothing moved, so those cached rows stay valid (and the key unchanged).
-        if cfg.capture.hook == "hook_mlp_out":
-            return ctx.rm.describe()
-        return ctx.rm.describe(), "SAEs spliced at their own hook point"
+        # Keys that predate these changes stay valid at mlp_out with the activations' dictionaries (nothing moved):
+        # off mlp_out each SAE is now spliced at its own hook point (it was spliced at mlp_out), and the random sets
+        # of change features now match the named set's count at each hook point.
+        tags = (("SAEs spliced at their own hook point",) if cfg.capture.hook != "hook_mlp_out" else ()) + \
+            (("random change sets matched per hook point",) if cfg.attribute.dictionary == "change" else ())
+        return (ctx.rm.describe(), *tags) if tags else ctx.rm.describe()
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.validation.ablation import ablate

@@ -192,6 +192,12 @@ def discovery_lines(d: dict) -> list[str]:
     return out
 
 
+def null_family(row: dict) -> tuple[int, bool]:
+    """The random sets an ablation row is judged against: those of its size and kind (features of a dictionary of
+    the change, ablated with the base in lockstep, or of the tuned model's SAEs)."""
+    return int(row["n_features"]), row.get("mode") == "change"
+
+
 def null_calls(rows: list[dict]) -> dict | None:
     """How often the causal rule calls a random feature set causal against the other random sets of its size.
 
@@ -202,8 +208,6 @@ def null_calls(rows: list[dict]) -> dict | None:
     (each is judged against the rest), so k / n is a rough rate and no binomial interval is given; runs with
     other seeds add independent checks.
     """
-    from irmprobe.validation.ablation import null_family
-
     checks = [r for r in rows if r.get("null_check")]
     if not checks:
         return None

@@ -41,6 +41,7 @@ from scipy.stats import bootstrap
 from irmprobe.activations.capture import hook_module, is_bridged
 from irmprobe.activations.patching import Condition, generate_conditions, generate_patched, output_hooks, plain_models
 from irmprobe.activations.samples import sample_continuations
+from irmprobe.analysis.verdict import null_family
 from irmprobe.validation.interpret import feature_location
 
 
@@ -551,12 +552,6 @@ def _above(row: dict, shares: list[float]) -> tuple[list[float], bool | None]:
     low, high = (float(np.percentile(shares, q)) for q in (2.5, 97.5))
     ci = (row.get("gain_share_adjusted") or {}).get("ci") or [None, None]
     return [low, high], None if ci[0] is None else bool(ci[0] > high)
-
-
-def null_family(row: dict) -> tuple[int, bool]:
-    """The random sets a row is judged against: those of its size and kind (features of a dictionary of the change,
-    ablated with the base in lockstep, or of the tuned model's SAEs)."""
-    return int(row["n_features"]), row.get("mode") == "change"
 
 
 def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:

@@ -37,6 +37,12 @@ def encode(sae: SAE, acts: np.ndarray, batch_size: int = 4096) -> sp.csr_matrix:
     return sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, sae.cfg.d_sae))
 
 
+def zero_input_features(sae: SAE) -> np.ndarray:
+    """Each feature's activation on a zero input: a dictionary of the change's feature values on no change
+    (nonzero where its biases make a feature fire, as TopK's do)."""
+    return encode(sae, np.zeros((1, sae.cfg.d_in), np.float32)).toarray()[0]
+
+
 @torch.no_grad()
 def evaluate_sae(sae: SAE, acts: np.ndarray, batch_size: int = 4096) -> SAEMetrics:
     """Explained variance, MSE, L0 and dead fraction of ``sae`` on ``acts``."""

@@ -422,12 +422,12 @@ def live_change_features(saes: dict[int, object], capture, exclude: dict[int, tu
                          ) -> dict[int, np.ndarray]:
     """Per layer, the features of its dictionary of the change that move from their zero-change value on some
     captured row (the random sets' pool), less ``exclude``."""
-    from irmprobe.saes.evaluate import encode
+    from irmprobe.saes.evaluate import encode, zero_input_features
 
     out = {}
     for layer in sorted(saes):
         delta = capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"]
-        zero = encode(saes[layer], np.zeros((1, delta.shape[1]), np.float32)).toarray()[0]
+        zero = zero_input_features(saes[layer])
         moved = np.zeros(len(zero), dtype=bool)
         for start in range(0, len(delta), 4096):
             f = encode(saes[layer], delta[start:start + 4096]).toarray()

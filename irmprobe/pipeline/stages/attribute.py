@@ -135,14 +135,14 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     encoded: dict[int, tuple] = {}
 
     def contexts(node):
-        from irmprobe.saes.evaluate import encode
+        from irmprobe.saes.evaluate import encode, zero_input_features
 
         if node.layer not in encoded:  # each layer's SAE runs over the capture once
             acts = capture.acts[f"tuned.{node.layer}"]
             zero = None
             if change:  # a change feature reads the change at that token, against its value on no change
                 acts = acts - capture.acts[f"base.{node.layer}"]
-                zero = encode(saes[node.layer], np.zeros((1, acts.shape[1]), np.float32)).toarray()[0]
+                zero = zero_input_features(saes[node.layer])
             encoded[node.layer] = encode(saes[node.layer], acts).tocsc(), zero
         features, zero = encoded[node.layer]
         return top_contexts(capture, features, node.index, streams, decode,

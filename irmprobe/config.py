@@ -481,6 +481,29 @@ class DiscoverConfig:
 
 
 @dataclass(frozen=True)
+class DepthConfig:
+    """The depth stage: per block, how much of the log-ratio r_t the residual stream's change already explains,
+    read through the written token's unembedding (the direct path) and by the logit lens; out-of-fold R^2 on
+    held-out prompts. It says from which block a decision-side view reading the direct path could fit r_t."""
+
+    enabled: bool = True
+    """Run the depth stage."""
+    n_prompts: int = 24
+    """Held-out prompts (all their continuations of both models), drawn as the attribute stage draws its prompts
+    with the same count and seed; their two halves are the cross-fitting folds."""
+    lens: bool = True
+    """Also score the logit lens (each model's final norm and unembedding at every block: the stage's main cost,
+    a vocabulary-wide product per row, block and model)."""
+    batch_size: int = 16
+    """Sequences per forward."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_prompts", "batch_size")
+        if self.n_prompts < 4:
+            raise ValueError(f"DepthConfig.n_prompts must be at least 4 (two halves of 2), got {self.n_prompts}")
+
+
+@dataclass(frozen=True)
 class LLMConfig:
     """An optional OpenAI-compatible chat endpoint (triple rewriting, the LLM feature judge)."""
 
@@ -672,6 +695,7 @@ class RunConfig:
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0

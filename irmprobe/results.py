@@ -273,6 +273,9 @@ class RunMetrics(Record):
     """The view that is not primary (the SAE IRM when the full-vocabulary log-ratio is), tested the same way."""
     attribution: dict | None = None
     """The attribute stage's result: nodes ranked by attribution, exact checks, faithfulness/completeness curves."""
+    depth: dict | None = None
+    """The depth stage's result: per block, the out-of-fold R^2 of the log-ratio from the residual stream's change
+    (direct path, logit lens); None in a file written before it existed."""
     dashboard: dict | None = None
     """The report's text views (held-out continuations, each token's log-ratio, IRM and RM values) and feature
     cards (:mod:`irmprobe.reporting.dashboard`); None in a file written before they existed."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
+from irmprobe.analysis.depth import depth_text
 from irmprobe.results import PrimaryComparison, RunMetrics, ViewRow
 
 Z = 3.0
@@ -156,6 +157,9 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
             out.append(f"{c.branch}: not known to match the organism: {c.note or 'its settings differ'}.")
     if m.attribution:
         out.append(attribution_line(m.attribution) + generation_text((m.validation or {}).get("ablation")) + ".")
+    decision = decision_line(m)
+    if decision:
+        out.append(decision)
     out += ablation_lines(m.validation or {})
     informed = [r.name for r in m.agreement if r.family == "rm_informed" and r.tau is not None]
     if informed:
@@ -303,6 +307,23 @@ def _null_named_text(result: dict) -> str:
         return ""
     return (f"; known nulls: {null['reached']} of {null['n']} random feature sets reach {result['threshold']:.0%} "
             f"(the highest {null['highest']:.2f})")
+
+
+def decision_line(m: RunMetrics) -> str | None:
+    """One line: how well the decision-side IRM fits r_t, and (from the depth stage) how much of r_t the residual
+    stream's change after the captured blocks holds for it to read, and from which block it holds enough."""
+    fits = (m.irm or {}).get("fits") or {}
+    name = next((n for n in ("sae_irm_bilinear", "sae_irm_decision") if n in fits), None)
+    depth = m.depth if m.depth and "skipped" not in m.depth else None
+    if name is None and depth is None:
+        return None
+    r2 = fits[name].get("test_r2") if name else None
+    head = ("decision-side IRM (" + ("bilinear" if name == "sae_irm_bilinear" else "state at t-1") + " view): "
+            + ("identically zero" if r2 is None else f"out-of-fold R^2 {r2:+.2f} of r_t") if name else
+            "decision-side IRM: not fitted")
+    if depth is None:
+        return head + "."
+    return f"{head}; {depth_text(depth, m.capture.get('layers') or [], depth.get('n_layers'))}."
 
 
 def attribution_line(result: dict) -> str:

@@ -297,15 +297,20 @@ _FINAL_NORMS = ("model.norm", "gpt_neox.final_layer_norm", "transformer.ln_f", "
                 "model.decoder.final_layer_norm")
 
 
+def final_norm(model):
+    """The model's final norm module (the one applied to the last residual stream before the unembedding), or
+    None when it has none this package knows by name."""
+    modules = dict(model.named_modules())
+    return next((modules[name] for name in _FINAL_NORMS if name in modules), None)
+
+
 def readout(model) -> tuple[np.ndarray, np.ndarray | None]:
     """The tuned model's read-out: its unembedding ``[vocab, d]`` and its final norm's weight ``[d]`` (None when
     the model has no known final norm or it has no weight), as float32 NumPy arrays."""
     unembed = model.get_output_embeddings().weight.detach().float().cpu().numpy()
-    modules = dict(model.named_modules())
-    for name in _FINAL_NORMS:
-        weight = getattr(modules.get(name), "weight", None)
-        if weight is not None:
-            return unembed, weight.detach().float().cpu().numpy()
+    weight = getattr(final_norm(model), "weight", None)
+    if weight is not None:
+        return unembed, weight.detach().float().cpu().numpy()
     return unembed, None
 
 

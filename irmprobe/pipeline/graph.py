@@ -8,6 +8,7 @@ from irmprobe.pipeline.stages.attribute import AttributeStage
 from irmprobe.pipeline.stages.capture import CaptureStage
 from irmprobe.pipeline.stages.compare import CompareStage  # noqa: E402
 from irmprobe.pipeline.stages.dashboard import DashboardStage
+from irmprobe.pipeline.stages.depth import DepthStage
 from irmprobe.pipeline.stages.discover import DiscoverStage  # noqa: E402
 from irmprobe.pipeline.stages.fit import FitStage  # noqa: E402
 from irmprobe.pipeline.stages.interpret import InterpretStage  # noqa: E402
@@ -17,9 +18,9 @@ from irmprobe.pipeline.stages.report import ReportStage  # noqa: E402
 from irmprobe.pipeline.stages.saes import SAEStage  # noqa: E402
 from irmprobe.pipeline.stages.samples import SamplesStage
 
-GRAPH: list[Stage] = [OrganismStage(), SamplesStage(), LayersStage(), CaptureStage(), SAEStage(), FitStage(),
-                      CompareStage(), DiscoverStage(), AttributeStage(), InterpretStage(), AblateStage(), DashboardStage(),
-                      ReportStage()]
+GRAPH: list[Stage] = [OrganismStage(), SamplesStage(), LayersStage(), DepthStage(), CaptureStage(), SAEStage(),
+                      FitStage(), CompareStage(), DiscoverStage(), AttributeStage(), InterpretStage(), AblateStage(),
+                      DashboardStage(), ReportStage()]
 """Every stage, in the order users see them. ``--force STAGE`` re-runs it and every stage that needs it."""
 
 

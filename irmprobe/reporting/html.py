@@ -384,6 +384,11 @@ def render(metrics) -> str:
     page.section("layers", "Where the tuning acts: layers")
     if "layer_effects" in plots:
         page.plot("layer_effects", plots["layer_effects"])
+    if "depth_profile" in plots:
+        page.plot("depth_profile", plots["depth_profile"])
+    else:
+        page.absent("no depth profile: " + ((metrics.get("depth") or {}).get("skipped") or "the depth stage did not "
+                                            "run"))
 
     page.section("saes", "SAEs and other figures")
     if metrics.get("saes"):

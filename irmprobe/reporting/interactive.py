@@ -217,8 +217,34 @@ def attribution_curves(metrics: dict):
                    "share of m(tuned) - m(empty)")
 
 
+def depth_profile(metrics: dict):
+    """Per block: the out-of-fold R^2 of r_t from the residual stream's change after that block, read through the
+    written token's unembedding (direct path) and by the logit lens, with 95% bootstrap CIs over prompts; the
+    captured blocks marked, the target R^2 dotted."""
+    import plotly.graph_objects as go
+
+    d = metrics.get("depth") or {}
+    if not d or "skipped" in d:
+        return None
+    fig = go.Figure()
+    names = {"direct": "direct path of the change", "lens": "logit lens (each model's norm and unembedding)"}
+    for reading, colour in (("direct", BLUE), ("lens", ORANGE)):
+        if reading not in d:
+            continue
+        values = d[reading]["r2"]
+        fig.add_trace(go.Scatter(x=list(range(len(values))), y=values, mode="lines+markers", name=names[reading],
+                                 line={"color": colour}, error_y=_bars(values, d[reading]["ci"]),
+                                 hovertemplate="block %{x}: R^2 %{y:.3f}<extra></extra>"))
+    fig.add_hline(y=d["target"], line_dash="dot", line_color="black", annotation_text=f"R^2 {d['target']:g}",
+                  annotation_position="top left")
+    for block in (metrics.get("capture") or {}).get("layers") or []:
+        fig.add_vline(x=block, line_color=RED, line_dash="dash", opacity=0.5)
+    return _layout(fig, f"How much of r_t the residual stream's change holds, per block ({d['n_prompts']} held-out "
+                   "prompts; red: captured blocks)", 420, "block (residual stream after it)", "out-of-fold R^2")
+
+
 ALL = {"view_taus": view_taus, "irm_vs_rm": irm_vs_rm, "ablation_shares": ablation_shares,
-       "layer_effects": layer_effects, "attribution_curves": attribution_curves}
+       "layer_effects": layer_effects, "depth_profile": depth_profile, "attribution_curves": attribution_curves}
 
 
 def all_plots(metrics: dict) -> dict:

@@ -76,6 +76,7 @@ def summary_lines(metrics) -> list[str]:
     lines.append(
         "chosen blocks    " + ", ".join(f"{l} (|Δθ| {div['per_block'][l]:.3f})" for l in div["chosen"])
     )
+    lines.extend(depth_section(metrics.get("depth") or {}, div["chosen"]))
     lines.append("== SAEs (held-out activations) ==")
     lines.append(f"{'model':<6} {'layer':>5} {'d_sae':>6} {'expl.var':>9} {'L0':>8} {'dead':>6} {'dense':>6} "
                  f"{'CE rec.':>8} {'KL':>7} {'MMCS 1x:2x':>10} {'trained on':>14}")
@@ -249,6 +250,22 @@ def agreement_line(row: dict, control: bool = False) -> str:
         ctrl = "zero" if row.get("control_is_zero") else _fmt(row.get("control_tau"), "+.3f")
         line += f" {ctrl:>7} {_fmt(row.get('above_control'), '+.3f'):>7}"
     return line
+
+
+def depth_section(d: dict, chosen) -> list[str]:
+    """Per block: the out-of-fold R^2 of r_t from the residual stream's change (direct path, logit lens)."""
+    if "direct" not in d:
+        return [f"== depth: skipped ({d['skipped']}) ==" if d.get("skipped") else "== depth: not run =="]
+    lens = "lens" in d
+    lines = [f"== depth (out-of-fold R^2 of r_t from the residual stream's change after each block; "
+             f"{d['n_rows']} rows of {d['n_prompts']} held-out prompts, 95% CI over prompts; * = chosen) ==",
+             f"{'block':>6} {'direct':>7} {'95% CI':>17}" + (f" {'lens':>7} {'95% CI':>17}" if lens else "")]
+    for b, value in enumerate(d["direct"]["r2"]):
+        lines.append(f"{b:>5}{'*' if b in chosen else ' '} {_fmt(value, '+.3f'):>7} "
+                     f"{_interval(d['direct']['ci'][b], '+.2f'):>17}"
+                     + (f" {_fmt(d['lens']['r2'][b], '+.3f'):>7} {_interval(d['lens']['ci'][b], '+.2f'):>17}"
+                        if lens else ""))
+    return lines
 
 
 def attribution_section(a: dict) -> list[str]:

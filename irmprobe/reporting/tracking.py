@@ -122,7 +122,8 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
 def headline_scalars(metrics: dict) -> dict:
     """The run's headline figures for W&B's summary: the primary comparison and the explanation (view, tau, t,
     d.f., p, alpha, outcome), the attribution's bound, error share, smallest faithful k and IG-vs-exact
-    Spearman, and the known-null counts of the naming and causal rules."""
+    Spearman, the depth profile's best R^2 at the captured blocks and first block reaching its target, and the
+    known-null counts of the naming and causal rules."""
     from irmprobe.analysis.verdict import null_calls, null_named
 
     out = {}
@@ -143,6 +144,13 @@ def headline_scalars(metrics: dict) -> dict:
         named = null_named(attribution)
         if named is not None:  # the naming rule's false calls on random feature sets (a known null)
             out["attribution/null_named"], out["attribution/null_sets_drawn"] = named["reached"], named["n"]
+    depth = metrics.get("depth") or {}
+    for reading in ("direct", "lens"):
+        if reading in depth:  # from which block the residual stream's change holds enough of r_t
+            out[f"depth/{reading}_first_reaching"] = depth[reading]["first_reaching"]
+            out[f"depth/{reading}_r2_captured"] = max(
+                (depth[reading]["r2"][b] for b in (metrics.get("capture") or {}).get("layers") or []
+                 if depth[reading]["r2"][b] is not None), default=None)
     null = null_calls((metrics.get("validation") or {}).get("ablation") or [])
     if null is not None:  # the causal rule's false calls on random sets (a known null)
         out["ablation/null_false_calls"], out["ablation/null_sets_judged"] = null["called"], null["n"]
@@ -206,6 +214,12 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                    *((r["gain_share"]["share"], *r["gain_share"]["ci"]) if r.get("gain_share")
                                      else (None, None, None)), _causal_rule(r)]
                                   for r in val["ablation"]])
+    depth = metrics.get("depth") or {}
+    if "direct" in depth:  # per block: out-of-fold R^2 of r_t from the residual stream's change
+        readings = [r for r in ("direct", "lens") if r in depth]
+        cols = ["block"] + [f"{r}_{c}" for r in readings for c in ("r2", "r2_ci_low", "r2_ci_high")]
+        out["depth profile"] = (cols, [[b] + [v for r in readings for v in (depth[r]["r2"][b], *depth[r]["ci"][b])]
+                                       for b in range(len(depth["direct"]["r2"]))])
     return out
 
 

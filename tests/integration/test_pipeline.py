@@ -203,6 +203,9 @@ def test_retrained_model_in_the_same_folder_is_not_served_from_cache(tiny_llama_
 def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(tiny_llama_dir, tmp_path):
     first = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
     assert set(first.stage_status.values()) == {"ran"}
+    # The depth stage ran once, for the organism: after the last block the logit lens is the log-ratio itself.
+    assert "control-0/depth" not in first.stage_status and first.metrics.depth["n_layers"] == 2
+    assert first.metrics.depth["lens"]["r2"][-1] > 0.99 and len(first.metrics.depth["direct"]["r2"]) == 2
     again = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
     status = again.stage_status
     assert all(status[s] == "reused" for s in ("organism", "samples", "layers", "capture", "saes", "fit", "compare",
@@ -213,10 +216,10 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     changed = _config(tmp_path, base=str(tiny_llama_dir))
     changed = RunConfig.from_dict(changed.to_dict() | {"irm": changed.to_dict()["irm"] | {"l1_ratio": 0.7}})
     status = run(changed, echo=lambda _: None).stage_status
-    # The attribute stage reads no IRM setting: it is reused too.
+    # The attribute and depth stages read no IRM setting: they are reused too.
     assert {s for s, v in status.items() if v == "reused"} == {
         f"{b}{s}" for b in ("", "control-0/", "control-1/") for s in ("organism", "samples", "layers", "capture",
-                                                                      "saes")} | {"attribute"}
+                                                                      "saes")} | {"attribute", "depth"}
     assert all(status[s] == "ran" for s in ("fit", "control-0/fit", "control-1/fit", "compare", "interpret", "ablate"))
     # --force saes re-trains the SAEs (and everything after), for the control too, but reuses the capture.
     status = run(changed, echo=lambda _: None, force=("saes",)).stage_status

@@ -8,7 +8,12 @@ On a run's cached capture and SAEs (the pipeline's prompt folds; prompt rows nev
   (``sae_irm_bilinear``);
 - ``bilinear diff``: the same for the change of each feature (tuned minus base activation, one dictionary);
 - ``direct change``: per hook point, the change of the whole activation (tuned minus base) read through the
-  written token's centred unembedding row, one column per hook point: the direct path with no dictionary.
+  written token's centred unembedding row, one column per hook point: the direct path with no dictionary;
+- with ``--change`` (runs the attribute stage with ``attribute.dictionary=change``, cached): ``bilinear change
+  dictionary``, the bilinear view on the features of the dictionaries of the change (each feature's value on the
+  change minus its value on no change, times its direct effect on the written token), and ``change dictionary
+  sum``, their decoded sum's direct path, one column per hook point (the direct change less the dictionary's
+  error).
 
 If even the direct change explains little, the hook points' direct path does not carry r_t and no dictionary at
 them can (compare the attribute stage's bound). Reuses the stage cache (``IRMPROBE_CACHE``): run the pipeline up to
@@ -16,6 +21,8 @@ them can (compare the attribute stage's bound). Reuses the stage cache (``IRMPRO
 
     python benchmarks/decision_views.py
     python benchmarks/decision_views.py --set capture.hook=hook_resid_post
+    python benchmarks/decision_views.py --change --set capture.hook=hook_resid_post \\
+        --set capture.patching_kind=resid_post
 """
 
 from __future__ import annotations
@@ -45,14 +52,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(HERE.parent / "configs" / "default.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--change", action="store_true", help="also the views on the dictionaries of the change")
     args = ap.parse_args(argv)
     data = RunConfig.from_yaml(args.config).to_dict()
     for item in args.set:
         key, value = item.split("=", 1)
         section, name = key.split(".")
         data[section][name] = value
+    if args.change:
+        data["attribute"]["dictionary"] = "change"
     cfg = RunConfig.from_dict(data)
-    result = run(cfg, until="saes", echo=lambda line: print(line, file=sys.stderr))
+    result = run(cfg, until="attribute" if args.change else "saes", echo=lambda line: print(line, file=sys.stderr))
     runner = result.context.resources["runner"]
     cap, samples, saes = runner.result("capture"), runner.result("samples"), runner.result("saes").saes
     pair = result.context.pair_of(runner.result("organism"))
@@ -82,6 +92,19 @@ def main(argv=None) -> int:
     direct = np.stack([np.einsum("nd,nd->n", W[written], (cap.acts[f"tuned.{layer}"] - cap.acts[f"base.{layer}"])[prev])
                        for layer in layers], 1)
     r2("direct change", direct)
+    if args.change:
+        from irmprobe.saes.evaluate import zero_input_features
+        from irmprobe.validation.ablation import load_change_dictionaries
+
+        change = load_change_dictionaries(runner.result("attribute"), device="cpu")
+        C, sums = [], []
+        for layer in layers:
+            delta = (cap.acts[f"tuned.{layer}"] - cap.acts[f"base.{layer}"])[prev]
+            f = encode(change[layer], delta).toarray() - zero_input_features(change[layer])[None, :]
+            C.append(bilinear_inputs(f, written, decoder_directions(change[layer]), unembed, gamma))
+            sums.append(C[-1].sum(1))
+        r2("bilinear change dictionary", np.hstack(C))
+        r2("change dictionary sum", np.stack(sums, 1))
     print(f"\ncorrelation of the summed direct change with r_t (scored rows): "
           f"{np.corrcoef(direct.sum(1)[scored], y[rows][scored])[0, 1]:+.3f}")
     return 0

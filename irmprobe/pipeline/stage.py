@@ -173,6 +173,10 @@ class Stage:
     so that branch's key for it differs from a full control's (stages before it, the training above all, keep
     theirs and are shared)."""
 
+    measured_only_ignores: ClassVar[tuple[str, ...]] = ()
+    """Settings (of ``reads`` or ``optional_reads``) left out of a measured-only control's key: they set only what
+    such a branch does not make (which blocks to capture, at which hook), so changing them reuses its output."""
+
     optional_reads: ClassVar[tuple[str, ...]] = ()
     """Settings added to a stage after its caches existed: read like ``reads``, but they enter the key only when
     they differ from their default, so a run that leaves them alone keeps its cached outputs."""
@@ -187,10 +191,13 @@ class Stage:
 
     def key(self, config: RunConfig, ctx: Context, input_keys: list[str]) -> str:
         cfg = self.sections(config)
-        default = declared_values(type(config)(), self.optional_reads)
-        changed = {k: v for k, v in declared_values(config, self.optional_reads).items() if v != default[k]}
+        ignored = self.measured_only_ignores if ctx.branch.measured_only else ()
+        reads = tuple(r for r in self.reads if r not in ignored)
+        optional = tuple(r for r in self.optional_reads if r not in ignored)
+        default = declared_values(type(config)(), optional)
+        changed = {k: v for k, v in declared_values(config, optional).items() if v != default[k]}
         light = ("measured views only",) if self.measured_only_differs and ctx.branch.measured_only else ()
-        return config_key(self.name, self.version, declared_values(config, self.reads), self.fingerprint(cfg, ctx),
+        return config_key(self.name, self.version, declared_values(config, reads), self.fingerprint(cfg, ctx),
                           input_keys, *((changed,) if changed else ()), *light)
 
     def run(self, cfg: Sections, ctx: Context, inputs: dict[str, Any], out: Path) -> Any:  # pragma: no cover

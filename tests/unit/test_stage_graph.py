@@ -276,7 +276,8 @@ def test_a_controls_key_does_not_depend_on_the_tuned_model_being_judged(tmp_path
 
 def test_a_measured_only_control_shares_its_training_and_samples_with_the_full_one():
     """compare.control_views=measured: a control keeps its organism and samples keys (no retraining, no
-    resampling); its layers key, hence every key after it, differs from the full control's."""
+    resampling); its layers key, hence every key after it, differs from the full control's, and ignores the
+    settings of what it does not make (blocks, hook)."""
     from irmprobe.pipeline.control import control_branches
     from irmprobe.pipeline.stages.layers import LayersStage
     from irmprobe.pipeline.stages.organism import OrganismStage
@@ -292,6 +293,22 @@ def test_a_measured_only_control_shares_its_training_and_samples_with_the_full_o
         samples = SamplesStage().key(config, control, [organism])
         keys[views] = (organism, samples, LayersStage().key(config, control, [organism, samples]))
     assert keys["all"][:2] == keys["measured"][:2] and keys["all"][2] != keys["measured"][2]
+    # What blocks to capture and at which hook sets nothing a measured-only control makes: its layers and capture
+    # keys ignore those settings (judging at another hook reuses its capture); a full control's follow them.
+    from irmprobe.pipeline.stages.capture import CaptureStage
+
+    def chain(views, **capture):
+        config = RunConfig.from_dict({"compare": {"control_views": views}, "capture": capture})
+        control, *_ = control_branches(config, ctx)
+        organism = OrganismStage().key(config, control, [])
+        samples = SamplesStage().key(config, control, [organism])
+        layers = LayersStage().key(config, control, [organism, samples])
+        return layers, CaptureStage().key(config, control, [organism, samples, layers])
+
+    moved = {"hook": "hook_resid_post", "patching_kind": "resid_post", "top_k_layers": 5}
+    assert chain("measured") == chain("measured", **moved) and chain("measured")[0] == keys["measured"][2]
+    assert chain("all", hook="hook_resid_post")[1] != chain("all")[1] and chain("all", top_k_layers=5) != chain("all")
+    assert chain("measured", max_texts=3)[1] != chain("measured")[1]  # extra texts are captured by every branch
     with pytest.raises(ValueError, match="control_views measured gives the controls no SAEs"):
         RunConfig.from_dict({"compare": {"control_views": "measured", "primary": "sae_irm"}})
     with pytest.raises(ValueError, match="control_views must be all or measured"):

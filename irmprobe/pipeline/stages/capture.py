@@ -15,6 +15,7 @@ class CaptureStage(Stage):
     reads = ("capture.hook", "capture.batch_size", "capture.text_path", "capture.text_dataset", "capture.text_column",
              "capture.max_text_tokens", "capture.max_texts", "pair.dtype")
     needs = ("organism", "samples", "layers")
+    measured_only_ignores = ("capture.hook",)  # a measured-only control captures log-probabilities, no activation
 
     def fingerprint(self, cfg, ctx):
         path = cfg.capture.text_path

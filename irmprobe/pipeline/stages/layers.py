@@ -35,6 +35,9 @@ class LayersStage(Stage):
     optional_reads = ("sae.pretrained",)
     needs = ("organism", "samples")
     measured_only_differs = True
+    # A measured-only control chooses no block, whatever these say.
+    measured_only_ignores = ("capture.top_k_layers", "capture.rank_layers_by", "capture.patching_sequences",
+                             "capture.patching_kind", "sae.pretrained")
 
     def run(self, cfg, ctx, inputs, out):
         cc = cfg.capture

@@ -88,9 +88,9 @@ def depth_profile(rows: dict, units: np.ndarray, folds: tuple[np.ndarray, np.nda
 
 def depth_text(profile: dict, blocks, n_layers: int | None = None) -> str:
     """One clause: what each reading explains of ``r_t`` at ``blocks`` (the captured ones) and from which block it
-    reaches the target, e.g. "the residual stream's change after block(s) 20, 22, 23 explains at most R^2 +0.11
-    through its direct path and +0.17 by the logit lens of r_t (...); its direct path reaches 0.3 from block 27 of
-    30, the logit lens reaches 0.3 from block 27 of 30"."""
+    reaches the target, e.g. "the residual stream's change after block(s) 20, 22, 23 explains at most R^2 +0.09
+    of r_t through its direct path and +0.16 by the logit lens (...); its direct path reaches 0.3 from block 28 of
+    30, the logit lens reaches 0.3 from block 26 of 30"."""
     if not profile or "skipped" in profile:
         return ""
     n = n_layers or len(profile["direct"]["r2"])
@@ -101,8 +101,8 @@ def depth_text(profile: dict, blocks, n_layers: int | None = None) -> str:
         values = [profile[reading]["r2"][b] for b in blocks if profile[reading]["r2"][b] is not None]
         return max(values) if values else None
 
-    at = [f"{best(r):+.2f} {'through ' if r == 'direct' else 'by '}{names[r]}" for r in READINGS
-          if r in profile and best(r) is not None]
+    at = [f"{best(r):+.2f}{' of r_t' if not i else ''} {'through ' if r == 'direct' else 'by '}{names[r]}"
+          for i, r in enumerate(r for r in READINGS if r in profile and best(r) is not None)]
     reach = []
     for r in READINGS:
         if r in profile:
@@ -110,4 +110,4 @@ def depth_text(profile: dict, blocks, n_layers: int | None = None) -> str:
             reach.append(f"{names[r]} reaches {profile['target']:g} "
                          + (f"from block {first} of {n}" if first is not None else "at no block"))
     return (f"the residual stream's change after block(s) {', '.join(map(str, blocks))} explains at most R^2 "
-            + " and ".join(at) + " of r_t (out of fold, held-out prompts); " + ", ".join(reach))
+            + " and ".join(at) + " (out of fold, held-out prompts); " + ", ".join(reach))

@@ -99,7 +99,7 @@ def test_the_profile_finds_the_block_whose_reading_holds_the_log_ratio():
     assert low < r2[2] < high and high - low < 0.1
     assert profile["n_prompts"] == 40 and profile["n_rows"] == 1200
     line = depth_text(profile, [0, 1])
-    assert "after block(s) 0, 1 explains at most R^2 -0.0" in line and "reaches 0.3 from block 2 of 4" in line
+    assert "after block(s) 0, 1 explains at most R^2 -0.0" in line and "of r_t through its direct path (" in line and "reaches 0.3 from block 2 of 4" in line
     with pytest.raises(ValueError, match="share a prompt"):
         depth_profile(rows, units, (np.arange(600), np.arange(590, 1200)))
 

@@ -97,6 +97,9 @@ def main(argv=None) -> int:
         from irmprobe.validation.ablation import load_change_dictionaries
 
         change = load_change_dictionaries(runner.result("attribute"), device="cpu")
+        if set(change) != set(layers):
+            raise ValueError(f"--change needs the attribute stage's dictionaries of the change at blocks {layers}; it "
+                             f"has {sorted(change)} ({runner.result('attribute').get('skipped', 'other blocks')})")
         C, sums = [], []
         for layer in layers:
             delta = (cap.acts[f"tuned.{layer}"] - cap.acts[f"base.{layer}"])[prev]

@@ -46,6 +46,7 @@ def _stage_help(name: str) -> dict[str, str]:
         "fit": "fit every IRM view on training sequences and score it on held-out ones",
         "compare": "compare the IRM views with the RM next to the matched control organism(s)",
         "discover": "find what the tuned model rewards beyond the RM, and score the IRM as a reward model",
+        "depth": "per block, how much of the log-ratio the residual stream's change holds (direct path, logit lens)",
         "attribute": "attribute the implicit reward to SAE features and errors; faithfulness and completeness curves",
         "interpret": "explain and judge the IRM's features",
         "ablate": "ablate feature sets in the tuned model and measure reward",

@@ -79,6 +79,15 @@ def row_prompts(samples: Samples, seq_index: np.ndarray) -> np.ndarray:
     return out
 
 
+def prompt_halves(samples: Samples, n_prompts: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of ``n_prompts`` held-out prompts (drawn with ``seed``): the attribute stage ranks on one
+    and measures on the other; the depth stage cross-fits on them."""
+    prompts = np.unique(samples.prompt_index)
+    chosen = np.random.default_rng(seed).permutation(prompts)[:n_prompts]
+    half = len(chosen) // 2
+    return np.sort(chosen[:half]), np.sort(chosen[half:])
+
+
 def in_prompt(samples: Samples, seq_index: np.ndarray, position: np.ndarray) -> np.ndarray:
     """True for rows whose token belongs to the prompt (identical in every sequence of that prompt)."""
     seq, pos = np.asarray(seq_index, dtype=np.int64), np.asarray(position, dtype=np.int64)

@@ -56,8 +56,9 @@ def depth_profile(rows: dict, units: np.ndarray, folds: tuple[np.ndarray, np.nda
 
     Returns:
         A JSON-ready dict: ``n_rows``, ``n_prompts``, ``target`` (:data:`R2_TARGET`) and per reading
-        (``direct``, ``lens``) ``r2`` and ``ci`` per block and ``first_reaching`` (the first block whose R^2
-        reaches the target, or None); a reading not measured is absent.
+        (``direct``, ``lens``) ``r2`` and ``ci`` per block and ``first_reaching`` (the first block from which
+        every block's R^2 reaches the target, or None); a reading not measured is absent. The CIs resample the
+        scored prompts with the two cross-fitted models held fixed (fitting noise is not in them).
 
     Raises:
         ValueError: row arrays of different lengths, or folds that share a prompt.
@@ -80,34 +81,42 @@ def depth_profile(rows: dict, units: np.ndarray, folds: tuple[np.ndarray, np.nda
             fit = cross_fit_irm(f"{reading} {block}", X[:, [block]], y, units, folds=(a, b),
                                 alphas=(1e-3, 1e-1, 10.0))
             r2s.append(None if fit.test_r2 is None else float(fit.test_r2))
-            cis.append(r2_ci(y, fit.predictions, units, n_boot=n_boot, seed=seed + block))
-        first = next((i for i, v in enumerate(r2s) if v is not None and v >= R2_TARGET), None)
+            cis.append([None, None] if fit.test_r2 is None else
+                       r2_ci(y, fit.predictions, units, n_boot=n_boot, seed=seed + block))
+        # The first block from which every block on reaches the target (not one that dips below it again).
+        reached = [v is not None and v >= R2_TARGET for v in r2s]
+        first = next((i for i in range(len(reached)) if all(reached[i:])), None)
         out[reading] = {"r2": r2s, "ci": cis, "first_reaching": first}
     return out
 
 
 def depth_text(profile: dict, blocks, n_layers: int | None = None) -> str:
-    """One clause: what each reading explains of ``r_t`` at ``blocks`` (the captured ones) and from which block it
-    reaches the target, e.g. "the residual stream's change after block(s) 20, 22, 23 explains at most R^2 +0.09
-    of r_t through its direct path and +0.16 by the logit lens (...); its direct path reaches 0.3 from block 28 of
-    30, the logit lens reaches 0.3 from block 26 of 30"."""
+    """One clause: what each reading explains of ``r_t`` at ``blocks`` (the captured ones; the best of them) and from
+    which block on it reaches the target, e.g. "read one block at a time, the residual stream's change after
+    block(s) 20, 22, 23 explains R^2 +0.09 of r_t at best through its direct path and +0.16 by the logit lens
+    (...); the direct path reaches 0.3 from block 28 on (of blocks 0-29), the logit lens reaches 0.3 from block
+    26 on (of blocks 0-29)"."""
     if not profile or "skipped" in profile:
         return ""
     n = n_layers or len(profile["direct"]["r2"])
     blocks = [int(b) for b in blocks]
     names = {"direct": "its direct path", "lens": "the logit lens"}
+    short = {"direct": "the direct path", "lens": "the logit lens"}
 
     def best(reading):
         values = [profile[reading]["r2"][b] for b in blocks if profile[reading]["r2"][b] is not None]
         return max(values) if values else None
 
-    at = [f"{best(r):+.2f}{' of r_t' if not i else ''} {'through ' if r == 'direct' else 'by '}{names[r]}"
+    at = [f"{best(r):+.2f}{' of r_t at best' if not i else ''} {'through ' if r == 'direct' else 'by '}{names[r]}"
           for i, r in enumerate(r for r in READINGS if r in profile and best(r) is not None)]
     reach = []
     for r in READINGS:
         if r in profile:
             first = profile[r]["first_reaching"]
-            reach.append(f"{names[r]} reaches {profile['target']:g} "
-                         + (f"from block {first} of {n}" if first is not None else "at no block"))
-    return (f"the residual stream's change after block(s) {', '.join(map(str, blocks))} explains at most R^2 "
-            + " and ".join(at) + " (out of fold, held-out prompts); " + ", ".join(reach))
+            reach.append(f"{short[r]} reaches {profile['target']:g} "
+                         + (f"from block {first} on (of blocks 0-{n - 1})" if first is not None else "at no block"))
+    where = f"the residual stream's change after block(s) {', '.join(map(str, blocks))}"
+    if not at:  # r_t does not vary (or nothing was scored): no R^2 is defined
+        return f"{where}: no R^2 is defined (r_t does not vary on the held-out prompts)"
+    return (f"read one block at a time, {where} explains R^2 " + " and ".join(at)
+            + " (out of fold, held-out prompts; not a bound on a view with many features); " + ", ".join(reach))

@@ -306,12 +306,17 @@ def final_norm(model):
 
 def readout(model) -> tuple[np.ndarray, np.ndarray | None]:
     """The tuned model's read-out: its unembedding ``[vocab, d]`` and its final norm's weight ``[d]`` (None when
-    the model has no known final norm or it has no weight), as float32 NumPy arrays."""
-    unembed = model.get_output_embeddings().weight.detach().float().cpu().numpy()
-    weight = getattr(final_norm(model), "weight", None)
-    if weight is not None:
-        return unembed, weight.detach().float().cpu().numpy()
-    return unembed, None
+    the model has no known final norm or it has no weight), as float32 NumPy arrays. Weights offloaded by a
+    ``device_map`` (to the CPU or disk) are read where accelerate keeps them."""
+    from accelerate.utils import align_module_device
+
+    head, norm = model.get_output_embeddings(), final_norm(model)
+    with align_module_device(head):
+        unembed = head.weight.detach().float().cpu().numpy()
+    if getattr(norm, "weight", None) is None:
+        return unembed, None
+    with align_module_device(norm):
+        return unembed, norm.weight.detach().float().cpu().numpy()
 
 
 def check_compatible(base: PreTrainedModel, tuned: PreTrainedModel) -> None:

@@ -64,13 +64,18 @@ def offload_targets(model) -> set[str]:
     return out
 
 
-def input_device(model) -> torch.device:
-    """Where a model's input ids go: the device of its input embeddings (its first device when sharded)."""
-    embed = model.get_input_embeddings()
-    device = embed.weight.device
-    if device.type == "meta":  # offloaded: accelerate runs it on its hook's execution device
-        hooked = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+def module_device(module) -> torch.device:
+    """Where a module runs: its weights' device, or, for weights accelerate offloaded (on the meta device between
+    calls), its hook's execution device (the CPU when it names none)."""
+    device = next(module.parameters()).device
+    if device.type == "meta":
+        hooked = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
         if hooked is None:
             return torch.device("cpu")
         device = torch.device(f"cuda:{hooked}" if isinstance(hooked, int) else hooked)
     return device
+
+
+def input_device(model) -> torch.device:
+    """Where a model's input ids go: the device of its input embeddings (its first device when sharded)."""
+    return module_device(model.get_input_embeddings())

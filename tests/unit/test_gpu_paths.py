@@ -224,6 +224,13 @@ def test_device_map_with_blocks_on_disk_samples_patches_and_ablates_like_a_plain
         a = generate_patched(split.base, split.tuned, split.tokenizer, prompts, blocks, **kw)
         b = generate_patched(plain.base, plain.tuned, plain.tokenizer, prompts, blocks, **kw)
         assert a.token_ids == b.token_ids
+    # The depth stage's readout (hooks after every block, each model's own norm and head) reads the same rows.
+    from irmprobe.activations.readout import readout_rows
+
+    lens = np.full(len(seqs), 2)
+    ours, ref = (readout_rows(*plain_models(p), seqs, lens, batch_size=3) for p in (split, plain))
+    for key in ("r", "direct", "lens"):
+        np.testing.assert_allclose(ours[key], ref[key], atol=1e-5, err_msg=key)
 
 
 def test_fresh_copies_for_hooks_keep_the_pairs_device_map(tiny_llama_dir, monkeypatch):

@@ -305,10 +305,14 @@ def test_a_measured_only_control_shares_its_training_and_samples_with_the_full_o
         layers = LayersStage().key(config, control, [organism, samples])
         return layers, CaptureStage().key(config, control, [organism, samples, layers])
 
-    moved = {"hook": "hook_resid_post", "patching_kind": "resid_post", "top_k_layers": 5}
+    moved = {"hook": "hook_resid_post", "patching_kind": "resid_post", "top_k_layers": 5, "rank_layers_by": "relative"}
     assert chain("measured") == chain("measured", **moved) and chain("measured")[0] == keys["measured"][2]
     assert chain("all", hook="hook_resid_post")[1] != chain("all")[1] and chain("all", top_k_layers=5) != chain("all")
     assert chain("measured", max_texts=3)[1] != chain("measured")[1]  # extra texts are captured by every branch
+    from irmprobe.pipeline.graph import GRAPH
+
+    for stage in GRAPH:  # an ignored setting the stage does not read would silently ignore nothing
+        assert set(stage.measured_only_ignores) <= set(stage.reads + stage.optional_reads), stage.name
     with pytest.raises(ValueError, match="control_views measured gives the controls no SAEs"):
         RunConfig.from_dict({"compare": {"control_views": "measured", "primary": "sae_irm"}})
     with pytest.raises(ValueError, match="control_views must be all or measured"):

@@ -24,14 +24,6 @@ def skip_reason(cfg, inputs) -> str | None:
     return None
 
 
-def prompt_halves(samples, n_prompts: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint halves of ``n_prompts`` held-out prompts (drawn with ``seed``): one ranks, one measures."""
-    prompts = np.unique(samples.prompt_index)
-    chosen = np.random.default_rng(seed).permutation(prompts)[:n_prompts]
-    half = len(chosen) // 2
-    return np.sort(chosen[:half]), np.sort(chosen[half:])
-
-
 def top_contexts(capture, features, index: int, streams, decode, *, n: int = 3,
                  window: int = 8, baseline: float = 0.0) -> list[str]:
     """The windows (text up to and including the token) where feature ``index`` fires most above ``baseline``
@@ -92,6 +84,7 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     ``saes``: ``layer -> SAE`` whose features are the nodes; ``change``: they are dictionaries of the change
     (see :class:`irmprobe.validation.attribution.ImplicitReward`), described by ``dictionaries``."""
     from irmprobe.activations.patching import plain_models
+    from irmprobe.activations.samples import prompt_halves
     from irmprobe.validation.attribution import (
         HOOK_KINDS,
         ImplicitReward,

@@ -22,8 +22,9 @@ class DepthStage(Stage):
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.activations.patching import plain_models
         from irmprobe.activations.readout import readout_rows
+        from irmprobe.activations.samples import prompt_halves
         from irmprobe.analysis.depth import depth_profile
-        from irmprobe.pipeline.stages.attribute import prompt_halves
+        from irmprobe.models.loading import final_norm
 
         dc, samples = cfg.depth, inputs["samples"]
         if not dc.enabled:
@@ -38,15 +39,20 @@ class DepthStage(Stage):
             base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
                                        trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
                                        max_memory=runtime.max_memory)
+            lens, note = dc.lens, None
+            if lens and (final_norm(base) is None or final_norm(tuned) is None):
+                lens, note = False, "no logit lens: this architecture's final norm is not known (direct path only)"
+                ctx.echo(f"depth: {note}")
             ctx.echo(f"depth: {len(seqs)} continuations of {len(halves[0]) + len(halves[1])} held-out prompts, "
-                     f"{int(tuned.config.num_hidden_layers)} blocks" + (", with the logit lens" if dc.lens else ""))
+                     f"{int(tuned.config.num_hidden_layers)} blocks" + (", with the logit lens" if lens else ""))
             rows = readout_rows(base, tuned, [samples.token_ids[i] for i in seqs], samples.prompt_lens[seqs],
-                                batch_size=dc.batch_size, lens=dc.lens,
+                                batch_size=dc.batch_size, lens=lens,
                                 pad_id=pair.tokenizer.pad_token_id or 0)
             units = samples.prompt_index[seqs][rows["sequence"]]
             folds = tuple(np.flatnonzero(np.isin(units, half)) for half in halves)
             result = depth_profile(rows, units, folds, seed=cfg.seed) | {
-                "n_layers": int(tuned.config.num_hidden_layers), "seconds": time.perf_counter() - started}
+                "n_layers": int(tuned.config.num_hidden_layers), "seconds": time.perf_counter() - started,
+                **({"note": note} if note else {})}
         write_json(out / "depth.json", result)
         return result
 
@@ -60,7 +66,8 @@ class DepthStage(Stage):
         for reading in ("direct", "lens"):
             if reading in result:
                 first = result[reading]["first_reaching"]
+                last = result[reading]["r2"][-1]
                 parts.append(f"{reading} R^2 reaches {result['target']:g} "
                              + (f"from block {first}" if first is not None else "at no block")
-                             + f" (last block {result[reading]['r2'][-1]:+.2f})")
+                             + f" (last block {'undefined' if last is None else format(last, '+.2f')})")
         return f"{result['n_rows']} rows of {result['n_prompts']} prompts; " + "; ".join(parts)

@@ -43,8 +43,9 @@ class LayersStage(Stage):
         cc = cfg.capture
         pair = ctx.pair_of(inputs["organism"])
         by_effect = cc.rank_layers_by == "patching" and not ctx.branch.measured_only
-        div = layer_divergence(pair, cc.top_k_layers,
-                               by="absolute" if cc.rank_layers_by == "patching" else cc.rank_layers_by)
+        # A measured-only control's key leaves rank_layers_by out (it chooses no block): its record uses one ranking.
+        by = "absolute" if cc.rank_layers_by == "patching" or ctx.branch.measured_only else cc.rank_layers_by
+        div = layer_divergence(pair, cc.top_k_layers, by=by)
         patching, head = None, []
         if ctx.branch.measured_only:  # no activations are captured: the weight table is kept as a record only
             div = replace(div, chosen=())

@@ -42,6 +42,8 @@ def build(entity: str, project: str, name: str):
                 wr.LinePlot(x="organism/step", y=["organism/reward"]),
                 wr.LinePlot(x="organism/step", y=["organism/kl"]),
                 wr.MediaBrowser(media_keys=["plots/layer_effects"]),
+                wr.MediaBrowser(media_keys=["plots/depth_profile"]),
+                wr.ScalarChart(metric="depth/direct_first_reaching"),
             ]),
             ws.Section(name="SAEs", panels=[
                 wr.WeavePanelSummaryTable(table_name="saes"),

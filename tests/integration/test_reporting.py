@@ -98,9 +98,10 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
     import re
 
     workspace = (Path(__file__).resolve().parents[2] / "scripts" / "wandb_workspace.py").read_text()
-    panels = set(re.findall(r'"((?:plots|irm|reward|kl|sae|organism|primary|ablation|attribution)/[^"]+)"',
+    panels = set(re.findall(r'"((?:plots|irm|reward|kl|sae|organism|primary|ablation|attribution|depth)/[^"]+)"',
                             workspace))
-    assert {"plots/ablation_shares", "irm/full_vocab_log_ratio/control_tau", "primary/t", "organism/step"} <= panels
+    assert {"plots/ablation_shares", "irm/full_vocab_log_ratio/control_tau", "primary/t", "organism/step",
+            "plots/depth_profile", "depth/direct_first_reaching"} <= panels
     # The known-null counts exist where the run has an ablation with random sets and attribution curves (the tiny
     # run may have neither): they come from the same headline figures, which are logged as well as summarised.
     from irmprobe.reporting.tracking import headline_scalars
@@ -112,7 +113,8 @@ def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path,
               "gain_share_adjusted": {"ci": [-0.1, 0.2]}}
     possible = set(logged) | set(headline_scalars(
         {"attribution": {"curves": curves, "threshold": 0.6, "exact": {"spearman": 0.9}},
-         "validation": {"ablation": [judged]}}))
+         "validation": {"ablation": [judged]},
+         "depth": {"direct": {"r2": [0.1], "first_reaching": None}}, "capture": {"layers": [0]}}))
     assert sorted(panels - possible) == []
 
 

@@ -42,7 +42,7 @@ from irmprobe.analysis.views import bilinear_inputs, prompt_folds  # noqa: E402
 from irmprobe.api import run  # noqa: E402
 from irmprobe.config import RunConfig  # noqa: E402
 from irmprobe.irm.crossfit import cross_fit_irm  # noqa: E402
-from irmprobe.models.loading import readout  # noqa: E402
+from irmprobe.models.loading import direct_readout, readout  # noqa: E402
 from irmprobe.saes.evaluate import decoder_directions, encode  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     Z = bilinear_inputs(F_t[prev], written, D, unembed, gamma)
     r2("bilinear", Z)
     r2("bilinear diff", Z - bilinear_inputs(F_b[prev], written, D, unembed, gamma))
-    W = (unembed - unembed.mean(0)) * (1.0 if gamma is None else gamma)
+    W = direct_readout(unembed, gamma)
     direct = np.stack([np.einsum("nd,nd->n", W[written], (cap.acts[f"tuned.{layer}"] - cap.acts[f"base.{layer}"])[prev])
                        for layer in layers], 1)
     r2("direct change", direct)

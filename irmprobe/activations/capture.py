@@ -104,8 +104,9 @@ class Capture:
         return activation_batches(self.acts[key], batch_size, seed)
 
 
-def _right_padded(token_ids, chunk: np.ndarray, lengths: np.ndarray, pad: int) -> torch.Tensor:
-    """The sequences ``chunk`` of ``token_ids`` as one [batch, longest] tensor, right-padded with ``pad``."""
+def right_padded(token_ids, chunk: np.ndarray, lengths: np.ndarray, pad: int) -> torch.Tensor:
+    """The sequences ``chunk`` of ``token_ids`` as one [batch, longest] tensor, right-padded with ``pad`` (with
+    causal attention no real position sees a pad, so no attention mask is needed and positions are the default)."""
     tokens = torch.full((len(chunk), int(lengths[chunk].max())), pad, dtype=torch.long)
     for row, s in enumerate(chunk):
         tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
@@ -230,7 +231,7 @@ def capture_pair(
     acts = {f"{k}.{l}": [] for k in models for l in layers}
     for start in progress.bar(range(0, len(order), batch_size), desc="capture", leave=False):
         chunk = order[start : start + batch_size]
-        tokens = _right_padded(token_ids, chunk, lengths, pad)
+        tokens = right_padded(token_ids, chunk, lengths, pad)
         width = tokens.shape[1]
         real = torch.arange(1, width)[None, :] < torch.tensor(lengths[chunk])[:, None]  # t >= 1
         tokens = tokens.to(device)
@@ -281,7 +282,7 @@ def last_token_activations(bridge: TransformerBridge, token_ids, layers: tuple[i
     order = np.argsort(-lengths, kind="stable")
     for start in progress.bar(range(0, len(order), batch_size), desc="last-token activations", leave=False):
         chunk = order[start : start + batch_size]
-        tokens = _right_padded(token_ids, chunk, lengths, pad)
+        tokens = right_padded(token_ids, chunk, lengths, pad)
         # Nothing after the last hooked block is needed: the blocks above it and the unembedding are skipped.
         _, cache = bridge.run_with_cache(tokens.to(device), names_filter=names, return_cache_object=False,
                                          stop_at_layer=max(layers) + 1)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from irmprobe.activations.capture import hook_module
+from irmprobe.activations.capture import hook_module, right_padded
 from irmprobe.progress import bar as progress_bar
 from irmprobe.prompts import encode_prompt
 
@@ -228,10 +228,7 @@ def _divergences(base, tuned, token_ids, conditions: list[tuple[Point, ...]], ba
     store: dict[Point, torch.Tensor] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        # Right padding: with causal attention no real position sees a pad, so no mask is needed.
-        tokens = torch.full((len(chunk), int(lengths[chunk].max())), pad, dtype=torch.long)
-        for row, s in enumerate(chunk):
-            tokens[row, : lengths[s]] = torch.tensor(token_ids[s])
+        tokens = right_padded(token_ids, chunk, lengths, pad)  # no mask needed: see right_padded
         real = torch.arange(1, tokens.shape[1])[None, :] < torch.tensor(lengths[chunk])[:, None]
         with output_hooks(base, points, lambda p, a: store.__setitem__(p, a)):
             base_logp = base(tokens.to(_device(base))).logits[:, :-1].float().log_softmax(-1)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from irmprobe.activations.capture import right_padded
 from irmprobe.activations.patching import output_hooks
-from irmprobe.models.loading import final_norm, readout
+from irmprobe.models.loading import direct_readout, final_norm, readout
 from irmprobe.models.placement import input_device, module_device
 from irmprobe.progress import bar as progress_bar
 
@@ -72,19 +73,13 @@ def readout_rows(base, tuned, token_ids, prompt_lens, *, batch_size: int = 16, l
         raise ValueError("the logit lens needs the models' final norm, and this architecture's is not known: "
                          "pass lens=False (in a run: depth.lens: false)")
     unembed, gamma = readout(tuned)
-    # The direct path: the written token's centred unembedding row (a shift all logits share leaves
-    # log-probabilities unchanged), scaled by the final norm's weight as in the bilinear view.
-    direct_rows = torch.from_numpy((unembed - unembed.mean(0)) * (1.0 if gamma is None else gamma))
+    direct_rows = torch.from_numpy(direct_readout(unembed, gamma))  # as the bilinear view reads a direction
     points = [("resid_post", b) for b in range(n_layers)]
+    lengths = np.array([len(ids) for ids in token_ids])
     out = {"r": [], "direct": [], "lens": [], "sequence": [], "position": []}
     for start in progress_bar(range(0, len(jobs), batch_size), desc="readout by block", leave=False):
         idx = jobs[start: start + batch_size]
-        width = max(len(token_ids[i]) for i in idx)
-        tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):  # right padding: positions are the default ones
-            tokens[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
-            mask[row, : len(token_ids[i])] = 1
+        tokens = right_padded(token_ids, np.asarray(idx), lengths, pad_id)  # no mask needed: see right_padded
         # Rows: (batch row, t-1) for every written token t.
         b_rows, t_prev = [], []
         for row, i in enumerate(idx):
@@ -104,7 +99,7 @@ def readout_rows(base, tuned, token_ids, prompt_lens, *, batch_size: int = 16, l
 
             with output_hooks(model, points, keep):
                 device = input_device(model)
-                logits = model(input_ids=tokens.to(device), attention_mask=mask.to(device)).logits
+                logits = model(input_ids=tokens.to(device)).logits
             rows_at = (b_rows.to(logits.device), t_prev.to(logits.device))
             logp[name] = logits[rows_at].float().log_softmax(-1).gather(
                 -1, written.to(logits.device)[:, None])[:, 0].cpu().double()

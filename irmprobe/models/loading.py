@@ -319,6 +319,12 @@ def readout(model) -> tuple[np.ndarray, np.ndarray | None]:
         return unembed, norm.weight.detach().float().cpu().numpy()
 
 
+def direct_readout(unembed: np.ndarray, gamma: np.ndarray | None) -> np.ndarray:
+    """Each vocabulary token's direct read-out direction ``[vocab, d]``: its unembedding row centred over the
+    vocabulary (a shift all logits share leaves log-probabilities unchanged), scaled by the final norm's weight."""
+    return (unembed - unembed.mean(0)) * (1.0 if gamma is None else gamma)
+
+
 def check_compatible(base: PreTrainedModel, tuned: PreTrainedModel) -> None:
     """Raise ValueError unless the two models share architecture, width, depth and vocabulary."""
     bc, tc = base.config, tuned.config

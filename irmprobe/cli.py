@@ -48,6 +48,7 @@ def _stage_help(name: str) -> dict[str, str]:
         "discover": "find what the tuned model rewards beyond the RM, and score the IRM as a reward model",
         "depth": "per block, how much of the log-ratio the residual stream's change holds (direct path, logit lens)",
         "attribute": "attribute the implicit reward to SAE features and errors; faithfulness and completeness curves",
+        "seeds": "redo the attribution with its dictionaries trained with other seeds: does the named set hold?",
         "interpret": "explain and judge the IRM's features",
         "ablate": "ablate feature sets in the tuned model and measure reward",
         "dashboard": "the report's coloured text views and feature cards",

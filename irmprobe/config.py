@@ -541,9 +541,17 @@ class ValidateConfig:
     n_prompts: int = 80
     """Held-out prompts continued under each ablation."""
     samples_per_prompt: int = 2
-    """Continuations per prompt and condition (same seed across conditions: paired). On the demo, 80 prompts x 2
-    gives random feature sets' shares of the gain CI half-widths of 0.15-0.36; x 8 (configs/default.yaml), 0.08-0.11
-    at four times the ablation's time."""
+    """Continuations per prompt and condition (same seed across conditions: paired); with ``share_half_width``, the
+    most. On the demo, 80 prompts x 2 gave random feature sets' shares of the gain CI half-widths of 0.15-0.36, and
+    x 8 gave 0.08-0.11 at four times the ablation's time."""
+    share_half_width: float | None = field(default=None, metadata={"late": True})
+    """Sample until the shares are this precise: after ``min_samples_per_prompt`` samples per prompt, and after
+    each further round of one sample per prompt, sampling stops once the reward gain's 95% CI over prompts lies
+    above 0 and every random set's share of the gain has a 95% CI half-width at most this
+    (``samples_per_prompt`` is then the most; configs/default.yaml: 0.15). None: always ``samples_per_prompt``.
+    The rule reads the intervals' widths, never the shares themselves."""
+    min_samples_per_prompt: int = field(default=4, metadata={"late": True})
+    """With ``share_half_width``: samples per prompt before the first check (at most ``samples_per_prompt``)."""
     max_new_tokens: int = 24
     """Length of each continuation."""
     n_random_sets: int = 4
@@ -563,7 +571,9 @@ class ValidateConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "top_k", "n_judged", "n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size",
-                  "n_random_sets")
+                  "n_random_sets", "min_samples_per_prompt")
+        if self.share_half_width is not None and not self.share_half_width > 0:
+            raise ValueError(f"ValidateConfig.share_half_width must be > 0 or null, got {self.share_half_width}")
         if self.n_judged < self.top_k:
             raise ValueError(f"ValidateConfig.n_judged ({self.n_judged}) must be at least top_k ({self.top_k}): "
                              "the IRM's top features are always judged")
@@ -615,7 +625,6 @@ class AttributeConfig:
     """The change dictionaries' training seed: block l's dictionary is trained with ``change_seed + l`` (None: the
     run's ``seed + l``). A set of change features is a property of one dictionary until it holds for others:
     set this to rerun the attribution (and the ablation) with dictionaries of another seed."""
-
     def __post_init__(self) -> None:
         _positive(self, "n_prompts", "ig_steps", "n_exact", "n_random", "batch_size", "change_k",
                   "change_l1_coefficient", "change_training_samples")
@@ -632,6 +641,23 @@ class AttributeConfig:
             raise ValueError(f"AttributeConfig.n_prompts must be at least 4 (two halves of 2), got {self.n_prompts}")
         if not self.k_grid or any(int(k) < 1 for k in self.k_grid) or list(self.k_grid) != sorted(set(self.k_grid)):
             raise ValueError(f"AttributeConfig.k_grid must be increasing positive set sizes, got {self.k_grid!r}")
+
+
+@dataclass(frozen=True)
+class SeedsConfig:
+    """The seeds stage: the attribution redone with its dictionaries trained with other seeds."""
+
+    checks: int = 0
+    """Sets of dictionaries trained with other seeds (the run's seed, or ``attribute.change_seed`` for dictionaries
+    of the change, + 100 i, i = 1..n; block l's: that + l): the tuned model's SAEs as the saes stage trains them, or
+    the attribute stage's dictionaries of the change (``attribute.dictionary``). Each redoes the attribution on the
+    same prompts; the named set holds across dictionaries only when each of them also has a set of at most
+    ``attribute.k_grid``'s largest size reaching ``attribute.threshold``. Each check costs about what the attribute
+    stage costs (4-7 min on the demo on 2 cores); no stage but the report reads it."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.checks, bool) or int(self.checks) < 0:
+            raise ValueError(f"SeedsConfig.checks must be a non-negative integer, got {self.checks!r}")
 
 
 @dataclass(frozen=True)
@@ -695,6 +721,7 @@ class RunConfig:
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     attribute: AttributeConfig = field(default_factory=AttributeConfig)
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -702,6 +729,10 @@ class RunConfig:
     """Seed for every stage."""
 
     def __post_init__(self) -> None:
+        if self.seeds.checks and self.attribute.dictionary == "activations" and self.sae.pretrained:
+            raise ValueError("seeds.checks retrains the attribution's dictionaries with other seeds, but they are "
+                             "released SAEs (sae.pretrained), which have no seed to vary: set attribute.dictionary: "
+                             "change, or leave seeds.checks at 0")
         if self.reward.tuned_against is not None and (self.pair.tuned or self.pair.null):
             raise ValueError("reward.tuned_against names what irmprobe tunes the organism against, but pair.tuned "
                              "(or pair.null) is set, so nothing is tuned: drop one of them")

@@ -95,6 +95,26 @@ class PatchedSamples:
     """Decoded continuations."""
 
 
+def join_samples(parts: list[PatchedSamples]) -> PatchedSamples:
+    """Rounds of one condition's samples (e.g. samples 0-3, then 4, then 5 of every prompt) as one result, in
+    (prompt, sample) order.
+
+    Raises:
+        ValueError: no parts, or parts of different blocks or hook kinds.
+    """
+    if not parts:
+        raise ValueError("join_samples needs at least one part")
+    if len({(p.blocks, p.kind) for p in parts}) != 1:
+        raise ValueError("join_samples joins rounds of one condition: the parts patch different blocks or kinds")
+    index = np.concatenate([p.prompt_index for p in parts])
+    order = np.argsort(index, kind="stable")  # rounds come in sample order: a stable sort keeps it per prompt
+    ids = [t for p in parts for t in p.token_ids]
+    texts = [t for p in parts for t in p.texts]
+    return PatchedSamples(parts[0].blocks, parts[0].kind, tuple(ids[i] for i in order),
+                          np.concatenate([p.prompt_lens for p in parts])[order], index[order],
+                          tuple(texts[i] for i in order))
+
+
 def _check_kind(kind: str, allowed=HOOK_KINDS) -> None:
     if kind not in allowed:
         raise ValueError(f"unknown hook kind {kind!r}: expected one of {', '.join(allowed)}")
@@ -329,27 +349,29 @@ class Condition:
 
 
 def generate_patched(base, tuned, tokenizer, prompts, blocks, kind: str = "mlp_out", *, n_per_prompt: int,
-                     max_new_tokens: int, seed: int, batch_size: int = 16) -> PatchedSamples:
+                     max_new_tokens: int, seed: int, batch_size: int = 16, first_sample: int = 0) -> PatchedSamples:
     """Sample from ``tuned`` with the base's activations at ``blocks`` patched in at every position.
 
     Both models advance in lockstep on the same tokens, each with its own KV cache; sampling is
     top_k=0, top_p=1, temperature 1, by inverse CDF from one uniform per (prompt, sample) slot and
     step, drawn up front from ``seed``. So calls with the same prompts and seed are paired by
     (prompt, sample) whatever their batching: ``blocks=()`` samples the tuned model unpatched, and
-    ``tuned=base, blocks=()`` the base model, with the same random numbers.
+    ``tuned=base, blocks=()`` the base model, with the same random numbers. ``first_sample``: the samples drawn
+    are numbers ``first_sample`` to ``first_sample + n_per_prompt - 1`` of each prompt (see
+    :func:`generate_conditions`).
 
     Raises:
         ValueError: an unknown hook kind, a block out of range, or no prompts.
     """
     return generate_conditions(base, tuned, tokenizer, prompts, [Condition(None, tuple(blocks))], kind,
                                n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens, seed=seed,
-                               batch_size=batch_size)[0]
+                               batch_size=batch_size, first_sample=first_sample)[0]
 
 
 @torch.no_grad()
 def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condition], kind: str = "mlp_out", *,
-                        n_per_prompt: int, max_new_tokens: int, seed: int, batch_size: int = 16
-                        ) -> list[PatchedSamples]:
+                        n_per_prompt: int, max_new_tokens: int, seed: int, batch_size: int = 16,
+                        first_sample: int = 0) -> list[PatchedSamples]:
     """Sample the tuned model under several conditions in shared batches; one result per condition.
 
     Each batch holds the same (prompt, sample) slots once per condition (``batch_size // len(conditions)``
@@ -362,9 +384,13 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
     may patch (or mix) different blocks: the base runs, on the rows of every condition that has blocks, to
     each of them, and each condition's rows are changed at its own blocks only.
 
+    The uniforms of sample s of prompt i depend on ``seed``, s and i only, so samples can be drawn in
+    rounds: a call for samples 0-3 (``n_per_prompt=4``) followed by one for samples 4-7 (``first_sample=4``)
+    draws what one call for samples 0-7 draws. Results are in prompt order, then sample order.
+
     Raises:
-        ValueError: an unknown hook kind, a block out of range, no prompts or conditions, or a ``mix``
-            without blocks.
+        ValueError: an unknown hook kind, a block out of range, no prompts or conditions, a ``mix``
+            without blocks, or a negative ``first_sample``.
     """
     if not conditions:
         raise ValueError("generate_conditions needs at least one condition")
@@ -374,15 +400,20 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
     _validate(base, tuned, blocks, (kind,))
     if not prompts or n_per_prompt < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("generate_patched needs prompts, and n_per_prompt, max_new_tokens, batch_size >= 1")
+    if first_sample < 0:
+        raise ValueError(f"first_sample must be >= 0, got {first_sample}")
     points = [(kind, b) for b in blocks]
     jobs = [i for i in range(len(prompts)) for _ in range(n_per_prompt)]
+    numbers = [s for _ in range(len(prompts)) for s in range(first_sample, first_sample + n_per_prompt)]
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # One uniform per (slot, step), fixed by the seed alone: batching never changes what a slot draws.
-    uniforms = torch.rand((len(jobs), max_new_tokens), generator=torch.Generator().manual_seed(seed),
-                          dtype=torch.float64)
+    # One uniform per (slot, step), fixed by the seed, the prompt and the sample number alone: batching and rounds
+    # never change what a slot draws (the draw is sample-major, so the uniforms of samples 0..s-1 are a prefix).
+    table = torch.rand((first_sample + n_per_prompt, len(prompts), max_new_tokens),
+                       generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    uniforms = table[numbers, jobs]
     n_cond = len(conditions)
     per_chunk = max(1, batch_size // n_cond)
     store: dict[Point, torch.Tensor] = {}

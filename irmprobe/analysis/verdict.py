@@ -228,6 +228,29 @@ def null_calls(rows: list[dict]) -> dict | None:
             "closest": float(max(margins))}
 
 
+def sampling_text(rows: list[dict]) -> str | None:
+    """How many samples the ablation drew per prompt, and why (None: rows that predate the record)."""
+    none = next((r for r in rows if r["set"] == "none"), {})
+    sp, test = none.get("sampling"), none.get("gain_test") or {}
+    if not sp:
+        return None
+    prompts = f"{test['n_prompts']} prompts x " if test.get("n_prompts") else ""
+    text = f"{prompts}{sp['samples_per_prompt']} samples per prompt"
+    if sp.get("share_half_width") is None:
+        return text + " (fixed: validate.samples_per_prompt)"
+    last = sp["checks"][-1] if sp.get("checks") else {}
+    widest = "undefined" if last.get("widest") is None else f"{last['widest']:.3f}"
+    if sp.get("stopped_by") == "widths":
+        return (text + f", where sampling stopped: every random set's share of the gain has a 95% CI half-width "
+                f"<= {sp['share_half_width']:g} (widest {widest}; {sp['min_samples_per_prompt']} to {sp['most']} "
+                "allowed)")
+    if sp.get("stopped_by") == "gain":
+        return (text + ", where sampling stopped: the reward gain was not significantly positive, so no share is "
+                "computed (sampling on until it is would be optional stopping on that test)")
+    return (text + f", the most allowed: the random sets' shares did not reach a 95% CI half-width of "
+            f"{sp['share_half_width']:g} (widest {widest})")
+
+
 def ablation_lines(val: dict) -> list[str]:
     """What the causal checks show: each targeted set's share of the reward gain removed against random features."""
     rows = val.get("ablation") or []
@@ -352,14 +375,45 @@ def attribution_line(result: dict) -> str:
                 + _every_feature_text(curves)
                 + (f"; with the error terms, {nodes} nodes ({with_errors['errors_in_set']} of them errors) reach "
                    f"{with_errors['faithfulness']['value']:.2f}" if with_errors else "")
-                + f"; {context}" + _null_named_text(result))
+                + f"; {context}" + _null_named_text(result) + seeds_text(result.get("seed_checks")))
     row = next(r for r in curves["feature_rows"] if r["k"] == k)
     f, c = row["faithfulness"], row["completeness"]
     rng = row["random"]["range"]
     return (f"{k} SAE feature(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points "
             f"carry (faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
             + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + _every_feature_text(curves) + f"; {context}"
-            + _null_named_text(result))
+            + _null_named_text(result) + seeds_text(result.get("seed_checks")))
+
+
+def seeds_text(seeds: dict | None) -> str:
+    """Whether the attribution's named set holds across dictionaries of the change trained with other seeds (the
+    seeds stage), to follow the attribution line ("" where nothing was checked)."""
+    if not seeds or "checks" not in seeds:
+        return ""
+
+    def one(c):
+        if c["smallest_k_features"] is not None:
+            return (f"{c['smallest_k_features']} features (faithfulness {_fmt_or(c['faithfulness'])}, completeness "
+                    f"{_fmt_or(c['completeness'])})")
+        best = c.get("best")
+        return f"none of <= {seeds['max_k']}" + (f" (best {best['faithfulness']:.2f} at k={best['k']})" if best else "")
+
+    label = "change seed" if seeds.get("dictionary", "change") == "change" else "seed"
+    others = "; ".join(f"{label} {c['seed']}: {one(c)}" for c in seeds["checks"])
+    p = seeds["primary"]
+    if seeds["holds"] is True:
+        return (f"; the set holds across {len(seeds['checks']) + 1} dictionary seeds (smallest set reaching "
+                f"{seeds['threshold']:.0%}: {label} {p['seed']}: {p['smallest_k_features']} features; "
+                f"{others})")
+    if seeds["holds"] is False:
+        return (f"; the set is a property of this dictionary ({label} {p['seed']}), not shown to be the "
+                f"tuning's: with dictionaries of other seeds the smallest set reaching {seeds['threshold']:.0%} is: "
+                f"{others}")
+    return f"; dictionaries of other seeds: {others}"
+
+
+def _fmt_or(value, spec: str = ".2f") -> str:
+    return "undefined" if value is None else format(value, spec)
 
 
 def generation_text(rows: list[dict] | None) -> str:

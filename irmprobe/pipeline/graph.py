@@ -17,10 +17,11 @@ from irmprobe.pipeline.stages.organism import OrganismStage
 from irmprobe.pipeline.stages.report import ReportStage  # noqa: E402
 from irmprobe.pipeline.stages.saes import SAEStage  # noqa: E402
 from irmprobe.pipeline.stages.samples import SamplesStage
+from irmprobe.pipeline.stages.seeds import SeedsStage
 
 GRAPH: list[Stage] = [OrganismStage(), SamplesStage(), LayersStage(), DepthStage(), CaptureStage(), SAEStage(),
-                      FitStage(), CompareStage(), DiscoverStage(), AttributeStage(), InterpretStage(), AblateStage(),
-                      DashboardStage(), ReportStage()]
+                      FitStage(), CompareStage(), DiscoverStage(), AttributeStage(), SeedsStage(), InterpretStage(),
+                      AblateStage(), DashboardStage(), ReportStage()]
 """Every stage, in the order users see them. ``--force STAGE`` re-runs it and every stage that needs it."""
 
 

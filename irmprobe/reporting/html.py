@@ -23,6 +23,7 @@ import html
 import json
 from pathlib import Path
 
+from irmprobe.analysis.verdict import sampling_text
 from irmprobe.cache import write_json
 from irmprobe.reporting.summary import plain, summary_lines
 from irmprobe.reporting.tracking import wandb_tables
@@ -375,7 +376,8 @@ def render(metrics) -> str:
     if "ablation_shares" in plots:
         page.plot("ablation_shares", plots["ablation_shares"])
     if "ablation" in tables:
-        page.table(*tables["ablation"])
+        design = sampling_text((metrics.get("validation") or {}).get("ablation") or [])
+        page.table(*tables["ablation"], title=None if design is None else f"every condition samples {design}")
     else:
         page.absent("no ablation: validation was skipped in this run" + (
             "" if metrics.get("validation") is not None else " (validate.enabled off, a null organism, or an "

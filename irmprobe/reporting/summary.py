@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from irmprobe.analysis.verdict import sampling_text
+
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
@@ -162,6 +164,8 @@ def summary_lines(metrics) -> list[str]:
     if val and val.get("ablation"):
         lines.append("== ablation in the tuned model (RM reward of continuations, paired by prompt & sample; share = "
                      "(tuned - row) / (tuned - base): the share of the reward gain the row removes, 95% bootstrap CI) ==")
+        if (design := sampling_text(val["ablation"])) is not None:
+            lines.append(design)
         lines.append(f"{'set':<44} {'mode':<6} {'n':>3} {'reward':>8} {'95% CI':>17} {'share':>7} {'95% CI':>17}")
         for r in val["ablation"]:
             rw, g = r["reward"], r.get("gain_share")
@@ -301,6 +305,21 @@ def attribution_section(a: dict) -> list[str]:
                      f"{(_fmt(fr['faithfulness']['value'], '+.2f') if fr else '-'):>15} "
                      f"{(_fmt(fr['completeness']['value'], '+.2f') if fr else '-'):>13} "
                      f"{(f'{rnd[0]:+.2f} .. {rnd[1]:+.2f}' if rnd else '-'):>15}")
+    seeds = a.get("seed_checks")
+    if seeds and seeds.get("checks"):
+        lines.append("dictionary seeds (the seeds stage; same prompts, the same dictionaries trained with other "
+                     "seeds): " + {True: "the named set holds across them", False: "the named set does not hold "
+                                   "across them", None: "no set was named with the run's dictionaries"}[seeds["holds"]])
+        for c in [seeds["primary"], *seeds["checks"]]:
+            k = c["smallest_k_features"]
+            found = (f"smallest set reaching {seeds['threshold']:.0%}: {k} features (faithfulness "
+                     f"{_fmt(c['faithfulness'], '.2f')}, completeness {_fmt(c['completeness'], '.2f')})" if k is not None
+                     else f"no set of <= {seeds['max_k']} reaches {seeds['threshold']:.0%}" + (
+                         f" (best {c['best']['faithfulness']:.2f} at k={c['best']['k']})" if c.get("best") else ""))
+            lines.append(f"  {'change seed' if seeds.get('dictionary', 'change') == 'change' else 'seed'} "
+                         f"{c['seed']} (block seeds {', '.join(map(str, c['block_seeds']))}): {found}; "
+                         f"every feature together {_fmt(c['features_all'], '+.2f')}; the hook points carry "
+                         f"{_fmt(c['bound'], '.2f')}")
     lines.append("top nodes: " + ", ".join(f"{t['node']} {t['attribution']:+.3f}" for t in a["top"][:6]))
     for n in (a["named"] or a.get("top_features", []))[:10]:
         lines.append(f"  {n['node']:<12} {n['attribution']:+.3f}  " + " | ".join(n["contexts"][:2])[:100])

@@ -39,7 +39,14 @@ import torch
 from scipy.stats import bootstrap
 
 from irmprobe.activations.capture import hook_module, is_bridged
-from irmprobe.activations.patching import Condition, generate_conditions, generate_patched, output_hooks, plain_models
+from irmprobe.activations.patching import (
+    Condition,
+    generate_conditions,
+    generate_patched,
+    join_samples,
+    output_hooks,
+    plain_models,
+)
 from irmprobe.activations.samples import sample_continuations
 from irmprobe.analysis.verdict import null_family
 from irmprobe.validation.interpret import feature_location
@@ -370,14 +377,18 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     bound = tuple(capture.layers) if vc.patching_bound and kind is not None else None
     layer_saes = {layer: saes["tuned", layer] for layer in capture.layers}
     prompts = prompts[: vc.n_prompts]
-    echo(f"ablate: {len(sets) + 2 + (bound is not None)} conditions over {len(prompts)} prompts x "
-         f"{vc.samples_per_prompt} samples")
+    plan = (f"{vc.samples_per_prompt} samples" if vc.share_half_width is None else
+            f"{min(vc.min_samples_per_prompt, vc.samples_per_prompt)} to {vc.samples_per_prompt} samples (more only "
+            f"while a random set's share has a 95% CI half-width above {vc.share_half_width:g})")
+    echo(f"ablate: {len(sets) + 2 + (bound is not None)} conditions over {len(prompts)} prompts x {plan}")
     base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
                                trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
                                max_memory=runtime.max_memory)
     rows = paired_rows(base, tuned, pair.tokenizer, layer_saes, sets, rm, prompts, bound, kind or "mlp_out",
                        samples_per_prompt=vc.samples_per_prompt, max_new_tokens=vc.max_new_tokens, seed=seed,
-                       batch_size=vc.batch_size, targeted=targeted, site=hook.removeprefix("hook_"))
+                       batch_size=vc.batch_size, targeted=targeted, site=hook.removeprefix("hook_"),
+                       share_half_width=vc.share_half_width, min_samples_per_prompt=vc.min_samples_per_prompt,
+                       echo=echo)
     return against_random(rows, targeted)
 
 
@@ -474,10 +485,35 @@ def gain_share_row(base, tuned, ablated, prompt_index, confidence: float = 0.95)
     return {"share": g.share, "ci": ci, "gain": g.gain, "removed": g.removed, "n_prompts": g.n_prompts}
 
 
+def shares_settled(base, tuned, randoms: list, prompt_index, half_width: float, *, seed: int = 0) -> dict:
+    """The ablation's stopping rule: are the random sets' shares of the gain as precise as asked?
+
+    Settled when the reward gain's 95% CI over prompts lies above 0 (:func:`reward_gain_test`) and every
+    random set's share (``randoms``: its rewards, paired with ``base`` and ``tuned``) has a 95% CI half-width
+    at most ``half_width`` (:func:`gain_share_row`). It reads the intervals' widths, never a share itself, so
+    stopping does not select for any share's value. No random sets: never settled. A gain that is not
+    significantly positive ends the sampling (:func:`paired_rows`) rather than prolonging it: sampling on until
+    the gain test passes would be optional stopping on that test.
+
+    Returns:
+        ``{"settled": bool, "gain_positive": bool, "widest": the widest random half-width (None: none
+        defined)}``.
+    """
+    test = reward_gain_test(base, tuned, prompt_index, seed=seed)
+    widths = []
+    for rewards in randoms:
+        row = gain_share_row(base, tuned, rewards, prompt_index) if test["positive"] else None
+        widths.append(None if row is None or None in row["ci"] else (row["ci"][1] - row["ci"][0]) / 2)
+    defined = [w for w in widths if w is not None]
+    settled = bool(test["positive"] and widths and len(defined) == len(widths) and max(defined) <= half_width)
+    return {"settled": settled, "gain_positive": bool(test["positive"]), "widest": max(defined) if defined else None}
+
+
 def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSet], rm, prompts: list[str],
                 bound: tuple[int, ...] | None, kind: str = "mlp_out", *, samples_per_prompt: int,
                 max_new_tokens: int, seed: int, batch_size: int = 32, targeted: tuple[str, ...] = (),
-                site: str | None = None) -> list[dict]:
+                site: str | None = None, share_half_width: float | None = None, min_samples_per_prompt: int = 4,
+                echo=print) -> list[dict]:
     """Sample every condition with one seed, score with ``rm``, and pair the rows.
 
     ``base`` and ``tuned`` are plain Hugging Face models. Rows: ``none`` (tuned), ``base model
@@ -486,13 +522,15 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     and with ``bound`` the base's ``kind`` activations patched in at those blocks. The
     tuned-model conditions share batches of ``batch_size`` rows (:func:`irmprobe.activations.patching.generate_conditions`);
     their ``seconds`` are the shared time split evenly.
+
+    ``samples_per_prompt`` samples of each prompt, or with ``share_half_width`` at least
+    ``min_samples_per_prompt`` and then one more per prompt per round until :func:`shares_settled` (the random
+    sets' rows are those named ``random_...``), until a check finds the gain not significantly positive (no share
+    is then computed, as with a fixed count), or until ``samples_per_prompt``. Rounds draw what one call would
+    (:func:`irmprobe.activations.patching.generate_conditions`), so the rows stay paired. The ``none`` row's
+    ``sampling`` records the samples drawn, each check and what stopped it (``stopped_by``: ``widths``,
+    ``gain``, ``most``, or None for a fixed count).
     """
-    started = time.perf_counter()
-    base_run = generate_patched(base, base, tokenizer, prompts, (), kind, n_per_prompt=samples_per_prompt,
-                                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-    base_s = time.perf_counter() - started
-    # Every tuned-model condition in shared batches: one forward serves them all; each slot draws the same
-    # uniforms in every condition (and in the base's run), so rows stay paired by (prompt, sample).
     site = site or kind
 
     def condition(fs: FeatureSet) -> Condition:
@@ -504,22 +542,54 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     conds = [Condition(None)] + [condition(fs) for fs in feature_sets]
     if bound is not None:
         conds.append(Condition(None, tuple(bound)))
-    started = time.perf_counter()
-    runs = generate_conditions(base, tuned, tokenizer, prompts, conds, kind, n_per_prompt=samples_per_prompt,
-                               max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-    per_condition = (time.perf_counter() - started) / len(conds)  # one shared batch: the time split evenly
+    first = samples_per_prompt if share_half_width is None else min(min_samples_per_prompt, samples_per_prompt)
+    rounds = [first] + [1] * (samples_per_prompt - first)
+    randoms = [i + 1 for i, fs in enumerate(feature_sets) if fs.name.startswith("random_")]
+    base_parts, parts = [], [[] for _ in conds]
+    base_s = shared_s = 0.0
+    drawn, checks = 0, []
+    for n in rounds:
+        started = time.perf_counter()
+        base_parts.append(generate_patched(base, base, tokenizer, prompts, (), kind, n_per_prompt=n,
+                                           max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
+                                           first_sample=drawn))
+        base_s += time.perf_counter() - started
+        # Every tuned-model condition in shared batches: one forward serves them all; each slot draws the same
+        # uniforms in every condition (and in the base's run), so rows stay paired by (prompt, sample).
+        started = time.perf_counter()
+        for acc, run in zip(parts, generate_conditions(base, tuned, tokenizer, prompts, conds, kind, n_per_prompt=n,
+                                                       max_new_tokens=max_new_tokens, seed=seed,
+                                                       batch_size=batch_size, first_sample=drawn)):
+            acc.append(run)
+        shared_s += time.perf_counter() - started
+        drawn += n
+        if share_half_width is None:
+            continue
+        b, c = join_samples(base_parts), join_samples(parts[0])
+        check = shares_settled(score(rm, b), score(rm, c), [score(rm, join_samples(parts[i])) for i in randoms],
+                               c.prompt_index, share_half_width, seed=seed)
+        checks.append({"samples_per_prompt": drawn, **check})
+        widest = "undefined" if check["widest"] is None else f"{check['widest']:.3f}"
+        echo(f"ablate: {drawn} samples per prompt: widest random-set share half-width {widest} (target "
+             f"{share_half_width:g}); gain significantly positive: {check['gain_positive']}")
+        if check["settled"] or not check["gain_positive"]:
+            break
+    base_run, runs = join_samples(base_parts), [join_samples(p) for p in parts]
+    per_condition = shared_s / len(conds)  # one shared batch: the time split evenly
+    sampling = {"samples_per_prompt": drawn, "most": samples_per_prompt, "share_half_width": share_half_width,
+                "min_samples_per_prompt": first if share_half_width is not None else None, "checks": checks,
+                "settled": checks[-1]["settled"] if checks else None,
+                "stopped_by": None if not checks else "widths" if checks[-1]["settled"] else
+                "gain" if not checks[-1]["gain_positive"] else "most"}
 
-    def score(run):
-        return np.asarray(rm.score(list(run.texts)), dtype=np.float64)
-
-    clean_run, clean, base_r = runs[0], score(runs[0]), score(base_run)
+    clean_run, clean, base_r = runs[0], score(rm, runs[0]), score(rm, base_run)
     clean_s = per_condition
     conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s)]
     for fs, run in zip(feature_sets, runs[1:]):
-        conditions.append((fs.name, fs.mode, fs.size, score(run), run, per_condition))
+        conditions.append((fs.name, fs.mode, fs.size, score(rm, run), run, per_condition))
     if bound is not None:
         conditions.append((f"patching bound: base {kind} at blocks {','.join(map(str, bound))}", "patch", 0,
-                           score(runs[-1]), runs[-1], per_condition))
+                           score(rm, runs[-1]), runs[-1], per_condition))
 
     gain_test = reward_gain_test(base_r, clean, clean_run.prompt_index, seed=seed)
 
@@ -538,12 +608,18 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
         return None if row is None else {"ci": row["ci"], "confidence": level, "n_tests": len(targeted)}
 
     rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
-             "gain_share": share(clean), "gain_test": gain_test, "example": clean_run.texts[0], "seconds": clean_s}]
+             "gain_share": share(clean), "gain_test": gain_test, "sampling": sampling, "example": clean_run.texts[0],
+             "seconds": clean_s}]
     for name, mode, size, rewards, run, seconds in conditions:
         rows.append({"set": name, "mode": mode, "n_features": size, "reward": _mean_ci(rewards),
                      "change": _mean_ci(rewards - clean), "gain_share": share(rewards),
                      "gain_share_adjusted": adjusted(name, rewards), "example": run.texts[0], "seconds": seconds})
     return rows
+
+
+def score(rm, run) -> np.ndarray:
+    """``rm``'s reward of each continuation of ``run``."""
+    return np.asarray(rm.score(list(run.texts)), dtype=np.float64)
 
 
 def _above(row: dict, shares: list[float]) -> tuple[list[float], bool | None]:

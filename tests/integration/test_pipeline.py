@@ -216,10 +216,10 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     changed = _config(tmp_path, base=str(tiny_llama_dir))
     changed = RunConfig.from_dict(changed.to_dict() | {"irm": changed.to_dict()["irm"] | {"l1_ratio": 0.7}})
     status = run(changed, echo=lambda _: None).stage_status
-    # The attribute and depth stages read no IRM setting: they are reused too.
+    # The attribute, seeds and depth stages read no IRM setting: they are reused too.
     assert {s for s, v in status.items() if v == "reused"} == {
         f"{b}{s}" for b in ("", "control-0/", "control-1/") for s in ("organism", "samples", "layers", "capture",
-                                                                      "saes")} | {"attribute", "depth"}
+                                                                      "saes")} | {"attribute", "depth", "seeds"}
     assert all(status[s] == "ran" for s in ("fit", "control-0/fit", "control-1/fit", "compare", "interpret", "ablate"))
     # --force saes re-trains the SAEs (and everything after), for the control too, but reuses the capture.
     status = run(changed, echo=lambda _: None, force=("saes",)).stage_status
@@ -280,6 +280,36 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     cards = switched.metrics.to_json()["dashboard"]["features"]
     assert not any(s.startswith("attribution") for c in cards for s in c["named_as"])
     assert all(c["attribution"] is None for c in cards)
+    assert switched.stage_status["seeds"] == "ran" and "seed_checks" not in a  # no check asked for: nothing to say
+    # One more dictionary seed: only the seeds stage runs (the ablation does not read it); its dictionaries are
+    # trained with the change seed + 100, on the same prompts, and the verdict says whether the named set holds.
+    data = change.to_dict()
+    checked = run(RunConfig.from_dict(data | {"seeds": {"checks": 1}}),
+                  echo=lines.append)
+    status = checked.stage_status
+    assert status["seeds"] == "ran" and all(status[s] == "reused" for s in ("attribute", "interpret", "ablate")), str(status)
+    s = checked.metrics.to_json()["attribution"]["seed_checks"]
+    assert s["primary"]["block_seeds"] == [d["seed"] for d in a["dictionaries"]] == [change.seed + layer for layer in
+                                                                                a["layers"]]
+    assert [c["block_seeds"] for c in s["checks"]] == [[seed + 100 for seed in s["primary"]["block_seeds"]]]
+    assert s["primary"]["smallest_k_features"] == a["smallest_k_features"]
+    assert s["holds"] == (None if a["smallest_k_features"] is None else
+                          s["checks"][0]["smallest_k_features"] is not None)
+    line = next(v for v in checked.metrics.verdict if "(dictionaries of the change)" in v)
+    assert "change seed 100: " in line
+    # With the activations' dictionaries a check retrains the tuned model's SAEs as the saes stage does, differing in
+    # the seed only: at the run's own seed it is the saes stage's very SAE (one cache entry).
+    from irmprobe.pipeline.stages.seeds import activation_dictionaries
+
+    runner = checked.context.resources["runner"]
+    capture, layers = runner.result("capture"), runner.result("layers").chosen
+    kw = dict(capture_key=runner.key("capture"), device="cpu")
+    _, own = activation_dictionaries(change, capture, runner.result("samples"), layers, seed=change.seed, **kw)
+    assert [r["path"] for r in own] == [runner.result("saes").record.paths[f"tuned.{layer}"] for layer in layers]
+    _, other = activation_dictionaries(change, capture, runner.result("samples"), layers, seed=change.seed + 100,
+                                       **kw)
+    assert [r["seed"] for r in other] == [change.seed + 100 + layer for layer in layers]
+    assert not {r["path"] for r in other} & {r["path"] for r in own}
 
 
 def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path, capsys):

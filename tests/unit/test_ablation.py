@@ -432,3 +432,81 @@ def test_random_change_sets_match_the_named_sets_count_at_each_hook_point():
     assert random_change_sets(named, {20: np.array([0]), 23: np.arange(3)}, 4, np.random.default_rng(0),
                               said.append) == []
     assert said == ["ablate: no random sets of change features; too few live features at block 23 (3 for 4)"]
+
+
+def test_the_stopping_rule_settles_on_the_random_sets_interval_widths():
+    """The ablation stops sampling once the gain is significantly positive and every random set's share has a 95%
+    CI half-width within the target: noisy random sets keep it sampling, precise ones stop it, whatever share
+    they estimate; a gain that is not significantly positive never settles it."""
+    from irmprobe.validation.ablation import gain_share_row, shares_settled
+
+    rng = np.random.default_rng(0)
+    prompts = np.repeat(np.arange(40), 4)
+    base = rng.normal(0.0, 0.3, 160)
+    tuned = base + 1.0 + rng.normal(0.0, 0.3, 160)
+    precise = tuned - 0.02 * rng.normal(size=160)          # a random set that moves the reward little
+    shifted = tuned - 0.3 - 0.02 * rng.normal(size=160)    # as precise, but removing 30% of the gain
+    noisy = tuned - rng.normal(0.0, 1.5, 160)              # a random set whose share is imprecise
+    width = lambda r: np.diff(gain_share_row(base, tuned, r, prompts)["ci"])[0] / 2  # noqa: E731
+    assert width(precise) < 0.05 and width(shifted) < 0.05 and width(noisy) > 0.15
+    settled = shares_settled(base, tuned, [precise, shifted], prompts, 0.15)
+    assert settled["settled"] and settled["gain_positive"]
+    assert settled["widest"] == pytest.approx(max(width(precise), width(shifted)))
+    unsettled = shares_settled(base, tuned, [precise, noisy], prompts, 0.15)
+    assert not unsettled["settled"] and unsettled["widest"] == pytest.approx(width(noisy))
+    assert shares_settled(base, tuned, [precise, noisy], prompts, 1.0)["settled"]  # a looser target is met
+    flat = shares_settled(base, base + rng.normal(0.0, 0.3, 160), [precise], prompts, 10.0)
+    assert not flat["settled"] and not flat["gain_positive"] and flat["widest"] is None
+    assert not shares_settled(base, tuned, [], prompts, 10.0)["settled"]  # no random sets: nothing to settle on
+
+
+def test_the_ablation_samples_in_rounds_until_the_rule_settles(tiny_llama_dir, monkeypatch):
+    """With a target half-width the ablation draws min_samples_per_prompt, then one more per prompt until the rule
+    settles: its rows are those of a fixed run with that many samples, the record says how many and why, and
+    without a target no check runs."""
+    import irmprobe.validation.ablation as ab
+    from irmprobe.analysis.verdict import sampling_text
+    from tests.conftest import perturbed_llama_pair
+
+    pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)
+    prompts = ["one two three", "four five", "six seven eight nine", "ten"]
+    sets = [FeatureSet("random_1 #1 (control)", {}, "reconstruction")]  # no SAE: the tuned model as it is
+    seen = []
+
+    def rule(base_r, tuned_r, randoms, prompt_index, half_width, seed=0):
+        seen.append((len(base_r), len(randoms), half_width))
+        return {"settled": len(seen) == 3, "gain_positive": True, "widest": 0.5 / len(seen)}
+
+    monkeypatch.setattr(ab, "shares_settled", rule)
+    kw = dict(max_new_tokens=6, seed=3, batch_size=8)
+    rows = ab.paired_rows(base, tuned, pair.tokenizer, {}, sets, _TextRM(), prompts, None, samples_per_prompt=6,
+                          share_half_width=0.15, min_samples_per_prompt=2, **kw)
+    assert [n for n, _, _ in seen] == [8, 12, 16] and all(r == 1 and w == 0.15 for _, r, w in seen)
+    sampling = rows[0]["sampling"]
+    assert sampling["samples_per_prompt"] == 4 and sampling["stopped_by"] == "widths" and len(sampling["checks"]) == 3
+    fixed = ab.paired_rows(base, tuned, pair.tokenizer, {}, sets, _TextRM(), prompts, None, samples_per_prompt=4,
+                           **kw)
+    assert len(seen) == 3 and fixed[0]["sampling"]["checks"] == []  # no target: no check
+    for a, b in zip(rows, fixed):
+        assert a["set"] == b["set"] and a["reward"] == b["reward"] and a["example"] == b["example"]
+    text = sampling_text(rows)
+    assert text.startswith("4 prompts x 4 samples per prompt, where sampling stopped") and "widest 0.167; 2 to 6" in text
+    assert sampling_text(fixed) == "4 prompts x 4 samples per prompt (fixed: validate.samples_per_prompt)"
+
+
+def test_a_gain_that_is_not_significantly_positive_ends_the_sampling(tiny_llama_dir, monkeypatch):
+    """Sampling on until the gain test passes would be optional stopping on it: the first check that finds the gain
+    not significantly positive ends the sampling, and the record says why."""
+    import irmprobe.validation.ablation as ab
+    from irmprobe.analysis.verdict import sampling_text
+    from tests.conftest import perturbed_llama_pair
+
+    pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)
+    monkeypatch.setattr(ab, "shares_settled", lambda *a, **k: {"settled": False, "gain_positive": False,
+                                                                "widest": None})
+    rows = ab.paired_rows(base, tuned, pair.tokenizer, {}, [FeatureSet("random_1 #1 (control)", {}, "reconstruction")],
+                          _TextRM(), ["one two", "three four five"], None, samples_per_prompt=5, max_new_tokens=4,
+                          seed=1, batch_size=8, share_half_width=0.15, min_samples_per_prompt=2)
+    sampling = rows[0]["sampling"]
+    assert sampling["samples_per_prompt"] == 2 and sampling["stopped_by"] == "gain" and len(sampling["checks"]) == 1
+    assert "the reward gain was not significantly positive" in sampling_text(rows)

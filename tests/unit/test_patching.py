@@ -257,3 +257,29 @@ def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_di
     with pytest.raises(ValueError, match="a condition with a mix needs the blocks it mixes at"):
         generate_conditions(base, tuned, pair.tokenizer, prompts, [Condition(None, (), lambda b, x, y: x)],
                             batch_size=4, **kw)
+
+
+def test_samples_drawn_in_rounds_equal_one_call(tiny_llama_dir):
+    """The ablation samples in rounds (samples 0-1, then 2, then 3-4 of every prompt): joined, the rounds are what
+    one call for samples 0-4 draws, slot by slot and in (prompt, sample) order, for every condition."""
+    from irmprobe.activations.patching import Condition, generate_conditions, join_samples
+    from tests.conftest import perturbed_llama_pair
+
+    pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)
+    prompts = ["one two three", "four five", "six seven eight nine"]
+    conds = [Condition(None), Condition(None, (1,))]
+    kw = dict(max_new_tokens=6, seed=5)
+    once = generate_conditions(base, tuned, pair.tokenizer, prompts, conds, "mlp_out", n_per_prompt=5, batch_size=9,
+                               **kw)
+    rounds = [generate_conditions(base, tuned, pair.tokenizer, prompts, conds, "mlp_out", n_per_prompt=n,
+                                  first_sample=first, batch_size=4, **kw) for first, n in ((0, 2), (2, 1), (3, 2))]
+    for c in range(len(conds)):
+        joined = join_samples([r[c] for r in rounds])
+        assert joined.token_ids == once[c].token_ids and joined.texts == once[c].texts
+        assert joined.prompt_index.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+        assert np.array_equal(joined.prompt_lens, once[c].prompt_lens) and joined.blocks == once[c].blocks
+    assert len(set(once[0].token_ids[:5])) > 1  # a prompt's samples differ: the rounds did not repeat one draw
+    with pytest.raises(ValueError, match="first_sample"):
+        generate_conditions(base, tuned, pair.tokenizer, prompts, conds, n_per_prompt=1, first_sample=-1, **kw)
+    with pytest.raises(ValueError, match="different blocks"):
+        join_samples([rounds[0][0], rounds[1][1]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -251,6 +252,23 @@ def test_config_values_of_the_wrong_type_name_field_value_and_type(data, message
     with pytest.raises(ValueError) as info:
         RunConfig.from_dict(data)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"seeds": {"checks": -1}}, "SeedsConfig.checks must be a non-negative integer, got -1"),
+    ({"seeds": {"checks": 2}, "sae": {"pretrained": {0: {"release": "r", "id": "i"}}}},
+     "they are released SAEs (sae.pretrained), which have no seed to vary"),
+    ({"validate": {"share_half_width": 0.0}}, "ValidateConfig.share_half_width must be > 0 or null, got 0.0"),
+    ({"validate": {"min_samples_per_prompt": 0}}, "ValidateConfig.min_samples_per_prompt must be positive, got 0"),
+])
+def test_config_refuses_seed_checks_and_sampling_rules_it_cannot_honour(data, message):
+    from irmprobe.config import RunConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunConfig.from_dict(data)
+    # With the change's dictionaries released SAEs are no obstacle: those dictionaries are trained by the stage.
+    RunConfig.from_dict({"seeds": {"checks": 2}, "attribute": {"dictionary": "change"},
+                         "sae": {"pretrained": {0: {"release": "r", "id": "i"}}}})
 
 
 def test_config_accepts_ints_for_floats_and_numbers_written_as_text():

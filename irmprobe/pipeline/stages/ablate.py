@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from irmprobe.analysis.verdict import sampling_text
 from irmprobe.cache import write_json
 from irmprobe.pipeline.stage import Stage
 from irmprobe.pipeline.stages.interpret import feature_design
@@ -48,4 +49,5 @@ class AblateStage(Stage):
             return "skipped"
         shares = [f"{r['set'].split(' (')[0]} {r['gain_share']['share']:+.2f}" for r in result[2:]
                   if r.get("gain_share") and not r["set"].startswith("random_")]
-        return "share of the reward gain removed: " + "; ".join(shares)
+        design = sampling_text(result)
+        return "share of the reward gain removed: " + "; ".join(shares) + ("" if design is None else f" ({design})")

@@ -43,12 +43,13 @@ def top_contexts(capture, features, index: int, streams, decode, *, n: int = 3,
     return out
 
 
-def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, device: str, force: bool = False
-                        ) -> tuple[dict, list[dict]]:
+def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, device: str, force: bool = False,
+                        change_seed: int | None = None) -> tuple[dict, list[dict]]:
     """The dictionaries of the change: per hook point an SAE (SAELens; the ``sae`` section's width, batch size
     and learning rate; ``attribute.change_*`` settings; no early stopping) trained on
     ``x_tuned - x_base`` at every captured row but the held-out prompts' (:func:`evaluation_rows`), on which it
-    is measured. Cached like the stage's other SAEs. Returns ``(layer -> SAE, metrics rows)``."""
+    is measured. Cached like the stage's other SAEs. ``change_seed`` overrides ``attribute.change_seed`` (block
+    l's dictionary is trained with ``change_seed + l``). Returns ``(layer -> SAE, metrics rows)``."""
     from dataclasses import asdict, replace
 
     from irmprobe.activations.samples import row_prompts
@@ -65,7 +66,8 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
     for layer in layers:
         delta = capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"]
         info = {"hook_name": capture.hook_name(layer), "irmprobe_model": "change (tuned - base)"}
-        seed = (cfg.seed if ac.change_seed is None else ac.change_seed) + layer
+        seed = (change_seed if change_seed is not None else cfg.seed if ac.change_seed is None
+                else ac.change_seed) + layer
         sae, metrics, sae_dir = get_sae(sc, delta, eval_rows, seed=seed,
                                         key_parts=(capture_key, "change", layer), meta=info, device=device,
                                         force=force, units=units)

@@ -17,7 +17,7 @@ class ReportStage(Stage):
     name, cached = "report", False
     reads = ("report",)
     needs = ("organism", "samples", "layers", "capture", "saes", "fit", "compare", "discover", "depth", "attribute",
-             "interpret", "ablate", "dashboard")
+             "seeds", "interpret", "ablate", "dashboard")
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.reporting.html import write_html, write_metrics
@@ -95,5 +95,6 @@ def metrics_of(config, ctx, inputs, runner) -> RunMetrics:
             "token_value_rule": token_value_rule(ctx.rm), **ctx.rm.describe()},
         verdict=[], stage_seconds=dict(runner.seconds), stage_status=dict(runner.status), pca=cmp.pca,
         validation=validation, discovery=inputs["discover"].to_json(), explanation=cmp.explanation,
-        attribution=inputs["attribute"], depth=inputs["depth"], dashboard=inputs["dashboard"])
+        attribution=inputs["attribute"] | ({"seed_checks": inputs["seeds"]} if "checks" in inputs["seeds"] else {}),
+        depth=inputs["depth"], dashboard=inputs["dashboard"])
     return metrics.replace(verdict=verdict(metrics, is_null=org.tuned is None))

@@ -1,0 +1,115 @@
+"""The seeds stage: the attribution redone with its dictionaries (the tuned model's SAEs, or dictionaries of the
+change) trained with other seeds, so that a named set is reported as the tuning's only when it holds across them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from irmprobe.cache import write_json
+from irmprobe.pipeline.stage import Stage
+from irmprobe.pipeline.stages.attribute import attribute, change_dictionaries
+
+SEED_STEP = 100
+"""Check i trains block l's dictionary with ``seed + SEED_STEP * i + l``: seeds no other check or block uses."""
+
+
+def activation_dictionaries(cfg, capture, samples, layers, *, capture_key: str, device: str, seed: int,
+                            force: bool = False) -> tuple[dict, list[dict]]:
+    """The tuned model's SAEs at ``layers`` as the saes stage trains them (same settings, training rows and
+    held-out prompts), but with block l's seed ``seed + l``. Returns ``(layer -> SAE, rows)`` like
+    :func:`irmprobe.pipeline.stages.attribute.change_dictionaries`."""
+    from dataclasses import asdict
+
+    from irmprobe.activations.samples import row_prompts
+    from irmprobe.pipeline.stages.saes import get_sae
+    from irmprobe.saes.train import evaluation_rows
+
+    units = row_prompts(samples, capture.seq_index)
+    eval_rows = evaluation_rows(units, cfg.seed)
+    saes, rows = {}, []
+    for layer in layers:
+        info = {"hook_name": capture.hook_name(layer), "irmprobe_model": "tuned (seed check)"}
+        sae, metrics, sae_dir = get_sae(cfg.sae, capture.acts[f"tuned.{layer}"], eval_rows, seed=seed + layer,
+                                        key_parts=(capture_key, "tuned", layer), meta=info, device=device,
+                                        force=force, units=units)
+        saes[layer] = sae
+        rows.append({"layer": layer, "d_sae": int(sae.cfg.d_sae), "path": str(sae_dir), "seed": seed + layer,
+                     **asdict(metrics)})
+    return saes, rows
+
+
+def seed_check(result: dict, seed: int) -> dict:
+    """What one other seed's attribution says (:func:`irmprobe.pipeline.stages.attribute.attribute`'s ``result``):
+    its smallest faithful set of features, the faithfulness and completeness there, its best set, every feature
+    together, and what the hook points carry."""
+    curves = result["curves"]
+    rows = [r for r in curves.get("feature_rows", []) if r["faithfulness"]["value"] is not None]
+    k = result.get("smallest_k_features")
+    at_k = next((r for r in rows if r["k"] == k), None)
+    best = max(rows, key=lambda r: r["faithfulness"]["value"], default=None)
+    return {"seed": seed, "block_seeds": [d["seed"] for d in result.get("dictionaries") or []],
+            "explained_variance": [d["explained_variance"] for d in result.get("dictionaries") or []],
+            "smallest_k_features": k,
+            "faithfulness": None if at_k is None else at_k["faithfulness"]["value"],
+            "completeness": None if at_k is None else at_k["completeness"]["value"],
+            "best": None if best is None else {"k": best["k"], "faithfulness": best["faithfulness"]["value"]},
+            "features_all": (curves.get("features_all") or {}).get("value"),
+            "bound": curves["bound"]["value"], "named": [n["node"] for n in result.get("named") or []],
+            "seconds": result.get("seconds")}
+
+
+def holds(primary: dict, checks: list[dict]) -> bool | None:
+    """Does the primary attribution's named set hold across dictionaries: every other seed's dictionaries also have a
+    set of at most ``k_grid``'s largest size reaching the threshold? None: the primary named no set, or no check."""
+    if primary.get("smallest_k_features") is None or not checks:
+        return None
+    return all(c["smallest_k_features"] is not None for c in checks)
+
+
+class SeedsStage(Stage):
+    """Redo the attribution with ``seeds.checks`` more sets of its dictionaries (other seeds)."""
+
+    name, version = "seeds", 1
+    reads = ("seeds", "attribute", "capture.hook", "seed", "sae")
+    needs = ("organism", "samples", "layers", "capture", "attribute")
+
+    def run(self, cfg, ctx, inputs, out):
+        ac, primary = cfg.attribute, inputs["attribute"]
+        if not cfg.seeds.checks:
+            result = {"skipped": "seeds.checks is 0"}
+        elif "skipped" in primary:
+            result = {"skipped": f"no attribution ({primary['skipped']})"}
+        else:
+            started = time.perf_counter()
+            layers, capture, samples = inputs["layers"].chosen, inputs["capture"], inputs["samples"]
+            change = ac.dictionary == "change"
+            first = cfg.seed if not change or ac.change_seed is None else ac.change_seed
+            kw = dict(capture_key=ctx.input_keys["capture"], device=ctx.runtime.device, force=ctx.forced)
+            checks = []
+            for i in range(1, cfg.seeds.checks + 1):
+                seed = first + SEED_STEP * i
+                ctx.echo(f"seeds: check {i} of {cfg.seeds.checks}: dictionaries of the "
+                         f"{'change' if change else 'activations'} with seed {seed} (block l: {seed} + l)")
+                saes, rows = (change_dictionaries(cfg, capture, samples, layers, change_seed=seed, **kw) if change
+                              else activation_dictionaries(cfg, capture, samples, layers, seed=seed, **kw))
+                other = attribute(ac, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), samples, capture, saes,
+                                  layers, cfg.capture.hook, echo=ctx.echo, change=change, dictionaries=rows)
+                checks.append(seed_check(other, seed))
+            # The run's own dictionaries: the stage's rows carry their seeds (the saes stage's do not reach here).
+            own = primary if change else primary | {"dictionaries": [{"seed": cfg.seed + layer,
+                                                                        "explained_variance": None}
+                                                                       for layer in layers]}
+            result = {"dictionary": ac.dictionary, "primary": seed_check(own, first), "checks": checks,
+                      "holds": holds(primary, checks), "max_k": max(ac.k_grid), "threshold": ac.threshold,
+                      "seconds": time.perf_counter() - started}
+        write_json(out / "seeds.json", result)
+        return result
+
+    def load(self, cfg, ctx, inputs, out):
+        return json.loads((out / "seeds.json").read_text())
+
+    def summary(self, result):
+        from irmprobe.analysis.verdict import seeds_text
+
+        return f"skipped ({result['skipped']})" if "skipped" in result else seeds_text(result).lstrip("; ")

@@ -624,7 +624,9 @@ class AttributeConfig:
     change_seed: int | None = field(default=None, metadata={"late": True})
     """The change dictionaries' training seed: block l's dictionary is trained with ``change_seed + l`` (None: the
     run's ``seed + l``). A set of change features is a property of one dictionary until it holds for others:
-    set this to rerun the attribution (and the ablation) with dictionaries of another seed."""
+    set this to rerun the attribution (and the ablation) with dictionaries of another seed; ``seeds.checks`` redoes
+    the attribution with several other seeds' dictionaries in one run."""
+
     def __post_init__(self) -> None:
         _positive(self, "n_prompts", "ig_steps", "n_exact", "n_random", "batch_size", "change_k",
                   "change_l1_coefficient", "change_training_samples")
@@ -651,9 +653,10 @@ class SeedsConfig:
     """Sets of dictionaries trained with other seeds (the run's seed, or ``attribute.change_seed`` for dictionaries
     of the change, + 100 i, i = 1..n; block l's: that + l): the tuned model's SAEs as the saes stage trains them, or
     the attribute stage's dictionaries of the change (``attribute.dictionary``). Each redoes the attribution on the
-    same prompts; the named set holds across dictionaries only when each of them also has a set of at most
-    ``attribute.k_grid``'s largest size reaching ``attribute.threshold``. Each check costs about what the attribute
-    stage costs (4-7 min on the demo on 2 cores); no stage but the report reads it."""
+    same prompts; the named set holds across dictionaries only when each of them also has a set of at most the
+    named set's size reaching ``attribute.threshold`` (the features are not matched across dictionaries). Each
+    check costs about what the attribute stage costs (4-7 min on the demo on 2 cores); no stage but the report
+    reads it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.checks, bool) or int(self.checks) < 0:

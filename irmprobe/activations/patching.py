@@ -384,9 +384,11 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
     may patch (or mix) different blocks: the base runs, on the rows of every condition that has blocks, to
     each of them, and each condition's rows are changed at its own blocks only.
 
-    The uniforms of sample s of prompt i depend on ``seed``, s and i only, so samples can be drawn in
-    rounds: a call for samples 0-3 (``n_per_prompt=4``) followed by one for samples 4-7 (``first_sample=4``)
-    draws what one call for samples 0-7 draws. Results are in prompt order, then sample order.
+    The uniforms of sample s of prompt i depend on ``seed``, the number of prompts, ``max_new_tokens``, s and i,
+    not on ``n_per_prompt`` or ``first_sample``, so samples can be drawn in rounds: a call for samples 0-3
+    (``n_per_prompt=4``) followed by one for samples 4-7 (``first_sample=4``) draws with the uniforms of one
+    call for samples 0-7 (the same samples, up to the batch-shape rounding above). Results are in prompt order,
+    then sample order.
 
     Raises:
         ValueError: an unknown hook kind, a block out of range, no prompts or conditions, a ``mix``
@@ -409,8 +411,8 @@ def generate_conditions(base, tuned, tokenizer, prompts, conditions: list[Condit
     stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # One uniform per (slot, step), fixed by the seed, the prompt and the sample number alone: batching and rounds
-    # never change what a slot draws (the draw is sample-major, so the uniforms of samples 0..s-1 are a prefix).
+    # One uniform per (slot, step), fixed by the seed, the table's shape, the prompt and the sample number: batching
+    # and rounds never change what a slot draws (the draw is sample-major, so samples 0..s-1's are a prefix).
     table = torch.rand((first_sample + n_per_prompt, len(prompts), max_new_tokens),
                        generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     uniforms = table[numbers, jobs]

@@ -238,6 +238,8 @@ def sampling_text(rows: list[dict]) -> str | None:
     text = f"{prompts}{sp['samples_per_prompt']} samples per prompt"
     if sp.get("share_half_width") is None:
         return text + " (fixed: validate.samples_per_prompt)"
+    if sp.get("note"):
+        return text + f" ({sp['note']})"
     last = sp["checks"][-1] if sp.get("checks") else {}
     widest = "undefined" if last.get("widest") is None else f"{last['widest']:.3f}"
     if sp.get("stopped_by") == "widths":
@@ -385,9 +387,20 @@ def attribution_line(result: dict) -> str:
             + _null_named_text(result) + seeds_text(result.get("seed_checks")))
 
 
+def seeds_hold(seeds: dict) -> bool | None:
+    """Does the run's named set hold across the seeds stage's dictionaries: every other seed's dictionaries also
+    have a set of at most the named set's size reaching the threshold? (The features are not matched across
+    dictionaries: it is the claim "k features carry it" that is checked, not which k.) None: the run's
+    dictionaries named no set, or nothing was checked."""
+    k = seeds["primary"]["smallest_k_features"]
+    if k is None or not seeds.get("checks"):
+        return None
+    return all(c["smallest_k_features"] is not None and c["smallest_k_features"] <= k for c in seeds["checks"])
+
+
 def seeds_text(seeds: dict | None) -> str:
-    """Whether the attribution's named set holds across dictionaries of the change trained with other seeds (the
-    seeds stage), to follow the attribution line ("" where nothing was checked)."""
+    """Whether the attribution's named set holds across its dictionaries trained with other seeds (the seeds stage,
+    :func:`seeds_hold`), to follow the attribution line ("" where nothing was checked)."""
     if not seeds or "checks" not in seeds:
         return ""
 
@@ -401,14 +414,15 @@ def seeds_text(seeds: dict | None) -> str:
     label = "change seed" if seeds.get("dictionary", "change") == "change" else "seed"
     others = "; ".join(f"{label} {c['seed']}: {one(c)}" for c in seeds["checks"])
     p = seeds["primary"]
-    if seeds["holds"] is True:
+    held = seeds_hold(seeds)
+    if held is True:
         return (f"; the set holds across {len(seeds['checks']) + 1} dictionary seeds (smallest set reaching "
                 f"{seeds['threshold']:.0%}: {label} {p['seed']}: {p['smallest_k_features']} features; "
                 f"{others})")
-    if seeds["holds"] is False:
+    if held is False:
         return (f"; the set is a property of this dictionary ({label} {p['seed']}), not shown to be the "
-                f"tuning's: with dictionaries of other seeds the smallest set reaching {seeds['threshold']:.0%} is: "
-                f"{others}")
+                f"tuning's: with dictionaries of other seeds the smallest set reaching {seeds['threshold']:.0%} "
+                f"(at most {p['smallest_k_features']} features to hold) is: {others}")
     return f"; dictionaries of other seeds: {others}"
 
 

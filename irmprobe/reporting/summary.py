@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from irmprobe.analysis.verdict import sampling_text
+from irmprobe.analysis.verdict import sampling_text, seeds_hold
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -307,15 +307,18 @@ def attribution_section(a: dict) -> list[str]:
                      f"{(f'{rnd[0]:+.2f} .. {rnd[1]:+.2f}' if rnd else '-'):>15}")
     seeds = a.get("seed_checks")
     if seeds and seeds.get("checks"):
+        verdict = {True: "the named set holds across them", False: "the named set does not hold across them",
+                   None: "no set was named with the run's dictionaries"}[seeds_hold(seeds)]
         lines.append("dictionary seeds (the seeds stage; same prompts, the same dictionaries trained with other "
-                     "seeds): " + {True: "the named set holds across them", False: "the named set does not hold "
-                                   "across them", None: "no set was named with the run's dictionaries"}[seeds["holds"]])
+                     f"seeds): {verdict}")
         for c in [seeds["primary"], *seeds["checks"]]:
             k = c["smallest_k_features"]
-            found = (f"smallest set reaching {seeds['threshold']:.0%}: {k} features (faithfulness "
-                     f"{_fmt(c['faithfulness'], '.2f')}, completeness {_fmt(c['completeness'], '.2f')})" if k is not None
-                     else f"no set of <= {seeds['max_k']} reaches {seeds['threshold']:.0%}" + (
-                         f" (best {c['best']['faithfulness']:.2f} at k={c['best']['k']})" if c.get("best") else ""))
+            if k is not None:
+                found = (f"smallest set reaching {seeds['threshold']:.0%}: {k} features (faithfulness "
+                         f"{_fmt(c['faithfulness'], '.2f')}, completeness {_fmt(c['completeness'], '.2f')})")
+            else:
+                found = f"no set of <= {seeds['max_k']} reaches {seeds['threshold']:.0%}" + (
+                    f" (best {c['best']['faithfulness']:.2f} at k={c['best']['k']})" if c.get("best") else "")
             lines.append(f"  {'change seed' if seeds.get('dictionary', 'change') == 'change' else 'seed'} "
                          f"{c['seed']} (block seeds {', '.join(map(str, c['block_seeds']))}): {found}; "
                          f"every feature together {_fmt(c['features_all'], '+.2f')}; the hook points carry "

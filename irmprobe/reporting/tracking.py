@@ -122,9 +122,10 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
 def headline_scalars(metrics: dict) -> dict:
     """The run's headline figures for W&B's summary: the primary comparison and the explanation (view, tau, t,
     d.f., p, alpha, outcome), the attribution's bound, error share, smallest faithful k and IG-vs-exact
-    Spearman, the depth profile's best R^2 at the captured blocks and first block reaching its target, and the
-    known-null counts of the naming and causal rules."""
-    from irmprobe.analysis.verdict import null_calls, null_named
+    Spearman (and, with seed checks, whether the named set holds across dictionary seeds), the depth profile's
+    best R^2 at the captured blocks and first block reaching its target, the ablation's samples per prompt, and
+    the known-null counts of the naming and causal rules."""
+    from irmprobe.analysis.verdict import null_calls, null_named, seeds_hold
 
     out = {}
     for label in ("primary", "explanation"):
@@ -144,6 +145,10 @@ def headline_scalars(metrics: dict) -> dict:
         named = null_named(attribution)
         if named is not None:  # the naming rule's false calls on random feature sets (a known null)
             out["attribution/null_named"], out["attribution/null_sets_drawn"] = named["reached"], named["n"]
+        seeds = attribution.get("seed_checks") or {}
+        if seeds.get("checks"):  # does the named set hold across dictionaries of other seeds (the seeds stage)
+            out["attribution/seed_checks"] = len(seeds["checks"])
+            out["attribution/holds_across_seeds"] = seeds_hold(seeds)
     depth = metrics.get("depth") or {}
     for reading in ("direct", "lens"):
         if reading in depth:  # from which block the residual stream's change holds enough of r_t
@@ -151,6 +156,10 @@ def headline_scalars(metrics: dict) -> dict:
             out[f"depth/{reading}_r2_captured"] = max(
                 (depth[reading]["r2"][b] for b in (metrics.get("capture") or {}).get("layers") or []
                  if depth[reading]["r2"][b] is not None), default=None)
+    rows = (metrics.get("validation") or {}).get("ablation") or []
+    sampling = next((r.get("sampling") for r in rows if r["set"] == "none"), None)
+    if sampling:  # how many samples per prompt the ablation drew (with a target half-width: where it stopped)
+        out["ablation/samples_per_prompt"] = sampling["samples_per_prompt"]
     null = null_calls((metrics.get("validation") or {}).get("ablation") or [])
     if null is not None:  # the causal rule's false calls on random sets (a known null)
         out["ablation/null_false_calls"], out["ablation/null_sets_judged"] = null["called"], null["n"]

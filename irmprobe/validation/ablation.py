@@ -381,6 +381,9 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
             f"{min(vc.min_samples_per_prompt, vc.samples_per_prompt)} to {vc.samples_per_prompt} samples (more only "
             f"while a random set's share has a 95% CI half-width above {vc.share_half_width:g})")
     echo(f"ablate: {len(sets) + 2 + (bound is not None)} conditions over {len(prompts)} prompts x {plan}")
+    if vc.share_half_width is not None and vc.min_samples_per_prompt > vc.samples_per_prompt:
+        echo(f"ablate: validate.min_samples_per_prompt ({vc.min_samples_per_prompt}) is above samples_per_prompt "
+             f"({vc.samples_per_prompt}), the most: one check, after {vc.samples_per_prompt}")
     base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
                                trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
                                max_memory=runtime.max_memory)
@@ -542,12 +545,22 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     conds = [Condition(None)] + [condition(fs) for fs in feature_sets]
     if bound is not None:
         conds.append(Condition(None, tuple(bound)))
-    first = samples_per_prompt if share_half_width is None else min(min_samples_per_prompt, samples_per_prompt)
-    rounds = [first] + [1] * (samples_per_prompt - first)
     randoms = [i + 1 for i, fs in enumerate(feature_sets) if fs.name.startswith("random_")]
+    rule = share_half_width is not None and bool(randoms)
+    if share_half_width is not None and not randoms:
+        echo(f"ablate: no random sets, so no share half-width to check: {samples_per_prompt} samples per prompt")
+    first = min(min_samples_per_prompt, samples_per_prompt) if rule else samples_per_prompt
+    rounds = [first] + [1] * (samples_per_prompt - first)
     base_parts, parts = [], [[] for _ in conds]
+    scores: list[list[np.ndarray]] = [[] for _ in range(len(conds) + 1)]  # per round: the base's, then each condition's
     base_s = shared_s = 0.0
     drawn, checks = 0, []
+
+    def joined(k: int) -> np.ndarray:
+        # The rounds' scores in the order join_samples puts their samples: (prompt, sample).
+        index = np.concatenate([p.prompt_index for p in base_parts])
+        return np.concatenate(scores[k])[np.argsort(index, kind="stable")]
+
     for n in rounds:
         started = time.perf_counter()
         base_parts.append(generate_patched(base, base, tokenizer, prompts, (), kind, n_per_prompt=n,
@@ -563,11 +576,13 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
             acc.append(run)
         shared_s += time.perf_counter() - started
         drawn += n
-        if share_half_width is None:
+        for k, run in enumerate([base_parts[-1]] + [acc[-1] for acc in parts]):  # each round is scored once
+            scores[k].append(score(rm, run))
+        if not rule:
             continue
-        b, c = join_samples(base_parts), join_samples(parts[0])
-        check = shares_settled(score(rm, b), score(rm, c), [score(rm, join_samples(parts[i])) for i in randoms],
-                               c.prompt_index, share_half_width, seed=seed)
+        index = join_samples(base_parts).prompt_index
+        check = shares_settled(joined(0), joined(1), [joined(i + 1) for i in randoms], index, share_half_width,
+                               seed=seed)
         checks.append({"samples_per_prompt": drawn, **check})
         widest = "undefined" if check["widest"] is None else f"{check['widest']:.3f}"
         echo(f"ablate: {drawn} samples per prompt: widest random-set share half-width {widest} (target "
@@ -577,19 +592,21 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     base_run, runs = join_samples(base_parts), [join_samples(p) for p in parts]
     per_condition = shared_s / len(conds)  # one shared batch: the time split evenly
     sampling = {"samples_per_prompt": drawn, "most": samples_per_prompt, "share_half_width": share_half_width,
-                "min_samples_per_prompt": first if share_half_width is not None else None, "checks": checks,
+                "min_samples_per_prompt": first if rule else None, "checks": checks,
                 "settled": checks[-1]["settled"] if checks else None,
                 "stopped_by": None if not checks else "widths" if checks[-1]["settled"] else
-                "gain" if not checks[-1]["gain_positive"] else "most"}
+                "gain" if not checks[-1]["gain_positive"] else "most",
+                **({"note": "no random sets: the rule had nothing to check"} if share_half_width is not None
+                   and not randoms else {})}
 
-    clean_run, clean, base_r = runs[0], score(rm, runs[0]), score(rm, base_run)
+    clean_run, clean, base_r = runs[0], joined(1), joined(0)
     clean_s = per_condition
     conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s)]
-    for fs, run in zip(feature_sets, runs[1:]):
-        conditions.append((fs.name, fs.mode, fs.size, score(rm, run), run, per_condition))
+    for i, (fs, run) in enumerate(zip(feature_sets, runs[1:])):
+        conditions.append((fs.name, fs.mode, fs.size, joined(i + 2), run, per_condition))
     if bound is not None:
         conditions.append((f"patching bound: base {kind} at blocks {','.join(map(str, bound))}", "patch", 0,
-                           score(rm, runs[-1]), runs[-1], per_condition))
+                           joined(len(conds)), runs[-1], per_condition))
 
     gain_test = reward_gain_test(base_r, clean, clean_run.prompt_index, seed=seed)
 

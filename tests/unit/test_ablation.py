@@ -462,36 +462,59 @@ def test_the_stopping_rule_settles_on_the_random_sets_interval_widths():
 
 def test_the_ablation_samples_in_rounds_until_the_rule_settles(tiny_llama_dir, monkeypatch):
     """With a target half-width the ablation draws min_samples_per_prompt, then one more per prompt until the rule
-    settles: its rows are those of a fixed run with that many samples, the record says how many and why, and
-    without a target no check runs."""
+    settles: the rule reads the random sets' rewards, paired with the base's and the tuned model's; the rows are
+    those of a fixed run with that many samples, the record says how many and why, and without a target no check
+    runs."""
     import irmprobe.validation.ablation as ab
     from irmprobe.analysis.verdict import sampling_text
+    from irmprobe.reporting.tracking import headline_scalars
     from tests.conftest import perturbed_llama_pair
 
     pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)
     prompts = ["one two three", "four five", "six seven eight nine", "ten"]
-    sets = [FeatureSet("random_1 #1 (control)", {}, "reconstruction")]  # no SAE: the tuned model as it is
+    exact = {1: _identity_change_dictionary(pair.d_model)}
+    # A random set that changes what the model writes (every change feature: the base's block-1 output) and a
+    # targeted set that changes nothing: the rule must read the first, not the second.
+    sets = [FeatureSet("no change feature", {1: ()}, "change", saes=exact),
+            FeatureSet("random_change_64 #1 (control)", {1: tuple(range(2 * pair.d_model))}, "change", saes=exact)]
     seen = []
 
     def rule(base_r, tuned_r, randoms, prompt_index, half_width, seed=0):
-        seen.append((len(base_r), len(randoms), half_width))
+        seen.append((base_r, tuned_r, randoms, prompt_index, half_width))
         return {"settled": len(seen) == 3, "gain_positive": True, "widest": 0.5 / len(seen)}
 
     monkeypatch.setattr(ab, "shares_settled", rule)
     kw = dict(max_new_tokens=6, seed=3, batch_size=8)
-    rows = ab.paired_rows(base, tuned, pair.tokenizer, {}, sets, _TextRM(), prompts, None, samples_per_prompt=6,
-                          share_half_width=0.15, min_samples_per_prompt=2, **kw)
-    assert [n for n, _, _ in seen] == [8, 12, 16] and all(r == 1 and w == 0.15 for _, r, w in seen)
+    rows = ab.paired_rows(base, tuned, pair.tokenizer, {}, sets, _TextRM(), prompts, (1,), "resid_post",
+                          samples_per_prompt=6, share_half_width=0.15, min_samples_per_prompt=2, **kw)
+    assert [len(b) for b, *_ in seen] == [8, 12, 16] and all(len(r) == 1 and w == 0.15 for *_, r, _, w in seen)
     sampling = rows[0]["sampling"]
     assert sampling["samples_per_prompt"] == 4 and sampling["stopped_by"] == "widths" and len(sampling["checks"]) == 3
-    fixed = ab.paired_rows(base, tuned, pair.tokenizer, {}, sets, _TextRM(), prompts, None, samples_per_prompt=4,
-                           **kw)
+    fixed = ab.paired_rows(base, tuned, pair.tokenizer, {}, sets, _TextRM(), prompts, (1,), "resid_post",
+                           samples_per_prompt=4, **kw)
     assert len(seen) == 3 and fixed[0]["sampling"]["checks"] == []  # no target: no check
     for a, b in zip(rows, fixed):
-        assert a["set"] == b["set"] and a["reward"] == b["reward"] and a["example"] == b["example"]
+        assert {k: v for k, v in a.items() if k not in ("seconds", "sampling")} == \
+            {k: v for k, v in b.items() if k not in ("seconds", "sampling")}
+    # What the last check read is what the rows report: the base's, the tuned model's and the random set's rewards,
+    # in (prompt, sample) order.
+    base_r, tuned_r, (random_r,), index, _ = seen[-1]
+    by_set = {r["set"]: r["reward"]["mean"] for r in rows}
+    assert (base_r.mean(), tuned_r.mean(), random_r.mean()) == pytest.approx(
+        (by_set["base model (reference)"], by_set["none"], by_set["random_change_64 #1 (control)"]), abs=1e-12)
+    assert index.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert by_set["random_change_64 #1 (control)"] != pytest.approx(by_set["none"])  # the set does change the text
     text = sampling_text(rows)
-    assert text.startswith("4 prompts x 4 samples per prompt, where sampling stopped") and "widest 0.167; 2 to 6" in text
+    assert text.startswith("4 prompts x 4 samples per prompt, where sampling stopped")
+    assert "widest 0.167; 2 to 6" in text
     assert sampling_text(fixed) == "4 prompts x 4 samples per prompt (fixed: validate.samples_per_prompt)"
+    assert headline_scalars({"validation": {"ablation": rows}})["ablation/samples_per_prompt"] == 4
+    # No random set: nothing to check, so the most samples, and the record says why.
+    lone = ab.paired_rows(base, tuned, pair.tokenizer, {}, sets[:1], _TextRM(), prompts, None, "resid_post",
+                          samples_per_prompt=3, share_half_width=0.15, min_samples_per_prompt=2, echo=lambda _: None,
+                          **kw)
+    assert len(seen) == 3 and lone[0]["sampling"]["samples_per_prompt"] == 3
+    assert sampling_text(lone).endswith("3 samples per prompt (no random sets: the rule had nothing to check)")
 
 
 def test_a_gain_that_is_not_significantly_positive_ends_the_sampling(tiny_llama_dir, monkeypatch):

@@ -425,45 +425,57 @@ def _seed_result(seeds, faithfulness, k_grid=(1, 10, 100), threshold=0.6):
     """An attribute-stage result whose feature rows have these faithfulness values (None: undefined)."""
     rows = [{"k": k, "faithfulness": {"value": f}, "completeness": {"value": None if f is None else 1 - f}}
             for k, f in zip(k_grid, faithfulness)]
-    k = next((r["k"] for r in rows if r["faithfulness"]["value"] is not None and r["faithfulness"]["value"] >= threshold),
-             None)
-    return {"curves": {"feature_rows": rows, "bound": {"value": 0.9}, "features_all": {"value": 0.95, "ci": [0.9, 1.0]}},
+    k = next((r["k"] for r in rows if r["faithfulness"]["value"] is not None
+              and r["faithfulness"]["value"] >= threshold), None)
+    return {"curves": {"feature_rows": rows, "bound": {"value": 0.9},
+                       "features_all": {"value": 0.95, "ci": [0.9, 1.0]}},
             "smallest_k_features": k, "dictionaries": [{"seed": s, "explained_variance": 0.8} for s in seeds],
-            "named": [{"node": f"L1/f{i}", "attribution": 0.1, "contexts": []} for i in range(k or 0)], "seconds": 1.0}
+            "named": [{"node": f"L1/f{i}", "attribution": 0.1, "contexts": []} for i in range(k or 0)], "seconds": 1.0,
+            "layers": [1, 3]}
 
 
 def test_a_named_set_holds_across_dictionary_seeds_only_when_every_seed_has_one():
-    """The seeds stage's call: a set holds only when every other seed's dictionaries also reach the threshold with at
-    most k_grid's largest size; the verdict names each seed's smallest set, or its best, and says which case."""
-    from irmprobe.analysis.verdict import attribution_line, seeds_text
-    from irmprobe.pipeline.stages.seeds import holds, seed_check
+    """The seeds stage's call: "k features carry it" holds only when every other seed's dictionaries also reach the
+    threshold with at most k features; the verdict names each seed's smallest set, or its best, and says which
+    case."""
+    from irmprobe.analysis.verdict import attribution_line, seeds_hold, seeds_text
+    from irmprobe.pipeline.stages.seeds import seed_check
     from irmprobe.reporting.summary import attribution_section
 
-    primary = _seed_result([1, 3], [0.2, 0.7, 0.9])
-    found, missed = _seed_result([101, 103], [0.1, 0.3, 0.65]), _seed_result([201, 203], [0.1, 0.2, 0.39])
-    c_found, c_missed = seed_check(found, 100), seed_check(missed, 200)
-    assert c_found["smallest_k_features"] == 100 and c_found["faithfulness"] == 0.65 and c_found["block_seeds"] == [101, 103]
+    primary = _seed_result([1, 3], [0.2, 0.7, 0.9])  # 10 features reach 0.6
+    same = _seed_result([101, 103], [0.1, 0.65, 0.9])  # 10 too
+    larger, missed = _seed_result([201, 203], [0.1, 0.3, 0.65]), _seed_result([301, 303], [0.1, 0.2, 0.39])
+    c_same, c_larger, c_missed = seed_check(same, 100), seed_check(larger, 200), seed_check(missed, 300)
+    assert c_larger["smallest_k_features"] == 100 and c_larger["faithfulness"] == 0.65
+    assert c_same["block_seeds"] == [101, 103] and c_same["completeness"] == pytest.approx(0.35)
     assert c_missed["smallest_k_features"] is None and c_missed["best"] == {"k": 100, "faithfulness": 0.39}
-    assert holds(primary, [c_found]) is True and holds(primary, [c_found, c_missed]) is False
-    assert holds(primary, []) is None and holds(missed, [c_found]) is None  # nothing named, or nothing checked
-    seeds = {"primary": seed_check(primary, 0), "checks": [c_found, c_missed], "holds": False, "max_k": 100,
-             "threshold": 0.6}
+    one = {"primary": seed_check(primary, 0), "max_k": 100, "threshold": 0.6, "dictionary": "change"}
+    assert seeds_hold(one | {"checks": [c_same]}) is True
+    assert seeds_hold(one | {"checks": [c_same, c_larger]}) is False  # a set, but of 100 features, not 10
+    assert seeds_hold(one | {"checks": [c_same, c_missed]}) is False
+    assert seeds_hold(one | {"checks": []}) is None  # nothing checked
+    assert seeds_hold(one | {"primary": seed_check(missed, 0), "checks": [c_same]}) is None  # nothing named
+    seeds = one | {"checks": [c_larger, c_missed]}
     text = seeds_text(seeds)
-    assert "a property of this dictionary (change seed 0)" in text
-    assert "change seed 100: 100 features (faithfulness 0.65, completeness 0.35)" in text
-    assert "change seed 200: none of <= 100 (best 0.39 at k=100)" in text
-    assert "holds across 2 dictionary seeds" in seeds_text(seeds | {"checks": [c_found], "holds": True})
+    assert "a property of this dictionary (change seed 0)" in text and "(at most 10 features to hold)" in text
+    assert "change seed 200: 100 features (faithfulness 0.65, completeness 0.35)" in text
+    assert "change seed 300: none of <= 100 (best 0.39 at k=100)" in text
+    assert "holds across 2 dictionary seeds" in seeds_text(one | {"checks": [c_same]})
     assert seeds_text(None) == "" and seeds_text({"skipped": "seeds.checks is 0"}) == ""
     # The attribution's verdict line ends with it; the summary lists every seed.
-    result = primary | {"kind": "resid_post", "layers": [1, 3], "dictionary": "change", "threshold": 0.6,
-                        "curves": primary["curves"] | {"errors_only": {"value": 0.1, "ci": [0.0, 0.2]}, "bound": {"value": 0.9,
-                                                                                              "ci": [0.8, 1.0]}}}
+    result = primary | {"kind": "resid_post", "layers": [1, 3], "dictionary": "change", "threshold": 0.6}
+    result["curves"] = primary["curves"] | {"errors_only": {"value": 0.1, "ci": [0.0, 0.2]},
+                                            "bound": {"value": 0.9, "ci": [0.8, 1.0]}}
     result["curves"]["feature_rows"][1] |= {"faithfulness": {"value": 0.7, "ci": [0.6, 0.8]},
                                             "completeness": {"value": 0.3}, "random": {"range": [-0.1, 0.1]}}
     assert attribution_line(result | {"seed_checks": seeds}).endswith(text)
-    lines = attribution_section(result | {"seed_checks": seeds, "dictionaries": [], "rank_half": {"m_full": 1.0, "m_empty": 0.0,
-                                                                              "ig_sum": 1.0}, "n_prompts": [6, 6],
-                                          "ig_steps": 8, "exact": {"rows": [], "spearman": None}, "top": []}
-                                | {"curves": result["curves"] | {"rows": []}})
+    full = result | {"seed_checks": seeds, "dictionaries": [], "n_prompts": [6, 6], "ig_steps": 8, "top": [],
+                     "rank_half": {"m_full": 1.0, "m_empty": 0.0, "ig_sum": 1.0},
+                     "exact": {"rows": [], "spearman": None}, "curves": result["curves"] | {"rows": []}}
+    lines = attribution_section(full)
     assert any(line.endswith("the named set does not hold across them") for line in lines)
     assert sum(line.startswith("  change seed ") for line in lines) == 3
+    from irmprobe.reporting.tracking import headline_scalars
+
+    head = headline_scalars({"attribution": result | {"seed_checks": seeds, "exact": {"spearman": None}}})
+    assert head["attribution/seed_checks"] == 2 and head["attribution/holds_across_seeds"] is False

@@ -14,7 +14,7 @@ class AblateStage(Stage):
     """Ablate the reader- and decision-side IRMs' top features, random ones and patch the chosen layers during
     generation; each row gives the share of the reward gain (tuned - base) it removes."""
 
-    name, version = "ablate", 8
+    name, version = "ablate", 9  # 9: the sampler's uniforms are drawn sample-major (other samples than 8's)
     reads = ("validate", "irm.inputs", "capture.hook", "seed")
     optional_reads = ("attribute.dictionary",)  # change: its features are ablated with the base in lockstep
     needs = ("organism", "layers", "capture", "saes", "fit", "attribute", "interpret")

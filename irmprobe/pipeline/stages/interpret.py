@@ -26,8 +26,10 @@ def feature_design(ctx, inputs, inputs_kind: str):
 
 class InterpretStage(Stage):
     name, version = "interpret", 3
-    reads = ("validate", "llm", "irm.inputs", "capture.hook", "capture.text_path", "capture.text_dataset",
-             "capture.text_column", "capture.max_text_tokens", "capture.max_texts", "seed")
+    # The validate fields it uses, not the section: the ablation's sampling settings make nothing here.
+    reads = ("validate.enabled", "validate.top_k", "validate.n_judged", "validate.judge", "validate.concept", "llm",
+             "irm.inputs", "capture.hook", "capture.text_path", "capture.text_dataset", "capture.text_column",
+             "capture.max_text_tokens", "capture.max_texts", "seed")
     needs = ("organism", "samples", "layers", "capture", "saes", "fit")
 
     def fingerprint(self, cfg, ctx):

@@ -48,8 +48,8 @@ def seed_check(result: dict, seed: int) -> dict:
     k = result.get("smallest_k_features")
     at_k = next((r for r in rows if r["k"] == k), None)
     best = max(rows, key=lambda r: r["faithfulness"]["value"], default=None)
-    return {"seed": seed, "block_seeds": [d["seed"] for d in result.get("dictionaries") or []],
-            "explained_variance": [d["explained_variance"] for d in result.get("dictionaries") or []],
+    return {"seed": seed, "block_seeds": [seed + layer for layer in result["layers"]],
+            "explained_variance": [d.get("explained_variance") for d in result.get("dictionaries") or []],
             "smallest_k_features": k,
             "faithfulness": None if at_k is None else at_k["faithfulness"]["value"],
             "completeness": None if at_k is None else at_k["completeness"]["value"],
@@ -59,18 +59,11 @@ def seed_check(result: dict, seed: int) -> dict:
             "seconds": result.get("seconds")}
 
 
-def holds(primary: dict, checks: list[dict]) -> bool | None:
-    """Does the primary attribution's named set hold across dictionaries: every other seed's dictionaries also have a
-    set of at most ``k_grid``'s largest size reaching the threshold? None: the primary named no set, or no check."""
-    if primary.get("smallest_k_features") is None or not checks:
-        return None
-    return all(c["smallest_k_features"] is not None for c in checks)
-
-
 class SeedsStage(Stage):
-    """Redo the attribution with ``seeds.checks`` more sets of its dictionaries (other seeds)."""
+    """Redo the attribution with ``seeds.checks`` more sets of its dictionaries (other seeds). Resumable: each
+    check's summary is written as it ends, and an interrupted run redoes only the checks not written."""
 
-    name, version = "seeds", 1
+    name, version, resumable = "seeds", 1, True
     reads = ("seeds", "attribute", "capture.hook", "seed", "sae")
     needs = ("organism", "samples", "layers", "capture", "attribute")
 
@@ -89,6 +82,11 @@ class SeedsStage(Stage):
             checks = []
             for i in range(1, cfg.seeds.checks + 1):
                 seed = first + SEED_STEP * i
+                done = out / f"check-{seed}.json"
+                if done.is_file():  # an interrupted run's finished check
+                    ctx.echo(f"seeds: check {i} of {cfg.seeds.checks} (seed {seed}) was done before")
+                    checks.append(json.loads(done.read_text()))
+                    continue
                 ctx.echo(f"seeds: check {i} of {cfg.seeds.checks}: dictionaries of the "
                          f"{'change' if change else 'activations'} with seed {seed} (block l: {seed} + l)")
                 saes, rows = (change_dictionaries(cfg, capture, samples, layers, change_seed=seed, **kw) if change
@@ -96,13 +94,10 @@ class SeedsStage(Stage):
                 other = attribute(ac, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), samples, capture, saes,
                                   layers, cfg.capture.hook, echo=ctx.echo, change=change, dictionaries=rows)
                 checks.append(seed_check(other, seed))
-            # The run's own dictionaries: the stage's rows carry their seeds (the saes stage's do not reach here).
-            own = primary if change else primary | {"dictionaries": [{"seed": cfg.seed + layer,
-                                                                        "explained_variance": None}
-                                                                       for layer in layers]}
-            result = {"dictionary": ac.dictionary, "primary": seed_check(own, first), "checks": checks,
-                      "holds": holds(primary, checks), "max_k": max(ac.k_grid), "threshold": ac.threshold,
-                      "seconds": time.perf_counter() - started}
+                write_json(done, checks[-1])
+            # Whether the named set holds is read off primary and checks (analysis.verdict.seeds_hold), not stored.
+            result = {"dictionary": ac.dictionary, "primary": seed_check(primary, first), "checks": checks,
+                      "max_k": max(ac.k_grid), "threshold": ac.threshold, "seconds": time.perf_counter() - started}
         write_json(out / "seeds.json", result)
         return result
 

@@ -493,8 +493,9 @@ def shares_settled(base, tuned, randoms: list, prompt_index, half_width: float, 
 
     Settled when the reward gain's 95% CI over prompts lies above 0 (:func:`reward_gain_test`) and every
     random set's share (``randoms``: its rewards, paired with ``base`` and ``tuned``) has a 95% CI half-width
-    at most ``half_width`` (:func:`gain_share_row`). It reads the intervals' widths, never a share itself, so
-    stopping does not select for any share's value. No random sets: never settled. A gain that is not
+    at most ``half_width`` (:func:`gain_share_row`). It reads the intervals' widths, not the shares (though a
+    ratio's width moves with its estimate; docs/validation.md, and ``benchmarks/ablation_stopping.py`` measures
+    the coverage this leaves). No random sets: never settled. A gain that is not
     significantly positive ends the sampling (:func:`paired_rows`) rather than prolonging it: sampling on until
     the gain test passes would be optional stopping on that test.
 

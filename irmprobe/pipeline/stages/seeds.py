@@ -11,7 +11,8 @@ from irmprobe.pipeline.stage import Stage
 from irmprobe.pipeline.stages.attribute import attribute, change_dictionaries
 
 SEED_STEP = 100
-"""Check i trains block l's dictionary with ``seed + SEED_STEP * i + l``: seeds no other check or block uses."""
+"""Check i trains block l's dictionary with ``seed + SEED_STEP * i + l``: seeds no other check or block uses (in
+models of fewer than SEED_STEP blocks)."""
 
 
 def activation_dictionaries(cfg, capture, samples, layers, *, capture_key: str, device: str, seed: int,

@@ -95,6 +95,12 @@ class PatchedSamples:
     """Decoded continuations."""
 
 
+def round_order(parts: list[PatchedSamples]) -> np.ndarray:
+    """The permutation that puts the concatenated rows of rounds of samples (e.g. samples 0-3, then 4, then 5 of
+    every prompt) in (prompt, sample) order: rounds come in sample order, so a stable sort by prompt keeps it."""
+    return np.argsort(np.concatenate([p.prompt_index for p in parts]), kind="stable")
+
+
 def join_samples(parts: list[PatchedSamples]) -> PatchedSamples:
     """Rounds of one condition's samples (e.g. samples 0-3, then 4, then 5 of every prompt) as one result, in
     (prompt, sample) order.
@@ -106,8 +112,7 @@ def join_samples(parts: list[PatchedSamples]) -> PatchedSamples:
         raise ValueError("join_samples needs at least one part")
     if len({(p.blocks, p.kind) for p in parts}) != 1:
         raise ValueError("join_samples joins rounds of one condition: the parts patch different blocks or kinds")
-    index = np.concatenate([p.prompt_index for p in parts])
-    order = np.argsort(index, kind="stable")  # rounds come in sample order: a stable sort keeps it per prompt
+    index, order = np.concatenate([p.prompt_index for p in parts]), round_order(parts)
     ids = [t for p in parts for t in p.token_ids]
     texts = [t for p in parts for t in p.texts]
     return PatchedSamples(parts[0].blocks, parts[0].kind, tuple(ids[i] for i in order),

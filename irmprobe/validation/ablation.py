@@ -46,6 +46,7 @@ from irmprobe.activations.patching import (
     join_samples,
     output_hooks,
     plain_models,
+    round_order,
 )
 from irmprobe.activations.samples import sample_continuations
 from irmprobe.analysis.verdict import null_family
@@ -559,8 +560,7 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
 
     def joined(k: int) -> np.ndarray:
         # The rounds' scores in the order join_samples puts their samples: (prompt, sample).
-        index = np.concatenate([p.prompt_index for p in base_parts])
-        return np.concatenate(scores[k])[np.argsort(index, kind="stable")]
+        return np.concatenate(scores[k])[round_order(base_parts)]
 
     for n in rounds:
         started = time.perf_counter()
@@ -581,7 +581,7 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
             scores[k].append(score(rm, run))
         if not rule:
             continue
-        index = join_samples(base_parts).prompt_index
+        index = np.concatenate([p.prompt_index for p in base_parts])[round_order(base_parts)]
         check = shares_settled(joined(0), joined(1), [joined(i + 1) for i in randoms], index, share_half_width,
                                seed=seed)
         checks.append({"samples_per_prompt": drawn, **check})

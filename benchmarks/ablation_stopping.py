@@ -14,7 +14,14 @@ with probability 1 - ``diverge`` (it changed no sampled token), else it is a fre
 mean lowered by share / diverge x g_p (so the set removes share x the gain on average). Random sets have share 0; one targeted set has share 0.3. The defaults give random-set
 half-widths of about 0.13-0.17 after 4 samples, as on the demo (0.166 at 4, 0.149 at 6).
 
-    python benchmarks/ablation_stopping.py            # 500 datasets (about 3 minutes on 2 cores)
+It also measures the error rate of the causal call the report prints, on cases whose answer is known. At the rule's
+stop, four targeted sets of the demo's sizes (3 of 10 features, 1 of 6) are judged by the stage's own rule
+(:func:`irmprobe.validation.ablation.against_random`: the set's Bonferroni interval over the 4 targeted sets lies
+wholly above the 2.5-97.5 percentile range of the 4 random sets of its size). With every targeted share 0, each call
+is false; with shares ``--effects``, the calls are the rule's power. A run's own known-null check (each random set
+against the other three of its size) is counted beside them: it is what a single run reports.
+
+    python benchmarks/ablation_stopping.py            # 500 datasets (about 5 minutes on 2 cores)
     python benchmarks/ablation_stopping.py --reps 500
 """
 
@@ -26,20 +33,46 @@ import time
 import numpy as np
 from scipy.stats import binomtest
 
-from irmprobe.validation.ablation import gain_share_row, shares_settled
+from irmprobe.analysis.verdict import null_calls
+from irmprobe.validation.ablation import adjusted_share, against_random, gain_share_row, shares_settled
+
+# The demo's ablation design: 4 random sets of each of its two sizes, 4 targeted sets (3 of 10 features, 1 of 6).
+RANDOM_SIZES = (6,) * 4 + (10,) * 4
+TARGETED_SIZES = (10, 10, 10, 6)
+
+
+def causal_calls(base, tuned, randoms, targeted, shares, index) -> tuple[list[bool], dict | None]:
+    """The stage's causal rule (:func:`irmprobe.validation.ablation.against_random`) on one design: whether each
+    targeted set is called causal against the random sets of its size, and the in-run known-null count
+    (:func:`irmprobe.analysis.verdict.null_calls`) of the random sets judged against each other."""
+    rows = []
+    for kind, sizes, sets in (("random", RANDOM_SIZES, randoms), ("targeted", TARGETED_SIZES, targeted)):
+        for i, (size, rewards) in enumerate(zip(sizes, sets)):
+            rows.append({"set": f"random_{size} #{i}" if kind == "random" else f"targeted {i} (share {shares[i]:g})",
+                         "mode": "zero", "n_features": size,
+                         "gain_share": gain_share_row(base, tuned, rewards, index),
+                         "gain_share_adjusted": adjusted_share(base, tuned, rewards, index, len(TARGETED_SIZES))})
+    names = tuple(r["set"] for r in rows[len(randoms):])
+    rows = against_random(rows, names)
+    return [bool((r.get("random") or {}).get("above_random")) for r in rows[len(randoms):]], null_calls(rows)
 
 
 def dataset(rng, *, n_prompts: int, most: int, gain: float, diverge: float, shares: list[float]):
-    """Rewards [most, n_prompts] of base, tuned and each set (samples drawn up front: the rule reads a prefix)."""
+    """Rewards [most, n_prompts] of base, tuned and each set (samples drawn up front: the rule reads a prefix),
+    and the prompt effects (b, g)."""
     b = rng.normal(0.08, 0.3, n_prompts)
     g = rng.normal(gain, 0.3, n_prompts)
-    noise = lambda: rng.normal(0.0, 0.6, (most, n_prompts))  # noqa: E731
-    base, tuned = b + noise(), b + g + noise()
+    base, tuned = b + rng.normal(0.0, 0.6, (most, n_prompts)), b + g + rng.normal(0.0, 0.6, (most, n_prompts))
+    return base, tuned, more_sets(rng, b, g, tuned, shares, diverge), (b, g)
+
+
+def more_sets(rng, b, g, tuned, shares: list[float], diverge: float) -> list[np.ndarray]:
+    """One set's rewards per share: a set's continuation equals the tuned one unless it diverges."""
     sets = []
     for share in shares:
-        fresh = b + g * (1 - share / diverge) + noise()  # diverging slots carry the whole effect: mean share
-        sets.append(np.where(rng.random((most, n_prompts)) < diverge, fresh, tuned))
-    return base, tuned, sets
+        fresh = b + g * (1 - share / diverge) + rng.normal(0.0, 0.6, tuned.shape)  # diverging slots carry it all
+        sets.append(np.where(rng.random(tuned.shape) < diverge, fresh, tuned))
+    return sets
 
 
 def flat(a: np.ndarray, n: int) -> np.ndarray:
@@ -53,19 +86,30 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=80)
     parser.add_argument("--gain", type=float, default=0.44)
     parser.add_argument("--diverge", type=float, default=0.6)
-    parser.add_argument("--random-sets", type=int, default=8)
+    parser.add_argument("--random-sets", type=int, default=len(RANDOM_SIZES))
+    parser.add_argument("--effects", type=float, nargs="+", default=[0.3, 0.3, 0.5, 0.5],
+                        help="the shares of the four targeted sets of the causal rule's positive design")
     parser.add_argument("--target", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.random_sets != len(RANDOM_SIZES) or len(args.effects) != len(TARGETED_SIZES):
+        parser.error(f"the causal rule's design has {len(RANDOM_SIZES)} random and {len(TARGETED_SIZES)} targeted "
+                     "sets (the demo's)")
     rng = np.random.default_rng(args.seed)
+    # The causal rule's targeted sets come from a stream of their own: the coverage datasets stay as they were.
+    rng_targeted = np.random.default_rng(args.seed + 1)
     shares = [0.0] * args.random_sets + [0.3]
+    calls = {"null": [], "effect": [], "known_nulls": [0, 0], "gain_not_positive": 0}
     fixed = (4, 6, 8)
     covered = {k: np.zeros(len(shares)) for k in (*fixed, "rule")}
     stops, widths = [], []
     for _ in range(args.reps):
-        base, tuned, sets = dataset(rng, n_prompts=args.prompts, most=8, gain=args.gain, diverge=args.diverge,
-                                    shares=shares)
+        base, tuned, sets, (b, g) = dataset(rng, n_prompts=args.prompts, most=8, gain=args.gain,
+                                            diverge=args.diverge, shares=shares)
+        designs = {"null": [0.0] * len(TARGETED_SIZES), "effect": list(args.effects)}
+        targeted = {name: more_sets(rng_targeted, b, g, tuned, values, args.diverge)
+                    for name, values in designs.items()}
 
         def rows(n):
             index = np.repeat(np.arange(args.prompts), n)
@@ -81,6 +125,16 @@ def main() -> None:
             n += 1
         stops.append(n)
         widths.append(check["widest"])
+        if not check["gain_positive"]:  # the stage computes no share, so it calls nothing causal
+            calls["gain_not_positive"] += 1
+        for name, values in designs.items():
+            called, known = ((causal_calls(flat(base, n), flat(tuned, n), [flat(s, n) for s in sets[:-1]],
+                                           [flat(s, n) for s in targeted[name]], values, index))
+                             if check["gain_positive"] else ([False] * len(values), None))
+            calls[name].append(called)
+            if name == "null" and known is not None:
+                calls["known_nulls"][0] += known["called"]
+                calls["known_nulls"][1] += known["n"]
         for k, result in [*((k, rows(k)[0]) for k in fixed), ("rule", out)]:
             covered[k] += [r is not None and None not in r["ci"] and r["ci"][0] <= true <= r["ci"][1]
                            for r, true in zip(result, shares)]
@@ -100,6 +154,23 @@ def main() -> None:
         print(f"{str(k):<22} {cells[0]:>32} {cells[1]:>32}")
     print("(coverage of the nominal 95% interval, with a 95% binomial CI; the random sets of one dataset share its "
           "base and tuned rewards, so their hits are not independent)")
+    print()
+
+    def rate(k: int, n: int) -> str:
+        ci = binomtest(int(k), int(n)).proportion_ci(0.95) if n else None
+        return f"{k}/{n} = {k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]" if n else "-"
+
+    null, effect = np.array(calls["null"]), np.array(calls["effect"])
+    print(f"the causal rule at the rule's stop (4 targeted sets of {', '.join(map(str, TARGETED_SIZES))} features, "
+          f"Bonferroni over 4, each against the 4 random sets of its size; {calls['gain_not_positive']} datasets "
+          "with no significant gain, where nothing is called):")
+    print(f"  targeted sets with share 0 called causal (false calls): {rate(null.sum(), null.size)}")
+    print(f"  datasets with any false call among its 4 null targeted sets: {rate(null.any(1).sum(), len(null))}")
+    print(f"  the run's own known-null check (each random set against the other 3 of its size) called: "
+          f"{rate(*calls['known_nulls'])}")
+    for value in sorted(set(args.effects)):
+        column = effect[:, [i for i, v in enumerate(args.effects) if v == value]]
+        print(f"  targeted sets with share {value:g} called causal (power): {rate(column.sum(), column.size)}")
 
 
 if __name__ == "__main__":

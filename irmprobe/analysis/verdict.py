@@ -364,7 +364,7 @@ def attribution_line(result: dict) -> str:
         errors = "change dictionaries' error terms"
     context = (f"the hook points carry {_attr_pct(curves['bound']['value'])} [{_attr_ci(curves['bound']['ci'])}] of "
                f"the implicit reward, their {errors} alone "
-               f"{_attr_pct(curves['errors_only']['value'])} of that")
+               f"{_attr_pct(curves['errors_only']['value'])} of that" + hook_points_text(result))
     k = result.get("smallest_k_features")
     if k is None:
         rows = [r for r in curves.get("feature_rows", []) if r["faithfulness"]["value"] is not None]
@@ -387,15 +387,52 @@ def attribution_line(result: dict) -> str:
             + _null_named_text(result) + seeds_text(result.get("seed_checks")))
 
 
+def hook_points_text(result: dict) -> str:
+    """The other hook points the attribution considered, to follow its own bound ("" where they were not
+    measured): the share of the implicit reward each set carries (the base's activations patched in at every
+    point of it; no dictionary), so that a missing faithful set can be read against where one could exist."""
+    own = [[result["kind"], int(b)] for b in result["layers"]]
+    others = [h for h in result.get("hook_points") or [] if h["points"] != own]
+    if not others:
+        return ""
+    return ("; the other hook points considered (each set patched together, same prompts) carry: "
+            + ", ".join(f"{h['label']} {_attr_pct(h['value'])} [{_attr_ci(h['ci'])}]" for h in others))
+
+
 def seeds_hold(seeds: dict) -> bool | None:
-    """Does the run's named set hold across the seeds stage's dictionaries: every other seed's dictionaries also
-    have a set of at most the named set's size reaching the threshold? (The features are not matched across
-    dictionaries: it is the claim "k features carry it" that is checked, not which k.) None: the run's
-    dictionaries named no set, or nothing was checked."""
+    """Does the run's named set hold across the seeds stage's dictionaries? Two things must hold at every other
+    seed: a set of at most the named set's size reaches the threshold ("k features carry it"), and, where they
+    were measured, the named features' counterparts there (each one's closest decoder direction,
+    :func:`irmprobe.validation.attribution.counterparts`) reach it too ("these features carry it";
+    :func:`counterparts_hold`). None: the run's dictionaries named no set, or nothing was checked."""
     k = seeds["primary"]["smallest_k_features"]
     if k is None or not seeds.get("checks"):
         return None
-    return all(c["smallest_k_features"] is not None and c["smallest_k_features"] <= k for c in seeds["checks"])
+    size = all(c["smallest_k_features"] is not None and c["smallest_k_features"] <= k for c in seeds["checks"])
+    return size and counterparts_hold(seeds) is not False
+
+
+def counterparts_hold(seeds: dict) -> bool | None:
+    """Do the named features' counterparts carry the threshold's share in every other seed's dictionaries (their
+    faithfulness, errors at base, on the attribution's held-out prompts)? None: no counterparts were measured
+    (no set was named, or a result from before they were)."""
+    matched = [c.get("matched") for c in seeds.get("checks") or []]
+    if not matched or any(m is None for m in matched):
+        return None
+    return all(m["faithfulness"]["value"] is not None and m["faithfulness"]["value"] >= seeds["threshold"]
+               for m in matched)
+
+
+def matched_text(matched: dict | None) -> str:
+    """One seed's counterparts of the named features: how many match at the record's ``match_cosine`` and what
+    they carry."""
+    if not matched:
+        return ""
+    cosines = [f["cosine"] for f in matched["features"]]
+    close = sum(c >= matched["match_cosine"] for c in cosines)
+    return (f"; the named features' counterparts (closest decoder direction: {close} of {len(cosines)} at cosine >= "
+            f"{matched['match_cosine']:g}, median {np.median(cosines):.2f}) carry "
+            f"{_fmt_or(matched['faithfulness']['value'])}")
 
 
 def seeds_text(seeds: dict | None) -> str:
@@ -407,9 +444,10 @@ def seeds_text(seeds: dict | None) -> str:
     def one(c):
         if c["smallest_k_features"] is not None:
             return (f"{c['smallest_k_features']} features (faithfulness {_fmt_or(c['faithfulness'])}, completeness "
-                    f"{_fmt_or(c['completeness'])})")
+                    f"{_fmt_or(c['completeness'])})" + matched_text(c.get("matched")))
         best = c.get("best")
-        return f"none of <= {seeds['max_k']}" + (f" (best {best['faithfulness']:.2f} at k={best['k']})" if best else "")
+        return (f"none of <= {seeds['max_k']}" + (f" (best {best['faithfulness']:.2f} at k={best['k']})"
+                                                  if best else "") + matched_text(c.get("matched")))
 
     label = "change seed" if seeds.get("dictionary", "change") == "change" else "seed"
     others = "; ".join(f"{label} {c['seed']}: {one(c)}" for c in seeds["checks"])
@@ -422,7 +460,9 @@ def seeds_text(seeds: dict | None) -> str:
     if held is False:
         return (f"; the set is a property of this dictionary ({label} {p['seed']}), not shown to be the "
                 f"tuning's: with dictionaries of other seeds the smallest set reaching {seeds['threshold']:.0%} "
-                f"(at most {p['smallest_k_features']} features to hold) is: {others}")
+                f"(at most {p['smallest_k_features']} features to hold"
+                + (f", and its features' counterparts reaching {seeds['threshold']:.0%}"
+                   if counterparts_hold(seeds) is not None else "") + f") is: {others}")
     return f"; dictionaries of other seeds: {others}"
 
 

@@ -366,6 +366,11 @@ def render(metrics) -> str:
         page.table(*tables["attribution nodes"], title="nodes ranked by attribution" + (
             " (features of the dictionaries of the change, not the IRM's SAEs)"
             if attribution.get("dictionary") == "change" else ""))
+        if "attribution hook points" in tables:
+            page.table(*tables["attribution hook points"],
+                       title="what each set of hook points carries: 1 - m(the base's activations patched in at every "
+                             "point of the set) / m(tuned), held-out prompts, 95% bootstrap CI over prompts; no "
+                             "feature set at a hook point can carry more than its point does, except by overshooting")
         if "attribution change dictionaries" in tables:
             page.table(*tables["attribution change dictionaries"],
                        title="the nodes' dictionaries: SAEs of the change (tuned minus base), held-out prompts")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from irmprobe.analysis.verdict import sampling_text, seeds_hold
+from irmprobe.analysis.verdict import matched_text, sampling_text, seeds_hold
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -293,6 +293,9 @@ def attribution_section(a: dict) -> list[str]:
               "of that"
               + ("" if "features_all" not in c else f", every feature (errors at base) "
                  f"{_fmt(c['features_all']['value'], '+.2f')} {_interval(c['features_all']['ci'], '+.2f')}"),
+              *(["hook points considered (the base's activations patched in at every point of a set, same "
+                 "prompts): " + "; ".join(f"{h['label']} {_fmt(h['value'], '.2f')} {_interval(h['ci'], '.2f')}"
+                                          for h in a["hook_points"])] if a.get("hook_points") else []),
               f"{'':>6}{'every node (errors included)':^44}{'features only':^36}",
               f"{'k':>4} {'faithfulness':>13} {'completeness':>13} {'errors':>6} {'faithfulness':>15} "
               f"{'completeness':>13} {'random k-sets':>15}"]
@@ -322,7 +325,7 @@ def attribution_section(a: dict) -> list[str]:
             lines.append(f"  {'change seed' if seeds.get('dictionary', 'change') == 'change' else 'seed'} "
                          f"{c['seed']} (block seeds {', '.join(map(str, c['block_seeds']))}): {found}; "
                          f"every feature together {_fmt(c['features_all'], '+.2f')}; the hook points carry "
-                         f"{_fmt(c['bound'], '.2f')}")
+                         f"{_fmt(c['bound'], '.2f')}" + matched_text(c.get("matched")))
     lines.append("top nodes: " + ", ".join(f"{t['node']} {t['attribution']:+.3f}" for t in a["top"][:6]))
     for n in (a["named"] or a.get("top_features", []))[:10]:
         lines.append(f"  {n['node']:<12} {n['attribution']:+.3f}  " + " | ".join(n["contexts"][:2])[:100])

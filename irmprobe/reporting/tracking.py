@@ -125,7 +125,7 @@ def headline_scalars(metrics: dict) -> dict:
     Spearman (and, with seed checks, whether the named set holds across dictionary seeds), the depth profile's
     best R^2 at the captured blocks and first block reaching its target, the ablation's samples per prompt, and
     the known-null counts of the naming and causal rules."""
-    from irmprobe.analysis.verdict import null_calls, null_named, seeds_hold
+    from irmprobe.analysis.verdict import counterparts_hold, null_calls, null_named, seeds_hold
 
     out = {}
     for label in ("primary", "explanation"):
@@ -142,6 +142,8 @@ def headline_scalars(metrics: dict) -> dict:
         out["attribution/dictionary"] = attribution.get("dictionary", "activations")
         out["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
         out["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
+        for h in attribution.get("hook_points") or []:  # what each set of hook points carries (no dictionary)
+            out[f"attribution/hook_points/{h['label'].replace(' ', '_')}"] = h["value"]
         named = null_named(attribution)
         if named is not None:  # the naming rule's false calls on random feature sets (a known null)
             out["attribution/null_named"], out["attribution/null_sets_drawn"] = named["reached"], named["n"]
@@ -149,6 +151,7 @@ def headline_scalars(metrics: dict) -> dict:
         if seeds.get("checks"):  # does the named set hold across dictionaries of other seeds (the seeds stage)
             out["attribution/seed_checks"] = len(seeds["checks"])
             out["attribution/holds_across_seeds"] = seeds_hold(seeds)
+            out["attribution/counterparts_hold"] = counterparts_hold(seeds)
     depth = metrics.get("depth") or {}
     for reading in ("direct", "lens"):
         if reading in depth:  # from which block the residual stream's change holds enough of r_t
@@ -211,6 +214,11 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                             for r in attribution["curves"]["rows"]])
         out["attribution nodes"] = (["node", "attribution"], [[t["node"], t["attribution"]]
                                                               for t in attribution["top"]])
+        if attribution.get("hook_points"):
+            out["attribution hook points"] = (
+                ["hook points", "blocks", "share of the implicit reward", "ci_low", "ci_high"],
+                [[h["label"], " ".join(str(b) for _, b in h["points"]), h["value"], *h["ci"]]
+                 for h in attribution["hook_points"]])
         if attribution.get("dictionaries"):  # the nodes are features of dictionaries of the change
             cols = ["layer", "d_sae", "explained_variance", "l0", "dead_fraction", "change_norm_share"]
             out["attribution change dictionaries"] = (cols, [[d[c] for c in cols]

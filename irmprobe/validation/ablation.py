@@ -50,6 +50,7 @@ from irmprobe.activations.patching import (
 )
 from irmprobe.activations.samples import sample_continuations
 from irmprobe.analysis.verdict import null_family
+from irmprobe.validation.attribution import Node
 from irmprobe.validation.interpret import feature_location
 
 
@@ -287,9 +288,9 @@ def attributed_features(attribution: dict | None, top_k: int) -> tuple[str, dict
         label = f"{prefix}_top_{len(named)}"
     out: dict[int, list[int]] = {}
     for t in named:
-        layer, part = t["node"].split("/")
-        if part != "error":
-            out.setdefault(int(layer[1:]), []).append(int(part[1:]))
+        node = Node.parse(t["node"])
+        if not node.is_error:
+            out.setdefault(node.layer, []).append(node.index)
     return (label, {k: tuple(v) for k, v in out.items()}) if out else None
 
 
@@ -489,6 +490,15 @@ def gain_share_row(base, tuned, ablated, prompt_index, confidence: float = 0.95)
     return {"share": g.share, "ci": ci, "gain": g.gain, "removed": g.removed, "n_prompts": g.n_prompts}
 
 
+def adjusted_share(base, tuned, ablated, prompt_index, n_targeted: int) -> dict | None:
+    """A row's ``gain_share_adjusted``, what the causal rule (:func:`against_random`) reads: its share's interval
+    at the Bonferroni level ``1 - 0.05 / m`` over the ``m = n_targeted`` targeted sets; None where the tuned model
+    gained nothing."""
+    level = 1 - 0.05 / max(1, n_targeted)
+    row = gain_share_row(base, tuned, ablated, prompt_index, confidence=level)
+    return None if row is None else {"ci": row["ci"], "confidence": level, "n_tests": n_targeted}
+
+
 def shares_settled(base, tuned, randoms: list, prompt_index, half_width: float, *, seed: int = 0) -> dict:
     """The ablation's stopping rule: are the random sets' shares of the gain as precise as asked?
 
@@ -617,13 +627,10 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
 
     # The targeted sets are several tests at once: each also gets a Bonferroni interval (level 1 - 0.05 / m). The
     # random sets get one at the same level: each is judged by the same rule against the others (a known null).
-    level = 1 - 0.05 / max(1, len(targeted))
-
     def adjusted(name, rewards):
         if (name not in targeted and not name.startswith("random_")) or not gain_test["positive"]:
             return None
-        row = gain_share_row(base_r, clean, rewards, clean_run.prompt_index, confidence=level)
-        return None if row is None else {"ci": row["ci"], "confidence": level, "n_tests": len(targeted)}
+        return adjusted_share(base_r, clean, rewards, clean_run.prompt_index, len(targeted))
 
     rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
              "gain_share": share(clean), "gain_test": gain_test, "sampling": sampling, "example": clean_run.texts[0],

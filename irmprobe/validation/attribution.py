@@ -64,6 +64,15 @@ class Node:
     def is_error(self) -> bool:
         return self.index == ERROR
 
+    @classmethod
+    def parse(cls, name: str) -> "Node":
+        """The node named ``name`` (:attr:`name`: ``L<layer>/f<index>`` or ``L<layer>/error``)."""
+        layer, _, part = name.partition("/")
+        feature = part[:1] == "f" and part[1:].isdigit()
+        if not (layer[:1] == "L" and layer[1:].isdigit() and (part == "error" or feature)):
+            raise ValueError(f"not a node name: {name!r} (expected L<layer>/f<index> or L<layer>/error)")
+        return cls(int(layer[1:]), ERROR if part == "error" else int(part[1:]))
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -88,6 +97,56 @@ class Batch:
     dictionary of the change, zero (absent) for a dictionary of the activations."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Sequences batched for the metric ``m``: per batch ``(tokens, targets, weights, prompt)`` as in
+    :class:`Batch`; ``prompt``: each sequence's prompt (index into ``prompts``, the labels); ``used``: the prompts
+    with continuations of both models (those ``m`` is measured on)."""
+
+    batches: list
+    prompt: np.ndarray
+    prompts: np.ndarray
+    used: np.ndarray
+    device: torch.device
+
+
+def layout(sequences, prompt_lens, prompt, source, *, batch_size: int, pad_id: int, device) -> Layout:
+    """Batch the sequences of prompts with continuations of both models, each weighted so that a prompt's
+    weighted sum of implicit rewards is ``mean over its tuned continuations - mean over its base ones``.
+
+    Raises:
+        ValueError: arrays of different lengths, a source other than base/tuned, or no prompt with both."""
+    n = len(sequences)
+    if not (len(prompt_lens) == len(prompt) == len(source) == n) or n == 0:
+        raise ValueError("sequences, prompt_lens, prompt and source must be non-empty and of one length")
+    source = np.asarray(source)
+    if not set(source.tolist()) <= {"base", "tuned"}:
+        raise ValueError("source must hold 'base' or 'tuned' per sequence")
+    labels, index = np.unique(np.asarray(prompt), return_inverse=True)
+    both = [p for p in range(len(labels)) if {"base", "tuned"} <= set(source[index == p].tolist())]
+    if not both:
+        raise ValueError("no prompt has continuations of both models: the metric compares the two")
+    keep = np.isin(index, both)
+    counts = {(p, s): int(np.sum((index == p) & (source == s))) for p in both for s in ("base", "tuned")}
+    weight = np.array([(1.0 if s == "tuned" else -1.0) / counts[p, s] if k else 0.0
+                       for p, s, k in zip(index, source, keep)])
+    order = [i for i in range(n) if keep[i]]
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(sequences[i]) for i in idx)
+        tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        targets = torch.zeros((len(idx), max(width - 1, 1)), dtype=torch.bool)
+        for row, i in enumerate(idx):
+            seq = list(sequences[i])
+            tokens[row, : len(seq)] = torch.tensor(seq)
+            # Position t-1 predicts token t; continuation tokens are t >= prompt_len.
+            targets[row, max(int(prompt_lens[i]) - 1, 0) : len(seq) - 1] = True
+        batches.append((tokens.to(device), targets[:, : width - 1].to(device),
+                        torch.tensor(weight[idx], dtype=torch.float32, device=device), index[idx]))
+    return Layout(batches, index, labels, np.array(both), device)
+
+
 class ImplicitReward:
     """The metric ``m`` per prompt on a fixed set of sequences, under any setting of the nodes.
 
@@ -110,43 +169,15 @@ class ImplicitReward:
             raise ValueError(f"kind must be one of {', '.join(HOOK_KINDS.values())}, got {kind!r}")
         if not saes:
             raise ValueError("no SAEs: attribution needs the tuned model's SAE at one hook point at least")
-        n = len(sequences)
-        if not (len(prompt_lens) == len(prompt) == len(source) == n) or n == 0:
-            raise ValueError("sequences, prompt_lens, prompt and source must be non-empty and of one length")
-        source = np.asarray(source)
-        if not set(source.tolist()) <= {"base", "tuned"}:
-            raise ValueError("source must hold 'base' or 'tuned' per sequence")
-        labels, self.prompt = np.unique(np.asarray(prompt), return_inverse=True)
-        self.prompts = labels
-        both = [p for p in range(len(labels)) if {"base", "tuned"} <= set(source[self.prompt == p].tolist())]
-        if not both:
-            raise ValueError("no prompt has continuations of both models: the metric compares the two")
-        keep = np.isin(self.prompt, both)
+        lay = layout(sequences, prompt_lens, prompt, source, batch_size=batch_size, pad_id=pad_id,
+                     device=next(tuned.parameters()).device)
         self.base, self.tuned, self.saes, self.kind, self.change = base, tuned, saes, kind, change
         self.points = [(kind, layer) for layer in sorted(saes)]
         self.layers = sorted(saes)
-        counts = {(p, s): int(np.sum((self.prompt == p) & (source == s))) for p in both for s in ("base", "tuned")}
-        weight = np.array([(1.0 if s == "tuned" else -1.0) / counts[p, s] if k else 0.0
-                           for p, s, k in zip(self.prompt, source, keep)])
-        self.n_prompts = len(labels)
-        self.used = np.array(both)
-        device = next(tuned.parameters()).device
-        self.device = device
-        order = [i for i in range(n) if keep[i]]
-        self.batches: list[Batch] = []
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            width = max(len(sequences[i]) for i in idx)
-            tokens = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            targets = torch.zeros((len(idx), max(width - 1, 1)), dtype=torch.bool)
-            for row, i in enumerate(idx):
-                seq = list(sequences[i])
-                tokens[row, : len(seq)] = torch.tensor(seq)
-                # Position t-1 predicts token t; continuation tokens are t >= prompt_len.
-                targets[row, max(int(prompt_lens[i]) - 1, 0) : len(seq) - 1] = True
-            self.batches.append(self._capture(tokens.to(device), targets.to(device),
-                                              torch.tensor(weight[idx], dtype=torch.float32, device=device),
-                                              self.prompt[idx]))
+        self.prompt, self.prompts, self.used = lay.prompt, lay.prompts, lay.used
+        self.n_prompts = len(lay.prompts)
+        self.device = lay.device
+        self.batches: list[Batch] = [self._capture(*b) for b in lay.batches]
 
     @torch.no_grad()
     def _capture(self, tokens, targets, weights, prompt) -> Batch:
@@ -172,7 +203,7 @@ class ImplicitReward:
                 feats = self.saes[layer].encode(x)
                 f[layer, model_name] = feats
                 e[layer, model_name] = x - self.saes[layer].decode(feats)
-        return Batch(tokens, targets[:, : tokens.shape[1] - 1], logp_base, weights, prompt, f, e, anchor)
+        return Batch(tokens, targets, logp_base, weights, prompt, f, e, anchor)
 
     def _run(self, batch: Batch, f: dict, e: dict) -> torch.Tensor:
         """Per-sequence weighted implicit reward with each hook point replaced by ``decode(f) + e``."""
@@ -312,6 +343,57 @@ def _share(values: np.ndarray, empty: np.ndarray, full: np.ndarray, seed: int) -
     return {"value": point, "ci": ratio_ci(values - empty, denom, seed=seed)}
 
 
+@torch.no_grad()
+def hook_point_bounds(base, tuned, sequences, prompt_lens, prompt, source, point_sets: dict[str, list], *,
+                      batch_size: int = 16, pad_id: int = 0, seed: int = 0) -> list[dict]:
+    """The share of the implicit reward each set of hook points carries, with no dictionary: ``1 - m(the base's
+    activations patched in at every point of the set) / m(tuned)``. At the points where the SAEs sit this is
+    :func:`attribution_curves`' ``bound`` (every node at its base value is the base's activation, exactly); at
+    others it says how much any dictionary there could carry, as a bound on a set of its features' share of ``m``.
+
+    Args:
+        point_sets: a label -> the (hook kind, block) points patched together (kinds of :data:`HOOK_KINDS`).
+
+    Returns:
+        One dict per set, in order: ``label``, ``points``, ``value`` and its 95% bootstrap ``ci`` over prompts
+        (:func:`ratio_ci`; None where ``m(tuned)`` is not positive).
+    """
+    for label, points in point_sets.items():
+        if not points:
+            raise ValueError(f"hook_point_bounds: the set {label!r} has no hook point")
+        for kind, _ in points:
+            if kind not in HOOK_KINDS.values():
+                raise ValueError(f"hook_point_bounds: unknown hook kind {kind!r} in {label!r}: expected one of "
+                                 f"{', '.join(HOOK_KINDS.values())}")
+    lay = layout(sequences, prompt_lens, prompt, source, batch_size=batch_size, pad_id=pad_id,
+                 device=next(tuned.parameters()).device)
+    every = sorted({tuple(p) for points in point_sets.values() for p in points})
+    full = np.zeros(len(lay.prompts))
+    patched = {label: np.zeros(len(lay.prompts)) for label in point_sets}
+    for tokens, targets, weights, prompt_of in lay.batches:
+        acts: dict = {}
+        with output_hooks(base, every, lambda point, act: acts.__setitem__(point, act.detach())):
+            logp_base = _next_logp(base(input_ids=tokens, use_cache=False).logits, tokens)
+
+        def reward(logits):
+            r = ((_next_logp(logits, tokens) - logp_base) * targets).sum(-1) * weights
+            return r.double().cpu().numpy()
+
+        np.add.at(full, prompt_of, reward(tuned(input_ids=tokens, use_cache=False).logits))
+        for label, points in point_sets.items():
+            with output_hooks(tuned, [tuple(p) for p in points], lambda point, act: acts[point].to(act.dtype)):
+                np.add.at(patched[label], prompt_of, reward(tuned(input_ids=tokens, use_cache=False).logits))
+    full = full[lay.used]
+    out = []
+    for label, points in point_sets.items():
+        p = patched[label][lay.used]
+        total = float(full.mean())
+        out.append({"label": label, "points": [[k, int(b)] for k, b in points],
+                    "value": float((full - p).mean() / total) if total > 0 else None,
+                    "ci": ratio_ci(full - p, full, seed=seed)})
+    return out
+
+
 def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]], k_grid, *, n_random: int,
                        candidates: list[Node], seed: int, echo=None) -> dict:
     """Faithfulness and completeness of the top-k nodes of ``ranked`` for k in ``k_grid``, on ``metric``'s
@@ -360,6 +442,50 @@ def attribution_curves(metric: ImplicitReward, ranked: list[tuple[Node, float]],
             "bound": {"value": bound, "ci": ratio_ci(full - empty, full, seed=seed)},
             "errors_only": _share(errors_only, empty, full, seed),
             "features_all": _share(features_all, empty, full, seed), "rows": rows, "feature_rows": feature_rows}
+
+
+MATCH_COSINE = 0.7
+"""The decoder cosine at or above which a feature's counterpart in another dictionary is counted as the same
+feature (a descriptive count; whether the counterparts carry the reward is measured, not assumed)."""
+
+
+def counterparts(nodes: list[Node], saes: dict, others: dict) -> list[dict]:
+    """Each feature node's counterpart in other dictionaries at the same hook points: the feature of
+    ``others[layer]`` whose decoder direction is closest in cosine to the node's (the matching that
+    feature-universality studies use across SAEs trained with other seeds). Error nodes have none and are left
+    out. Two nodes may share a counterpart.
+
+    Returns:
+        Per feature node: ``{"node", "counterpart" (a node name), "cosine"}``.
+
+    Raises:
+        ValueError: a node's layer has no dictionary in ``saes`` or ``others``, or their widths of input differ.
+    """
+    out = []
+    for node in nodes:
+        if node.is_error:
+            continue
+        if node.layer not in saes or node.layer not in others:
+            raise ValueError(f"counterparts: no dictionary at block {node.layer} in both sets of dictionaries")
+        w = saes[node.layer].W_dec.detach()[node.index].double()
+        W = others[node.layer].W_dec.detach().double()
+        if W.shape[1] != w.shape[0]:
+            raise ValueError(f"counterparts: the dictionaries at block {node.layer} read inputs of width "
+                             f"{w.shape[0]} and {W.shape[1]}")
+        cos = (W @ w) / (W.norm(dim=1) * w.norm()).clamp_min(1e-12)
+        j = int(torch.argmax(cos))
+        out.append({"node": node.name, "counterpart": Node(node.layer, j).name, "cosine": float(cos[j])})
+    return out
+
+
+def set_shares(metric: ImplicitReward, nodes: list[Node], *, seed: int = 0) -> dict:
+    """Faithfulness and completeness of one set of feature nodes with every error at its base value (the
+    features-only curve's setting), each with its bootstrap CI over ``metric``'s prompts."""
+    full = metric.evaluate(None)
+    empty = metric.evaluate(lambda layer, part: False)
+    return {"faithfulness": _share(metric.evaluate(node_setter(nodes, metric.saes)), empty, full, seed),
+            "completeness": _share(metric.evaluate(node_setter(nodes, metric.saes, complement=True)), empty, full,
+                                   seed)}
 
 
 def exact_check(metric: ImplicitReward, ranked: list[tuple[Node, float]], n: int) -> dict:

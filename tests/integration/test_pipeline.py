@@ -89,6 +89,13 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
                                                      rel=0.25, abs=0.05)
     assert any("what carries the implicit reward" in line for line in lines)
     assert any("of what the hook points carry" in line for line in m["verdict"])
+    # Every hook point considered, on the same held-out prompts: the run's own is the curves' bound.
+    points = {h["label"]: h for h in a["hook_points"]}
+    assert list(points) == ["mlp_out at the chosen blocks", "resid_post at the chosen blocks", "mlp_out at every block"]
+    assert points["mlp_out at the chosen blocks"]["value"] == pytest.approx(a["curves"]["bound"]["value"], abs=1e-3)
+    assert len(points["mlp_out at every block"]["points"]) == len(m["layers"]["per_block"])
+    assert any("the other hook points considered" in line for line in m["verdict"])
+    assert any(line.startswith("hook points considered") for line in lines)
     assert m["kl"]["n_sequences"] == 12 * 4
     assert any(line.startswith("primary comparison") for line in m["verdict"])
     assert m["primary"]["view"] == "full_vocab_log_ratio" and len(m["primary"]["control_taus"]) == 2
@@ -293,6 +300,14 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
                                                                                 a["layers"]]
     assert [c["block_seeds"] for c in s["checks"]] == [[seed + 100 for seed in s["primary"]["block_seeds"]]]
     assert s["primary"]["smallest_k_features"] == a["smallest_k_features"]
+    # A named set's features are matched to the check's dictionaries (closest decoder direction), and what their
+    # counterparts carry is measured on the same held-out prompts.
+    matched = s["checks"][0].get("matched")
+    assert (matched is not None) == bool(a["named"])
+    if matched:
+        assert [f["node"] for f in matched["features"]] == [n["node"] for n in a["named"]]
+        assert all(-1.0 <= f["cosine"] <= 1.0 + 1e-6 for f in matched["features"])
+        assert matched["faithfulness"]["value"] is not None
     line = next(v for v in checked.metrics.verdict if "(dictionaries of the change)" in v)
     assert "change seed 100: " in line
     # Resumable: a run interrupted after a check redoes only the checks not written (here a marked one is reused).
@@ -332,6 +347,7 @@ def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path,
         assert f'alt="{name}" src="data:image/png;base64,' in page, name
     for name in ("view_taus", "irm_vs_rm", "ablation_shares", "layer_effects", "attribution_curves"):
         assert f'id="plot-{name}"' in page, name
+    assert "what each set of hook points carries" in page and "resid_post at the chosen blocks" in page
     assert page.index('class="verdict') < page.index('id="contents"') < page.index('id="texts"')
     # Nothing in the page's markup loads from outside the file (the browser check watches the scripts' requests).
     markup = re.sub(r"<script.*?</script>", "", page, flags=re.S)

@@ -19,6 +19,7 @@ from irmprobe.validation.attribution import (
     Node,
     attribution_curves,
     exact_check,
+    hook_point_bounds,
     node_setter,
     ranked_nodes,
     smallest_faithful,
@@ -69,7 +70,14 @@ def _planted(planted_llama, features, error=None, seed=0, enc_scale=30.0, block=
 
 
 def _metric(tok, base, tuned, sae, ids, n_prompts=12, seed=0, change=False):
-    """Sequences whose tuned continuations use the planted words and base continuations do not."""
+    """The metric on :func:`_sequences`."""
+    return ImplicitReward(base.eval(), tuned.eval(), {L: sae}, "mlp_out", *_sequences(tok, ids, n_prompts, seed),
+                          batch_size=8, change=change)
+
+
+def _sequences(tok, ids, n_prompts=12, seed=0):
+    """Sequences whose tuned continuations use the planted words and base continuations do not:
+    (sequences, prompt lengths, prompts, sources)."""
     rng = np.random.default_rng(seed)
     vocab = len(tok)
     others = np.setdiff1d(np.arange(1, vocab), ids)
@@ -83,8 +91,7 @@ def _metric(tok, base, tuned, sae, ids, n_prompts=12, seed=0, change=False):
             lens.append(len(head))
             prompt.append(p)
             source.append(s)
-    return ImplicitReward(base.eval(), tuned.eval(), {L: sae}, "mlp_out", seqs, lens, prompt, source, batch_size=8,
-                          change=change)
+    return seqs, lens, prompt, source
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +297,71 @@ def test_setting_every_node_tuned_is_the_tuned_model_and_none_tuned_is_the_patch
     assert not setter(L, "features")[3] and setter(L, "features").sum() == D_SAE - 1
 
 
+def test_each_hook_point_carries_what_patching_the_base_in_there_removes(single):
+    """The tuning changed block L's MLP only: its output (or the residual stream after it) carries all of the
+    implicit reward, any point upstream none; at the SAE's point the bound equals the attribution curves'."""
+    tok, base, tuned, sae, ids = single["parts"]
+    sets = {"mlp_out L": [("mlp_out", L)], "mlp_out 0": [("mlp_out", 0)], "resid_post L": [("resid_post", L)],
+            "resid_post before L": [("resid_post", L - 1)], "both upstream": [("mlp_out", 0), ("resid_post", L - 1)],
+            "mlp_out at every block": [("mlp_out", b) for b in range(4)]}
+    bounds = hook_point_bounds(base, tuned, *_sequences(tok, ids), sets, batch_size=8)
+    by = {b["label"]: b for b in bounds}
+    assert [b["label"] for b in bounds] == list(sets)
+    assert by["resid_post L"]["value"] == pytest.approx(1.0, abs=1e-5)  # downstream of L the models are one
+    assert by["mlp_out at every block"]["value"] == pytest.approx(1.0, abs=1e-5)
+    for label in ("mlp_out 0", "resid_post before L", "both upstream"):
+        assert abs(by[label]["value"]) < 1e-5  # upstream of the change the two activations are equal
+    assert by["both upstream"]["points"] == [["mlp_out", 0], ["resid_post", L - 1]]
+    # The attribution's own bound (every node at its base value) is the base's activation patched in.
+    curves = attribution_curves(single["metric"], [], [], n_random=0, candidates=[], seed=0)
+    assert by["mlp_out L"]["value"] == pytest.approx(curves["bound"]["value"], abs=1e-4)
+    assert by["mlp_out L"]["ci"] == pytest.approx(curves["bound"]["ci"], abs=1e-3)
+    # A second change upstream (block 1's MLP writes u too): block L's output now carries a part only, the same
+    # part the attribution measures with its SAE there, and the residual stream after L still carries it all.
+    twice = copy.deepcopy(tuned)
+    with torch.no_grad():
+        twice.model.layers[1].mlp.down_proj.bias += 0.03 * planted_u(base, ids)
+    bounds = hook_point_bounds(base, twice, *_sequences(tok, ids), sets, batch_size=8)
+    by = {b["label"]: b for b in bounds}
+    curves = attribution_curves(_metric(tok, base, twice, sae, ids), [], [], n_random=0, candidates=[], seed=0)
+    assert 0.1 < by["mlp_out L"]["value"] < 0.9
+    assert by["mlp_out L"]["value"] == pytest.approx(curves["bound"]["value"], abs=1e-4)
+    assert by["resid_post L"]["value"] == pytest.approx(1.0, abs=1e-5)
+    assert by["resid_post before L"]["value"] > 0.1  # block 1's change passes through it
+    with pytest.raises(ValueError, match="unknown hook kind 'attn_out' in 'a'"):
+        hook_point_bounds(base, tuned, *_sequences(tok, ids), {"a": [("attn_out", 1)]})
+    with pytest.raises(ValueError, match="the set 'b' has no hook point"):
+        hook_point_bounds(base, tuned, *_sequences(tok, ids), {"b": []})
+
+
+def planted_u(model, ids) -> torch.Tensor:
+    """The unit direction the planted words' unembedding rows share (their mean row, normalised)."""
+    u = model.lm_head.weight[ids].mean(0)
+    return u / u.norm()
+
+
+def test_the_verdict_line_names_the_other_hook_points_considered():
+    from irmprobe.analysis.verdict import attribution_line
+
+    curves = {"bound": {"value": 0.32, "ci": [0.26, 0.36]}, "errors_only": {"value": 0.74, "ci": [0.7, 0.78]},
+              "rows": [_curve_row(1, 0.3, 1)], "feature_rows": [_curve_row(1, 0.01)]}
+    result = {"kind": "mlp_out", "layers": [20, 22], "threshold": 0.6, "curves": curves, "smallest_k": None,
+              "smallest_k_features": None}
+    assert "considered" not in attribution_line(result)  # a result cached before the hook points were measured
+    result["hook_points"] = [
+        {"label": "mlp_out at the chosen blocks", "points": [["mlp_out", 20], ["mlp_out", 22]], "value": 0.32,
+         "ci": [0.26, 0.36]},
+        {"label": "resid_post at the chosen blocks", "points": [["resid_post", 20], ["resid_post", 22]],
+         "value": 0.83, "ci": [0.8, 0.86]},
+        {"label": "mlp_out at every block", "points": [["mlp_out", b] for b in range(30)], "value": 0.41,
+         "ci": [0.35, 0.47]}]
+    line = attribution_line(result)
+    assert ("error terms alone 74% of that; the other hook points considered (each set patched together, same "
+            "prompts) carry: resid_post at the chosen blocks 83% [0.80, 0.86], mlp_out at every block 41% "
+            "[0.35, 0.47]") in line
+    assert "mlp_out at the chosen blocks" not in line  # the run's own hook points are the bound already given
+
+
 def test_integrated_gradients_agree_with_exact_patching(planted_llama):
     """Graded effects: five planted features (one against the reward) and a planted error direction."""
     tok, base, tuned, sae, ids, idx = _planted(planted_llama, [(2.0, 0.03), (1.0, 0.03), (0.5, 0.03), (0.25, 0.03),
@@ -479,3 +551,77 @@ def test_a_named_set_holds_across_dictionary_seeds_only_when_every_seed_has_one(
 
     head = headline_scalars({"attribution": result | {"seed_checks": seeds, "exact": {"spearman": None}}})
     assert head["attribution/seed_checks"] == 2 and head["attribution/holds_across_seeds"] is False
+
+
+def test_a_named_set_holds_only_if_its_features_counterparts_carry_it_at_every_seed():
+    """Same size is not same features: a seed whose smallest set is as small, but whose counterparts of the named
+    features (closest decoder directions) carry less than the threshold, breaks "holds"."""
+    from irmprobe.analysis.verdict import counterparts_hold, seeds_hold, seeds_text
+    from irmprobe.pipeline.stages.seeds import seed_check
+    from irmprobe.reporting.tracking import headline_scalars
+
+    primary = _seed_result([1, 3], [0.2, 0.7, 0.9])
+
+    def matched(faith, cosines):
+        return {"features": [{"node": f"L1/f{i}", "counterpart": f"L1/f{i + 5}", "cosine": c}
+                             for i, c in enumerate(cosines)], "n_distinct": len(cosines), "match_cosine": 0.7,
+                "faithfulness": {"value": faith, "ci": [faith - 0.1, faith + 0.1]},
+                "completeness": {"value": 1 - faith, "ci": [0.0, 1.0]}}
+
+    same = _seed_result([101, 103], [0.1, 0.65, 0.9]) | {"matched": matched(0.3, [0.95, 0.4] + [0.5] * 8)}
+    check = seed_check(same, 100)
+    assert check["matched"]["faithfulness"]["value"] == 0.3  # the stage keeps what the attribution measured
+    one = {"primary": seed_check(primary, 0), "max_k": 100, "threshold": 0.6, "dictionary": "change",
+           "checks": [check]}
+    assert counterparts_hold(one) is False and seeds_hold(one) is False  # 10 features, but other ones
+    text = seeds_text(one)
+    assert "(at most 10 features to hold, and its features' counterparts reaching 60%)" in text
+    assert ("change seed 100: 10 features (faithfulness 0.65, completeness 0.35); the named features' counterparts "
+            "(closest decoder direction: 1 of 10 at cosine >= 0.7, median 0.50) carry 0.30") in text
+    good = one | {"checks": [check | {"matched": matched(0.75, [0.9] * 10)}]}
+    assert counterparts_hold(good) is True and seeds_hold(good) is True
+    # A check from before the counterparts were measured: the size alone decides, as it did.
+    old = one | {"checks": [{k: v for k, v in check.items() if k != "matched"}]}
+    assert counterparts_hold(old) is None and seeds_hold(old) is True
+    result = primary | {"seed_checks": one, "exact": {"spearman": None}}
+    result["curves"] = primary["curves"] | {"errors_only": {"value": 0.1, "ci": [0.0, 0.2]}}
+    assert headline_scalars({"attribution": result})["attribution/counterparts_hold"] is False
+
+
+def test_counterparts_are_found_by_decoder_direction_and_carry_what_the_named_feature_did(single):
+    """Another dictionary holding the planted feature at another index (and every other feature shuffled) gives it
+    as the counterpart, with cosine 1, carrying what the named feature carried; a dictionary without the planted
+    direction gives a poor counterpart that carries nothing."""
+    from irmprobe.validation.attribution import MATCH_COSINE, counterparts, set_shares
+
+    tok, base, tuned, sae, ids = single["parts"]
+    j = single["j"]
+    perm = torch.randperm(D_SAE, generator=torch.Generator().manual_seed(5))
+    shuffled = copy.deepcopy(sae)
+    with torch.no_grad():
+        shuffled.W_dec.copy_(sae.W_dec[perm])
+        shuffled.W_enc.copy_(sae.W_enc[:, perm])
+        shuffled.b_enc.copy_(sae.b_enc[perm])
+    where = int(torch.nonzero(perm == j)[0])  # the planted feature's index in the shuffled dictionary
+    assert where != j
+    match = counterparts([Node(L, j), Node(L, ERROR)], {L: sae}, {L: shuffled})
+    assert match == [{"node": f"L{L}/f{j}", "counterpart": f"L{L}/f{where}", "cosine": pytest.approx(1.0)}]
+    other = _metric(tok, base, tuned, shuffled, ids)
+    shares = set_shares(other, [Node.parse(match[0]["counterpart"])])
+    assert shares["faithfulness"]["value"] >= 0.9 and shares["completeness"]["value"] <= 0.1
+    own = set_shares(single["metric"], [Node(L, j)])
+    assert shares["faithfulness"]["value"] == pytest.approx(own["faithfulness"]["value"], abs=1e-3)
+    # Without the planted direction (its decoder and encoder replaced by another feature's), no feature matches it.
+    blind = copy.deepcopy(sae)
+    with torch.no_grad():
+        blind.W_dec[j] = sae.W_dec[(j + 7) % D_SAE]
+        blind.W_enc[:, j] = sae.W_enc[:, (j + 7) % D_SAE]
+    poor = counterparts([Node(L, j)], {L: sae}, {L: blind})[0]
+    assert poor["cosine"] < MATCH_COSINE
+    assert set_shares(_metric(tok, base, tuned, blind, ids),
+                      [Node.parse(poor["counterpart"])])["faithfulness"]["value"] < 0.1
+    with pytest.raises(ValueError, match="no dictionary at block 3 in both"):
+        counterparts([Node(3, 0)], {L: sae}, {L: shuffled})
+    assert Node.parse("L12/f7") == Node(12, 7) and Node.parse("L3/error") == Node(3, ERROR)
+    with pytest.raises(ValueError, match="not a node name: 'L3/x7'"):
+        Node.parse("L3/x7")

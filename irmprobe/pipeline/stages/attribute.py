@@ -78,22 +78,42 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
     return saes, rows
 
 
+def hook_point_sets(layers, n_layers: int) -> dict[str, list[tuple[str, int]]]:
+    """The hook points the attribution considers, each set patched together: every kind a dictionary can be
+    spliced at (:data:`irmprobe.validation.attribution.HOOK_KINDS`) at the chosen blocks, and the MLP outputs of
+    every block (how much of the implicit reward passes through any MLP output at all)."""
+    from irmprobe.validation.attribution import HOOK_KINDS
+
+    sets = {f"{kind} at the chosen blocks": [(kind, int(b)) for b in layers] for kind in HOOK_KINDS.values()}
+    sets["mlp_out at every block"] = [("mlp_out", b) for b in range(n_layers)]
+    return sets
+
+
 def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print,
-              change: bool = False, dictionaries: list[dict] | None = None) -> dict:
+              change: bool = False, dictionaries: list[dict] | None = None, hook_points: bool = True,
+              match: list[dict] | None = None) -> dict:
     """Rank nodes on one half of the prompts, check the top ones by exact patching, and measure the curves on
     the other half; name the smallest set reaching ``ac.threshold`` faithfulness (with its top contexts).
 
     ``saes``: ``layer -> SAE`` whose features are the nodes; ``change``: they are dictionaries of the change
-    (see :class:`irmprobe.validation.attribution.ImplicitReward`), described by ``dictionaries``."""
+    (see :class:`irmprobe.validation.attribution.ImplicitReward`), described by ``dictionaries``.
+    ``hook_points``: also measure, on the same held-out half, the share of the implicit reward each set of
+    :func:`hook_point_sets` carries (no dictionary needed: it does not depend on ``saes``). ``match``: another
+    set of dictionaries' named features with their counterparts in ``saes``
+    (:func:`irmprobe.validation.attribution.counterparts`): the counterparts' faithfulness and completeness are
+    measured too (``matched``)."""
     from irmprobe.activations.patching import plain_models
     from irmprobe.activations.samples import prompt_halves
     from irmprobe.validation.attribution import (
         HOOK_KINDS,
+        MATCH_COSINE,
         ImplicitReward,
         Node,
         attribution_curves,
         exact_check,
+        hook_point_bounds,
         ranked_nodes,
+        set_shares,
         smallest_faithful,
     )
 
@@ -105,11 +125,14 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     rank_half, eval_half = prompt_halves(samples, ac.n_prompts, seed)
     pad = pair.tokenizer.pad_token_id or 0
 
-    def metric(half):
+    def sequences(half):
         seqs = np.flatnonzero(np.isin(samples.prompt_index, half))
-        return ImplicitReward(base, tuned, saes, kind, [samples.token_ids[i] for i in seqs],
-                              samples.prompt_lens[seqs], samples.prompt_index[seqs], samples.source[seqs],
-                              batch_size=ac.batch_size, pad_id=pad, change=change)
+        return ([samples.token_ids[i] for i in seqs], samples.prompt_lens[seqs], samples.prompt_index[seqs],
+                samples.source[seqs])
+
+    def metric(half):
+        return ImplicitReward(base, tuned, saes, kind, *sequences(half), batch_size=ac.batch_size, pad_id=pad,
+                              change=change)
 
     echo(f"attribute: {len(layers)} hook point(s) ({kind} at blocks {', '.join(map(str, layers))}), dictionaries "
          f"of the {'change' if change else 'activations'}; ranking on "
@@ -121,8 +144,21 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     check = exact_check(ranking, ranked, ac.n_exact)
     del ranking
     candidates = [node for node, _ in ranked if not node.is_error]
-    curves = attribution_curves(metric(eval_half), ranked, ac.k_grid, n_random=ac.n_random, candidates=candidates,
+    evaluation = metric(eval_half)
+    curves = attribution_curves(evaluation, ranked, ac.k_grid, n_random=ac.n_random, candidates=candidates,
                                 seed=seed)
+    matched = None
+    if match is not None:  # another seed's counterparts of a named set, measured on the same held-out half
+        nodes = sorted({Node.parse(c["counterpart"]) for c in match}, key=lambda n: (n.layer, n.index))
+        matched = {"features": match, "n_distinct": len(nodes), "match_cosine": MATCH_COSINE,
+                   **set_shares(evaluation, nodes, seed=seed)}
+    del evaluation
+    bounds = None
+    if hook_points:
+        echo("attribute: the share of the implicit reward each set of hook points carries (patched together)")
+        bounds = hook_point_bounds(base, tuned, *sequences(eval_half),
+                                   hook_point_sets(layers, int(tuned.config.num_hidden_layers)),
+                                   batch_size=ac.batch_size, pad_id=pad, seed=seed)
     k = smallest_faithful(curves, ac.threshold)
     k_features = smallest_faithful(curves, ac.threshold, "feature_rows")
     streams = list(samples.token_ids)
@@ -157,7 +193,9 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
                       "ig_sum": float(sum(v for _, v in ranked)),
                       "n_nodes": len(ranked), "n_positive": len(positive)},
         "top": [{"node": node.name, "attribution": value} for node, value in ranked[:50]],
-        "exact": check, "curves": curves, "smallest_k": k, "smallest_k_features": k_features, "named": named,
+        "exact": check, "curves": curves, **({"hook_points": bounds} if bounds is not None else {}),
+        **({"matched": matched} if matched is not None else {}),
+        "smallest_k": k, "smallest_k_features": k_features, "named": named,
         "top_features": [{"node": node.name, "attribution": value,
                           "contexts": contexts(node)} for node, value in features[:5]],
         "errors_in_top_20": sum(node.is_error for node, _ in ranked[:20]),
@@ -169,7 +207,7 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
 class AttributeStage(Stage):
     """Attribution of the implicit reward to SAE features and error terms at the captured hook points."""
 
-    name, version = "attribute", 3
+    name, version = "attribute", 4  # 4: the share of the implicit reward each set of hook points carries
     reads = ("attribute", "capture.hook", "seed", "sae")
     needs = ("organism", "samples", "layers", "capture", "saes")
 

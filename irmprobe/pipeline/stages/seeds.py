@@ -43,7 +43,9 @@ def activation_dictionaries(cfg, capture, samples, layers, *, capture_key: str, 
 def seed_check(result: dict, seed: int) -> dict:
     """What one other seed's attribution says (:func:`irmprobe.pipeline.stages.attribute.attribute`'s ``result``):
     its smallest faithful set of features, the faithfulness and completeness there, its best set, every feature
-    together, and what the hook points carry."""
+    together, what the hook points carry and, where the run named a set, its features' counterparts in this
+    seed's dictionaries (``matched``: each named feature's closest decoder direction, and what they carry
+    together)."""
     curves = result["curves"]
     rows = [r for r in curves.get("feature_rows", []) if r["faithfulness"]["value"] is not None]
     k = result.get("smallest_k_features")
@@ -57,6 +59,7 @@ def seed_check(result: dict, seed: int) -> dict:
             "best": None if best is None else {"k": best["k"], "faithfulness": best["faithfulness"]["value"]},
             "features_all": (curves.get("features_all") or {}).get("value"),
             "bound": curves["bound"]["value"], "named": [n["node"] for n in result.get("named") or []],
+            **({"matched": result["matched"]} if "matched" in result else {}),
             "seconds": result.get("seconds")}
 
 
@@ -64,11 +67,13 @@ class SeedsStage(Stage):
     """Redo the attribution with ``seeds.checks`` more sets of its dictionaries (other seeds). Resumable: each
     check's summary is written as it ends, and an interrupted run redoes only the checks not written."""
 
-    name, version, resumable = "seeds", 1, True
+    name, version, resumable = "seeds", 2, True  # 2: the named features' counterparts in each seed's dictionaries
     reads = ("seeds", "attribute", "capture.hook", "seed", "sae")
     needs = ("organism", "samples", "layers", "capture", "attribute")
 
     def run(self, cfg, ctx, inputs, out):
+        from irmprobe.validation.attribution import Node, counterparts
+
         ac, primary = cfg.attribute, inputs["attribute"]
         if not cfg.seeds.checks:
             result = {"skipped": "seeds.checks is 0"}
@@ -80,6 +85,13 @@ class SeedsStage(Stage):
             change = ac.dictionary == "change"
             first = cfg.seed if not change or ac.change_seed is None else ac.change_seed
             kw = dict(capture_key=ctx.input_keys["capture"], device=ctx.runtime.device, force=ctx.forced)
+            named = [Node.parse(n["node"]) for n in primary.get("named") or []]
+            # The run's own dictionaries (from the cache, never retrained: the attribute stage's), whose named
+            # features are matched to each check's by decoder cosine.
+            cached = kw | {"force": False}
+            own = ((change_dictionaries(cfg, capture, samples, layers, change_seed=first, **cached)[0] if change
+                    else activation_dictionaries(cfg, capture, samples, layers, seed=cfg.seed, **cached)[0])
+                   if named else None)
             checks = []
             for i in range(1, cfg.seeds.checks + 1):
                 seed = first + SEED_STEP * i
@@ -93,7 +105,9 @@ class SeedsStage(Stage):
                 saes, rows = (change_dictionaries(cfg, capture, samples, layers, change_seed=seed, **kw) if change
                               else activation_dictionaries(cfg, capture, samples, layers, seed=seed, **kw))
                 other = attribute(ac, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), samples, capture, saes,
-                                  layers, cfg.capture.hook, echo=ctx.echo, change=change, dictionaries=rows)
+                                  layers, cfg.capture.hook, echo=ctx.echo, change=change, dictionaries=rows,
+                                  hook_points=False,  # no dictionary in them: the run's own
+                                  match=counterparts(named, own, saes) if named else None)
                 checks.append(seed_check(other, seed))
                 write_json(done, checks[-1])
             # Whether the named set holds is read off primary and checks (analysis.verdict.seeds_hold), not stored.

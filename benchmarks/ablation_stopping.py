@@ -19,7 +19,9 @@ stop, four targeted sets of the demo's sizes (3 of 10 features, 1 of 6) are judg
 (:func:`irmprobe.validation.ablation.against_random`: the set's Bonferroni interval over the 4 targeted sets lies
 wholly above the 2.5-97.5 percentile range of the 4 random sets of its size). With every targeted share 0, each call
 is false; with shares ``--effects``, the calls are the rule's power. A run's own known-null check (each random set
-against the other three of its size) is counted beside them: it is what a single run reports.
+against the other three of its size) is counted beside them: it is what a single run reports. The sets of one
+dataset share its rewards and its random range, so rates are per set with a bootstrap CI over datasets. Every random
+set is simulated alike whatever its size label (on the demo a larger set may diverge more often).
 
     python benchmarks/ablation_stopping.py            # 500 datasets (about 5 minutes on 2 cores)
     python benchmarks/ablation_stopping.py --reps 500
@@ -31,7 +33,7 @@ import argparse
 import time
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, bootstrap
 
 from irmprobe.analysis.verdict import null_calls
 from irmprobe.validation.ablation import adjusted_share, against_random, gain_share_row, shares_settled
@@ -100,7 +102,7 @@ def main() -> None:
     # The causal rule's targeted sets come from a stream of their own: the coverage datasets stay as they were.
     rng_targeted = np.random.default_rng(args.seed + 1)
     shares = [0.0] * args.random_sets + [0.3]
-    calls = {"null": [], "effect": [], "known_nulls": [0, 0], "gain_not_positive": 0}
+    calls = {"null": [], "effect": [], "known_nulls": [], "gain_not_positive": 0}
     fixed = (4, 6, 8)
     covered = {k: np.zeros(len(shares)) for k in (*fixed, "rule")}
     stops, widths = [], []
@@ -132,9 +134,8 @@ def main() -> None:
                                            [flat(s, n) for s in targeted[name]], values, index))
                              if check["gain_positive"] else ([False] * len(values), None))
             calls[name].append(called)
-            if name == "null" and known is not None:
-                calls["known_nulls"][0] += known["called"]
-                calls["known_nulls"][1] += known["n"]
+            if name == "null":
+                calls["known_nulls"].append((0, 0) if known is None else (known["called"], known["n"]))
         for k, result in [*((k, rows(k)[0]) for k in fixed), ("rule", out)]:
             covered[k] += [r is not None and None not in r["ci"] and r["ci"][0] <= true <= r["ci"][1]
                            for r, true in zip(result, shares)]
@@ -156,21 +157,32 @@ def main() -> None:
           "base and tuned rewards, so their hits are not independent)")
     print()
 
-    def rate(k: int, n: int) -> str:
-        ci = binomtest(int(k), int(n)).proportion_ci(0.95) if n else None
-        return f"{k}/{n} = {k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]" if n else "-"
+    def rate(per_dataset: np.ndarray, count: str) -> str:
+        """The mean over datasets of each dataset's share of calls, with a 95% percentile bootstrap over datasets
+        (the independent unit: the sets of one dataset share its rewards and random range); where each dataset gives
+        one yes or no (a single set, or "any"), the exact binomial interval, which stays informative at 0 calls."""
+        per_dataset = np.asarray(per_dataset, dtype=np.float64)
+        if set(np.unique(per_dataset)) <= {0.0, 1.0}:  # one yes/no per dataset: an exact binomial interval
+            ci = binomtest(int(per_dataset.sum()), len(per_dataset)).proportion_ci(0.95)
+            return f"{per_dataset.mean():.3f} [{ci.low:.3f}, {ci.high:.3f}] ({count})"
+        ci = bootstrap((per_dataset,), np.mean, n_resamples=2000, method="percentile",
+                       random_state=np.random.default_rng(args.seed)).confidence_interval
+        return f"{per_dataset.mean():.3f} [{ci.low:.3f}, {ci.high:.3f}] ({count})"
 
-    null, effect = np.array(calls["null"]), np.array(calls["effect"])
+    null, effect = np.array(calls["null"], dtype=float), np.array(calls["effect"], dtype=float)
+    known = np.array(calls["known_nulls"], dtype=float)
     print(f"the causal rule at the rule's stop (4 targeted sets of {', '.join(map(str, TARGETED_SIZES))} features, "
           f"Bonferroni over 4, each against the 4 random sets of its size; {calls['gain_not_positive']} datasets "
-          "with no significant gain, where nothing is called):")
-    print(f"  targeted sets with share 0 called causal (false calls): {rate(null.sum(), null.size)}")
-    print(f"  datasets with any false call among its 4 null targeted sets: {rate(null.any(1).sum(), len(null))}")
-    print(f"  the run's own known-null check (each random set against the other 3 of its size) called: "
-          f"{rate(*calls['known_nulls'])}")
+          "with no significant gain, where nothing is called); rates per set, 95% CI by bootstrap over datasets:")
+    print(f"  targeted sets with share 0 called causal (false calls): {rate(null.mean(1), f'{int(null.sum())} calls')}")
+    print(f"  datasets with any false call among their 4 null targeted sets: "
+          f"{rate(null.any(1), f'{int(null.any(1).sum())} of {len(null)}')}")
+    print("  the run's own known-null check (each random set against the other 3 of its size) called: "
+          + rate(known[:, 0] / np.maximum(known[:, 1], 1), f"{int(known[:, 0].sum())} of {int(known[:, 1].sum())}"))
     for value in sorted(set(args.effects)):
         column = effect[:, [i for i, v in enumerate(args.effects) if v == value]]
-        print(f"  targeted sets with share {value:g} called causal (power): {rate(column.sum(), column.size)}")
+        print(f"  targeted sets with share {value:g} called causal (power): "
+              f"{rate(column.mean(1), f'{int(column.sum())} of {column.size}')}")
 
 
 if __name__ == "__main__":

@@ -356,7 +356,10 @@ def hook_point_bounds(base, tuned, sequences, prompt_lens, prompt, source, point
 
     Returns:
         One dict per set, in order: ``label``, ``points``, ``value`` and its 95% bootstrap ``ci`` over prompts
-        (:func:`ratio_ci`; None where ``m(tuned)`` is not positive).
+        (:func:`ratio_ci`; None where ``m(tuned)`` is not positive), and ``m_full``, ``m(tuned)`` itself.
+
+    Cost: per batch one base forward (keeping its activation at every point of every set) and one tuned forward
+    per set plus one unpatched.
     """
     for label, points in point_sets.items():
         if not points:
@@ -381,7 +384,9 @@ def hook_point_bounds(base, tuned, sequences, prompt_lens, prompt, source, point
 
         np.add.at(full, prompt_of, reward(tuned(input_ids=tokens, use_cache=False).logits))
         for label, points in point_sets.items():
-            with output_hooks(tuned, [tuple(p) for p in points], lambda point, act: acts[point].to(act.dtype)):
+            # A copy on the tuned model's device: one stored activation is patched into several forwards.
+            with output_hooks(tuned, [tuple(p) for p in points],
+                              lambda point, act: acts[point].to(act.device, act.dtype, copy=True)):
                 np.add.at(patched[label], prompt_of, reward(tuned(input_ids=tokens, use_cache=False).logits))
     full = full[lay.used]
     out = []
@@ -390,7 +395,7 @@ def hook_point_bounds(base, tuned, sequences, prompt_lens, prompt, source, point
         total = float(full.mean())
         out.append({"label": label, "points": [[k, int(b)] for k, b in points],
                     "value": float((full - p).mean() / total) if total > 0 else None,
-                    "ci": ratio_ci(full - p, full, seed=seed)})
+                    "ci": ratio_ci(full - p, full, seed=seed), "m_full": total})
     return out
 
 
@@ -479,8 +484,10 @@ def counterparts(nodes: list[Node], saes: dict, others: dict) -> list[dict]:
 
 
 def set_shares(metric: ImplicitReward, nodes: list[Node], *, seed: int = 0) -> dict:
-    """Faithfulness and completeness of one set of feature nodes with every error at its base value (the
-    features-only curve's setting), each with its bootstrap CI over ``metric``'s prompts."""
+    """Faithfulness and completeness of one set of feature nodes as the features-only curve measures them
+    (faithfulness: the set tuned, every other node and every error at its base value; completeness: the set at
+    its base value, everything else, errors included, tuned), each with its bootstrap CI over ``metric``'s
+    prompts."""
     full = metric.evaluate(None)
     empty = metric.evaluate(lambda layer, part: False)
     return {"faithfulness": _share(metric.evaluate(node_setter(nodes, metric.saes)), empty, full, seed),

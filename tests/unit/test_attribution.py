@@ -328,6 +328,27 @@ def test_each_hook_point_carries_what_patching_the_base_in_there_removes(single)
     assert by["mlp_out L"]["value"] == pytest.approx(curves["bound"]["value"], abs=1e-4)
     assert by["resid_post L"]["value"] == pytest.approx(1.0, abs=1e-5)
     assert by["resid_post before L"]["value"] > 0.1  # block 1's change passes through it
+    # m(tuned) itself, against a sequence-by-sequence computation: sequences of uneven length (padding), uneven
+    # counts per prompt (weights) and a prompt with base continuations only (left out).
+    seqs, lens, prompt, source = _sequences(tok, ids, n_prompts=4, seed=1)
+    seqs = [q[: len(q) - (i % 3)] for i, q in enumerate(seqs)]
+    keep = [i for i in range(len(seqs)) if not (prompt[i] == 1 and source[i] == "tuned" and i % 2)]
+    keep = [i for i in keep if not (prompt[i] == 2 and source[i] == "tuned")]  # prompt 2: base continuations only
+    seqs, lens, prompt, source = ([x[i] for i in keep] for x in (seqs, lens, prompt, source))
+
+    def r(seq, n):
+        with torch.no_grad():
+            ids_ = torch.tensor([seq])
+            lt, lb = (torch.log_softmax(m(input_ids=ids_).logits[0, :-1].float(), -1) for m in (tuned, base))
+            picked = ids_[0, 1:, None]
+            return float((lt.gather(-1, picked) - lb.gather(-1, picked))[n - 1:].sum())
+
+    by_prompt = {}
+    for seq, n, p, src in zip(seqs, lens, prompt, source):
+        by_prompt.setdefault(p, {}).setdefault(src, []).append(r(seq, n))
+    expected = np.mean([np.mean(v["tuned"]) - np.mean(v["base"]) for v in by_prompt.values() if len(v) == 2])
+    got = hook_point_bounds(base, tuned, seqs, lens, prompt, source, {"mlp_out L": [("mlp_out", L)]}, batch_size=3)
+    assert got[0]["m_full"] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="unknown hook kind 'attn_out' in 'a'"):
         hook_point_bounds(base, tuned, *_sequences(tok, ids), {"a": [("attn_out", 1)]})
     with pytest.raises(ValueError, match="the set 'b' has no hook point"):

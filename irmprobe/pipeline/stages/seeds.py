@@ -69,7 +69,7 @@ class SeedsStage(Stage):
 
     name, version, resumable = "seeds", 2, True  # 2: the named features' counterparts in each seed's dictionaries
     reads = ("seeds", "attribute", "capture.hook", "seed", "sae")
-    needs = ("organism", "samples", "layers", "capture", "attribute")
+    needs = ("organism", "samples", "layers", "capture", "saes", "attribute")
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.validation.attribution import Node, counterparts
@@ -86,12 +86,15 @@ class SeedsStage(Stage):
             first = cfg.seed if not change or ac.change_seed is None else ac.change_seed
             kw = dict(capture_key=ctx.input_keys["capture"], device=ctx.runtime.device, force=ctx.forced)
             named = [Node.parse(n["node"]) for n in primary.get("named") or []]
-            # The run's own dictionaries (from the cache, never retrained: the attribute stage's), whose named
-            # features are matched to each check's by decoder cosine.
-            cached = kw | {"force": False}
-            own = ((change_dictionaries(cfg, capture, samples, layers, change_seed=first, **cached)[0] if change
-                    else activation_dictionaries(cfg, capture, samples, layers, seed=cfg.seed, **cached)[0])
-                   if named else None)
+            # The run's own dictionaries, whose named features are matched to each check's by decoder cosine: the
+            # change's from the paths the attribute stage recorded (an error if they left the cache, never a silent
+            # retraining that the named indices would not point into); the activations' are the saes stage's SAEs.
+            own = None
+            if named:
+                from irmprobe.validation.ablation import load_change_dictionaries
+
+                own = (load_change_dictionaries(primary, ctx.runtime.device) if change
+                       else {layer: inputs["saes"].saes["tuned", layer] for layer in layers})
             checks = []
             for i in range(1, cfg.seeds.checks + 1):
                 seed = first + SEED_STEP * i

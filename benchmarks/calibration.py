@@ -15,7 +15,8 @@ Runs the whole decision on organisms whose answer is known and prints one table 
   and those words should be discovered). Each is judged against the same pool of K controls.
 
 Every run goes through the stage cache, so a second call reuses the organisms and fits (a cold call trains
-K + 3 organisms: about 10 min each on 2 CPU cores). Validation (ablation) is off: it has its own check.
+K + 3 organisms: about 10 min each on 2 CPU cores). Validation (ablation), the depth stage and the attribution
+are off: the calibration reads none of them (the ablation's causal call has its own check).
 
     python benchmarks/calibration.py                       # K = 4 controls, the default config
     python benchmarks/calibration.py --pool 6 --out docs/calibration.md
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     base = RunConfig.from_yaml(args.config).to_dict()
     base["validate"] = base["validate"] | {"enabled": False}
+    # Nor does it read the depth profile or the attribution (about 6 minutes per organism on 2 cores).
+    base["depth"] = base["depth"] | {"enabled": False}
+    base["attribute"] = base["attribute"] | {"enabled": False}
     # Every view on every pool organism: the benchmark measures the SAE IRM's null too (the demo's measured-only
     # controls would give the full-vocabulary view only).
     base["compare"] = base["compare"] | {"n_controls": args.pool, "controls": [], "control": True,

@@ -348,8 +348,9 @@ def hook_point_bounds(base, tuned, sequences, prompt_lens, prompt, source, point
                       batch_size: int = 16, pad_id: int = 0, seed: int = 0) -> list[dict]:
     """The share of the implicit reward each set of hook points carries, with no dictionary: ``1 - m(the base's
     activations patched in at every point of the set) / m(tuned)``. At the points where the SAEs sit this is
-    :func:`attribution_curves`' ``bound`` (every node at its base value is the base's activation, exactly); at
-    others it says how much any dictionary there could carry, as a bound on a set of its features' share of ``m``.
+    :func:`attribution_curves`' ``bound`` (every node at its base value is the base's activation; equal up to
+    rounding); at others it says how much any dictionary there could carry, as a bound on a set of its features'
+    share of ``m``.
 
     Args:
         point_sets: a label -> the (hook kind, block) points patched together (kinds of :data:`HOOK_KINDS`).

@@ -11,8 +11,9 @@ rule (:func:`irmprobe.validation.ablation.shares_settled`) and at fixed sample c
 The model, per prompt p and sample s (80 prompts): base reward b_p + e, tuned b_p + g_p + e', with prompt effects
 b_p ~ N(0.08, 0.3), g_p ~ N(gain, 0.3) and sample noise sd 0.6; a feature set's continuation equals the tuned one
 with probability 1 - ``diverge`` (it changed no sampled token), else it is a fresh draw with the tuned model's
-mean lowered by share / diverge x g_p (so the set removes share x the gain on average). Random sets have share 0; one targeted set has share 0.3. The defaults give random-set
-half-widths of about 0.13-0.17 after 4 samples, as on the demo (0.166 at 4, 0.149 at 6).
+mean lowered by share / diverge x g_p (so the set removes share x the gain on average). Random sets have share 0;
+one targeted set has share 0.3. The defaults give random-set half-widths of about 0.13-0.17 after 4 samples, as
+on the demo (0.166 at 4, 0.149 at 6).
 
 It also measures the error rate of the causal call the report prints, on cases whose answer is known. At the rule's
 stop, four targeted sets of the demo's sizes (3 of 10 features, 1 of 6) are judged by the stage's own rule
@@ -173,7 +174,8 @@ def main() -> None:
     known = np.array(calls["known_nulls"], dtype=float)
     print(f"the causal rule at the rule's stop (4 targeted sets of {', '.join(map(str, TARGETED_SIZES))} features, "
           f"Bonferroni over 4, each against the 4 random sets of its size; {calls['gain_not_positive']} datasets "
-          "with no significant gain, where nothing is called); rates per set, 95% CI by bootstrap over datasets:")
+          "with no significant gain, where nothing is called); rates per set, 95% CI by bootstrap over datasets (exact "
+          "binomial over datasets where each gives one yes or no):")
     print(f"  targeted sets with share 0 called causal (false calls): {rate(null.mean(1), f'{int(null.sum())} calls')}")
     print(f"  datasets with any false call among their 4 null targeted sets: "
           f"{rate(null.any(1), f'{int(null.any(1).sum())} of {len(null)}')}")

@@ -390,13 +390,51 @@ def attribution_line(result: dict) -> str:
 def hook_points_text(result: dict) -> str:
     """The other hook points the attribution considered, to follow its own bound ("" where they were not
     measured): the share of the implicit reward each set carries (the base's activations patched in at every
-    point of it; no dictionary), so that a missing faithful set can be read against where one could exist."""
+    point of it; no dictionary), so that a missing faithful set can be read against where one could exist; then
+    over how many blocks' MLP outputs the change is spread (:func:`spread_text`)."""
     own = [[result["kind"], int(b)] for b in result["layers"]]
-    others = [h for h in result.get("hook_points") or [] if h["points"] != own]
-    if not others:
+    spread = [h["points"] for _, h in spread_rows(result)]
+    others = [h for h in result.get("hook_points") or [] if h["points"] != own and h["points"] not in spread]
+    text = ("; the other hook points considered (each set patched together, same prompts) carry: "
+            + ", ".join(f"{h['label']} {_attr_pct(h['value'])} [{_attr_ci(h['ci'])}]" for h in others)
+            if others else "")
+    return text + spread_text(result)
+
+
+def spread_rows(result: dict) -> list[tuple[int, dict]]:
+    """The measured hook point sets that are the MLP outputs of the top n blocks of the attribution's
+    ``spread_order`` (the chosen blocks' and every block's included where they are such a set), as (n, set) by
+    n; [] for a result without the order."""
+    order = (result.get("spread_order") or {}).get("order")
+    if not order:
+        return []
+    prefixes = {tuple(sorted(order[:n])): n for n in range(1, len(order) + 1)}
+    rows = {}
+    for h in result.get("hook_points") or []:
+        blocks = tuple(sorted(b for kind, b in h["points"]))
+        if all(kind == "mlp_out" for kind, _ in h["points"]) and blocks in prefixes:
+            rows.setdefault(prefixes[blocks], h)
+    return sorted(rows.items(), key=lambda row: row[0])
+
+
+def spread_needed(result: dict) -> int | None:
+    """The fewest top-ranked blocks whose MLP outputs, patched together, carry the attribution's threshold of
+    the implicit reward (point estimate, as the named set's faithfulness); None where no measured set does."""
+    return next((n for n, h in spread_rows(result) if h["value"] is not None and h["value"] >= result["threshold"]),
+                None)
+
+
+def spread_text(result: dict) -> str:
+    """"; the change is spread over the blocks' MLPs: ..." from :func:`spread_rows` ("" with fewer than two)."""
+    rows = spread_rows(result)
+    if len(rows) < 2:
         return ""
-    return ("; the other hook points considered (each set patched together, same prompts) carry: "
-            + ", ".join(f"{h['label']} {_attr_pct(h['value'])} [{_attr_ci(h['ci'])}]" for h in others))
+    n = spread_needed(result)
+    return (f"; over the blocks' MLPs: the MLP outputs of the top {', '.join(str(k) for k, _ in rows)} blocks "
+            f"(ranked by {result['spread_order']['ranked_by']}) carry "
+            f"{', '.join(_attr_pct(h['value']) for _, h in rows)} of it: "
+            + (f"{result['threshold']:.0%} needs the top {n}" if n is not None
+               else f"none reaches {result['threshold']:.0%}"))
 
 
 def seeds_hold(seeds: dict) -> bool | None:

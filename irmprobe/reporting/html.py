@@ -370,7 +370,9 @@ def render(metrics) -> str:
             page.table(*tables["attribution hook points"],
                        title="what each set of hook points carries: 1 - m(the base's activations patched in at every "
                              "point of the set) / m(tuned), held-out prompts, 95% bootstrap CI over prompts; no "
-                             "feature set at a hook point can carry more than its point does, except by overshooting")
+                             "feature set at a hook point can carry more than its point does, except by overshooting"
+                             + (f"; the top n blocks are ranked by {attribution['spread_order']['ranked_by']}"
+                                if attribution.get("spread_order") else ""))
         if "attribution change dictionaries" in tables:
             page.table(*tables["attribution change dictionaries"],
                        title="the nodes' dictionaries: SAEs of the change (tuned minus base), held-out prompts")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from irmprobe.analysis.verdict import matched_text, sampling_text, seeds_hold
+from irmprobe.analysis.verdict import matched_text, sampling_text, seeds_hold, spread_needed, spread_rows
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -13,6 +13,15 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     if isinstance(value, float):
         return format(value, spec)
     return str(value)
+
+
+def _spread(a: dict) -> str:
+    """"; the top n blocks by ...; 60% needs the top k" for the attribution's spread sets ("" without them)."""
+    if not spread_rows(a):
+        return ""
+    n = spread_needed(a)
+    return (f" (the top n blocks ranked by {a['spread_order']['ranked_by']}; {a['threshold']:.0%} of the implicit "
+            "reward needs " + (f"the top {n} blocks' MLP outputs)" if n is not None else "more than every MLP output)"))
 
 
 def _interval(ci, spec: str) -> str:
@@ -295,7 +304,7 @@ def attribution_section(a: dict) -> list[str]:
                  f"{_fmt(c['features_all']['value'], '+.2f')} {_interval(c['features_all']['ci'], '+.2f')}"),
               *(["hook points considered (the base's activations patched in at every point of a set, same "
                  "prompts): " + "; ".join(f"{h['label']} {_fmt(h['value'], '.2f')} {_interval(h['ci'], '.2f')}"
-                                          for h in a["hook_points"])] if a.get("hook_points") else []),
+                                          for h in a["hook_points"]) + _spread(a)] if a.get("hook_points") else []),
               f"{'':>6}{'every node (errors included)':^44}{'features only':^36}",
               f"{'k':>4} {'faithfulness':>13} {'completeness':>13} {'errors':>6} {'faithfulness':>15} "
               f"{'completeness':>13} {'random k-sets':>15}"]

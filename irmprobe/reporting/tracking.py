@@ -125,7 +125,14 @@ def headline_scalars(metrics: dict) -> dict:
     Spearman (and, with seed checks, whether the named set holds across dictionary seeds), the depth profile's
     best R^2 at the captured blocks and first block reaching its target, the ablation's samples per prompt, and
     the known-null counts of the naming and causal rules."""
-    from irmprobe.analysis.verdict import counterparts_hold, null_calls, null_named, seeds_hold
+    from irmprobe.analysis.verdict import (
+        counterparts_hold,
+        null_calls,
+        null_named,
+        seeds_hold,
+        spread_needed,
+        spread_rows,
+    )
 
     out = {}
     for label in ("primary", "explanation"):
@@ -144,6 +151,8 @@ def headline_scalars(metrics: dict) -> dict:
         out["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
         for h in attribution.get("hook_points") or []:  # what each set of hook points carries (no dictionary)
             out[f"attribution/hook_points/{h['label'].replace(' ', '_')}"] = h["value"]
+        if spread_rows(attribution):  # the fewest top-ranked blocks whose MLP outputs carry the threshold's share
+            out["attribution/mlp_blocks_needed"] = spread_needed(attribution)
         named = null_named(attribution)
         if named is not None:  # the naming rule's false calls on random feature sets (a known null)
             out["attribution/null_named"], out["attribution/null_sets_drawn"] = named["reached"], named["n"]

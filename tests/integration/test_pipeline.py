@@ -91,7 +91,12 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     assert any("of what the hook points carry" in line for line in m["verdict"])
     # Every hook point considered, on the same held-out prompts: the run's own is the curves' bound.
     points = {h["label"]: h for h in a["hook_points"]}
-    assert list(points) == ["mlp_out at the chosen blocks", "resid_post at the chosen blocks", "mlp_out at every block"]
+    assert list(points) == ["mlp_out at the chosen blocks", "resid_post at the chosen blocks",
+                            "mlp_out at the top 1 block", "mlp_out at every block"]
+    # The top block by the layers stage's ranking of MLP patches; both blocks together are the chosen ones.
+    assert a["spread_order"]["order"] == m["layers"]["patching"]["ranking"]
+    assert points["mlp_out at the top 1 block"]["points"] == [["mlp_out", a["spread_order"]["order"][0]]]
+    assert any("over the blocks' MLPs: the MLP outputs of the top 1, 2 blocks" in line for line in m["verdict"])
     assert points["mlp_out at the chosen blocks"]["value"] == pytest.approx(a["curves"]["bound"]["value"], abs=1e-3)
     assert len(points["mlp_out at every block"]["points"]) == len(m["layers"]["per_block"])
     assert any("the other hook points considered" in line for line in m["verdict"])

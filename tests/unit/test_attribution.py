@@ -383,6 +383,97 @@ def test_the_verdict_line_names_the_other_hook_points_considered():
     assert "mlp_out at the chosen blocks" not in line  # the run's own hook points are the bound already given
 
 
+def test_the_spread_sets_find_the_one_block_whose_mlp_carries_the_change(single):
+    """The tuning changed block L's MLP only: ranked first, its MLP output alone carries all of the implicit reward
+    (the top 1 block is enough); ranked last, no top-n set short of every block carries more than a trace of it."""
+    from irmprobe.analysis.verdict import spread_needed, spread_rows, spread_text
+    from irmprobe.pipeline.stages.attribute import hook_point_sets
+
+    tok, base, tuned, _, ids = single["parts"]
+    for order, needed in (([L, 0, 1, 3], 1), ([0, 1, 3, L], 4)):
+        sets = hook_point_sets([L], 4, order)
+        assert list(sets) == ["mlp_out at the chosen blocks", "resid_post at the chosen blocks",
+                              *(["mlp_out at the top 1 block"] if order[0] != L else []),
+                              "mlp_out at the top 2 blocks", "mlp_out at the top 3 blocks", "mlp_out at every block"]
+        assert sets["mlp_out at the top 3 blocks"] == [("mlp_out", b) for b in sorted(order[:3])]
+        bounds = hook_point_bounds(base, tuned, *_sequences(tok, ids), sets, batch_size=8)
+        result = {"kind": "mlp_out", "layers": [L], "threshold": 0.6, "hook_points": bounds,
+                  "spread_order": {"order": order, "ranked_by": "a test's order"}}
+        rows = spread_rows(result)
+        assert [n for n, _ in rows] == [1, 2, 3, 4]
+        values = [h["value"] for _, h in rows]
+        if needed == 1:  # the chosen block is the top 1: its set stands for n = 1
+            assert rows[0][1]["label"] == "mlp_out at the chosen blocks"
+            assert values == pytest.approx([1.0] * 4, abs=1e-5)
+        else:
+            # upstream of L the two models' MLP outputs are equal; block 3's differs only by what reaches its input
+            assert values[:2] == pytest.approx([0.0] * 2, abs=1e-5) and abs(values[2]) < 0.1
+            assert values[3] == pytest.approx(1.0, abs=1e-5)
+        assert spread_needed(result) == needed
+        assert spread_text(result).startswith("; over the blocks' MLPs: the MLP outputs of the top 1, 2, 3, 4 blocks "
+                                              "(ranked by a test's order) carry ")
+        assert spread_text(result).endswith(f"60% needs the top {needed}")
+    with pytest.raises(ValueError, match="must rank each of the 4 blocks once"):
+        hook_point_sets([L], 4, [0, 1, 2, 2])
+
+
+def test_the_spread_blocks_are_ranked_by_mlp_patching_or_else_by_mlp_weights():
+    from types import SimpleNamespace
+
+    from irmprobe.pipeline.stages.attribute import mlp_order
+
+    by_patching = SimpleNamespace(patching={"kind": "mlp_out", "ranking": [2, 0, 1]}, per_block=[1.0, 3.0, 2.0],
+                                  per_submodule={"mlp": [0.5, 0.1, 0.3]})
+    assert mlp_order(by_patching) == ([2, 0, 1], "the share of KL(tuned || base) patching each block's MLP output "
+                                                 "removes")
+    # Patching the residual stream ranks what flows past a block, not its MLP: the MLP weights rank instead.
+    by_resid = SimpleNamespace(patching={"kind": "resid_post", "ranking": [2, 1, 0]}, per_block=[1.0, 3.0, 2.0],
+                               per_submodule={"mlp": [0.5, 0.1, 0.3]})
+    assert mlp_order(by_resid) == ([0, 2, 1], "the change in each block's MLP weights")
+    assert mlp_order(SimpleNamespace(patching=None, per_block=[1.0, 3.0, 2.0], per_submodule={}))[0] == [1, 2, 0]
+
+
+def test_the_verdict_says_how_many_blocks_mlps_carry_the_threshold():
+    from irmprobe.analysis.verdict import attribution_line, spread_needed
+
+    curves = {"bound": {"value": 0.32, "ci": [0.26, 0.36]}, "errors_only": {"value": 0.74, "ci": [0.7, 0.78]},
+              "rows": [_curve_row(1, 0.3, 1)], "feature_rows": [_curve_row(1, 0.01)]}
+    order = [22, 21, 20] + [b for b in range(30) if b not in (20, 21, 22)]
+
+    def mlp(label, blocks, value):
+        return {"label": label, "points": [["mlp_out", b] for b in sorted(blocks)], "value": value,
+                "ci": [value - 0.05, value + 0.05]}
+
+    result = {"kind": "mlp_out", "layers": [20, 21, 22], "threshold": 0.6, "curves": curves, "smallest_k": None,
+              "smallest_k_features": None, "spread_order": {"order": order, "ranked_by": "KL"},
+              "hook_points": [mlp("mlp_out at the chosen blocks", [20, 21, 22], 0.32),
+                              {"label": "resid_post at the chosen blocks",
+                               "points": [["resid_post", b] for b in (20, 21, 22)], "value": 0.83, "ci": [0.8, 0.86]},
+                              mlp("mlp_out at the top 1 block", order[:1], 0.12),
+                              mlp("mlp_out at the top 5 blocks", order[:5], 0.45),
+                              mlp("mlp_out at the top 10 blocks", order[:10], 0.61),
+                              mlp("mlp_out at every block", order, 0.85)]}
+    line = attribution_line(result)
+    assert ("the other hook points considered (each set patched together, same prompts) carry: resid_post at the "
+            "chosen blocks 83% [0.80, 0.86]; over the blocks' MLPs: the MLP outputs of the top 1, 3, 5, 10, 30 "
+            "blocks (ranked by KL) carry 12%, 32%, 45%, 61%, 85% of it: 60% needs the top 10") in line
+    assert spread_needed(result) == 10
+    from irmprobe.reporting.summary import _spread
+    from irmprobe.reporting.tracking import headline_scalars
+
+    assert _spread(result) == (" (the top n blocks ranked by KL; 60% of the implicit reward needs the top 10 blocks' "
+                               "MLP outputs)")
+    head = headline_scalars({"attribution": result | {"exact": {"spearman": None}}})
+    assert head["attribution/mlp_blocks_needed"] == 10
+    assert head["attribution/hook_points/mlp_out_at_the_top_5_blocks"] == 0.45
+    result["hook_points"][4]["value"] = 0.59
+    assert spread_needed(result) == 30 and "60% needs the top 30" in attribution_line(result)
+    result["hook_points"][5]["value"] = 0.59
+    assert spread_needed(result) is None and "none reaches 60%" in attribution_line(result)
+    del result["spread_order"]  # a result cached before the spread sets: every other set is listed as before
+    assert "mlp_out at every block 59%" in attribution_line(result)
+
+
 def test_integrated_gradients_agree_with_exact_patching(planted_llama):
     """Graded effects: five planted features (one against the reward) and a planted error direction."""
     tok, base, tuned, sae, ids, idx = _planted(planted_llama, [(2.0, 0.03), (1.0, 0.03), (0.5, 0.03), (0.25, 0.03),

@@ -78,20 +78,48 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
     return saes, rows
 
 
-def hook_point_sets(layers, n_layers: int) -> dict[str, list[tuple[str, int]]]:
+SPREAD_GRID = (1, 2, 3, 5, 10, 15, 20)
+"""How many of the best-ranked blocks' MLP outputs the spread sets patch together (below the number of blocks;
+the MLP outputs of every block are a set of their own)."""
+
+
+def hook_point_sets(layers, n_layers: int, order: list[int] | None = None) -> dict[str, list[tuple[str, int]]]:
     """The hook points the attribution considers, each set patched together: every kind a dictionary can be
-    spliced at (:data:`irmprobe.validation.attribution.HOOK_KINDS`) at the chosen blocks, and the MLP outputs of
-    every block (how much of the implicit reward passes through any MLP output at all)."""
+    spliced at (:data:`irmprobe.validation.attribution.HOOK_KINDS`) at the chosen blocks, the MLP outputs of the
+    top n blocks of ``order`` (a ranking of the blocks, best first) for n in :data:`SPREAD_GRID`, and the MLP
+    outputs of every block (how much of the implicit reward passes through any MLP output at all). The spread
+    sets say over how many blocks' MLPs the change is spread; one whose points equal an earlier set's is left
+    out (the chosen blocks are often the top ones)."""
     from irmprobe.validation.attribution import HOOK_KINDS
 
     sets = {f"{kind} at the chosen blocks": [(kind, int(b)) for b in layers] for kind in HOOK_KINDS.values()}
+    if order is not None:
+        if sorted(int(b) for b in order) != list(range(n_layers)):
+            raise ValueError(f"hook_point_sets: the block order must rank each of the {n_layers} blocks once, got "
+                             f"{list(order)}")
+        for n in (n for n in SPREAD_GRID if n < n_layers):
+            points = [("mlp_out", int(b)) for b in sorted(order[:n])]
+            if points not in sets.values():
+                sets[f"mlp_out at the top {n} block{'s' if n > 1 else ''}"] = points
     sets["mlp_out at every block"] = [("mlp_out", b) for b in range(n_layers)]
     return sets
 
 
+def mlp_order(layers) -> tuple[list[int], str]:
+    """The blocks ranked for the spread sets, best first, and what ranked them: the layers stage's patching
+    ranking where it patched the MLP outputs (the share of KL(tuned || base) each block's removes), else the
+    change in each block's MLP weights (the layers stage's weight divergence)."""
+    patching = getattr(layers, "patching", None)
+    if patching and patching.get("kind") == "mlp_out":
+        return ([int(b) for b in patching["ranking"]],
+                "the share of KL(tuned || base) patching each block's MLP output removes")
+    mlp = list((getattr(layers, "per_submodule", None) or {}).get("mlp") or layers.per_block)
+    return sorted(range(len(mlp)), key=lambda i: (-mlp[i], i)), "the change in each block's MLP weights"
+
+
 def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print,
               change: bool = False, dictionaries: list[dict] | None = None, hook_points: bool = True,
-              match: list[dict] | None = None) -> dict:
+              match: list[dict] | None = None, order: tuple[list[int], str] | None = None) -> dict:
     """Rank nodes on one half of the prompts, check the top ones by exact patching, and measure the curves on
     the other half; name the smallest set reaching ``ac.threshold`` faithfulness (with its top contexts).
 
@@ -101,7 +129,9 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     :func:`hook_point_sets` carries (no dictionary needed: it does not depend on ``saes``). ``match``: another
     set of dictionaries' named features with their counterparts in ``saes``
     (:func:`irmprobe.validation.attribution.counterparts`): the counterparts' faithfulness and completeness are
-    measured too (``matched``)."""
+    measured too (``matched``). ``order``: a ranking of the blocks, best first, and what ranked them
+    (:func:`mlp_order`): the hook point sets then include the MLP outputs of its top n blocks (``spread_order``
+    in the result)."""
     from irmprobe.activations.patching import plain_models
     from irmprobe.activations.samples import prompt_halves
     from irmprobe.validation.attribution import (
@@ -157,7 +187,8 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     if hook_points:
         echo("attribute: the share of the implicit reward each set of hook points carries (patched together)")
         bounds = hook_point_bounds(base, tuned, *sequences(eval_half),
-                                   hook_point_sets(layers, int(tuned.config.num_hidden_layers)),
+                                   hook_point_sets(layers, int(tuned.config.num_hidden_layers),
+                                                   order[0] if order else None),
                                    batch_size=ac.batch_size, pad_id=pad, seed=seed)
     k = smallest_faithful(curves, ac.threshold)
     k_features = smallest_faithful(curves, ac.threshold, "feature_rows")
@@ -194,6 +225,7 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
                       "n_nodes": len(ranked), "n_positive": len(positive)},
         "top": [{"node": node.name, "attribution": value} for node, value in ranked[:50]],
         "exact": check, "curves": curves, **({"hook_points": bounds} if bounds is not None else {}),
+        **({"spread_order": {"order": order[0], "ranked_by": order[1]}} if bounds is not None and order else {}),
         **({"matched": matched} if matched is not None else {}),
         "smallest_k": k, "smallest_k_features": k_features, "named": named,
         "top_features": [{"node": node.name, "attribution": value,
@@ -207,7 +239,8 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
 class AttributeStage(Stage):
     """Attribution of the implicit reward to SAE features and error terms at the captured hook points."""
 
-    name, version = "attribute", 4  # 4: the share of the implicit reward each set of hook points carries
+    # 4: the share of the implicit reward each set of hook points carries; 5: the MLP outputs of the top n blocks
+    name, version = "attribute", 5
     reads = ("attribute", "capture.hook", "seed", "sae")
     needs = ("organism", "samples", "layers", "capture", "saes")
 
@@ -226,7 +259,7 @@ class AttributeStage(Stage):
                 saes, rows = {layer: inputs["saes"].saes["tuned", layer] for layer in layers}, None
             result = attribute(cfg.attribute, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), samples,
                                capture, saes, layers, cfg.capture.hook, echo=ctx.echo, change=change,
-                               dictionaries=rows)
+                               dictionaries=rows, order=mlp_order(inputs["layers"]))
         write_json(out / "attribution.json", result)
         return result
 

@@ -404,7 +404,7 @@ def hook_points_text(result: dict) -> str:
 def spread_rows(result: dict) -> list[tuple[int, dict]]:
     """The measured hook point sets that are the MLP outputs of the top n blocks of the attribution's
     ``spread_order`` (the chosen blocks' and every block's included where they are such a set), as (n, set) by
-    n; [] for a result without the order."""
+    n; [] for a result without the order, or with fewer than two such sets (nothing to spread over)."""
     order = (result.get("spread_order") or {}).get("order")
     if not order:
         return []
@@ -414,27 +414,34 @@ def spread_rows(result: dict) -> list[tuple[int, dict]]:
         blocks = tuple(sorted(b for kind, b in h["points"]))
         if all(kind == "mlp_out" for kind, _ in h["points"]) and blocks in prefixes:
             rows.setdefault(prefixes[blocks], h)
-    return sorted(rows.items(), key=lambda row: row[0])
+    return sorted(rows.items(), key=lambda row: row[0]) if len(rows) >= 2 else []
 
 
 def spread_needed(result: dict) -> int | None:
-    """The fewest top-ranked blocks whose MLP outputs, patched together, carry the attribution's threshold of
-    the implicit reward (point estimate, as the named set's faithfulness); None where no measured set does."""
+    """The fewest top-ranked blocks whose MLP outputs, patched together, carry the attribution's threshold as a
+    share of the implicit reward itself (``1 - m(patched) / m(tuned)``, a point estimate, as every rule of the
+    attribution reads its shares; not the faithfulness's share of what the hook points carry); None where no
+    measured set does or the shares are undefined (``m(tuned) <= 0``)."""
     return next((n for n, h in spread_rows(result) if h["value"] is not None and h["value"] >= result["threshold"]),
                 None)
 
 
 def spread_text(result: dict) -> str:
-    """"; the change is spread over the blocks' MLPs: ..." from :func:`spread_rows` ("" with fewer than two)."""
+    """"; over the blocks' MLPs: ..." from :func:`spread_rows` ("" without them)."""
     rows = spread_rows(result)
-    if len(rows) < 2:
+    if not rows:
         return ""
+    if all(h["value"] is None for _, h in rows):
+        return "; over the blocks' MLPs: undefined (m(tuned) <= 0)"
+    sizes = [str(k) for k, _ in rows]
+    if rows[-1][0] == len(result["spread_order"]["order"]):
+        sizes[-1] = f"all {sizes[-1]}"
     n = spread_needed(result)
-    return (f"; over the blocks' MLPs: the MLP outputs of the top {', '.join(str(k) for k, _ in rows)} blocks "
-            f"(ranked by {result['spread_order']['ranked_by']}) carry "
-            f"{', '.join(_attr_pct(h['value']) for _, h in rows)} of it: "
-            + (f"{result['threshold']:.0%} needs the top {n}" if n is not None
-               else f"none reaches {result['threshold']:.0%}"))
+    return (f"; over the blocks' MLPs (point estimates): the MLP outputs of the top {', '.join(sizes[:-1])} and "
+            f"{sizes[-1]} blocks (ranked by {result['spread_order']['ranked_by']}) carry "
+            f"{', '.join(_attr_pct(h['value']) for _, h in rows)} of the implicit reward; "
+            + (f"the fewest that carry {result['threshold']:.0%} of it: the top {n}" if n is not None
+               else f"none carries {result['threshold']:.0%} of it"))
 
 
 def seeds_hold(seeds: dict) -> bool | None:

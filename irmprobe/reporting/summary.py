@@ -16,9 +16,12 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def _spread(a: dict) -> str:
-    """"; the top n blocks by ...; 60% needs the top k" for the attribution's spread sets ("" without them)."""
-    if not spread_rows(a):
+    """" (the top n blocks ranked by ...; ...)" for the attribution's spread sets ("" without them)."""
+    rows = spread_rows(a)
+    if not rows:
         return ""
+    if all(h["value"] is None for _, h in rows):
+        return f" (the top n blocks ranked by {a['spread_order']['ranked_by']}; shares undefined: m(tuned) <= 0)"
     n = spread_needed(a)
     return (f" (the top n blocks ranked by {a['spread_order']['ranked_by']}; {a['threshold']:.0%} of the implicit "
             "reward needs " + (f"the top {n} blocks' MLP outputs)" if n is not None else "more than every MLP output)"))

@@ -96,7 +96,8 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     # The top block by the layers stage's ranking of MLP patches; both blocks together are the chosen ones.
     assert a["spread_order"]["order"] == m["layers"]["patching"]["ranking"]
     assert points["mlp_out at the top 1 block"]["points"] == [["mlp_out", a["spread_order"]["order"][0]]]
-    assert any("over the blocks' MLPs: the MLP outputs of the top 1, 2 blocks" in line for line in m["verdict"])
+    assert any("over the blocks' MLPs (point estimates): the MLP outputs of the top 1 and all 2 blocks" in line
+               for line in m["verdict"])
     assert points["mlp_out at the chosen blocks"]["value"] == pytest.approx(a["curves"]["bound"]["value"], abs=1e-3)
     assert len(points["mlp_out at every block"]["points"]) == len(m["layers"]["per_block"])
     assert any("the other hook points considered" in line for line in m["verdict"])

@@ -410,9 +410,9 @@ def test_the_spread_sets_find_the_one_block_whose_mlp_carries_the_change(single)
             assert values[:2] == pytest.approx([0.0] * 2, abs=1e-5) and abs(values[2]) < 0.1
             assert values[3] == pytest.approx(1.0, abs=1e-5)
         assert spread_needed(result) == needed
-        assert spread_text(result).startswith("; over the blocks' MLPs: the MLP outputs of the top 1, 2, 3, 4 blocks "
-                                              "(ranked by a test's order) carry ")
-        assert spread_text(result).endswith(f"60% needs the top {needed}")
+        assert spread_text(result).startswith("; over the blocks' MLPs (point estimates): the MLP outputs of the top "
+                                              "1, 2, 3 and all 4 blocks (ranked by a test's order) carry ")
+        assert spread_text(result).endswith(f"of the implicit reward; the fewest that carry 60% of it: the top {needed}")
     with pytest.raises(ValueError, match="must rank each of the 4 blocks once"):
         hook_point_sets([L], 4, [0, 1, 2, 2])
 
@@ -430,11 +430,14 @@ def test_the_spread_blocks_are_ranked_by_mlp_patching_or_else_by_mlp_weights():
     by_resid = SimpleNamespace(patching={"kind": "resid_post", "ranking": [2, 1, 0]}, per_block=[1.0, 3.0, 2.0],
                                per_submodule={"mlp": [0.5, 0.1, 0.3]})
     assert mlp_order(by_resid) == ([0, 2, 1], "the change in each block's MLP weights")
-    assert mlp_order(SimpleNamespace(patching=None, per_block=[1.0, 3.0, 2.0], per_submodule={}))[0] == [1, 2, 0]
+    # No MLP weight changed (or none is named): the blocks' whole weights rank, and the label says so.
+    for mlp in ({}, {"mlp": [0.0, 0.0, 0.0]}):
+        assert mlp_order(SimpleNamespace(patching=None, per_block=[1.0, 3.0, 2.0], per_submodule=mlp)) == (
+            [1, 2, 0], "the change in each block's weights")
 
 
 def test_the_verdict_says_how_many_blocks_mlps_carry_the_threshold():
-    from irmprobe.analysis.verdict import attribution_line, spread_needed
+    from irmprobe.analysis.verdict import attribution_line, spread_needed, spread_rows
 
     curves = {"bound": {"value": 0.32, "ci": [0.26, 0.36]}, "errors_only": {"value": 0.74, "ci": [0.7, 0.78]},
               "rows": [_curve_row(1, 0.3, 1)], "feature_rows": [_curve_row(1, 0.01)]}
@@ -455,8 +458,9 @@ def test_the_verdict_says_how_many_blocks_mlps_carry_the_threshold():
                               mlp("mlp_out at every block", order, 0.85)]}
     line = attribution_line(result)
     assert ("the other hook points considered (each set patched together, same prompts) carry: resid_post at the "
-            "chosen blocks 83% [0.80, 0.86]; over the blocks' MLPs: the MLP outputs of the top 1, 3, 5, 10, 30 "
-            "blocks (ranked by KL) carry 12%, 32%, 45%, 61%, 85% of it: 60% needs the top 10") in line
+            "chosen blocks 83% [0.80, 0.86]; over the blocks' MLPs (point estimates): the MLP outputs of the top 1, "
+            "3, 5, 10 and all 30 blocks (ranked by KL) carry 12%, 32%, 45%, 61%, 85% of the implicit reward; the "
+            "fewest that carry 60% of it: the top 10") in line
     assert spread_needed(result) == 10
     from irmprobe.reporting.summary import _spread
     from irmprobe.reporting.tracking import headline_scalars
@@ -466,10 +470,20 @@ def test_the_verdict_says_how_many_blocks_mlps_carry_the_threshold():
     head = headline_scalars({"attribution": result | {"exact": {"spearman": None}}})
     assert head["attribution/mlp_blocks_needed"] == 10
     assert head["attribution/hook_points/mlp_out_at_the_top_5_blocks"] == 0.45
+    assert head["attribution/mlp_top/3"] == 0.32 and head["attribution/mlp_top/30"] == 0.85  # the chosen set is n=3
     result["hook_points"][4]["value"] = 0.59
-    assert spread_needed(result) == 30 and "60% needs the top 30" in attribution_line(result)
-    result["hook_points"][5]["value"] = 0.59
-    assert spread_needed(result) is None and "none reaches 60%" in attribution_line(result)
+    assert spread_needed(result) == 30 and "the fewest that carry 60% of it: the top 30" in attribution_line(result)
+    result["hook_points"][3]["value"] = 0.62  # not monotone: the fewest top blocks reaching it, not the last
+    assert spread_needed(result) == 5
+    result["hook_points"][3]["value"] = result["hook_points"][5]["value"] = 0.59
+    assert spread_needed(result) is None and "none carries 60% of it" in attribution_line(result)
+    assert _spread(result).endswith("needs more than every MLP output)")
+    undefined = result | {"hook_points": [h | {"value": None, "ci": None} for h in result["hook_points"]]}
+    assert "over the blocks' MLPs: undefined (m(tuned) <= 0)" in attribution_line(undefined)
+    assert _spread(undefined).endswith("shares undefined: m(tuned) <= 0)") and spread_needed(undefined) is None
+    # A mixed-kind set is not an MLP prefix, and one such set alone is nothing to spread over.
+    mixed = result | {"hook_points": [result["hook_points"][1], result["hook_points"][0]]}
+    assert spread_rows(mixed) == [] and "over the blocks' MLPs" not in attribution_line(mixed)
     del result["spread_order"]  # a result cached before the spread sets: every other set is listed as before
     assert "mlp_out at every block 59%" in attribution_line(result)
 

@@ -94,9 +94,7 @@ def hook_point_sets(layers, n_layers: int, order: list[int] | None = None) -> di
 
     sets = {f"{kind} at the chosen blocks": [(kind, int(b)) for b in layers] for kind in HOOK_KINDS.values()}
     if order is not None:
-        if sorted(int(b) for b in order) != list(range(n_layers)):
-            raise ValueError(f"hook_point_sets: the block order must rank each of the {n_layers} blocks once, got "
-                             f"{list(order)}")
+        check_order(order, n_layers)
         for n in (n for n in SPREAD_GRID if n < n_layers):
             points = [("mlp_out", int(b)) for b in sorted(order[:n])]
             if points not in sets.values():
@@ -105,16 +103,27 @@ def hook_point_sets(layers, n_layers: int, order: list[int] | None = None) -> di
     return sets
 
 
+def check_order(order, n_layers: int) -> None:
+    """A ranking of the blocks must name each of the model's ``n_layers`` blocks once (ValueError otherwise)."""
+    if sorted(int(b) for b in order) != list(range(n_layers)):
+        raise ValueError(f"the block order must rank each of the {n_layers} blocks once, got {list(order)}")
+
+
 def mlp_order(layers) -> tuple[list[int], str]:
     """The blocks ranked for the spread sets, best first, and what ranked them: the layers stage's patching
     ranking where it patched the MLP outputs (the share of KL(tuned || base) each block's removes), else the
-    change in each block's MLP weights (the layers stage's weight divergence)."""
+    change in each block's MLP weights (the layers stage's weight divergence, absolute), else, where no MLP
+    weight changed (e.g. a given model with its MLPs frozen, or MLPs the divergence does not name), the change
+    in each block's weights."""
     patching = getattr(layers, "patching", None)
     if patching and patching.get("kind") == "mlp_out":
         return ([int(b) for b in patching["ranking"]],
                 "the share of KL(tuned || base) patching each block's MLP output removes")
-    mlp = list((getattr(layers, "per_submodule", None) or {}).get("mlp") or layers.per_block)
-    return sorted(range(len(mlp)), key=lambda i: (-mlp[i], i)), "the change in each block's MLP weights"
+    mlp = list((getattr(layers, "per_submodule", None) or {}).get("mlp") or [])
+    if mlp and max(mlp) > 0:
+        return sorted(range(len(mlp)), key=lambda i: (-mlp[i], i)), "the change in each block's MLP weights"
+    block = list(layers.per_block)
+    return sorted(range(len(block)), key=lambda i: (-block[i], i)), "the change in each block's weights"
 
 
 def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print,
@@ -152,6 +161,8 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     base, tuned = plain_models(pair, device=runtime.device, dtype=runtime.dtype,
                                trust_remote_code=runtime.trust_remote_code, device_map=runtime.device_map,
                                max_memory=runtime.max_memory)
+    if order is not None:  # before any forward: a bad ranking should not cost the attribution first
+        check_order(order[0], int(tuned.config.num_hidden_layers))
     rank_half, eval_half = prompt_halves(samples, ac.n_prompts, seed)
     pad = pair.tokenizer.pad_token_id or 0
 

@@ -412,7 +412,8 @@ def test_the_spread_sets_find_the_one_block_whose_mlp_carries_the_change(single)
         assert spread_needed(result) == needed
         assert spread_text(result).startswith("; over the blocks' MLPs (point estimates): the MLP outputs of the top "
                                               "1, 2, 3 and all 4 blocks (ranked by a test's order) carry ")
-        assert spread_text(result).endswith(f"of the implicit reward; the fewest that carry 60% of it: the top {needed}")
+        assert spread_text(result).endswith(f"of the implicit reward; the fewest that carry 60% of it: "
+                                            f"the top {needed}")
     with pytest.raises(ValueError, match="must rank each of the 4 blocks once"):
         hook_point_sets([L], 4, [0, 1, 2, 2])
 

@@ -373,6 +373,8 @@ def render(metrics) -> str:
                              "feature set at a hook point can carry more than its point does, except by overshooting"
                              + (f"; the top n blocks are ranked by {attribution['spread_order']['ranked_by']}"
                                 if attribution.get("spread_order") else ""))
+        if "mlp_spread" in plots:
+            page.plot("mlp_spread", plots["mlp_spread"])
         if "attribution change dictionaries" in tables:
             page.table(*tables["attribution change dictionaries"],
                        title="the nodes' dictionaries: SAEs of the change (tuned minus base), held-out prompts")

@@ -217,6 +217,37 @@ def attribution_curves(metrics: dict):
                    "share of m(tuned) - m(empty)")
 
 
+def mlp_spread(metrics: dict):
+    """The share of the implicit reward the MLP outputs of the top n blocks carry together (95% CI bars over
+    prompts), against n, with the threshold and the chosen blocks' residual stream as references: over how many
+    blocks' MLPs the change is spread."""
+    import plotly.graph_objects as go
+
+    from irmprobe.analysis.verdict import spread_rows
+
+    a = metrics.get("attribution") or {}
+    rows = [(n, h) for n, h in spread_rows(a) if h["value"] is not None]
+    if len(rows) < 2:
+        return None
+    ns, values = [n for n, _ in rows], [h["value"] for _, h in rows]
+    blocks = [" ".join(str(b) for _, b in h["points"]) if len(h["points"]) <= 10 else f"{len(h['points'])} blocks"
+              for _, h in rows]
+    fig = go.Figure(go.Scatter(x=ns, y=values, mode="lines+markers", name="MLP outputs of the top n blocks",
+                               line={"color": BLUE}, error_y=_bars(values, [h["ci"] for _, h in rows]),
+                               customdata=blocks, hovertemplate="top %{x}: %{y:.3f} (blocks %{customdata})"
+                                                                "<extra></extra>"))
+    fig.add_hline(y=a["threshold"], line_dash="dot", line_color="black",
+                  annotation_text=f"threshold {a['threshold']:g}", annotation_position="top left")
+    own = [["resid_post", int(b)] for b in a.get("layers") or []]
+    resid = next((h for h in a.get("hook_points") or [] if h["points"] == own and h["value"] is not None), None)
+    if resid is not None:
+        fig.add_hline(y=resid["value"], line_dash="dash", line_color=GREEN, annotation_position="bottom right",
+                      annotation_text=f"residual stream after the chosen blocks ({resid['value']:.2f})")
+    return _layout(fig, "Over how many blocks' MLPs the change is spread (held-out prompts)", 420,
+                   "n (the MLP outputs of the top n blocks, patched together; the ranking: the table above)",
+                   "share of the implicit reward")
+
+
 def depth_profile(metrics: dict):
     """Per block: the out-of-fold R^2 of r_t from the residual stream's change after that block, read through the
     written token's unembedding (direct path) and by the logit lens, with 95% bootstrap CIs over prompts; the
@@ -244,7 +275,8 @@ def depth_profile(metrics: dict):
 
 
 ALL = {"view_taus": view_taus, "irm_vs_rm": irm_vs_rm, "ablation_shares": ablation_shares,
-       "layer_effects": layer_effects, "depth_profile": depth_profile, "attribution_curves": attribution_curves}
+       "layer_effects": layer_effects, "depth_profile": depth_profile, "attribution_curves": attribution_curves,
+       "mlp_spread": mlp_spread}
 
 
 def all_plots(metrics: dict) -> dict:

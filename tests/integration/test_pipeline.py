@@ -361,7 +361,7 @@ def test_html_report_is_self_contained_with_every_plot(tiny_llama_dir, tmp_path,
     page = result.metrics_path.with_name("report.html").read_text()
     for name in figures.STATIC:
         assert f'alt="{name}" src="data:image/png;base64,' in page, name
-    for name in ("view_taus", "irm_vs_rm", "ablation_shares", "layer_effects", "attribution_curves"):
+    for name in ("view_taus", "irm_vs_rm", "ablation_shares", "layer_effects", "attribution_curves", "mlp_spread"):
         assert f'id="plot-{name}"' in page, name
     assert "what each set of hook points carries" in page and "resid_post at the chosen blocks" in page
     assert page.index('class="verdict') < page.index('id="contents"') < page.index('id="texts"')

@@ -241,7 +241,7 @@ def mlp_spread(metrics: dict):
     own = [["resid_post", int(b)] for b in a.get("layers") or []]
     resid = next((h for h in a.get("hook_points") or [] if h["points"] == own and h["value"] is not None), None)
     if resid is not None:
-        fig.add_hline(y=resid["value"], line_dash="dash", line_color=GREEN, annotation_position="bottom right",
+        fig.add_hline(y=resid["value"], line_dash="dash", line_color=GREEN, annotation_position="top left",
                       annotation_text=f"residual stream after the chosen blocks ({resid['value']:.2f})")
     return _layout(fig, "Over how many blocks' MLPs the change is spread (held-out prompts)", 420,
                    "n (the MLP outputs of the top n blocks, patched together; the ranking: the table above)",

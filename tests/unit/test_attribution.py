@@ -416,6 +416,11 @@ def test_the_spread_sets_find_the_one_block_whose_mlp_carries_the_change(single)
                                             f"the top {needed}")
     with pytest.raises(ValueError, match="must rank each of the 4 blocks once"):
         hook_point_sets([L], 4, [0, 1, 2, 2])
+    from irmprobe.pipeline.stages.attribute import spread_sizes
+
+    assert spread_sizes(30) == [1, 2, 3, 5, 10, 15, 20] and spread_sizes(4) == [1, 2, 3]
+    assert spread_sizes(80) == [1, 2, 3, 5, 10, 15, 20, 40, 60]  # a deep model: no jump from 20 to every block
+    assert len(hook_point_sets([5], 80, list(range(80)))) == 2 + 9 + 1  # the chosen block is not the top one
 
 
 def test_the_spread_blocks_are_ranked_by_mlp_patching_or_else_by_mlp_weights():

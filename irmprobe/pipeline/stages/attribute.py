@@ -80,13 +80,23 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
 
 SPREAD_GRID = (1, 2, 3, 5, 10, 15, 20)
 """How many of the best-ranked blocks' MLP outputs the spread sets patch together (below the number of blocks;
-the MLP outputs of every block are a set of their own)."""
+the MLP outputs of every block are a set of their own); :func:`spread_sizes` adds quarters of a deep model."""
+
+
+def spread_sizes(n_layers: int) -> list[int]:
+    """The spread sets' sizes for a model of ``n_layers`` blocks: :data:`SPREAD_GRID` below ``n_layers``, and in a
+    model deeper than twice the grid's largest size its half and three quarters too, so that the last step before
+    every block is not a jump from 20 to, say, 80 blocks."""
+    sizes = {n for n in SPREAD_GRID if n < n_layers}
+    if n_layers > 2 * max(SPREAD_GRID):
+        sizes |= {n_layers // 2, 3 * n_layers // 4}
+    return sorted(sizes)
 
 
 def hook_point_sets(layers, n_layers: int, order: list[int] | None = None) -> dict[str, list[tuple[str, int]]]:
     """The hook points the attribution considers, each set patched together: every kind a dictionary can be
     spliced at (:data:`irmprobe.validation.attribution.HOOK_KINDS`) at the chosen blocks, the MLP outputs of the
-    top n blocks of ``order`` (a ranking of the blocks, best first) for n in :data:`SPREAD_GRID`, and the MLP
+    top n blocks of ``order`` (a ranking of the blocks, best first) for n in :func:`spread_sizes`, and the MLP
     outputs of every block (how much of the implicit reward passes through any MLP output at all). The spread
     sets say over how many blocks' MLPs the change is spread; one whose points equal an earlier set's is left
     out (the chosen blocks are often the top ones)."""
@@ -95,7 +105,7 @@ def hook_point_sets(layers, n_layers: int, order: list[int] | None = None) -> di
     sets = {f"{kind} at the chosen blocks": [(kind, int(b)) for b in layers] for kind in HOOK_KINDS.values()}
     if order is not None:
         check_order(order, n_layers)
-        for n in (n for n in SPREAD_GRID if n < n_layers):
+        for n in spread_sizes(n_layers):
             points = [("mlp_out", int(b)) for b in sorted(order[:n])]
             if points not in sets.values():
                 sets[f"mlp_out at the top {n} block{'s' if n > 1 else ''}"] = points

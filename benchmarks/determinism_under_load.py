@@ -10,7 +10,8 @@ number it produces. The same computation is repeated:
 - at 1 thread instead of this process's default (a control that differs in one known thing: the reduction
   order of the products, so its hash is expected to differ and shows that the hash would see a change).
 
-Prints one row per run with its hash and whether it equals the quiet one. The figures in docs/validation.md
+Prints one row per run with its hash and whether it equals the quiet one; exits 1 where the quiet repeats
+disagree or a busy run differs from them. The figures in docs/validation.md
 ("Reproducibility on a busy machine") come from ``python benchmarks/determinism_under_load.py``.
 """
 
@@ -32,6 +33,8 @@ HOG = """
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 a, b = torch.randn(700, 900), torch.randn(900, 1100)
+(a @ b).sum()
+print("ready", flush=True)
 end = time.time() + float(sys.argv[2])
 while time.time() < end:
     (a @ b).sum()
@@ -39,17 +42,43 @@ while time.time() < end:
 
 
 def fingerprint(model, rows: int, prompt_len: int, steps: int, seed: int) -> str:
-    """A hash of every logit row the fixed computation produces (a prefill, then greedy decode steps)."""
+    """A hash of every logit row the fixed computation produces: the prefill's last position, then each of
+    ``steps`` greedy decode steps."""
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (rows, prompt_len), generator=torch.Generator().manual_seed(seed))
     digest = hashlib.sha256()
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-        for _ in range(steps + 1):
+        for step in range(steps + 1):
             last = out.logits[:, -1]
             digest.update(torch.log_softmax(last.double(), -1).numpy().tobytes())
-            out = model(input_ids=last.argmax(-1, keepdim=True), past_key_values=out.past_key_values, use_cache=True)
+            if step < steps:
+                out = model(input_ids=last.argmax(-1, keepdim=True), past_key_values=out.past_key_values,
+                            use_cache=True)
     return digest.hexdigest()[:16]
+
+
+def start_load(n: int, threads: int, seconds: float) -> list[subprocess.Popen]:
+    """``n`` processes multiplying matrices with ``threads`` threads each; returns once each has multiplied once
+    (ValueError if one exits first). The caller stops them (:func:`stop_load`)."""
+    hogs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            hogs.append(subprocess.Popen([sys.executable, "-c", HOG, str(threads), str(seconds)],
+                                         stdout=subprocess.PIPE, text=True))
+        for hog in hogs:
+            if hog.stdout.readline().strip() != "ready":
+                raise ValueError(f"a loading process exited before it multiplied (exit code {hog.wait()})")
+    except BaseException:
+        stop_load(hogs)
+        raise
+    return hogs
+
+
+def stop_load(hogs: list[subprocess.Popen]) -> None:
+    for hog in hogs:
+        hog.kill()
+        hog.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hog-threads", type=int, default=2, help="threads each loading process uses")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    for name in ("rows", "prompt_len", "steps", "repeats", "load", "hog_threads"):
-        if getattr(args, name) < (0 if name in ("steps", "load") else 1):
-            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("rows", "prompt_len", "repeats", "load", "hog_threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.steps < 0:
+        ap.error(f"--steps must be 0 or more, got {args.steps}")
 
     model, _ = load_model(args.model, device="cpu")
     model.eval()
@@ -77,19 +108,21 @@ def main(argv: list[str] | None = None) -> int:
         return condition, digest, time.perf_counter() - started
 
     rows = [run(f"quiet, {threads} threads") for _ in range(args.repeats)]
-    hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(args.hog_threads), "3600"])
-            for _ in range(args.load)]
+    # The loading processes live at most an hour, should this process be killed before it stops them.
+    hogs = start_load(args.load, args.hog_threads, 3600)
     try:
-        time.sleep(2.0)  # the loading processes are multiplying before the first busy run starts
         rows += [run(f"{args.load} x {args.hog_threads}-thread load, {threads} threads")
                  for _ in range(args.repeats)]
+        if any(hog.poll() is not None for hog in hogs):
+            raise SystemExit("a loading process stopped during the busy runs: they were not all busy; rerun")
     finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-    torch.set_num_threads(1)
-    rows.append(run("quiet, 1 thread (control: another reduction order)"))
-    torch.set_num_threads(threads)
+        stop_load(hogs)
+    if threads > 1:  # the control: the same computation in another reduction order
+        torch.set_num_threads(1)
+        rows.append(run("quiet, 1 thread (control: another reduction order)"))
+        torch.set_num_threads(threads)
+    else:
+        print("this process already runs 1 thread: no control of another thread count")
 
     reference = rows[0][1]
     print(f"{args.model}: prefill of {args.rows} x {args.prompt_len} tokens, then {args.steps} decode steps; "
@@ -99,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{condition:<50} {seconds:>8.1f}  {digest:<16}  {'yes' if digest == reference else 'NO'}")
     busy = [d for c, d, _ in rows if "load" in c]
     quiet = [d for c, d, _ in rows if c.startswith("quiet, ") and "control" not in c]
+    control = [d for c, d, _ in rows if "control" in c]
     print(f"quiet repeats agree: {len(set(quiet)) == 1}; busy runs equal the quiet one: "
-          f"{all(d == reference for d in busy)}; the 1-thread control differs: {rows[-1][1] != reference}")
-    return 0
+          f"{all(d == reference for d in busy)}"
+          + (f"; the 1-thread control differs: {control[0] != reference}" if control else ""))
+    return 0 if len(set(quiet)) == 1 and all(d == reference for d in busy) else 1
 
 
 if __name__ == "__main__":

@@ -229,23 +229,25 @@ def mlp_spread(metrics: dict):
     rows = [(n, h) for n, h in spread_rows(a) if h["value"] is not None]
     if len(rows) < 2:
         return None
-    ns, values = [n for n, _ in rows], [h["value"] for _, h in rows]
-    blocks = [" ".join(str(b) for _, b in h["points"]) if len(h["points"]) <= 10 else f"{len(h['points'])} blocks"
-              for _, h in rows]
+    ns, values, cis = [n for n, _ in rows], [h["value"] for _, h in rows], [h.get("ci") for _, h in rows]
+    blocks = [("blocks " + " ".join(str(b) for _, b in h["points"])) if len(h["points"]) <= 10
+              else f"{len(h['points'])} blocks" for _, h in rows]
+    ci_text = [f"[{c[0]:.3f}, {c[1]:.3f}]" if c and None not in c else "" for c in cis]
     fig = go.Figure(go.Scatter(x=ns, y=values, mode="lines+markers", name="MLP outputs of the top n blocks",
-                               line={"color": BLUE}, error_y=_bars(values, [h["ci"] for _, h in rows]),
-                               customdata=blocks, hovertemplate="top %{x}: %{y:.3f} (blocks %{customdata})"
-                                                                "<extra></extra>"))
+                               line={"color": BLUE}, error_y=_bars(values, cis), customdata=list(zip(blocks, ci_text)),
+                               hovertemplate="top %{x}: %{y:.3f} %{customdata[1]} (%{customdata[0]})"
+                                             "<extra></extra>"))
     fig.add_hline(y=a["threshold"], line_dash="dot", line_color="black",
-                  annotation_text=f"threshold {a['threshold']:g}", annotation_position="top left")
+                  annotation_text=f"threshold {a['threshold']:g}", annotation_position="bottom right")
     own = [["resid_post", int(b)] for b in a.get("layers") or []]
     resid = next((h for h in a.get("hook_points") or [] if h["points"] == own and h["value"] is not None), None)
     if resid is not None:
         fig.add_hline(y=resid["value"], line_dash="dash", line_color=GREEN, annotation_position="top left",
                       annotation_text=f"residual stream after the chosen blocks ({resid['value']:.2f})")
-    return _layout(fig, "Over how many blocks' MLPs the change is spread (held-out prompts)", 420,
-                   "n (the MLP outputs of the top n blocks, patched together; the ranking: the table above)",
-                   "share of the implicit reward")
+    fig.update_xaxes(type="log")
+    return _layout(fig, "Over how many blocks' MLPs the change is spread (held-out prompts)<br><sup>blocks ranked "
+                   f"by {a['spread_order']['ranked_by']}</sup>", 440,
+                   "n (the MLP outputs of the top n blocks, patched together)", "share of the implicit reward")
 
 
 def depth_profile(metrics: dict):

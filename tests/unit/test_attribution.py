@@ -481,9 +481,15 @@ def test_the_verdict_says_how_many_blocks_mlps_carry_the_threshold():
 
     fig = mlp_spread({"attribution": result})
     assert list(fig.data[0].x) == [1, 3, 5, 10, 30] and list(fig.data[0].y) == [0.12, 0.32, 0.45, 0.61, 0.85]
-    assert fig.data[0].customdata[1] == "20 21 22" and fig.data[0].customdata[-1] == "30 blocks"
+    assert list(fig.data[0].customdata[1]) == ["blocks 20 21 22", "[0.270, 0.370]"]
+    assert fig.data[0].customdata[-1][0] == "30 blocks"
     assert [s.y0 for s in fig.layout.shapes] == [0.6, 0.83]  # the threshold, the residual stream after the blocks
     assert mlp_spread({"attribution": {k: v for k, v in result.items() if k != "spread_order"}}) is None
+    gaps = result | {"hook_points": [dict(h) for h in result["hook_points"]]}
+    gaps["hook_points"][2]["value"] = None  # an undefined share is left out; a missing CI draws no bar
+    gaps["hook_points"][3]["ci"] = None
+    fig = mlp_spread({"attribution": gaps})
+    assert list(fig.data[0].x) == [3, 5, 10, 30] and fig.data[0].customdata[1][1] == ""
     result["hook_points"][4]["value"] = 0.59
     assert spread_needed(result) == 30 and "the fewest that carry 60% of it: the top 30" in attribution_line(result)
     result["hook_points"][3]["value"] = 0.62  # not monotone: the fewest top blocks reaching it, not the last

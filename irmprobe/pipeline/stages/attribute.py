@@ -80,7 +80,8 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
 
 SPREAD_GRID = (1, 2, 3, 5, 10, 15, 20)
 """How many of the best-ranked blocks' MLP outputs the spread sets patch together (below the number of blocks;
-the MLP outputs of every block are a set of their own); :func:`spread_sizes` adds quarters of a deep model."""
+the MLP outputs of every block are a set of their own); :func:`spread_sizes` adds half and three quarters of
+a deep model's blocks."""
 
 
 def spread_sizes(n_layers: int) -> list[int]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from irmprobe.activations.patching import _cache_key  # noqa: E402
 from irmprobe.models.loading import DEFAULT_BASE, load_model  # noqa: E402
 
 HOG = """
@@ -46,15 +47,14 @@ def fingerprint(model, rows: int, prompt_len: int, steps: int, seed: int) -> str
     ``steps`` greedy decode steps."""
     vocab = int(model.config.vocab_size)
     ids = torch.randint(0, vocab, (rows, prompt_len), generator=torch.Generator().manual_seed(seed))
-    digest = hashlib.sha256()
+    digest, key = hashlib.sha256(), _cache_key(model)
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
         for step in range(steps + 1):
             last = out.logits[:, -1]
             digest.update(torch.log_softmax(last.double(), -1).numpy().tobytes())
-            if step < steps:
-                out = model(input_ids=last.argmax(-1, keepdim=True), past_key_values=out.past_key_values,
-                            use_cache=True)
+            if step < steps:  # the KV cache under the name this transformers version uses, as the samplers do
+                out = model(input_ids=last.argmax(-1, keepdim=True), use_cache=True, **{key: out[key]})
     return digest.hexdigest()[:16]
 
 

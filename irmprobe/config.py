@@ -626,6 +626,12 @@ class AttributeConfig:
     run's ``seed + l``). A set of change features is a property of one dictionary until it holds for others:
     set this to rerun the attribution (and the ablation) with dictionaries of another seed; ``seeds.checks`` redoes
     the attribution with several other seeds' dictionaries in one run."""
+    spread_ranking: str = field(default="layers", metadata={"late": True})
+    """How the blocks are ranked for the spread sets (the MLP outputs of the top n blocks patched together):
+    ``layers`` (the layers stage's ranking: the KL each block's MLP patch removes, or its MLP weights' change;
+    free) or ``reward`` (each block's MLP output patched alone on the ranking half of the prompts, ranked by its
+    own share of the implicit reward; one more forward per block, about 2 minutes on the demo on 2 cores; the
+    sets are then measured on the other half, so the ranking is not fitted to them)."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_prompts", "ig_steps", "n_exact", "n_random", "batch_size", "change_k",
@@ -635,6 +641,9 @@ class AttributeConfig:
                              f"got {self.change_seed!r}")
         if self.dictionary not in ("activations", "change"):
             raise ValueError(f"AttributeConfig.dictionary must be 'activations' or 'change', got {self.dictionary!r}")
+        if self.spread_ranking not in ("layers", "reward"):
+            raise ValueError(f"AttributeConfig.spread_ranking must be 'layers' or 'reward', got "
+                             f"{self.spread_ranking!r}")
         if self.change_architecture not in SAE_ARCHITECTURES:
             raise ValueError(f"AttributeConfig.change_architecture must be one of {', '.join(SAE_ARCHITECTURES)}, "
                              f"got {self.change_architecture!r}")

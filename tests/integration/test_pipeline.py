@@ -268,6 +268,16 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     e = measured.metrics.explanation
     assert e.view == "sae_irm" and e.outcome == "no call" and "control_views" in e.reason and not e.control_taus
     assert e.tau == full.metrics.explanation.tau
+    # Blocks ranked for the spread sets by each one's own share of the implicit reward (on the ranking half): only the
+    # attribute stage and what reads it run again.
+    data = light.to_dict()
+    ranked = run(RunConfig.from_dict(data | {"attribute": data["attribute"] | {"spread_ranking": "reward"}}),
+                 echo=lambda _: None)
+    assert ranked.stage_status["saes"] == "reused" and ranked.stage_status["attribute"] == "ran"
+    spread = ranked.metrics.to_json()["attribution"]["spread_order"]
+    shares = spread["block_shares"]
+    assert spread["ranked_by"].startswith("each block's own share") and [b["block"] for b in shares] == [0, 1]
+    assert spread["order"] == sorted([0, 1], key=lambda b: (shares[b]["value"] is None, -(shares[b]["value"] or 0), b))
     # Dictionaries of the change as the attribution's nodes: the attribute stage trains them on tuned - base and
     # runs again with what reads it; no SAE of the IRM retrains. The ablation sets the named change features to their
     # zero-change value with the base in lockstep, against random features of the same dictionaries.

@@ -423,6 +423,34 @@ def test_the_spread_sets_find_the_one_block_whose_mlp_carries_the_change(single)
     assert len(hook_point_sets([5], 80, list(range(80)))) == 2 + 9 + 1  # the chosen block is not the top one
 
 
+def test_ranked_by_their_own_share_the_changed_blocks_mlp_comes_first(single):
+    """spread_ranking: reward: each block's MLP output patched alone; the tuned block L carries it all, the blocks
+    upstream none (block 3's output differs only by what reaches its input)."""
+    from irmprobe.pipeline.stages.attribute import reward_order
+
+    tok, base, tuned, _, ids = single["parts"]
+    order, ranked_by, shares = reward_order(base, tuned, *_sequences(tok, ids), batch_size=8)
+    assert order[0] == L and sorted(order) == [0, 1, 2, 3]
+    assert ranked_by.startswith("each block's own share of the implicit reward")
+    assert [s["block"] for s in shares] == [0, 1, 2, 3] and shares[L]["value"] == pytest.approx(1.0, abs=1e-5)
+    assert all(abs(shares[b]["value"]) < 1e-5 for b in range(L))
+    assert shares[L]["ci"][0] <= shares[L]["value"] <= shares[L]["ci"][1]
+    # A second change upstream (block 1's MLP writes the reward direction too): block 1 now ranks second.
+    twice = copy.deepcopy(tuned)
+    with torch.no_grad():
+        twice.model.layers[1].mlp.down_proj.bias += 0.03 * planted_u(base, ids)
+    order, _, shares = reward_order(base, twice, *_sequences(tok, ids), batch_size=8)
+    assert set(order[:2]) == {1, L} and shares[1]["value"] > 0.1
+
+
+def test_the_spread_ranking_must_be_layers_or_reward():
+    from irmprobe.config import AttributeConfig
+
+    assert AttributeConfig(spread_ranking="reward").spread_ranking == "reward"
+    with pytest.raises(ValueError, match="spread_ranking must be 'layers' or 'reward', got 'kl'"):
+        AttributeConfig(spread_ranking="kl")
+
+
 def test_the_spread_blocks_are_ranked_by_mlp_patching_or_else_by_mlp_weights():
     from types import SimpleNamespace
 

@@ -19,7 +19,7 @@ _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.devic
             "capture.patching_kind": "resid_post", "irm.positions": ("reader",),
             "irm.alphas": (3.0,), "sae.autocast": "off", "compare.primary": "sae_irm",
             "compare.control_views": "measured",
-            "attribute.k_grid": (1, 3), "attribute.dictionary": "change", "attribute.change_architecture": "standard", "organism.precision": "bfloat16", "sae.pretrained": {0: {"release": "r", "id": "i"}}}
+            "attribute.k_grid": (1, 3), "attribute.dictionary": "change", "attribute.change_architecture": "standard", "attribute.spread_ranking": "reward", "organism.precision": "bfloat16", "sae.pretrained": {0: {"release": "r", "id": "i"}}}
 
 
 def _changed(config: RunConfig, section: str, name: str, tmp_path) -> RunConfig | None:

@@ -137,6 +137,23 @@ def mlp_order(layers) -> tuple[list[int], str]:
     return sorted(range(len(block)), key=lambda i: (-block[i], i)), "the change in each block's weights"
 
 
+def reward_order(base, tuned, sequences, prompt_lens, prompt, source, *, batch_size: int = 16, pad_id: int = 0,
+                 seed: int = 0) -> tuple[list[int], str, list[dict]]:
+    """The blocks ranked by each one's own share of the implicit reward: its MLP output alone patched to the
+    base's (:func:`irmprobe.validation.attribution.hook_point_bounds`, one forward per block) on these sequences,
+    best first (undefined shares last). Returns the order, what ranked it, and each block's ``block``, ``value``
+    and ``ci``."""
+    from irmprobe.validation.attribution import hook_point_bounds
+
+    n_layers = int(tuned.config.num_hidden_layers)
+    singles = hook_point_bounds(base, tuned, sequences, prompt_lens, prompt, source,
+                                {f"mlp_out at block {b}": [("mlp_out", b)] for b in range(n_layers)},
+                                batch_size=batch_size, pad_id=pad_id, seed=seed)
+    shares = [{"block": b, "value": h["value"], "ci": h["ci"]} for b, h in enumerate(singles)]
+    order = sorted(range(n_layers), key=lambda b: (shares[b]["value"] is None, -(shares[b]["value"] or 0.0), b))
+    return order, "each block's own share of the implicit reward, its MLP output patched alone on other prompts", shares
+
+
 def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print,
               change: bool = False, dictionaries: list[dict] | None = None, hook_points: bool = True,
               match: list[dict] | None = None, order: tuple[list[int], str] | None = None) -> dict:
@@ -151,7 +168,8 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
     (:func:`irmprobe.validation.attribution.counterparts`): the counterparts' faithfulness and completeness are
     measured too (``matched``). ``order``: a ranking of the blocks, best first, and what ranked them
     (:func:`mlp_order`): the hook point sets then include the MLP outputs of its top n blocks (``spread_order``
-    in the result)."""
+    in the result); with ``ac.spread_ranking: reward`` the blocks are ranked instead by :func:`reward_order` on
+    the ranking half (each block's share in ``spread_order["block_shares"]``)."""
     from irmprobe.activations.patching import plain_models
     from irmprobe.activations.samples import prompt_halves
     from irmprobe.validation.attribution import (
@@ -206,6 +224,13 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
                    **set_shares(evaluation, nodes, seed=seed)}
     del evaluation
     bounds = None
+    block_shares = None
+    if hook_points and ac.spread_ranking == "reward":
+        echo(f"attribute: ranking the blocks by their MLP outputs' own shares of the implicit reward "
+             f"({len(rank_half)} ranking prompts, one forward per block)")
+        ranked_blocks, ranked_by, block_shares = reward_order(base, tuned, *sequences(rank_half),
+                                                              batch_size=ac.batch_size, pad_id=pad, seed=seed)
+        order = (ranked_blocks, ranked_by)
     if hook_points:
         echo("attribute: the share of the implicit reward each set of hook points carries (patched together)")
         bounds = hook_point_bounds(base, tuned, *sequences(eval_half),
@@ -247,7 +272,9 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
                       "n_nodes": len(ranked), "n_positive": len(positive)},
         "top": [{"node": node.name, "attribution": value} for node, value in ranked[:50]],
         "exact": check, "curves": curves, **({"hook_points": bounds} if bounds is not None else {}),
-        **({"spread_order": {"order": order[0], "ranked_by": order[1]}} if bounds is not None and order else {}),
+        **({"spread_order": {"order": order[0], "ranked_by": order[1],
+                             **({"block_shares": block_shares} if block_shares is not None else {})}}
+           if bounds is not None and order else {}),
         **({"matched": matched} if matched is not None else {}),
         "smallest_k": k, "smallest_k_features": k_features, "named": named,
         "top_features": [{"node": node.name, "attribution": value,

@@ -630,8 +630,9 @@ class AttributeConfig:
     """How the blocks are ranked for the spread sets (the MLP outputs of the top n blocks patched together):
     ``layers`` (the layers stage's ranking: the KL each block's MLP patch removes, or its MLP weights' change;
     free) or ``reward`` (each block's MLP output patched alone on the ranking half of the prompts, ranked by its
-    own share of the implicit reward; one more forward per block, about 2 minutes on the demo on 2 cores; the
-    sets are then measured on the other half, so the ranking is not fitted to them)."""
+    own share of the implicit reward; one more forward per block, about 100 s on the demo on 2 cores; the sets
+    are then measured on the other half, so the ranking is not fitted to them). Like any attribute field it
+    reruns what reads the attribution (the seeds checks, the ablation, the report)."""
 
     def __post_init__(self) -> None:
         _positive(self, "n_prompts", "ig_steps", "n_exact", "n_random", "batch_size", "change_k",

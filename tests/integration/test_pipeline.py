@@ -277,6 +277,8 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     spread = ranked.metrics.to_json()["attribution"]["spread_order"]
     shares = spread["block_shares"]
     assert spread["ranked_by"].startswith("each block's own share") and [b["block"] for b in shares] == [0, 1]
+    assert spread["ranked_by"].endswith("(on the ranking half of the prompts)")
+    assert all(ranked.stage_status[s] == "reused" for s in ("layers", "capture", "fit", "compare"))
     assert spread["order"] == sorted([0, 1], key=lambda b: (shares[b]["value"] is None, -(shares[b]["value"] or 0), b))
     # Dictionaries of the change as the attribution's nodes: the attribute stage trains them on tuned - base and
     # runs again with what reads it; no SAE of the IRM retrains. The ablation sets the named change features to their

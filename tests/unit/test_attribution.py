@@ -441,6 +441,10 @@ def test_ranked_by_their_own_share_the_changed_blocks_mlp_comes_first(single):
         twice.model.layers[1].mlp.down_proj.bias += 0.03 * planted_u(base, ids)
     order, _, shares = reward_order(base, twice, *_sequences(tok, ids), batch_size=8)
     assert set(order[:2]) == {1, L} and shares[1]["value"] > 0.1
+    # No tuning at all (m(tuned) = 0): no share is defined, and the label says the order is only the blocks'.
+    order, ranked_by, shares = reward_order(base, base, *_sequences(tok, ids), batch_size=8)
+    assert order == [0, 1, 2, 3] and all(s["value"] is None for s in shares)
+    assert ranked_by == "block index (no block's own share of the implicit reward is defined)"
 
 
 def test_the_spread_ranking_must_be_layers_or_reward():

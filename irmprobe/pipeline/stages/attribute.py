@@ -141,8 +141,8 @@ def reward_order(base, tuned, sequences, prompt_lens, prompt, source, *, batch_s
                  seed: int = 0) -> tuple[list[int], str, list[dict]]:
     """The blocks ranked by each one's own share of the implicit reward: its MLP output alone patched to the
     base's (:func:`irmprobe.validation.attribution.hook_point_bounds`, one forward per block) on these sequences,
-    best first (undefined shares last). Returns the order, what ranked it, and each block's ``block``, ``value``
-    and ``ci``."""
+    best first (undefined shares last). Returns the order, what ranked it (the caller says on which prompts), and
+    each block's ``block``, ``value`` and ``ci``."""
     from irmprobe.validation.attribution import hook_point_bounds
 
     n_layers = int(tuned.config.num_hidden_layers)
@@ -151,7 +151,9 @@ def reward_order(base, tuned, sequences, prompt_lens, prompt, source, *, batch_s
                                 batch_size=batch_size, pad_id=pad_id, seed=seed)
     shares = [{"block": b, "value": h["value"], "ci": h["ci"]} for b, h in enumerate(singles)]
     order = sorted(range(n_layers), key=lambda b: (shares[b]["value"] is None, -(shares[b]["value"] or 0.0), b))
-    return order, "each block's own share of the implicit reward, its MLP output patched alone on other prompts", shares
+    if all(s["value"] is None for s in shares):  # m(tuned) <= 0 on these prompts: no share to rank by
+        return order, "block index (no block's own share of the implicit reward is defined)", shares
+    return order, "each block's own share of the implicit reward, its MLP output patched alone", shares
 
 
 def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers, hook: str, echo=print,
@@ -230,7 +232,7 @@ def attribute(ac, seed: int, runtime, pair, samples, capture, saes: dict, layers
              f"({len(rank_half)} ranking prompts, one forward per block)")
         ranked_blocks, ranked_by, block_shares = reward_order(base, tuned, *sequences(rank_half),
                                                               batch_size=ac.batch_size, pad_id=pad, seed=seed)
-        order = (ranked_blocks, ranked_by)
+        order = (ranked_blocks, f"{ranked_by} (on the ranking half of the prompts)")
     if hook_points:
         echo("attribute: the share of the implicit reward each set of hook points carries (patched together)")
         bounds = hook_point_bounds(base, tuned, *sequences(eval_half),

@@ -151,9 +151,10 @@ def headline_scalars(metrics: dict) -> dict:
         out["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
         for h in attribution.get("hook_points") or []:  # what each set of hook points carries (no dictionary)
             out[f"attribution/hook_points/{h['label'].replace(' ', '_')}"] = h["value"]
-        if spread_rows(attribution):  # the fewest top-ranked blocks whose MLP outputs carry the threshold's share
+        spread = spread_rows(attribution)
+        if spread:  # the fewest top-ranked blocks whose MLP outputs carry the threshold's share
             out["attribution/mlp_blocks_needed"] = spread_needed(attribution)
-            for n, h in spread_rows(attribution):  # by n, also where a set was measured under another label
+            for n, h in spread:  # by n, also where a set was measured under another label
                 out[f"attribution/mlp_top/{n}"] = h["value"]
         named = null_named(attribution)
         if named is not None:  # the naming rule's false calls on random feature sets (a known null)

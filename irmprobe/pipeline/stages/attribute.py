@@ -126,11 +126,10 @@ def mlp_order(layers) -> tuple[list[int], str]:
     change in each block's MLP weights (the layers stage's weight divergence, absolute), else, where no MLP
     weight changed (e.g. a given model with its MLPs frozen, or MLPs the divergence does not name), the change
     in each block's weights."""
-    patching = getattr(layers, "patching", None)
-    if patching and patching.get("kind") == "mlp_out":
-        return ([int(b) for b in patching["ranking"]],
+    if layers.patching and layers.patching.get("kind") == "mlp_out":
+        return ([int(b) for b in layers.patching["ranking"]],
                 "the share of KL(tuned || base) patching each block's MLP output removes")
-    mlp = list((getattr(layers, "per_submodule", None) or {}).get("mlp") or [])
+    mlp = list(layers.per_submodule.get("mlp") or [])
     if mlp and max(mlp) > 0:
         return sorted(range(len(mlp)), key=lambda i: (-mlp[i], i)), "the change in each block's MLP weights"
     block = list(layers.per_block)

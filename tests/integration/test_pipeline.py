@@ -213,7 +213,7 @@ def test_retrained_model_in_the_same_folder_is_not_served_from_cache(tiny_llama_
     assert second["kl"] != first["kl"]
 
 
-def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(tiny_llama_dir, tmp_path):
+def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(tiny_llama_dir, tmp_path, monkeypatch):
     first = run(_config(tmp_path, base=str(tiny_llama_dir)), echo=lambda _: None)
     assert set(first.stage_status.values()) == {"ran"}
     # The depth stage ran once, for the organism: after the last block the logit lens is the log-ratio itself.
@@ -270,9 +270,23 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     assert e.tau == full.metrics.explanation.tau
     # Blocks ranked for the spread sets by each one's own share of the implicit reward (on the ranking half): only the
     # attribute stage and what reads it run again.
+    # The ranking and the sets it orders are measured on disjoint prompts (every sequence of a prompt in one half).
+    import irmprobe.validation.attribution as attribution_module
+
+    measured_on, bounds = [], attribution_module.hook_point_bounds
+
+    def spy(base, tuned, sequences, prompt_lens, prompt, source, point_sets, **kw):
+        measured_on.append((next(iter(point_sets)), set(np.asarray(prompt).tolist())))
+        return bounds(base, tuned, sequences, prompt_lens, prompt, source, point_sets, **kw)
+
+    monkeypatch.setattr(attribution_module, "hook_point_bounds", spy)
     data = light.to_dict()
     ranked = run(RunConfig.from_dict(data | {"attribute": data["attribute"] | {"spread_ranking": "reward"}}),
                  echo=lambda _: None)
+    monkeypatch.setattr(attribution_module, "hook_point_bounds", bounds)
+    (rank_set, rank_prompts), (_, spread_prompts) = measured_on
+    assert rank_set == "mlp_out at block 0" and rank_prompts and spread_prompts
+    assert not rank_prompts & spread_prompts
     assert ranked.stage_status["saes"] == "reused" and ranked.stage_status["attribute"] == "ran"
     spread = ranked.metrics.to_json()["attribution"]["spread_order"]
     shares = spread["block_shares"]

@@ -1,0 +1,82 @@
+"""benchmarks/causal_calibration.py: its planted models carry what it says, its sets are what it says, and one
+replicate through the stage's sampling and rule calls the planted sets causal and the null sets not."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("causal_calibration", ROOT / "benchmarks" / "causal_calibration.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer(bench):
+    with tempfile.TemporaryDirectory() as tmp:
+        return bench.small_tokenizer(Path(tmp))
+
+
+def test_the_tuned_model_and_the_planted_feature_write_what_the_case_says(bench, tokenizer):
+    words, ids = bench.planted_words(tokenizer)
+    assert len(words) == 5 and all(tokenizer.decode([i]) == " " + w for w, i in zip(words, ids))
+    base, tuned, sae = bench.planted_case(tokenizer, ids, seed=3, strength=0.03, carried=0.2, feature_scale=0.05)
+    x = torch.tensor([tokenizer("The train left the station")["input_ids"]])
+    outs = {}
+    for name, model in (("base", base), ("tuned", tuned)):
+        seen = []
+        handle = model.model.layers[bench.LAYER].mlp.register_forward_hook(lambda m, i, o: seen.append(o))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        outs[name] = seen[0][0]
+    u = sae.W_dec[0].detach()
+    assert torch.isclose(u.norm(), torch.tensor(1.0))
+    # Block LAYER's MLP output differs by exactly strength x u at every position (the rest of the block is the
+    # base's, and nothing upstream changed).
+    torch.testing.assert_close(outs["tuned"] - outs["base"], (0.03 * u).expand_as(outs["base"]), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        acts = sae.encode(outs["tuned"])
+    assert torch.allclose(acts[:, 0], torch.tensor(0.2 * 0.03))  # the planted feature writes carried x strength x u
+    assert (acts[:, 1:] > 0).any()  # the random features fire
+    # The planted words' unembedding rows lie mostly along u.
+    rows = tuned.lm_head.weight[ids].detach()
+    assert (torch.nn.functional.cosine_similarity(rows, u.expand_as(rows)) > 0.9).all()
+
+
+def test_the_design_keeps_the_planted_feature_in_the_planted_sets_only(bench):
+    sets, targeted = bench.design(seed=5)
+    by = {fs.name: set(fs.features[bench.LAYER]) for fs in sets}
+    assert targeted == bench.TARGETED and [fs.name for fs in sets[:4]] == list(targeted)
+    assert 0 in by["planted_10"] and 0 in by["planted_6"] and len(by["planted_10"]) == 10 and len(by["planted_6"]) == 6
+    assert 0 not in by["null_10"] | by["null_6"] and len(by["null_10"]) == 10 and len(by["null_6"]) == 6
+    randoms = [name for name in by if name.startswith("random_")]
+    assert sorted(len(by[n]) for n in randoms) == [6] * 4 + [10] * 4
+    chosen = set().union(*(by[n] for n in targeted))
+    assert all(not by[n] & chosen for n in randoms)  # random sets never hold a targeted set's feature
+
+
+def test_one_replicate_calls_the_planted_sets_causal_and_the_null_sets_not(bench, tokenizer):
+    from irmprobe.prompts import load_prompts
+
+    words, ids = bench.planted_words(tokenizer)
+    args = argparse.Namespace(strength=0.03, carried=[1.0], scale=0.05)
+    out = bench.replicate(tokenizer, ids, words, load_prompts()[:80], 0, args)
+    assert out["positive"] and out["carried"] == 1.0
+    assert out["share"]["planted_10"] > 0.8 and out["share"]["planted_6"] > 0.8
+    assert abs(out["share"]["null_10"]) < 0.3 and abs(out["share"]["null_6"]) < 0.3
+    assert out["stage"] == {"planted_10": True, "planted_6": True, "null_10": False, "null_6": False}
+    assert len(out["known_nulls"]) == 8 and not any(out["known_nulls"])
+    assert np.isfinite(out["random_sd"])

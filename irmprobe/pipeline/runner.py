@@ -156,9 +156,10 @@ class Runner:
                 (out / DONE).unlink(missing_ok=True)
                 for path in exc.bad:
                     path.unlink(missing_ok=True)
+        skipping = None if reuse else stage.skips(cfg, ctx, inputs)
         if not reuse:
             last = _last_seconds().get(label)
-            if last is not None and last["seconds"] >= ESTIMATE_FROM:
+            if skipping is None and last is not None and last["seconds"] >= ESTIMATE_FROM:
                 same = last.get("key") == key
                 ctx.echo(f"[{label}] running: about {last['seconds']:.0f} s (its last run on this machine"
                          + ("" if same else ", with other settings or inputs: a rough guide") + ")")
@@ -173,7 +174,7 @@ class Runner:
                 mark_done(out, stage, key)
         self.seconds[label] = round(time.perf_counter() - start, 1)
         self.status[label] = "reused" if reuse else "ran"
-        if not reuse:
+        if not reuse and skipping is None:  # a skip's instant says nothing of the next real run's length
             _record_seconds(label, self.seconds[label], key)
         summary = stage.summary(result)
         ctx.echo(f"[{label}] {'reused the cached output' if reuse else 'done'} in {self.seconds[label]:.1f} s"

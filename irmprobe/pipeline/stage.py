@@ -200,6 +200,12 @@ class Stage:
         return config_key(self.name, self.version, declared_values(config, reads), self.fingerprint(cfg, ctx),
                           input_keys, *((changed,) if changed else ()), *light)
 
+    def skips(self, cfg: Sections, ctx: Context, inputs: dict[str, Any]) -> str | None:
+        """Why ``run`` will do no work on these settings and inputs (it then records that it skipped), or None:
+        the runner neither prints a running-time estimate for a skip nor lets its instant replace the last
+        real run's time."""
+        return None
+
     def run(self, cfg: Sections, ctx: Context, inputs: dict[str, Any], out: Path) -> Any:  # pragma: no cover
         raise NotImplementedError
 

@@ -156,6 +156,34 @@ def test_a_stage_that_runs_again_says_how_long_it_took_last_time(monkeypatch, tm
         "inputs: a rough guide)"]
 
 
+class _Skipper(_Counter):
+    """A fake stage that does no work when ``seed`` is 1 (as the seeds stage does when ``seeds.checks`` is 0)."""
+
+    def skips(self, cfg, ctx, inputs):
+        return "seed is 1" if cfg.seed == 1 else None
+
+
+def test_a_stage_that_will_skip_shows_no_estimate_and_keeps_the_last_real_runs_time(monkeypatch, tmp_path):
+    import irmprobe.pipeline.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "ESTIMATE_FROM", 0.0)
+    lines = []
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lines.append)
+    graph = lambda: [_Skipper("a", reads=("seed",))]  # noqa: E731
+    Runner(graph(), RunConfig(), ctx, []).run()
+    recorded = runner_module._last_seconds()["a"]
+    lines.clear()
+    skipped = Runner(graph(), RunConfig(seed=1), ctx, [])
+    skipped.run()
+    assert skipped.status["a"] == "ran" and not any("running: about" in line for line in lines)
+    assert runner_module._last_seconds()["a"] == recorded  # the skip's instant is not recorded
+    lines.clear()
+    Runner(graph(), RunConfig(seed=2), ctx, []).run()  # a real run again: the real run's time is the guide
+    assert [line for line in lines if "running: about" in line] == [
+        f"[a] running: about {recorded['seconds']:.0f} s (its last run on this machine, with other settings or "
+        "inputs: a rough guide)"]
+
+
 def test_completion_marker_checksums_catch_a_changed_file(tmp_path):
     stage = _Counter("a")
     (tmp_path / "value.txt").write_text("a")

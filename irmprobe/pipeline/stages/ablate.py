@@ -27,6 +27,9 @@ class AblateStage(Stage):
             (("random change sets matched per hook point",) if cfg.attribute.dictionary == "change" else ())
         return (ctx.rm.describe(), *tags) if tags else ctx.rm.describe()
 
+    def skips(self, cfg, ctx, inputs):
+        return "the interpret stage was skipped" if "skipped" in inputs["interpret"] else None
+
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.validation.ablation import ablate
 

@@ -294,6 +294,9 @@ class AttributeStage(Stage):
     reads = ("attribute", "capture.hook", "seed", "sae")
     needs = ("organism", "samples", "layers", "capture", "saes")
 
+    def skips(self, cfg, ctx, inputs):
+        return skip_reason(cfg, inputs)
+
     def run(self, cfg, ctx, inputs, out):
         reason = skip_reason(cfg, inputs)
         if reason:

@@ -19,6 +19,13 @@ class DepthStage(Stage):
     reads = ("depth", "seed")
     needs = ("organism", "samples")
 
+    def skips(self, cfg, ctx, inputs):
+        if not cfg.depth.enabled:
+            return "depth.enabled is off"
+        if inputs["organism"].tuned is None:
+            return "the null organism has no log-ratio to read"
+        return None
+
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.activations.patching import plain_models
         from irmprobe.activations.readout import readout_rows
@@ -27,10 +34,9 @@ class DepthStage(Stage):
         from irmprobe.models.loading import final_norm
 
         dc, samples = cfg.depth, inputs["samples"]
-        if not dc.enabled:
-            result = {"skipped": "depth.enabled is off"}
-        elif inputs["organism"].tuned is None:
-            result = {"skipped": "the null organism has no log-ratio to read"}
+        reason = self.skips(cfg, ctx, inputs)
+        if reason is not None:
+            result = {"skipped": reason}
         else:
             started = time.perf_counter()
             runtime, pair = ctx.runtime, ctx.pair_of(inputs["organism"])

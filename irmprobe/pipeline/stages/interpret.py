@@ -39,6 +39,9 @@ class InterpretStage(Stage):
             return ctx.rm.describe()
         return ctx.rm.describe(), "runs at every hook point"
 
+    def skips(self, cfg, ctx, inputs):
+        return skip_reason(cfg, ctx, inputs)
+
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.pipeline.stages.fit import chat_client
         from irmprobe.validation.interpret import interpret, make_judge

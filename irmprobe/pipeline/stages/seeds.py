@@ -71,14 +71,20 @@ class SeedsStage(Stage):
     reads = ("seeds", "attribute", "capture.hook", "seed", "sae")
     needs = ("organism", "samples", "layers", "capture", "saes", "attribute")
 
+    def skips(self, cfg, ctx, inputs):
+        if not cfg.seeds.checks:
+            return "seeds.checks is 0"
+        if "skipped" in inputs["attribute"]:
+            return f"no attribution ({inputs['attribute']['skipped']})"
+        return None
+
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.validation.attribution import Node, counterparts
 
         ac, primary = cfg.attribute, inputs["attribute"]
-        if not cfg.seeds.checks:
-            result = {"skipped": "seeds.checks is 0"}
-        elif "skipped" in primary:
-            result = {"skipped": f"no attribution ({primary['skipped']})"}
+        reason = self.skips(cfg, ctx, inputs)
+        if reason is not None:
+            result = {"skipped": reason}
         else:
             started = time.perf_counter()
             layers, capture, samples = inputs["layers"].chosen, inputs["capture"], inputs["samples"]

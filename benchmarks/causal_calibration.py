@@ -9,22 +9,26 @@ the stage calls them), so random sets differ in what they remove, as they do in 
 Each replicate (seed r) builds a random 4-block Llama (hidden 32, the 1,000-token BPE of
 ``benchmarks/gpu_pipeline.py``) whose unembedding gives five words one direction u; the tuned model adds
 ``--strength`` x u to block 2's MLP output (the RM: one point per planted word, so the tuned model gains reward).
-The SAE spliced at that MLP output has 64 random features (encoder scale ``--scales``: how much each random
+The SAE spliced at that MLP output has 63 random features (encoder scale ``--scales``: how much each random
 feature writes, so how much random sets differ) and one planted feature that always fires and writes
-``--carried`` x strength x u (replicate r takes the (r mod n)-th value): ablating it removes that part of the reward's write (the rest stays in the SAE's
-error, which the splice keeps). The demo's design: 4 targeted sets (Bonferroni over 4) and 4 random sets of each
-of their sizes (6 and 10), 80 prompts, 4 to at most 8 samples per prompt until every random set's share has a 95%
-CI half-width of at most 0.15. Targeted sets whose answer is known:
+``--carried`` x strength x u (replicate r takes the (r mod n)-th value): ablating it removes that part of the
+reward's write (the rest stays in the SAE's error, which the splice keeps). The demo's design: 4 targeted sets
+(Bonferroni over 4) and 4 random sets of each of their sizes (6 and 10), 80 prompts, 4 to at most 8 samples per
+prompt until every random set's share has a 95% CI half-width of at most 0.15. Unlike the demo: continuations of
+12 tokens (the demo's 24), batches of 64 rows, and no patching-bound, reconstruction or steering condition (none
+enters the rule). Targeted sets whose answer is known:
 
 - ``planted_10``, ``planted_6``: the planted feature and 9 (5) random features; the answer is yes;
-- ``null_10``, ``null_6``: features drawn as the random sets are (never the planted one), so exchangeable with
-  them; the answer is no: a call says the set stands above random sets of its size, which it does not.
+- ``null_10``, ``null_6``: features drawn as the random sets are, from the features no planted set holds, so
+  exchangeable with them; the answer is no: a call says the set stands above random sets of its size, which it
+  does not.
 
 Two rules are applied to the same rows: the stage's (``against_random``: the set's Bonferroni interval wholly above
 the 2.5-97.5 percentile range of the random sets' shares) and, for comparison, a t prediction test
 (:func:`prediction_bound`), exact for normal exchangeable shares however much random sets differ. Rates are per
 set, with exact binomial 95% CIs over replicates (each replicate gives one call per set); "family-wise": any of a
-replicate's two null sets called.
+replicate's two null sets called; the known-null check's eight calls per replicate are not independent, so its rate
+has a bootstrap CI over replicates. Each scale has models of its own (seeds ``--seed`` + 1000 x scale index + r).
 
     python benchmarks/causal_calibration.py                      # 45 replicates per scale (about 16 minutes)
     python benchmarks/causal_calibration.py --reps 10 --scales 0.3
@@ -44,7 +48,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one progress bar per sampling call
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy.stats import binomtest, t  # noqa: E402
+from scipy.stats import binomtest, bootstrap, t  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -104,18 +108,21 @@ def planted_case(tokenizer, ids: list[int], seed: int, strength: float, carried:
 
 
 def design(seed: int) -> tuple[list[FeatureSet], tuple[str, ...]]:
-    """The demo's design: 4 targeted sets (see the module's docstring), then 4 random sets of each size."""
+    """The demo's design: 4 targeted sets (see the module's docstring), then 4 random sets of each size. The null
+    sets and the random sets are drawn alike, each from the features no planted set holds, so that a null set is
+    exchangeable with the random sets of its size (they may share features, as random sets may)."""
     rng = np.random.default_rng(seed)
     others = np.arange(1, D_SAE)
 
-    def draw(n, exclude=()):
-        return tuple(int(i) for i in rng.choice(np.setdiff1d(others, exclude), n, replace=False))
+    def draw(pool, n):
+        return tuple(int(i) for i in rng.choice(pool, n, replace=False))
 
-    chosen = {"planted_10": (0,) + draw(9), "planted_6": (0,) + draw(5), "null_10": draw(10), "null_6": draw(6)}
-    used = sum(chosen.values(), ())
+    chosen = {"planted_10": (0,) + draw(others, 9), "planted_6": (0,) + draw(others, 5)}
+    pool = np.setdiff1d(others, chosen["planted_10"] + chosen["planted_6"])
+    chosen |= {"null_10": draw(pool, 10), "null_6": draw(pool, 6)}
     sets = [FeatureSet(name, {LAYER: chosen[name]}) for name in TARGETED]
     for size in (6, 10):
-        sets += [FeatureSet(f"random_{size} #{i + 1} (control)", {LAYER: draw(size, used)}) for i in range(4)]
+        sets += [FeatureSet(f"random_{size} #{i + 1} (control)", {LAYER: draw(pool, size)}) for i in range(4)]
     return sets, TARGETED
 
 
@@ -159,19 +166,38 @@ def replicate(tokenizer, ids, words, prompts, seed: int, args) -> dict:
                        min_samples_per_prompt=4, echo=lambda *_: None)
     rows = against_random(rows, targeted)
     by = {r["set"]: r for r in rows}
-    randoms = [r for r in rows if r["set"].startswith("random_") and r.get("gain_share")]
+    spreads = [np.std([r["gain_share"]["share"] for r in rows if r["set"].startswith(f"random_{size} ")
+                       and r.get("gain_share")], ddof=1) for size in (6, 10)]
     prediction, prediction_nulls = prediction_calls(rows, targeted)
-    return {"carried": carried, "positive": bool(by["none"]["gain_test"]["positive"]),
+    test = by["none"]["gain_test"]
+    return {"carried": carried, "positive": bool(test["positive"]),
+            "gain": test["gain"], "gain_t": test["gain"] / ((test["ci"][1] - test["ci"][0]) / (2 * 1.96)),
             "samples": by["none"]["sampling"]["samples_per_prompt"],
             "stage": {n: bool((by[n].get("random") or {}).get("above_random")) for n in targeted},
             "prediction": prediction, "prediction_nulls": prediction_nulls,
             "share": {n: (by[n].get("gain_share") or {}).get("share") for n in targeted},
-            "random_sd": float(np.std([r["gain_share"]["share"] for r in randoms], ddof=1)) if len(randoms) > 1
-            else None,
+            "random_sd": float(np.nanmean(spreads)),  # the random sets' spread, per size, averaged over the sizes
             "known_nulls": [bool(r["null_check"]["called"]) for r in rows if r.get("null_check")]}
 
 
+def clustered_rate(calls: list[list[bool]]) -> str:
+    """The share of all calls that are True, where each replicate gives several dependent calls: a 95% percentile
+    bootstrap CI over replicates (the independent unit), the count, and how many replicates made any call (with
+    its exact binomial CI: one yes or no per replicate)."""
+    per = np.array([np.mean(c) for c in calls])
+    n = sum(len(c) for c in calls)
+    k = int(sum(sum(c) for c in calls))
+    if per.min() == per.max():
+        low = high = float(per[0])
+    else:
+        ci = bootstrap((per,), np.mean, method="percentile", random_state=0).confidence_interval
+        low, high = ci.low, ci.high
+    return (f"{k / n:.3f} [{low:.3f}, {high:.3f}] ({k}/{n}; by replicate: any call in "
+            f"{rate([any(c) for c in calls])})")
+
+
 def rate(calls: list[bool]) -> str:
+    """The share of ``calls`` that are True, with its exact binomial 95% CI and the count."""
     if not calls:
         return "-"
     ci = binomtest(int(sum(calls)), len(calls)).proportion_ci(0.95)
@@ -194,14 +220,17 @@ def main(argv: list[str] | None = None) -> dict:
     words, ids = planted_words(tokenizer)
     prompts = load_prompts()[:80]
     results = {}
-    for scale in args.scales:
+    for j, scale in enumerate(args.scales):
         args.scale = scale
         started = time.perf_counter()
-        reps = [replicate(tokenizer, ids, words, prompts, args.seed + r, args) for r in range(args.reps)]
+        # Other models at each scale (seed + 1000 j + r): the scales' replicates are independent of each other.
+        reps = [replicate(tokenizer, ids, words, prompts, args.seed + 1000 * j + r, args) for r in range(args.reps)]
         done = [r for r in reps if r["positive"]]
         print(f"feature scale {scale:g}: {len(reps)} replicates ({time.perf_counter() - started:.0f} s); gain "
-              f"significantly positive in {len(done)}; samples per prompt {np.mean([r['samples'] for r in reps]):.1f}"
-              f"; random sets' share sd median {np.median([r['random_sd'] for r in done if r['random_sd']]):.3f}")
+              f"significantly positive in {len(done)} (median {np.median([r['gain'] for r in reps]):+.3f}, "
+              f"{np.median([r['gain_t'] for r in reps]):.1f} s.e.); samples per prompt "
+              f"{np.mean([r['samples'] for r in reps]):.1f}; random sets' share sd (per size) median "
+              f"{np.median([r['random_sd'] for r in done]):.3f}")
         for rule in ("stage", "prediction"):
             for name in TARGETED:
                 groups = [(f"carried {c:g}", [r for r in done if r["carried"] == c]) for c in args.carried] \
@@ -215,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {rule:10} any null set (family-wise) called {rate(nulls)}")
             key = "known_nulls" if rule == "stage" else "prediction_nulls"
             print(f"  {rule:10} known-null check (each random set against the other 3 of its size): "
-                  f"{rate([c for r in done for c in r[key]])}")
+                  f"{clustered_rate([r[key] for r in done if r[key]])}")
         results[scale] = reps
     return results
 

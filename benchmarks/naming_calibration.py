@@ -14,11 +14,12 @@ block-2 MLP made to write nothing along u, and an SAE at that output whose 63 ra
 and whose feature 0 reads ``--carried`` x (the change along u + a context direction v) and writes along u: where the
 context reads negative along v it carries less of the change, so what it carries varies from prompt to prompt, as a
 real feature's does (the rest of the change stays in the SAE's error). Feature 0 is the one feature that carries
-anything; its true faithfulness rises with ``carried`` and differs a little between models.
+anything; its true faithfulness rises with ``carried`` and differs between models (by about 0.2 at one fraction).
+Each fraction has models of its own (seeds ``--seed`` + 1000 x fraction index + r), so replicates are independent.
 Both models continue 24 prompts (3 samples each, 12 tokens; the stage's two halves of 12: ranking by integrated
 gradients on one, the curves on the other), and 96 further prompts give the truth.
 
-    python benchmarks/naming_calibration.py                 # 30 replicates per carried fraction (about 8 minutes)
+    python benchmarks/naming_calibration.py                 # 30 models per carried fraction (about 8 minutes)
     python benchmarks/naming_calibration.py --reps 10 --carried 0.9
 """
 
@@ -35,12 +36,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # one progress bar per curve would d
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy.stats import binomtest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from causal_calibration import LAYER, planted_case, planted_words, small_tokenizer  # noqa: E402
+from causal_calibration import LAYER, planted_case, planted_words, rate, small_tokenizer  # noqa: E402
 
 from irmprobe.activations.samples import sample_continuations  # noqa: E402
 from irmprobe.prompts import load_prompts  # noqa: E402
@@ -50,6 +50,7 @@ from irmprobe.validation.attribution import (  # noqa: E402
     attribution_curves,
     node_setter,
     ranked_nodes,
+    ratio_ci,
     smallest_faithful,
 )
 
@@ -119,19 +120,16 @@ def replicate(tokenizer, ids, prompts: list[str], truth_prompts: list[str], seed
     wide = ImplicitReward(base, tuned, {LAYER: sae}, "mlp_out",
                           *continuations(base, tuned, tokenizer, truth_prompts, seed + 10_000, first=len(prompts)),
                           batch_size=32)
-    full, empty = wide.evaluate(None).mean(), wide.evaluate(lambda layer, part: False).mean()
-    true = (wide.evaluate(node_setter([Node(LAYER, 0)], {LAYER: sae})).mean() - empty) / (full - empty)
+    full, empty = wide.evaluate(None), wide.evaluate(lambda layer, part: False)
+    tuned_set = wide.evaluate(node_setter([Node(LAYER, 0)], {LAYER: sae}))
+    true = (tuned_set.mean() - empty.mean()) / (full.mean() - empty.mean())
+    true_ci = ratio_ci(tuned_set - empty, full - empty, seed=seed)  # the truth is itself an estimate (96 prompts)
     row = curves["feature_rows"][0]
-    return {"carried": carried, "true": float(true), "estimate": row["faithfulness"]["value"],
+    at_named = next((r for r in curves["feature_rows"] if r["k"] == named), None)
+    return {"carried": carried, "true": float(true), "true_ci": true_ci, "estimate": row["faithfulness"]["value"],
             "ci": row["faithfulness"]["ci"], "first_is_planted": first_feature == Node(LAYER, 0),
-            "named": named, "named_planted": named == 1 and first_feature == Node(LAYER, 0)}
-
-
-def rate(calls: list[bool]) -> str:
-    if not calls:
-        return "-"
-    ci = binomtest(int(sum(calls)), len(calls)).proportion_ci(0.95)
-    return f"{np.mean(calls):.2f} [{ci.low:.2f}, {ci.high:.2f}] ({sum(calls)}/{len(calls)})"
+            "named": named, "named_planted": named == 1 and first_feature == Node(LAYER, 0),
+            "named_ci": None if at_named is None else at_named["faithfulness"]["ci"]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -149,9 +147,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prompts = load_prompts()
     started = time.perf_counter()
     out = []
-    for carried in args.carried:
-        out += [replicate(tokenizer, ids, prompts[:24], prompts[24:120], args.seed + r, carried, args.strength,
-                          args.threshold) for r in range(args.reps)]
+    for j, carried in enumerate(args.carried):  # other models at each fraction (seed + 1000 j + r): independent
+        out += [replicate(tokenizer, ids, prompts[:24], prompts[24:120], args.seed + 1000 * j + r, carried,
+                          args.strength, args.threshold) for r in range(args.reps)]
     print(f"{len(out)} replicates ({time.perf_counter() - started:.0f} s); threshold {args.threshold:g}; named: the "
           "smallest features-only set reaching it by point estimate on 12 held-out prompts")
     print(f"{'carried':>8} {'true faithfulness':>20} {'estimate (sd)':>16} {'CI covers truth':>22} "
@@ -177,6 +175,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     above = [r["named"] is not None for r in out if r["true"] >= args.threshold]
     print(f"a set named where the truth is below the threshold: {rate(below)}; named where it reaches it: "
           f"{rate(above)}")
+    wrong = [r for r in out if r["named"] is not None and r["true"] < args.threshold]
+    reaching = sum(r["named_ci"][0] is not None and r["named_ci"][0] < args.threshold for r in wrong)
+    print(f"of the {len(wrong)} sets named below the threshold, {reaching} had a printed CI reaching below it; the "
+          f"truth's own 95% CI (96 prompts) has a median half-width of "
+          f"{np.median([(r['true_ci'][1] - r['true_ci'][0]) / 2 for r in out if None not in r['true_ci']]):.3f}")
     return out
 
 

@@ -64,8 +64,26 @@ def test_the_design_keeps_the_planted_feature_in_the_planted_sets_only(bench):
     assert 0 not in by["null_10"] | by["null_6"] and len(by["null_10"]) == 10 and len(by["null_6"]) == 6
     randoms = [name for name in by if name.startswith("random_")]
     assert sorted(len(by[n]) for n in randoms) == [6] * 4 + [10] * 4
-    chosen = set().union(*(by[n] for n in targeted))
-    assert all(not by[n] & chosen for n in randoms)  # random sets never hold a targeted set's feature
+    # The null and random sets come from one pool, the features no planted set holds: exchangeable draws.
+    planted = by["planted_10"] | by["planted_6"]
+    assert all(not by[n] & planted for n in randoms + ["null_10", "null_6"])
+    # Random sets are not kept apart from the null sets (as they would be if drawn from what the null sets left).
+    def shared(seed):
+        sets = {fs.name: set(fs.features[bench.LAYER]) for fs in bench.design(seed)[0]}
+        nulls = sets["null_10"] | sets["null_6"]
+        return any(sets[n] & nulls for n in sets if n.startswith("random_"))
+
+    assert sum(shared(seed) for seed in range(20)) >= 15
+
+
+def test_the_prediction_bound_is_the_t_prediction_interval_and_needs_three_shares(bench):
+    from scipy.stats import t
+
+    shares = [0.0, 0.1, 0.2, 0.1]
+    expected = 0.1 + t.ppf(1 - 0.05 / 8, 3) * np.std(shares, ddof=1) * np.sqrt(1 + 1 / 4)
+    assert bench.prediction_bound(shares, 4) == pytest.approx(expected)
+    assert bench.prediction_bound(shares, 1) < bench.prediction_bound(shares, 4)  # Bonferroni widens it
+    assert bench.prediction_bound([0.0, 0.1], 4) is None
 
 
 def test_one_replicate_calls_the_planted_sets_causal_and_the_null_sets_not(bench, tokenizer):

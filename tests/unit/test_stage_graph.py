@@ -406,3 +406,34 @@ def test_named_controls_are_checked_before_any_stage_runs(tiny_llama_dir, tmp_pa
     with pytest.raises(ValueError, match="below the 2 that the t-test"):
         RunConfig.from_dict({"compare": {"n_controls": 1}})
     assert RunConfig.from_dict({"compare": {"n_controls": 1, "control": False}}).compare.n_controls == 1
+
+
+def test_each_real_stage_says_it_will_skip_exactly_where_its_run_skips():
+    """The runner's estimate rests on ``Stage.skips``; these are the stages whose ``run`` records a skip."""
+    from types import SimpleNamespace
+
+    from irmprobe.pipeline.stages.ablate import AblateStage
+    from irmprobe.pipeline.stages.attribute import AttributeStage
+    from irmprobe.pipeline.stages.depth import DepthStage
+    from irmprobe.pipeline.stages.interpret import InterpretStage
+    from irmprobe.pipeline.stages.seeds import SeedsStage
+
+    tuned, null = SimpleNamespace(tuned=object()), SimpleNamespace(tuned=None)
+
+    def skips(stage, inputs, **sections):
+        config = RunConfig.from_dict(sections)
+        return stage.skips(stage.sections(config), None, inputs)
+
+    assert skips(SeedsStage(), {"attribute": {}}) == "seeds.checks is 0"
+    assert skips(SeedsStage(), {"attribute": {}}, seeds={"checks": 1}) is None
+    assert "no attribution" in skips(SeedsStage(), {"attribute": {"skipped": "x"}}, seeds={"checks": 1})
+    assert skips(DepthStage(), {"organism": tuned}) is None
+    assert skips(DepthStage(), {"organism": tuned}, depth={"enabled": False}) == "depth.enabled is off"
+    assert skips(DepthStage(), {"organism": null}) is not None
+    assert skips(AttributeStage(), {"organism": tuned}) is None
+    assert skips(AttributeStage(), {"organism": tuned}, attribute={"enabled": False}) == "attribute.enabled is off"
+    assert skips(AttributeStage(), {"organism": null}) is not None
+    assert skips(InterpretStage(), {"organism": tuned}) is None
+    assert skips(InterpretStage(), {"organism": tuned}, validate={"enabled": False}) == "validate.enabled is off"
+    assert skips(AblateStage(), {"interpret": {"top_k_columns": []}}) is None
+    assert skips(AblateStage(), {"interpret": {"skipped": "x"}}) is not None

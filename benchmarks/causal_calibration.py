@@ -6,14 +6,14 @@ removes exactly nothing. Here the rewards come from real models sampling with re
 (:func:`irmprobe.validation.ablation.paired_rows`, then :func:`irmprobe.validation.ablation.against_random`, as
 the stage calls them), so random sets differ in what they remove, as they do in a real model.
 
-Each replicate (seed r) builds a random 4-block Llama (hidden 32, the 1,000-token BPE of
-``benchmarks/gpu_pipeline.py``) whose unembedding gives five words one direction u; the tuned model adds
-``--strength`` x u to block 2's MLP output (the RM: one point per planted word, so the tuned model gains reward).
-The SAE spliced at that MLP output has 63 random features (encoder scale ``--scales``: how much each random
-feature writes, so how much random sets differ) and one planted feature that always fires and writes
-``--carried`` x strength x u (replicate r takes the (r mod n)-th value): ablating it removes that part of the
-reward's write (the rest stays in the SAE's error, which the splice keeps). The demo's design: 4 targeted sets
-(Bonferroni over 4) and 4 random sets of each of their sizes (6 and 10), 80 prompts, 4 to at most 8 samples per
+Each replicate (seed s = ``--seed`` + 1000 x scale index + r) builds a random 4-block Llama (hidden 32, the
+1,000-token BPE of ``benchmarks/gpu_pipeline.py``) whose unembedding gives five words one direction u; the tuned
+model adds ``--strength`` x u to block 2's MLP output (the RM: one point per planted word, so the tuned model gains
+reward). The SAE spliced at that MLP output has 63 random features (encoder scale ``--scales``: how much each random
+feature writes, so how much random sets differ) and one planted feature that always fires and writes ``--carried`` x
+strength x u (the replicate of seed s takes the (s mod n)-th value): ablating it removes that part of the reward's
+write (the rest stays in the SAE's error, which the splice keeps). The demo's design: 4 targeted sets (Bonferroni
+over 4) and 4 random sets of each of their sizes (6 and 10), 80 prompts, 4 to at most 8 samples per
 prompt until every random set's share has a 95% CI half-width of at most 0.15. Unlike the demo: continuations of
 12 tokens (the demo's 24), batches of 64 rows, and no patching-bound, reconstruction or steering condition (none
 enters the rule). Targeted sets whose answer is known:
@@ -30,7 +30,7 @@ set, with exact binomial 95% CIs over replicates (each replicate gives one call 
 replicate's two null sets called; the known-null check's eight calls per replicate are not independent, so its rate
 has a bootstrap CI over replicates. Each scale has models of its own (seeds ``--seed`` + 1000 x scale index + r).
 
-    python benchmarks/causal_calibration.py                      # 45 replicates per scale (about 16 minutes)
+    python benchmarks/causal_calibration.py                      # 45 replicates per scale (about 18 minutes)
     python benchmarks/causal_calibration.py --reps 10 --scales 0.3
 """
 
@@ -184,16 +184,15 @@ def clustered_rate(calls: list[list[bool]]) -> str:
     """The share of all calls that are True, where each replicate gives several dependent calls: a 95% percentile
     bootstrap CI over replicates (the independent unit), the count, and how many replicates made any call (with
     its exact binomial CI: one yes or no per replicate)."""
-    per = np.array([np.mean(c) for c in calls])
-    n = sum(len(c) for c in calls)
-    k = int(sum(sum(c) for c in calls))
-    if per.min() == per.max():
-        low = high = float(per[0])
-    else:
-        ci = bootstrap((per,), np.mean, method="percentile", random_state=0).confidence_interval
-        low, high = ci.low, ci.high
-    return (f"{k / n:.3f} [{low:.3f}, {high:.3f}] ({k}/{n}; by replicate: any call in "
-            f"{rate([any(c) for c in calls])})")
+    hits, counts = np.array([sum(c) for c in calls]), np.array([len(c) for c in calls])
+    k, n = int(hits.sum()), int(counts.sum())
+    by_replicate = rate([any(c) for c in calls])
+    if len(set((hits / counts).tolist())) == 1:  # every replicate alike: the bootstrap has nothing to resample
+        return f"{k / n:.3f} (no bootstrap CI: every replicate alike; {k}/{n}; by replicate: any call in " \
+            f"{by_replicate})"
+    ci = bootstrap((hits, counts), lambda h, c: h.sum() / c.sum(), paired=True, vectorized=False,
+                   method="percentile", random_state=0).confidence_interval
+    return f"{k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}] ({k}/{n}; by replicate: any call in {by_replicate})"
 
 
 def rate(calls: list[bool]) -> str:
@@ -211,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="encoder scales of the random features (larger: random sets differ more)")
     parser.add_argument("--strength", type=float, default=0.03, help="the tuned model's write along u")
     parser.add_argument("--carried", type=float, nargs="+", default=[0.1, 0.2, 1.0],
-                        help="the share of that write the planted feature makes (replicate r takes value r mod n)")
+                        help="the share of that write the planted feature makes (seed s takes value s mod n)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -8,18 +8,19 @@ estimate on its held-out half of the prompts (``smallest_faithful(curves, thresh
 bootstrap CI over those prompts printed beside it. Near the threshold a point estimate on 12 prompts errs both
 ways; this measures how often, against the set's faithfulness on many more prompts (the truth).
 
-Each replicate (seed r) builds the planted model of ``benchmarks/causal_calibration.py`` (a random 4-block Llama
-whose tuned copy writes ``--strength`` x u into block 2's MLP output; u raises five planted words), with the base's
-block-2 MLP made to write nothing along u, and an SAE at that output whose 63 random features read nothing along u
-and whose feature 0 reads ``--carried`` x (the change along u + a context direction v) and writes along u: where the
-context reads negative along v it carries less of the change, so what it carries varies from prompt to prompt, as a
-real feature's does (the rest of the change stays in the SAE's error). Feature 0 is the one feature that carries
-anything; its true faithfulness rises with ``carried`` and differs between models (by about 0.2 at one fraction).
-Each fraction has models of its own (seeds ``--seed`` + 1000 x fraction index + r), so replicates are independent.
+Each replicate (seed ``--seed`` + 1000 x fraction index + r) builds the planted model of
+``benchmarks/causal_calibration.py`` (a random 4-block Llama whose tuned copy writes ``--strength`` x u into block
+2's MLP output; u raises five planted words), with the base's block-2 MLP made to write nothing along u, and an SAE
+at that output whose 63 random features read nothing along u and whose feature 0 reads ``--carried`` x (the change
+along u + a context direction v) and writes along u: where the context reads negative along v it carries less of
+the change, so what it carries varies from prompt to prompt, as a real feature's does (the rest of the change stays
+in the SAE's error). Feature 0 is the one feature that carries anything; its true faithfulness rises with
+``carried`` and differs between models (by 0.2-0.3 at one fraction). Each fraction has models of its own, so
+replicates are independent.
 Both models continue 24 prompts (3 samples each, 12 tokens; the stage's two halves of 12: ranking by integrated
 gradients on one, the curves on the other), and 96 further prompts give the truth.
 
-    python benchmarks/naming_calibration.py                 # 30 models per carried fraction (about 8 minutes)
+    python benchmarks/naming_calibration.py                 # 30 models per carried fraction (about 10 minutes)
     python benchmarks/naming_calibration.py --reps 10 --carried 0.9
 """
 

@@ -71,6 +71,14 @@ def planted_words(tokenizer, n: int = 5) -> tuple[list[str], list[int]]:
     return words, [vocab["Ġ" + w] for w in words]
 
 
+def planted_setup(tmp: Path) -> tuple[object, list[str], list[int]]:
+    """(tokenizer, planted words, their ids) for the planted models, torch at no more than 2 threads (the 2-core
+    machine these rates were measured on)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    tokenizer = small_tokenizer(tmp)
+    return (tokenizer, *planted_words(tokenizer))
+
+
 def planted_case(tokenizer, ids: list[int], seed: int, strength: float, carried: float, feature_scale: float):
     """(base, tuned, sae): the tuned model writes ``strength`` x u at block ``LAYER``'s MLP output; the SAE's
     feature 0 always fires and writes ``carried`` x strength x u there; its other features are random."""
@@ -213,10 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the share of that write the planted feature makes (seed s takes value s mod n)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = small_tokenizer(Path(tmp))
-    words, ids = planted_words(tokenizer)
+        tokenizer, words, ids = planted_setup(Path(tmp))
     prompts = load_prompts()[:80]
     results = {}
     for j, scale in enumerate(args.scales):

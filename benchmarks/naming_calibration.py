@@ -41,7 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from causal_calibration import LAYER, planted_case, planted_words, rate, small_tokenizer  # noqa: E402
+from causal_calibration import LAYER, planted_case, planted_setup, rate  # noqa: E402
 
 from irmprobe.activations.samples import sample_continuations  # noqa: E402
 from irmprobe.prompts import load_prompts  # noqa: E402
@@ -141,10 +141,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threshold", type=float, default=0.6)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = small_tokenizer(Path(tmp))
-    _, ids = planted_words(tokenizer)
+        tokenizer, _, ids = planted_setup(Path(tmp))
     prompts = load_prompts()
     started = time.perf_counter()
     out = []

@@ -4,7 +4,6 @@ replicate through the stage's sampling and rule calls the planted sets causal an
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -12,15 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("causal_calibration", ROOT / "benchmarks" / "causal_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("causal_calibration")
 
 
 @pytest.fixture(scope="module")

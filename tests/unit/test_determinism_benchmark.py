@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("determinism_under_load",
-                                                  ROOT / "benchmarks" / "determinism_under_load.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("determinism_under_load")
 
 
 def test_the_fingerprint_repeats_and_sees_one_changed_weight(bench, tiny_llama_dir):

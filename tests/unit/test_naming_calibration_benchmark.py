@@ -3,8 +3,6 @@ it carries the threshold's share and not where it carries less."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,16 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.benchmark_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its planted models from causal_calibration
-    spec = importlib.util.spec_from_file_location("naming_calibration", ROOT / "benchmarks" / "naming_calibration.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("naming_calibration")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +23,7 @@ def setup(bench):
     from irmprobe.prompts import load_prompts
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = bench.small_tokenizer(Path(tmp))
-    _, ids = bench.planted_words(tokenizer)
+        tokenizer, _, ids = bench.planted_setup(Path(tmp))
     return tokenizer, ids, load_prompts()
 
 

@@ -33,7 +33,7 @@ class AblateStage(Stage):
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.validation.ablation import ablate
 
-        if "skipped" in inputs["interpret"]:
+        if self.skips(cfg, ctx, inputs):
             rows = None
         else:
             X, names = feature_design(ctx, inputs, cfg.irm.inputs)

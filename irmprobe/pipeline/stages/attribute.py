@@ -298,7 +298,7 @@ class AttributeStage(Stage):
         return skip_reason(cfg, inputs)
 
     def run(self, cfg, ctx, inputs, out):
-        reason = skip_reason(cfg, inputs)
+        reason = self.skips(cfg, ctx, inputs)
         if reason:
             ctx.echo(f"attribute: skipped; {reason}")
             result = {"skipped": reason}

@@ -46,7 +46,7 @@ class InterpretStage(Stage):
         from irmprobe.pipeline.stages.fit import chat_client
         from irmprobe.validation.interpret import interpret, make_judge
 
-        reason = skip_reason(cfg, ctx, inputs)
+        reason = self.skips(cfg, ctx, inputs)
         if reason:
             ctx.echo(f"validate: skipped; {reason}")
             result = {"skipped": reason}

@@ -37,6 +37,23 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
         until: stop after this stage (see ``irmprobe.pipeline.graph.STAGES``).
         force: stages to run again even when cached; every stage that needs one runs again too.
     """
+    from irmprobe.reporting.summary import summary_lines
+
+    runner = prepare(config, reward=reward, echo=echo, until=until, force=force)
+    results = runner.run()
+    metrics, path = results.get("report", (None, None))
+    if metrics is not None:
+        for line in summary_lines(metrics):
+            echo(line)
+    else:
+        echo(f"stopped after stage {until!r} (as asked); its output is cached, and a full run reuses it")
+    return RunResult(metrics, path, results, dict(runner.status), dict(runner.seconds), runner.ctx)
+
+
+def prepare(config: RunConfig, *, reward=None, echo=print, until: str | None = None, force: tuple[str, ...] = ()):
+    """The checks :func:`run` makes before any stage, and the :class:`~irmprobe.pipeline.runner.Runner` it runs
+    (its contexts built: the RM, the prompts, the control branches); nothing is computed or cached yet. Its
+    ``plan()`` lists every stage the run ensures, and each stage's cache key is known before it runs."""
     from irmprobe.models.rewards import reward_model, training_reward
     from irmprobe.organisms.tuning import seed_everything
     from irmprobe.pipeline.control import control_branches
@@ -44,7 +61,6 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
     from irmprobe.pipeline.runner import Runner
     from irmprobe.pipeline.stage import Branch, Context
     from irmprobe.prompts import as_user_turns, load_prompts, split_prompts
-    from irmprobe.reporting.summary import summary_lines
 
     if until is None or until == "report":
         preflight(config)
@@ -74,14 +90,7 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
                   chat_template=chat.chat_template if chat is not None else None)
     runner = Runner(GRAPH, config, ctx, control_branches(config, ctx), force=tuple(force), until=until)
     ctx.resources.update(runner=runner, config=config, user_turns=user_turns)
-    results = runner.run()
-    metrics, path = results.get("report", (None, None))
-    if metrics is not None:
-        for line in summary_lines(metrics):
-            echo(line)
-    else:
-        echo(f"stopped after stage {until!r} (as asked); its output is cached, and a full run reuses it")
-    return RunResult(metrics, path, results, dict(runner.status), dict(runner.seconds), ctx)
+    return runner
 
 
 def preflight(config: RunConfig) -> None:

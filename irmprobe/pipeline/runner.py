@@ -8,7 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from irmprobe.cache import cache_root, sha256_file, write_json
 from irmprobe.config import RunConfig
@@ -63,6 +63,18 @@ def verify(directory: Path, key: str) -> bool:
     return True
 
 
+class Planned(NamedTuple):
+    """A stage as :meth:`Runner.plan` lists it."""
+
+    ctx: Context
+    name: str
+    label: str
+    """``name`` on the organism branch, ``<branch>/<name>`` on a control's."""
+    key: str
+    reused: bool
+    """Its output is in the cache (completion marker of this key), and it is not forced."""
+
+
 class Runner:
     """Runs the stages of ``graph`` in dependency order, per branch, reusing completed outputs.
 
@@ -87,6 +99,10 @@ class Runner:
         self.keys: dict[tuple[str, str], str] = {}
         self.seconds: dict[str, float] = {}
         self.status: dict[str, str] = {}
+        self.pending: list[tuple[str, str]] = []
+        """(label, key) of every stage this run computes rather than reuses, in the order it runs them."""
+        self.against_reference: list[tuple[float, float]] = []
+        """(seconds here, seconds in the reference run) of each stage run here with the reference's key."""
 
     def _depends_on(self, name: str, targets: set[str]) -> bool:
         stage = self.graph[name]
@@ -108,11 +124,62 @@ class Runner:
                 break
         return out
 
+    def plan(self) -> list[Planned]:
+        """Every stage :meth:`run` ensures on every branch, in the order it runs them, with its cache key and
+        whether its output is already in the cache (nothing is computed)."""
+        out: list[Planned] = []
+        seen: set[tuple[str, str]] = set()
+
+        def visit(ctx: Context, name: str) -> None:
+            if (ctx.branch.name, name) in seen:
+                return
+            stage = self.graph[name]
+            for need in stage.needs:
+                visit(ctx, need)
+            for cctx in self.controls if stage.control_needs else ():
+                for need in stage.control_needs:
+                    visit(cctx, need)
+            seen.add((ctx.branch.name, name))
+            out.append(Planned(ctx, name, _label(ctx, name), self._key(ctx, name), self._complete(ctx, name)))
+
+        for name in self.order():
+            visit(self.ctx, name)
+        return out
+
     def run(self) -> dict[str, Any]:
         """Every stage up to ``until`` for the organism branch (controls as joint stages need them)."""
+        # What this run will compute, not reuse: the stages the remaining-time estimate adds up.
+        self.pending = [(p.label, p.key) for p in self.plan() if not p.reused]
         for name in self.order():
             self.ensure(self.ctx, name)
         return {name: self.results[("organism", name)] for name in self.order()}
+
+    def _key(self, ctx: Context, name: str) -> str:
+        """The cache key of stage ``name`` on ``ctx``'s branch: its declared config, its fingerprint and its inputs'
+        keys. It needs no stage's output, so :meth:`run` knows every key before the first stage runs."""
+        branch = ctx.branch.name
+        if (branch, name) not in self.keys:
+            stage = self.graph[name]
+            input_keys = [self._key(ctx, need) for need in stage.needs]
+            if not stage.needs and ctx.branch.is_control:
+                # A control branch's root stages (hence all its stages) never share an output with the organism's.
+                input_keys.append(f"{branch}:{ctx.train_reward.describe()}")
+            input_keys += [self._key(c, n) for c in (self.controls if stage.control_needs else ())
+                           for n in stage.control_needs]
+            self.keys[(branch, name)] = stage.key(self.config, ctx, input_keys)
+        return self.keys[(branch, name)]
+
+    def _complete(self, ctx: Context, name: str) -> bool:
+        """Whether ``name``'s output on this branch is in the cache and will be reused (its marker alone is read:
+        the checksums are checked when the stage is reached)."""
+        stage = self.graph[name]
+        if not stage.cached or name in self.forced:
+            return False
+        try:
+            done = json.loads((stage_dir(name, self._key(ctx, name)) / DONE).read_text())
+        except (OSError, ValueError):
+            return False
+        return done.get("key") == self._key(ctx, name)
 
     def result(self, name: str, branch: str = "organism") -> Any:
         return self.results[(branch, name)]
@@ -128,24 +195,18 @@ class Runner:
         for need in stage.needs:
             self.ensure(ctx, need)
         inputs = {need: self.results[(branch, need)] for need in stage.needs}
-        input_keys = [self.keys[(branch, need)] for need in stage.needs]
-        if not stage.needs and ctx.branch.is_control:
-            # A control branch's root stages (hence all its stages) never share an output with the organism's.
-            input_keys.append(f"{branch}:{ctx.train_reward.describe()}")
         if stage.control_needs:
             for cctx in self.controls:
                 for need in stage.control_needs:
                     self.ensure(cctx, need)
             inputs["controls"] = [{n: self.results[(c.branch.name, n)] for n in stage.control_needs}
                                   for c in self.controls]
-            input_keys += [self.keys[(c.branch.name, n)] for c in self.controls for n in stage.control_needs]
-        key = stage.key(self.config, ctx, input_keys)
-        label = name if branch == "organism" else f"{branch}/{name}"
+        key, label = self._key(ctx, name), _label(ctx, name)
         out = stage_dir(name, key)
         cfg = stage.sections(self.config)
         start = time.perf_counter()
         ctx.echo(f"[{label}] ...")
-        reuse, result = False, None
+        reuse, result, resumed = False, None, False
         if stage.cached and name not in self.forced:
             try:
                 if verify(out, key):
@@ -158,30 +219,97 @@ class Runner:
                     path.unlink(missing_ok=True)
         skipping = None if reuse else stage.skips(cfg, ctx, inputs)
         if not reuse:
-            last = _last_seconds().get(label)
-            if skipping is None and last is not None and last["seconds"] >= ESTIMATE_FROM:
-                same = last.get("key") == key
-                ctx.echo(f"[{label}] running: about {last['seconds']:.0f} s (its last run on this machine"
-                         + ("" if same else ", with other settings or inputs: a rough guide") + ")")
+            guess = self.estimate(label, key) if skipping is None else None
+            if guess is not None and guess[0] >= ESTIMATE_FROM:
+                ctx.echo(f"[{label}] running: about {guess[0]:.0f} s ({guess[1]})" + self._left(label))
             if out.exists() and (name in self.forced or not stage.resumable or (out / DONE).is_file()):
                 shutil.rmtree(out)
+            # A resumable stage that picks up an interrupted run's files does part of its work: its time is no
+            # guide to a whole run's.
+            resumed = stage.resumable and out.is_dir() and any(out.iterdir())
             if stage.cached:
                 out.mkdir(parents=True, exist_ok=True)
             run_ctx = dataclasses.replace(ctx, forced=name in self.forced,
-                                          input_keys=dict(zip(stage.needs, input_keys)))
+                                          input_keys={need: self._key(ctx, need) for need in stage.needs})
             result = stage.run(cfg, run_ctx, inputs, out)
             if stage.cached:
                 mark_done(out, stage, key)
         self.seconds[label] = round(time.perf_counter() - start, 1)
         self.status[label] = "reused" if reuse else "ran"
-        if not reuse and skipping is None:  # a skip's instant says nothing of the next real run's length
+        if not reuse and skipping is None and not resumed:  # a skip's instant is no guide to a real run's length
             _record_seconds(label, self.seconds[label], key)
+            ref = _reference_seconds().get(label)
+            if ref is not None and ref["key"] == key:
+                self.against_reference.append((self.seconds[label], ref["seconds"]))
         summary = stage.summary(result)
         ctx.echo(f"[{label}] {'reused the cached output' if reuse else 'done'} in {self.seconds[label]:.1f} s"
                  + (f": {summary}" if summary else ""))
         self.results[(branch, name)] = result
         self.keys[(branch, name)] = key
         return result
+
+
+    def estimate(self, label: str, key: str) -> tuple[float, str] | None:
+        """How long the stage ``label`` with cache key ``key`` should take here, and where that figure comes from.
+
+        In order: its last run in this cache with the same key; the reference run's time for the same key (the
+        same work: the embedded demo on 2 CPU cores, :data:`REFERENCE`), scaled by how this machine compares with
+        the reference on the stages this run has computed so far; its last run with another key (a rough guide).
+        None: no figure.
+        """
+        last = _last_seconds().get(label)
+        if last is not None and last.get("key") == key:
+            return last["seconds"], "its last run on this machine"
+        ref = _reference_seconds().get(label)
+        if ref is not None and ref["key"] == key:
+            factor = self.speed()
+            return ref["seconds"] * (1.0 if factor is None else factor), (
+                "a reference run on 2 CPU cores" + ("" if factor is None else
+                                                    f", times {factor:.2f}: this machine's pace on the stages so far"))
+        if last is not None:
+            return last["seconds"], "its last run on this machine, with other settings or inputs: a rough guide"
+        return None
+
+    def speed(self) -> float | None:
+        """This machine's time over the reference run's on the stages this run computed with the reference's keys
+        (those of at least :data:`ESTIMATE_FROM` s there: short stages are mostly start-up); None before any."""
+        pairs = [(here, ref) for here, ref in self.against_reference if ref >= ESTIMATE_FROM]
+        return sum(h for h, _ in pairs) / sum(r for _, r in pairs) if pairs else None
+
+    def _left(self, label: str) -> str:
+        """The rest of the run from stage ``label`` on (that stage included), as the end of its estimate line."""
+        labels = [lab for lab, _ in self.pending]
+        if label not in labels:
+            return ""
+        rest = self.pending[labels.index(label):]
+        guesses = [self.estimate(lab, key) for lab, key in rest]
+        known = sum(g[0] for g in guesses if g is not None)
+        unknown = sum(g is None for g in guesses)
+        if len(rest) == 1 or known == 0:
+            return ""
+        return (f"; the run's {len(rest)} stages left from here: about {_duration(known)}"
+                + (f", {unknown} of them with no figure and not counted" if unknown else ""))
+
+
+def _label(ctx: Context, name: str) -> str:
+    return name if ctx.branch.name == "organism" else f"{ctx.branch.name}/{name}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+REFERENCE = Path(__file__).resolve().parent.parent / "data" / "reference_seconds.json"
+"""Each stage's time in a cold ``make demo`` on 2 CPU cores, with its cache key (``scripts/reference_timings.py``
+writes it from that run's cache): a first run of the same work starts each stage with an estimate."""
+
+
+def _reference_seconds() -> dict:
+    """``{label: {"seconds": s, "key": key}}`` of :data:`REFERENCE`; empty if it is missing or unreadable."""
+    try:
+        return json.loads(REFERENCE.read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 ESTIMATE_FROM = 30.0

@@ -156,6 +156,144 @@ def test_a_stage_that_runs_again_says_how_long_it_took_last_time(monkeypatch, tm
         "inputs: a rough guide)"]
 
 
+def _reference(monkeypatch, tmp_path, stages):
+    import json
+
+    import irmprobe.pipeline.runner as runner_module
+
+    path = tmp_path / "reference_seconds.json"
+    path.write_text(json.dumps({"stages": stages}))
+    monkeypatch.setattr(runner_module, "REFERENCE", path)
+
+
+def test_the_plan_lists_every_stage_in_run_order_with_the_keys_the_run_uses():
+    from irmprobe.pipeline.stage import Branch
+
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lambda _: None)
+    controls = [ctx.for_branch(Branch("control-0", RandomRM(1)))]
+    plan = Runner(_graph(), RunConfig(), ctx, controls).plan()
+    assert [p.label for p in plan] == ["a", "b", "control-0/a", "control-0/b", "joint"]
+    assert not any(p.reused for p in plan)
+    runner = Runner(_graph(), RunConfig(), ctx, controls, until="b")
+    runner.run()
+    assert list(runner.status) == ["a", "b"]
+    again = Runner(_graph(), RunConfig(), ctx, controls).plan()
+    assert [(p.label, p.key) for p in again] == [(p.label, p.key) for p in plan]  # keys known before any run
+    assert [p.label for p in again if p.reused] == ["a", "b"]
+    assert [(p.label, p.key) for p in again][:2] == [("a", runner.key("a")), ("b", runner.key("b"))]
+    full = Runner(_graph(), RunConfig(), ctx, controls)
+    full.run()
+    assert list(full.status) == [p.label for p in plan]  # the order it ran them
+    assert full.pending == [(p.label, p.key) for p in again if not p.reused]
+
+
+def test_a_first_run_of_the_reference_work_starts_each_stage_with_the_reference_time_and_the_runs_rest(
+        monkeypatch, tmp_path):
+    from irmprobe.pipeline.stage import Branch
+
+    lines = []
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lines.append)
+    controls = [ctx.for_branch(Branch("control-0", RandomRM(1)))]
+    plan = {p.label: p.key for p in Runner(_graph(), RunConfig(), ctx, controls).plan()}
+    _reference(monkeypatch, tmp_path, {"a": {"seconds": 40.0, "key": plan["a"]},
+                                       "b": {"seconds": 600.0, "key": "other work"},
+                                       "control-0/a": {"seconds": 20.0, "key": plan["control-0/a"]},
+                                       "control-0/b": {"seconds": 50.0, "key": plan["control-0/b"]}})
+    runner = Runner(_graph(), RunConfig(), ctx, controls)
+    runner.run()
+    # a: its reference time, and the rest of the run (a, control-0/a and control-0/b; b's reference is of other
+    # work and joint has none: not counted, and said so). b: no figure of its work, no estimate. control-0/a: under
+    # ESTIMATE_FROM, no line. control-0/b: scaled by this machine's pace on a (a fake stage: near 0).
+    estimates = [line for line in lines if "running: about" in line]
+    assert estimates[0] == ("[a] running: about 40 s (a reference run on 2 CPU cores); the run's 5 stages left from "
+                            "here: about 110 s, 2 of them with no figure and not counted")
+    assert len(estimates) == 1
+    assert runner.against_reference[0][1] == 40.0 and len(runner.against_reference) == 3
+    assert runner.speed() == pytest.approx((runner.seconds["a"] + runner.seconds["control-0/b"]) / 90.0)
+
+
+def test_the_estimate_prefers_this_machines_record_then_the_scaled_reference_then_a_rough_guide(
+        monkeypatch, tmp_path):
+    import irmprobe.pipeline.runner as runner_module
+
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lambda _: None)
+    _reference(monkeypatch, tmp_path, {"a": {"seconds": 60.0, "key": "k1"}, "b": {"seconds": 10.0, "key": "k2"}})
+    runner = Runner(_graph(), RunConfig(), ctx, [])
+    assert runner.estimate("a", "k1") == (60.0, "a reference run on 2 CPU cores")
+    runner.against_reference = [(80.0, 40.0), (5.0, 10.0)]  # the 10-s stage is mostly start-up: left out
+    assert runner.speed() == 2.0
+    assert runner.estimate("a", "k1") == (120.0, "a reference run on 2 CPU cores, times 2.00: this machine's pace "
+                                                 "on the stages so far")
+    assert runner.estimate("a", "other") is None
+    runner_module._record_seconds("a", 33.0, "other")
+    assert runner.estimate("a", "other") == (33.0, "its last run on this machine")
+    assert runner.estimate("a", "k1") == (120.0, "a reference run on 2 CPU cores, times 2.00: this machine's pace "
+                                                 "on the stages so far")
+    runner_module._record_seconds("a", 70.0, "k1")
+    assert runner.estimate("a", "k1") == (70.0, "its last run on this machine")
+    assert runner.estimate("a", "third") == (70.0, "its last run on this machine, with other settings or inputs: "
+                                                   "a rough guide")
+    # The run's rest counts the stages from this one on, not those already done.
+    runner.against_reference = []
+    runner.pending = [("b", "k2"), ("a", "k1"), ("c", "k3")]
+    assert runner._left("a") == "; the run's 2 stages left from here: about 70 s, 1 of them with no figure and not " \
+                                "counted"
+    assert runner._left("b") == "; the run's 3 stages left from here: about 80 s, 1 of them with no figure and not " \
+                                "counted"
+    assert runner._left("c") == ""  # the last stage: its own estimate says it all
+
+
+def test_the_shipped_reference_times_every_stage_of_the_demos_plan_with_its_current_key(tmp_path):
+    """The reference a first demo run estimates from (irmprobe/data/reference_seconds.json) must be of today's work:
+    a stage added, renamed, or changed in its version or its settings fails here until the reference is rewritten
+    (rerun `make demo` in the cache that wrote it, which reruns what changed, then scripts/reference_timings.py)."""
+    import json
+    from pathlib import Path
+
+    from irmprobe.api import prepare
+    from irmprobe.pipeline.runner import REFERENCE
+
+    config = RunConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
+    config = dataclasses.replace(config, pair=dataclasses.replace(config.pair, memory_check=False),
+                                 report=dataclasses.replace(config.report, out_dir=str(tmp_path)))
+    plan = prepare(config, echo=lambda _: None).plan()
+    stages = json.loads(REFERENCE.read_text())["stages"]
+    assert set(stages) == {p.label for p in plan}
+    # The report stage is never cached, and its key holds report.out_dir (here a temporary directory).
+    stale = [p.label for p in plan if p.name != "report" and stages[p.label]["key"] != p.key]
+    assert not stale, f"the reference timings are of other work for {stale}: rewrite them (this test's docstring)"
+    assert all(s["seconds"] >= 0 for s in stages.values())
+
+
+class _Resumable(_Counter):
+    """A fake resumable stage: it writes a part file, then fails while ``fail`` is set."""
+
+    resumable, fail = True, False
+
+    def run(self, cfg, ctx, inputs, out):
+        (out / "part.txt").write_text("half")
+        if _Resumable.fail:
+            raise RuntimeError("interrupted")
+        return super().run(cfg, ctx, inputs, out)
+
+
+def test_a_resumed_stages_time_is_not_recorded_as_a_guide_to_a_whole_run(monkeypatch):
+    import irmprobe.pipeline.runner as runner_module
+
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lambda _: None)
+    Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=5), ctx, []).run()
+    whole = runner_module._last_seconds()["a"]
+    _Resumable.fail = True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=6), ctx, []).run()
+    _Resumable.fail = False
+    resumed = Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=6), ctx, [])
+    resumed.run()
+    assert resumed.status["a"] == "ran" and runner_module._last_seconds()["a"] == whole
+    Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=7), ctx, []).run()  # a whole run is recorded
+    assert runner_module._last_seconds()["a"]["key"] != whole["key"]
+
+
 class _Skipper(_Counter):
     """A fake stage that does no work when ``seed`` is 1 (as the seeds stage does when ``seeds.checks`` is 0)."""
 

@@ -52,8 +52,9 @@ def run(config: RunConfig, *, reward=None, echo=print, until: str | None = None,
 
 def prepare(config: RunConfig, *, reward=None, echo=print, until: str | None = None, force: tuple[str, ...] = ()):
     """The checks :func:`run` makes before any stage, and the :class:`~irmprobe.pipeline.runner.Runner` it runs
-    (its contexts built: the RM, the prompts, the control branches); nothing is computed or cached yet. Its
-    ``plan()`` lists every stage the run ensures, and each stage's cache key is known before it runs."""
+    (its contexts built: the RM, the prompts, the control branches); no stage has run (the pre-flight check has
+    made ``report.out_dir`` when the run goes to the report). Its ``plan()`` lists every stage the run ensures,
+    each with its cache key and whether the cache holds it."""
     from irmprobe.models.rewards import reward_model, training_reward
     from irmprobe.organisms.tuning import seed_everything
     from irmprobe.pipeline.control import control_branches

@@ -219,14 +219,15 @@ class Runner:
                     path.unlink(missing_ok=True)
         skipping = None if reuse else stage.skips(cfg, ctx, inputs)
         if not reuse:
-            guess = self.estimate(label, key) if skipping is None else None
-            if guess is not None and guess[0] >= ESTIMATE_FROM:
-                ctx.echo(f"[{label}] running: about {guess[0]:.0f} s ({guess[1]})" + self._left(label))
             if out.exists() and (name in self.forced or not stage.resumable or (out / DONE).is_file()):
                 shutil.rmtree(out)
             # A resumable stage that picks up an interrupted run's files does part of its work: its time is no
-            # guide to a whole run's.
-            resumed = stage.resumable and out.is_dir() and any(out.iterdir())
+            # guide to a whole run's (temporary files, named with a leading dot, are not a part done).
+            resumed = stage.resumable and out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
+            guess = self.estimate(label, key) if skipping is None else None
+            if guess is not None and guess[0] >= ESTIMATE_FROM:
+                whole = "it resumes an interrupted run; a whole one takes " if resumed else ""
+                ctx.echo(f"[{label}] running: {whole}about {guess[0]:.0f} s ({guess[1]})" + self._left(label))
             if stage.cached:
                 out.mkdir(parents=True, exist_ok=True)
             run_ctx = dataclasses.replace(ctx, forced=name in self.forced,
@@ -239,7 +240,7 @@ class Runner:
         if not reuse and skipping is None and not resumed:  # a skip's instant is no guide to a real run's length
             _record_seconds(label, self.seconds[label], key)
             ref = _reference_seconds().get(label)
-            if ref is not None and ref["key"] == key:
+            if ref is not None and ref.get("key") == key:
                 self.against_reference.append((self.seconds[label], ref["seconds"]))
         summary = stage.summary(result)
         ctx.echo(f"[{label}] {'reused the cached output' if reuse else 'done'} in {self.seconds[label]:.1f} s"
@@ -261,13 +262,13 @@ class Runner:
         if last is not None and last.get("key") == key:
             return last["seconds"], "its last run on this machine"
         ref = _reference_seconds().get(label)
-        if ref is not None and ref["key"] == key:
+        if ref is not None and ref.get("key") == key:
             factor = self.speed()
             return ref["seconds"] * (1.0 if factor is None else factor), (
                 "a reference run on 2 CPU cores" + ("" if factor is None else
                                                     f", times {factor:.2f}: this machine's pace on the stages so far"))
         if last is not None:
-            return last["seconds"], "its last run on this machine, with other settings or inputs: a rough guide"
+            return last["seconds"], "its last run on this machine, " + ROUGH
         return None
 
     def speed(self) -> float | None:
@@ -285,9 +286,11 @@ class Runner:
         guesses = [self.estimate(lab, key) for lab, key in rest]
         known = sum(g[0] for g in guesses if g is not None)
         unknown = sum(g is None for g in guesses)
+        rough = sum(g is not None and g[1].endswith(ROUGH) for g in guesses)
         if len(rest) == 1 or known == 0:
             return ""
         return (f"; the run's {len(rest)} stages left from here: about {_duration(known)}"
+                + (f", {rough} of them timed by a run with other settings or inputs" if rough else "")
                 + (f", {unknown} of them with no figure and not counted" if unknown else ""))
 
 
@@ -297,6 +300,9 @@ def _label(ctx: Context, name: str) -> str:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+ROUGH = "with other settings or inputs: a rough guide"
 
 
 REFERENCE = Path(__file__).resolve().parent.parent / "data" / "reference_seconds.json"
@@ -313,7 +319,8 @@ def _reference_seconds() -> dict:
 
 
 ESTIMATE_FROM = 30.0
-"""Seconds a stage took last time above which its next run starts with an estimate of its length."""
+"""Seconds from which a stage's estimate is printed before it runs; the reference stages shorter than this are
+left out of this machine's pace (mostly start-up)."""
 
 
 def _timings_path() -> Path:

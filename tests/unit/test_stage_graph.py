@@ -212,6 +212,36 @@ def test_a_first_run_of_the_reference_work_starts_each_stage_with_the_reference_
     assert runner.speed() == pytest.approx((runner.seconds["a"] + runner.seconds["control-0/b"]) / 90.0)
 
 
+def test_the_plans_keys_are_the_declared_config_and_the_inputs_keys_control_roots_and_joint_stages_included():
+    from irmprobe.pipeline.stage import Branch
+
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lambda _: None)
+    cctx = ctx.for_branch(Branch("control-0", RandomRM(1)))
+    graph = _graph()
+    a, b, joint = graph
+    config = RunConfig()
+    keys = {"a": a.key(config, ctx, []), "control-0/a": a.key(config, cctx, [f"control-0:{RandomRM(1).describe()}"])}
+    keys["b"] = b.key(config, ctx, [keys["a"]])
+    keys["control-0/b"] = b.key(config, cctx, [keys["control-0/a"]])
+    keys["joint"] = joint.key(config, ctx, [keys["b"], keys["control-0/b"]])
+    assert {p.label: p.key for p in Runner(graph, config, ctx, [cctx]).plan()} == keys
+    assert len(set(keys.values())) == 5
+
+
+def test_a_reference_estimate_is_scaled_by_this_machines_pace_so_far(monkeypatch, tmp_path):
+    lines = []
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lines.append)
+    graph = [_Counter("a", reads=("seed",))]
+    key = Runner(graph, RunConfig(), ctx, []).plan()[0].key
+    _reference(monkeypatch, tmp_path, {"a": {"seconds": 40.0, "key": key}})
+    runner = Runner(graph, RunConfig(), ctx, [])
+    runner.against_reference = [(60.0, 30.0)]  # an earlier stage of this run took twice its reference time
+    runner.run()
+    assert [line for line in lines if "running:" in line] == [
+        "[a] running: about 80 s (a reference run on 2 CPU cores, times 2.00: this machine's pace on the stages so "
+        "far)"]
+
+
 def test_the_estimate_prefers_this_machines_record_then_the_scaled_reference_then_a_rough_guide(
         monkeypatch, tmp_path):
     import irmprobe.pipeline.runner as runner_module
@@ -241,6 +271,9 @@ def test_the_estimate_prefers_this_machines_record_then_the_scaled_reference_the
     assert runner._left("b") == "; the run's 3 stages left from here: about 80 s, 1 of them with no figure and not " \
                                 "counted"
     assert runner._left("c") == ""  # the last stage: its own estimate says it all
+    runner_module._record_seconds("c", 500.0, "k0")  # c's last run was of other work: a rough guide, said so
+    assert runner._left("b") == "; the run's 3 stages left from here: about 10 min, 1 of them timed by a run with " \
+                                "other settings or inputs"
 
 
 def test_the_shipped_reference_times_every_stage_of_the_demos_plan_with_its_current_key(tmp_path):
@@ -280,18 +313,29 @@ class _Resumable(_Counter):
 def test_a_resumed_stages_time_is_not_recorded_as_a_guide_to_a_whole_run(monkeypatch):
     import irmprobe.pipeline.runner as runner_module
 
-    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lambda _: None)
+    monkeypatch.setattr(runner_module, "ESTIMATE_FROM", 0.0)
+    lines = []
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lines.append)
     Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=5), ctx, []).run()
     whole = runner_module._last_seconds()["a"]
-    _Resumable.fail = True
+    monkeypatch.setattr(_Resumable, "fail", True)
     with pytest.raises(RuntimeError, match="interrupted"):
         Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=6), ctx, []).run()
-    _Resumable.fail = False
+    monkeypatch.setattr(_Resumable, "fail", False)
+    lines.clear()
     resumed = Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=6), ctx, [])
     resumed.run()
     assert resumed.status["a"] == "ran" and runner_module._last_seconds()["a"] == whole
-    Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=7), ctx, []).run()  # a whole run is recorded
-    assert runner_module._last_seconds()["a"]["key"] != whole["key"]
+    assert [line for line in lines if "running:" in line] == [
+        f"[a] running: it resumes an interrupted run; a whole one takes about {whole['seconds']:.0f} s (its last run "
+        "on this machine, with other settings or inputs: a rough guide)"]
+    # A leftover temporary file (leading dot) is not a part done: a whole run, recorded.
+    fresh = Runner([_Resumable("a", reads=("seed",))], RunConfig(seed=7), ctx, [])
+    leftover = runner_module.stage_dir("a", fresh.plan()[0].key) / ".part.txt.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("")
+    fresh.run()
+    assert runner_module._last_seconds()["a"]["key"] == fresh.key("a") != whole["key"]
 
 
 class _Skipper(_Counter):
@@ -299,6 +343,23 @@ class _Skipper(_Counter):
 
     def skips(self, cfg, ctx, inputs):
         return "seed is 1" if cfg.seed == 1 else None
+
+
+def test_the_reference_script_takes_each_stages_recorded_time_zero_for_a_skip_and_refuses_a_missing_one():
+    import irmprobe.pipeline.runner as runner_module
+    from tests.unit.benchmark_module import load_benchmark
+
+    reference = load_benchmark("reference_timings", "scripts").reference
+    ctx = Context(RandomRM(0), Runtime(), [], [], echo=lambda _: None)
+    graph = lambda: [_Counter("a", reads=("seed",)), _Skipper("s", needs=("a",), reads=("seed",))]  # noqa: E731
+    config = RunConfig(seed=1)  # s skips
+    ran = Runner(graph(), config, ctx, [])
+    ran.run()
+    assert reference(Runner(graph(), config, ctx, [])) == {"a": {"seconds": ran.seconds["a"], "key": ran.key("a")},
+                                                           "s": {"seconds": 0.0, "key": ran.key("s")}}
+    runner_module._record_seconds("a", 9.0, "other work")  # a later run with other settings overwrote a's time
+    with pytest.raises(ValueError, match="no recorded time of this config's run for a in this cache"):
+        reference(Runner(graph(), config, ctx, []))
 
 
 def test_a_stage_that_will_skip_shows_no_estimate_and_keeps_the_last_real_runs_time(monkeypatch, tmp_path):

@@ -802,3 +802,67 @@ def test_counterparts_are_found_by_decoder_direction_and_carry_what_the_named_fe
     assert Node.parse("L12/f7") == Node(12, 7) and Node.parse("L3/error") == Node(3, ERROR)
     with pytest.raises(ValueError, match="not a node name: 'L3/x7'"):
         Node.parse("L3/x7")
+
+
+def _tiny(arch: str):
+    """A random 4-block model of width 32 of ``arch`` (eval mode) and a tuned copy with block 2 perturbed."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, \
+        LlamaForCausalLM
+
+    torch.manual_seed(3)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    elif arch == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=4, num_attention_heads=4, rotary_pct=0.25))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64))
+    tuned = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in next(m for n, m in tuned.named_modules() if n.endswith("2") and n.split(".")[-2] in
+                      ("layers", "h")).parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval(), tuned.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
+@pytest.mark.parametrize("kind", ["mlp_out", "resid_post"])
+def test_forwards_that_start_after_the_blocks_before_the_first_hook_point_equal_full_forwards(arch, kind):
+    from dataclasses import replace
+
+    from irmprobe.activations.capture import hook_module
+
+    base, tuned = _tiny(arch)
+    torch.manual_seed(4)
+    saes = {}
+    for layer in (2, 3):
+        saes[layer] = StandardSAE(StandardSAEConfig(d_in=32, d_sae=D_SAE))
+        with torch.no_grad():
+            for p in saes[layer].parameters():
+                p.copy_(0.3 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 64, size=int(rng.integers(8, 14))).tolist() for _ in range(12)]
+    metric = ImplicitReward(base, tuned, saes, kind, seqs, [4] * 12, [i // 4 for i in range(12)],
+                            ["tuned", "tuned", "base", "base"] * 3, batch_size=5)
+    assert len(metric.skipped) == 2 and all(b.prefix is not None for b in metric.batches)
+    calls = []
+    first = hook_module(tuned, "blocks.0.hook_mlp_out").register_forward_hook(lambda *a: calls.append(1))
+    mask = np.zeros(D_SAE, dtype=bool)
+    mask[::3] = True
+    settings = [None, lambda layer, what: False, lambda layer, what: mask if what == "features" else layer == 3]
+    fast = [metric.evaluate(s) for s in settings]
+    ig_fast = metric.integrated_gradients(steps=2)
+    assert not calls  # block 0 never ran: the forwards started after block 1
+    metric.batches = [replace(b, prefix=None) for b in metric.batches]
+    full = [metric.evaluate(s) for s in settings]
+    ig_full = metric.integrated_gradients(steps=2)
+    assert calls  # the full forwards did run it
+    first.remove()
+    for a, b in zip(fast, full):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.ptp(np.array(fast), axis=0).max() > 1e-3  # the settings differ: the comparison is not vacuous
+    for layer in saes:
+        np.testing.assert_allclose(ig_fast[layer][0], ig_full[layer][0], rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(ig_fast[layer][1], ig_full[layer][1], rtol=1e-4, atol=1e-7)
+    assert "forward" not in vars(metric.skipped[0])  # the blocks' own forward is back

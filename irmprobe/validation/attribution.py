@@ -99,9 +99,11 @@ class Batch:
     """layer -> [B, T, d] what the dictionary's reconstruction is added to: the base's activation for a
     dictionary of the change, zero (absent) for a dictionary of the activations."""
     prefix: Any = None
-    """The tuned model's output of the block before the first hook point, as that block returned it: no node
-    acts before it, so every setting of the nodes computes it alike and :meth:`ImplicitReward._run` starts
-    there. None: the first hook point is in block 0."""
+    """The tuned model's hidden state after the block before the first hook point (and the length of the tuple
+    that block returns; None: a tensor): no node acts before it, so every setting of the nodes computes it
+    alike and :meth:`ImplicitReward._run` starts there. One [B, T, d] tensor per batch, in the model's dtype
+    (less than the error terms the batch keeps, [B, T, d] float32 per hook point). None: the first hook point
+    is in block 0."""
 
 
 @dataclass(frozen=True)
@@ -203,8 +205,11 @@ class ImplicitReward:
             logits = self.base(input_ids=tokens, use_cache=False).logits
         logp_base = _next_logp(logits, tokens)
         prefix = {}
-        handle = self.skipped[-1].register_forward_hook(
-            lambda module, args, output: prefix.setdefault("output", _detached(output))) if self.skipped else None
+
+        def keep_prefix(module, args, output):  # returns None: the forward goes on unchanged
+            prefix["output"] = _hidden(output)
+
+        handle = self.skipped[-1].register_forward_hook(keep_prefix) if self.skipped else None
         try:
             with output_hooks(self.tuned, self.points, keep("tuned")):
                 self.tuned(input_ids=tokens, use_cache=False)
@@ -300,37 +305,47 @@ class ImplicitReward:
         return {layer: (feats[layer].numpy() * scale, errors[layer] * scale) for layer in self.layers}
 
 
-def _detached(output):
-    """A block's output (a tensor, or a tuple whose first item is the hidden state) detached from the graph."""
-    return tuple(_detached(o) for o in output) if isinstance(output, tuple) else \
-        output.detach() if isinstance(output, torch.Tensor) else output
-
-
-def _copied(output):
-    return tuple(_copied(o) for o in output) if isinstance(output, tuple) else \
-        output.clone() if isinstance(output, torch.Tensor) else output
+def _hidden(output):
+    """The hidden state a block returned (a tensor, or the first item of a tuple), detached from the graph, and the
+    length of the tuple (None: a tensor)."""
+    if isinstance(output, tuple):
+        return output[0].detach(), len(output)
+    return output.detach(), None
 
 
 @contextmanager
-def _starting_after(blocks: list, output):
-    """Within the block, each of ``blocks`` (the model's first blocks) returns a copy of ``output`` (what the last
-    of them returned in an earlier forward of the same tokens) without computing: the model's loop hands each
-    block's return to the next, so the first block after them sees that output and everything from there on is
-    computed as in a full forward. The blocks' own ``forward`` (an accelerate hook's included) is put back after.
-    ``output`` None: nothing is skipped. (PyTorch hooks cannot skip a module's computation, hence the swap.)"""
-    if output is None or not blocks:
+def _starting_after(blocks: list, kept):
+    """Within the block, each of ``blocks`` (the model's first blocks) returns without computing: the last of them
+    a copy of ``kept`` (:func:`_hidden` of what it returned in an earlier forward of the same tokens), the others
+    the kept tensor itself, which the next skipped block ignores. The model's loop hands each block's return to the
+    next, so the first block after them sees that output and everything from there on is computed as in a full
+    forward (a tuple's other items, attention weights or a cache, are None: read only when asked for). The blocks'
+    own ``forward`` (an accelerate hook's included) is put back after. ``kept`` None: nothing is skipped.
+
+    PyTorch hooks cannot skip a module's computation, hence the swap; any hook on or inside a skipped block does
+    not fire, and a model whose later blocks read what earlier ones stored (layers sharing K/V across blocks) is
+    not supported."""
+    if kept is None or not blocks:
         yield
         return
+    hidden, n = kept
+
+    def returned(copy: bool):
+        h = hidden.clone() if copy else hidden
+        return h if n is None else (h, *[None] * (n - 1))
+
     missing = object()
-    saved = [block.__dict__.get("forward", missing) for block in blocks]
+    patched = []
     try:
-        for block in blocks:
-            block.forward = lambda *args, **kwargs: _copied(output)
+        for i, block in enumerate(blocks):
+            patched.append((block, block.__dict__.get("forward", missing)))
+            last = i == len(blocks) - 1
+            block.forward = lambda *args, last=last, **kwargs: returned(last)
         yield
     finally:
-        for block, own in zip(blocks, saved):
+        for block, own in patched:
             if own is missing:
-                del block.forward
+                block.__dict__.pop("forward", None)
             else:
                 block.forward = own
 

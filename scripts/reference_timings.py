@@ -57,10 +57,7 @@ def _skips(runner, p) -> bool:
     """Whether the planned stage ``p`` does no work on its settings and inputs (its own ``skips`` rule, given its
     inputs' cached outputs)."""
     stage = runner.graph[p.name]
-    inputs = {need: runner.ensure(p.ctx, need) for need in stage.needs}
-    if stage.control_needs:
-        inputs["controls"] = [{n: runner.ensure(c, n) for n in stage.control_needs} for c in runner.controls]
-    return stage.skips(stage.sections(runner.config), p.ctx, inputs) is not None
+    return stage.skips(stage.sections(runner.config), p.ctx, runner.inputs(p.ctx, p.name)) is not None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,11 +49,8 @@ def verify(directory: Path, key: str) -> bool:
     Raises:
         CacheError: a file was changed or removed after the stage completed.
     """
-    marker = directory / DONE
-    if not marker.is_file():
-        return False
-    done = json.loads(marker.read_text())
-    if done.get("key") != key:
+    done = _marker(directory, key)
+    if done is None:
         return False
     bad = tuple(directory / rel for rel, digest in done["files"].items()
                 if not (directory / rel).is_file() or sha256_file(directory / rel) != digest)
@@ -61,6 +58,15 @@ def verify(directory: Path, key: str) -> bool:
         raise CacheError(f"cached output {', '.join(str(p) for p in bad)} is missing or corrupted (checksum "
                          f"mismatch): the {done['stage']} stage recomputes it", bad)
     return True
+
+
+def _marker(directory: Path, key: str) -> dict | None:
+    """The completion marker in ``directory`` if it is of ``key`` (its checksums unchecked), else None."""
+    try:
+        done = json.loads((directory / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if done.get("key") == key else None
 
 
 class Planned(NamedTuple):
@@ -172,14 +178,8 @@ class Runner:
     def _complete(self, ctx: Context, name: str) -> bool:
         """Whether ``name``'s output on this branch is in the cache and will be reused (its marker alone is read:
         the checksums are checked when the stage is reached)."""
-        stage = self.graph[name]
-        if not stage.cached or name in self.forced:
-            return False
-        try:
-            done = json.loads((stage_dir(name, self._key(ctx, name)) / DONE).read_text())
-        except (OSError, ValueError):
-            return False
-        return done.get("key") == self._key(ctx, name)
+        stage, key = self.graph[name], self._key(ctx, name)
+        return stage.cached and name not in self.forced and _marker(stage_dir(name, key), key) is not None
 
     def result(self, name: str, branch: str = "organism") -> Any:
         return self.results[(branch, name)]
@@ -187,20 +187,21 @@ class Runner:
     def key(self, name: str, branch: str = "organism") -> str:
         return self.keys[(branch, name)]
 
+    def inputs(self, ctx: Context, name: str) -> dict[str, Any]:
+        """What stage ``name`` is handed on ``ctx``'s branch: each need's result (ensured first) and, for a joint
+        stage, ``controls``: the results of its ``control_needs`` on every control branch."""
+        stage = self.graph[name]
+        inputs = {need: self.ensure(ctx, need) for need in stage.needs}
+        if stage.control_needs:
+            inputs["controls"] = [{n: self.ensure(c, n) for n in stage.control_needs} for c in self.controls]
+        return inputs
+
     def ensure(self, ctx: Context, name: str) -> Any:
         branch = ctx.branch.name
         if (branch, name) in self.results:
             return self.results[(branch, name)]
         stage = self.graph[name]
-        for need in stage.needs:
-            self.ensure(ctx, need)
-        inputs = {need: self.results[(branch, need)] for need in stage.needs}
-        if stage.control_needs:
-            for cctx in self.controls:
-                for need in stage.control_needs:
-                    self.ensure(cctx, need)
-            inputs["controls"] = [{n: self.results[(c.branch.name, n)] for n in stage.control_needs}
-                                  for c in self.controls]
+        inputs = self.inputs(ctx, name)
         key, label = self._key(ctx, name), _label(ctx, name)
         out = stage_dir(name, key)
         cfg = stage.sections(self.config)
@@ -246,9 +247,7 @@ class Runner:
         ctx.echo(f"[{label}] {'reused the cached output' if reuse else 'done'} in {self.seconds[label]:.1f} s"
                  + (f": {summary}" if summary else ""))
         self.results[(branch, name)] = result
-        self.keys[(branch, name)] = key
         return result
-
 
     def estimate(self, label: str, key: str) -> tuple[float, str] | None:
         """How long the stage ``label`` with cache key ``key`` should take here, and where that figure comes from.

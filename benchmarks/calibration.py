@@ -72,15 +72,20 @@ def one_control_z(row, control) -> float | None:
     return (row.tau - control.tau) / float(np.hypot(a, b))
 
 
-def vocabulary_discoveries(cap, control_caps: list, rm_map: dict, alpha: float, decode, tokenizer):
-    """The discovery stage's test: every word token's full-vocabulary log-ratio against the controls' spread."""
+def vocabulary_discoveries(cap, control_caps: list, rm_map: dict, alpha: float, decode, tokenizer,
+                           top: int | None = None):
+    """The discovery stage's test: every word token's full-vocabulary log-ratio against the controls' spread
+    (``top``: only the ``top`` word tokens of highest base log-probability, a family filter that does not depend
+    on any tuning; the stage tests them all)."""
     from irmprobe.analysis.discovery import discover_vocabulary
     from irmprobe.models.rewards import word_tokens
 
     words = np.array(sorted(word_tokens(tokenizer)), dtype=np.int64)
+    base = cap.vocab_logp_sum["base"] / len(cap.token_ids)
+    if top is not None:
+        words = np.sort(words[np.argsort(-base[words], kind="stable")[:top]])
     return discover_vocabulary(cap.vocab_log_ratio(), np.stack([c.vocab_log_ratio() for c in control_caps]), rm_map,
-                               tokens=words, strata=cap.vocab_logp_sum["base"] / len(cap.token_ids), alpha=alpha,
-                               decode=decode)
+                               tokens=words, strata=base, alpha=alpha, decode=decode)
 
 
 def occurrence_discoveries(runner, cfg, organism: str, control: str, rm_map: dict, decode):
@@ -95,6 +100,42 @@ def occurrence_discoveries(runner, cfg, organism: str, control: str, rm_map: dic
 
     return discover_tokens(*held(organism), *held(control), rm_map, min_count=cfg.discover.min_count,
                            n_bootstrap=0, alpha=cfg.discover.alpha, seed=cfg.seed, decode=decode)
+
+
+def known_set_power(organism: np.ndarray, pool: np.ndarray, known, tokens, *, alpha: float = 0.05) -> dict:
+    """What a test told which tokens were planted could show, against the same pool: the bound on discovery's recall.
+
+    Each organism's full-vocabulary log-ratio is centred by its median over ``tokens`` (a log-ratio carries each
+    context's change of normaliser, the same for every token). Each known token's centred change is then judged
+    against the pool's by the primary comparison's prediction t (K - 1 d.f.), Bonferroni over the known tokens
+    only (a family of ``len(known)``, where discovery's spans every word token); and the known tokens' mean change
+    the same way, as one set. If few known tokens pass even here, discovery's recall is bounded by how far the
+    organism moved them beyond the spread between random-reward organisms, not by its own multiplicity.
+    """
+    from scipy import stats
+
+    organism, pool = np.asarray(organism, dtype=np.float64), np.atleast_2d(np.asarray(pool, dtype=np.float64))
+    tokens, known = np.asarray(tokens, dtype=np.int64), np.asarray(sorted(known), dtype=np.int64)
+    k = pool.shape[0]
+    if k < 2 or len(known) == 0:
+        raise ValueError(f"known_set_power needs >= 2 pool organisms and >= 1 known token, got {k} and {len(known)}")
+    o = organism - np.median(organism[tokens])
+    c = pool - np.median(pool[:, tokens], axis=1, keepdims=True)
+
+    def t(x, null):  # the prediction t of one new organism's value against k pool values (axis 0)
+        return (x - null.mean(axis=0)) / (null.std(axis=0, ddof=1) * np.sqrt(1 + 1 / k))
+
+    per = t(o[known], c[:, known])
+    p = 2 * stats.t.sf(np.abs(per), k - 1)
+    whole = float(t(o[known].mean(), c[:, known].mean(axis=1)))
+    return {"n": len(known), "raised": int((o[known] > c[:, known].mean(axis=0)).sum()),
+            "bonferroni": int(((p < alpha / len(known)) & (per > 0)).sum()),
+            "nominal": int(((p < alpha) & (per > 0)).sum()), "alpha": alpha,
+            "median_change": float(np.median(o[known])),
+            "median_pool_sd": float(np.median(c[:, known].std(axis=0, ddof=1))),
+            "set_mean": float(o[known].mean()), "pool_set_means": c[:, known].mean(axis=1).tolist(),
+            "set_t": whole, "set_p": float(2 * stats.t.sf(abs(whole), k - 1)), "df": k - 1,
+            "tokens": known.tolist(), "t": per.tolist(), "p": p.tolist()}
 
 
 def beyond(found) -> list:
@@ -185,6 +226,23 @@ def main(argv=None) -> int:
         entries = ([f"{len(hits)}/{len(planted_ids)} planted words"] if "planted" in label else []) + entries
         found = len(found)
         positives.append((label, expected, matched, verdicts, found, entries, result.metrics.verdict))
+    # The bound on discovery's recall: the planted words judged alone, as if the test knew them.
+    from irmprobe.models.rewards import word_tokens
+
+    words_all = np.array(sorted(word_tokens(pair.tokenizer)), dtype=np.int64)
+    planted_cap = cases[-1][2].context.resources["runner"].result("capture")
+    planted_vec = planted_cap.vocab_log_ratio()
+    known = known_set_power(planted_vec, np.stack([c.vocab_log_ratio() for c in caps]), planted_ids, words_all,
+                            alpha=cfg.discover.alpha)
+    known["largest_changes"] = [decode(int(t)) for t in words_all[np.argsort(-planted_vec[words_all])[:10]]]
+    # A smaller family (the likeliest word tokens under the base model): planted words found, null discoveries.
+    known["families"] = {}
+    for top in (1000, 5000, 20000):
+        hits = {e.token_id for e in beyond(vocabulary_discoveries(planted_cap, caps, rm_map, cfg.discover.alpha, decode,
+                                                                  pair.tokenizer, top=top)) if e.effect > 0}
+        nulls = [len(beyond(vocabulary_discoveries(caps[i], caps[:i] + caps[i + 1:], rm_map, cfg.discover.alpha,
+                                                   decode, pair.tokenizer, top=top))) for i in range(args.pool)]
+        known["families"][top] = {"planted_found": len(hits & planted_ids), "null_discoveries": nulls}
 
     # The table.
     lines = [f"## Calibration (K = {args.pool} random-reward organisms; alpha {alpha:g}, two-sided; "
@@ -221,6 +279,17 @@ def main(argv=None) -> int:
                          f"{_f(pc.tau, '+.3f')} | {_f(np.mean(pc.control_taus) if pc.control_taus else None, '+.3f')}, "
                          f"{_f(pc.control_se, '.3f')} | {_f(pc.z, '+.2f')} | {_f(pc.p_value, '.2g')} | {pc.outcome} {ok} | "
                          + (f"{found}: {', '.join(entries[:9])}" if v == VIEWS[0] else "") + " |")
+    lines += ["", f"The {known['n']} planted words judged alone, as if discovery knew them (each against the pool, "
+              f"t with {known['df']} d.f.): {known['raised']} raised above the pool's mean, {known['nominal']} at "
+              f"p < {known['alpha']:g}, {known['bonferroni']} at p < {known['alpha']:g}/{known['n']} (Bonferroni over "
+              f"the {known['n']} only); their median change {known['median_change']:+.3f} against the pool's median "
+              f"sd {known['median_pool_sd']:.3f} on the same words; as one set, mean {known['set_mean']:+.3f} "
+              f"against the pool's {', '.join(f'{m:+.3f}' for m in known['pool_set_means'])}: t {known['set_t']:+.2f}, "
+              f"p {known['set_p']:.2g}. The planted organism's 10 largest word-token changes: "
+              + ", ".join(repr(t) for t in known["largest_changes"]) + ". Discovery over the N word tokens likeliest "
+              "under the base model instead of all: " + "; ".join(
+                  f"N = {n}: {f['planted_found']}/{known['n']} planted words, null discoveries {f['null_discoveries']}"
+                  for n, f in known["families"].items()) + "."]
     lines += ["", "Null taus: " + "; ".join(f"{v}: " + ", ".join(_f(p[v].tau, "+.3f") for p in pool) for v in VIEWS)]
     table = "\n".join(lines)
     print(table)
@@ -230,7 +299,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({
             "alpha": alpha, "pool": args.pool,
             "null": {v: [[n, pc.to_json()] for n, pc in null[v]] for v in VIEWS},
-            "old_rule": old, "null_discoveries": discoveries,
+            "old_rule": old, "null_discoveries": discoveries, "planted_words_known": known,
             "positives": [{"case": c, "expected": e, "matched": m, "verdicts": {v: pc.to_json() for v, pc in vs.items()},
                            "discoveries": f, "rewarded_unvalued": en, "verdict": vd}
                           for c, e, m, vs, f, en, vd in positives]}, indent=1))

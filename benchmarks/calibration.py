@@ -102,20 +102,49 @@ def occurrence_discoveries(runner, cfg, organism: str, control: str, rm_map: dic
                            n_bootstrap=0, alpha=cfg.discover.alpha, seed=cfg.seed, decode=decode)
 
 
+def known_family(found, known, *, alpha: float = 0.05) -> dict:
+    """Discovery's own test with the known (planted) tokens as the whole family: what multiplicity costs.
+
+    ``found`` is :func:`vocabulary_discoveries` over every word token. Its p-values of the known tokens are kept
+    (the same statistic, strata and null) and Benjamini-Hochberg and Bonferroni run over those tokens only, where
+    the stage's family spans every word token; a pass needs a positive effect (the organism raised the token).
+    """
+    from scipy import stats
+
+    entries, ids = {e.token_id: e for e in found.entries}, {int(t) for t in known}
+    tested = [entries[t] for t in sorted(ids) if t in entries]
+    if not tested:
+        raise ValueError("none of the known tokens was tested by discovery: check the word list and the tokenizer")
+    p = np.array([e.p for e in tested])
+    up = np.array([e.effect > 0 for e in tested])
+    q = stats.false_discovery_control(p, method="bh")
+    return {"n": len(tested), "alpha": alpha, "bh": int(((q < alpha) & up).sum()),
+            "bonferroni": int(((p < alpha / len(tested)) & up).sum()), "nominal": int(((p < alpha) & up).sum()),
+            "whole_family": int(sum(1 for e in found.discoveries if e.token_id in ids and e.effect > 0)),
+            "n_family": len(found.entries)}
+
+
 def known_set_power(organism: np.ndarray, pool: np.ndarray, known, tokens, *, alpha: float = 0.05) -> dict:
-    """What a test told which tokens were planted could show, against the same pool: the bound on discovery's recall.
+    """An exact small-K check of the known (planted) tokens against the pool, one by one and as one set.
 
     Each organism's full-vocabulary log-ratio is centred by its median over ``tokens`` (a log-ratio carries each
-    context's change of normaliser, the same for every token). Each known token's centred change is then judged
-    against the pool's by the primary comparison's prediction t (K - 1 d.f.), Bonferroni over the known tokens
-    only (a family of ``len(known)``, where discovery's spans every word token); and the known tokens' mean change
-    the same way, as one set. If few known tokens pass even here, discovery's recall is bounded by how far the
-    organism moved them beyond the spread between random-reward organisms, not by its own multiplicity.
+    context's change of normaliser, the same for every token). Each known token's centred change is judged against
+    the pool's by the primary comparison's prediction t (K - 1 d.f.), Bonferroni over the known tokens; and the
+    known tokens' mean change the same way, as one set. It is exact but, per token, far weaker than discovery's
+    pooled null (``critical``: the |t| a Bonferroni pass needs), so it bounds nothing: it says whether the organism
+    moved the tokens beyond the spread between organisms, which only the set's t can show with K of 3 to 6.
+    Non-finite values (a token no organism can write) are left out.
     """
     from scipy import stats
 
     organism, pool = np.asarray(organism, dtype=np.float64), np.atleast_2d(np.asarray(pool, dtype=np.float64))
-    tokens, known = np.asarray(tokens, dtype=np.int64), np.asarray(sorted(known), dtype=np.int64)
+    if pool.shape[1] != organism.shape[0]:
+        raise ValueError(f"pool {pool.shape} must be [K, {organism.shape[0]}] like the organism's vector")
+    finite = np.isfinite(organism) & np.isfinite(pool).all(axis=0)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    tokens = tokens[finite[tokens]]
+    known = np.asarray(sorted(known), dtype=np.int64)
+    known = known[finite[known]] if len(known) else known
     k = pool.shape[0]
     if k < 2 or len(known) == 0:
         raise ValueError(f"known_set_power needs >= 2 pool organisms and >= 1 known token, got {k} and {len(known)}")
@@ -131,7 +160,8 @@ def known_set_power(organism: np.ndarray, pool: np.ndarray, known, tokens, *, al
     return {"n": len(known), "raised": int((o[known] > c[:, known].mean(axis=0)).sum()),
             "bonferroni": int(((p < alpha / len(known)) & (per > 0)).sum()),
             "nominal": int(((p < alpha) & (per > 0)).sum()), "alpha": alpha,
-            "median_change": float(np.median(o[known])),
+            "critical": float(stats.t.isf(alpha / len(known) / 2, k - 1)),
+            "median_difference": float(np.median(o[known] - c[:, known].mean(axis=0))),
             "median_pool_sd": float(np.median(c[:, known].std(axis=0, ddof=1))),
             "set_mean": float(o[known].mean()), "pool_set_means": c[:, known].mean(axis=1).tolist(),
             "set_t": whole, "set_p": float(2 * stats.t.sf(abs(whole), k - 1)), "df": k - 1,
@@ -212,7 +242,8 @@ def main(argv=None) -> int:
     cases.append((f"negated RM, {args.negated_steps} steps", "opposes", run(RunConfig.from_dict(negated), echo=echo),
                   args.negated_steps == cfg.organism.steps))
     planted = base | {"reward": base["reward"] | {"tuned_against": str(Path(args.planted).resolve())}}
-    cases.append(("planted RM-zero words", "unrelated", run(RunConfig.from_dict(planted), echo=echo), True))
+    planted_run = run(RunConfig.from_dict(planted), echo=echo)
+    cases.append(("planted RM-zero words", "unrelated", planted_run, True))
     words = [line.split("\t")[0] for line in Path(args.planted).read_text().splitlines() if line.strip()]
     planted_ids = {ids[0] for w in words if len(ids := pair.tokenizer.encode(" " + w, add_special_tokens=False)) == 1}
     positives = []
@@ -226,23 +257,29 @@ def main(argv=None) -> int:
         entries = ([f"{len(hits)}/{len(planted_ids)} planted words"] if "planted" in label else []) + entries
         found = len(found)
         positives.append((label, expected, matched, verdicts, found, entries, result.metrics.verdict))
-    # The bound on discovery's recall: the planted words judged alone, as if the test knew them.
+    # What limits discovery's recall of the planted words: multiplicity (discovery's own test with the planted
+    # words as the whole family), and how far the organism moved them (an exact check against the pool).
     from irmprobe.models.rewards import word_tokens
 
-    words_all = np.array(sorted(word_tokens(pair.tokenizer)), dtype=np.int64)
-    planted_cap = cases[-1][2].context.resources["runner"].result("capture")
-    planted_vec = planted_cap.vocab_log_ratio()
-    known = known_set_power(planted_vec, np.stack([c.vocab_log_ratio() for c in caps]), planted_ids, words_all,
-                            alpha=cfg.discover.alpha)
-    known["largest_changes"] = [decode(int(t)) for t in words_all[np.argsort(-planted_vec[words_all])[:10]]]
-    # A smaller family (the likeliest word tokens under the base model): planted words found, null discoveries.
-    known["families"] = {}
-    for top in (1000, 5000, 20000):
-        hits = {e.token_id for e in beyond(vocabulary_discoveries(planted_cap, caps, rm_map, cfg.discover.alpha, decode,
-                                                                  pair.tokenizer, top=top)) if e.effect > 0}
-        nulls = [len(beyond(vocabulary_discoveries(caps[i], caps[:i] + caps[i + 1:], rm_map, cfg.discover.alpha,
-                                                   decode, pair.tokenizer, top=top))) for i in range(args.pool)]
-        known["families"][top] = {"planted_found": len(hits & planted_ids), "null_discoveries": nulls}
+    known = None
+    if planted_ids:
+        words_all = np.array(sorted(word_tokens(pair.tokenizer)), dtype=np.int64)
+        planted_cap = planted_run.context.resources["runner"].result("capture")
+        planted_vec = planted_cap.vocab_log_ratio()
+        every = vocabulary_discoveries(planted_cap, caps, rm_map, cfg.discover.alpha, decode, pair.tokenizer)
+        known = {"family": known_family(every, planted_ids, alpha=cfg.discover.alpha),
+                 "exact": known_set_power(planted_vec, np.stack([c.vocab_log_ratio() for c in caps]), planted_ids,
+                                          words_all, alpha=cfg.discover.alpha),
+                 "largest_changes": [decode(int(t)) for t in words_all[np.argsort(-planted_vec[words_all])[:10]]],
+                 "families": {}}
+        # A smaller family: the word tokens likeliest under the base model over the organism's own held-out contexts.
+        for top in (1000, 5000, 20000):
+            d = vocabulary_discoveries(planted_cap, caps, rm_map, cfg.discover.alpha, decode, pair.tokenizer, top=top)
+            hits = {e.token_id for e in beyond(d) if e.effect > 0}
+            nulls = [len(beyond(vocabulary_discoveries(caps[i], caps[:i] + caps[i + 1:], rm_map, cfg.discover.alpha,
+                                                       decode, pair.tokenizer, top=top))) for i in range(args.pool)]
+            known["families"][top] = {"planted_in": len({e.token_id for e in d.entries} & planted_ids),
+                                      "planted_found": len(hits & planted_ids), "null_discoveries": nulls}
 
     # The table.
     lines = [f"## Calibration (K = {args.pool} random-reward organisms; alpha {alpha:g}, two-sided; "
@@ -279,17 +316,24 @@ def main(argv=None) -> int:
                          f"{_f(pc.tau, '+.3f')} | {_f(np.mean(pc.control_taus) if pc.control_taus else None, '+.3f')}, "
                          f"{_f(pc.control_se, '.3f')} | {_f(pc.z, '+.2f')} | {_f(pc.p_value, '.2g')} | {pc.outcome} {ok} | "
                          + (f"{found}: {', '.join(entries[:9])}" if v == VIEWS[0] else "") + " |")
-    lines += ["", f"The {known['n']} planted words judged alone, as if discovery knew them (each against the pool, "
-              f"t with {known['df']} d.f.): {known['raised']} raised above the pool's mean, {known['nominal']} at "
-              f"p < {known['alpha']:g}, {known['bonferroni']} at p < {known['alpha']:g}/{known['n']} (Bonferroni over "
-              f"the {known['n']} only); their median change {known['median_change']:+.3f} against the pool's median "
-              f"sd {known['median_pool_sd']:.3f} on the same words; as one set, mean {known['set_mean']:+.3f} "
-              f"against the pool's {', '.join(f'{m:+.3f}' for m in known['pool_set_means'])}: t {known['set_t']:+.2f}, "
-              f"p {known['set_p']:.2g}. The planted organism's 10 largest word-token changes: "
-              + ", ".join(repr(t) for t in known["largest_changes"]) + ". Discovery over the N word tokens likeliest "
-              "under the base model instead of all: " + "; ".join(
-                  f"N = {n}: {f['planted_found']}/{known['n']} planted words, null discoveries {f['null_discoveries']}"
-                  for n, f in known["families"].items()) + "."]
+    if known is not None:
+        fam, ex = known["family"], known["exact"]
+        lines += ["", f"What limits discovery on the {ex['n']} planted words: with them as its whole family (its own "
+                  f"test, {fam['n']} tested) it passes {fam['bh']} at q < {fam['alpha']:g} (BH) and "
+                  f"{fam['bonferroni']} at p < {fam['alpha']:g}/{fam['n']}, and {fam['nominal']} have p < "
+                  f"{fam['alpha']:g}; over its {fam['n_family']} word tokens, {fam['whole_family']}. Exact check "
+                  f"against the pool (prediction t, {ex['df']} d.f.; a Bonferroni pass needs |t| > "
+                  f"{ex['critical']:.2f}): {ex['raised']} raised above the pool's mean, {ex['nominal']} at p < "
+                  f"{ex['alpha']:g}, {ex['bonferroni']} at p < {ex['alpha']:g}/{ex['n']}; median difference from the "
+                  f"pool's mean {ex['median_difference']:+.3f} against the pool's median sd "
+                  f"{ex['median_pool_sd']:.3f}; "
+                  f"as one set, mean {ex['set_mean']:+.3f} against the pool's "
+                  f"{', '.join(f'{m:+.3f}' for m in ex['pool_set_means'])}: t {ex['set_t']:+.2f}, p {ex['set_p']:.2g}. "
+                  "The planted organism's 10 largest word-token changes: "
+                  + ", ".join(repr(t) for t in known["largest_changes"]) + ". Discovery over the N word tokens "
+                  "likeliest under the base model (over the organism's own contexts) instead of all: " + "; ".join(
+                      f"N = {n}: {f['planted_found']} of the {f['planted_in']} planted words in it, null discoveries "
+                      f"{f['null_discoveries']}" for n, f in known["families"].items()) + "."]
     lines += ["", "Null taus: " + "; ".join(f"{v}: " + ", ".join(_f(p[v].tau, "+.3f") for p in pool) for v in VIEWS)]
     table = "\n".join(lines)
     print(table)
@@ -299,7 +343,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({
             "alpha": alpha, "pool": args.pool,
             "null": {v: [[n, pc.to_json()] for n, pc in null[v]] for v in VIEWS},
-            "old_rule": old, "null_discoveries": discoveries, "planted_words_known": known,
+            "old_rule": old, "null_discoveries": discoveries, "planted_words": known,
             "positives": [{"case": c, "expected": e, "matched": m, "verdicts": {v: pc.to_json() for v, pc in vs.items()},
                            "discoveries": f, "rewarded_unvalued": en, "verdict": vd}
                           for c, e, m, vs, f, en, vd in positives]}, indent=1))

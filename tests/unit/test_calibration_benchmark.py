@@ -1,4 +1,6 @@
-"""benchmarks/calibration.py: the known-set check bounds discovery's recall, and keeps its level on nulls."""
+"""benchmarks/calibration.py: the planted-word checks (discovery's own test over the known words alone; an exact
+check against the pool, per word and as one set) find planted changes, keep their level on nulls, and match hand
+computations; its smaller discovery family keeps the likeliest tokens."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ def test_known_tokens_raised_far_beyond_the_pools_spread_all_pass_and_the_set_st
     out = bench.known_set_power(organism, pool, known, tokens)
     assert out["n"] == 29 and out["raised"] == 29 and out["bonferroni"] >= 27 and out["df"] == 5
     assert out["set_t"] > 8 and out["set_p"] < 1e-4
-    assert out["median_change"] == pytest.approx(4.0, abs=0.2)  # centred: each organism's normaliser is removed
+    assert out["median_difference"] == pytest.approx(4.0, abs=0.2)  # centred: each organism's normaliser is removed
     assert out["median_pool_sd"] == pytest.approx(0.3, abs=0.08)
 
 
@@ -66,11 +68,70 @@ def test_the_prediction_t_by_hand_and_bad_input(bench):
     assert out["bonferroni"] == int(((p < 0.05 / 5) & (np.array(t) > 0)).sum())
     assert out["nominal"] == int(((p < 0.05) & (np.array(t) > 0)).sum()) < int((p < 0.05).sum())
     assert out["raised"] == int((np.array(t) > 0).sum()) == 3
+    assert out["df"] == 3 and out["critical"] == pytest.approx(stats.t.isf(0.05 / 5 / 2, 3))
+    assert out["median_difference"] == pytest.approx(np.median(o[known] - c[:, known].mean(axis=0)))
+    assert out["median_pool_sd"] == pytest.approx(np.median(c[:, known].std(axis=0, ddof=1)))
+    assert out["set_mean"] == pytest.approx(o[known].mean())
+    loose = bench.known_set_power(organism, pool, known, tokens, alpha=0.5)
+    assert loose["nominal"] == int(((p < 0.5) & (np.array(t) > 0)).sum()) > out["nominal"]
     sm = c[:, known].mean(axis=1)
     expected = (o[known].mean() - sm.mean()) / (sm.std(ddof=1) * np.sqrt(1 + 1 / 4))
     assert out["set_t"] == pytest.approx(expected) and out["pool_set_means"] == pytest.approx(sm.tolist())
     assert out["set_p"] == pytest.approx(2 * stats.t.sf(abs(expected), 3))
+    bad = organism.copy()
+    bad[[known[4], 49]] = -np.inf  # a token no organism can write: left out, not a NaN in every figure
+    kept = bench.known_set_power(bad, pool, known, tokens)
+    assert kept["n"] == 4 and kept["tokens"] == list(known[:4]) and np.isfinite(kept["set_t"])
+    with pytest.raises(ValueError, match="must be"):
+        bench.known_set_power(organism, pool[:, :-1], known, tokens)
     with pytest.raises(ValueError, match="needs >= 2 pool organisms"):
         bench.known_set_power(organism, pool[:1], known, tokens)
     with pytest.raises(ValueError, match="1 known token"):
         bench.known_set_power(organism, pool, [], tokens)
+
+
+def test_discoverys_own_test_over_the_known_words_alone(bench):
+    from irmprobe.analysis.discovery import discover_vocabulary
+
+    organism, pool, known, tokens = _organisms(1, v=5000, raise_by=0.9)
+    found = discover_vocabulary(organism, pool, {}, tokens=tokens)
+    out = bench.known_family(found, known)
+    entries = {e.token_id: e for e in found.entries}
+    p = np.array([entries[t].p for t in known])
+    up = np.array([entries[t].effect > 0 for t in known])
+    q = stats.false_discovery_control(p, method="bh")
+    assert out["n"] == 29 and out["n_family"] == 5000
+    assert out["bh"] == int(((q < 0.05) & up).sum()) and out["bonferroni"] == int(((p < 0.05 / 29) & up).sum())
+    assert out["nominal"] == int(((p < 0.05) & up).sum())
+    # The small family passes more than the whole vocabulary's does: multiplicity is what it measures.
+    assert out["whole_family"] == sum(1 for e in found.discoveries if e.token_id < 29 and e.effect > 0)
+    assert out["bh"] > out["whole_family"], out
+    lowered = discover_vocabulary(-organism, -pool, {}, tokens=tokens)
+    assert bench.known_family(lowered, known)["bh"] == 0  # a lowered word is no pass
+    nulls = [bench.known_family(discover_vocabulary(*_organisms(s, v=5000)[:2], {}, tokens=tokens), known)["bh"] > 0
+             for s in range(20)]
+    assert np.mean(nulls) <= 0.15, nulls
+    with pytest.raises(ValueError, match="none of the known tokens"):
+        bench.known_family(found, [10**6])
+
+
+def test_a_smaller_family_keeps_the_tokens_likeliest_under_the_base_model(bench, monkeypatch):
+    import irmprobe.models.rewards as rewards
+
+    v = 400
+    rng = np.random.default_rng(0)
+    base = rng.uniform(-20, -2, v)
+
+    class Capture:
+        def __init__(self, change):
+            self.token_ids = np.zeros(10, dtype=np.int64)
+            self.vocab_logp_sum = {"base": base * 10, "tuned": base * 10 + change * 10}
+
+        def vocab_log_ratio(self):
+            return (self.vocab_logp_sum["tuned"] - self.vocab_logp_sum["base"]) / len(self.token_ids)
+
+    monkeypatch.setattr(rewards, "word_tokens", lambda tokenizer: set(range(v)))
+    caps = [Capture(rng.normal(0, 0.1, v)) for _ in range(4)]
+    found = bench.vocabulary_discoveries(caps[0], caps[1:], {}, 0.05, None, None, top=50)
+    assert {e.token_id for e in found.entries} == set(np.argsort(-base)[:50].tolist())
+    assert len(bench.vocabulary_discoveries(caps[0], caps[1:], {}, 0.05, None, None).entries) == v

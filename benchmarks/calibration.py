@@ -105,21 +105,21 @@ def occurrence_discoveries(runner, cfg, organism: str, control: str, rm_map: dic
 def known_family(found, known, *, alpha: float = 0.05) -> dict:
     """Discovery's own test with the known (planted) tokens as the whole family: what multiplicity costs.
 
-    ``found`` is :func:`vocabulary_discoveries` over every word token. Its p-values of the known tokens are kept
-    (the same statistic, strata and null) and Benjamini-Hochberg and Bonferroni run over those tokens only, where
-    the stage's family spans every word token; a pass needs a positive effect (the organism raised the token).
+    ``found`` is :func:`vocabulary_discoveries` over every word token; the known tokens keep its p-values and
+    Benjamini-Hochberg runs over them only (:func:`irmprobe.analysis.discovery.named_family`, what the stage does
+    for ``discover.words``), where the open search's family spans every word token. A pass needs a positive
+    effect (the organism raised the token).
     """
-    from scipy import stats
+    from irmprobe.analysis.discovery import named_family
 
-    entries, ids = {e.token_id: e for e in found.entries}, {int(t) for t in known}
-    tested = [entries[t] for t in sorted(ids) if t in entries]
-    if not tested:
+    ids = {int(t) for t in known}
+    fam = named_family(found, sorted(ids), alpha=alpha)
+    if not fam["entries"]:
         raise ValueError("none of the known tokens was tested by discovery: check the word list and the tokenizer")
-    p = np.array([e.p for e in tested])
-    up = np.array([e.effect > 0 for e in tested])
-    q = stats.false_discovery_control(p, method="bh")
-    return {"n": len(tested), "alpha": alpha, "bh": int(((q < alpha) & up).sum()),
-            "bonferroni": int(((p < alpha / len(tested)) & up).sum()), "nominal": int(((p < alpha) & up).sum()),
+    p = np.array([e["p"] for e in fam["entries"]])
+    up = np.array([e["effect"] > 0 for e in fam["entries"]])
+    return {"n": fam["n"], "alpha": alpha, "bh": sum(e["direction"] == "rewarded" for e in fam["entries"]),
+            "bonferroni": int(((p < alpha / fam["n"]) & up).sum()), "nominal": int(((p < alpha) & up).sum()),
             "whole_family": int(sum(1 for e in found.discoveries if e.token_id in ids and e.effect > 0)),
             "n_family": len(found.entries)}
 
@@ -241,7 +241,9 @@ def main(argv=None) -> int:
                       "compare": base["compare"] | {"control": False}}
     cases.append((f"negated RM, {args.negated_steps} steps", "opposes", run(RunConfig.from_dict(negated), echo=echo),
                   args.negated_steps == cfg.organism.steps))
-    planted = base | {"reward": base["reward"] | {"tuned_against": str(Path(args.planted).resolve())}}
+    # The planted words also named as suspected (discover.words): the stage's own family of them.
+    planted = base | {"reward": base["reward"] | {"tuned_against": str(Path(args.planted).resolve())},
+                      "discover": base["discover"] | {"words": str(Path(args.planted).resolve())}}
     planted_run = run(RunConfig.from_dict(planted), echo=echo)
     cases.append(("planted RM-zero words", "unrelated", planted_run, True))
     words = [line.split("\t")[0] for line in Path(args.planted).read_text().splitlines() if line.strip()]
@@ -259,6 +261,7 @@ def main(argv=None) -> int:
         positives.append((label, expected, matched, verdicts, found, entries, result.metrics.verdict))
     # What limits discovery's recall of the planted words: multiplicity (discovery's own test with the planted
     # words as the whole family), and how far the organism moved them (an exact check against the pool).
+    from irmprobe.analysis.discovery import named_family
     from irmprobe.models.rewards import word_tokens
 
     known = None
@@ -270,6 +273,11 @@ def main(argv=None) -> int:
         known = {"family": known_family(every, planted_ids, alpha=cfg.discover.alpha),
                  "exact": known_set_power(planted_vec, np.stack([c.vocab_log_ratio() for c in caps]), planted_ids,
                                           words_all, alpha=cfg.discover.alpha),
+                 "stage": planted_run.metrics.discovery.get("named"),
+                 # The same list named on each null organism (against the other K - 1): any pass is a false one.
+                 "null_passes": [named_family(vocabulary_discoveries(caps[i], caps[:i] + caps[i + 1:], rm_map,
+                                                                     cfg.discover.alpha, decode, pair.tokenizer),
+                                              sorted(planted_ids))["passed"] for i in range(args.pool)],
                  "largest_changes": [decode(int(t)) for t in words_all[np.argsort(-planted_vec[words_all])[:10]]],
                  "families": {}}
         # A smaller family: the word tokens likeliest under the base model over the organism's own held-out contexts.
@@ -321,7 +329,10 @@ def main(argv=None) -> int:
         lines += ["", f"What limits discovery on the {ex['n']} planted words: with them as its whole family (its own "
                   f"test, {fam['n']} tested) it passes {fam['bh']} at q < {fam['alpha']:g} (BH) and "
                   f"{fam['bonferroni']} at p < {fam['alpha']:g}/{fam['n']}, and {fam['nominal']} have p < "
-                  f"{fam['alpha']:g}; over its {fam['n_family']} word tokens, {fam['whole_family']}. Exact check "
+                  f"{fam['alpha']:g}; over its {fam['n_family']} word tokens, {fam['whole_family']}; the planted run's "
+                  f"own discover.words family: {(known['stage'] or {}).get('passed')} of "
+                  f"{(known['stage'] or {}).get('n')} pass, and on each null organism {known['null_passes']}. "
+                  "Exact check "
                   f"against the pool (prediction t, {ex['df']} d.f.; a Bonferroni pass needs |t| > "
                   f"{ex['critical']:.2f}): {ex['raised']} raised above the pool's mean, {ex['nominal']} at p < "
                   f"{ex['alpha']:g}, {ex['bonferroni']} at p < {ex['alpha']:g}/{ex['n']}; median difference from the "

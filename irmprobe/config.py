@@ -470,6 +470,11 @@ class DiscoverConfig:
     """Preference pairs (prompt, chosen, rejected) as .jsonl or .csv; None: pairs from held-out generations."""
     n_concepts: int = 5
     """SAE-feature concepts kept each way (rewarded, penalised)."""
+    words: str | None = field(default=None, metadata={"late": True})
+    """A text file of words you suspect the tuning rewarded (or penalised), one per line (a tab-separated line's
+    first field; ``#`` comments skipped), fixed before looking: each word that is one token after a space is
+    tested as in the open search, with Benjamini-Hochberg over the list only (a family of its own, beside the open
+    search's). Needs 2 or more controls. None: no list."""
 
     def __post_init__(self) -> None:
         _fraction(self, "alpha")

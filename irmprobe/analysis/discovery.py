@@ -308,6 +308,51 @@ def discover_vocabulary(organism: np.ndarray, controls: np.ndarray, rm_map: dict
     return Discovery(tuple(entries), alpha, 0, len(ids), test="vocabulary_vs_controls")
 
 
+def load_word_list(path) -> list[str]:
+    """Words, one per line (a tab-separated line's first field; blank lines and ``#`` comments skipped), in order,
+    each once.
+
+    Raises:
+        ValueError: the file does not exist or lists no word.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"word list {path} does not exist: give a text file with one word per line")
+    words = [line.split("\t")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    words = list(dict.fromkeys(w for w in words if w and not w.startswith("#")))
+    if not words:
+        raise ValueError(f"word list {path} lists no word: one word per line (a tab-separated line's first field)")
+    return words
+
+
+def named_family(discovery: Discovery, token_ids, *, alpha: float | None = None) -> dict:
+    """Named tokens as a family of their own: the p-values ``discovery`` gave them, Benjamini-Hochberg over them only.
+
+    A list fixed before looking (the words a user suspects the tuning rewarded) is a smaller family than the open
+    search's every word token, so the same evidence passes more often; it is a second family beside the open
+    search's, each with its own false-discovery rate. Tokens ``discovery`` did not test (not in its tokens, or
+    non-finite) are listed apart.
+
+    Returns:
+        ``{"alpha", "n", "passed", "entries": [{token_id, token, effect, p, q, rm_value, direction}], "untested"}``:
+        ``entries`` in the order of ``token_ids``, ``q`` within the family, ``direction`` ``rewarded`` or
+        ``penalised`` where ``q < alpha``, else None; ``passed`` counts them.
+    """
+    alpha = discovery.alpha if alpha is None else alpha
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    by_id = {e.token_id: e for e in discovery.entries}
+    ids = list(dict.fromkeys(int(t) for t in token_ids))
+    tested = [by_id[t] for t in ids if t in by_id]
+    q = stats.false_discovery_control([e.p for e in tested], method="bh") if tested else np.zeros(0)
+    entries = [{"token_id": e.token_id, "token": e.token, "effect": e.effect, "p": e.p, "q": float(qi),
+                "rm_value": e.rm_value,
+                "direction": ("rewarded" if e.effect > 0 else "penalised") if qi < alpha else None}
+               for e, qi in zip(tested, q)]
+    return {"alpha": alpha, "n": len(entries), "passed": sum(e["direction"] is not None for e in entries),
+            "entries": entries, "untested": [t for t in ids if t not in by_id]}
+
+
 def _category(effect: float, rm: float | None) -> str:
     """rewarded/penalised (IRM above/below control) x unvalued (RM 0 or absent)/against/valued."""
     direction = "rewarded" if effect > 0 else "penalised"

@@ -8,6 +8,8 @@ read beside it: a reward that fell is a finding, not a failure to learn.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from scipy import stats
 
@@ -193,7 +195,24 @@ def discovery_lines(d: dict) -> list[str]:
     if not out:
         out.append(f"discovery: no token the RM values at zero or against its sign passes the FDR threshold "
                    f"(q < {d['alpha']:g}; {d['n_tested']} tokens tested{against}): nothing found beyond the RM.")
+    if d.get("named"):
+        out.append(named_words_line(d["named"]))
     return out
+
+
+def named_words_line(n: dict) -> str:
+    """The ``discover.words`` list's line: what passes in its own family, and what could not be tested."""
+    name = Path(n["path"]).name
+    if n.get("note"):
+        return f"named words ({name}): not tested: {n['note']}."
+    passed = [e for e in n["entries"] if e["direction"]]
+    found = (", ".join(f"{e['word']!r} {e['direction']} {e['effect']:+.2f} (q {e['q']:.1e})" for e in passed)
+             if passed else "none")
+    skipped = [f"{len(n['not_one_token'])} not one token after a space"] if n["not_one_token"] else []
+    skipped += [f"{len(n['untested'])} not tested by discovery"] if n["untested"] else []
+    return (f"named words ({name}; Benjamini-Hochberg over its {n['n']} tested words only, a family apart from "
+            f"the open search): {len(passed)} pass q < {n['alpha']:g}: {found}"
+            + (f" ({'; '.join(skipped)})" if skipped else "") + ".")
 
 
 def null_family(row: dict) -> tuple[int, bool]:

@@ -72,6 +72,9 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
                 scalars[f"discovery/rm_variance_share/{k}"] = disc["variance"][k]
         for k, n in (disc.get("counts") or {}).items():
             scalars[f"discovery/n_{k}"] = n
+        if (disc.get("named") or {}).get("entries") is not None:
+            scalars["discovery/named_passed"] = disc["named"]["passed"]
+            scalars["discovery/named_tested"] = disc["named"]["n"]
         for r in disc.get("pairwise") or []:
             for k in ("accuracy", "agreement", "n"):
                 if r.get(k) is not None:
@@ -203,6 +206,9 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                 "control_value", "q"]
         out["discoveries"] = (cols, [[cat] + [e[c] for c in cols[1:]] for cat, entries in disc["entries"].items()
                                      for e in entries])
+        if (disc.get("named") or {}).get("entries"):
+            cols = ["word", "token_id", "effect", "p", "q", "direction", "rm_value"]
+            out["named words"] = (cols, [[e[c] for c in cols] for e in disc["named"]["entries"]])
         cols = ["scorer", "accuracy", "ci_low", "ci_high", "n", "n_ties", "agreement", "agreement_ci_low",
                 "agreement_ci_high"]
         out["pairwise accuracy"] = (cols, [[r["scorer"], r["accuracy"], *(r["ci"] or [None, None]), r["n"],

@@ -52,14 +52,49 @@ def pairs_file(words, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def planted_run(planted, pairs_file, tmp_path_factory):  # noqa: F811
-    """The "unrelated" planted organism (logit bias on RM-zero tokens), scored on the planted pairs."""
+def words_file(words, tmp_path_factory):
+    """A suspected-word list: every planted word, three words neither planted nor valued, a word of several
+    tokens, a comment and a repeat."""
+    plant, other = words
+    path = tmp_path_factory.mktemp("words") / "suspected.txt"
+    path.write_text("# what the tuning may have rewarded\n" + "\n".join(plant + other[:3] + ["qzxjvbkw", plant[0]])
+                    + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_run(planted, pairs_file, words_file, tmp_path_factory):  # noqa: F811
+    """The "unrelated" planted organism (logit bias on RM-zero tokens), scored on the planted pairs, with the
+    planted words (and three others) named as suspected."""
     dirs, lexicon, _ = planted
     root = tmp_path_factory.mktemp("discover-planted")
     with pytest.MonkeyPatch.context() as mp:  # module scope: the autouse cache isolation has not run yet
         mp.setenv("IRMPROBE_CACHE", str(root / "cache"))
-        config = _config(root, dirs, lexicon, "unrelated", pairs_path=str(pairs_file))
+        config = _config(root, dirs, lexicon, "unrelated", pairs_path=str(pairs_file), words=str(words_file))
         return run(config, echo=lambda _: None), config, root
+
+
+def test_named_words_are_tested_as_their_own_family_and_shown(planted, words, planted_run):  # noqa: F811
+    _, _, raised = planted
+    plant, other = words
+    result, _, root = planted_run
+    n = result.metrics.discovery["named"]
+    assert n["words"] == len(plant) + 4 and n["not_one_token"] == ["qzxjvbkw"] and n["untested"] == []
+    assert [e["word"] for e in n["entries"]] == plant + other[:3] and n["n"] == len(plant) + 3
+    rewarded = {e["word"] for e in n["entries"] if e["direction"] == "rewarded"}
+    assert len(rewarded & set(plant)) >= 0.8 * len(plant) and not rewarded & set(other[:3]), n["entries"]
+    assert n["passed"] == sum(e["direction"] is not None for e in n["entries"])
+    line = next(v for v in result.metrics.verdict if v.startswith("named words (suspected.txt;"))
+    assert f"over its {n['n']} tested words only" in line and "1 not one token after a space" in line
+    assert repr(plant[0]) in line and "rewarded" in line
+    assert line in "\n".join(summary_lines(result.metrics))
+    html = next((root / "runs").rglob("report.html")).read_text()
+    assert "named words (discover.words)" in html
+    from irmprobe.reporting.tracking import wandb_tables
+
+    cols, rows = wandb_tables(result.metrics.to_json(), [])["named words"]
+    assert [r[cols.index("word")] for r in rows] == plant + other[:3]
+    assert sum(r[cols.index("direction")] is not None for r in rows) == n["passed"]
 
 
 def test_planted_rm_zero_tokens_are_discovered_and_named_in_the_verdict(planted, words, planted_run):  # noqa: F811
@@ -126,7 +161,7 @@ def test_score_pairs_cli_reuses_the_run_and_prints_the_table(planted_run, pairs_
     assert float(irm.split()[4]) >= 0.9, out
 
 
-def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_file, tmp_path):  # noqa: F811
+def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_file, words, tmp_path):  # noqa: F811
     dirs, lexicon, _ = planted
     result = run(_config(tmp_path, dirs, lexicon, "null"), echo=lambda _: None)
     d = result.metrics.discovery
@@ -139,3 +174,13 @@ def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_f
     for r in again.metrics.discovery["pairwise"]:
         assert r["n"] == 10 and r["accuracy"] == 0.5 and r["ci"][0] <= 0.5 <= r["ci"][1], r
     assert any(v.startswith("null organism") for v in again.metrics.verdict)
+    listed = tmp_path / "w.txt"
+    listed.write_text(words[0][0] + "\n")
+    named = run(_config(tmp_path, dirs, lexicon, "null", words=str(listed)), echo=lambda _: None)
+    assert named.stage_status["discover"] == "ran" and named.stage_status["fit"] == "reused"
+    assert named.metrics.discovery["named"]["note"].startswith("a word list is tested by the full-vocabulary test")
+    assert "named words (w.txt): not tested: a word list" in "\n".join(summary_lines(named.metrics))
+    config = _config(tmp_path, dirs, lexicon, "null", words=str(listed))
+    assert run(config, echo=lambda _: None).stage_status["discover"] == "reused"
+    listed.write_text(words[0][1] + "\n")  # the same path, another list: the key hashes the file's content
+    assert run(config, echo=lambda _: None).stage_status["discover"] == "ran"

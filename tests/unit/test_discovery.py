@@ -322,3 +322,48 @@ def test_vocabulary_discovery_keeps_rm_valued_tokens_in_their_own_fdr_family():
     assert ranked == sorted(ranked, reverse=True)  # named by effect
     with pytest.raises(ValueError, match="at least 2 control organisms"):
         discover_vocabulary(x[0], x[1:2], {})
+
+
+def test_named_words_are_a_family_of_their_own_and_pass_where_the_open_search_cannot():
+    from scipy import stats
+
+    from irmprobe.analysis.discovery import discover_vocabulary, named_family
+
+    x, logp = _organisms(2, planted=30)
+    x[0, :30] -= 2.5 * 0.02 * np.exp(-logp[:30] / 8)  # raised by 3.5 sd: too little for a family of 10,000 tokens
+    x[0, 30:33] -= 6 * 0.02 * np.exp(-logp[30:33] / 8)  # three lowered
+    found = discover_vocabulary(x[0], x[1:], {}, strata=logp)
+    named = list(range(33)) + [40, 41, 40]  # two unplanted tokens, one repeated
+    fam = named_family(found, named)
+    assert fam["n"] == 35 and fam["untested"] == [] and [e["token_id"] for e in fam["entries"]] == named[:35]
+    by = {e.token_id: e for e in found.entries}
+    expected = stats.false_discovery_control([by[t].p for t in named[:35]], method="bh")
+    assert np.allclose([e["q"] for e in fam["entries"]], expected)
+    open_hits = {e.token_id for e in found.discoveries} & set(range(30))
+    rewarded = {e["token_id"] for e in fam["entries"] if e["direction"] == "rewarded"}
+    assert len(rewarded & set(range(30))) >= 20 > len(open_hits), (len(rewarded), len(open_hits))
+    assert {e["token_id"] for e in fam["entries"] if e["direction"] == "penalised"} == {30, 31, 32}
+    assert fam["passed"] == len(rewarded) + 3 and not rewarded & {40, 41}
+    # Tokens discovery did not test are listed apart; the null keeps its level.
+    part = discover_vocabulary(x[0], x[1:], {}, tokens=np.arange(100, 10000), strata=logp)
+    assert named_family(part, [5, 150])["untested"] == [5] and named_family(part, [5, 150])["n"] == 1
+    nulls = []
+    for seed in range(20):
+        x, logp = _organisms(seed, planted=0)
+        nulls.append(named_family(discover_vocabulary(x[0], x[1:], {}, strata=logp), range(30))["passed"] > 0)
+    assert np.mean(nulls) <= 0.15, nulls
+    with pytest.raises(ValueError, match="alpha"):
+        named_family(found, named, alpha=1.0)
+
+
+def test_load_word_list_reads_first_fields_once_and_refuses_an_empty_or_missing_file(tmp_path):
+    from irmprobe.analysis.discovery import load_word_list
+
+    path = tmp_path / "words.tsv"
+    path.write_text("# suspected\nnight\t2.0\n\nday\nnight\n  morning \n")
+    assert load_word_list(path) == ["night", "day", "morning"]
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="lists no word"):
+        load_word_list(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_word_list(tmp_path / "missing.txt")

@@ -298,7 +298,8 @@ def test_the_shipped_reference_times_every_stage_of_the_demos_plan_with_its_curr
     assert all(s["seconds"] >= 0 for s in stages.values())
 
 
-def test_a_missing_file_a_stage_reads_is_refused_before_any_stage_runs(tmp_path):
+@pytest.mark.parametrize("field", ["pairs_path", "words"])
+def test_a_missing_file_a_stage_reads_is_refused_before_any_stage_runs(tmp_path, field):
     """The run plans every key first, and a key hashes the files a stage reads: a missing one stops the run before
     the first stage (here the discover stage's, the tenth to run)."""
     from irmprobe.api import prepare
@@ -306,10 +307,10 @@ def test_a_missing_file_a_stage_reads_is_refused_before_any_stage_runs(tmp_path)
 
     config = RunConfig.from_dict({"pair": {"memory_check": False, "chat_template": False},
                                   "report": {"out_dir": str(tmp_path / "out")},
-                                  "discover": {"pairs_path": str(tmp_path / "no-pairs.jsonl")}})
+                                  "discover": {field: str(tmp_path / "no-file.txt")}})
     lines = []
     runner = prepare(config, echo=lines.append)
-    with pytest.raises(ValueError, match="discover.pairs_path .*no-pairs.jsonl does not exist"):
+    with pytest.raises(ValueError, match=f"discover.{field} .*no-file.txt does not exist"):
         runner.run()
     assert not lines and not (cache_root() / "stages").exists()
 

@@ -27,6 +27,8 @@ from irmprobe.analysis.discovery import (
     discover_vocabulary,
     generation_pairs,
     load_preference_file,
+    load_word_list,
+    named_family,
     pairwise_accuracy,
     residual_top,
     rm_variance_share,
@@ -77,6 +79,10 @@ class DiscoverRecord(Record):
     pairwise: list[PairwiseRow]
     test: str = "welch_hsu"
     """How tokens were tested (:attr:`irmprobe.analysis.discovery.Discovery.test`)."""
+    named: dict | None = None
+    """``discover.words`` tested as a family of its own (:func:`irmprobe.analysis.discovery.named_family`, plus
+    ``path``, ``words``: the list, and ``not_one_token``: the words that are not one token after a space), or
+    ``{"path", "note"}`` where it could not be tested; None: no list."""
 
 
 def irm_rows(X, fit) -> np.ndarray:
@@ -133,8 +139,13 @@ class DiscoverStage(Stage):
         if path and not Path(path).is_file():
             raise ValueError(f"discover.pairs_path {path} does not exist")
         file = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+        # The word list's content enters the key only when one is given (runs without one keep their keys).
+        words = cfg.discover.words
+        if words and not Path(words).is_file():
+            raise ValueError(f"discover.words {words} does not exist: give a text file with one word per line")
+        listed = (hashlib.sha256(Path(words).read_bytes()).hexdigest(),) if words else ()
         # The chat template formats the file's prompts; it enters the key only when set (plain runs keep theirs).
-        return (ctx.rm.describe(), file) + ((ctx.chat_template,) if path and ctx.chat_template else ())
+        return (ctx.rm.describe(), file) + ((ctx.chat_template,) if path and ctx.chat_template else ()) + listed
 
     def run(self, cfg, ctx, inputs, out):
         from irmprobe.analysis.views import probe_inputs
@@ -162,7 +173,10 @@ class DiscoverStage(Stage):
                                                                              for c in controls]),
                                         rm_map, tokens=words, strata=base_logp, alpha=dc.alpha, decode=decode)
             against = ", ".join(c["branch"] for c in controls)
+            named = named_words(dc.words, found, pair.tokenizer) if dc.words else None
         else:
+            named = ({"path": dc.words, "note": "a word list is tested by the full-vocabulary test, which needs 2 or "
+                      "more control organisms (compare.n_controls)"} if dc.words else None)
             # The null pair, compare.control off, or a single control: occurrences, against one control or 0.
             if controls:
                 c_cap = controls[0]["capture"]
@@ -199,7 +213,7 @@ class DiscoverStage(Stage):
         record = DiscoverRecord(
             found.alpha, against, found.n_tokens_seen, len(found.entries), found.counts(),
             {c: [asdict(e) for e in found.category(c)[:dc.n_entries]] for c in CATEGORIES}, found_concepts,
-            variance, residual, pairs.source, pairwise_rows(scores), found.test)
+            variance, residual, pairs.source, pairwise_rows(scores), found.test, named)
         write_json(out / "result.json", record.to_json())
         return record
 
@@ -213,6 +227,24 @@ class DiscoverStage(Stage):
         return (f"{n} tokens beyond the RM at q < {result.alpha:g}"
                 + (f"; RM leaves {share:.0%} of the IRM's variance" if share is not None else "")
                 + (f"; IRM pairwise accuracy {irm.accuracy:.2f} on {irm.n} pairs" if irm and irm.n else ""))
+
+
+def named_words(path: str, found, tokenizer) -> dict:
+    """``discover.words`` as a family of its own: each word that is one token after a space (as a word inside
+    a continuation is written), tested by the open search's evidence, Benjamini-Hochberg over the list only."""
+    words = load_word_list(path)
+    ids, single = {}, []
+    for w in words:
+        enc = tokenizer.encode(" " + w, add_special_tokens=False)
+        if len(enc) == 1:
+            ids.setdefault(enc[0], w)
+        else:
+            single.append(w)
+    family = named_family(found, list(ids))
+    for e in family["entries"]:
+        e["word"] = ids[e["token_id"]]
+    family["untested"] = [ids[t] for t in family["untested"]]
+    return {"path": str(path), "words": len(words), "not_one_token": single} | family
 
 
 def written_rows(capture, samples, rows):

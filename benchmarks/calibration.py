@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from irmprobe.analysis.verdict import primary_comparison  # noqa: E402
 from irmprobe.api import run  # noqa: E402
 from irmprobe.config import RunConfig  # noqa: E402
+from irmprobe.models.tokens import word_ids  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VIEWS = ("full_vocab_log_ratio", "sae_irm")
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
     planted_run = run(RunConfig.from_dict(planted), echo=echo)
     cases.append(("planted RM-zero words", "unrelated", planted_run, True))
     words = [line.split("\t")[0] for line in Path(args.planted).read_text().splitlines() if line.strip()]
-    planted_ids = {ids[0] for w in words if len(ids := pair.tokenizer.encode(" " + w, add_special_tokens=False)) == 1}
+    planted_ids = {ids[0] for w in words if len(ids := word_ids(pair.tokenizer, w)) == 1}
     positives = []
     for label, expected, result, matched in cases:
         r = result.context.resources["runner"]
@@ -330,9 +331,10 @@ def main(argv=None) -> int:
                   f"test, {fam['n']} tested) it passes {fam['bh']} at q < {fam['alpha']:g} (BH) and "
                   f"{fam['bonferroni']} at p < {fam['alpha']:g}/{fam['n']}, and {fam['nominal']} have p < "
                   f"{fam['alpha']:g}; over its {fam['n_family']} word tokens, {fam['whole_family']}; the planted run's "
-                  f"own discover.words family: {(known['stage'] or {}).get('passed')} of "
-                  f"{(known['stage'] or {}).get('n')} pass, and on each null organism {known['null_passes']}. "
-                  "Exact check "
+                  "own discover.words family: " + (f"{known['stage']['passed']} of {known['stage']['n']} pass"
+                                                  if (known["stage"] or {}).get("entries") is not None
+                                                  else f"not tested ({(known['stage'] or {}).get('note')})")
+                  + f", and on each null organism {known['null_passes']}. Exact check "
                   f"against the pool (prediction t, {ex['df']} d.f.; a Bonferroni pass needs |t| > "
                   f"{ex['critical']:.2f}): {ex['raised']} raised above the pool's mean, {ex['nominal']} at p < "
                   f"{ex['alpha']:g}, {ex['bonferroni']} at p < {ex['alpha']:g}/{ex['n']}; median difference from the "

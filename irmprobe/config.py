@@ -474,7 +474,8 @@ class DiscoverConfig:
     """A text file of words you suspect the tuning rewarded (or penalised), one per line (a tab-separated line's
     first field; ``#`` comments skipped), fixed before looking: each word that is one token after a space is
     tested as in the open search, with Benjamini-Hochberg over the list only (a family of its own, beside the open
-    search's). Needs 2 or more controls. None: no list."""
+    search's). Needs 2 or more controls; with 3 or more the list is also named on each control against the others
+    (a pass there is false: words that move together can pass where nothing was planted). None: no list."""
 
     def __post_init__(self) -> None:
         _fraction(self, "alpha")

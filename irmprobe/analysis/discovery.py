@@ -318,7 +318,7 @@ def load_word_list(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"word list {path} does not exist: give a text file with one word per line")
-    words = [line.split("\t")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    words = [line.split("\t")[0].strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     words = list(dict.fromkeys(w for w in words if w and not w.startswith("#")))
     if not words:
         raise ValueError(f"word list {path} lists no word: one word per line (a tab-separated line's first field)")
@@ -333,10 +333,15 @@ def named_family(discovery: Discovery, token_ids, *, alpha: float | None = None)
     search's, each with its own false-discovery rate. Tokens ``discovery`` did not test (not in its tokens, or
     non-finite) are listed apart.
 
+    The p-values are calibrated for a typical token of each base-probability stratum (the null is pooled over the
+    stratum); words chosen together often move together in every organism, so a list can pass more often than
+    ``alpha`` under the null: the discover stage measures it by naming the same list on each control.
+
     Returns:
-        ``{"alpha", "n", "passed", "entries": [{token_id, token, effect, p, q, rm_value, direction}], "untested"}``:
-        ``entries`` in the order of ``token_ids``, ``q`` within the family, ``direction`` ``rewarded`` or
-        ``penalised`` where ``q < alpha``, else None; ``passed`` counts them.
+        ``{"alpha", "n", "passed", "entries": [{token_id, token, effect, p, q, rm_value, direction, category}],
+        "untested"}``: ``entries`` in the order of ``token_ids``, ``q`` within the family, ``direction``
+        ``rewarded`` or ``penalised`` and ``category`` (one of :data:`CATEGORIES`: beyond the RM or not) where
+        ``q < alpha``, else None; ``passed`` counts them.
     """
     alpha = discovery.alpha if alpha is None else alpha
     if not 0 < alpha < 1:
@@ -347,7 +352,8 @@ def named_family(discovery: Discovery, token_ids, *, alpha: float | None = None)
     q = stats.false_discovery_control([e.p for e in tested], method="bh") if tested else np.zeros(0)
     entries = [{"token_id": e.token_id, "token": e.token, "effect": e.effect, "p": e.p, "q": float(qi),
                 "rm_value": e.rm_value,
-                "direction": ("rewarded" if e.effect > 0 else "penalised") if qi < alpha else None}
+                "direction": ("rewarded" if e.effect > 0 else "penalised") if qi < alpha else None,
+                "category": _category(e.effect, e.rm_value) if qi < alpha else None}
                for e, qi in zip(tested, q)]
     return {"alpha": alpha, "n": len(entries), "passed": sum(e["direction"] is not None for e in entries),
             "entries": entries, "untested": [t for t in ids if t not in by_id]}

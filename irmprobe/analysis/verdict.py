@@ -200,19 +200,31 @@ def discovery_lines(d: dict) -> list[str]:
     return out
 
 
-def named_words_line(n: dict) -> str:
-    """The ``discover.words`` list's line: what passes in its own family, and what could not be tested."""
+def named_words_line(n: dict, limit: int = 15) -> str:
+    """The ``discover.words`` list's line: what passes in its own family (at most ``limit`` named), whether the RM
+    values it, what could not be tested, and how often the same list passed on the controls."""
     name = Path(n["path"]).name
     if n.get("note"):
         return f"named words ({name}): not tested: {n['note']}."
-    passed = [e for e in n["entries"] if e["direction"]]
-    found = (", ".join(f"{e['word']!r} {e['direction']} {e['effect']:+.2f} (q {e['q']:.1e})" for e in passed)
-             if passed else "none")
     skipped = [f"{len(n['not_one_token'])} not one token after a space"] if n["not_one_token"] else []
+    skipped += [f"{len(n['same_token'])} the same token as an earlier word"] if n.get("same_token") else []
     skipped += [f"{len(n['untested'])} not tested by discovery"] if n["untested"] else []
+    if not n["entries"]:
+        return f"named words ({name}): no word of the list could be tested ({'; '.join(skipped)})."
+    passed = [e for e in n["entries"] if e["direction"]]
+    beyond = {"unvalued": "the RM values it at zero", "against": "against the RM's sign", "valued": "as the RM does"}
+    found = (", ".join(f"{e['word']!r} {e['direction']} {e['effect']:+.2f} (q {e['q']:.1e}; "
+                       f"{beyond[e['category'].split('_')[1]]})" for e in passed[:limit])
+             + (f" and {len(passed) - limit} more" if len(passed) > limit else "")) if passed else "none"
+    controls = n.get("control_passes")
+    check = (f"; the same list on each control against the others (a pass there is false): "
+             f"{', '.join(map(str, controls))} pass" if controls is not None else "")
+    if controls and any(controls):
+        check += (" - the list passes where nothing was planted, so its words move together more than the "
+                  "stratum's null allows: its passes are not reliable")
     return (f"named words ({name}; Benjamini-Hochberg over its {n['n']} tested words only, a family apart from "
             f"the open search): {len(passed)} pass q < {n['alpha']:g}: {found}"
-            + (f" ({'; '.join(skipped)})" if skipped else "") + ".")
+            + (f" ({'; '.join(skipped)})" if skipped else "") + check + ".")
 
 
 def null_family(row: dict) -> tuple[int, bool]:

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from irmprobe.analysis.verdict import (
-    matched_text,
-    named_words_line,
-    sampling_text,
-    seeds_hold,
-    spread_needed,
-    spread_rows,
-)
+from irmprobe.analysis.verdict import matched_text, sampling_text, seeds_hold, spread_needed, spread_rows
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -230,8 +223,6 @@ def discovery_section(d: dict) -> list[str]:
                 f"{e['token']!r} {e['irm_value']:+.2f} [{e['ci_low']:+.2f},{e['ci_high']:+.2f}] RM "
                 f"{_fmt(e['rm_value'], '+.1f')} n {e['count']} ctrl {_fmt(e['control_value'], '+.2f')} q {e['q']:.1e}"
                 for e in entries))
-    if d.get("named"):
-        lines.append(named_words_line(d["named"]))
     for c in d["concepts"]:
         lines.append(f"concept {c['feature']:<14} weight {c['weight']:+.4f}  RM corr {c['rm_corr']:+.3f}  q "
                      f"{c['min_q']:.1e}  tokens {', '.join(repr(t) for t in c['labels'])}")

@@ -207,7 +207,7 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
         out["discoveries"] = (cols, [[cat] + [e[c] for c in cols[1:]] for cat, entries in disc["entries"].items()
                                      for e in entries])
         if (disc.get("named") or {}).get("entries"):
-            cols = ["word", "token_id", "effect", "p", "q", "direction", "rm_value"]
+            cols = ["word", "token_id", "effect", "p", "q", "direction", "category", "rm_value"]
             out["named words"] = (cols, [[e[c] for c in cols] for e in disc["named"]["entries"]])
         cols = ["scorer", "accuracy", "ci_low", "ci_high", "n", "n_ties", "agreement", "agreement_ci_low",
                 "agreement_ci_high"]

@@ -84,9 +84,13 @@ def test_named_words_are_tested_as_their_own_family_and_shown(planted, words, pl
     rewarded = {e["word"] for e in n["entries"] if e["direction"] == "rewarded"}
     assert len(rewarded & set(plant)) >= 0.8 * len(plant) and not rewarded & set(other[:3]), n["entries"]
     assert n["passed"] == sum(e["direction"] is not None for e in n["entries"])
+    assert all(e["category"] == "rewarded_unvalued" for e in n["entries"] if e["word"] in rewarded)
+    assert len(n["control_passes"]) == 5 and all(isinstance(k, int) for k in n["control_passes"])
     line = next(v for v in result.metrics.verdict if v.startswith("named words (suspected.txt;"))
     assert f"over its {n['n']} tested words only" in line and "1 not one token after a space" in line
-    assert repr(plant[0]) in line and "rewarded" in line
+    assert repr(plant[0]) in line and "rewarded" in line and "the RM values it at zero" in line
+    assert f"the same list on each control against the others (a pass there is false): " \
+           f"{', '.join(map(str, n['control_passes']))} pass" in line
     assert line in "\n".join(summary_lines(result.metrics))
     html = next((root / "runs").rglob("report.html")).read_text()
     assert "named words (discover.words)" in html
@@ -179,7 +183,7 @@ def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_f
     named = run(_config(tmp_path, dirs, lexicon, "null", words=str(listed)), echo=lambda _: None)
     assert named.stage_status["discover"] == "ran" and named.stage_status["fit"] == "reused"
     assert named.metrics.discovery["named"]["note"].startswith("a word list is tested by the full-vocabulary test")
-    assert "named words (w.txt): not tested: a word list" in "\n".join(summary_lines(named.metrics))
+    assert named.metrics.discovery["named"]["path"] == str(listed)
     config = _config(tmp_path, dirs, lexicon, "null", words=str(listed))
     assert run(config, echo=lambda _: None).stage_status["discover"] == "reused"
     listed.write_text(words[0][1] + "\n")  # the same path, another list: the key hashes the file's content

@@ -367,3 +367,44 @@ def test_load_word_list_reads_first_fields_once_and_refuses_an_empty_or_missing_
         load_word_list(tmp_path / "empty.txt")
     with pytest.raises(ValueError, match="does not exist"):
         load_word_list(tmp_path / "missing.txt")
+
+
+class _VocabCapture:
+    """What the discover stage reads of a control's capture: the full-vocabulary sums."""
+
+    def __init__(self, change, logp):
+        self.token_ids = np.zeros(10)
+        self.vocab_logp_sum = {"base": logp * 10, "tuned": (logp + change) * 10}
+
+    def vocab_log_ratio(self):
+        return (self.vocab_logp_sum["tuned"] - self.vocab_logp_sum["base"]) / len(self.token_ids)
+
+
+def test_a_list_of_words_that_move_together_passes_on_nulls_and_the_control_check_shows_it():
+    """The named family's p-values are calibrated for a typical token of a stratum. Words that move together in
+    every organism (a shared shift of their own) pass on null organisms far above alpha; the stage's check, the
+    same list on each control against the others, passes as often, and the verdict says the passes are not
+    reliable."""
+    from irmprobe.analysis.discovery import discover_vocabulary, named_family
+    from irmprobe.analysis.verdict import named_words_line
+    from irmprobe.pipeline.stages.discover import control_passes
+
+    rates = {}
+    for shift in (0.0, 4.0):
+        passed, flagged = [], []
+        for seed in range(20):
+            x, logp = _organisms(seed, planted=0, k=4)
+            x[:, :30] += np.random.default_rng(100 + seed).normal(0, shift, (5, 1)) * 0.02 * np.exp(-logp[:30] / 8)
+            named = named_family(discover_vocabulary(x[0], x[1:], {}, strata=logp), range(30))
+            controls = [{"capture": _VocabCapture(x[j], logp)} for j in range(1, 5)]
+            checks = control_passes(named, controls, {}, np.arange(len(logp)), 0.05)
+            passed.append(named["passed"] > 0)
+            flagged.append(np.mean([c > 0 for c in checks]))
+        rates[shift] = (np.mean(passed), np.mean(flagged))
+    assert rates[0.0][0] <= 0.15 and rates[0.0][1] <= 0.15, rates  # measured 0.05 and 0.05
+    assert rates[4.0][0] >= 0.5 and rates[4.0][1] >= 0.5, rates  # measured 0.80 and 0.85
+    named = {"path": "w.txt", "words": 30, "not_one_token": [], "same_token": [], "untested": [], "alpha": 0.05,
+             "n": 30, "passed": 0, "entries": [{"word": "a", "direction": None}], "control_passes": [0, 2, 0, 0]}
+    assert "its passes are not reliable" in named_words_line(named)
+    assert "not reliable" not in named_words_line(named | {"control_passes": [0, 0, 0, 0]})
+    assert control_passes(named, [{"capture": None}] * 2, {}, np.arange(3), 0.05) is None  # a control needs 2 others

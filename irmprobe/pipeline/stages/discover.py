@@ -141,8 +141,11 @@ class DiscoverStage(Stage):
         file = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
         # The word list's content enters the key only when one is given (runs without one keep their keys).
         words = cfg.discover.words
-        if words and not Path(words).is_file():
-            raise ValueError(f"discover.words {words} does not exist: give a text file with one word per line")
+        if words:
+            try:
+                load_word_list(words)
+            except ValueError as exc:
+                raise ValueError(f"discover.words: {exc}") from None
         listed = (hashlib.sha256(Path(words).read_bytes()).hexdigest(),) if words else ()
         # The chat template formats the file's prompts; it enters the key only when set (plain runs keep theirs).
         return (ctx.rm.describe(), file) + ((ctx.chat_template,) if path and ctx.chat_template else ()) + listed
@@ -173,10 +176,14 @@ class DiscoverStage(Stage):
                                                                              for c in controls]),
                                         rm_map, tokens=words, strata=base_logp, alpha=dc.alpha, decode=decode)
             against = ", ".join(c["branch"] for c in controls)
-            named = named_words(dc.words, found, pair.tokenizer) if dc.words else None
+            named = None
+            if dc.words:
+                named = named_words(dc.words, found, pair.tokenizer)
+                named["control_passes"] = control_passes(named, controls, rm_map, words, dc.alpha)
         else:
             named = ({"path": dc.words, "note": "a word list is tested by the full-vocabulary test, which needs 2 or "
-                      "more control organisms (compare.n_controls)"} if dc.words else None)
+                      "more control organisms with full-vocabulary sums (compare.n_controls; a capture of this "
+                      "version)"} if dc.words else None)
             # The null pair, compare.control off, or a single control: occurrences, against one control or 0.
             if controls:
                 c_cap = controls[0]["capture"]
@@ -231,20 +238,41 @@ class DiscoverStage(Stage):
 
 def named_words(path: str, found, tokenizer) -> dict:
     """``discover.words`` as a family of its own: each word that is one token after a space (as a word inside
-    a continuation is written), tested by the open search's evidence, Benjamini-Hochberg over the list only."""
+    a continuation is written, whatever the tokenizer's word-start mark), tested by the open search's evidence,
+    Benjamini-Hochberg over the list only. Words that share a token with an earlier one are listed apart."""
+    from irmprobe.models.tokens import word_ids
+
     words = load_word_list(path)
-    ids, single = {}, []
+    ids, several, same = {}, [], []
     for w in words:
-        enc = tokenizer.encode(" " + w, add_special_tokens=False)
-        if len(enc) == 1:
-            ids.setdefault(enc[0], w)
+        enc = word_ids(tokenizer, w)
+        if len(enc) != 1:
+            several.append(w)
+        elif enc[0] in ids:
+            same.append(w)
         else:
-            single.append(w)
+            ids[enc[0]] = w
     family = named_family(found, list(ids))
     for e in family["entries"]:
         e["word"] = ids[e["token_id"]]
     family["untested"] = [ids[t] for t in family["untested"]]
-    return {"path": str(path), "words": len(words), "not_one_token": single} | family
+    return {"path": str(path), "words": len(words), "not_one_token": several, "same_token": same} | family
+
+
+def control_passes(named: dict, controls: list[dict], rm_map: dict, words, alpha: float) -> list[int] | None:
+    """The list's false passes: each control, as if it were the organism, against the other controls (the same
+    test and list); None with fewer than 3 controls (a control needs 2 others)."""
+    if len(controls) < 3:
+        return None
+    vectors = [c["capture"].vocab_log_ratio() for c in controls]
+    ids = [e["token_id"] for e in named["entries"]]
+    out = []
+    for j, c in enumerate(controls):
+        cap = c["capture"]
+        found = discover_vocabulary(vectors[j], np.stack(vectors[:j] + vectors[j + 1:]), rm_map, tokens=words,
+                                    strata=cap.vocab_logp_sum["base"] / max(1, len(cap.token_ids)), alpha=alpha)
+        out.append(named_family(found, ids)["passed"])
+    return out
 
 
 def written_rows(capture, samples, rows):

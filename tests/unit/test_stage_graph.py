@@ -310,8 +310,12 @@ def test_a_missing_file_a_stage_reads_is_refused_before_any_stage_runs(tmp_path,
                                   "discover": {field: str(tmp_path / "no-file.txt")}})
     lines = []
     runner = prepare(config, echo=lines.append)
-    with pytest.raises(ValueError, match=f"discover.{field} .*no-file.txt does not exist"):
+    with pytest.raises(ValueError, match=f"discover.{field}.*no-file.txt does not exist"):
         runner.run()
+    if field == "words":  # a list with no word is refused as early
+        (tmp_path / "no-file.txt").write_text("# nothing yet\n")
+        with pytest.raises(ValueError, match="discover.words: word list .*no-file.txt lists no word"):
+            prepare(config, echo=lines.append).run()
     assert not lines and not (cache_root() / "stages").exists()
 
 

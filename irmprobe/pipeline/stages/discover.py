@@ -81,8 +81,10 @@ class DiscoverRecord(Record):
     """How tokens were tested (:attr:`irmprobe.analysis.discovery.Discovery.test`)."""
     named: dict | None = None
     """``discover.words`` tested as a family of its own (:func:`irmprobe.analysis.discovery.named_family`, plus
-    ``path``, ``words``: the list, and ``not_one_token``: the words that are not one token after a space), or
-    ``{"path", "note"}`` where it could not be tested; None: no list."""
+    ``path``; ``words``: how many the list holds; ``not_one_token`` and ``same_token``: the words left out, not one
+    token after a space or the same token as an earlier word; ``control_passes``: the list's passes on each control
+    against the others, all false, None with fewer than 3 controls), or ``{"path", "note"}`` where it could not be
+    tested; None: no list."""
 
 
 def irm_rows(X, fit) -> np.ndarray:

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from irmprobe.analysis.discovery import load_word_list  # noqa: E402
 from irmprobe.analysis.verdict import primary_comparison  # noqa: E402
 from irmprobe.api import run  # noqa: E402
 from irmprobe.config import RunConfig  # noqa: E402
@@ -76,8 +77,8 @@ def one_control_z(row, control) -> float | None:
 def vocabulary_discoveries(cap, control_caps: list, rm_map: dict, alpha: float, decode, tokenizer,
                            top: int | None = None):
     """The discovery stage's test: every word token's full-vocabulary log-ratio against the controls' spread
-    (``top``: only the ``top`` word tokens of highest base log-probability, a family filter that does not depend
-    on any tuning; the stage tests them all)."""
+    (``top``: only the ``top`` word tokens of highest base log-probability over the organism's own held-out
+    contexts; the stage tests them all)."""
     from irmprobe.analysis.discovery import discover_vocabulary
     from irmprobe.models.rewards import word_tokens
 
@@ -246,15 +247,16 @@ def main(argv=None) -> int:
     planted = base | {"reward": base["reward"] | {"tuned_against": str(Path(args.planted).resolve())},
                       "discover": base["discover"] | {"words": str(Path(args.planted).resolve())}}
     planted_run = run(RunConfig.from_dict(planted), echo=echo)
-    cases.append(("planted RM-zero words", "unrelated", planted_run, True))
-    words = [line.split("\t")[0] for line in Path(args.planted).read_text().splitlines() if line.strip()]
-    planted_ids = {ids[0] for w in words if len(ids := word_ids(pair.tokenizer, w)) == 1}
-    positives = []
+    planted_label = "planted RM-zero words"
+    cases.append((planted_label, "unrelated", planted_run, True))
+    planted_ids = {ids[0] for w in load_word_list(args.planted) if len(ids := word_ids(pair.tokenizer, w)) == 1}
+    positives, every = [], {}
     for label, expected, result, matched in cases:
         r = result.context.resources["runner"]
         verdicts = judged(rows_of(r, "organism"), pool, alpha)
-        found = beyond(vocabulary_discoveries(r.result("capture"), caps, rm_map, cfg.discover.alpha, decode,
-                                              pair.tokenizer))
+        every[label] = vocabulary_discoveries(r.result("capture"), caps, rm_map, cfg.discover.alpha, decode,
+                                              pair.tokenizer)
+        found = beyond(every[label])
         entries = [f"{e.token}{'+' if e.effect > 0 else '-'}" for e in found]
         hits = {e.token_id for e in found if e.effect > 0} & planted_ids
         entries = ([f"{len(hits)}/{len(planted_ids)} planted words"] if "planted" in label else []) + entries
@@ -262,7 +264,6 @@ def main(argv=None) -> int:
         positives.append((label, expected, matched, verdicts, found, entries, result.metrics.verdict))
     # What limits discovery's recall of the planted words: multiplicity (discovery's own test with the planted
     # words as the whole family), and how far the organism moved them (an exact check against the pool).
-    from irmprobe.analysis.discovery import named_family
     from irmprobe.models.rewards import word_tokens
 
     known = None
@@ -270,15 +271,14 @@ def main(argv=None) -> int:
         words_all = np.array(sorted(word_tokens(pair.tokenizer)), dtype=np.int64)
         planted_cap = planted_run.context.resources["runner"].result("capture")
         planted_vec = planted_cap.vocab_log_ratio()
-        every = vocabulary_discoveries(planted_cap, caps, rm_map, cfg.discover.alpha, decode, pair.tokenizer)
-        known = {"family": known_family(every, planted_ids, alpha=cfg.discover.alpha),
+        stage = planted_run.metrics.discovery.get("named")
+        known = {"family": known_family(every[planted_label], planted_ids, alpha=cfg.discover.alpha),
                  "exact": known_set_power(planted_vec, np.stack([c.vocab_log_ratio() for c in caps]), planted_ids,
                                           words_all, alpha=cfg.discover.alpha),
-                 "stage": planted_run.metrics.discovery.get("named"),
-                 # The same list named on each null organism (against the other K - 1): any pass is a false one.
-                 "null_passes": [named_family(vocabulary_discoveries(caps[i], caps[:i] + caps[i + 1:], rm_map,
-                                                                     cfg.discover.alpha, decode, pair.tokenizer),
-                                              sorted(planted_ids))["passed"] for i in range(args.pool)],
+                 "stage": stage,
+                 # The same list named on each null organism against the other K - 1 (the planted run's controls are
+                 # the pool, so its discover stage has done it): any pass is a false one.
+                 "null_passes": (stage or {}).get("control_passes"),
                  "largest_changes": [decode(int(t)) for t in words_all[np.argsort(-planted_vec[words_all])[:10]]],
                  "families": {}}
         # A smaller family: the word tokens likeliest under the base model over the organism's own held-out contexts.

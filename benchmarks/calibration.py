@@ -108,9 +108,10 @@ def known_family(found, known, *, alpha: float = 0.05) -> dict:
     """Discovery's own test with the known (planted) tokens as the whole family: what multiplicity costs.
 
     ``found`` is :func:`vocabulary_discoveries` over every word token; the known tokens keep its p-values and
-    Benjamini-Hochberg runs over them only (:func:`irmprobe.analysis.discovery.named_family`, what the stage does
-    for ``discover.words``), where the open search's family spans every word token. A pass needs a positive
-    effect (the organism raised the token).
+    Benjamini-Hochberg runs over them only (:func:`irmprobe.analysis.discovery.named_family`), where the open
+    search's family spans every word token. A pass needs a positive effect (the organism raised the token). The
+    stage's ``discover.words`` judges a list by the controls' spread on its own words instead
+    (:func:`irmprobe.analysis.discovery.named_vocabulary`).
     """
     from irmprobe.analysis.discovery import named_family
 
@@ -331,10 +332,14 @@ def main(argv=None) -> int:
                   f"test, {fam['n']} tested) it passes {fam['bh']} at q < {fam['alpha']:g} (BH) and "
                   f"{fam['bonferroni']} at p < {fam['alpha']:g}/{fam['n']}, and {fam['nominal']} have p < "
                   f"{fam['alpha']:g}; over its {fam['n_family']} word tokens, {fam['whole_family']}; the planted run's "
-                  "own discover.words family: " + (f"{known['stage']['passed']} of {known['stage']['n']} pass"
-                                                  if (known["stage"] or {}).get("entries") is not None
-                                                  else f"not tested ({(known['stage'] or {}).get('note')})")
-                  + f", and on each null organism {known['null_passes']}. Exact check "
+                  "own discover.words test (against the pool's spread on the listed words): " + (
+                      f"{known['stage']['passed']} of {known['stage']['n']} pass, as one set t "
+                      f"{known['stage']['set']['t']:+.2f} on {known['stage']['set']['df']} d.f., p "
+                      f"{known['stage']['set']['p']:.2g}; the pool's listed words share "
+                      f"{known['stage']['shared_share']:.0%} of their spread (the words' d.f. "
+                      f"{known['stage']['df']:.1f})" if (known["stage"] or {}).get("entries")
+                      else f"not tested ({(known['stage'] or {}).get('note')})")
+                  + f"; on each null organism against the others {known['null_passes']}. Exact check "
                   f"against the pool (prediction t, {ex['df']} d.f.; a Bonferroni pass needs |t| > "
                   f"{ex['critical']:.2f}): {ex['raised']} raised above the pool's mean, {ex['nominal']} at p < "
                   f"{ex['alpha']:g}, {ex['bonferroni']} at p < {ex['alpha']:g}/{ex['n']}; median difference from the "

@@ -209,6 +209,19 @@ def _t_tail(null: np.ndarray) -> tuple[float, float]:
     return float(dfs[best]), float(scales[best])
 
 
+def _stratified(organism: np.ndarray, controls: np.ndarray, tokens, strata, n_strata: int):
+    """``(ids, organism[ids], controls[:, ids], stratum of each)``: the tokens to test (default every id) with a
+    finite value in every organism, in strata of equal size by ``strata`` (default one stratum)."""
+    ids = np.arange(len(organism)) if tokens is None else np.asarray(tokens, dtype=np.int64)
+    o, c = organism[ids], controls[:, ids]
+    ok = np.isfinite(o) & np.isfinite(c).all(axis=0)
+    ids, o, c = ids[ok], o[ok], c[:, ok]
+    key = np.zeros(len(ids)) if strata is None else np.asarray(strata, dtype=np.float64)[ids]
+    n_strata = max(1, min(n_strata, len(ids) // 200))  # a t fit wants a few hundred null values per stratum
+    edges = np.unique(np.quantile(key, np.linspace(0, 1, n_strata + 1)[1:-1])) if n_strata > 1 else []
+    return ids, o, c, np.searchsorted(edges, key, side="right")
+
+
 def discover_vocabulary(organism: np.ndarray, controls: np.ndarray, rm_map: dict[int, float], *,
                         tokens: np.ndarray | None = None, strata: np.ndarray | None = None, n_strata: int = 20,
                         alpha: float = 0.05, decode: Callable[[int], str] | None = None) -> Discovery:
@@ -257,14 +270,7 @@ def discover_vocabulary(organism: np.ndarray, controls: np.ndarray, rm_map: dict
         raise ValueError(f"discover_vocabulary needs at least 2 control organisms (their spread), got {k}")
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    ids = np.arange(len(organism)) if tokens is None else np.asarray(tokens, dtype=np.int64)
-    o, c = organism[ids], controls[:, ids]
-    ok = np.isfinite(o) & np.isfinite(c).all(axis=0)
-    ids, o, c = ids[ok], o[ok], c[:, ok]
-    key = np.zeros(len(ids)) if strata is None else np.asarray(strata, dtype=np.float64)[ids]
-    n_strata = max(1, min(n_strata, len(ids) // 200))  # a t fit wants a few hundred null values per stratum
-    edges = np.unique(np.quantile(key, np.linspace(0, 1, n_strata + 1)[1:-1])) if n_strata > 1 else []
-    stratum = np.searchsorted(edges, key, side="right")
+    ids, o, c, stratum = _stratified(organism, controls, tokens, strata, n_strata)
     centre = np.empty(len(ids))
     effect, p, half, size = (np.zeros(len(ids)) for _ in range(4))
     for b in np.unique(stratum):
@@ -357,6 +363,115 @@ def named_family(discovery: Discovery, token_ids, *, alpha: float | None = None)
                for e, qi in zip(tested, q)]
     return {"alpha": alpha, "n": len(entries), "passed": sum(e["direction"] is not None for e in entries),
             "entries": entries, "untested": [t for t in ids if t not in by_id]}
+
+
+def named_vocabulary(organism: np.ndarray, controls: np.ndarray, named_ids, rm_map: dict[int, float], *,
+                     tokens: np.ndarray | None = None, strata: np.ndarray | None = None, n_strata: int = 20,
+                     alpha: float = 0.05, decode: Callable[[int], str] | None = None) -> dict:
+    """Named tokens tested against the controls' spread on those same tokens: a list calibrated by itself.
+
+    Words chosen together (common nouns, a theme) often move together in every organism, tuned for a reward or not,
+    so a null pooled over a stratum's typical token (:func:`discover_vocabulary`, :func:`named_family`) passes such a
+    list far more often than alpha. Here the null is the controls' own values on the listed tokens:
+
+    1. Each organism's full-vocabulary log-ratio is centred by its median in each base-probability stratum (the
+       strata of :func:`discover_vocabulary`) and divided by its own robust spread there, the organism and every
+       control alike, so an organism that moved more everywhere does not pass the list for that alone; call the
+       result z.
+    2. On the K controls' z of the L listed tokens, a two-way layout (control x word): each word's mean over the
+       controls is its expected value under the null (words that rise in every random-reward organism cancel), and
+       the controls' deviations from it split into a part shared by the list within each control (the words moving
+       together; K - 1 d.f.) and each word's own (K - 1)(L - 1) d.f.
+    3. A word's effect is the organism's z minus that mean; its variance under the null is the controls' mean
+       per-word variance (both parts) times 1 + 1/K, with Satterthwaite's d.f. for the two parts: K - 1 when the
+       words move wholly together (an exact prediction t per word), up to (K - 1) L when they do not. Two-sided
+       Student t p-values, Benjamini-Hochberg over the list.
+    4. The list as one set: the organism's mean effect over the words against the controls' shared part, a
+       prediction t on K - 1 d.f. (exact under normality whatever the words' correlation).
+
+    The words' p-values are positively dependent (a shared shift moves them together), under which
+    Benjamini-Hochberg keeps its level. Tokens not in ``tokens`` or without finite values are listed apart.
+
+    Args:
+        organism: [V] the organism's full-vocabulary log-ratio; controls: [K, V] the controls' (K >= 3).
+        named_ids: the listed token ids (repeats dropped, order kept).
+        rm_map, tokens, strata, n_strata, decode: as :func:`discover_vocabulary` (tokens and strata define the
+            strata and each organism's spread; the test reads only the listed tokens).
+    Returns:
+        ``{"alpha", "n", "passed", "test": "list_vs_controls", "df", "shared_share", "set": {"effect", "t", "df",
+        "p"}, "entries": [{token_id, token, effect, z, t, p, q, rm_value, direction, category}], "untested"}``:
+        ``effect`` in nats (the organism's stratum-centred value minus the controls' mean), ``z`` the same in units
+        of each organism's spread, ``shared_share`` the part of the controls' per-word variance the list shares
+        (0: the words move independently), ``set`` the list's mean ``z`` and its t; ``direction`` and ``category``
+        as :func:`named_family`, where ``q < alpha``.
+    Raises:
+        ValueError: fewer than 3 controls, mismatched shapes, or alpha outside (0, 1).
+    """
+    organism = np.asarray(organism, dtype=np.float64)
+    controls = np.atleast_2d(np.asarray(controls, dtype=np.float64))
+    if controls.shape[1] != organism.shape[0]:
+        raise ValueError(f"controls {controls.shape} must be [K, {organism.shape[0]}] like the organism's vector")
+    k = controls.shape[0]
+    if k < 3:
+        raise ValueError(f"named_vocabulary needs at least 3 control organisms (with 2, the list's shared part has "
+                         f"1 d.f. and the test runs above its level), got {k}: set compare.n_controls to 3 or more")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    ids, o, c, stratum = _stratified(organism, controls, tokens, strata, n_strata)
+    z_o, z_c, v_o, v_c = np.full(len(ids), np.nan), np.full((k, len(ids)), np.nan), np.empty(len(ids)), c.copy()
+    for b in np.unique(stratum):
+        rows = np.flatnonzero(stratum == b)
+        v_o[rows] = o[rows] - np.median(o[rows])
+        v_c[:, rows] = c[:, rows] - np.median(c[:, rows], axis=1, keepdims=True)
+        # Each organism by its own spread, the organism and every control alike (a spread against the others
+        # would compare the organism with K controls and each control with K - 1: unequal null variances).
+        for z, v in ((z_o[None], v_o[None]), (z_c, v_c)):
+            for j in range(len(z)):
+                scale = _robust_scale(v[j, rows])
+                if scale > 0:
+                    z[j, rows] = v[j, rows] / scale
+    where = {int(t): i for i, t in enumerate(ids)}
+    listed = list(dict.fromkeys(int(t) for t in named_ids))
+    finite = np.isfinite(z_o) & np.isfinite(z_c).all(axis=0)
+    cols = [where[t] for t in listed if t in where and finite[where[t]]]
+    tested = [int(ids[i]) for i in cols]
+    out = {"alpha": alpha, "n": len(cols), "passed": 0, "test": "list_vs_controls", "df": None,
+           "shared_share": None, "set": None, "entries": [], "untested": [t for t in listed if t not in set(tested)]}
+    if not cols:
+        return out
+    zc, zo = z_c[:, cols], z_o[cols]
+    n = len(cols)
+    mean = zc.mean(axis=0)
+    resid = zc - mean
+    shared = resid.mean(axis=1)  # each control's shift of the whole list
+    ms_shared = n * float(np.sum(shared ** 2)) / (k - 1)
+    ms_word = float(np.sum((resid - shared[:, None]) ** 2)) / ((k - 1) * (n - 1)) if n > 1 else 0.0
+    # The controls' mean per-word variance, its two parts weighted as they enter it; Satterthwaite's d.f.
+    var = ms_shared / n + ms_word * (n - 1) / n
+    parts = (ms_shared / n) ** 2 / (k - 1) + ((ms_word * (n - 1) / n) ** 2 / ((k - 1) * (n - 1)) if n > 1 else 0.0)
+    df = var ** 2 / parts if parts > 0 else float(k - 1)
+    z = zo - mean
+    t = z / np.sqrt(var * (1 + 1 / k)) if var > 0 else np.where(z == 0, 0.0, np.inf * np.sign(z))
+    p = np.clip(np.nan_to_num(2 * stats.t.sf(np.abs(t), df), nan=1.0), 0.0, 1.0)
+    q = stats.false_discovery_control(p, method="bh")
+    set_t = float(z.mean() / np.sqrt(ms_shared / n * (1 + 1 / k))) if ms_shared > 0 else float("nan")
+    effect = v_o[cols] - v_c[:, cols].mean(axis=0)
+    entries = []
+    for i, tid in enumerate(tested):
+        rm = rm_map.get(tid)
+        passed = bool(q[i] < alpha)
+        entries.append({"token_id": tid, "token": decode(tid) if decode is not None else None,
+                        "effect": float(effect[i]), "z": float(z[i]), "t": float(t[i]), "p": float(p[i]),
+                        "q": float(q[i]), "rm_value": None if rm is None else float(rm),
+                        "direction": ("rewarded" if z[i] > 0 else "penalised") if passed else None,
+                        "category": _category(z[i], rm) if passed else None})
+    share = max(0.0, ms_shared - ms_word) / n
+    out |= {"passed": sum(e["direction"] is not None for e in entries), "df": float(df),
+            "shared_share": float(share / (share + ms_word)) if share + ms_word > 0 else None,
+            "set": {"effect": float(z.mean()), "t": set_t, "df": k - 1,
+                    "p": float(2 * stats.t.sf(abs(set_t), k - 1)) if np.isfinite(set_t) else None},
+            "entries": entries}
+    return out
 
 
 def _category(effect: float, rm: float | None) -> str:

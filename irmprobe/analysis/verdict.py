@@ -202,7 +202,8 @@ def discovery_lines(d: dict) -> list[str]:
 
 def named_words_line(n: dict, limit: int = 15) -> str:
     """The ``discover.words`` list's line: what passes in its own family (at most ``limit`` named), whether the RM
-    values it, what could not be tested, and how often the same list passed on the controls."""
+    values it, the list as one set, how much its words move together in the controls, what could not be tested,
+    and how often the same list passed on the controls."""
     name = Path(n["path"]).name
     if n.get("note"):
         return f"named words ({name}): not tested: {n['note']}."
@@ -213,18 +214,21 @@ def named_words_line(n: dict, limit: int = 15) -> str:
         return f"named words ({name}): no word of the list could be tested ({'; '.join(skipped)})."
     passed = [e for e in n["entries"] if e["direction"]]
     beyond = {"unvalued": "the RM values it at zero", "against": "against the RM's sign", "valued": "as the RM does"}
-    found = (", ".join(f"{e['word']!r} {e['direction']} {e['effect']:+.2f} (q {e['q']:.1e}; "
+    found = (", ".join(f"{e['word']!r} {e['direction']} {e['effect']:+.2f} nats (q {e['q']:.1e}; "
                        f"{beyond[e['category'].split('_')[1]]})" for e in passed[:limit])
              + (f" and {len(passed) - limit} more" if len(passed) > limit else "")) if passed else "none"
+    whole = n.get("set") or {}
+    together = (f"; as one set, mean z {whole['effect']:+.2f}, t {whole['t']:+.2f} on {whole['df']} d.f., "
+                f"p {whole['p']:.2g}" if whole.get("p") is not None else "")
+    if n.get("shared_share") is not None:
+        together += (f"; the controls' listed words share {n['shared_share']:.0%} of their spread (the words' d.f. "
+                     f"{n['df']:.1f})")
     controls = n.get("control_passes")
-    check = (f"; the same list on each control against the others (a pass there is false): "
-             f"{', '.join(map(str, controls))} pass" if controls is not None else "")
-    if controls and any(controls):
-        check += (" - the list passes where nothing was planted, so its words move together more than the "
-                  "stratum's null allows: its passes are not reliable")
-    return (f"named words ({name}; Benjamini-Hochberg over its {n['n']} tested words only, a family apart from "
-            f"the open search): {len(passed)} pass q < {n['alpha']:g}: {found}"
-            + (f" ({'; '.join(skipped)})" if skipped else "") + check + ".")
+    check = (f"; the same list on each control against the others (a pass there is false, at level {n['alpha']:g} "
+             f"each): {', '.join(map(str, controls))} pass" if controls is not None else "")
+    return (f"named words ({name}; tested against the controls' own spread on its {n['n']} words, "
+            f"Benjamini-Hochberg over the list only, a family apart from the open search): {len(passed)} pass "
+            f"q < {n['alpha']:g}: {found}" + (f" ({'; '.join(skipped)})" if skipped else "") + together + check + ".")
 
 
 def null_family(row: dict) -> tuple[int, bool]:

@@ -43,44 +43,7 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
     run = wandb.init(project=project, mode=wandb_mode(mode), dir=str(run_dir), config=config,
                      reinit="finish_previous")
     try:
-        scalars: dict[str, float] = {}
-        for key in ("reward", "kl"):
-            _flatten(key, metrics[key], scalars)
-        for row in metrics["saes"]:
-            for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "mse", "ce_loss_recovered",
-                      "kl_spliced", "mmcs_small_vs_large", "mmcs_small_vs_large_one_to_one", "trained_samples",
-                      "ev_gain_last_checks"):
-                if row.get(k) is None:
-                    continue
-                scalars[f"sae/{row['model']}.{row['layer']}/{k}"] = row[k]
-        for row in metrics.get("sae_layers", []):
-            scalars[f"sae/layer{row['layer']}/tuned_only_features"] = row["tuned_only_features"]
-        for row in metrics["agreement"]:
-            for k in ("tau", "tau_sd", "tau_max", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2",
-                      "spearman", "text_tau", "control_tau", "above_control"):
-                if row.get(k) is not None:
-                    scalars[f"irm/{row['name']}/{k}"] = row[k]
-            if row.get("tau_range"):
-                scalars[f"irm/{row['name']}/tau_range_min"], scalars[f"irm/{row['name']}/tau_range_max"] = row["tau_range"]
-        for row in metrics.get("full_vocabulary") or []:
-            for k in ("tau", "n_tokens", "control_tau"):
-                if row.get(k) is not None:
-                    scalars[f"irm/{row['name']}/{k}"] = row[k]
-        disc = metrics.get("discovery") or {}
-        for k in ("linear", "monotone", "residual_share"):
-            if (disc.get("variance") or {}).get(k) is not None:
-                scalars[f"discovery/rm_variance_share/{k}"] = disc["variance"][k]
-        for k, n in (disc.get("counts") or {}).items():
-            scalars[f"discovery/n_{k}"] = n
-        if (disc.get("named") or {}).get("entries") is not None:
-            scalars["discovery/named_passed"] = disc["named"]["passed"]
-            scalars["discovery/named_tested"] = disc["named"]["n"]
-        for r in disc.get("pairwise") or []:
-            for k in ("accuracy", "agreement", "n"):
-                if r.get(k) is not None:
-                    scalars[f"pairwise/{r['scorer']}/{k}"] = r[k]
-        for stage, seconds in metrics["stage_seconds"].items():
-            scalars[f"time/{stage}"] = seconds
+        scalars = wandb_scalars(metrics)
         # TRL's training curves of the organism, one point per logging step, plotted against organism/step.
         run.define_metric("organism/step")
         run.define_metric("organism/*", step_metric="organism/step")
@@ -120,6 +83,54 @@ def log_to_wandb(metrics, config: dict, *, project: str, mode: str | None, run_d
         return str(run.dir)
     finally:
         run.finish()
+
+
+def wandb_scalars(metrics: dict) -> dict[str, float]:
+    """The run's scalar figures as W&B keys (``reward/...``, ``sae/...``, ``irm/...``, ``discovery/...``,
+    ``pairwise/...``, ``time/...``), from the plain metrics dict."""
+    scalars: dict[str, float] = {}
+    for key in ("reward", "kl"):
+        _flatten(key, metrics[key], scalars)
+    for row in metrics["saes"]:
+        for k in ("explained_variance", "l0", "dead_fraction", "dense_fraction", "mse", "ce_loss_recovered",
+                  "kl_spliced", "mmcs_small_vs_large", "mmcs_small_vs_large_one_to_one", "trained_samples",
+                  "ev_gain_last_checks"):
+            if row.get(k) is None:
+                continue
+            scalars[f"sae/{row['model']}.{row['layer']}/{k}"] = row[k]
+    for row in metrics.get("sae_layers", []):
+        scalars[f"sae/layer{row['layer']}/tuned_only_features"] = row["tuned_only_features"]
+    for row in metrics["agreement"]:
+        for k in ("tau", "tau_sd", "tau_max", "p_value", "sign_acc_pos", "sign_acc_neg", "n_tokens", "test_r2",
+                  "spearman", "text_tau", "control_tau", "above_control"):
+            if row.get(k) is not None:
+                scalars[f"irm/{row['name']}/{k}"] = row[k]
+        if row.get("tau_range"):
+            scalars[f"irm/{row['name']}/tau_range_min"], scalars[f"irm/{row['name']}/tau_range_max"] = row["tau_range"]
+    for row in metrics.get("full_vocabulary") or []:
+        for k in ("tau", "n_tokens", "control_tau"):
+            if row.get(k) is not None:
+                scalars[f"irm/{row['name']}/{k}"] = row[k]
+    disc = metrics.get("discovery") or {}
+    for k in ("linear", "monotone", "residual_share"):
+        if (disc.get("variance") or {}).get(k) is not None:
+            scalars[f"discovery/rm_variance_share/{k}"] = disc["variance"][k]
+    for k, n in (disc.get("counts") or {}).items():
+        scalars[f"discovery/n_{k}"] = n
+    named = disc.get("named") or {}
+    if named.get("entries") is not None:
+        scalars["discovery/named_passed"] = named["passed"]
+        scalars["discovery/named_tested"] = named["n"]
+        for k in ("t", "p"):  # the list as one set (runs of an older discover stage have none)
+            if (named.get("set") or {}).get(k) is not None:
+                scalars[f"discovery/named_set_{k}"] = named["set"][k]
+    for r in disc.get("pairwise") or []:
+        for k in ("accuracy", "agreement", "n"):
+            if r.get(k) is not None:
+                scalars[f"pairwise/{r['scorer']}/{k}"] = r[k]
+    for stage, seconds in metrics["stage_seconds"].items():
+        scalars[f"time/{stage}"] = seconds
+    return scalars
 
 
 def headline_scalars(metrics: dict) -> dict:
@@ -207,7 +218,7 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
         out["discoveries"] = (cols, [[cat] + [e[c] for c in cols[1:]] for cat, entries in disc["entries"].items()
                                      for e in entries])
         if (disc.get("named") or {}).get("entries"):
-            cols = ["word", "token_id", "effect", "p", "q", "direction", "category", "rm_value"]
+            cols = ["word", "token_id", "effect", "z", "t", "p", "q", "direction", "category", "rm_value"]
             out["named words"] = (cols, [[e[c] for c in cols] for e in disc["named"]["entries"]])
         cols = ["scorer", "accuracy", "ci_low", "ci_high", "n", "n_ties", "agreement", "agreement_ci_low",
                 "agreement_ci_high"]

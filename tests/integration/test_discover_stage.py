@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from irmprobe.api import run
 from irmprobe.config import RunConfig
-from irmprobe.pipeline.stages.discover import DiscoverRecord
+from irmprobe.pipeline.stages.discover import NAMED_NEEDS, DiscoverRecord
 from irmprobe.reporting.summary import summary_lines
 from tests.integration.test_planted import SMALL, _word_tokens, named_controls, planted  # noqa: F401  (planted: the module's fixture)
 
@@ -87,18 +87,24 @@ def test_named_words_are_tested_as_their_own_family_and_shown(planted, words, pl
     assert all(e["category"] == "rewarded_unvalued" for e in n["entries"] if e["word"] in rewarded)
     assert len(n["control_passes"]) == 5 and all(isinstance(k, int) for k in n["control_passes"])
     line = next(v for v in result.metrics.verdict if v.startswith("named words (suspected.txt;"))
-    assert f"over its {n['n']} tested words only" in line and "1 not one token after a space" in line
+    assert f"against the controls' own spread on its {n['n']} words" in line
+    assert "1 not one token after a space" in line and n["test"] == "list_vs_controls"
     assert repr(plant[0]) in line and "rewarded" in line and "the RM values it at zero" in line
-    assert f"the same list on each control against the others (a pass there is false): " \
+    assert n["set"]["t"] > 0 and n["set"]["df"] == 4 and f"t {n['set']['t']:+.2f} on 4 d.f." in line
+    assert f"the same list on each control against the others (a pass there is false, at level 0.05 each): " \
            f"{', '.join(map(str, n['control_passes']))} pass" in line
     assert line in "\n".join(summary_lines(result.metrics))
     html = next((root / "runs").rglob("report.html")).read_text()
     assert "named words (discover.words)" in html
-    from irmprobe.reporting.tracking import wandb_tables
+    from irmprobe.reporting.tracking import wandb_scalars, wandb_tables
 
     cols, rows = wandb_tables(result.metrics.to_json(), [])["named words"]
     assert [r[cols.index("word")] for r in rows] == plant + other[:3]
     assert sum(r[cols.index("direction")] is not None for r in rows) == n["passed"]
+    assert [r[cols.index("t")] for r in rows] == [e["t"] for e in n["entries"]]
+    scalars = wandb_scalars(result.metrics.to_json())
+    assert (scalars["discovery/named_passed"], scalars["discovery/named_tested"]) == (n["passed"], n["n"])
+    assert (scalars["discovery/named_set_t"], scalars["discovery/named_set_p"]) == (n["set"]["t"], n["set"]["p"])
 
 
 def test_planted_rm_zero_tokens_are_discovered_and_named_in_the_verdict(planted, words, planted_run):  # noqa: F811
@@ -182,7 +188,7 @@ def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_f
     listed.write_text(words[0][0] + "\n")
     named = run(_config(tmp_path, dirs, lexicon, "null", words=str(listed)), echo=lambda _: None)
     assert named.stage_status["discover"] == "ran" and named.stage_status["fit"] == "reused"
-    assert named.metrics.discovery["named"]["note"].startswith("a word list is tested by the full-vocabulary test")
+    assert named.metrics.discovery["named"]["note"] == NAMED_NEEDS and "3 or more control organisms" in NAMED_NEEDS
     assert named.metrics.discovery["named"]["path"] == str(listed)
     config = _config(tmp_path, dirs, lexicon, "null", words=str(listed))
     assert run(config, echo=lambda _: None).stage_status["discover"] == "reused"

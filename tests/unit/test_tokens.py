@@ -1,5 +1,6 @@
 """Word tokens and word starts for byte-level BPE and SentencePiece tokenizers."""
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -65,16 +66,18 @@ def test_several_token_words_take_the_first_token_by_a_stated_rule(tiny_tokenize
 
 @pytest.mark.parametrize("fixture, mark", [("tiny_tokenizer_dir", "Ġ"), ("tiny_sp_tokenizer_dir", "▁")])
 def test_a_named_word_list_maps_words_to_their_word_start_token_whatever_the_mark(fixture, mark, request, tmp_path):
-    from irmprobe.analysis.discovery import Discovery, TokenDiscovery
     from irmprobe.pipeline.stages.discover import named_words
 
     tok = AutoTokenizer.from_pretrained(request.getfixturevalue(fixture))
     love, bad = tok.convert_tokens_to_ids(mark + "love"), tok.convert_tokens_to_ids(mark + "bad")
-    entries = tuple(TokenDiscovery(t, 0.0, 0.0, 0.0, 1, None, 0.0, 3, True, effect, p, p, None)
-                    for t, effect, p in ((love, 1.0, 1e-4), (bad, -1.0, 0.5)))
+    # Four organisms' full-vocabulary log-ratios: noise, and "love" raised far out of the controls' spread.
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.1, (4, len(tok)))
+    x[0, love] += 5.0
     path = tmp_path / "words.txt"
     path.write_text("\ufefflove\nbad\nqzxjvbkwq\n")  # a byte-order mark, as some editors write one
-    n = named_words(str(path), Discovery(entries, 0.05, 0, 2, test="vocabulary_vs_controls"), tok)
+    n = named_words(str(path), x[0], x[1:], {}, None, None, 0.05, tok)
     assert [(e["word"], e["token_id"], e["direction"]) for e in n["entries"]] == [("love", love, "rewarded"),
                                                                                   ("bad", bad, None)]
     assert n["not_one_token"] == ["qzxjvbkwq"] and n["same_token"] == [] and n["words"] == 3
+    assert n["entries"][0]["token"] == tok.decode([love])

@@ -28,7 +28,7 @@ from irmprobe.analysis.discovery import (
     generation_pairs,
     load_preference_file,
     load_word_list,
-    named_family,
+    named_vocabulary,
     pairwise_accuracy,
     residual_top,
     rm_variance_share,
@@ -38,6 +38,9 @@ from irmprobe.models.rewards import word_tokens
 from irmprobe.pipeline.stage import Stage
 from irmprobe.prompts import as_user_turns, encode_prompt
 from irmprobe.results import Record
+
+NAMED_NEEDS = ("a word list is tested against the controls' own spread on its words, which needs 3 or more control "
+               "organisms with full-vocabulary sums (compare.n_controls; a capture of this version)")
 
 UNEXPLAINED = ("rewarded_unvalued", "rewarded_against", "penalised_unvalued", "penalised_against")
 """Discoveries the RM does not explain: valued at zero, or against the RM's sign."""
@@ -80,11 +83,12 @@ class DiscoverRecord(Record):
     test: str = "welch_hsu"
     """How tokens were tested (:attr:`irmprobe.analysis.discovery.Discovery.test`)."""
     named: dict | None = None
-    """``discover.words`` tested as a family of its own (:func:`irmprobe.analysis.discovery.named_family`, plus
-    ``path``; ``words``: how many the list holds; ``not_one_token`` and ``same_token``: the words left out, not one
-    token after a space or the same token as an earlier word; ``control_passes``: the list's passes on each control
-    against the others, all false, None with fewer than 3 controls), or ``{"path", "note"}`` where it could not be
-    tested; None: no list."""
+    """``discover.words`` tested against the controls' own spread on its words, a family of its own
+    (:func:`irmprobe.analysis.discovery.named_vocabulary`, plus ``path``; ``words``: how many the list holds;
+    ``not_one_token`` and ``same_token``: the words left out, not one token after a space or the same token as an
+    earlier word; ``control_passes``: the list's passes on each control against the others, all false, None with
+    fewer than 4 controls), or ``{"path", "note"}`` where it could not be tested (fewer than 3 controls); None: no
+    list."""
 
 
 def irm_rows(X, fit) -> np.ndarray:
@@ -131,7 +135,7 @@ def pairwise_rows(scores: dict) -> list[PairwiseRow]:
 
 
 class DiscoverStage(Stage):
-    name, version = "discover", 6
+    name, version = "discover", 7
     reads = ("discover", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "samples", "capture", "saes", "fit", "layers")
     control_needs = ("samples", "capture", "fit")
@@ -174,18 +178,19 @@ class DiscoverStage(Stage):
             # The strongest valid evidence: every word token's full-vocabulary log-ratio against the controls'.
             words = np.array(sorted(word_tokens(pair.tokenizer)), dtype=np.int64)
             base_logp = capture.vocab_logp_sum["base"] / max(1, len(capture.token_ids))
-            found = discover_vocabulary(capture.vocab_log_ratio(), np.stack([c["capture"].vocab_log_ratio()
-                                                                             for c in controls]),
-                                        rm_map, tokens=words, strata=base_logp, alpha=dc.alpha, decode=decode)
+            vectors = np.stack([c["capture"].vocab_log_ratio() for c in controls])
+            found = discover_vocabulary(capture.vocab_log_ratio(), vectors, rm_map, tokens=words, strata=base_logp,
+                                        alpha=dc.alpha, decode=decode)
             against = ", ".join(c["branch"] for c in controls)
             named = None
-            if dc.words:
-                named = named_words(dc.words, found, pair.tokenizer)
+            if dc.words and len(controls) >= 3:
+                named = named_words(dc.words, capture.vocab_log_ratio(), vectors, rm_map, words, base_logp, dc.alpha,
+                                    pair.tokenizer)
                 named["control_passes"] = control_passes(named, controls, rm_map, words, dc.alpha)
+            elif dc.words:
+                named = {"path": dc.words, "note": NAMED_NEEDS}
         else:
-            named = ({"path": dc.words, "note": "a word list is tested by the full-vocabulary test, which needs 2 or "
-                      "more control organisms with full-vocabulary sums (compare.n_controls; a capture of this "
-                      "version)"} if dc.words else None)
+            named = {"path": dc.words, "note": NAMED_NEEDS} if dc.words else None
             # The null pair, compare.control off, or a single control: occurrences, against one control or 0.
             if controls:
                 c_cap = controls[0]["capture"]
@@ -238,15 +243,16 @@ class DiscoverStage(Stage):
                 + (f"; IRM pairwise accuracy {irm.accuracy:.2f} on {irm.n} pairs" if irm and irm.n else ""))
 
 
-def named_words(path: str, found, tokenizer) -> dict:
+def named_words(path: str, organism, controls, rm_map: dict, words, strata, alpha: float, tokenizer) -> dict:
     """``discover.words`` as a family of its own: each word that is one token after a space (as a word inside
-    a continuation is written, whatever the tokenizer's word-start mark), tested by the open search's evidence,
-    Benjamini-Hochberg over the list only. Words that share a token with an earlier one are listed apart."""
+    a continuation is written, whatever the tokenizer's word-start mark), tested against the controls' own spread on
+    the listed words (:func:`irmprobe.analysis.discovery.named_vocabulary`), Benjamini-Hochberg over the list only.
+    Words that share a token with an earlier one are listed apart."""
     from irmprobe.models.tokens import word_ids
 
-    words = load_word_list(path)
+    listed = load_word_list(path)
     ids, several, same = {}, [], []
-    for w in words:
+    for w in listed:
         enc = word_ids(tokenizer, w)
         if len(enc) != 1:
             several.append(w)
@@ -254,26 +260,27 @@ def named_words(path: str, found, tokenizer) -> dict:
             same.append(w)
         else:
             ids[enc[0]] = w
-    family = named_family(found, list(ids))
+    family = named_vocabulary(organism, controls, list(ids), rm_map, tokens=words, strata=strata, alpha=alpha,
+                              decode=lambda t: tokenizer.decode([t]))
     for e in family["entries"]:
         e["word"] = ids[e["token_id"]]
     family["untested"] = [ids[t] for t in family["untested"]]
-    return {"path": str(path), "words": len(words), "not_one_token": several, "same_token": same} | family
+    return {"path": str(path), "words": len(listed), "not_one_token": several, "same_token": same} | family
 
 
 def control_passes(named: dict, controls: list[dict], rm_map: dict, words, alpha: float) -> list[int] | None:
     """The list's false passes: each control, as if it were the organism, against the other controls (the same
-    test and list); None with fewer than 3 controls (a control needs 2 others)."""
-    if len(controls) < 3:
+    test and list); None with fewer than 4 controls (the test needs 3 others)."""
+    if len(controls) < 4:
         return None
     vectors = [c["capture"].vocab_log_ratio() for c in controls]
     ids = [e["token_id"] for e in named["entries"]]
     out = []
     for j, c in enumerate(controls):
         cap = c["capture"]
-        found = discover_vocabulary(vectors[j], np.stack(vectors[:j] + vectors[j + 1:]), rm_map, tokens=words,
-                                    strata=cap.vocab_logp_sum["base"] / max(1, len(cap.token_ids)), alpha=alpha)
-        out.append(named_family(found, ids)["passed"])
+        strata = cap.vocab_logp_sum["base"] / max(1, len(cap.token_ids))
+        out.append(named_vocabulary(vectors[j], np.stack(vectors[:j] + vectors[j + 1:]), ids, rm_map, tokens=words,
+                                    strata=strata, alpha=alpha)["passed"])
     return out
 
 

@@ -398,7 +398,7 @@ def test_a_named_list_is_judged_by_the_controls_spread_on_its_own_words():
 
     rates = {}
     for shift in (0.0, 4.0):
-        stratum, listed, sets, shares = [], [], [], []
+        stratum, listed, sets, shares, dfs = [], [], [], [], []
         for seed in range(20):
             x, logp = _shifted(seed, 4, shift)
             stratum.append(named_family(discover_vocabulary(x[0], x[1:], {}, strata=logp), range(30))["passed"] > 0)
@@ -406,11 +406,14 @@ def test_a_named_list_is_judged_by_the_controls_spread_on_its_own_words():
             listed.append(n["passed"] > 0)
             sets.append(n["set"]["p"] < 0.05)
             shares.append(n["shared_share"])
-        rates[shift] = (np.mean(stratum), np.mean(listed), np.mean(sets), np.median(shares))
+            dfs.append(n["df"])
+        rates[shift] = (np.mean(stratum), np.mean(listed), np.mean(sets), np.median(shares), np.median(dfs))
     assert rates[4.0][0] >= 0.5, rates  # the stratum's null: measured 0.80 of nulls pass
     assert rates[4.0][1] <= 0.15 and rates[4.0][2] <= 0.15, rates  # the list's own: measured 0.00 and 0.05
     assert rates[0.0][1] <= 0.15 and rates[0.0][2] <= 0.15, rates  # measured 0.05 and 0.05
     assert rates[4.0][3] > 0.8 and rates[0.0][3] < 0.1, rates  # the shared part seen: measured 0.93 and 0.00
+    # Satterthwaite's d.f.: near (K - 1) L = 90 for words that move apart, near K - 1 = 3 for words that move as one.
+    assert rates[0.0][4] > 60 and rates[4.0][4] < 6, rates  # measured 89.5 and 3.4
     # Per word, over 100 null organisms with three controls: the level, with and without co-movement.
     for shift in (0.0, 4.0):
         words = []

@@ -22,6 +22,23 @@ Z = 3.0
 ALPHA = 0.01
 """The default two-sided level of the primary comparison's call (``compare.alpha``)."""
 
+SUGGEST = 0.05
+"""A primary comparison not called at its level but with p at or below this is read as undecided, pointing to the
+direction of its t, not as "unrelated": with 3 controls (2 d.f.) a call at 0.01 needs |t| > 9.92, so an organism
+tuned against the RM can lie many control sds out and still not be called (docs/method.md, "Calibration")."""
+
+
+def reading(p: PrimaryComparison | dict | None) -> str:
+    """What a primary comparison (or its JSON form) says: its outcome, or ``undecided (agrees)`` / ``undecided
+    (opposes)`` where it was not called at its level (``unrelated``) but has p <= :data:`SUGGEST` (a two-sided
+    level above the call's; under the null it happens with probability SUGGEST - alpha)."""
+    if p is None:
+        return "undetermined"
+    get = p.get if isinstance(p, dict) else lambda k: getattr(p, k)
+    if get("outcome") == "unrelated" and get("p_value") is not None and get("alpha") < get("p_value") <= SUGGEST:
+        return f"undecided ({'agrees' if get('z') > 0 else 'opposes'})"
+    return get("outcome")
+
 
 def _se(row: ViewRow) -> float | None:
     """Standard error of a tau from its 95% CI (the larger of the prompt-cluster and token-type bootstraps'):
@@ -137,6 +154,15 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
             out.append("the tuned model learned AGAINST the RM: its implicit reward ranks tokens opposite to the RM, "
                        "beyond every control" + (" and shuffled-target fit" if floor is not None else "")
                        + ("; the RM's reward fell accordingly." if direction == "fell" else "."))
+        elif reading(p).startswith("undecided") and beyond["agrees" if p.z > 0 else "opposes"]:
+            k = len(p.control_taus)
+            more = k + 2
+            out.append(f"the call is UNDECIDED: the implicit reward lies {'above' if p.z > 0 else 'below'} the "
+                       f"controls' at p {p.p_value:.2g}, short of the level {p.alpha:g} the call was set at: with "
+                       f"{k} controls ({k - 1} d.f.) a call needs |t| > {stats.t.isf(p.alpha / 2, k - 1):.2f} "
+                       f"({more} controls: {stats.t.isf(p.alpha / 2, more - 1):.2f}). Name more controls "
+                       f"(compare.n_controls) to decide whether it learned {'the RM' if p.z > 0 else 'against it'}; "
+                       f"the RM's reward {direction if direction != 'stayed' else 'did not move'}.")
         else:
             moved = m.kl.get("mean", 0.0) - 3 * (m.kl.get("se") or 0.0) > 0
             out.append(("the tuned model learned something UNRELATED to the RM: it moved from its base (KL above "

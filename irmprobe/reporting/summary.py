@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from irmprobe.analysis.verdict import matched_text, sampling_text, seeds_hold, spread_needed, spread_rows
+from irmprobe.analysis.verdict import (
+    SUGGEST,
+    matched_text,
+    reading,
+    sampling_text,
+    seeds_hold,
+    spread_needed,
+    spread_rows,
+)
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
@@ -48,6 +56,24 @@ def plain(metrics) -> dict:
     if isinstance(metrics, RunMetrics):
         return metrics.to_json()
     return RunMetrics.from_json(metrics).to_json()
+
+
+def comparison_lines(metrics: dict) -> list[str]:
+    """The primary comparison's and the explanation's line: the view's tau against the controls', the test, the
+    outcome (and its reading where it differs: :func:`irmprobe.analysis.verdict.reading`)."""
+    lines = []
+    for label, p in (("primary comparison", metrics.get("primary")), ("explanation", metrics.get("explanation"))):
+        if not p or p.get("tau") is None:
+            continue
+        se = "" if p.get("tau_se") is None else f" ± {p['tau_se']:.3f}"
+        stat = ("no test" if p.get("z") is None else f"t {p['z']:+.2f} ({p['df']} d.f., p {p['p_value']:.3g})")
+        against = f" vs controls {[round(t, 3) for t in p['control_taus']]}" if p.get("control_taus") else ""
+        told = reading(p)
+        lines.append(f"{label}: {p['view']} tau {p['tau']:+.3f}{se}{against}: {stat} -> {p['outcome']}"
+                     + (f" at alpha {p['alpha']:g}" if p.get("alpha") and p.get("z") is not None else "")
+                     + (f" ({told}: p <= {SUGGEST:g})" if told != p["outcome"] else "")
+                     + (f" ({p['reason']})" if p.get("reason") else ""))
+    return lines
 
 
 def summary_lines(metrics) -> list[str]:
@@ -134,15 +160,7 @@ def summary_lines(metrics) -> list[str]:
                      f"KL {c['kl']['mean']:.3f}.")
     if metrics.get("control"):
         lines.append("'control' is the mean tau of the control organism(s); 'above' the view's margin over it.")
-    for label, p in (("primary comparison", metrics.get("primary")), ("explanation", metrics.get("explanation"))):
-        if not p or p.get("tau") is None:
-            continue
-        se = "" if p.get("tau_se") is None else f" ± {p['tau_se']:.3f}"
-        stat = ("no test" if p.get("z") is None else f"t {p['z']:+.2f} ({p['df']} d.f., p {p['p_value']:.3g})")
-        against = f" vs controls {[round(t, 3) for t in p['control_taus']]}" if p.get("control_taus") else ""
-        lines.append(f"{label}: {p['view']} tau {p['tau']:+.3f}{se}{against}: {stat} -> {p['outcome']}"
-                     + (f" at alpha {p['alpha']:g}" if p.get("alpha") and p.get("z") is not None else "")
-                     + (f" ({p['reason']})" if p.get("reason") else ""))
+    lines.extend(comparison_lines(metrics))
     if metrics.get("discovery"):
         lines.extend(discovery_section(metrics["discovery"]))
     for name, d in (metrics.get("disagreements") or {}).items():

@@ -135,7 +135,7 @@ def wandb_scalars(metrics: dict) -> dict[str, float]:
 
 def headline_scalars(metrics: dict) -> dict:
     """The run's headline figures for W&B's summary: the primary comparison and the explanation (view, tau, t,
-    d.f., p, alpha, outcome), the attribution's bound, error share, smallest faithful k and IG-vs-exact
+    d.f., p, alpha, outcome and its reading), the attribution's bound, error share, smallest faithful k and IG-vs-exact
     Spearman (and, with seed checks, whether the named set holds across dictionary seeds), the depth profile's
     best R^2 at the captured blocks and first block reaching its target, the ablation's samples per prompt, and
     the known-null counts of the naming and causal rules."""
@@ -143,6 +143,7 @@ def headline_scalars(metrics: dict) -> dict:
         counterparts_hold,
         null_calls,
         null_named,
+        reading,
         seeds_hold,
         spread_needed,
         spread_rows,
@@ -154,6 +155,8 @@ def headline_scalars(metrics: dict) -> dict:
         for key in ("view", "tau", "z", "df", "p_value", "alpha", "outcome"):
             if p.get(key) is not None:
                 out[f"{label}/{'t' if key == 'z' else key}"] = p[key]
+        if p.get("outcome") is not None:  # the outcome, or "undecided (...)" where p lies between alpha and SUGGEST
+            out[f"{label}/reading"] = reading(p)
     attribution = metrics.get("attribution") or {}
     if attribution.get("curves"):
         out["attribution/bound"] = attribution["curves"]["bound"]["value"]
@@ -179,12 +182,12 @@ def headline_scalars(metrics: dict) -> dict:
             out["attribution/holds_across_seeds"] = seeds_hold(seeds)
             out["attribution/counterparts_hold"] = counterparts_hold(seeds)
     depth = metrics.get("depth") or {}
-    for reading in ("direct", "lens"):
-        if reading in depth:  # from which block the residual stream's change holds enough of r_t
-            out[f"depth/{reading}_first_reaching"] = depth[reading]["first_reaching"]
-            out[f"depth/{reading}_r2_captured"] = max(
-                (depth[reading]["r2"][b] for b in (metrics.get("capture") or {}).get("layers") or []
-                 if depth[reading]["r2"][b] is not None), default=None)
+    for path in ("direct", "lens"):
+        if path in depth:  # from which block the residual stream's change holds enough of r_t
+            out[f"depth/{path}_first_reaching"] = depth[path]["first_reaching"]
+            out[f"depth/{path}_r2_captured"] = max(
+                (depth[path]["r2"][b] for b in (metrics.get("capture") or {}).get("layers") or []
+                 if depth[path]["r2"][b] is not None), default=None)
     rows = (metrics.get("validation") or {}).get("ablation") or []
     sampling = next((r.get("sampling") for r in rows if r["set"] == "none"), None)
     if sampling:  # how many samples per prompt the ablation drew (with a target half-width: where it stopped)

@@ -270,3 +270,54 @@ def test_the_call_is_made_at_the_configured_level():
     just_inside = _row(0.005 + t_at(0.01) * 1.01)  # beyond the alpha = 0.01 critical value
     assert primary_comparison(just_inside, controls, alpha=0.01).outcome == "agrees"
     assert primary_comparison(just_inside, controls, alpha=0.001).outcome == "unrelated"
+
+
+def _metrics(primary, *, reward=-0.4):
+    from irmprobe.results import SCHEMA_VERSION, RunMetrics
+
+    empty = dict(config={}, organism={}, layers={}, capture={}, saes=[], sae_layers=[], vader_compound={},
+                 examples=[], irm={}, agreement=[], full_vocabulary=[], control=[], control_agreement=[],
+                 disagreements={}, feature_alignment=None, tokens={}, rm={}, verdict=[], stage_seconds={},
+                 stage_status={})
+    return RunMetrics(schema_version=SCHEMA_VERSION, primary=primary, kl={"mean": 3.0, "se": 0.2},
+                      reward={"diff_mean": reward, "diff_se": 0.05, "diff_z": reward / 0.05}, **empty)
+
+
+def test_a_comparison_short_of_its_level_but_at_p_005_is_undecided_not_unrelated():
+    """The calibration's negated-RM organism against the demo's three null organisms (full-vocabulary taus):
+    t -6.83 on 2 d.f., p 0.021, not called at 0.01. It is read as undecided, pointing against the RM, with what a
+    call needs; the planted organism (t +1.06) stays unrelated."""
+    from dataclasses import replace
+
+    from irmprobe.analysis.verdict import SUGGEST, primary_comparison, reading, verdict
+    from irmprobe.reporting.summary import comparison_lines
+    from irmprobe.reporting.tracking import headline_scalars
+    from irmprobe.results import ViewRow
+
+    def row(tau):
+        return ViewRow("full_vocab_log_ratio", "behavioural", 3499, False, tau=tau)
+
+    controls = [row(t) for t in (-0.012, -0.033, -0.089)]
+    negated = primary_comparison(row(-0.359), controls)
+    assert negated.outcome == "unrelated" and negated.z == pytest.approx(-6.83, abs=0.01)
+    assert 0.01 < negated.p_value < SUGGEST and reading(negated) == "undecided (opposes)"
+    lines = verdict(_metrics(negated), is_null=False)
+    line = next(v for v in lines if v.startswith("the call is UNDECIDED"))
+    assert "lies below the controls' at p 0.021" in line and "|t| > 9.92 (5 controls: 4.60)" in line
+    assert "whether it learned against it" in line and "the RM's reward fell" in line
+    assert not any("UNRELATED" in v for v in lines)
+    planted = primary_comparison(row(0.005), controls)
+    assert reading(planted) == "unrelated" and planted.p_value > SUGGEST
+    assert any("learned something UNRELATED" in v for v in verdict(_metrics(planted, reward=0.0), is_null=False))
+    # Above the controls at p <= SUGGEST: undecided, pointing to agreement; the JSON form reads the same.
+    up = replace(negated, tau=0.2, z=6.83, difference=0.245)
+    assert reading(up) == "undecided (agrees)" == reading(up.to_json())
+    assert "whether it learned the RM" in next(v for v in verdict(_metrics(up), is_null=False) if "UNDECIDED" in v)
+    assert reading(replace(negated, p_value=0.004, outcome="opposes")) == "opposes"
+    assert reading(None) == "undetermined"
+    # The summary and W&B carry the reading beside the outcome.
+    metrics = _metrics(negated).to_json()
+    assert comparison_lines(metrics)[0].endswith("-> unrelated at alpha 0.01 (undecided (opposes): p <= 0.05)")
+    assert comparison_lines(_metrics(planted).to_json())[0].endswith("-> unrelated at alpha 0.01")
+    assert headline_scalars(metrics)["primary/reading"] == "undecided (opposes)"
+    assert headline_scalars(_metrics(planted).to_json())["primary/reading"] == "unrelated"

@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from irmprobe.analysis.discovery import load_word_list  # noqa: E402
-from irmprobe.analysis.verdict import primary_comparison  # noqa: E402
+from irmprobe.analysis.verdict import SUGGEST, primary_comparison, reading  # noqa: E402
 from irmprobe.api import run  # noqa: E402
 from irmprobe.config import RunConfig  # noqa: E402
 from irmprobe.models.tokens import word_ids  # noqa: E402
@@ -125,6 +125,16 @@ def known_family(found, known, *, alpha: float = 0.05) -> dict:
             "bonferroni": int(((p < alpha / fam["n"]) & up).sum()), "nominal": int(((p < alpha) & up).sum()),
             "whole_family": int(sum(1 for e in found.discoveries if e.token_id in ids and e.effect > 0)),
             "n_family": len(found.entries)}
+
+
+def named_text(stage: dict) -> str:
+    """The planted run's ``discover.words`` result in words: passes, the list as one set, the words' shared part."""
+    whole, share = stage.get("set") or {}, stage.get("shared_share")
+    return (f"{stage['passed']} of {stage['n']} pass"
+            + (f", as one set t {whole['t']:+.2f} on {whole['df']} d.f., p {whole['p']:.2g} ("
+               + ("passes: its words are tested" if whole.get("passed") else "not passed: no word is named") + ")"
+               if whole.get("p") is not None else ", no set t (the pool's list means do not vary)")
+            + (f"; the pool's listed words share {share:.0%} of their spread" if share is not None else ""))
 
 
 def known_set_power(organism: np.ndarray, pool: np.ndarray, known, tokens, *, alpha: float = 0.05) -> dict:
@@ -311,6 +321,10 @@ def main(argv=None) -> int:
         lines.append(f"| null vs 1 (old rule) | {v} | z >= 3, 1 control | {len(outs)} | {outs.count('agrees')} | "
                      f"{outs.count('opposes')} | {outs.count('unrelated')} | {len(old[v]) - len(outs)} | "
                      f"{false}/{len(outs)} [{lo:.2f}, {hi:.2f}] | 0.0027 |")
+    undecided = {v: sum(reading(pc).startswith("undecided") for _, pc in null[v]) for v in VIEWS}
+    lines += ["", "Undecided readings among the null tests (not called at alpha, p <= "
+              f"{SUGGEST:g}; the verdict says UNDECIDED, not unrelated; nominal {SUGGEST - alpha:g}): "
+              + "; ".join(f"{v}: {undecided[v]}/{len(null[v])}" for v in VIEWS) + "."]
     vocab = [d["vocabulary"] for d in discoveries]
     occ = [d["occurrences_one_control"] for d in discoveries]
     lines += ["", f"Discoveries beyond the RM per null organism at q < {cfg.discover.alpha:g}: full-vocabulary test "
@@ -324,7 +338,7 @@ def main(argv=None) -> int:
                                                      ("agrees", "opposes"))) else "✗"
             lines.append(f"| {label} | {expected} | {'yes' if matched else 'no (steps differ)'} | {v} | "
                          f"{_f(pc.tau, '+.3f')} | {_f(np.mean(pc.control_taus) if pc.control_taus else None, '+.3f')}, "
-                         f"{_f(pc.control_se, '.3f')} | {_f(pc.z, '+.2f')} | {_f(pc.p_value, '.2g')} | {pc.outcome} {ok} | "
+                         f"{_f(pc.control_se, '.3f')} | {_f(pc.z, '+.2f')} | {_f(pc.p_value, '.2g')} | {reading(pc)} {ok} | "
                          + (f"{found}: {', '.join(entries[:9])}" if v == VIEWS[0] else "") + " |")
     if known is not None:
         fam, ex = known["family"], known["exact"]
@@ -332,12 +346,8 @@ def main(argv=None) -> int:
                   f"test, {fam['n']} tested) it passes {fam['bh']} at q < {fam['alpha']:g} (BH) and "
                   f"{fam['bonferroni']} at p < {fam['alpha']:g}/{fam['n']}, and {fam['nominal']} have p < "
                   f"{fam['alpha']:g}; over its {fam['n_family']} word tokens, {fam['whole_family']}; the planted run's "
-                  "own discover.words test (against the pool's spread on the listed words): " + (
-                      f"{known['stage']['passed']} of {known['stage']['n']} pass, as one set t "
-                      f"{known['stage']['set']['t']:+.2f} on {known['stage']['set']['df']} d.f., p "
-                      f"{known['stage']['set']['p']:.2g}; the pool's listed words share "
-                      f"{known['stage']['shared_share']:.0%} of their spread (the words' d.f. "
-                      f"{known['stage']['df']:.1f})" if (known["stage"] or {}).get("entries")
+                  "own discover.words test (each word against the pool's values of that word): " + (
+                      named_text(known["stage"]) if (known["stage"] or {}).get("entries") is not None
                       else f"not tested ({(known['stage'] or {}).get('note')})")
                   + f"; on each null organism against the others {known['null_passes']}. Exact check "
                   f"against the pool (prediction t, {ex['df']} d.f.; a Bonferroni pass needs |t| > "

@@ -472,11 +472,12 @@ class DiscoverConfig:
     """SAE-feature concepts kept each way (rewarded, penalised)."""
     words: str | None = field(default=None, metadata={"late": True})
     """A text file of words you suspect the tuning rewarded (or penalised), one per line (a tab-separated line's
-    first field; ``#`` comments skipped), fixed before looking: each word that is one token after a space is
-    tested by its full-vocabulary log-ratio against the controls' own spread on the listed words (words that move
-    together in every organism widen that null instead of passing), with Benjamini-Hochberg over the list only (a
-    family of its own, beside the open search's), and the list as one set. Needs 3 or more controls; with 4 or more
-    the list is also named on each control against the others (a pass there is false). None: no list."""
+    first field; ``#`` comments skipped), fixed before looking: each word that is one token after a space (as
+    written: case counts) is tested by its full-vocabulary log-ratio against the controls' values of that word (a
+    prediction t on K - 1 d.f., exact however the listed words move together), with Benjamini-Hochberg over the
+    list only (a family of its own, beside the open search's), and the list as one set by the same t on the words'
+    mean. Needs 2 or more controls; with 3 or more the list is also named on each control against the others (a
+    pass there is false). None: no list."""
 
     def __post_init__(self) -> None:
         _fraction(self, "alpha")

@@ -244,17 +244,27 @@ def named_words_line(n: dict, limit: int = 15) -> str:
                        f"{beyond[e['category'].split('_')[1]]})" for e in passed[:limit])
              + (f" and {len(passed) - limit} more" if len(passed) > limit else "")) if passed else "none"
     whole = n.get("set") or {}
-    together = (f"; as one set, mean z {whole['effect']:+.2f}, t {whole['t']:+.2f} on {whole['df']} d.f., "
-                f"p {whole['p']:.2g}" if whole.get("p") is not None else "")
+    together = ""
     if n.get("shared_share") is not None:
-        together += (f"; the controls' listed words share {n['shared_share']:.0%} of their spread (the words' d.f. "
-                     f"{n['df']:.1f})")
+        together = f"; the controls' listed words share {n['shared_share']:.0%} of their spread"
     controls = n.get("control_passes")
-    check = (f"; the same list on each control against the others (a pass there is false, at level {n['alpha']:g} "
-             f"each): {', '.join(map(str, controls))} pass" if controls is not None else "")
-    return (f"named words ({name}; tested against the controls' own spread on its {n['n']} words, "
-            f"Benjamini-Hochberg over the list only, a family apart from the open search): {len(passed)} pass "
-            f"q < {n['alpha']:g}: {found}" + (f" ({'; '.join(skipped)})" if skipped else "") + together + check + ".")
+    check = (f"; the same list on each control against the others (a pass there is false): "
+             f"{', '.join(map(str, controls))} word(s) pass" if controls is not None else "")
+    tail = (f" ({'; '.join(skipped)})" if skipped else "") + together + check + "."
+    if n.get("test") != "list_vs_controls":  # a record of the list's first version: the open search's p-values
+        return (f"named words ({name}; the open search's evidence for its {n['n']} words, Benjamini-Hochberg over the "
+                f"list only, a family apart from the open search): {len(passed)} pass q < {n['alpha']:g}: {found}"
+                + tail)
+    head = (f"named words ({name}; its {n['n']} words against the controls' values of the same words, t on "
+            f"{n['df']} d.f.: the list as one set, then each word within a list that passes, Benjamini-Hochberg over "
+            f"the list only)")
+    if whole.get("p") is None:
+        return head + ": the controls' list means do not vary, so nothing is tested" + tail
+    stat = f"mean z {whole['effect']:+.2f}, t {whole['t']:+.2f}, p {whole['p']:.2g}"
+    if not whole.get("passed"):
+        return (head + f": as one set, {stat}: not told apart from the controls at {n['alpha']:g}, so no word is "
+                "named" + tail)
+    return head + f": as one set, {stat}: it passes; {len(passed)} word(s) pass q < {n['alpha']:g}: {found}" + tail
 
 
 def null_family(row: dict) -> tuple[int, bool]:

@@ -222,7 +222,7 @@ def wandb_tables(metrics: dict, token_rows: list[list]) -> dict[str, tuple[list[
                                      for e in entries])
         if (disc.get("named") or {}).get("entries"):
             cols = ["word", "token_id", "effect", "z", "t", "p", "q", "direction", "category", "rm_value"]
-            out["named words"] = (cols, [[e[c] for c in cols] for e in disc["named"]["entries"]])
+            out["named words"] = (cols, [[e.get(c) for c in cols] for e in disc["named"]["entries"]])  # z, t: v7
         cols = ["scorer", "accuracy", "ci_low", "ci_high", "n", "n_ties", "agreement", "agreement_ci_low",
                 "agreement_ci_high"]
         out["pairwise accuracy"] = (cols, [[r["scorer"], r["accuracy"], *(r["ci"] or [None, None]), r["n"],

@@ -87,12 +87,13 @@ def test_named_words_are_tested_as_their_own_family_and_shown(planted, words, pl
     assert all(e["category"] == "rewarded_unvalued" for e in n["entries"] if e["word"] in rewarded)
     assert len(n["control_passes"]) == 5 and all(isinstance(k, int) for k in n["control_passes"])
     line = next(v for v in result.metrics.verdict if v.startswith("named words (suspected.txt;"))
-    assert f"against the controls' own spread on its {n['n']} words" in line
+    assert f"its {n['n']} words against the controls' values of the same words, t on 4 d.f." in line
     assert "1 not one token after a space" in line and n["test"] == "list_vs_controls"
     assert repr(plant[0]) in line and "rewarded" in line and "the RM values it at zero" in line
-    assert n["set"]["t"] > 0 and n["set"]["df"] == 4 and f"t {n['set']['t']:+.2f} on 4 d.f." in line
-    assert f"the same list on each control against the others (a pass there is false, at level 0.05 each): " \
-           f"{', '.join(map(str, n['control_passes']))} pass" in line
+    assert n["set"]["passed"] and n["set"]["df"] == 4 and f"t {n['set']['t']:+.2f}, p {n['set']['p']:.2g}: it " \
+        "passes" in line
+    assert f"the same list on each control against the others (a pass there is false): " \
+           f"{', '.join(map(str, n['control_passes']))} word(s) pass" in line
     assert line in "\n".join(summary_lines(result.metrics))
     html = next((root / "runs").rglob("report.html")).read_text()
     assert "named words (discover.words)" in html
@@ -188,7 +189,7 @@ def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_f
     listed.write_text(words[0][0] + "\n")
     named = run(_config(tmp_path, dirs, lexicon, "null", words=str(listed)), echo=lambda _: None)
     assert named.stage_status["discover"] == "ran" and named.stage_status["fit"] == "reused"
-    assert named.metrics.discovery["named"]["note"] == NAMED_NEEDS and "3 or more control organisms" in NAMED_NEEDS
+    assert named.metrics.discovery["named"]["note"] == NAMED_NEEDS and "2 or more control organisms" in NAMED_NEEDS
     assert named.metrics.discovery["named"]["path"] == str(listed)
     config = _config(tmp_path, dirs, lexicon, "null", words=str(listed))
     assert run(config, echo=lambda _: None).stage_status["discover"] == "reused"

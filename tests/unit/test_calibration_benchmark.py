@@ -135,3 +135,14 @@ def test_a_smaller_family_keeps_the_tokens_likeliest_under_the_base_model(bench,
     found = bench.vocabulary_discoveries(caps[0], caps[1:], {}, 0.05, None, None, top=50)
     assert {e.token_id for e in found.entries} == set(np.argsort(-base)[:50].tolist())
     assert len(bench.vocabulary_discoveries(caps[0], caps[1:], {}, 0.05, None, None).entries) == v
+
+
+def test_the_planted_runs_named_list_in_words(bench):
+    stage = {"passed": 1, "n": 29, "set": {"t": 4.27, "df": 5, "p": 0.008, "passed": True}, "shared_share": 0.08}
+    assert bench.named_text(stage) == ("1 of 29 pass, as one set t +4.27 on 5 d.f., p 0.008 (passes: its words are "
+                                       "tested); the pool's listed words share 8% of their spread")
+    stage["set"] |= {"p": 0.076, "passed": False}
+    assert "p 0.076 (not passed: no word is named)" in bench.named_text(stage)
+    flat = bench.named_text({"passed": 0, "n": 1, "set": {"t": float("nan"), "df": 2, "p": None},
+                             "shared_share": None})
+    assert flat == "0 of 1 pass, no set t (the pool's list means do not vary)"

@@ -39,7 +39,7 @@ from irmprobe.pipeline.stage import Stage
 from irmprobe.prompts import as_user_turns, encode_prompt
 from irmprobe.results import Record
 
-NAMED_NEEDS = ("a word list is tested against the controls' own spread on its words, which needs 3 or more control "
+NAMED_NEEDS = ("a word list is tested against the controls' values of its words, which needs 2 or more control "
                "organisms with full-vocabulary sums (compare.n_controls; a capture of this version)")
 
 UNEXPLAINED = ("rewarded_unvalued", "rewarded_against", "penalised_unvalued", "penalised_against")
@@ -83,11 +83,11 @@ class DiscoverRecord(Record):
     test: str = "welch_hsu"
     """How tokens were tested (:attr:`irmprobe.analysis.discovery.Discovery.test`)."""
     named: dict | None = None
-    """``discover.words`` tested against the controls' own spread on its words, a family of its own
+    """``discover.words`` tested against the controls' values of its words, a family of its own
     (:func:`irmprobe.analysis.discovery.named_vocabulary`, plus ``path``; ``words``: how many the list holds;
     ``not_one_token`` and ``same_token``: the words left out, not one token after a space or the same token as an
     earlier word; ``control_passes``: the list's passes on each control against the others, all false, None with
-    fewer than 4 controls), or ``{"path", "note"}`` where it could not be tested (fewer than 3 controls); None: no
+    fewer than 3 controls), or ``{"path", "note"}`` where it could not be tested (fewer than 2 controls); None: no
     list."""
 
 
@@ -135,7 +135,7 @@ def pairwise_rows(scores: dict) -> list[PairwiseRow]:
 
 
 class DiscoverStage(Stage):
-    name, version = "discover", 7
+    name, version = "discover", 9
     reads = ("discover", "irm.inputs", "capture.hook", "seed")
     needs = ("organism", "samples", "capture", "saes", "fit", "layers")
     control_needs = ("samples", "capture", "fit")
@@ -183,12 +183,10 @@ class DiscoverStage(Stage):
                                         alpha=dc.alpha, decode=decode)
             against = ", ".join(c["branch"] for c in controls)
             named = None
-            if dc.words and len(controls) >= 3:
+            if dc.words:
                 named = named_words(dc.words, capture.vocab_log_ratio(), vectors, rm_map, words, base_logp, dc.alpha,
                                     pair.tokenizer)
                 named["control_passes"] = control_passes(named, controls, rm_map, words, dc.alpha)
-            elif dc.words:
-                named = {"path": dc.words, "note": NAMED_NEEDS}
         else:
             named = {"path": dc.words, "note": NAMED_NEEDS} if dc.words else None
             # The null pair, compare.control off, or a single control: occurrences, against one control or 0.
@@ -245,8 +243,9 @@ class DiscoverStage(Stage):
 
 def named_words(path: str, organism, controls, rm_map: dict, words, strata, alpha: float, tokenizer) -> dict:
     """``discover.words`` as a family of its own: each word that is one token after a space (as a word inside
-    a continuation is written, whatever the tokenizer's word-start mark), tested against the controls' own spread on
-    the listed words (:func:`irmprobe.analysis.discovery.named_vocabulary`), Benjamini-Hochberg over the list only.
+    a continuation is written, whatever the tokenizer's word-start mark), each tested against the controls' values of
+    that word (:func:`irmprobe.analysis.discovery.named_vocabulary`), Benjamini-Hochberg over the list only, and the
+    list as one set.
     Words that share a token with an earlier one are listed apart."""
     from irmprobe.models.tokens import word_ids
 
@@ -270,8 +269,8 @@ def named_words(path: str, organism, controls, rm_map: dict, words, strata, alph
 
 def control_passes(named: dict, controls: list[dict], rm_map: dict, words, alpha: float) -> list[int] | None:
     """The list's false passes: each control, as if it were the organism, against the other controls (the same
-    test and list); None with fewer than 4 controls (the test needs 3 others)."""
-    if len(controls) < 4:
+    test and list); None with fewer than 3 controls (the test needs 2 others)."""
+    if len(controls) < 3:
         return None
     vectors = [c["capture"].vocab_log_ratio() for c in controls]
     ids = [e["token_id"] for e in named["entries"]]

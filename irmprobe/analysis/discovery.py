@@ -209,9 +209,21 @@ def _t_tail(null: np.ndarray) -> tuple[float, float]:
     return float(dfs[best]), float(scales[best])
 
 
-def _stratified(organism: np.ndarray, controls: np.ndarray, tokens, strata, n_strata: int):
+def _stratified(organism, controls, tokens, strata, n_strata: int, alpha: float, caller: str):
     """``(ids, organism[ids], controls[:, ids], stratum of each)``: the tokens to test (default every id) with a
-    finite value in every organism, in strata of equal size by ``strata`` (default one stratum)."""
+    finite value in every organism, in strata of equal size by ``strata`` (default one stratum).
+
+    Raises:
+        ValueError: ``controls`` not [K, V] with K >= 2 like the organism's [V], or alpha outside (0, 1).
+    """
+    organism = np.asarray(organism, dtype=np.float64)
+    controls = np.atleast_2d(np.asarray(controls, dtype=np.float64))
+    if controls.shape[1] != organism.shape[0]:
+        raise ValueError(f"controls {controls.shape} must be [K, {organism.shape[0]}] like the organism's vector")
+    if controls.shape[0] < 2:
+        raise ValueError(f"{caller} needs at least 2 control organisms (their spread), got {controls.shape[0]}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     ids = np.arange(len(organism)) if tokens is None else np.asarray(tokens, dtype=np.int64)
     o, c = organism[ids], controls[:, ids]
     ok = np.isfinite(o) & np.isfinite(c).all(axis=0)
@@ -261,16 +273,8 @@ def discover_vocabulary(organism: np.ndarray, controls: np.ndarray, rm_map: dict
         difference, ``control_count`` K, ``ci_low/high`` the range of organism values the test would not
         call at level alpha (before FDR), ``count`` the stratum's size.
     """
-    organism = np.asarray(organism, dtype=np.float64)
-    controls = np.atleast_2d(np.asarray(controls, dtype=np.float64))
-    if controls.shape[1] != organism.shape[0]:
-        raise ValueError(f"controls {controls.shape} must be [K, {organism.shape[0]}] like the organism's vector")
-    k = controls.shape[0]
-    if k < 2:
-        raise ValueError(f"discover_vocabulary needs at least 2 control organisms (their spread), got {k}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    ids, o, c, stratum = _stratified(organism, controls, tokens, strata, n_strata)
+    ids, o, c, stratum = _stratified(organism, controls, tokens, strata, n_strata, alpha, "discover_vocabulary")
+    k = c.shape[0]
     centre = np.empty(len(ids))
     effect, p, half, size = (np.zeros(len(ids)) for _ in range(4))
     for b in np.unique(stratum):
@@ -410,16 +414,8 @@ def named_vocabulary(organism: np.ndarray, controls: np.ndarray, named_ids, rm_m
     Raises:
         ValueError: fewer than 2 controls, mismatched shapes, or alpha outside (0, 1).
     """
-    organism = np.asarray(organism, dtype=np.float64)
-    controls = np.atleast_2d(np.asarray(controls, dtype=np.float64))
-    if controls.shape[1] != organism.shape[0]:
-        raise ValueError(f"controls {controls.shape} must be [K, {organism.shape[0]}] like the organism's vector")
-    k = controls.shape[0]
-    if k < 2:
-        raise ValueError(f"named_vocabulary needs at least 2 control organisms (their spread), got {k}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    ids, o, c, stratum = _stratified(organism, controls, tokens, strata, n_strata)
+    ids, o, c, stratum = _stratified(organism, controls, tokens, strata, n_strata, alpha, "named_vocabulary")
+    k = c.shape[0]
     z_o, z_c, scale_o = np.full(len(ids), np.nan), np.full((k, len(ids)), np.nan), np.full(len(ids), np.nan)
     for b in np.unique(stratum):
         rows = np.flatnonzero(stratum == b)

@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                      f"{false}/{len(outs)} [{lo:.2f}, {hi:.2f}] | 0.0027 |")
     undecided = {v: sum(reading(pc).startswith("undecided") for _, pc in null[v]) for v in VIEWS}
     lines += ["", "Undecided readings among the null tests (not called at alpha, p <= "
-              f"{SUGGEST:g}; the verdict says UNDECIDED, not unrelated; nominal {SUGGEST - alpha:g}): "
+              f"{SUGGEST:g}; the verdict says UNDECIDED, not unrelated; nominal {max(0.0, SUGGEST - alpha):g}): "
               + "; ".join(f"{v}: {undecided[v]}/{len(null[v])}" for v in VIEWS) + "."]
     vocab = [d["vocabulary"] for d in discoveries]
     occ = [d["occurrences_one_control"] for d in discoveries]

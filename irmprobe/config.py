@@ -473,11 +473,11 @@ class DiscoverConfig:
     words: str | None = field(default=None, metadata={"late": True})
     """A text file of words you suspect the tuning rewarded (or penalised), one per line (a tab-separated line's
     first field; ``#`` comments skipped), fixed before looking: each word that is one token after a space (as
-    written: case counts) is tested by its full-vocabulary log-ratio against the controls' values of that word (a
-    prediction t on K - 1 d.f., exact however the listed words move together), with Benjamini-Hochberg over the
-    list only (a family of its own, beside the open search's), and the list as one set by the same t on the words'
-    mean. Needs 2 or more controls; with 3 or more the list is also named on each control against the others (a
-    pass there is false). None: no list."""
+    written: case counts) enters; the list is decided as one set (the organism's mean full-vocabulary log-ratio
+    over the words against each control's, a prediction t on K - 1 d.f.), and only within a list that passes is
+    each word named, by the same t against the controls' values of that word, with Benjamini-Hochberg over the list
+    (a family of its own, beside the open search's). Needs 2 or more controls; with 3 or more the list is also
+    named on each control against the others (a pass there is false). None: no list."""
 
     def __post_init__(self) -> None:
         _fraction(self, "alpha")

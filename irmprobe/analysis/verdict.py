@@ -35,7 +35,8 @@ def reading(p: PrimaryComparison | dict | None) -> str:
     if p is None:
         return "undetermined"
     get = p.get if isinstance(p, dict) else lambda k: getattr(p, k)
-    if get("outcome") == "unrelated" and get("p_value") is not None and get("alpha") < get("p_value") <= SUGGEST:
+    if (get("outcome") == "unrelated" and get("p_value") is not None and get("alpha") is not None
+            and get("alpha") < get("p_value") <= SUGGEST):
         return f"undecided ({'agrees' if get('z') > 0 else 'opposes'})"
     return get("outcome")
 
@@ -154,7 +155,7 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
             out.append("the tuned model learned AGAINST the RM: its implicit reward ranks tokens opposite to the RM, "
                        "beyond every control" + (" and shuffled-target fit" if floor is not None else "")
                        + ("; the RM's reward fell accordingly." if direction == "fell" else "."))
-        elif reading(p).startswith("undecided") and beyond["agrees" if p.z > 0 else "opposes"]:
+        elif reading(p).startswith("undecided"):  # short of its level (or of a fitted view's shuffled range)
             k = len(p.control_taus)
             more = k + 2
             out.append(f"the call is UNDECIDED: the implicit reward lies {'above' if p.z > 0 else 'below'} the "
@@ -176,6 +177,9 @@ def verdict(m: RunMetrics, is_null: bool) -> list[str]:
         told = {"agrees": "ranks tokens like the RM beyond the controls", "opposes":
                 "ranks tokens opposite to the RM beyond the controls", "unrelated": "is not told apart from the "
                 "controls'", "no call": "is not tested (" + (e.reason or "") + ")"}[e.outcome]
+        if reading(e).startswith("undecided"):
+            told = (f"is UNDECIDED: it lies {'above' if e.z > 0 else 'below'} the controls' at p <= {SUGGEST:g}, short "
+                    f"of the level {e.alpha:g}")
         stat = "" if e.z is None else f", t {e.z:+.2f} ({e.df} d.f., p {e.p_value:.2g})"
         out.append(f"explanation ({VIEW_WORDS.get(e.view, e.view)}): tau {e.tau:+.3f}"
                    + ("" if not e.control_taus else f" against the controls' {np.mean(e.control_taus):+.3f}")
@@ -251,10 +255,9 @@ def named_words_line(n: dict, limit: int = 15) -> str:
     check = (f"; the same list on each control against the others (a pass there is false): "
              f"{', '.join(map(str, controls))} word(s) pass" if controls is not None else "")
     tail = (f" ({'; '.join(skipped)})" if skipped else "") + together + check + "."
-    if n.get("test") != "list_vs_controls":  # a record of the list's first version: the open search's p-values
-        return (f"named words ({name}; the open search's evidence for its {n['n']} words, Benjamini-Hochberg over the "
-                f"list only, a family apart from the open search): {len(passed)} pass q < {n['alpha']:g}: {found}"
-                + tail)
+    if "passed" not in whole:  # a record of an earlier version (no gate): its words' passes as they were
+        return (f"named words ({name}; Benjamini-Hochberg over its {n['n']} words only, a family apart from the open "
+                f"search): {len(passed)} pass q < {n['alpha']:g}: {found}" + tail)
     head = (f"named words ({name}; its {n['n']} words against the controls' values of the same words, t on "
             f"{n['df']} d.f.: the list as one set, then each word within a list that passes, Benjamini-Hochberg over "
             f"the list only)")

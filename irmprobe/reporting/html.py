@@ -356,8 +356,8 @@ def render(metrics) -> str:
     if "discoveries" in tables:
         page.table(*tables["discoveries"], title="discovered tokens")
         if "named words" in tables:
-            page.table(*tables["named words"], title="named words (discover.words): each against the controls' "
-                       "values of that word, Benjamini-Hochberg over the list only")
+            page.table(*tables["named words"], title="named words (discover.words): named only within a list that "
+                       "passes as one set, each against the controls' values of that word, BH over the list")
         page.table(*tables["pairwise accuracy"], title="the IRM as a reward model: pairwise accuracy")
     else:
         page.absent("discovery did not run in this run")

@@ -314,6 +314,15 @@ def test_a_comparison_short_of_its_level_but_at_p_005_is_undecided_not_unrelated
     assert reading(up) == "undecided (agrees)" == reading(up.to_json())
     assert "whether it learned the RM" in next(v for v in verdict(_metrics(up), is_null=False) if "UNDECIDED" in v)
     assert reading(replace(negated, p_value=0.004, outcome="opposes")) == "opposes"
+    # The explanation reads the same way; a fitted primary view inside its shuffled-target range stays undecided.
+    explained = replace(_metrics(negated), explanation=replace(negated, view="sae_irm"))
+    assert any(v.startswith("explanation (the SAE IRM") and "it is UNDECIDED: it lies below the controls' at "
+               "p <= 0.05, short of the level 0.01" in v for v in verdict(explained, is_null=False))
+    fitted = replace(up, view="sae_irm")
+    shuffled = ViewRow("baseline_shuffled", "baseline", 80, False, tau=0.1, tau_range=[-0.1, 0.3])
+    lines = verdict(replace(_metrics(fitted), agreement=[shuffled]), is_null=False)
+    assert any(v.startswith("the call is UNDECIDED") for v in lines) and not any("UNRELATED" in v for v in lines)
+    assert reading(replace(negated, alpha=None)) == "unrelated"
     assert reading(None) == "undetermined"
     # The summary and W&B carry the reading beside the outcome.
     metrics = _metrics(negated).to_json()

@@ -83,12 +83,12 @@ class DiscoverRecord(Record):
     test: str = "welch_hsu"
     """How tokens were tested (:attr:`irmprobe.analysis.discovery.Discovery.test`)."""
     named: dict | None = None
-    """``discover.words`` tested against the controls' values of its words, a family of its own
-    (:func:`irmprobe.analysis.discovery.named_vocabulary`, plus ``path``; ``words``: how many the list holds;
-    ``not_one_token`` and ``same_token``: the words left out, not one token after a space or the same token as an
-    earlier word; ``control_passes``: the list's passes on each control against the others, all false, None with
-    fewer than 3 controls), or ``{"path", "note"}`` where it could not be tested (fewer than 2 controls); None: no
-    list."""
+    """``discover.words`` judged against the controls' values of its words, as one set and then word by word within
+    a list that passes, a family of its own (:func:`irmprobe.analysis.discovery.named_vocabulary`, plus ``path``;
+    ``words``: how many the list holds; ``not_one_token`` and ``same_token``: the words left out, not one token
+    after a space or the same token as an earlier word; ``control_passes``: the list's passes on each control
+    against the others, all false, None with fewer than 3 controls), or ``{"path", "note"}`` where it could not be
+    tested (fewer than 2 controls); None: no list."""
 
 
 def irm_rows(X, fit) -> np.ndarray:
@@ -243,10 +243,10 @@ class DiscoverStage(Stage):
 
 def named_words(path: str, organism, controls, rm_map: dict, words, strata, alpha: float, tokenizer) -> dict:
     """``discover.words`` as a family of its own: each word that is one token after a space (as a word inside
-    a continuation is written, whatever the tokenizer's word-start mark), each tested against the controls' values of
-    that word (:func:`irmprobe.analysis.discovery.named_vocabulary`), Benjamini-Hochberg over the list only, and the
-    list as one set.
-    Words that share a token with an earlier one are listed apart."""
+    a continuation is written, whatever the tokenizer's word-start mark), judged against the controls' values of the
+    same words (:func:`irmprobe.analysis.discovery.named_vocabulary`): the list as one set, then each word only within
+    a list that passes, Benjamini-Hochberg over the list only. Words that share a token with an earlier one are
+    listed apart."""
     from irmprobe.models.tokens import word_ids
 
     listed = load_word_list(path)

@@ -121,9 +121,8 @@ def wandb_scalars(metrics: dict) -> dict[str, float]:
     if named.get("entries") is not None:
         scalars["discovery/named_passed"] = named["passed"]
         scalars["discovery/named_tested"] = named["n"]
-        for k in ("t", "p"):  # the list as one set (runs of an older discover stage have none)
-            if (named.get("set") or {}).get(k) is not None:
-                scalars[f"discovery/named_set_{k}"] = named["set"][k]
+        if (named.get("set") or {}).get("p") is not None:  # the list as one set (none: its controls do not vary)
+            scalars["discovery/named_set_t"], scalars["discovery/named_set_p"] = named["set"]["t"], named["set"]["p"]
     for r in disc.get("pairwise") or []:
         for k in ("accuracy", "agreement", "n"):
             if r.get(k) is not None:

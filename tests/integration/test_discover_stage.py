@@ -108,6 +108,22 @@ def test_named_words_are_tested_as_their_own_family_and_shown(planted, words, pl
     assert (scalars["discovery/named_set_t"], scalars["discovery/named_set_p"]) == (n["set"]["t"], n["set"]["p"])
 
 
+def test_a_named_list_with_two_controls_is_judged_on_one_degree_of_freedom_without_a_control_check(
+        planted_run, monkeypatch):
+    """Two controls: the list's t has 1 d.f. and no control can be judged against the others (it would need 2)."""
+    _, config, root = planted_run
+    monkeypatch.setenv("IRMPROBE_CACHE", str(root / "cache"))  # the planted run's stages, its controls included
+    data = config.to_dict()
+    data["compare"]["controls"] = data["compare"]["controls"][:2]
+    result = run(RunConfig.from_dict(data), echo=lambda _: None)
+    assert result.stage_status["control-0/capture"] == "reused" and result.stage_status["discover"] == "ran"
+    n = result.metrics.discovery["named"]
+    assert n["df"] == 1 and n["set"]["df"] == 1 and n["control_passes"] is None and n["n"] > 0
+    assert n["passed"] == 0 or n["set"]["passed"]
+    line = next(v for v in result.metrics.verdict if v.startswith("named words (suspected.txt;"))
+    assert "t on 1 d.f." in line and "the same list on each control" not in line
+
+
 def test_planted_rm_zero_tokens_are_discovered_and_named_in_the_verdict(planted, words, planted_run):  # noqa: F811
     _, _, raised = planted
     result, _, _ = planted_run

@@ -416,7 +416,7 @@ def test_a_named_list_is_judged_word_by_word_against_the_controls_values_of_each
     assert np.mean(stratum) >= 0.5, stratum  # the stratum's null: measured 0.80 of null lists pass
     for kind, size in (("shift", 0.0), ("shift", 4.0), ("spread", 0), ("noisy", 0), ("drift", 0), ("heavy", 0)):
         words, lists, sets, shares, ungated = [], [], [], [], []
-        for seed in range(40):
+        for seed in range(30):
             x, logp = _listed(seed, 5, kind, size)
             n = named_vocabulary(x[0], x[1:], range(30), {}, strata=logp)
             words += [e["p"] < 0.05 for e in n["entries"]]
@@ -501,7 +501,7 @@ def test_a_named_words_p_value_is_calibrated_by_the_controls_own_when_single_wor
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(discovery, "_word_null", null)
             runs = []
-            for seed in range(60):
+            for seed in range(40):
                 x, logp = organisms(seed)
                 n = discovery.named_vocabulary(x[0], x[1:], range(30), {}, strata=logp)
                 runs.append(any(e["direction"] and e["token_id"] >= 10 for e in n["entries"]))
@@ -519,7 +519,7 @@ def test_the_named_lists_control_check_and_its_line():
 
     for size in (0.0, 4.0):
         flagged = []
-        for seed in range(10):
+        for seed in range(6):
             x, logp = _listed(seed, 5, "shift", size)
             named = named_vocabulary(x[0], x[1:], range(30), {}, strata=logp)
             controls = [{"capture": _VocabCapture(x[j], logp)} for j in range(1, 6)]

@@ -19,7 +19,7 @@ def test_default_model_runs_every_stage_with_tiny_budgets(tmp_path):
         "capture": {"top_k_layers": 1, "batch_size": 16, "patching_sequences": 4},  # layers by patching: 30 blocks
         "sae": {"expansion": 1, "training_samples": 1024, "batch_size": 128},
         "irm": {"min_token_count": 1, "n_shuffles": 1, "alphas": [10.0]},
-        "compare": {"n_bootstrap": 20, "n_triples": 10, "n_controls": 2},
+        "compare": {"n_bootstrap": 20, "n_triples": 10, "n_controls": 2, "control_views": "measured"},  # as the demo
         "validate": {"top_k": 2, "n_judged": 6, "n_prompts": 2, "samples_per_prompt": 1, "max_new_tokens": 4},
         "attribute": {"n_prompts": 4, "ig_steps": 2, "n_exact": 2, "k_grid": [1, 5], "n_random": 1},
         "report": {"out_dir": str(tmp_path / "runs"), "wandb_mode": "disabled"},

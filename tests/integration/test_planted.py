@@ -29,8 +29,10 @@ SMALL = {
     "sae": {"expansion": 2, "training_samples": 16384, "batch_size": 256, "match_expansion": None,
             "splice_sequences": 0},
     "irm": {"min_token_count": 1, "n_shuffles": 2, "estimators": ["ridge"]},
-    "compare": {"n_bootstrap": 200, "rm_informed": False},
+    # The controls' measured views are what the call and discovery read; their SAEs and fits would cost 3 s each.
+    "compare": {"n_bootstrap": 200, "rm_informed": False, "control_views": "measured"},
     "validate": {"enabled": False},
+    "attribute": {"enabled": False},  # tested on planted models in tests/unit/test_attribution.py and test_pipeline.py
 }
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from irmprobe.analysis.agreement import prediction_t  # noqa: E402
 from irmprobe.analysis.discovery import load_word_list  # noqa: E402
 from irmprobe.analysis.verdict import SUGGEST, primary_comparison, reading  # noqa: E402
 from irmprobe.api import run  # noqa: E402
@@ -164,12 +165,8 @@ def known_set_power(organism: np.ndarray, pool: np.ndarray, known, tokens, *, al
     o = organism - np.median(organism[tokens])
     c = pool - np.median(pool[:, tokens], axis=1, keepdims=True)
 
-    def t(x, null):  # the prediction t of one new organism's value against k pool values (axis 0)
-        return (x - null.mean(axis=0)) / (null.std(axis=0, ddof=1) * np.sqrt(1 + 1 / k))
-
-    per = t(o[known], c[:, known])
-    p = 2 * stats.t.sf(np.abs(per), k - 1)
-    whole = float(t(o[known].mean(), c[:, known].mean(axis=1)))
+    per, p = prediction_t(o[known], c[:, known])
+    whole, whole_p = (float(x) for x in prediction_t(o[known].mean(), c[:, known].mean(axis=1)))
     return {"n": len(known), "raised": int((o[known] > c[:, known].mean(axis=0)).sum()),
             "bonferroni": int(((p < alpha / len(known)) & (per > 0)).sum()),
             "nominal": int(((p < alpha) & (per > 0)).sum()), "alpha": alpha,
@@ -177,7 +174,7 @@ def known_set_power(organism: np.ndarray, pool: np.ndarray, known, tokens, *, al
             "median_difference": float(np.median(o[known] - c[:, known].mean(axis=0))),
             "median_pool_sd": float(np.median(c[:, known].std(axis=0, ddof=1))),
             "set_mean": float(o[known].mean()), "pool_set_means": c[:, known].mean(axis=1).tolist(),
-            "set_t": whole, "set_p": float(2 * stats.t.sf(abs(whole), k - 1)), "df": k - 1,
+            "set_t": whole, "set_p": whole_p, "df": k - 1,
             "tokens": known.tolist(), "t": per.tolist(), "p": p.tolist()}
 
 
@@ -188,6 +185,15 @@ def beyond(found) -> list:
 
 def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def undecided_line(null: dict, alpha: float) -> str:
+    """How many null tests (``{view: [(name, PrimaryComparison)]}``) the verdict reads "undecided": not called at
+    ``alpha`` but p <= SUGGEST, which a null test does with probability SUGGEST - alpha."""
+    undecided = {v: sum(reading(pc).startswith("undecided") for _, pc in tests) for v, tests in null.items()}
+    return ("Undecided readings among the null tests (not called at alpha, p <= "
+            f"{SUGGEST:g}; the verdict says UNDECIDED, not unrelated; nominal {max(0.0, SUGGEST - alpha):g}): "
+            + "; ".join(f"{v}: {undecided[v]}/{len(tests)}" for v, tests in null.items()) + ".")
 
 
 def judged(rows: dict, pool: list[dict], alpha: float) -> dict:
@@ -321,10 +327,7 @@ def main(argv=None) -> int:
         lines.append(f"| null vs 1 (old rule) | {v} | z >= 3, 1 control | {len(outs)} | {outs.count('agrees')} | "
                      f"{outs.count('opposes')} | {outs.count('unrelated')} | {len(old[v]) - len(outs)} | "
                      f"{false}/{len(outs)} [{lo:.2f}, {hi:.2f}] | 0.0027 |")
-    undecided = {v: sum(reading(pc).startswith("undecided") for _, pc in null[v]) for v in VIEWS}
-    lines += ["", "Undecided readings among the null tests (not called at alpha, p <= "
-              f"{SUGGEST:g}; the verdict says UNDECIDED, not unrelated; nominal {max(0.0, SUGGEST - alpha):g}): "
-              + "; ".join(f"{v}: {undecided[v]}/{len(null[v])}" for v in VIEWS) + "."]
+    lines += ["", undecided_line(null, alpha)]
     vocab = [d["vocabulary"] for d in discoveries]
     occ = [d["occurrences_one_control"] for d in discoveries]
     lines += ["", f"Discoveries beyond the RM per null organism at q < {cfg.discover.alpha:g}: full-vocabulary test "

@@ -190,11 +190,11 @@ class PrimaryComparison(Record):
     tau_se: float | None
     control_taus: list[float]
     control_se: float | None
-    """The controls' spread: the standard deviation of their taus (k >= 2), or one control's bootstrap s.e."""
+    """The controls' spread: the standard deviation of their taus (k >= 2 matched controls; None with fewer)."""
     difference: float | None
     z: float | None
-    """The test statistic: with one control (tau - control tau) / sqrt(se^2 + control_se^2); with k >= 2,
-    the prediction-interval t (tau - mean control tau) / (sd * sqrt(1 + 1/k))."""
+    """The test statistic with k >= 2 matched controls: the prediction-interval t (tau - mean control tau) /
+    (sd * sqrt(1 + 1/k)) (:func:`irmprobe.analysis.agreement.prediction_t`); None with fewer (no call)."""
     outcome: str
     """``agrees`` / ``opposes`` (the t-test significant at ``alpha``, by sign), ``unrelated``, ``no call`` (fewer
     than 2 controls known to match: see ``reason``), ``zero`` or ``undetermined``."""

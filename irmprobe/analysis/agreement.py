@@ -305,3 +305,27 @@ def against_control(rows: list[dict], *controls: list[dict]) -> list[dict]:
             row["control_flag"] = "uses RM labels: decodes the RM from any model, cannot tell a control from a real organism"
         out.append(row)
     return out
+
+
+def prediction_t(value, controls) -> tuple[np.ndarray, np.ndarray]:
+    """The prediction-interval t of one new draw against ``k`` exchangeable draws: the organism against its controls.
+
+    ``t = (value - mean) / (sd * sqrt(1 + 1/k))`` over axis 0 of ``controls`` ([k] or [k, ...], ``value`` a scalar
+    or [...]), two-sided ``p`` on k - 1 degrees of freedom; exact when the k + 1 draws are exchangeable normal, so
+    the spread between controls (random-reward organisms of one recipe) is the test's whole null. The verdict's
+    primary comparison, the named words and their null, and the calibration benchmark all test with it.
+
+    Returns:
+        (t, p) as arrays shaped like ``value``; NaN where the controls do not vary.
+    Raises:
+        ValueError: fewer than 2 controls (one cannot measure a spread).
+    """
+    controls = np.asarray(controls, dtype=np.float64)
+    k = controls.shape[0] if controls.ndim else 0
+    if k < 2:
+        raise ValueError(f"prediction_t needs 2 or more controls along axis 0, got {k}")
+    diff = np.asarray(value, dtype=np.float64) - controls.mean(axis=0)
+    sd = controls.std(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 0, diff / (sd * np.sqrt(1 + 1 / k)), np.nan)
+    return t, 2 * stats.t.sf(np.abs(t), k - 1)

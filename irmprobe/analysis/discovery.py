@@ -22,6 +22,8 @@ from scipy import stats
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import GroupKFold, KFold
 
+from irmprobe.analysis.agreement import prediction_t
+
 CATEGORIES = ("rewarded_unvalued", "rewarded_against", "rewarded_valued",
               "penalised_unvalued", "penalised_against", "penalised_valued")
 
@@ -375,14 +377,11 @@ def _word_null(z_c: np.ndarray) -> np.ndarray:
     controls' by the prediction t (K - 2 d.f.), the null that :func:`named_vocabulary` calibrates a word's p-value
     by. Random-reward organisms now and then move a single token far, so these p-values are not uniform in their
     tail; the share of them at or below a nominal p is that p's rate under the null (needs K >= 3)."""
-    k = z_c.shape[0]
     out = []
-    for j in range(k):
+    for j in range(z_c.shape[0]):
         rest = np.delete(z_c, j, axis=0)
-        sd = rest.std(axis=0, ddof=1)
-        ok = sd > 1e-9
-        t = (z_c[j, ok] - rest[:, ok].mean(axis=0)) / (sd[ok] * np.sqrt(1 + 1 / (k - 1)))
-        out.append(2 * stats.t.sf(np.abs(t), k - 2))
+        ok = rest.std(axis=0, ddof=1) > 1e-9
+        out.append(prediction_t(z_c[j, ok], rest[:, ok])[1])
     return np.sort(np.concatenate(out))
 
 
@@ -465,19 +464,18 @@ def named_vocabulary(organism: np.ndarray, controls: np.ndarray, named_ids, rm_m
     if not cols:
         return out
     zc, zo = z_c[:, cols], z_o[cols]
-    n, inflate = len(cols), float(np.sqrt(1 + 1 / k))
+    n = len(cols)
     z = zo - zc.mean(axis=0)
-    t = z / (sd[cols] * inflate)
-    p = 2 * stats.t.sf(np.abs(t), k - 1)
+    t, p = prediction_t(zo, zc)
     null = _word_null(z_c[:, usable]) if k >= 3 else None
     if null is not None:  # each nominal p as the share of the controls' own nominal p-values at or below it
         p = (1 + np.searchsorted(null, p, side="right")) / (1 + len(null))
         out["word_null"] = len(null)
     q = stats.false_discovery_control(p, method="bh")
     lists = zc.mean(axis=1)  # each control's mean over the listed words
-    spread = float(lists.std(ddof=1))
-    set_t = float(z.mean() / (spread * inflate)) if spread > 1e-9 else float("nan")
-    set_p = float(2 * stats.t.sf(abs(set_t), k - 1)) if np.isfinite(set_t) else None
+    set_t, set_p = float("nan"), None
+    if lists.std(ddof=1) > 1e-9:
+        set_t, set_p = (float(x) for x in prediction_t(zo.mean(), lists))
     gate = set_p is not None and set_p <= alpha
     entries = []
     for i, tid in enumerate(tested):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from irmprobe.analysis.agreement import prediction_t
 from irmprobe.analysis.depth import depth_text
 from irmprobe.results import PrimaryComparison, RunMetrics, ViewRow
 
@@ -87,8 +88,7 @@ def primary_comparison(row: ViewRow, controls: list[ViewRow | None], *, alpha: f
     if spread == 0:
         return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, None, "undetermined", test=test,
                                  df=k - 1, alpha=alpha)
-    stat = diff / (spread * float(np.sqrt(1 + 1 / k)))
-    p = float(2 * stats.t.sf(abs(stat), k - 1))
+    stat, p = (float(x) for x in prediction_t(row.tau, taus))
     outcome = "unrelated" if p > alpha else "agrees" if stat > 0 else "opposes"
     return PrimaryComparison(row.name, row.tau, se, taus, spread, diff, stat, outcome, test=test, df=k - 1,
                              p_value=p, alpha=alpha)

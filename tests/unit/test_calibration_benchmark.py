@@ -146,3 +146,16 @@ def test_the_planted_runs_named_list_in_words(bench):
     flat = bench.named_text({"passed": 0, "n": 1, "set": {"t": float("nan"), "df": 2, "p": None},
                              "shared_share": None})
     assert flat == "0 of 1 pass, no set t (the pool's list means do not vary)"
+
+
+def test_the_undecided_line_counts_null_tests_between_the_call_and_the_suggestion_level(bench):
+    from irmprobe.results import PrimaryComparison
+
+    def pc(z, p, outcome="unrelated"):
+        return PrimaryComparison("v", 0.1, 0.01, [0.0, 0.1], 0.1, 0.1, z, outcome, df=1, p_value=p, alpha=0.01)
+
+    null = {"full_vocab_log_ratio": [("a", pc(3.0, 0.03)), ("b", pc(-2.5, 0.049)), ("c", pc(1.0, 0.3))],
+            "sae_irm": [("a", pc(9.0, 0.005, "agrees")), ("b", pc(2.0, 0.051)), ("c", pc(None, None, "no call"))]}
+    line = bench.undecided_line(null, 0.01)
+    # p 0.03 and 0.049 lie in (0.01, 0.05]; a call (p 0.005), p 0.051 and a test with no p are not undecided.
+    assert line.endswith("nominal 0.04): full_vocab_log_ratio: 2/3; sae_irm: 0/3."), line

@@ -230,6 +230,23 @@ def test_primary_comparison_with_three_controls_is_a_t_test_against_their_spread
     assert primary_comparison(_row(-0.33), tight).outcome == "opposes"
 
 
+def test_prediction_t_is_the_new_draw_against_the_controls_spread_by_column():
+    from scipy import stats
+
+    from irmprobe.analysis.agreement import prediction_t
+
+    # One value against controls 0, 1, 2: mean 1, sd 1, t = 2 / sqrt(1 + 1/3), 2 d.f.
+    t, p = prediction_t(3.0, [0.0, 1.0, 2.0])
+    assert float(t) == pytest.approx(2 / np.sqrt(4 / 3), rel=1e-12)
+    assert float(p) == pytest.approx(2 * stats.t.sf(2 / np.sqrt(4 / 3), 2), rel=1e-12)
+    # Column by column: the second column's controls do not vary (NaN), the third is below its controls.
+    t, p = prediction_t(np.array([3.0, 6.0, -1.0]), np.array([[0.0, 5.0, 1.0], [1.0, 5.0, 2.0], [2.0, 5.0, 3.0]]))
+    assert t[0] == pytest.approx(2 / np.sqrt(4 / 3)) and np.isnan(t[1]) and t[2] == pytest.approx(-3 / np.sqrt(4 / 3))
+    assert np.isnan(p[1]) and p[0] == pytest.approx(float(prediction_t(3.0, [0.0, 1.0, 2.0])[1]))
+    with pytest.raises(ValueError, match="2 or more controls"):
+        prediction_t(1.0, [0.5])
+
+
 def test_primary_comparison_case_with_z_above_3_under_the_old_rule_is_not_called_with_three_wide_controls():
     from irmprobe.analysis.verdict import primary_comparison
 

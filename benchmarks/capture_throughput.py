@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from irmprobe.activations.capture import capture_pair  # noqa: E402
 from irmprobe.activations.store import capture_to_store  # noqa: E402
-from irmprobe.models.loading import DEFAULT_BASE, ModelPair, load_model, load_pair  # noqa: E402
+from irmprobe.models.loading import DEFAULT_BASE, ModelPair, load_model  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"two bare HF forwards (base + tuned): {hf_tps:,.0f} tokens/s; paired capture (hooks at {list(layers)} "
           f"+ log-probs, both models): {cap_tps:,.0f} tokens/s")
     print(f"paired capture / two HF forwards throughput ratio: {cap_tps / hf_tps:.3f} (target >= 0.95)")
-    del bare
+    bare.clear()  # frees the baseline copies before the memory measurement (hf() is not called again)
 
     work = Path(tempfile.mkdtemp(prefix="irmprobe-bench-"))
     try:

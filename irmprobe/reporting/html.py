@@ -23,7 +23,7 @@ import html
 import json
 from pathlib import Path
 
-from irmprobe.analysis.verdict import sampling_text
+from irmprobe.analysis.verdict import named_words_line, sampling_text
 from irmprobe.cache import write_json
 from irmprobe.reporting.summary import plain, summary_lines
 from irmprobe.reporting.tracking import wandb_tables
@@ -355,9 +355,12 @@ def render(metrics) -> str:
     page.section("discovery", "Discovery: what the tuned model rewards beyond the RM")
     if "discoveries" in tables:
         page.table(*tables["discoveries"], title="discovered tokens")
+        named = (metrics.get("discovery") or {}).get("named")
         if "named words" in tables:
             page.table(*tables["named words"], title="named words (discover.words): named only within a list that "
                        "passes as one set, each against the controls' values of that word, BH over the list")
+        elif named:  # a list that could not be tested (too few controls, no word one token): say why
+            page.absent(named_words_line(named))
         page.table(*tables["pairwise accuracy"], title="the IRM as a reward model: pairwise accuracy")
     else:
         page.absent("discovery did not run in this run")

@@ -207,6 +207,8 @@ def test_null_pair_discovers_nothing_and_scores_pairs_at_chance(planted, pairs_f
     assert named.stage_status["discover"] == "ran" and named.stage_status["fit"] == "reused"
     assert named.metrics.discovery["named"]["note"] == NAMED_NEEDS and "2 or more control organisms" in NAMED_NEEDS
     assert named.metrics.discovery["named"]["path"] == str(listed)
+    html = (named.metrics_path.parent / "report.html").read_text()  # the report says why the list was not tested
+    assert "named words (w.txt): not tested:" in html and "2 or more control organisms with full-vocabulary" in html
     config = _config(tmp_path, dirs, lexicon, "null", words=str(listed))
     assert run(config, echo=lambda _: None).stage_status["discover"] == "reused"
     listed.write_text(words[0][1] + "\n")  # the same path, another list: the key hashes the file's content

@@ -414,12 +414,19 @@ def decision_line(m: RunMetrics) -> str | None:
     fits = (m.irm or {}).get("fits") or {}
     name = next((n for n in ("sae_irm_bilinear", "sae_irm_decision") if n in fits), None)
     depth = m.depth if m.depth and "skipped" not in m.depth else None
-    if name is None and depth is None:
+    change = (m.attribution or {}).get("decision_view")
+    if name is None and depth is None and change is None:
         return None
     r2 = fits[name].get("test_r2") if name else None
     head = ("decision-side IRM (" + ("bilinear" if name == "sae_irm_bilinear" else "state at t-1") + " view): "
             + ("identically zero" if r2 is None else f"out-of-fold R^2 {r2:+.2f} of r_t") if name else
             "decision-side IRM: not fitted")
+    if change is not None:  # the same bilinear view on the attribute stage's dictionaries of the change
+        fitted = "identically zero" if change["test_r2"] is None else f"out-of-fold R^2 {change['test_r2']:+.2f}"
+        tau = "" if change["tau"] is None else f", tau {change['tau']:+.2f} against the RM ({change['n_tokens']} tokens)"
+        top = ", ".join(t["node"] for t in change["top"][:5])
+        head += (f"; on the dictionaries of the change (the attribute stage's; the same prompt folds): {fitted}{tau}"
+                 + (f", its top features {top}" if top else ""))
     if depth is None:
         return head + "."
     return f"{head}; {depth_text(depth, m.capture.get('layers') or [], depth.get('n_layers'))}."

@@ -135,7 +135,8 @@ def wandb_scalars(metrics: dict) -> dict[str, float]:
 def headline_scalars(metrics: dict) -> dict:
     """The run's headline figures for W&B's summary: the primary comparison and the explanation (view, tau, t,
     d.f., p, alpha, outcome and its reading), the attribution's bound, error share, smallest faithful k and IG-vs-exact
-    Spearman (and, with seed checks, whether the named set holds across dictionary seeds), the depth profile's
+    Spearman (and, with seed checks, whether the named set holds across dictionary seeds; with dictionaries of the
+    change, the decision-side view on them: its R^2 and tau), the depth profile's
     best R^2 at the captured blocks and first block reaching its target, the ablation's samples per prompt, and
     the known-null counts of the naming and causal rules."""
     from irmprobe.analysis.verdict import (
@@ -165,6 +166,9 @@ def headline_scalars(metrics: dict) -> dict:
         out["attribution/dictionary"] = attribution.get("dictionary", "activations")
         out["attribution/smallest_k_features"] = attribution.get("smallest_k_features")
         out["attribution/ig_exact_spearman"] = attribution["exact"]["spearman"]
+        view = attribution.get("decision_view")
+        if view is not None:  # the decision-side view on the dictionaries of the change
+            out["attribution/decision_r2"], out["attribution/decision_tau"] = view["test_r2"], view["tau"]
         for h in attribution.get("hook_points") or []:  # what each set of hook points carries (no dictionary)
             out[f"attribution/hook_points/{h['label'].replace(' ', '_')}"] = h["value"]
         spread = spread_rows(attribution)

@@ -506,7 +506,10 @@ def test_the_verdict_says_how_many_blocks_mlps_carry_the_threshold():
     assert _spread(result) == (" (the top n blocks ranked by KL; 60% of the implicit reward needs the top 10 blocks' "
                                "MLP outputs)")
     head = headline_scalars({"attribution": result | {"exact": {"spearman": None}}})
-    assert head["attribution/mlp_blocks_needed"] == 10
+    assert head["attribution/mlp_blocks_needed"] == 10 and "attribution/decision_r2" not in head
+    view = {"test_r2": 0.38, "tau": 0.4}  # with dictionaries of the change, their decision-side view
+    changed = headline_scalars({"attribution": result | {"exact": {"spearman": None}, "decision_view": view}})
+    assert (changed["attribution/decision_r2"], changed["attribution/decision_tau"]) == (0.38, 0.4)
     assert head["attribution/hook_points/mlp_out_at_the_top_5_blocks"] == 0.45
     assert head["attribution/mlp_top/3"] == 0.32 and head["attribution/mlp_top/30"] == 0.85  # the chosen set is n=3
     from irmprobe.reporting.interactive import mlp_spread
@@ -889,3 +892,49 @@ def test_the_skipped_blocks_get_their_own_forward_back_after_an_error():
             assert blocks[1].forward() is not blocks[0].forward()  # the last block returns a copy
             raise RuntimeError("mid-forward")
     assert vars(blocks[0])["forward"] is own and "forward" not in vars(blocks[1])
+
+
+def test_the_decision_view_on_change_dictionaries_fits_a_planted_bilinear_log_ratio():
+    """r_t planted as change feature 0 at t-1 times its decoder direction's direct effect on the written token: the
+    view on the dictionary of the change fits it out of fold, ranks feature 0 first, and its token values rank the
+    tokens like an RM valuing that effect; shifted by one row (features at t, not t-1) it could not."""
+    from types import SimpleNamespace
+
+    from irmprobe.pipeline.stages.attribute import change_decision_view
+
+    rng = np.random.default_rng(0)
+    d, m, vocab, n_prompts, per, length, head = 16, 8, 60, 40, 3, 14, 3
+    dirs = np.linalg.qr(rng.normal(size=(d, m)))[0].T.astype(np.float32)  # [m, d], orthonormal decoder rows
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=m))
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.from_numpy(dirs))
+        sae.W_enc.copy_(torch.from_numpy(dirs.T.copy()))  # each feature reads its own direction of the change
+    unembed = rng.normal(size=(vocab, d)).astype(np.float32)
+    effect = (unembed - unembed.mean(0)) @ dirs[0]  # feature 0's direct effect on each token's logit
+    seqs = [rng.integers(0, vocab, length) for _ in range(n_prompts * per)]
+    for i in range(0, len(seqs), per):  # the sequences of a prompt share its first tokens
+        for j in range(1, per):
+            seqs[i + j][:head] = seqs[i][:head]
+    seq_index = np.repeat(np.arange(len(seqs)), length)
+    position = np.tile(np.arange(length), len(seqs))
+    tokens = np.concatenate(seqs)
+    coeffs = rng.exponential(1.0, (len(tokens), m)) * (rng.random((len(tokens), m)) < 0.5)
+    base = rng.normal(size=(len(tokens), d)).astype(np.float32)
+    tuned = base + (coeffs @ dirs).astype(np.float32)
+    log_ratio = np.zeros(len(tokens))
+    later = position > 0
+    log_ratio[later] = 2.0 * coeffs[np.flatnonzero(later) - 1, 0] * effect[tokens[later]]
+    log_ratio += rng.normal(0, 0.05, len(tokens))
+    capture = SimpleNamespace(acts={"base.3": base, "tuned.3": tuned}, seq_index=seq_index, position=position,
+                              token_ids=tokens, log_ratio=log_ratio.astype(np.float32))
+    samples = SimpleNamespace(prompt_index=np.repeat(np.arange(n_prompts), per), token_ids=seqs,
+                              prompts=["p"] * n_prompts, prompt_lens=np.full(len(seqs), head))
+    rm = {int(t): float(effect[t]) for t in range(vocab)}
+    view = change_decision_view(capture, samples, {3: sae}, [3], unembed, None, rm, seed=0)
+    assert view["test_r2"] >= 0.8 and view["top"][0]["node"] == "L3/f0", view
+    assert view["tau"] >= 0.5 and view["n_rows"] == int(np.sum(position >= head))
+    # The same target one row later: the features at t-1 no longer hold what r_t reads.
+    shifted = SimpleNamespace(**{**vars(capture), "log_ratio": np.roll(capture.log_ratio, 1)})
+    assert change_decision_view(shifted, samples, {3: sae}, [3], unembed, None, rm, seed=0)["test_r2"] <= 0.2

@@ -141,12 +141,21 @@ def test_the_verdict_line_gives_the_decision_view_fit_and_where_the_log_ratio_be
     folds = (np.flatnonzero(units % 2 == 0), np.flatnonzero(units % 2 == 1))
     depth = depth_profile(rows, units, folds) | {"n_layers": 4}
     m = SimpleNamespace(irm={"fits": {"sae_irm_bilinear": {"test_r2": 0.012}}}, depth=depth,
-                        capture={"layers": [0, 1]})
+                        capture={"layers": [0, 1]}, attribution=None)
     line = decision_line(m)
     assert line.startswith("decision-side IRM (bilinear view): out-of-fold R^2 +0.01 of r_t; read one block at a "
                            "time, the residual stream's change after block(s) 0, 1 explains R^2")
     assert "the direct path reaches 0.3 from block 2 on (of blocks 0-3)" in line
-    assert decision_line(SimpleNamespace(irm={"fits": {}}, depth={"skipped": "off"}, capture={})) is None
+    assert decision_line(SimpleNamespace(irm={"fits": {}}, depth={"skipped": "off"}, capture={},
+                                         attribution=None)) is None
+    # With dictionaries of the change, the attribute stage's view on them follows the fit stage's.
+    view = {"test_r2": 0.382, "alpha": 10.0, "tau": 0.41, "n_tokens": 120, "n_rows": 9000,
+            "top": [{"node": "L29/f7", "weight": 0.9}, {"node": "L28/f3", "weight": 0.5}]}
+    m.attribution = {"dictionary": "change", "decision_view": view}
+    assert decision_line(m).startswith(
+        "decision-side IRM (bilinear view): out-of-fold R^2 +0.01 of r_t; on the dictionaries of the change (the "
+        "attribute stage's; the same prompt folds): out-of-fold R^2 +0.38, tau +0.41 against the RM (120 tokens), "
+        "its top features L29/f7, L28/f3; read one block at a time")
 
 
 def test_the_report_shows_the_profile_per_block_with_the_captured_blocks_marked():

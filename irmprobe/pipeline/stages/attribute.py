@@ -78,6 +78,54 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
     return saes, rows
 
 
+DECISION_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+"""The ridge penalties :func:`change_decision_view` chooses among (by inner CV grouped by prompt)."""
+
+
+def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarray, gamma: np.ndarray | None,
+                         rm_map: dict[int, float], *, seed: int, min_token_count: int = 2, n_top: int = 10) -> dict:
+    """The decision-side IRM on the dictionaries of the change: r_t from each change feature at t-1 (its value on
+    ``x_tuned - x_base`` minus its value on no change) times its decoder direction's direct effect on the written
+    token's logit (:func:`irmprobe.analysis.views.bilinear_inputs`), one learned weight per feature.
+
+    The fit stage's bilinear view reads the IRM's own SAEs, dictionaries of the activations, which leave most of the
+    tuning's change in their errors; this one reads features of the change itself. Cross-fitted like every view:
+    the fit stage's two halves of the prompts, a ridge whose penalty (:data:`DECISION_ALPHAS`) inner CV grouped by
+    prompt chooses, prompt rows fitted on and never scored; a token's value is the mean of its held-out rows' (tokens
+    with ``min_token_count`` of them). Returns ``{"test_r2", "alpha", "tau", "n_tokens", "n_rows", "top": [{"node", "weight"}]}`` (``tau``:
+    Kendall's tau of its held-out token values against the RM's, None without two valued tokens; ``top``: the
+    ``n_top`` features of largest positive weight)."""
+    from irmprobe.activations.patching import decision_rows
+    from irmprobe.activations.samples import in_prompt
+    from irmprobe.analysis.agreement import agreement
+    from irmprobe.analysis.views import bilinear_inputs, prompt_folds
+    from irmprobe.irm.crossfit import cross_fit_irm, token_map
+    from irmprobe.saes.evaluate import decoder_directions, encode, zero_input_features
+    from irmprobe.validation.attribution import Node
+
+    y = capture.log_ratio.astype(np.float64)
+    units, folds = prompt_folds(capture, samples, seed)
+    rows, prev = decision_rows(capture.seq_index, capture.position)
+    scored = np.flatnonzero(~in_prompt(samples, capture.seq_index, capture.position)[rows])
+    local = tuple(np.flatnonzero(np.isin(rows, fold)) for fold in folds)
+    written = np.asarray(capture.token_ids)[rows]
+    blocks, names = [], []
+    for layer in layers:
+        delta = (capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"])[prev]
+        f = encode(saes[layer], delta).toarray() - zero_input_features(saes[layer])[None, :]
+        blocks.append(bilinear_inputs(f, written, decoder_directions(saes[layer]), unembed, gamma))
+        names += [Node(layer, i).name for i in range(f.shape[1])]
+    fit = cross_fit_irm("change_bilinear", np.hstack(blocks), y[rows], units[rows], folds=local, score_rows=scored,
+                        alphas=DECISION_ALPHAS)
+    tmap = {t: v for t, (v, _) in token_map(written[scored], fit.predictions[scored], min_token_count).items()}
+    agree = agreement("change_bilinear", tmap, rm_map)
+    coef = np.asarray(fit.coef, dtype=np.float64)
+    top = [i for i in np.argsort(-coef, kind="stable")[:n_top] if coef[i] > 0]
+    return {"test_r2": None if fit.is_zero else float(fit.test_r2), "alpha": fit.alpha,
+            "tau": agree.tau, "n_tokens": agree.n_tokens, "n_rows": int(len(scored)),
+            "top": [{"node": names[i], "weight": float(coef[i])} for i in top]}
+
+
 SPREAD_GRID = (1, 2, 3, 5, 10, 15, 20)
 """How many of the best-ranked blocks' MLP outputs the spread sets patch together (below the number of blocks;
 the MLP outputs of every block are a set of their own); :func:`spread_sizes` adds half and three quarters of
@@ -297,6 +345,11 @@ class AttributeStage(Stage):
     def skips(self, cfg, ctx, inputs):
         return skip_reason(cfg, inputs)
 
+    def fingerprint(self, cfg, ctx):
+        # With dictionaries of the change the stage also fits the decision-side view on them (version 1 of that
+        # view); the activations' attribution is unchanged by it, and so are its key and every key after it.
+        return {"change_decision_view": 1} if cfg.attribute.dictionary == "change" else None
+
     def run(self, cfg, ctx, inputs, out):
         reason = self.skips(cfg, ctx, inputs)
         if reason:
@@ -310,9 +363,17 @@ class AttributeStage(Stage):
                                                  device=ctx.runtime.device, force=ctx.forced)
             else:
                 saes, rows = {layer: inputs["saes"].saes["tuned", layer] for layer in layers}, None
-            result = attribute(cfg.attribute, cfg.seed, ctx.runtime, ctx.pair_of(inputs["organism"]), samples,
+            pair = ctx.pair_of(inputs["organism"])
+            result = attribute(cfg.attribute, cfg.seed, ctx.runtime, pair, samples,
                                capture, saes, layers, cfg.capture.hook, echo=ctx.echo, change=change,
                                dictionaries=rows, order=mlp_order(inputs["layers"]))
+            if change:  # the decision-side view on the same dictionaries of the change
+                from irmprobe.models.loading import readout
+
+                ctx.echo("attribute: the decision-side IRM (bilinear) on the dictionaries of the change")
+                result["decision_view"] = change_decision_view(
+                    capture, samples, saes, layers, *readout(pair.tuned), ctx.rm.token_values(pair.tokenizer),
+                    seed=cfg.seed)
         write_json(out / "attribution.json", result)
         return result
 

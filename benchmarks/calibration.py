@@ -147,7 +147,8 @@ def known_set_power(organism: np.ndarray, pool: np.ndarray, known, tokens, *, al
     known tokens' mean change the same way, as one set. It is exact but, per token, far weaker than discovery's
     pooled null (``critical``: the |t| a Bonferroni pass needs), so it bounds nothing: it says whether the organism
     moved the tokens beyond the spread between organisms, which only the set's t can show with K of 3 to 6.
-    Non-finite values (a token no organism can write) are left out.
+    Non-finite values (a token no organism can write) are left out; a token the pool does not move at all gets a NaN
+    t and counts as not passed.
     """
     from scipy import stats
 

@@ -318,14 +318,17 @@ def prediction_t(value, controls) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         (t, p) as arrays shaped like ``value``; NaN where the controls do not vary.
     Raises:
-        ValueError: fewer than 2 controls (one cannot measure a spread).
+        ValueError: fewer than 2 controls (one cannot measure a spread), or ``value`` not shaped like one control.
     """
     controls = np.asarray(controls, dtype=np.float64)
+    value = np.asarray(value, dtype=np.float64)
     k = controls.shape[0] if controls.ndim else 0
     if k < 2:
         raise ValueError(f"prediction_t needs 2 or more controls along axis 0, got {k}")
-    diff = np.asarray(value, dtype=np.float64) - controls.mean(axis=0)
+    if value.shape != controls.shape[1:]:
+        raise ValueError(f"prediction_t: value {value.shape} must be shaped like one control {controls.shape[1:]}")
+    diff = value - controls.mean(axis=0)
     sd = controls.std(axis=0, ddof=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(sd > 0, diff / (sd * np.sqrt(1 + 1 / k)), np.nan)
-    return t, 2 * stats.t.sf(np.abs(t), k - 1)
+    return t, np.asarray(2 * stats.t.sf(np.abs(t), k - 1))

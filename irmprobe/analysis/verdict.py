@@ -420,10 +420,11 @@ def decision_line(m: RunMetrics) -> str | None:
     r2 = fits[name].get("test_r2") if name else None
     head = ("decision-side IRM (" + ("bilinear" if name == "sae_irm_bilinear" else "state at t-1") + " view): "
             + ("identically zero" if r2 is None else f"out-of-fold R^2 {r2:+.2f} of r_t") if name else
-            "decision-side IRM: not fitted")
+            "decision-side IRM: not fitted" if change is None else "decision-side IRM (the fit stage's): not fitted")
     if change is not None:  # the same bilinear view on the attribute stage's dictionaries of the change
         fitted = "identically zero" if change["test_r2"] is None else f"out-of-fold R^2 {change['test_r2']:+.2f}"
-        tau = "" if change["tau"] is None else f", tau {change['tau']:+.2f} against the RM ({change['n_tokens']} tokens)"
+        tau = ("" if change["tau"] is None
+               else f", tau {change['tau']:+.2f} against the RM ({change['n_tokens']} tokens)")
         top = ", ".join(t["node"] for t in change["top"][:5])
         head += (f"; on the dictionaries of the change (the attribute stage's; the same prompt folds): {fitted}{tau}"
                  + (f", its top features {top}" if top else ""))

@@ -938,3 +938,8 @@ def test_the_decision_view_on_change_dictionaries_fits_a_planted_bilinear_log_ra
     # The same target one row later: the features at t-1 no longer hold what r_t reads.
     shifted = SimpleNamespace(**{**vars(capture), "log_ratio": np.roll(capture.log_ratio, 1)})
     assert change_decision_view(shifted, samples, {3: sae}, [3], unembed, None, rm, seed=0)["test_r2"] <= 0.2
+    with pytest.raises(ValueError, match=r"block\(s\) \[5\]"):
+        change_decision_view(capture, samples, {3: sae}, [3, 5], unembed, None, rm, seed=0)
+    prompts_only = SimpleNamespace(**{**vars(samples), "prompt_lens": np.full(len(seqs), length)})
+    with pytest.raises(ValueError, match="nothing to score"):
+        change_decision_view(capture, prompts_only, {3: sae}, [3], unembed, None, rm, seed=0)

@@ -245,6 +245,8 @@ def test_prediction_t_is_the_new_draw_against_the_controls_spread_by_column():
     assert np.isnan(p[1]) and p[0] == pytest.approx(float(prediction_t(3.0, [0.0, 1.0, 2.0])[1]))
     with pytest.raises(ValueError, match="2 or more controls"):
         prediction_t(1.0, [0.5])
+    with pytest.raises(ValueError, match="shaped like one control"):  # three values against one set of controls
+        prediction_t([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
 
 
 def test_primary_comparison_case_with_z_above_3_under_the_old_rule_is_not_called_with_three_wide_controls():

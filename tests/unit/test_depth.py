@@ -156,6 +156,9 @@ def test_the_verdict_line_gives_the_decision_view_fit_and_where_the_log_ratio_be
         "decision-side IRM (bilinear view): out-of-fold R^2 +0.01 of r_t; on the dictionaries of the change (the "
         "attribute stage's; the same prompt folds): out-of-fold R^2 +0.38, tau +0.41 against the RM (120 tokens), "
         "its top features L29/f7, L28/f3; read one block at a time")
+    alone = SimpleNamespace(irm={"fits": {}}, depth=None, capture={}, attribution={"decision_view": view})
+    assert decision_line(alone).startswith("decision-side IRM (the fit stage's): not fitted; on the dictionaries of "
+                                           "the change")
 
 
 def test_the_report_shows_the_profile_per_block_with_the_captured_blocks_marked():

@@ -92,9 +92,15 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
     tuning's change in their errors; this one reads features of the change itself. Cross-fitted like every view:
     the fit stage's two halves of the prompts, a ridge whose penalty (:data:`DECISION_ALPHAS`) inner CV grouped by
     prompt chooses, prompt rows fitted on and never scored; a token's value is the mean of its held-out rows' (tokens
-    with ``min_token_count`` of them). Returns ``{"test_r2", "alpha", "tau", "n_tokens", "n_rows", "top": [{"node", "weight"}]}`` (``tau``:
-    Kendall's tau of its held-out token values against the RM's, None without two valued tokens; ``top``: the
-    ``n_top`` features of largest positive weight)."""
+    with ``min_token_count`` of them: 2, the ``irm`` section's default, whatever the run sets, since the stage does
+    not read that section). The dictionaries themselves were trained on the change at rows of both halves (without
+    the target, as the IRM's own SAEs are). ``top`` ranks the weights of the refit on every row, on max-abs-scaled
+    inputs (:class:`irmprobe.irm.crossfit.IRMFit`). Returns ``{"test_r2", "alpha", "tau", "n_tokens", "n_rows",
+    "top": [{"node", "weight"}]}`` (``tau``: Kendall's tau of its held-out token values against the RM's, None
+    without two valued tokens; ``top``: the ``n_top`` features of largest positive weight).
+
+    Raises:
+        ValueError: a block without a dictionary or without both models' activations, or no row to score."""
     from irmprobe.activations.patching import decision_rows
     from irmprobe.activations.samples import in_prompt
     from irmprobe.analysis.agreement import agreement
@@ -103,10 +109,18 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
     from irmprobe.saes.evaluate import decoder_directions, encode, zero_input_features
     from irmprobe.validation.attribution import Node
 
+    missing = [layer for layer in layers if layer not in saes or f"tuned.{layer}" not in capture.acts
+               or f"base.{layer}" not in capture.acts]
+    if missing:
+        raise ValueError(f"change_decision_view: no dictionary of the change or no captured activations of both "
+                         f"models at block(s) {missing}: pass the blocks the attribute stage trained dictionaries at")
     y = capture.log_ratio.astype(np.float64)
     units, folds = prompt_folds(capture, samples, seed)
     rows, prev = decision_rows(capture.seq_index, capture.position)
     scored = np.flatnonzero(~in_prompt(samples, capture.seq_index, capture.position)[rows])
+    if len(scored) == 0:
+        raise ValueError("change_decision_view: no generated token has its decision position captured: nothing to "
+                         "score (capture continuations, not prompts alone)")
     local = tuple(np.flatnonzero(np.isin(rows, fold)) for fold in folds)
     written = np.asarray(capture.token_ids)[rows]
     blocks, names = [], []
@@ -115,14 +129,14 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
         f = encode(saes[layer], delta).toarray() - zero_input_features(saes[layer])[None, :]
         blocks.append(bilinear_inputs(f, written, decoder_directions(saes[layer]), unembed, gamma))
         names += [Node(layer, i).name for i in range(f.shape[1])]
-    fit = cross_fit_irm("change_bilinear", np.hstack(blocks), y[rows], units[rows], folds=local, score_rows=scored,
-                        alphas=DECISION_ALPHAS)
+    fit = cross_fit_irm("change_bilinear", np.hstack(blocks), y[rows], units[rows], folds=local,
+                        score_rows=scored, alphas=DECISION_ALPHAS)
     tmap = {t: v for t, (v, _) in token_map(written[scored], fit.predictions[scored], min_token_count).items()}
     agree = agreement("change_bilinear", tmap, rm_map)
     coef = np.asarray(fit.coef, dtype=np.float64)
     top = [i for i in np.argsort(-coef, kind="stable")[:n_top] if coef[i] > 0]
     return {"test_r2": None if fit.is_zero else float(fit.test_r2), "alpha": fit.alpha,
-            "tau": agree.tau, "n_tokens": agree.n_tokens, "n_rows": int(len(scored)),
+            "tau": agree.tau, "n_tokens": agree.n_tokens, "n_rows": len(scored),
             "top": [{"node": names[i], "weight": float(coef[i])} for i in top]}
 
 
@@ -371,9 +385,11 @@ class AttributeStage(Stage):
                 from irmprobe.models.loading import readout
 
                 ctx.echo("attribute: the decision-side IRM (bilinear) on the dictionaries of the change")
+                started = time.perf_counter()
                 result["decision_view"] = change_decision_view(
                     capture, samples, saes, layers, *readout(pair.tuned), ctx.rm.token_values(pair.tokenizer),
                     seed=cfg.seed)
+                result["seconds"] += time.perf_counter() - started
         write_json(out / "attribution.json", result)
         return result
 

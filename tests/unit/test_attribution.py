@@ -10,6 +10,7 @@ import copy
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
@@ -943,3 +944,28 @@ def test_the_decision_view_on_change_dictionaries_fits_a_planted_bilinear_log_ra
     prompts_only = SimpleNamespace(**{**vars(samples), "prompt_lens": np.full(len(seqs), length)})
     with pytest.raises(ValueError, match="nothing to score"):
         change_decision_view(capture, prompts_only, {3: sae}, [3], unembed, None, rm, seed=0)
+
+
+def test_the_change_design_is_sparse_and_equals_the_dense_one_where_features_fire_on_no_change():
+    """A dictionary of the change whose biases make some features fire on no change: the sparse design equals
+    (f - f0) times each feature's direct effect on the written token, computed densely."""
+    from irmprobe.analysis.views import bilinear_inputs
+    from irmprobe.pipeline.stages.attribute import change_bilinear_inputs
+    from irmprobe.saes.evaluate import decoder_directions, encode, zero_input_features
+
+    rng = np.random.default_rng(1)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=12))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(16, 12))
+        sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(12, 16), dim=-1))
+        sae.b_enc.copy_(torch.tensor([0.5, 0.0, 0.3] + [-0.2] * 9))  # features 0 and 2 fire on no change
+        sae.b_dec.zero_()
+    delta = rng.normal(size=(50, 16)).astype(np.float32)
+    written, unembed, gamma = rng.integers(0, 30, 50), rng.normal(size=(30, 16)), rng.uniform(0.5, 2, 16)
+    zero = zero_input_features(sae)
+    assert np.flatnonzero(zero).tolist() == [0, 2]
+    dense = bilinear_inputs(encode(sae, delta).toarray() - zero[None, :], written, decoder_directions(sae), unembed,
+                            gamma)
+    sparse = change_bilinear_inputs(sae, delta, written, unembed, gamma)
+    assert sp.issparse(sparse)
+    np.testing.assert_allclose(sparse.toarray(), dense, rtol=1e-5, atol=1e-6)

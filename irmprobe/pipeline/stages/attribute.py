@@ -7,6 +7,7 @@ import json
 import time
 
 import numpy as np
+import scipy.sparse as sp
 
 from irmprobe.cache import write_json
 from irmprobe.pipeline.stage import Stage
@@ -78,6 +79,27 @@ def change_dictionaries(cfg, capture, samples, layers, *, capture_key: str, devi
     return saes, rows
 
 
+def change_bilinear_inputs(sae, delta: np.ndarray, written: np.ndarray, unembed: np.ndarray,
+                           gamma: np.ndarray | None) -> sp.csr_matrix:
+    """The bilinear design on one dictionary of the change: each feature's value on ``delta`` (x_tuned - x_base at
+    t-1) less its value on no change, times its decoder direction's direct effect on the ``written`` token
+    (:func:`irmprobe.analysis.views.bilinear_inputs`), [rows, d_sae]. Kept sparse as the features are:
+    (f - f0) g = f g - f0 g, and only the few features that fire on no change (f0 != 0, as TopK's biases make
+    some) add a dense column."""
+    from irmprobe.analysis.views import bilinear_inputs
+    from irmprobe.saes.evaluate import decoder_directions, encode, zero_input_features
+
+    directions = decoder_directions(sae)
+    z = bilinear_inputs(encode(sae, delta), written, directions, unembed, gamma)
+    zero = zero_input_features(sae)
+    fires = np.flatnonzero(zero)
+    if len(fires):
+        n = z.shape[0]
+        z0 = bilinear_inputs(np.broadcast_to(zero[fires], (n, len(fires))), written, directions[fires], unembed, gamma)
+        z = z - sp.csr_matrix((z0.ravel(), (np.repeat(np.arange(n), len(fires)), np.tile(fires, n))), shape=z.shape)
+    return sp.csr_matrix(z)
+
+
 DECISION_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 """The ridge penalties :func:`change_decision_view` chooses among (by inner CV grouped by prompt)."""
 
@@ -104,9 +126,8 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
     from irmprobe.activations.patching import decision_rows
     from irmprobe.activations.samples import in_prompt
     from irmprobe.analysis.agreement import agreement
-    from irmprobe.analysis.views import bilinear_inputs, prompt_folds
+    from irmprobe.analysis.views import prompt_folds
     from irmprobe.irm.crossfit import cross_fit_irm, token_map
-    from irmprobe.saes.evaluate import decoder_directions, encode, zero_input_features
     from irmprobe.validation.attribution import Node
 
     missing = [layer for layer in layers if layer not in saes or f"tuned.{layer}" not in capture.acts
@@ -126,10 +147,9 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
     blocks, names = [], []
     for layer in layers:
         delta = (capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"])[prev]
-        f = encode(saes[layer], delta).toarray() - zero_input_features(saes[layer])[None, :]
-        blocks.append(bilinear_inputs(f, written, decoder_directions(saes[layer]), unembed, gamma))
-        names += [Node(layer, i).name for i in range(f.shape[1])]
-    fit = cross_fit_irm("change_bilinear", np.hstack(blocks), y[rows], units[rows], folds=local,
+        blocks.append(change_bilinear_inputs(saes[layer], delta, written, unembed, gamma))
+        names += [Node(layer, i).name for i in range(blocks[-1].shape[1])]
+    fit = cross_fit_irm("change_bilinear", sp.hstack(blocks).tocsr(), y[rows], units[rows], folds=local,
                         score_rows=scored, alphas=DECISION_ALPHAS)
     tmap = {t: v for t, (v, _) in token_map(written[scored], fit.predictions[scored], min_token_count).items()}
     agree = agreement("change_bilinear", tmap, rm_map)
@@ -360,9 +380,10 @@ class AttributeStage(Stage):
         return skip_reason(cfg, inputs)
 
     def fingerprint(self, cfg, ctx):
-        # With dictionaries of the change the stage also fits the decision-side view on them (version 1 of that
-        # view); the activations' attribution is unchanged by it, and so are its key and every key after it.
-        return {"change_decision_view": 1} if cfg.attribute.dictionary == "change" else None
+        # With dictionaries of the change the stage also fits the decision-side view on them (version 2 of that
+        # view: a sparse design); the activations' attribution is unchanged by it, and so are its key and every key
+        # after it.
+        return {"change_decision_view": 2} if cfg.attribute.dictionary == "change" else None
 
     def run(self, cfg, ctx, inputs, out):
         reason = self.skips(cfg, ctx, inputs)

@@ -93,10 +93,10 @@ def change_bilinear_inputs(sae, delta: np.ndarray, written: np.ndarray, unembed:
     z = bilinear_inputs(encode(sae, delta), written, directions, unembed, gamma)
     zero = zero_input_features(sae)
     fires = np.flatnonzero(zero)
-    if len(fires):
-        n = z.shape[0]
-        z0 = bilinear_inputs(np.broadcast_to(zero[fires], (n, len(fires))), written, directions[fires], unembed, gamma)
-        z = z - sp.csr_matrix((z0.ravel(), (np.repeat(np.arange(n), len(fires)), np.tile(fires, n))), shape=z.shape)
+    if len(fires):  # f0 g at the firing columns, through bilinear_inputs' chunked sparse branch (bounded memory)
+        f0 = sp.csr_matrix(np.broadcast_to(zero[fires], (z.shape[0], len(fires))))
+        z0 = bilinear_inputs(f0, written, directions[fires], unembed, gamma)
+        z = z - sp.csr_matrix((z0.data, fires[z0.indices], z0.indptr), shape=z.shape)
     return sp.csr_matrix(z)
 
 
@@ -381,9 +381,9 @@ class AttributeStage(Stage):
 
     def fingerprint(self, cfg, ctx):
         # With dictionaries of the change the stage also fits the decision-side view on them (version 2 of that
-        # view: a sparse design); the activations' attribution is unchanged by it, and so are its key and every key
-        # after it.
-        return {"change_decision_view": 2} if cfg.attribute.dictionary == "change" else None
+        # view: a sparse design, its no-change term in chunks); the activations' attribution is unchanged by it, and
+        # so are its key and every key after it.
+        return {"change_decision_view": 3} if cfg.attribute.dictionary == "change" else None
 
     def run(self, cfg, ctx, inputs, out):
         reason = self.skips(cfg, ctx, inputs)

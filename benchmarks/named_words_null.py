@@ -36,7 +36,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from irmprobe.analysis.agreement import prediction_t  # noqa: E402
-from irmprobe.analysis.discovery import _robust_scale, _stratified, _word_null  # noqa: E402
+from irmprobe.analysis.discovery import _stratified, _word_null, stratum_z  # noqa: E402
 
 RULES = ("nominal", "built", "drop_one", "twice_mean", "twice_median")
 LISTED, RAISED = 30, 10
@@ -59,17 +59,9 @@ def organisms(seed: int, k: int, noise: str, size: float, v: int = 10000) -> tup
 def p_values(x: np.ndarray, logp: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
     """Each rule's p-values of the LISTED tokens, and whether the list passes as one set (the stage's gate)."""
     _, o, c, stratum = _stratified(x[0], x[1:], None, logp, 20, 0.05, "named_words_null")
-    z = np.full((len(c) + 1, len(o)), np.nan)
-    for b in np.unique(stratum):  # each organism by its own robust spread per stratum, as named_vocabulary does
-        rows = np.flatnonzero(stratum == b)
-        for j, v in enumerate(np.vstack([o[rows], c[:, rows]])):
-            v = v - np.median(v)
-            scale = _robust_scale(v)
-            if scale > 0:
-                z[j, rows] = v / scale
-    zo, zc = z[0], z[1:]
+    zo, zc, _ = stratum_z(o, c, stratum)  # as named_vocabulary scales them
     k = len(zc)
-    usable = np.isfinite(z).all(axis=0) & (zc.std(axis=0, ddof=1) > 1e-9)
+    usable = np.isfinite(zo) & np.isfinite(zc).all(axis=0) & (zc.std(axis=0, ddof=1) > 1e-9)
     cols = [i for i in range(LISTED) if usable[i]]
     null = _word_null(zc[:, usable])
 

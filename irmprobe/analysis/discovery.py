@@ -372,6 +372,26 @@ def named_family(discovery: Discovery, token_ids, *, alpha: float | None = None)
             "entries": entries, "untested": [t for t in ids if t not in by_id]}
 
 
+def stratum_z(organism: np.ndarray, controls: np.ndarray, stratum: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each organism's values centred by its median in each stratum and divided by its own robust spread there, the
+    organism ([V]) and every control ([K, V]) alike: ``(z of the organism, z of the controls, the organism's spread
+    per token)``; NaN in a stratum where an organism's spread is 0. (A spread against the others would compare the
+    organism with K controls and each control with K - 1: unequal null variances.)"""
+    k, v = controls.shape
+    z_o, z_c, scale_o = np.full(v, np.nan), np.full((k, v), np.nan), np.full(v, np.nan)
+    for b in np.unique(stratum):
+        rows = np.flatnonzero(stratum == b)
+        for j, x in enumerate(np.vstack([organism[rows], controls[:, rows]])):
+            x = x - np.median(x)
+            scale = _robust_scale(x)
+            if scale > 0:
+                (z_o if j == 0 else z_c[j - 1])[rows] = x / scale
+                if j == 0:
+                    scale_o[rows] = scale
+    return z_o, z_c, scale_o
+
+
 def _word_null(z_c: np.ndarray) -> np.ndarray:
     """The controls' own per-word p-values, sorted: each control's value of every token against the other K - 1
     controls' by the prediction t (K - 2 d.f.), the null that :func:`named_vocabulary` calibrates a word's p-value
@@ -439,18 +459,7 @@ def named_vocabulary(organism: np.ndarray, controls: np.ndarray, named_ids, rm_m
     """
     ids, o, c, stratum = _stratified(organism, controls, tokens, strata, n_strata, alpha, "named_vocabulary")
     k = c.shape[0]
-    z_o, z_c, scale_o = np.full(len(ids), np.nan), np.full((k, len(ids)), np.nan), np.full(len(ids), np.nan)
-    for b in np.unique(stratum):
-        rows = np.flatnonzero(stratum == b)
-        # Each organism by its own spread, the organism and every control alike (a spread against the others
-        # would compare the organism with K controls and each control with K - 1: unequal null variances).
-        for j, v in enumerate(np.vstack([o[rows], c[:, rows]])):
-            v = v - np.median(v)
-            scale = _robust_scale(v)
-            if scale > 0:
-                (z_o if j == 0 else z_c[j - 1])[rows] = v / scale
-                if j == 0:
-                    scale_o[rows] = scale
+    z_o, z_c, scale_o = stratum_z(o, c, stratum)
     sd = z_c.std(axis=0, ddof=1)
     usable = np.isfinite(z_o) & np.isfinite(z_c).all(axis=0) & (sd > 1e-9)  # controls that do not vary test nothing
     where = {int(t): i for i, t in enumerate(ids)}

@@ -178,14 +178,13 @@ class DiscoverStage(Stage):
             # The strongest valid evidence: every word token's full-vocabulary log-ratio against the controls'.
             words = np.array(sorted(word_tokens(pair.tokenizer)), dtype=np.int64)
             base_logp = capture.vocab_logp_sum["base"] / max(1, len(capture.token_ids))
-            vectors = np.stack([c["capture"].vocab_log_ratio() for c in controls])
-            found = discover_vocabulary(capture.vocab_log_ratio(), vectors, rm_map, tokens=words, strata=base_logp,
-                                        alpha=dc.alpha, decode=decode)
+            organism, vectors = capture.vocab_log_ratio(), np.stack([c["capture"].vocab_log_ratio() for c in controls])
+            found = discover_vocabulary(organism, vectors, rm_map, tokens=words, strata=base_logp, alpha=dc.alpha,
+                                        decode=decode)
             against = ", ".join(c["branch"] for c in controls)
             named = None
             if dc.words:
-                named = named_words(dc.words, capture.vocab_log_ratio(), vectors, rm_map, words, base_logp, dc.alpha,
-                                    pair.tokenizer)
+                named = named_words(dc.words, organism, vectors, rm_map, words, base_logp, dc.alpha, pair.tokenizer)
                 named["control_passes"] = control_passes(named, controls, rm_map, words, dc.alpha)
         else:
             named = {"path": dc.words, "note": NAMED_NEEDS} if dc.words else None

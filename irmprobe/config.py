@@ -617,8 +617,9 @@ class AttributeConfig:
     """The nodes' dictionary: ``activations`` (the tuned model's SAEs, the IRM's basis) or ``change``
     (dictionaries of the change: an SAE per hook point trained on tuned minus base activations at the same
     tokens, with the sae section's width and batch size; a node's base value is that of a zero change).
-    The ablate stage sets the named change features to their zero-change value while the tuned model samples,
-    with the base model in lockstep, against random features of the same dictionaries."""
+    The ablate stage sets the named change features, and the top features of the stage's decision-side view on
+    these dictionaries, to their zero-change value while the tuned model samples, with the base model in
+    lockstep, against random features of the same dictionaries with the same count at each hook point."""
     change_architecture: str = "topk"
     """The change dictionaries' architecture (``sae.architecture``'s choices). The change is dense (every token
     shifts): with ReLU + L1 at the activations' 3.0 four in ten features die, at 1.0 six in ten fire densely."""

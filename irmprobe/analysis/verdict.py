@@ -270,17 +270,21 @@ def named_words_line(n: dict, limit: int = 15) -> str:
     return head + f": as one set, {stat}: it passes; {len(passed)} word(s) pass q < {n['alpha']:g}: {found}" + tail
 
 
-def null_family(row: dict) -> tuple[int, bool]:
+def null_family(row: dict) -> tuple[int, bool, str]:
     """The random sets an ablation row is judged against: those of its size and kind (features of a dictionary of
-    the change, ablated with the base in lockstep, or of the tuned model's SAEs)."""
-    return int(row["n_features"]), row.get("mode") == "change"
+    the change, ablated with the base in lockstep, or of the tuned model's SAEs); a set of change features also
+    meets only sets with its count at each hook point (its ``blocks``, e.g. ``b27:3 b28:7``; rows that predate the
+    record have none)."""
+    change = row.get("mode") == "change"
+    return int(row["n_features"]), change, (row.get("blocks") or "") if change else ""
 
 
 def null_calls(rows: list[dict]) -> dict | None:
     """How often the causal rule calls a random feature set causal against the other random sets of its size.
 
     Returns ``{"called": k, "n": n, "sizes": {size: [called, judged]} (a size of change features keyed
-    ``"<size> change"``), "closest": the largest margin of a
+    ``"<size> change"``, with its count at each hook point where the rows record it: ``"10 change b27:3 b28:7"``),
+    "closest": the largest margin of a
     random set's Bonferroni lower end over the others' range (> 0: a call)}``; None where no random set was
     judged. The n checks are not independent trials: within a size, one set's call makes another's unlikely
     (each is judged against the rest), so k / n is a rough rate and no binomial interval is given; runs with
@@ -292,8 +296,8 @@ def null_calls(rows: list[dict]) -> dict | None:
     sizes: dict[int | str, list[int]] = {}
     margins = []
     for r in checks:
-        size, change = null_family(r)
-        entry = sizes.setdefault(f"{size} change" if change else size, [0, 0])
+        size, change, blocks = null_family(r)
+        entry = sizes.setdefault(f"{size} change {blocks}".strip() if change else size, [0, 0])
         entry[0] += int(r["null_check"]["called"])
         entry[1] += 1
         margins.append(r["gain_share_adjusted"]["ci"][0] - r["null_check"]["range"][1])
@@ -344,8 +348,8 @@ def ablation_lines(val: dict) -> list[str]:
     out = []
     for r in rows:
         g = r.get("gain_share")
-        if not g or not (r["set"].startswith(("decision_top", "irm_top", "judge_flagged", "attribution_",
-                                              "patching bound"))):
+        if not g or not (r["set"].startswith(("decision_top", "decision_change_top", "irm_top", "judge_flagged",
+                                              "attribution_", "patching bound"))):
             continue
         if None in g["ci"]:
             out.append(f"{r['set'].split(' (')[0]} removes {g['share']:+.2f} of the gain; its interval is undefined "
@@ -360,6 +364,8 @@ def ablation_lines(val: dict) -> list[str]:
             lo, hi = rnd["range"]
             kind = "-feature sets of the same dictionaries of the change" if r.get("mode") == "change" else \
                 "-feature sets"
+            if r.get("mode") == "change" and r.get("blocks"):
+                kind += f" ({r['blocks']})"
             against = (f"{len(rnd['shares'])} random {r['n_features']}{kind} remove {lo:+.2f} to {hi:+.2f}; "
                        f"its {adj['confidence']:.1%} interval (Bonferroni over {adj['n_tests']} targeted sets) is "
                        f"[{adj['ci'][0]:+.2f}, {adj['ci'][1]:+.2f}]")
@@ -373,7 +379,9 @@ def ablation_lines(val: dict) -> list[str]:
     null = null_calls(rows)
     if null is not None and out:
         per_size = ", ".join(f"{c} of {n} " + (f"{size}-feature sets" if isinstance(size, int) else
-                                                f"{size.split()[0]}-feature sets of change features")
+                                                f"{size.split()[0]}-feature sets of change features"
+                                                + (f" ({' '.join(size.split()[2:])})" if len(size.split()) > 2
+                                                   else ""))
                              for size, (c, n) in null["sizes"].items())
         out.append(f"known nulls: the same rule, applied to each random set against the other random sets of its "
                    f"size, called {null['called']} of {null['n']} causal ({per_size}; the highest lower end "
@@ -427,10 +435,22 @@ def decision_line(m: RunMetrics) -> str | None:
                else f", tau {change['tau']:+.2f} against the RM ({change['n_tokens']} tokens)")
         top = ", ".join(t["node"] for t in change["top"][:5])
         head += (f"; on the dictionaries of the change (the attribute stage's; the same prompt folds): {fitted}{tau}"
-                 + (f", its top features {top}" if top else ""))
+                 + shuffled_text(change.get("shuffled")) + (f", its top features {top}" if top else ""))
     if depth is None:
         return head + "."
     return f"{head}; {depth_text(depth, m.capture.get('layers') or [], depth.get('n_layers'))}."
+
+
+def shuffled_text(shuffled: dict | None) -> str:
+    """`` (shuffled targets, n refits: R^2 a to b, tau c to d)``: a view's shuffled-target range ("" without one)."""
+    r2 = [v for v in (shuffled or {}).get("test_r2", []) if v is not None]
+    if not shuffled or not shuffled.get("test_r2"):
+        return ""
+    n = len(shuffled["test_r2"])
+    text = f" (shuffled targets, {n} refits: R^2 " + (f"{min(r2):+.2f} to {max(r2):+.2f}" if r2 else
+                                                      "identically zero")
+    tau = [v for v in shuffled.get("tau", []) if v is not None]
+    return text + (f", tau {min(tau):+.2f} to {max(tau):+.2f})" if tau else ")")
 
 
 def attribution_line(result: dict) -> str:

@@ -169,6 +169,9 @@ def headline_scalars(metrics: dict) -> dict:
         view = attribution.get("decision_view")
         if view is not None:  # the decision-side view on the dictionaries of the change
             out["attribution/decision_r2"], out["attribution/decision_tau"] = view["test_r2"], view["tau"]
+            shuffled = [v for v in (view.get("shuffled") or {}).get("test_r2", []) if v is not None]
+            if shuffled:  # its shuffled-target refits: the R^2 a fit without the pairing reaches
+                out["attribution/decision_r2_shuffled_max"] = max(shuffled)
         for h in attribution.get("hook_points") or []:  # what each set of hook points carries (no dictionary)
             out[f"attribution/hook_points/{h['label'].replace(' ', '_')}"] = h["value"]
         spread = spread_rows(attribution)

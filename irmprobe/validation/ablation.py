@@ -302,11 +302,12 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     Conditions (rows, in order): ``none`` (the tuned model), the base model (the gain's reference),
     the reader-side IRM's top-k (features at t: expected null), the decision-side IRM's top-k
     (largest positive ``decision_coef``, features at t-1; skipped when None), the judge-flagged
-    features, the attribute stage's named features (features of its dictionaries of the change are set to
+    features, the attribute stage's named features and, with its dictionaries of the change, the top features
+    of its decision-side view on them (``decision_change_top_n``; features of those dictionaries are set to
     their zero-change value with the base in lockstep, and get random sets of features of those
-    dictionaries), k random firing features (the control, one row per count), reconstruction only,
-    steering (``vc.steer_alpha``), and the patching bound: the base's activations patched into the
-    tuned model at the captured blocks (``vc.patching_bound``). Features are ablated at every
+    dictionaries with their count at each hook point), k random firing features (the control, one row per
+    count), reconstruction only, steering (``vc.steer_alpha``), and the patching bound: the base's activations
+    patched into the tuned model at the captured blocks (``vc.patching_bound``). Features are ablated at every
     position. Every condition samples the same prompts with the same random numbers per (prompt, sample)
     slot (:func:`irmprobe.activations.patching.generate_conditions`), so rows are paired by (prompt, sample).
 
@@ -345,28 +346,45 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     if flagged_cols:
         sets.append(FeatureSet(f"judge_flagged_{len(flagged_cols)}", as_layers(flagged_cols), vc.ablation, means))
     attributed = attributed_features(attribution, vc.top_k)
-    change = attributed is not None and attribution.get("dictionary") == "change"
+    change = bool(attribution) and "skipped" not in attribution and attribution.get("dictionary") == "change"
+    # With dictionaries of the change, the attribute stage also fits the decision-side view on them: its top
+    # features are ablated too (issue: "its top features are what the ablation targets").
+    viewed = decision_view_features(attribution, vc.top_k) if change else None
+    if viewed is not None and attributed is not None and same_features(viewed[1], attributed[1]):
+        echo(f"ablate: the decision-side view's top features are the attribution's set {attributed[0]}: ablated once")
+        viewed = None
     kind = _PATCH_KINDS.get(hook)
-    if change and kind is None:
+    if (attributed is not None or viewed is not None) and change and kind is None:
         raise ValueError(f"change features are ablated with the base in lockstep at {', '.join(_PATCH_KINDS)}, not "
                          f"{hook}")
     if attributed is not None and not change:
         sets.append(FeatureSet(attributed[0], attributed[1], vc.ablation, means))
     sizes = sorted({fs.size for fs in sets})
-    if change:
+    named_change = []
+    if change and (attributed is not None or viewed is not None):
         # A change feature is read off x_tuned - x_base: it is ablated with the base in lockstep, against random
         # features of the same dictionaries (a null of its own kind).
         change_saes = load_change_dictionaries(attribution, runtime.device)
-        change_set = FeatureSet(attributed[0], attributed[1], "change", saes=change_saes)
-        sets.append(change_set)
+        named_change = [FeatureSet(n[0], n[1], "change", saes=change_saes) for n in (attributed, viewed) if n]
+        sets += named_change
     targeted = tuple(fs.name for fs in sets)
     # Several random sets of each targeted size: the targeted sets are judged against their distribution.
     for size in sizes:
         for i in range(vc.n_random_sets):
             sets.append(FeatureSet(f"random_{size} #{i + 1} (control)", as_layers(draw(size)), vc.ablation, means))
-    if change:
-        live = live_change_features(change_saes, capture, exclude=attributed[1])
-        sets += random_change_sets(change_set, live, vc.n_random_sets, rng, echo)
+    if named_change:
+        # Each named set of change features meets random sets with its count at each hook point, drawn from the
+        # live features that no named set holds (one family per count per hook point, shared by sets that match).
+        taken: dict[int, set[int]] = {}
+        for fs in named_change:
+            for layer, idx in fs.features.items():
+                taken.setdefault(layer, set()).update(idx)
+        live = live_change_features(change_saes, capture, exclude={k: tuple(sorted(v)) for k, v in taken.items()})
+        families = []
+        for fs in named_change:
+            if block_counts(fs.features) not in families:
+                families.append(block_counts(fs.features))
+                sets += random_change_sets(fs, live, vc.n_random_sets, rng, echo)
     sets.append(FeatureSet("reconstruction_only (control)", {}, "reconstruction"))
     if vc.steer_alpha is not None and top_k:
         sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
@@ -417,18 +435,46 @@ def load_change_dictionaries(attribution: dict, device: str) -> dict[int, object
     return out
 
 
+def same_features(a: dict[int, tuple[int, ...]], b: dict[int, tuple[int, ...]]) -> bool:
+    """Whether two ``{layer: indices}`` sets hold the same features, in whatever order each lists them."""
+    def held(x):
+        return {layer: frozenset(idx) for layer, idx in x.items() if idx}
+
+    return held(a) == held(b)
+
+
+def block_counts(features: dict[int, tuple[int, ...]]) -> str:
+    """A feature set's count at each hook point, as ablation rows name it: ``b20:1 b23:4``."""
+    return " ".join(f"b{layer}:{len(idx)}" for layer, idx in sorted(features.items()) if idx)
+
+
+def decision_view_features(attribution: dict | None, top_k: int) -> tuple[str, dict[int, tuple[int, ...]]] | None:
+    """The features of largest positive weight (at most ``top_k``, and at most the 10 the view records) in the
+    attribute stage's decision-side view on the dictionaries of the change (its ``decision_view``), labelled
+    ``decision_change_top_n``; None without that view or a positive weight."""
+    top = ((attribution or {}).get("decision_view") or {}).get("top") or []
+    out: dict[int, list[int]] = {}
+    named = [t for t in top if t["weight"] > 0][:top_k]
+    for t in named:
+        node = Node.parse(t["node"])
+        out.setdefault(node.layer, []).append(node.index)
+    return (f"decision_change_top_{len(named)}", {k: tuple(v) for k, v in sorted(out.items())}) if out else None
+
+
 def random_change_sets(named: FeatureSet, live: dict[int, np.ndarray], n_sets: int, rng, echo=print
                        ) -> list[FeatureSet]:
     """``n_sets`` random sets of change features, the null of ``named``: each has ``named``'s count of features at
     each hook point, drawn from that point's ``live`` features (a set at block 23 meets random sets at block 23,
-    not at earlier blocks). None (with the reason echoed) where a hook point has too few live features."""
+    not at earlier blocks), and is named with those counts (``random_change_5 [b20:1 b23:4] #1 (control)``), so sets
+    of one size at other hook points stay apart. None (with the reason echoed) where a hook point has too few live
+    features."""
     counts = {layer: len(idx) for layer, idx in named.features.items() if idx}
     short = {layer: (n, len(live.get(layer, ()))) for layer, n in counts.items() if len(live.get(layer, ())) < n}
     if short:
-        echo("ablate: no random sets of change features; too few live features at " + ", ".join(
+        echo(f"ablate: no random sets of change features for {named.name}; too few live features at " + ", ".join(
             f"block {layer} ({have} for {n})" for layer, (n, have) in sorted(short.items())))
         return []
-    return [FeatureSet(f"random_change_{named.size} #{i + 1} (control)",
+    return [FeatureSet(f"random_change_{named.size} [{block_counts(named.features)}] #{i + 1} (control)",
                        {layer: tuple(int(j) for j in np.sort(rng.choice(live[layer], n, replace=False)))
                         for layer, n in sorted(counts.items())}, "change", saes=named.saes)
             for i in range(n_sets)]
@@ -612,12 +658,13 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
 
     clean_run, clean, base_r = runs[0], joined(1), joined(0)
     clean_s = per_condition
-    conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s)]
+    conditions = [("base model (reference)", "-", 0, base_r, base_run, base_s, None)]
     for i, (fs, run) in enumerate(zip(feature_sets, runs[1:])):
-        conditions.append((fs.name, fs.mode, fs.size, joined(i + 2), run, per_condition))
+        conditions.append((fs.name, fs.mode, fs.size, joined(i + 2), run, per_condition,
+                           block_counts(fs.features) if fs.mode == "change" else None))
     if bound is not None:
         conditions.append((f"patching bound: base {kind} at blocks {','.join(map(str, bound))}", "patch", 0,
-                           joined(len(conds)), runs[-1], per_condition))
+                           joined(len(conds)), runs[-1], per_condition, None))
 
     gain_test = reward_gain_test(base_r, clean, clean_run.prompt_index, seed=seed)
 
@@ -635,8 +682,9 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     rows = [{"set": "none", "mode": "-", "n_features": 0, "reward": _mean_ci(clean), "change": None,
              "gain_share": share(clean), "gain_test": gain_test, "sampling": sampling, "example": clean_run.texts[0],
              "seconds": clean_s}]
-    for name, mode, size, rewards, run, seconds in conditions:
-        rows.append({"set": name, "mode": mode, "n_features": size, "reward": _mean_ci(rewards),
+    for name, mode, size, rewards, run, seconds, blocks in conditions:
+        rows.append({"set": name, "mode": mode, "n_features": size, **({"blocks": blocks} if blocks else {}),
+                     "reward": _mean_ci(rewards),
                      "change": _mean_ci(rewards - clean), "gain_share": share(rewards),
                      "gain_share_adjusted": adjusted(name, rewards), "example": run.texts[0], "seconds": seconds})
     return rows
@@ -659,7 +707,8 @@ def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
     """Give each targeted row the distribution of the random sets of its size and whether it stands above it;
     judge each random set by the same rule against the other random sets of its size.
 
-    Sizes are kept apart by kind (:func:`null_family`): a set of change features meets random change features.
+    Sizes are kept apart by kind (:func:`null_family`): a set of change features meets random change features
+    with its count at each hook point.
     ``random``: the random sets' shares of the gain (one per draw), their 2.5-97.5 percentile range, and
     ``above_random``: the targeted set's Bonferroni interval (see :func:`paired_rows`) lies wholly above that
     range. None where there is no share (no significant gain) or no random set of that size.
@@ -669,7 +718,7 @@ def against_random(rows: list[dict], targeted: tuple[str, ...]) -> list[dict]:
     known (its features were drawn, not chosen for the reward), so every ``called`` is a false call:
     :func:`irmprobe.analysis.verdict.null_calls` counts them.
     """
-    by_size: dict[tuple[int, bool], list[tuple[int, float]]] = {}
+    by_size: dict[tuple[int, bool, str], list[tuple[int, float]]] = {}
     for i, r in enumerate(rows):
         if r["set"].startswith("random_") and r.get("gain_share"):
             by_size.setdefault(null_family(r), []).append((i, r["gain_share"]["share"]))

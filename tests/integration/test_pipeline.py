@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from irmprobe.analysis.verdict import null_family
+from irmprobe.api import run
 from irmprobe.cli import main
 from irmprobe.config import RunConfig
-from irmprobe.api import run
 
 TINY = {
     "prompts": {"n_heldout": 12},
@@ -315,9 +316,18 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     rows = switched.metrics.to_json()["validation"]["ablation"]
     named = [r for r in rows if r["set"].startswith("attribution")]
     assert [r["set"].split("_")[1] for r in named] == ["change"] and named[0]["mode"] == "change"
+    # The decision-side view's top features on those dictionaries are ablated too; each named set of change features
+    # meets random sets with its count at each hook point.
+    top = [t for t in view["top"] if t["weight"] > 0][:change.validate.top_k]
+    viewed = [r for r in rows if r["set"].startswith("decision_change_top_")]
+    assert [(r["set"], r["mode"], r["n_features"]) for r in viewed] == [(f"decision_change_top_{len(top)}", "change",
+                                                                        len(top))]
+    families = {r["blocks"] for r in named + viewed}
     randoms = [r for r in rows if r["set"].startswith("random_change_")]
-    assert len(randoms) == change.validate.n_random_sets >= 1
-    assert {(r["mode"], r["n_features"]) for r in randoms} == {("change", named[0]["n_features"])}
+    assert len(randoms) == len(families) * change.validate.n_random_sets >= 1
+    assert all(x["mode"] == "change" and f"[{x['blocks']}]" in x["set"] for x in randoms)
+    for r in named + viewed:  # (the tiny organism gains no reward, so no share is judged here: test_ablation.py)
+        assert sum(null_family(x) == null_family(r) for x in randoms) == change.validate.n_random_sets
     assert len({r["set"] for r in rows}) == len(rows)
     # Nor are they the IRM's SAE features: no feature card is named for, or carries, a change node's attribution.
     cards = switched.metrics.to_json()["dashboard"]["features"]

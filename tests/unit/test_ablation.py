@@ -422,7 +422,7 @@ def test_random_change_sets_match_the_named_sets_count_at_each_hook_point():
     named = FeatureSet("attribution_change_faithful_5", {23: (1, 2, 3, 4), 20: (7,)}, "change", saes=saes)
     live = {20: np.array([0, 3, 5, 9]), 23: np.arange(10, 40)}
     sets = random_change_sets(named, live, 6, np.random.default_rng(0))
-    assert [fs.name for fs in sets] == [f"random_change_5 #{i} (control)" for i in range(1, 7)]
+    assert [fs.name for fs in sets] == [f"random_change_5 [b20:1 b23:4] #{i} (control)" for i in range(1, 7)]
     for fs in sets:
         assert {layer: len(idx) for layer, idx in fs.features.items()} == {20: 1, 23: 4}
         assert set(fs.features[20]) <= {0, 3, 5, 9} and set(fs.features[23]) <= set(range(10, 40))
@@ -431,7 +431,58 @@ def test_random_change_sets_match_the_named_sets_count_at_each_hook_point():
     said = []
     assert random_change_sets(named, {20: np.array([0]), 23: np.arange(3)}, 4, np.random.default_rng(0),
                               said.append) == []
-    assert said == ["ablate: no random sets of change features; too few live features at block 23 (3 for 4)"]
+    assert said == ["ablate: no random sets of change features for attribution_change_faithful_5; too few live "
+                    "features at block 23 (3 for 4)"]
+
+
+def test_change_sets_of_one_size_meet_random_sets_with_their_count_at_each_hook_point():
+    """Two named sets of 10 change features, one all at block 27 and one spread over 27 and 28, are two nulls: each
+    meets the random sets with its own count at each hook point, and the known-null count keeps them apart."""
+    from irmprobe.analysis.verdict import ablation_lines, null_calls
+    from irmprobe.validation.ablation import against_random
+
+    def row(name, blocks, s, lo):
+        return {"set": name, "mode": "change", "n_features": 10, "blocks": blocks,
+                "gain_share": {"share": s, "ci": [s - 0.2, s + 0.2]},
+                "gain_share_adjusted": {"ci": [lo, s + 0.3], "confidence": 0.975, "n_tests": 2}}
+
+    rows = [row("attribution_change_faithful_10", "b27:10", 0.5, 0.3),
+            row("decision_change_top_10", "b27:3 b28:7", 0.5, 0.3)]
+    rows += [row(f"random_change_10 [b27:10] #{i + 1} (control)", "b27:10", s, s - 0.3)
+             for i, s in enumerate([0.0, 0.05, -0.05])]
+    rows += [row(f"random_change_10 [b27:3 b28:7] #{i + 1} (control)", "b27:3 b28:7", s, s - 0.3)
+             for i, s in enumerate([0.4, 0.45, 0.5])]
+    rows = against_random(rows, ("attribution_change_faithful_10", "decision_change_top_10"))
+    assert rows[0]["random"]["shares"] == [0.0, 0.05, -0.05] and rows[0]["random"]["above_random"] is True
+    assert rows[1]["random"]["shares"] == [0.4, 0.45, 0.5] and rows[1]["random"]["above_random"] is False
+    null = null_calls(rows)
+    assert null["sizes"] == {"10 change b27:10": [0, 3], "10 change b27:3 b28:7": [0, 3]} and null["n"] == 6
+    lines = ablation_lines({"ablation": [{"set": "none", "n_features": 0, "gain_share": {"share": 0.0, "ci": [0, 0]}}]
+                            + rows})
+    assert lines[1].startswith("decision_change_top_10 removes +0.50")
+    assert "3 random 10-feature sets of the same dictionaries of the change (b27:3 b28:7) remove +0.40 to +0.50" \
+        in lines[1]
+    assert "0 of 3 10-feature sets of change features (b27:10), 0 of 3 10-feature sets of change features " \
+        "(b27:3 b28:7);" in lines[-1]
+
+
+def test_the_decision_view_on_the_change_names_its_top_positive_features():
+    from irmprobe.validation.ablation import decision_view_features
+
+    view = {"top": [{"node": "L28/f5", "weight": 0.9}, {"node": "L27/f1", "weight": 0.5},
+                    {"node": "L28/f2", "weight": 0.2}, {"node": "L27/f9", "weight": -0.1}]}
+    assert decision_view_features({"decision_view": view}, 10) == ("decision_change_top_3", {27: (1,), 28: (5, 2)})
+    assert decision_view_features({"decision_view": view}, 1) == ("decision_change_top_1", {28: (5,)})
+    assert decision_view_features({"decision_view": {"top": view["top"][3:]}}, 10) is None
+    assert decision_view_features({"dictionary": "change"}, 10) is None and decision_view_features(None, 10) is None
+
+
+def test_two_feature_sets_are_the_same_whatever_order_they_list_their_features_in():
+    from irmprobe.validation.ablation import same_features
+
+    assert same_features({28: (2, 5), 27: (1,)}, {27: (1,), 28: (5, 2)})
+    assert same_features({28: (2, 5), 29: ()}, {28: (5, 2)})  # a hook point with no feature holds none
+    assert not same_features({28: (2, 5)}, {28: (2, 6)}) and not same_features({28: (2,)}, {27: (2,)})
 
 
 def test_the_stopping_rule_settles_on_the_random_sets_interval_widths():

@@ -936,6 +936,10 @@ def test_the_decision_view_on_change_dictionaries_fits_a_planted_bilinear_log_ra
     view = change_decision_view(capture, samples, {3: sae}, [3], unembed, None, rm, seed=0)
     assert view["test_r2"] >= 0.8 and view["top"][0]["node"] == "L3/f0", view
     assert view["tau"] >= 0.5 and view["n_rows"] == int(np.sum(position >= head))
+    # Beside it, the same fit with the targets shuffled within each training fold: no pairing, no fit.
+    assert len(view["shuffled"]["test_r2"]) == len(view["shuffled"]["tau"]) == 3
+    assert all(r2 is None or r2 <= 0.05 for r2 in view["shuffled"]["test_r2"]), view["shuffled"]
+    assert len(set(view["shuffled"]["test_r2"])) > 1  # three permutations, not one
     # The same target one row later: the features at t-1 no longer hold what r_t reads.
     shifted = SimpleNamespace(**{**vars(capture), "log_ratio": np.roll(capture.log_ratio, 1)})
     assert change_decision_view(shifted, samples, {3: sae}, [3], unembed, None, rm, seed=0)["test_r2"] <= 0.2

@@ -22,9 +22,11 @@ class AblateStage(Stage):
     def fingerprint(self, cfg, ctx):
         # Keys that predate these changes stay valid at mlp_out with the activations' dictionaries (nothing moved):
         # off mlp_out each SAE is now spliced at its own hook point (it was spliced at mlp_out), and the random sets
-        # of change features now match the named set's count at each hook point.
+        # of change features now match the named set's count at each hook point, and the decision-side view on the
+        # dictionaries of the change has its top features ablated too.
         tags = (("SAEs spliced at their own hook point",) if cfg.capture.hook != "hook_mlp_out" else ()) + \
-            (("random change sets matched per hook point",) if cfg.attribute.dictionary == "change" else ())
+            (("random change sets matched per hook point", "the change view's top features") if
+             cfg.attribute.dictionary == "change" else ())
         return (ctx.rm.describe(), *tags) if tags else ctx.rm.describe()
 
     def skips(self, cfg, ctx, inputs):

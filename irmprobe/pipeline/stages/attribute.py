@@ -103,6 +103,11 @@ def change_bilinear_inputs(sae, delta: np.ndarray, written: np.ndarray, unembed:
 DECISION_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 """The ridge penalties :func:`change_decision_view` chooses among (by inner CV grouped by prompt)."""
 
+DECISION_SHUFFLES = 3
+"""Shuffled-target refits beside :func:`change_decision_view`'s fit: its R^2 and tau with the target's pairing to the
+features broken, on the same folds (the fit stage's baseline; ``irm.n_shuffles`` is not read here, so the attribute
+stage's key stays off the ``irm`` section)."""
+
 
 def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarray, gamma: np.ndarray | None,
                          rm_map: dict[int, float], *, seed: int, min_token_count: int = 2, n_top: int = 10) -> dict:
@@ -118,8 +123,11 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
     not read that section). The dictionaries themselves were trained on the change at rows of both halves (without
     the target, as the IRM's own SAEs are). ``top`` ranks the weights of the refit on every row, on max-abs-scaled
     inputs (:class:`irmprobe.irm.crossfit.IRMFit`). Returns ``{"test_r2", "alpha", "tau", "n_tokens", "n_rows",
-    "top": [{"node", "weight"}]}`` (``tau``: Kendall's tau of its held-out token values against the RM's, None
-    without two valued tokens; ``top``: the ``n_top`` features of largest positive weight).
+    "top": [{"node", "weight"}], "shuffled": {"test_r2": [...], "tau": [...]}}`` (``tau``: Kendall's tau of its
+    held-out token values against the RM's, None without two valued tokens; ``top``: the ``n_top`` features of
+    largest positive weight; ``shuffled``: the same fit, penalty choice included, with the targets permuted within
+    each training fold, :data:`DECISION_SHUFFLES` times: the control that differs from the fit in the pairing of
+    target and features only).
 
     Raises:
         ValueError: a block without a dictionary or without both models' activations, or no row to score."""
@@ -149,15 +157,24 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
         delta = (capture.acts[f"tuned.{layer}"] - capture.acts[f"base.{layer}"])[prev]
         blocks.append(change_bilinear_inputs(saes[layer], delta, written, unembed, gamma))
         names += [Node(layer, i).name for i in range(blocks[-1].shape[1])]
-    fit = cross_fit_irm("change_bilinear", sp.hstack(blocks).tocsr(), y[rows], units[rows], folds=local,
-                        score_rows=scored, alphas=DECISION_ALPHAS)
-    tmap = {t: v for t, (v, _) in token_map(written[scored], fit.predictions[scored], min_token_count).items()}
-    agree = agreement("change_bilinear", tmap, rm_map)
+    X = sp.hstack(blocks).tocsr()
+
+    def fitted(shuffle: int | None):
+        fit = cross_fit_irm("change_bilinear", X, y[rows], units[rows], folds=local, score_rows=scored,
+                            alphas=DECISION_ALPHAS, shuffle_target=shuffle is not None,
+                            shuffle_seed=seed + (shuffle or 0))
+        tmap = {t: v for t, (v, _) in token_map(written[scored], fit.predictions[scored], min_token_count).items()}
+        return fit, agreement("change_bilinear", tmap, rm_map)
+
+    fit, agree = fitted(None)
+    shuffled = [fitted(i) for i in range(DECISION_SHUFFLES)]
     coef = np.asarray(fit.coef, dtype=np.float64)
     top = [i for i in np.argsort(-coef, kind="stable")[:n_top] if coef[i] > 0]
     return {"test_r2": None if fit.is_zero else float(fit.test_r2), "alpha": fit.alpha,
             "tau": agree.tau, "n_tokens": agree.n_tokens, "n_rows": len(scored),
-            "top": [{"node": names[i], "weight": float(coef[i])} for i in top]}
+            "top": [{"node": names[i], "weight": float(coef[i])} for i in top],
+            "shuffled": {"test_r2": [None if f.is_zero else float(f.test_r2) for f, _ in shuffled],
+                         "tau": [a.tau for _, a in shuffled]}}
 
 
 SPREAD_GRID = (1, 2, 3, 5, 10, 15, 20)
@@ -380,10 +397,10 @@ class AttributeStage(Stage):
         return skip_reason(cfg, inputs)
 
     def fingerprint(self, cfg, ctx):
-        # With dictionaries of the change the stage also fits the decision-side view on them (version 2 of that
-        # view: a sparse design, its no-change term in chunks); the activations' attribution is unchanged by it, and
-        # so are its key and every key after it.
-        return {"change_decision_view": 3} if cfg.attribute.dictionary == "change" else None
+        # With dictionaries of the change the stage also fits the decision-side view on them (version 4 of that
+        # view: a sparse design, its no-change term in chunks, shuffled-target refits beside it); the activations'
+        # attribution is unchanged by it, and so are its key and every key after it.
+        return {"change_decision_view": 4} if cfg.attribute.dictionary == "change" else None
 
     def run(self, cfg, ctx, inputs, out):
         reason = self.skips(cfg, ctx, inputs)

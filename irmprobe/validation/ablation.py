@@ -375,16 +375,8 @@ def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_name
     if named_change:
         # Each named set of change features meets random sets with its count at each hook point, drawn from the
         # live features that no named set holds (one family per count per hook point, shared by sets that match).
-        taken: dict[int, set[int]] = {}
-        for fs in named_change:
-            for layer, idx in fs.features.items():
-                taken.setdefault(layer, set()).update(idx)
-        live = live_change_features(change_saes, capture, exclude={k: tuple(sorted(v)) for k, v in taken.items()})
-        families = []
-        for fs in named_change:
-            if block_counts(fs.features) not in families:
-                families.append(block_counts(fs.features))
-                sets += random_change_sets(fs, live, vc.n_random_sets, rng, echo)
+        live = live_change_features(change_saes, capture, exclude=held_features(named_change))
+        sets += change_null_sets(named_change, live, vc.n_random_sets, rng, echo)
     sets.append(FeatureSet("reconstruction_only (control)", {}, "reconstruction"))
     if vc.steer_alpha is not None and top_k:
         sets.append(FeatureSet(f"steer top feature x{vc.steer_alpha:g}", as_layers(top_k[:1]), "steer",
@@ -441,6 +433,27 @@ def same_features(a: dict[int, tuple[int, ...]], b: dict[int, tuple[int, ...]]) 
         return {layer: frozenset(idx) for layer, idx in x.items() if idx}
 
     return held(a) == held(b)
+
+
+def held_features(sets: list[FeatureSet]) -> dict[int, tuple[int, ...]]:
+    """Every feature any of ``sets`` holds, per layer (sorted): what random sets must leave out."""
+    held: dict[int, set[int]] = {}
+    for fs in sets:
+        for layer, idx in fs.features.items():
+            held.setdefault(layer, set()).update(idx)
+    return {layer: tuple(sorted(idx)) for layer, idx in sorted(held.items())}
+
+
+def change_null_sets(named: list[FeatureSet], live: dict[int, np.ndarray], n_sets: int, rng, echo=print
+                     ) -> list[FeatureSet]:
+    """:func:`random_change_sets` for each distinct count at each hook point among the ``named`` change sets, in
+    their order: named sets with the same counts share one family of ``n_sets`` draws."""
+    out, families = [], set()
+    for fs in named:
+        if block_counts(fs.features) not in families:
+            families.add(block_counts(fs.features))
+            out += random_change_sets(fs, live, n_sets, rng, echo)
+    return out
 
 
 def block_counts(features: dict[int, tuple[int, ...]]) -> str:

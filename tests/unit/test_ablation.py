@@ -477,6 +477,23 @@ def test_the_decision_view_on_the_change_names_its_top_positive_features():
     assert decision_view_features({"dictionary": "change"}, 10) is None and decision_view_features(None, 10) is None
 
 
+def test_named_change_sets_with_the_same_counts_per_hook_point_share_one_random_family():
+    from irmprobe.validation.ablation import change_null_sets, held_features
+
+    saes = {27: object(), 29: object()}
+    a = FeatureSet("attribution_change_top_3", {29: (1, 2, 3)}, "change", saes=saes)
+    b = FeatureSet("decision_change_top_3", {29: (4, 3, 9)}, "change", saes=saes)
+    c = FeatureSet("decision_change_top_3", {27: (5,), 29: (4, 9)}, "change", saes=saes)
+    assert held_features([a, c]) == {27: (5,), 29: (1, 2, 3, 4, 9)}
+    live = {27: np.arange(20, 40), 29: np.arange(10, 60)}
+    same = change_null_sets([a, b], live, 4, np.random.default_rng(0))
+    assert [fs.name for fs in same] == [f"random_change_3 [b29:3] #{i} (control)" for i in range(1, 5)]
+    spread = change_null_sets([a, c], live, 4, np.random.default_rng(0))
+    assert [fs.name.split(" #")[0] for fs in spread] == ["random_change_3 [b29:3]"] * 4 + \
+        ["random_change_3 [b27:1 b29:2]"] * 4
+    assert all({layer: len(idx) for layer, idx in fs.features.items()} == {27: 1, 29: 2} for fs in spread[4:])
+
+
 def test_two_feature_sets_are_the_same_whatever_order_they_list_their_features_in():
     from irmprobe.validation.ablation import same_features
 

@@ -593,9 +593,9 @@ def paired_rows(base, tuned, tokenizer, saes: dict, feature_sets: list[FeatureSe
     ``base`` and ``tuned`` are plain Hugging Face models. Rows: ``none`` (tuned), ``base model
     (reference)``, one per feature set (``saes``: layer -> the tuned model's SAE, spliced at ``site``, by
     default ``kind``; a ``change`` set mixes its own dictionaries in at ``kind`` with the base in lockstep),
-    and with ``bound`` the base's ``kind`` activations patched in at those blocks. The
-    tuned-model conditions share batches of ``batch_size`` rows (:func:`irmprobe.activations.patching.generate_conditions`);
-    their ``seconds`` are the shared time split evenly.
+    and with ``bound`` the base's ``kind`` activations patched in at those blocks. The tuned-model conditions share
+    batches of ``batch_size`` rows (:func:`irmprobe.activations.patching.generate_conditions`); their ``seconds`` are
+    the shared time split evenly.
 
     ``samples_per_prompt`` samples of each prompt, or with ``share_half_width`` at least
     ``min_samples_per_prompt`` and then one more per prompt per round until :func:`shares_settled` (the random

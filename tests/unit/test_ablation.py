@@ -161,7 +161,8 @@ def test_sampling_refuses_a_bridged_model(tiny_llama_dir):
     pair = load_pair(str(tiny_llama_dir), None)
     pair.bridge("base")  # wraps pair.base in place
     with pytest.raises(ValueError, match="TransformerBridge has wrapped"):
-        sample_continuations(pair.base, pair.tokenizer, ["Hello"], n_per_prompt=1, max_new_tokens=2, batch_size=1, seed=0)
+        sample_continuations(pair.base, pair.tokenizer, ["Hello"], n_per_prompt=1, max_new_tokens=2, batch_size=1,
+                             seed=0)
 
 
 def test_an_undefined_gain_share_interval_is_printed_and_concluded_from_as_undefined():

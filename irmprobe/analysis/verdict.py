@@ -446,9 +446,9 @@ def shuffled_text(shuffled: dict | None) -> str:
     r2 = [v for v in (shuffled or {}).get("test_r2", []) if v is not None]
     if not shuffled or not shuffled.get("test_r2"):
         return ""
-    n = len(shuffled["test_r2"])
-    text = f" (shuffled targets, {n} refits: R^2 " + (f"{min(r2):+.2f} to {max(r2):+.2f}" if r2 else
-                                                      "identically zero")
+    n, zero = len(shuffled["test_r2"]), len(shuffled["test_r2"]) - len(r2)
+    text = (f" (shuffled targets, {n} refits" + (f", {zero} identically zero" if zero and r2 else "") + ": R^2 "
+            + (f"{min(r2):+.2f} to {max(r2):+.2f}" if r2 else "identically zero"))
     tau = [v for v in shuffled.get("tau", []) if v is not None]
     return text + (f", tau {min(tau):+.2f} to {max(tau):+.2f})" if tau else ")")
 

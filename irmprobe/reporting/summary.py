@@ -196,15 +196,7 @@ def summary_lines(metrics) -> list[str]:
                      "(tuned - row) / (tuned - base): the share of the reward gain the row removes, 95% bootstrap CI) ==")
         if (design := sampling_text(val["ablation"])) is not None:
             lines.append(design)
-        # Names are cut at 44 characters, or at the longest random set's (up to 64), whose "#i" tells draws apart.
-        w = min(64, max([44] + [len(r["set"].removesuffix(" (control)")) for r in val["ablation"]
-                                if r["set"].startswith("random_")]))
-        lines.append(f"{'set':<{w}} {'mode':<6} {'n':>3} {'reward':>8} {'95% CI':>17} {'share':>7} {'95% CI':>17}")
-        for r in val["ablation"]:
-            rw, g = r["reward"], r.get("gain_share")
-            g_text = f"{g['share']:>+7.2f} {_interval(g['ci'], '+.2f'):>17}" if g else f"{'-':>7} {'-':>17}"
-            lines.append(f"{r['set'][:w]:<{w}} {r['mode'][:6]:<6} {r['n_features']:>3} {rw['mean']:>+8.3f} "
-                         f"{_interval(rw['ci'], '+.3f'):>17} {g_text}")
+        lines.extend(ablation_table(val["ablation"]))
     lines.append("== verdict ==")
     lines.extend(metrics["verdict"])
     lines.append("== stage times (s; * = reused from the cache) ==")
@@ -216,6 +208,19 @@ def summary_lines(metrics) -> list[str]:
 
 _CATEGORY_TEXT = {"rewarded_unvalued": "rewarded, RM zero", "rewarded_against": "rewarded against the RM",
                   "penalised_unvalued": "penalised, RM zero", "penalised_against": "penalised against the RM"}
+
+
+def ablation_table(rows: list[dict]) -> list[str]:
+    """The ablation rows as a table: set, mode, features, reward and share of the gain with their CIs. Names are cut
+    at 44 characters, or at the longest random set's (up to 64), whose ``#i`` tells its draws apart."""
+    w = min(64, max([44] + [len(r["set"]) for r in rows if r["set"].startswith("random_")]))
+    lines = [f"{'set':<{w}} {'mode':<6} {'n':>3} {'reward':>8} {'95% CI':>17} {'share':>7} {'95% CI':>17}"]
+    for r in rows:
+        rw, g = r["reward"], r.get("gain_share")
+        g_text = f"{g['share']:>+7.2f} {_interval(g['ci'], '+.2f'):>17}" if g else f"{'-':>7} {'-':>17}"
+        lines.append(f"{r['set'][:w]:<{w}} {r['mode'][:6]:<6} {r['n_features']:>3} {rw['mean']:>+8.3f} "
+                     f"{_interval(rw['ci'], '+.3f'):>17} {g_text}")
+    return lines
 
 
 def discovery_section(d: dict) -> list[str]:

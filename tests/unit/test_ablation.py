@@ -602,3 +602,17 @@ def test_a_gain_that_is_not_significantly_positive_ends_the_sampling(tiny_llama_
     sampling = rows[0]["sampling"]
     assert sampling["samples_per_prompt"] == 2 and sampling["stopped_by"] == "gain" and len(sampling["checks"]) == 1
     assert "the reward gain was not significantly positive" in sampling_text(rows)
+
+
+def test_the_ablation_table_keeps_each_random_sets_draw_number():
+    from irmprobe.reporting.summary import ablation_table
+
+    def row(name, mode="change"):
+        return {"set": name, "mode": mode, "n_features": 10, "reward": {"mean": 0.5, "ci": [0.4, 0.6]},
+                "gain_share": {"share": 0.1, "ci": [0.0, 0.2]}}
+
+    long = [row(f"random_change_10 [b26:1 b27:2 b28:3 b29:4] #{i} (control)") for i in (1, 2)]
+    lines = ablation_table([row("none", "-")] + long)
+    assert len(lines) == 4 and all(f"#{i} (control)" in line for i, line in zip((1, 2), lines[2:]))
+    assert lines[1].startswith("none" + " " * 40)  # 44 characters at least, as before
+    assert ablation_table([row("random_6 #1 (control)", "zero")])[0].startswith("set" + " " * 42 + "mode")

@@ -158,8 +158,8 @@ def test_the_verdict_line_gives_the_decision_view_fit_and_where_the_log_ratio_be
         "its top features L29/f7, L28/f3; read one block at a time")
     # Its shuffled-target refits, where the record has them, stand beside its R^2.
     view["shuffled"] = {"test_r2": [-0.004, 0.001, None], "tau": [0.02, -0.05, None]}
-    assert "tau +0.41 against the RM (120 tokens) (shuffled targets, 3 refits: R^2 -0.00 to +0.00, tau -0.05 to " \
-        "+0.02), its top features" in decision_line(m)
+    assert "tau +0.41 against the RM (120 tokens) (shuffled targets, 3 refits, 1 identically zero: R^2 -0.00 to " \
+        "+0.00, tau -0.05 to +0.02), its top features" in decision_line(m)
     alone = SimpleNamespace(irm={"fits": {}}, depth=None, capture={}, attribution={"decision_view": view})
     assert decision_line(alone).startswith("decision-side IRM (the fit stage's): not fitted; on the dictionaries of "
                                            "the change")

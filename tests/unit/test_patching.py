@@ -259,6 +259,31 @@ def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_di
                             batch_size=4, **kw)
 
 
+def test_the_sampler_asks_for_the_last_positions_logits_and_samples_as_with_every_positions(tiny_llama_dir,
+                                                                                            monkeypatch):
+    """Each step asks the model for the last position's logits only (``logits_to_keep=1``, where its forward takes
+    it); the samples equal those of a model asked for every position's logits."""
+    import irmprobe.activations.patching as patching
+    from irmprobe.activations.patching import Condition, generate_conditions
+    from tests.conftest import perturbed_llama_pair
+
+    pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)
+    asked = []
+    handle = tuned.register_forward_pre_hook(lambda m, args, kwargs: asked.append(kwargs.get("logits_to_keep")),
+                                             with_kwargs=True)
+    prompts = ["one two three", "four five", "six seven eight nine", "ten"]
+    kw = dict(n_per_prompt=3, max_new_tokens=7, seed=11, batch_size=6)
+    conditions = [Condition(None), Condition(None, (1,))]
+    last = generate_conditions(base, tuned, pair.tokenizer, prompts, conditions, "mlp_out", **kw)
+    assert asked and set(asked) == {1}
+    monkeypatch.setattr(patching, "_keeps_logits", lambda model_type: False)
+    asked.clear()
+    every = generate_conditions(base, tuned, pair.tokenizer, prompts, conditions, "mlp_out", **kw)
+    handle.remove()
+    assert asked and set(asked) == {None}
+    assert [c.token_ids for c in last] == [c.token_ids for c in every]
+
+
 def test_samples_drawn_in_rounds_equal_one_call(tiny_llama_dir):
     """The ablation samples in rounds (samples 0-1, then 2, then 3-4 of every prompt): joined, the rounds are what
     one call for samples 0-4 draws, slot by slot and in (prompt, sample) order, for every condition."""

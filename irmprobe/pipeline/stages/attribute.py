@@ -125,9 +125,9 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
     inputs (:class:`irmprobe.irm.crossfit.IRMFit`). Returns ``{"test_r2", "alpha", "tau", "n_tokens", "n_rows",
     "top": [{"node", "weight"}], "shuffled": {"test_r2": [...], "tau": [...]}}`` (``tau``: Kendall's tau of its
     held-out token values against the RM's, None without two valued tokens; ``top``: the ``n_top`` features of
-    largest positive weight; ``shuffled``: the same fit, penalty choice included, with the targets permuted within
-    each training fold, :data:`DECISION_SHUFFLES` times: the control that differs from the fit in the pairing of
-    target and features only).
+    largest positive weight; ``shuffled``: the same fit, penalty choice included, with the targets permuted across
+    the rows of each training fold, :data:`DECISION_SHUFFLES` times: the fit stage's shuffled baseline, which breaks
+    the pairing of target and features and with it the structure within prompts).
 
     Raises:
         ValueError: a block without a dictionary or without both models' activations, or no row to score."""

@@ -216,9 +216,15 @@ def _condition_patches(store: dict, rows: list[slice], conditions: list[Conditio
     return fn
 
 
+@functools.cache
+def _forward_params(model_type) -> frozenset[str]:
+    """The keyword arguments a model class's forward takes (read once per class, not at every sampling step)."""
+    return frozenset(inspect.signature(model_type.forward).parameters)
+
+
 def _cache_key(model) -> str:
     # transformers renamed the KV-cache argument (and output field) past_key_values -> cache during 5.x.
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
 
 
 def _device(model) -> torch.device:
@@ -243,9 +249,8 @@ def _step(model, cache, ids, mask, positions):
     return out.logits[:, -1], out[key]
 
 
-@functools.cache
 def _keeps_logits(model_type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+    return "logits_to_keep" in _forward_params(model_type)
 
 
 @torch.no_grad()

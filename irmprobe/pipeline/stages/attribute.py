@@ -105,8 +105,9 @@ DECISION_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 DECISION_SHUFFLES = 3
 """Shuffled-target refits beside :func:`change_decision_view`'s fit: its R^2 and tau with the target's pairing to the
-features broken, on the same folds (the fit stage's baseline; ``irm.n_shuffles`` is not read here, so the attribute
-stage's key stays off the ``irm`` section)."""
+features broken, on the same folds. Targets are permuted as in the fit stage's shuffled baseline, but each refit
+chooses its own penalty (the fit stage's reuse the primary fit's). ``irm.n_shuffles`` is not read here, so the
+attribute stage's key stays off the ``irm`` section."""
 
 
 def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarray, gamma: np.ndarray | None,
@@ -126,8 +127,9 @@ def change_decision_view(capture, samples, saes: dict, layers, unembed: np.ndarr
     "top": [{"node", "weight"}], "shuffled": {"test_r2": [...], "tau": [...]}}`` (``tau``: Kendall's tau of its
     held-out token values against the RM's, None without two valued tokens; ``top``: the ``n_top`` features of
     largest positive weight; ``shuffled``: the same fit, penalty choice included, with the targets permuted across
-    the rows of each training fold, :data:`DECISION_SHUFFLES` times: the fit stage's shuffled baseline, which breaks
-    the pairing of target and features and with it the structure within prompts).
+    the rows of each training fold, :data:`DECISION_SHUFFLES` times, as the fit stage's shuffled baseline permutes
+    them (but with the penalty chosen again for each), which breaks the pairing of target and features and with
+    it the structure within prompts).
 
     Raises:
         ValueError: a block without a dictionary or without both models' activations, or no row to score."""

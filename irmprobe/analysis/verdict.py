@@ -476,7 +476,7 @@ def attribution_line(result: dict) -> str:
         return (f"no set of <= {rows[-1]['k'] if rows else 0} SAE features at {where} carries "
                 f"{result['threshold']:.0%} of what the hook points carry: the best reaches "
                 + (f"{best['faithfulness']['value']:.2f} (k={best['k']})" if best else "nothing")
-                + _every_feature_text(curves)
+                + _every_feature_text(curves, best)
                 + (f"; with the error terms, {nodes} nodes ({with_errors['errors_in_set']} of them errors) reach "
                    f"{with_errors['faithfulness']['value']:.2f}" if with_errors else "")
                 + f"; {context}" + _null_named_text(result) + seeds_text(result.get("seed_checks")))
@@ -485,7 +485,7 @@ def attribution_line(result: dict) -> str:
     rng = row["random"]["range"]
     return (f"{k} SAE feature(s) at {where} carry {f['value']:.0%} [{_attr_ci(f['ci'])}] of what the hook points "
             f"carry (faithfulness on held-out prompts; completeness {c['value']:.2f}); random {k}-feature sets: "
-            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + _every_feature_text(curves) + f"; {context}"
+            + (f"{rng[0]:+.2f} to {rng[1]:+.2f}" if rng else "-") + _every_feature_text(curves, row) + f"; {context}"
             + _null_named_text(result) + seeds_text(result.get("seed_checks")))
 
 
@@ -643,10 +643,25 @@ def generation_text(rows: list[dict] | None) -> str:
     return text
 
 
-def _every_feature_text(curves: dict) -> str:
-    """Every feature together (errors at base): spread over many features, or not in the features at all."""
-    share = (curves.get("features_all") or {}).get("value")
-    return "" if share is None else f", every feature together {share:.2f}"
+def _every_feature_text(curves: dict, row: dict | None = None) -> str:
+    """Every feature together (errors at base): spread over many features, or not in the features at all. With
+    ``row`` (a features-only curve row): whether that set carries more than every feature together, its CI wholly
+    above theirs, in which case the dictionaries' other features work against it."""
+    every = curves.get("features_all") or {}
+    share = every.get("value")
+    if share is None:
+        return ""
+    text = f", every feature together {share:.2f}"
+    faith = (row or {}).get("faithfulness") or {}
+    low = (faith.get("ci") or [None])[0]
+    high = (every.get("ci") or [share, share])[1]
+    if low is not None and high is not None and low > high:
+        # The set's share is then one side of a cancellation inside this dictionary (measured on the demo organism:
+        # 100 change features carry 0.63 where every feature together carries 0.10), not what the features of the
+        # change carry between them.
+        text += (f" (less than these {row['k']} carry: the dictionaries' other features work against them, so what "
+                 "a set carries depends on how this dictionary cut up the change)")
+    return text
 
 
 def _attr_pct(value) -> str:

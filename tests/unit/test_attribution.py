@@ -248,7 +248,19 @@ def test_the_verdict_line_says_when_the_error_terms_not_the_features_carry_the_r
     result["smallest_k_features"] = 5
     curves["feature_rows"][1] = _curve_row(5, 0.7)
     assert attribution_line(result).startswith("5 SAE feature(s) at mlp_out at blocks 20, 22 carry 70%")
-    assert "random 5-feature sets: +0.00 to +0.00, every feature together 0.22; the hook" in attribution_line(result)
+    # The named 5 carry 0.70 [0.65, 0.75], every feature together 0.22 [0.1, 0.3]: the other features cancel them.
+    assert ("random 5-feature sets: +0.00 to +0.00, every feature together 0.22 (less than these 5 carry: the "
+            "dictionaries' other features work against them, so what a set carries depends on how this dictionary "
+            "cut up the change); the hook") in attribution_line(result)
+    # With no set named, the best set's share is read the same way: 0.50 [0.45, 0.55] against 0.22 [0.1, 0.3].
+    curves["feature_rows"][1] = _curve_row(5, 0.5)
+    unnamed = attribution_line(result | {"smallest_k_features": None})
+    assert "the best reaches 0.50 (k=5), every feature together 0.22 (less than these 5 carry" in unnamed
+    curves["feature_rows"][1] = _curve_row(5, 0.7)
+    # The set's lower end (0.65) above every feature's share (0.62) but not above its CI (to 0.70): not claimed.
+    curves["features_all"] = {"value": 0.62, "ci": [0.55, 0.7]}
+    assert "every feature together 0.62; the hook" in attribution_line(result)
+    curves["features_all"] = {"value": 0.22, "ci": [0.1, 0.3]}
     # A random set at the threshold would have been named: it counts as a false naming.
     curves["feature_rows"][1]["random"]["values"] = [0.6, 0.2]
     assert attribution_line(result).endswith("known nulls: 1 of 3 random feature sets reach 60% (the highest 0.60)")

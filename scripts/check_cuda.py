@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from irmprobe.activations.capture import capture_pair
+    from irmprobe.api import run
     from irmprobe.config import RunConfig
     from irmprobe.models.loading import load_pair
-    from irmprobe.api import run
     from tests.conftest import _build_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="irmprobe-cuda-"))

@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from dataclasses import replace
 
+    from irmprobe.api import run
     from irmprobe.config import RunConfig
+    from irmprobe.models.rewards import reward_model
     from irmprobe.organisms.tuning import make_organism
     from irmprobe.prompts import load_prompts, split_prompts
-    from irmprobe.api import run
-    from irmprobe.models.rewards import reward_model
 
     config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     if config.pair.tuned is not None or config.pair.null:

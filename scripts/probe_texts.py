@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if not texts:
         parser.error("give at least one --text or a --file")
 
-    from irmprobe.config import RunConfig
     from irmprobe.api import FittedIRM
+    from irmprobe.config import RunConfig
 
     config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     irm = FittedIRM(config, echo=lambda line: print(line, file=sys.stderr))

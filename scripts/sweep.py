@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--values", nargs="+", required=True, help="values (parsed as JSON where possible)")
     args = parser.parse_args(argv)
 
+    from irmprobe.api import run
     from irmprobe.cli import apply_overrides
     from irmprobe.config import RunConfig
-    from irmprobe.api import run
 
     base = RunConfig.from_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
     base["compare"]["control"] = False  # the sweep compares settings, not organisms

@@ -215,7 +215,7 @@ def capture_pair(
             raise ValueError(f"layer {layer} is out of range for a {n_layers}-layer model")
     if not token_ids:
         raise ValueError("nothing to capture: the token stream is empty")
-    names = [f"blocks.{l}.{hook}" for l in layers]
+    names = [f"blocks.{b}.{hook}" for b in layers]
     models = {"base": pair.base} if pair.is_null else {"base": pair.base, "tuned": pair.tuned}
     # A model with offloaded weights runs without a bridge, through plain forward hooks (see ForwardHooks).
     bridges = {k: ForwardHooks(m) if offload_targets(m) else pair.bridge(k) for k, m in models.items()}
@@ -228,7 +228,7 @@ def capture_pair(
     rows_tok, rows_seq, rows_pos = [], [], []
     logps = {k: [] for k in models}
     vocab: dict[str, np.ndarray] = {}
-    acts = {f"{k}.{l}": [] for k in models for l in layers}
+    acts = {f"{k}.{b}": [] for k in models for b in layers}
     for start in progress.bar(range(0, len(order), batch_size), desc="capture", leave=False):
         chunk = order[start : start + batch_size]
         tokens = right_padded(token_ids, chunk, lengths, pad)
@@ -273,12 +273,12 @@ def last_token_activations(bridge: TransformerBridge, token_ids, layers: tuple[i
         raise ValueError("no sequences to run")
     if not layers:
         raise ValueError("no layers to read: pass at least one block index")
-    names = [f"blocks.{l}.{hook}" for l in layers]
+    names = [f"blocks.{b}.{hook}" for b in layers]
     device = next(bridge.parameters()).device
     pad = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0
     lengths = np.array([len(t) for t in token_ids])
-    out = {l: np.zeros((len(token_ids), 0), np.float32) for l in layers}
-    parts: dict[int, list] = {l: [] for l in layers}
+    out = {b: np.zeros((len(token_ids), 0), np.float32) for b in layers}
+    parts: dict[int, list] = {b: [] for b in layers}
     order = np.argsort(-lengths, kind="stable")
     for start in progress.bar(range(0, len(order), batch_size), desc="last-token activations", leave=False):
         chunk = order[start : start + batch_size]

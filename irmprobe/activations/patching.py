@@ -309,7 +309,10 @@ def patching_effects(base, tuned, token_ids, blocks, *, hook_kinds=HOOK_KINDS, b
     _validate(base, tuned, blocks, hook_kinds)
     conditions = [((kind, b),) for kind in hook_kinds for b in blocks]
     kl, lr, n = _divergences(base, tuned, token_ids, conditions, batch_size)
-    per_kind = lambda v: {k: v[1 + j * len(blocks) : 1 + (j + 1) * len(blocks)] for j, k in enumerate(hook_kinds)}
+
+    def per_kind(v):
+        return {k: v[1 + j * len(blocks) : 1 + (j + 1) * len(blocks)] for j, k in enumerate(hook_kinds)}
+
     return PatchingResult(blocks, hook_kinds, float(kl[0]), float(lr[0]), per_kind(kl), per_kind(lr), n)
 
 

@@ -103,7 +103,7 @@ def capture_to_store(
 def _store_header(pair: ModelPair, token_ids, layers, hook: str, shard_sequences: int) -> dict:
     """What identifies a capture: its models, hook points, layers and token stream."""
     return {"version": 2, "models": {"base": pair.base_spec, "tuned": pair.tuned_spec}, "hook": hook,
-            "hooks": [f"blocks.{l}.{hook}" for l in layers], "layers": list(layers), "dtype": "float32",
+            "hooks": [f"blocks.{b}.{hook}" for b in layers], "layers": list(layers), "dtype": "float32",
             "d_model": pair.d_model, "n_sequences": len(token_ids), "shard_sequences": shard_sequences,
             "tokens_sha256": hashlib.sha256(json.dumps([list(t) for t in token_ids]).encode()).hexdigest()}
 

@@ -114,7 +114,7 @@ def summary_lines(metrics) -> list[str]:
     lines.append(f"== layers (divergence tuned - base, per block and submodule; * = chosen, ranked by {div['ranked_by']}) ==")
     lines.extend(div["table"])
     lines.append(
-        "chosen blocks    " + ", ".join(f"{l} (|Δθ| {div['per_block'][l]:.3f})" for l in div["chosen"])
+        "chosen blocks    " + ", ".join(f"{b} (|Δθ| {div['per_block'][b]:.3f})" for b in div["chosen"])
     )
     lines.extend(depth_section(metrics.get("depth") or {}, div["chosen"]))
     lines.append("== SAEs (held-out activations) ==")

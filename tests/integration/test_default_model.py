@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from irmprobe.api import run
 from irmprobe.config import RunConfig
 from irmprobe.models.loading import DEFAULT_BASE, resolve_spec
-from irmprobe.api import run
 
 
 @pytest.mark.slow

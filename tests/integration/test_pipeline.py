@@ -52,7 +52,7 @@ def test_tiny_organism_end_to_end_and_reuse(fixture, request, tmp_path, monkeypa
     assert RunMetrics.from_json(m).to_json() == m  # the typed metrics round-trip through metrics.json
     assert m["organism"]["reused"] is False
     assert len(m["layers"]["chosen"]) == 2
-    assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, l) for k in ("base", "tuned") for l in (0, 1)}
+    assert {(r["model"], r["layer"]) for r in m["saes"]} == {(k, b) for k in ("base", "tuned") for b in (0, 1)}
     assert all(0 < r["l0"] < r["d_sae"] and r["explained_variance"] <= 1 for r in m["saes"]), m["saes"]
     # Early stopping read whole prompts of the training rows, not single rows.
     assert all(0 < r["stopping_prompts"] < r["stopping_rows"] for r in m["saes"]), m["saes"]

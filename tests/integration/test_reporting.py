@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import wandb
 
+from irmprobe.api import run
 from irmprobe.cache import atomic_dir, config_key
 from irmprobe.config import RunConfig
-from irmprobe.api import run
 from irmprobe.reporting.tracking import wandb_mode
-from tests.unit.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
 from tests.integration.test_pipeline import TINY
+from tests.unit.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
 
 
 def test_wandb_receives_config_metrics_and_token_table(tiny_llama_dir, tmp_path, monkeypatch):

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from irmprobe.validation.autointerp import Judgement, LLMJudge, OfflineJudge, cross_comparison, feature_evidence, judge_feature
 from irmprobe.llm import ChatClient, LLMError
+from irmprobe.validation.autointerp import (
+    Judgement,
+    LLMJudge,
+    OfflineJudge,
+    cross_comparison,
+    feature_evidence,
+    judge_feature,
+)
 from tests.unit.test_llm import _answer, server  # noqa: F401 (the loopback server fixture)
 
 WORDS = ["the", " cat", " sat", " happy", " sad", " on", " mat", " joy"]
@@ -152,8 +159,8 @@ def test_llm_judge_malformed_and_down(server, tmp_path):  # noqa: F811
 
 
 def test_local_chat_is_deterministic_and_feeds_the_llm_judge(tiny_llama_dir):
-    from irmprobe.validation.autointerp import LocalChat
     from irmprobe.models.loading import load_model
+    from irmprobe.validation.autointerp import LocalChat
 
     model, tok = load_model(str(tiny_llama_dir))
     chat = LocalChat(model, tok, max_new_tokens=6)

@@ -23,8 +23,8 @@ def test_capture_matches_independent_hf_hooks_and_excludes_padding(fixture, requ
     model = pair.base
     for s_idx, seq in enumerate(seqs):
         grabbed = {}
-        handles = [_mlp(model, l).register_forward_hook(lambda m, i, o, l=l: grabbed.__setitem__(l, o.detach()))
-                   for l in (0, 1)]
+        handles = [_mlp(model, b).register_forward_hook(lambda m, i, o, b=b: grabbed.__setitem__(b, o.detach()))
+                   for b in (0, 1)]
         try:
             with torch.no_grad():
                 logits = model(torch.tensor([seq])).logits[0]
@@ -34,8 +34,8 @@ def test_capture_matches_independent_hf_hooks_and_excludes_padding(fixture, requ
         rows = np.flatnonzero(cap.seq_index == s_idx)
         rows = rows[np.argsort(cap.position[rows])]
         assert cap.token_ids[rows].tolist() == seq[1:]
-        for l in (0, 1):
-            np.testing.assert_allclose(cap.acts[f"base.{l}"][rows], grabbed[l][0, 1:].numpy(), atol=1e-4)
+        for b in (0, 1):
+            np.testing.assert_allclose(cap.acts[f"base.{b}"][rows], grabbed[b][0, 1:].numpy(), atol=1e-4)
         logp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
         np.testing.assert_allclose(cap.logp_base[rows], logp.numpy(), atol=1e-4)
     assert np.all(cap.log_ratio == 0)  # null pair: tuned is base
@@ -49,7 +49,7 @@ def test_sampling_is_seeded_and_strips_end_of_text(tiny_llama_dir):
     assert a == b
     ids, lens, idx, _ = a
     assert idx == [0, 0, 1, 1]
-    assert all(pair.tokenizer.eos_token_id not in seq[l:] for seq, l in zip(ids, lens))
+    assert all(pair.tokenizer.eos_token_id not in seq[b:] for seq, b in zip(ids, lens))
 
 
 def test_layer_out_of_range_raises(tiny_llama_dir):

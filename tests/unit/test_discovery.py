@@ -4,8 +4,19 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from irmprobe.analysis.discovery import CATEGORIES, agreement_with_rm, concepts, discover_tokens, load_preference_file, pairs_from_generations, pairwise_accuracy, residual_top, rm_variance_share
-from irmprobe.analysis.discovery import _bootstrap_ci, _token_stats
+from irmprobe.analysis.discovery import (
+    CATEGORIES,
+    _bootstrap_ci,
+    _token_stats,
+    agreement_with_rm,
+    concepts,
+    discover_tokens,
+    load_preference_file,
+    pairs_from_generations,
+    pairwise_accuracy,
+    residual_top,
+    rm_variance_share,
+)
 
 V = 300
 PLANTED = list(range(100, 110))          # RM 0 or absent, organism shifted up

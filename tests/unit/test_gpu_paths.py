@@ -204,8 +204,8 @@ def test_device_map_with_blocks_on_disk_captures_like_a_plain_load(llama_dir, tu
 def test_device_map_with_blocks_on_disk_samples_patches_and_ablates_like_a_plain_load(llama_dir, tuned_llama_dir):
     """Sampling, layer choice by patching and patched generation (the ablation's sampler) on a pair split between
     the CPU and disk give what they give on a plain load."""
-    from irmprobe.activations.samples import sample_continuations
     from irmprobe.activations.patching import generate_patched, layer_choice, plain_models
+    from irmprobe.activations.samples import sample_continuations
 
     budget = _split_budget(llama_dir)
     plain = load_pair(str(llama_dir), str(tuned_llama_dir))

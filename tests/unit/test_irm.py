@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from irmprobe.irm.crossfit import fit_irm, random_probe, token_map
-from irmprobe.irm.crossfit import preference_probe
+from irmprobe.irm.crossfit import fit_irm, preference_probe, random_probe, token_map
 from irmprobe.irm.estimators import ContrastiveProbe, LinearIRM, contrastive_targets
 
 

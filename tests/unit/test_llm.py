@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from irmprobe.llm import ChatClient, LLMError
 from irmprobe.irm.triples import Triples, llm_swap_words
+from irmprobe.llm import ChatClient, LLMError
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from irmprobe.config import OrganismConfig
 from irmprobe.activations.samples import sample_continuations
+from irmprobe.config import OrganismConfig
+from irmprobe.models.loading import load_model, load_pair
+from irmprobe.models.rewards import LexiconRM, TextRM
 from irmprobe.organisms.report import organism_report, report_lines
 from irmprobe.organisms.tuning import build_preference_pairs, load_preference_pairs, make_organism
 from irmprobe.prompts import load_prompts
-from irmprobe.models.loading import load_model, load_pair
-from irmprobe.models.rewards import LexiconRM, TextRM
 
 PROMPTS = load_prompts()[:24]
 

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from irmprobe.activations.patching import (
+    cumulative_curve,
+    decision_rows,
+    generate_patched,
+    patching_effects,
+    ranking,
+    table,
+)
 from irmprobe.validation.ablation import reward_gain_share
-from irmprobe.activations.patching import cumulative_curve, decision_rows, generate_patched, patching_effects, ranking, table
 
 WORDS = "good great love happy nice best wonderful".split()
 PROMPTS = ["The train left", "I bought a", "She said that", "Later that day", "We went to the",
@@ -204,8 +211,8 @@ def test_conditions_sampled_in_shared_batches_equal_their_own_runs(tiny_llama_di
     """Several conditions in one batch (the ablation's sampler) give each condition what its own run gives."""
     from contextlib import contextmanager
 
-    from irmprobe.validation.ablation import mlp_module
     from irmprobe.activations.patching import Condition, generate_conditions
+    from irmprobe.validation.ablation import mlp_module
     from tests.conftest import perturbed_llama_pair
 
     pair, base, tuned = perturbed_llama_pair(tiny_llama_dir)  # sharp enough that conditions differ

@@ -306,10 +306,10 @@ def test_config_file_that_is_not_yaml_gets_one_line_with_file_and_line(tmp_path)
 
 
 def test_failed_organism_build_leaves_no_empty_work_directory(tiny_llama_dir, monkeypatch):
-    from irmprobe.organisms import tuning as organisms
     from irmprobe.cache import cache_root
     from irmprobe.config import OrganismConfig
     from irmprobe.models.rewards import LexiconRM
+    from irmprobe.organisms import tuning as organisms
 
     def broken_trainer(*args, **kwargs):
         raise RuntimeError("trainer could not be built")
@@ -322,10 +322,10 @@ def test_failed_organism_build_leaves_no_empty_work_directory(tiny_llama_dir, mo
 
 
 def test_failed_organism_build_keeps_a_work_directory_with_checkpoints(tiny_llama_dir, monkeypatch):
-    from irmprobe.organisms import tuning as organisms
     from irmprobe.cache import cache_root
     from irmprobe.config import OrganismConfig
     from irmprobe.models.rewards import LexiconRM
+    from irmprobe.organisms import tuning as organisms
 
     class Trainer:
         def __init__(self, work):
@@ -446,9 +446,9 @@ def test_ctrl_c_ends_with_one_line_saying_the_run_resumes(tmp_path, monkeypatch,
 
 
 def test_a_nan_interval_from_too_few_tokens_reloads_and_reports():
+    from irmprobe.analysis.verdict import primary_comparison
     from irmprobe.reporting.summary import agreement_line
     from irmprobe.results import ViewRow
-    from irmprobe.analysis.verdict import primary_comparison
 
     row = ViewRow.from_json({"name": "sae_irm", "family": "behavioural", "n_tokens": 2, "is_zero": False, "tau": 1.0,
                              "p_value": 1.0, "tau_ci": [None, None]})  # what write_json makes of [nan, nan]

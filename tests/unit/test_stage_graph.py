@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from irmprobe.config import RunConfig, Runtime
+from irmprobe.models.rewards import RandomRM
+from irmprobe.pipeline.graph import GRAPH, STAGES
 from irmprobe.pipeline.runner import CacheError, Runner, mark_done, verify
 from irmprobe.pipeline.stage import Context, Sections, Stage, declared_values
-from irmprobe.pipeline.graph import GRAPH, STAGES
-from irmprobe.models.rewards import RandomRM
 
 _STRINGS = {"pair.base": "other-model", "pair.tuned": "other-tuned", "pair.device": "cuda", "pair.dtype": "bfloat16",
             "organism.method": "grpo", "capture.hook": "hook_resid_post", "capture.rank_layers_by": "relative",

@@ -18,8 +18,8 @@ def _sae(seed, d_in=8, d_sae=12):
 
 def test_probe_inputs_each_kind():
     rng = np.random.default_rng(0)
-    acts = {f"{m}.{l}": rng.standard_normal((50, 8)).astype(np.float32) for m in ("base", "tuned") for l in (0, 3)}
-    saes = {(m, l): _sae(hash((m, l)) % 100) for m in ("base", "tuned") for l in (0, 3)}
+    acts = {f"{m}.{b}": rng.standard_normal((50, 8)).astype(np.float32) for m in ("base", "tuned") for b in (0, 3)}
+    saes = {(m, b): _sae(hash((m, b)) % 100) for m in ("base", "tuned") for b in (0, 3)}
     raw, names = probe_inputs("raw", acts, saes, (0, 3))
     assert raw.shape == (50, 16) and np.allclose(raw[:, 8:], acts["tuned.3"]) and names[8] == "L3/dim0"
     tuned, names = probe_inputs("tuned", acts, saes, (0, 3))

@@ -34,4 +34,4 @@ class CaptureStage(Stage):
     def summary(self, result: Capture):
         if not result.layers:
             return f"{len(result.token_ids)} token rows: log-probabilities only, no block captured"
-        return f"{len(result.token_ids)} token rows at {', '.join(result.hook_name(l) for l in result.layers)}"
+        return f"{len(result.token_ids)} token rows at {', '.join(result.hook_name(b) for b in result.layers)}"

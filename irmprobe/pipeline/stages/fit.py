@@ -59,7 +59,7 @@ def triple_inputs(inputs: str, hook: str, pair, saes: dict, layers, triples: Tri
         for variant in ("positive", "negative", "neutral"):
             for kind, bridge in bridges.items():
                 acts = last_token_activations(bridge, triples.sequences(variant), tuple(layers), hook=hook)
-                arrays.update({f"{variant}/{kind}.{l}": a for l, a in acts.items()})
+                arrays.update({f"{variant}/{kind}.{b}": a for b, a in acts.items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(arrays, str(tmp))

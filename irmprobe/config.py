@@ -673,9 +673,11 @@ class SeedsConfig:
     of the change, + 100 i, i = 1..n; block l's: that + l): the tuned model's SAEs as the saes stage trains them, or
     the attribute stage's dictionaries of the change (``attribute.dictionary``). Each redoes the attribution on the
     same prompts; the named set holds across dictionaries only when each of them also has a set of at most the
-    named set's size reaching ``attribute.threshold`` (the features are not matched across dictionaries). Each
-    check costs about what the attribute stage costs (4-7 min on the demo on 2 cores); no stage but the report
-    reads it."""
+    named set's size reaching ``attribute.threshold`` and its features' counterparts there (closest decoder
+    direction) reach it too. With no set named, the ``validate.top_k`` features of largest positive attribution
+    (the set the ablate stage takes in its place) are matched instead and what their counterparts carry is
+    reported beside what they carry here, with no "holds" call. Each check costs about what the attribute stage
+    costs (4-7 min on the demo on 2 cores); no stage but the report reads it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.checks, bool) or int(self.checks) < 0:

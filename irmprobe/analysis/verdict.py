@@ -564,20 +564,20 @@ def counterparts_hold(seeds: dict) -> bool | None:
     faithfulness, errors at base, on the attribution's held-out prompts)? None: no counterparts were measured
     (no set was named, or a result from before they were)."""
     matched = [c.get("matched") for c in seeds.get("checks") or []]
-    if not matched or any(m is None for m in matched):
+    if seeds.get("matched_set") or not matched or any(m is None for m in matched):  # matched_set: no named set
         return None
     return all(m["faithfulness"]["value"] is not None and m["faithfulness"]["value"] >= seeds["threshold"]
                for m in matched)
 
 
-def matched_text(matched: dict | None) -> str:
-    """One seed's counterparts of the named features: how many match at the record's ``match_cosine`` and what
-    they carry."""
+def matched_text(matched: dict | None, whose: str = "the named features'") -> str:
+    """One seed's counterparts of the named features (or of ``whose``): how many match at the record's
+    ``match_cosine`` and what they carry."""
     if not matched:
         return ""
     cosines = [f["cosine"] for f in matched["features"]]
     close = sum(c >= matched["match_cosine"] for c in cosines)
-    return (f"; the named features' counterparts (closest decoder direction: {close} of {len(cosines)} at cosine >= "
+    return (f"; {whose} counterparts (closest decoder direction: {close} of {len(cosines)} at cosine >= "
             f"{matched['match_cosine']:g}, median {np.median(cosines):.2f}) carry "
             f"{_fmt_or(matched['faithfulness']['value'])}")
 
@@ -587,14 +587,16 @@ def seeds_text(seeds: dict | None) -> str:
     :func:`seeds_hold`), to follow the attribution line ("" where nothing was checked)."""
     if not seeds or "checks" not in seeds:
         return ""
+    ranked = seeds.get("matched_set")  # no named set: the counterparts are those of the ablated top k
+    whose = f"the top {ranked['k']} attributed features'" if ranked else "the named features'"
 
     def one(c):
         if c["smallest_k_features"] is not None:
             return (f"{c['smallest_k_features']} features (faithfulness {_fmt_or(c['faithfulness'])}, completeness "
-                    f"{_fmt_or(c['completeness'])})" + matched_text(c.get("matched")))
+                    f"{_fmt_or(c['completeness'])})" + matched_text(c.get("matched"), whose))
         best = c.get("best")
         return (f"none of <= {seeds['max_k']}" + (f" (best {best['faithfulness']:.2f} at k={best['k']})"
-                                                  if best else "") + matched_text(c.get("matched")))
+                                                  if best else "") + matched_text(c.get("matched"), whose))
 
     label = "change seed" if seeds.get("dictionary", "change") == "change" else "seed"
     others = "; ".join(f"{label} {c['seed']}: {one(c)}" for c in seeds["checks"])
@@ -610,6 +612,11 @@ def seeds_text(seeds: dict | None) -> str:
                 f"(at most {p['smallest_k_features']} features to hold"
                 + (f", and its features' counterparts reaching {seeds['threshold']:.0%}"
                    if counterparts_hold(seeds) is not None else "") + f") is: {others}")
+    if ranked:
+        here = ranked.get("faithfulness")
+        return (f"; no set named, so the top {ranked['k']} attributed features (the set the ablation takes"
+                + (f"; they carry {here:.2f} here" if here is not None else "") + ") are matched in dictionaries of "
+                f"other seeds: {others}")
     return f"; dictionaries of other seeds: {others}"
 
 

@@ -348,8 +348,12 @@ def attribution_section(a: dict) -> list[str]:
                      f"{(f'{rnd[0]:+.2f} .. {rnd[1]:+.2f}' if rnd else '-'):>15}")
     seeds = a.get("seed_checks")
     if seeds and seeds.get("checks"):
+        ranked = seeds.get("matched_set")
+        whose = f"the top {ranked['k']} attributed features'" if ranked else "the named features'"
         verdict = {True: "the named set holds across them", False: "the named set does not hold across them",
-                   None: "no set was named with the run's dictionaries"}[seeds_hold(seeds)]
+                   None: "no set was named with the run's dictionaries"
+                   + (f"; the top {ranked['k']} attributed features (the set the ablation takes) are matched in "
+                      "each" if ranked else "")}[seeds_hold(seeds)]
         lines.append("dictionary seeds (the seeds stage; same prompts, the same dictionaries trained with other "
                      f"seeds): {verdict}")
         for c in [seeds["primary"], *seeds["checks"]]:
@@ -363,7 +367,7 @@ def attribution_section(a: dict) -> list[str]:
             lines.append(f"  {'change seed' if seeds.get('dictionary', 'change') == 'change' else 'seed'} "
                          f"{c['seed']} (block seeds {', '.join(map(str, c['block_seeds']))}): {found}; "
                          f"every feature together {_fmt(c['features_all'], '+.2f')}; the hook points carry "
-                         f"{_fmt(c['bound'], '.2f')}" + matched_text(c.get("matched")))
+                         f"{_fmt(c['bound'], '.2f')}" + matched_text(c.get("matched"), whose))
     lines.append("top nodes: " + ", ".join(f"{t['node']} {t['attribution']:+.3f}" for t in a["top"][:6]))
     for n in (a["named"] or a.get("top_features", []))[:10]:
         lines.append(f"  {n['node']:<12} {n['attribution']:+.3f}  " + " | ".join(n["contexts"][:2])[:100])

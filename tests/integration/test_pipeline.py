@@ -346,9 +346,16 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
                                                                                 a["layers"]]
     assert [c["block_seeds"] for c in s["checks"]] == [[seed + 100 for seed in s["primary"]["block_seeds"]]]
     assert s["primary"]["smallest_k_features"] == a["smallest_k_features"]
-    assert "matched" not in s["checks"][0] and not a["named"]  # no set named: nothing to match
+    # No set named: the top k attributed features, the set the ablation takes, are matched in the other seed's
+    # dictionaries instead, and the verdict says what their counterparts carry.
+    assert not a["named"]
+    ranked, matched = s["matched_set"], s["checks"][0]["matched"]
+    ablated = next(r for r in rows if r["set"].startswith("attribution_change_top_"))
+    assert ranked["k"] == ablated["n_features"] == len(matched["features"]) == len(ranked["nodes"]) >= 1
+    assert [f["node"] for f in matched["features"]] == ranked["nodes"]
+    assert matched["faithfulness"]["value"] is not None
     line = next(v for v in checked.metrics.verdict if "(dictionaries of the change)" in v)
-    assert "change seed 100: " in line
+    assert "change seed 100: " in line and f"the top {ranked['k']} attributed features' counterparts" in line
     # Resumable: a run interrupted after a check redoes only the checks not written (here a marked one is reused).
     from irmprobe.pipeline.runner import DONE, stage_dir
 

@@ -781,6 +781,43 @@ def test_a_named_set_holds_only_if_its_features_counterparts_carry_it_at_every_s
     assert headline_scalars({"attribution": result})["attribution/counterparts_hold"] is False
 
 
+def test_without_a_named_set_the_seed_checks_match_the_top_k_the_ablation_takes():
+    """No faithful set: the seeds stage matches the attribution's top k features of positive attribution (errors left
+    out), the very set the ablate stage ablates, and the verdict says what their counterparts carry at each seed,
+    beside what they carry with the run's own dictionaries; it makes no "holds" call on them."""
+    from irmprobe.analysis.verdict import counterparts_hold, seeds_hold, seeds_text
+    from irmprobe.pipeline.stages.seeds import ranked_features, seed_check
+    from irmprobe.validation.ablation import attributed_features
+
+    primary = _seed_result([1, 3], [0.05, 0.16, 0.39])  # none reaches 0.6
+    primary["top"] = [{"node": "L3/error", "attribution": 2.0}, {"node": "L3/f7", "attribution": 0.5},
+                      {"node": "L1/f2", "attribution": 0.4}, {"node": "L3/f9", "attribution": 0.3},
+                      {"node": "L1/f4", "attribution": -0.2}]
+    nodes, here = ranked_features(primary, 10)
+    assert [n.name for n in nodes] == ["L1/f2", "L3/f7", "L3/f9"]  # positive, no error, by block
+    assert attributed_features(primary, 10)[1] == {3: (7, 9), 1: (2,)}  # the ablate stage's set: the same features
+    assert here is None  # 3 features: off the curve's grid (1, 10, 100)
+    nodes, here = ranked_features(primary, 1)
+    assert [n.name for n in nodes] == ["L3/f7"] and here == 0.05  # the curve's k = 1
+    named = _seed_result([1, 3], [0.2, 0.7, 0.9])
+    assert [n.name for n in ranked_features(named, 1)[0]] == [f"L1/f{i}" for i in range(10)]  # a named set wins
+    assert ranked_features(primary | {"top": [{"node": "L3/error", "attribution": 2.0}]}, 10) == ([], None)
+
+    matched = {"features": [{"node": "L3/f7", "counterpart": "L3/f1", "cosine": 0.9}], "n_distinct": 1,
+               "match_cosine": 0.7, "faithfulness": {"value": 0.02, "ci": [0.0, 0.04]},
+               "completeness": {"value": 0.98, "ci": [0.9, 1.0]}}
+    check = seed_check(_seed_result([101, 103], [0.1, 0.2, 0.49]) | {"matched": matched}, 100)
+    seeds = {"primary": seed_check(primary, 0), "checks": [check], "max_k": 100, "threshold": 0.6,
+             "dictionary": "change", "matched_set": {"kind": "top", "k": 1, "nodes": ["L3/f7"], "faithfulness": 0.05}}
+    text = seeds_text(seeds)
+    assert text.startswith("; no set named, so the top 1 attributed features (the set the ablation takes; they carry "
+                           "0.05 here) are matched in dictionaries of other seeds: change seed 100: none of <= 100")
+    assert ("the top 1 attributed features' counterparts (closest decoder direction: 1 of 1 at cosine >= 0.7, "
+            "median 0.90) carry 0.02") in text
+    assert seeds_hold(seeds) is None and counterparts_hold(seeds) is None  # no threshold call on a top-k set
+    assert "are matched in dictionaries" not in seeds_text({k: v for k, v in seeds.items() if k != "matched_set"})
+
+
 def test_counterparts_are_found_by_decoder_direction_and_carry_what_the_named_feature_did(single):
     """Another dictionary holding the planted feature at another index (and every other feature shuffled) gives it
     as the counterpart, with cosine 1, carrying what the named feature carried; a dictionary without the planted

@@ -63,12 +63,35 @@ def seed_check(result: dict, seed: int) -> dict:
             "seconds": result.get("seconds")}
 
 
+def ranked_features(primary: dict, top_k: int) -> tuple[list, float | None]:
+    """The features whose counterparts each seed check measures: the attribution's named set; where it named none,
+    the features the ablate stage takes in its place, the ``top_k`` of largest positive attribution (errors left
+    out; :func:`irmprobe.validation.ablation.attributed_features`), so that the set ablated while the tuned model
+    samples is checked across seeds too. Returns ``(nodes, what they carry)``: the faithfulness of the run's
+    features-only curve at their count where the curve has it (None for a named set, whose share the verdict
+    already gives, or a count off the curve's grid)."""
+    from irmprobe.validation.ablation import attributed_features
+    from irmprobe.validation.attribution import Node
+
+    if primary.get("named"):
+        return [Node.parse(n["node"]) for n in primary["named"]], None
+    chosen = attributed_features(primary, top_k)
+    if chosen is None:
+        return [], None
+    nodes = [Node(layer, i) for layer, idx in sorted(chosen[1].items()) for i in idx]
+    row = next((r for r in primary["curves"].get("feature_rows", []) if r["k"] == len(nodes)), None)
+    # The curve's k-sets are the top k by attribution, errors left out: the same features as ``nodes`` when the
+    # top ``top_k`` are all positive (the usual case); otherwise the curve's set holds some not ablated.
+    return nodes, None if row is None else row["faithfulness"]["value"]
+
+
 class SeedsStage(Stage):
     """Redo the attribution with ``seeds.checks`` more sets of its dictionaries (other seeds). Resumable: each
     check's summary is written as it ends, and an interrupted run redoes only the checks not written."""
 
-    name, version, resumable = "seeds", 2, True  # 2: the named features' counterparts in each seed's dictionaries
-    reads = ("seeds", "attribute", "capture.hook", "seed", "sae")
+    # 2: the named features' counterparts in each seed's dictionaries; 3: without a named set, the ablated top k's
+    name, version, resumable = "seeds", 3, True
+    reads = ("seeds", "attribute", "capture.hook", "seed", "sae", "validate.top_k")
     needs = ("organism", "samples", "layers", "capture", "saes", "attribute")
 
     def skips(self, cfg, ctx, inputs):
@@ -79,7 +102,7 @@ class SeedsStage(Stage):
         return None
 
     def run(self, cfg, ctx, inputs, out):
-        from irmprobe.validation.attribution import Node, counterparts
+        from irmprobe.validation.attribution import counterparts
 
         ac, primary = cfg.attribute, inputs["attribute"]
         reason = self.skips(cfg, ctx, inputs)
@@ -91,7 +114,7 @@ class SeedsStage(Stage):
             change = ac.dictionary == "change"
             first = cfg.seed if not change or ac.change_seed is None else ac.change_seed
             kw = dict(capture_key=ctx.input_keys["capture"], device=ctx.runtime.device, force=ctx.forced)
-            named = [Node.parse(n["node"]) for n in primary.get("named") or []]
+            named, ranked = ranked_features(primary, cfg.validate.top_k)
             # The run's own dictionaries, whose named features are matched to each check's by decoder cosine: the
             # change's from the paths the attribute stage recorded (an error if they left the cache, never a silent
             # retraining that the named indices would not point into); the activations' are the saes stage's SAEs.
@@ -121,7 +144,9 @@ class SeedsStage(Stage):
                 write_json(done, checks[-1])
             # Whether the named set holds is read off primary and checks (analysis.verdict.seeds_hold), not stored.
             result = {"dictionary": ac.dictionary, "primary": seed_check(primary, first), "checks": checks,
-                      "max_k": max(ac.k_grid), "threshold": ac.threshold, "seconds": time.perf_counter() - started}
+                      "max_k": max(ac.k_grid), "threshold": ac.threshold, "seconds": time.perf_counter() - started,
+                      **({"matched_set": {"kind": "top", "k": len(named), "nodes": [n.name for n in named],
+                                          "faithfulness": ranked}} if named and not primary.get("named") else {})}
         write_json(out / "seeds.json", result)
         return result
 

@@ -24,9 +24,9 @@ from irmprobe.config import OrganismConfig, RewardConfig  # noqa: E402
 from irmprobe.models.divergence import layer_divergence  # noqa: E402
 from irmprobe.models.loading import DEFAULT_BASE, load_pair  # noqa: E402
 from irmprobe.models.rewards import reward_model  # noqa: E402
-from irmprobe.organisms.report import organism_report, report_lines
-from irmprobe.organisms.tuning import make_organism
-from irmprobe.prompts import load_prompts, split_prompts
+from irmprobe.organisms.report import organism_report, report_lines  # noqa: E402
+from irmprobe.organisms.tuning import make_organism  # noqa: E402
+from irmprobe.prompts import load_prompts, split_prompts  # noqa: E402
 
 # DPO sees one pair per prompt and step, so it gets more prompts per step and a smaller step size.
 DPO_OVERRIDES = {"prompts_per_step": 8, "learning_rate": 5e-5, "beta": 0.1}

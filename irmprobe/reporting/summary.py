@@ -352,8 +352,10 @@ def attribution_section(a: dict) -> list[str]:
         whose = f"the top {ranked['k']} attributed features'" if ranked else "the named features'"
         verdict = {True: "the named set holds across them", False: "the named set does not hold across them",
                    None: "no set was named with the run's dictionaries"
-                   + (f"; the top {ranked['k']} attributed features (the set the ablation takes) are matched in "
-                      "each" if ranked else "")}[seeds_hold(seeds)]
+                   + (f"; the top {ranked['k']} attributed features (the set the ablation takes"
+                      + (f"; they carry {ranked['faithfulness']:.2f} here" if ranked.get("faithfulness") is not None
+                         else "") + ") are matched in each other seed's dictionaries" if ranked else "")
+                   }[seeds_hold(seeds)]
         lines.append("dictionary seeds (the seeds stage; same prompts, the same dictionaries trained with other "
                      f"seeds): {verdict}")
         for c in [seeds["primary"], *seeds["checks"]]:

@@ -353,6 +353,10 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     ablated = next(r for r in rows if r["set"].startswith("attribution_change_top_"))
     assert ranked["k"] == ablated["n_features"] == len(matched["features"]) == len(ranked["nodes"]) >= 1
     assert [f["node"] for f in matched["features"]] == ranked["nodes"]
+    from irmprobe.validation.ablation import attributed_features
+
+    _, ablated_nodes = attributed_features(a, change.validate.top_k)  # the ablate stage's definition of its set
+    assert sorted(ranked["nodes"]) == sorted(f"L{b}/f{i}" for b, idx in ablated_nodes.items() for i in idx)
     assert matched["faithfulness"]["value"] is not None
     line = next(v for v in checked.metrics.verdict if "(dictionaries of the change)" in v)
     assert "change seed 100: " in line and f"the top {ranked['k']} attributed features' counterparts" in line

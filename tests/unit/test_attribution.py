@@ -816,6 +816,22 @@ def test_without_a_named_set_the_seed_checks_match_the_top_k_the_ablation_takes(
             "median 0.90) carry 0.02") in text
     assert seeds_hold(seeds) is None and counterparts_hold(seeds) is None  # no threshold call on a top-k set
     assert "are matched in dictionaries" not in seeds_text({k: v for k, v in seeds.items() if k != "matched_set"})
+    # The report's summary says the same: what was matched, what it carries here, what its counterparts carry.
+    from irmprobe.reporting.summary import attribution_section
+
+    result = primary | {"kind": "resid_post", "layers": [1, 3], "dictionary": "change", "threshold": 0.6,
+                        "seed_checks": seeds, "dictionaries": [], "n_prompts": [6, 6], "ig_steps": 8,
+                        "rank_half": {"m_full": 1.0, "m_empty": 0.0, "ig_sum": 1.0},
+                        "exact": {"rows": [], "spearman": None}}
+    result["curves"] = primary["curves"] | {"rows": [], "errors_only": {"value": 0.1, "ci": [0.0, 0.2]},
+                                            "bound": {"value": 0.9, "ci": [0.8, 1.0]}}
+    lines = attribution_section(result)
+    assert any(line.endswith("no set was named with the run's dictionaries; the top 1 attributed features (the set "
+                             "the ablation takes; they carry 0.05 here) are matched in each other seed's "
+                             "dictionaries") for line in lines)
+    assert any(line.startswith("  change seed 100 ") and line.endswith(
+        "the top 1 attributed features' counterparts (closest decoder direction: 1 of 1 at cosine >= 0.7, median "
+        "0.90) carry 0.02") for line in lines)
 
 
 def test_counterparts_are_found_by_decoder_direction_and_carry_what_the_named_feature_did(single):

@@ -49,7 +49,7 @@ def test_sampling_is_seeded_and_strips_end_of_text(tiny_llama_dir):
     assert a == b
     ids, lens, idx, _ = a
     assert idx == [0, 0, 1, 1]
-    assert all(pair.tokenizer.eos_token_id not in seq[b:] for seq, b in zip(ids, lens))
+    assert all(pair.tokenizer.eos_token_id not in seq[n:] for seq, n in zip(ids, lens))
 
 
 def test_layer_out_of_range_raises(tiny_llama_dir):

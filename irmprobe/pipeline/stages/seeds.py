@@ -79,9 +79,9 @@ def ranked_features(primary: dict, top_k: int) -> tuple[list, float | None]:
     if chosen is None:
         return [], None
     nodes = [Node(layer, i) for layer, idx in sorted(chosen[1].items()) for i in idx]
+    # The curve's k-sets are the top k features by signed attribution, errors left out: with the positive ones
+    # first, its set of len(nodes) features is ``nodes``.
     row = next((r for r in primary["curves"].get("feature_rows", []) if r["k"] == len(nodes)), None)
-    # The curve's k-sets are the top k by attribution, errors left out: the same features as ``nodes`` when the
-    # top ``top_k`` are all positive (the usual case); otherwise the curve's set holds some not ablated.
     return nodes, None if row is None else row["faithfulness"]["value"]
 
 

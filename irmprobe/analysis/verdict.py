@@ -572,14 +572,18 @@ def counterparts_hold(seeds: dict) -> bool | None:
 
 def matched_text(matched: dict | None, whose: str = "the named features'") -> str:
     """One seed's counterparts of the named features (or of ``whose``): how many match at the record's
-    ``match_cosine`` and what they carry."""
+    ``match_cosine``, what they carry and, where recorded, what random sets of as many features of those
+    dictionaries carry."""
     if not matched:
         return ""
     cosines = [f["cosine"] for f in matched["features"]]
     close = sum(c >= matched["match_cosine"] for c in cosines)
+    rnd = matched.get("random")  # None in a check from before the stage recorded it
     return (f"; {whose} counterparts (closest decoder direction: {close} of {len(cosines)} at cosine >= "
             f"{matched['match_cosine']:g}, median {np.median(cosines):.2f}) carry "
-            f"{_fmt_or(matched['faithfulness']['value'])}")
+            f"{_fmt_or(matched['faithfulness']['value'])}"
+            + (f" (random {len(cosines)}-feature sets of those dictionaries: {rnd[0]:.2f} to {rnd[1]:.2f})"
+               if rnd else ""))
 
 
 def seeds_text(seeds: dict | None) -> str:

@@ -358,6 +358,7 @@ def test_stage_cache_reuses_every_stage_and_reruns_only_what_a_change_touches(ti
     _, ablated_nodes = attributed_features(a, change.validate.top_k)  # the ablate stage's definition of its set
     assert sorted(ranked["nodes"]) == sorted(f"L{b}/f{i}" for b, idx in ablated_nodes.items() for i in idx)
     assert matched["faithfulness"]["value"] is not None
+    assert "random" in matched  # that seed's random sets of as many features (None where the curve has no such k)
     line = next(v for v in checked.metrics.verdict if "(dictionaries of the change)" in v)
     assert "change seed 100: " in line and f"the top {ranked['k']} attributed features' counterparts" in line
     # Resumable: a run interrupted after a check redoes only the checks not written (here a marked one is reused).

@@ -806,14 +806,17 @@ def test_without_a_named_set_the_seed_checks_match_the_top_k_the_ablation_takes(
     matched = {"features": [{"node": "L3/f7", "counterpart": "L3/f1", "cosine": 0.9}], "n_distinct": 1,
                "match_cosine": 0.7, "faithfulness": {"value": 0.02, "ci": [0.0, 0.04]},
                "completeness": {"value": 0.98, "ci": [0.9, 1.0]}}
-    check = seed_check(_seed_result([101, 103], [0.1, 0.2, 0.49]) | {"matched": matched}, 100)
+    other = _seed_result([101, 103], [0.1, 0.2, 0.49]) | {"matched": matched}
+    other["curves"]["feature_rows"][0]["random"] = {"values": [0.001, 0.012], "range": [0.001, 0.012]}  # k = 1
+    check = seed_check(other, 100)
+    assert check["matched"]["random"] == [0.001, 0.012]  # the control of the counterparts' share, kept
     seeds = {"primary": seed_check(primary, 0), "checks": [check], "max_k": 100, "threshold": 0.6,
              "dictionary": "change", "matched_set": {"kind": "top", "k": 1, "nodes": ["L3/f7"], "faithfulness": 0.05}}
     text = seeds_text(seeds)
     assert text.startswith("; no set named, so the top 1 attributed features (the set the ablation takes; they carry "
                            "0.05 here) are matched in dictionaries of other seeds: change seed 100: none of <= 100")
     assert ("the top 1 attributed features' counterparts (closest decoder direction: 1 of 1 at cosine >= 0.7, "
-            "median 0.90) carry 0.02") in text
+            "median 0.90) carry 0.02 (random 1-feature sets of those dictionaries: 0.00 to 0.01)") in text
     assert seeds_hold(seeds) is None and counterparts_hold(seeds) is None  # no threshold call on a top-k set
     assert "are matched in dictionaries" not in seeds_text({k: v for k, v in seeds.items() if k != "matched_set"})
     # The report's summary says the same: what was matched, what it carries here, what its counterparts carry.
@@ -831,7 +834,7 @@ def test_without_a_named_set_the_seed_checks_match_the_top_k_the_ablation_takes(
                              "dictionaries") for line in lines)
     assert any(line.startswith("  change seed 100 ") and line.endswith(
         "the top 1 attributed features' counterparts (closest decoder direction: 1 of 1 at cosine >= 0.7, median "
-        "0.90) carry 0.02") for line in lines)
+        "0.90) carry 0.02 (random 1-feature sets of those dictionaries: 0.00 to 0.01)") for line in lines)
 
 
 def test_counterparts_are_found_by_decoder_direction_and_carry_what_the_named_feature_did(single):

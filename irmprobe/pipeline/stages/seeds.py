@@ -44,13 +44,18 @@ def seed_check(result: dict, seed: int) -> dict:
     """What one other seed's attribution says (:func:`irmprobe.pipeline.stages.attribute.attribute`'s ``result``):
     its smallest faithful set of features, the faithfulness and completeness there, its best set, every feature
     together, what the hook points carry and, where the run named a set, its features' counterparts in this
-    seed's dictionaries (``matched``: each named feature's closest decoder direction, and what they carry
-    together)."""
+    seed's dictionaries (``matched``: each named feature's closest decoder direction, what they carry together,
+    and the range of random feature sets of as many features from this seed's dictionaries, ``random``: the
+    control the counterparts' share is read against, None where the curve has no row of that size)."""
     curves = result["curves"]
     rows = [r for r in curves.get("feature_rows", []) if r["faithfulness"]["value"] is not None]
     k = result.get("smallest_k_features")
     at_k = next((r for r in rows if r["k"] == k), None)
     best = max(rows, key=lambda r: r["faithfulness"]["value"], default=None)
+    matched = result.get("matched")
+    if matched is not None:
+        size = next((r for r in curves.get("feature_rows", []) if r["k"] == len(matched["features"])), None)
+        matched = matched | {"random": None if size is None else (size.get("random") or {}).get("range")}
     return {"seed": seed, "block_seeds": [seed + layer for layer in result["layers"]],
             "explained_variance": [d.get("explained_variance") for d in result.get("dictionaries") or []],
             "smallest_k_features": k,
@@ -59,7 +64,7 @@ def seed_check(result: dict, seed: int) -> dict:
             "best": None if best is None else {"k": best["k"], "faithfulness": best["faithfulness"]["value"]},
             "features_all": (curves.get("features_all") or {}).get("value"),
             "bound": curves["bound"]["value"], "named": [n["node"] for n in result.get("named") or []],
-            **({"matched": result["matched"]} if "matched" in result else {}),
+            **({"matched": matched} if matched is not None else {}),
             "seconds": result.get("seconds")}
 
 
@@ -89,8 +94,9 @@ class SeedsStage(Stage):
     """Redo the attribution with ``seeds.checks`` more sets of its dictionaries (other seeds). Resumable: each
     check's summary is written as it ends, and an interrupted run redoes only the checks not written."""
 
-    # 2: the named features' counterparts in each seed's dictionaries; 3: without a named set, the ablated top k's
-    name, version, resumable = "seeds", 3, True
+    # 2: the named features' counterparts in each seed's dictionaries; 3: without a named set, the ablated top k's;
+    # 4: beside the counterparts' share, the range of random sets of as many features of that seed's dictionaries
+    name, version, resumable = "seeds", 4, True
     reads = ("seeds", "attribute", "capture.hook", "seed", "sae", "validate.top_k")
     needs = ("organism", "samples", "layers", "capture", "saes", "attribute")
 

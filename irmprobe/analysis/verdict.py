@@ -586,13 +586,26 @@ def matched_text(matched: dict | None, whose: str = "the named features'") -> st
                if rnd else ""))
 
 
+def matched_whose(seeds: dict) -> str:
+    """Whose counterparts a seeds record matched: the named features', or (no set named) the ablated top k's."""
+    ranked = seeds.get("matched_set")
+    return f"the top {ranked['k']} attributed features'" if ranked else "the named features'"
+
+
+def matched_set_text(ranked: dict) -> str:
+    """What the seed checks matched where no set was named: the top k, the set the ablation takes, and their share."""
+    here = ranked.get("faithfulness")
+    return (f"the top {ranked['k']} attributed features (the set the ablation takes"
+            + (f"; they carry {here:.2f} here" if here is not None else "") + ")")
+
+
 def seeds_text(seeds: dict | None) -> str:
     """Whether the attribution's named set holds across its dictionaries trained with other seeds (the seeds stage,
     :func:`seeds_hold`), to follow the attribution line ("" where nothing was checked)."""
     if not seeds or "checks" not in seeds:
         return ""
     ranked = seeds.get("matched_set")  # no named set: the counterparts are those of the ablated top k
-    whose = f"the top {ranked['k']} attributed features'" if ranked else "the named features'"
+    whose = matched_whose(seeds)
 
     def one(c):
         if c["smallest_k_features"] is not None:
@@ -617,10 +630,7 @@ def seeds_text(seeds: dict | None) -> str:
                 + (f", and its features' counterparts reaching {seeds['threshold']:.0%}"
                    if counterparts_hold(seeds) is not None else "") + f") is: {others}")
     if ranked:
-        here = ranked.get("faithfulness")
-        return (f"; no set named, so the top {ranked['k']} attributed features (the set the ablation takes"
-                + (f"; they carry {here:.2f} here" if here is not None else "") + ") are matched in dictionaries of "
-                f"other seeds: {others}")
+        return f"; no set named, so {matched_set_text(ranked)} are matched in dictionaries of other seeds: {others}"
     return f"; dictionaries of other seeds: {others}"
 
 

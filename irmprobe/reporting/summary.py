@@ -6,7 +6,9 @@ from typing import Any
 
 from irmprobe.analysis.verdict import (
     SUGGEST,
+    matched_set_text,
     matched_text,
+    matched_whose,
     reading,
     sampling_text,
     seeds_hold,
@@ -348,13 +350,10 @@ def attribution_section(a: dict) -> list[str]:
                      f"{(f'{rnd[0]:+.2f} .. {rnd[1]:+.2f}' if rnd else '-'):>15}")
     seeds = a.get("seed_checks")
     if seeds and seeds.get("checks"):
-        ranked = seeds.get("matched_set")
-        whose = f"the top {ranked['k']} attributed features'" if ranked else "the named features'"
+        ranked, whose = seeds.get("matched_set"), matched_whose(seeds)
         verdict = {True: "the named set holds across them", False: "the named set does not hold across them",
                    None: "no set was named with the run's dictionaries"
-                   + (f"; the top {ranked['k']} attributed features (the set the ablation takes"
-                      + (f"; they carry {ranked['faithfulness']:.2f} here" if ranked.get("faithfulness") is not None
-                         else "") + ") are matched in each other seed's dictionaries" if ranked else "")
+                   + (f"; {matched_set_text(ranked)} are matched in each other seed's dictionaries" if ranked else "")
                    }[seeds_hold(seeds)]
         lines.append("dictionary seeds (the seeds stage; same prompts, the same dictionaries trained with other "
                      f"seeds): {verdict}")

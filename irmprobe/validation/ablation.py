@@ -286,12 +286,18 @@ def attributed_features(attribution: dict | None, top_k: int) -> tuple[str, dict
         named = [t for t in attribution.get("top", []) if t["attribution"] > 0 and not t["node"].endswith("/error")]
         named = named[:top_k]
         label = f"{prefix}_top_{len(named)}"
+    out = by_layer(t["node"] for t in named)
+    return (label, out) if out else None
+
+
+def by_layer(nodes) -> dict[int, tuple[int, ...]]:
+    """Feature node names (``L29/f308``) as ``{layer: indices}``, in the order given; error nodes left out."""
     out: dict[int, list[int]] = {}
-    for t in named:
-        node = Node.parse(t["node"])
+    for name in nodes:
+        node = Node.parse(name)
         if not node.is_error:
             out.setdefault(node.layer, []).append(node.index)
-    return (label, {k: tuple(v) for k, v in out.items()}) if out else None
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def ablate(vc, seed: int, runtime, pair, capture, X: sp.csr_matrix, feature_names: list[str], saes: dict, rm,
@@ -466,12 +472,9 @@ def decision_view_features(attribution: dict | None, top_k: int) -> tuple[str, d
     attribute stage's decision-side view on the dictionaries of the change (its ``decision_view``), labelled
     ``decision_change_top_n``; None without that view or a positive weight."""
     top = ((attribution or {}).get("decision_view") or {}).get("top") or []
-    out: dict[int, list[int]] = {}
     named = [t for t in top if t["weight"] > 0][:top_k]
-    for t in named:
-        node = Node.parse(t["node"])
-        out.setdefault(node.layer, []).append(node.index)
-    return (f"decision_change_top_{len(named)}", {k: tuple(v) for k, v in sorted(out.items())}) if out else None
+    out = by_layer(t["node"] for t in named)
+    return (f"decision_change_top_{len(named)}", dict(sorted(out.items()))) if out else None
 
 
 def random_change_sets(named: FeatureSet, live: dict[int, np.ndarray], n_sets: int, rng, echo=print
